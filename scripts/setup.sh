@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up zerolm in ./.venv; idempotent (a second run with nothing changed takes about a second).
+#   bash scripts/setup.sh          runtime only
+#   bash scripts/setup.sh test     runtime + test/bench tools
+# Torch: the CPU wheel torch==2.13.0 unless ZEROLM_TORCH says otherwise (e.g. ZEROLM_TORCH="torch" on a
+# CUDA machine). It is installed before the project so no dependency can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-}"
+py="${PYTHON:-python3}"
+torch_spec="${ZEROLM_TORCH:-torch==2.13.0}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+vpy=.venv/bin/python
+
+stamp=.venv/.zerolm-setup
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) torch=$torch_spec extra=$extra"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+if ! "$vpy" - "$torch_spec" <<'PY'
+import sys
+spec = sys.argv[1]
+try:
+    import torch
+except ImportError:
+    sys.exit(1)
+want = spec.split("==", 1)[1] if "==" in spec else None
+sys.exit(0 if want is None or torch.__version__.split("+")[0] == want else 1)
+PY
+then
+  echo "setup: installing $torch_spec" >&2
+  "$vpy" -m pip install -q "$torch_spec"
+fi
+
+target="."
+[ -n "$extra" ] && target=".[$extra]"
+echo "setup: installing zerolm ${extra:+with [$extra] }into .venv" >&2
+"$vpy" -m pip install -q -e "$target"
+echo "$want" > "$stamp"

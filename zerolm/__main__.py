@@ -1,0 +1,4 @@
+from zerolm.cli import main
+import sys
+
+sys.exit(main())

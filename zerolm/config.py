@@ -1,0 +1,237 @@
+"""One frozen, keyword-only dataclass tree for every zerolm run.
+
+Precedence: CLI (`--data.val_fraction=0.1`) > TOML recipe (`--config recipes/x.toml`) > defaults.
+Unknown keys and ill-typed values raise ValueError naming the valid keys or the expected type.
+Each stage receives only its own sub-config (`cfg.data`, `cfg.tokenizer`, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where text comes from and how it is cleaned, filtered, de-duplicated and split."""
+
+    inputs: tuple[str, ...] = ()  # .txt/.jsonl/.parquet files or directories of them
+    corpus: tuple[str, ...] = ()  # bundled corpora by name: tang, shakespeare
+    text_field: str = "text"  # field holding the text in .jsonl/.parquet rows
+    txt_unit: Literal["file", "paragraph", "line"] = "file"  # what one document is in a .txt file
+    encoding_errors: Literal["strict", "replace"] = "strict"  # undecodable bytes: error, or U+FFFD
+    min_chars: int = 1
+    max_chars: int = 0  # 0: no upper limit
+    min_letter_frac: float = 0.0  # drop documents whose share of letters/digits is below this
+    dedup: Literal["none", "exact", "near"] = "near"  # near = exact + MinHash near-duplicates
+    near_threshold: float = 0.8  # estimated Jaccard similarity of shingles at which a doc is a duplicate
+    shingle_chars: int = 5
+    num_perm: int = 128
+    val_fraction: float = 0.05  # by document hash: deterministic and order-independent
+    shard_tokens: int = 100_000_000  # tokens per shard file (documents are never split)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerConfig:
+    """Which tokenizer to train, or an existing one to use (`path`)."""
+
+    kind: Literal["bpe", "wordpiece", "char"] = "bpe"
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    lowercase: bool = False  # wordpiece only (uncased BERT)
+    path: str = ""  # an existing tokenizer.json (or its directory): skip training
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, where: str, valid: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ValueError(f"unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a TOML value or CLI string to `tp`, or raise ValueError naming `name`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        return tuple(_coerce(v.strip("'\"") if isinstance(v, str) else v, item, name) for v in value)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or value in ("none", "None"):
+            return None
+        return _coerce(value, args[0], name)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name}: expected {tp.__name__}, got {value!r}")
+        if isinstance(value, str):
+            try:
+                return tp(float(value)) if tp is int and value.lower().count("e") else tp(value)
+            except ValueError:
+                raise ValueError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{name}: expected int, got {value!r}")
+        if isinstance(value, (int, float)):
+            return tp(value)
+        raise ValueError(f"{name}: expected {tp.__name__}, got {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {tp} for {name}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(key, prefix, list(fields))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{key}: is a section; set its keys, e.g. --{prefix}{key}.<key>=...")
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--data.val_fraction=0.1', '--seed', '3'] -> {'data': {'val_fraction': '0.1'}, 'seed': '3'}."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ValueError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ValueError(f"override --{key} needs a value: --{key}=VALUE")
+            value = args[i + 1]
+            i += 1
+        node = out
+        *parents, leaf = key.replace("-", "_").split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--{key}: '{p}' is set both as a value and as a section")
+        node[leaf] = value
+        i += 1
+    return out
+
+
+def load_config(toml_path: str | Path | None = None, overrides: dict | None = None,
+                base: dict | None = None) -> Config:
+    """Resolve defaults < base (a command's own defaults) < TOML file < overrides (nested dicts,
+    e.g. from parse_overrides)."""
+    values: dict = {}
+    if toml_path:
+        path = Path(toml_path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist; recipes live in recipes/*.toml")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from None
+    values = _merge(_merge(base or {}, values), overrides or {})
+    cfg = _build(Config, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that the types alone do not express."""
+    d, t = cfg.data, cfg.tokenizer
+    checks = [
+        (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (0.0 < d.near_threshold <= 1.0, f"data.near_threshold must be in (0, 1], got {d.near_threshold}"),
+        (d.shingle_chars >= 1, f"data.shingle_chars must be >= 1, got {d.shingle_chars}"),
+        (d.num_perm >= 8 and d.num_perm % 8 == 0, f"data.num_perm must be a multiple of 8, got {d.num_perm}"),
+        (d.min_chars >= 0 and d.max_chars >= 0, "data.min_chars and data.max_chars must be >= 0"),
+        (d.max_chars == 0 or d.max_chars >= d.min_chars, "data.max_chars must be 0 (no limit) or >= min_chars"),
+        (0.0 <= d.min_letter_frac <= 1.0, f"data.min_letter_frac must be in [0, 1], got {d.min_letter_frac}"),
+        (d.shard_tokens >= 1, "data.shard_tokens must be >= 1"),
+        (t.min_frequency >= 1, "tokenizer.min_frequency must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+# ---------------------------------------------------------------- writing
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if v is None:
+        raise AssertionError("None cannot be written to TOML")
+    raise AssertionError(f"cannot write {type(v)} to TOML")
+
+
+def to_toml(cfg, prefix: str = "") -> str:
+    """Serialise a config tree to TOML that load_config reads back to an equal config."""
+    scalars, sections = [], []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            sections.append(f"\n[{prefix}{f.name}]\n" + to_toml(v, f"{prefix}{f.name}."))
+        else:
+            scalars.append(f"{f.name} = {_toml_value(v)}\n")
+    return "".join(scalars) + "".join(sections)
+
+
+def save_config(cfg: Config, out_dir: str | Path) -> Path:
+    """Write the resolved config as out_dir/config.toml (atomically)."""
+    from zerolm.files import atomic_write_text
+
+    path = Path(out_dir) / "config.toml"
+    atomic_write_text(path, to_toml(cfg))
+    return path

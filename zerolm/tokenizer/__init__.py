@@ -1,0 +1,101 @@
+"""Tokenizers on the HF `tokenizers` engine, behind one small zerolm interface.
+
+Every zerolm tokenizer reserves the same special tokens at ids 0..15 (documents, chat roles,
+BERT, spares), so later stages never resize the vocabulary, and saves as a standard
+`tokenizer.json` + `tokenizer_config.json` that `transformers.PreTrainedTokenizerFast` loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from zerolm.files import atomic_write_text
+
+PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS: tuple[str, ...] = (
+    PAD, BOS, EOS, UNK, SYSTEM, USER, ASSISTANT, END, CLS, SEP, MASK,
+    *(f"<|reserved_{i}|>" for i in range(5)),
+)  # ids 0..15, in this order, in every tokenizer
+
+
+class Tokenizer:
+    """A trained tokenizer: text <-> ids. Wraps a `tokenizers.Tokenizer`."""
+
+    def __init__(self, hf: _HFTokenizer):
+        self.hf = hf
+        for i, tok in enumerate(SPECIAL_TOKENS):
+            if hf.token_to_id(tok) != i:
+                raise ValueError(
+                    f"tokenizer does not reserve {tok!r} at id {i}; train it with `zerolm tokenizer train`"
+                )
+
+    # -------------------------------------------------------------- encode / decode
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` exactly as written (no added bos/eos/CLS)."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Like encode, in parallel across cores (Rust threads)."""
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.hf.decode(list(map(int, ids)), skip_special_tokens=skip_special)
+
+    # -------------------------------------------------------------- vocabulary
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        i = self.hf.token_to_id(token)
+        if i is None:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    @property
+    def kind(self) -> str:
+        model = json.loads(self.hf.to_str())["model"]
+        if model["type"] == "WordPiece":
+            return "wordpiece"
+        return "char" if model.get("byte_fallback") else "bpe"
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
+
+    # -------------------------------------------------------------- files
+    def save(self, out_dir: str | Path) -> Path:
+        """Write tokenizer.json + tokenizer_config.json (the transformers layout) into out_dir."""
+        out = Path(out_dir)
+        atomic_write_text(out / "tokenizer.json", self.hf.to_str(pretty=True))
+        specials = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+        if self.kind == "wordpiece":
+            specials.update(cls_token=CLS, sep_token=SEP, mask_token=MASK)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **specials,
+            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in specials.values()],
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+        }
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        return out / "tokenizer.json"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load from a tokenizer.json file or a directory holding one."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise ValueError(f"no tokenizer at {str(path)!r}: expected tokenizer.json or a directory holding one")
+        try:
+            hf = _HFTokenizer.from_file(str(p))
+        except Exception as e:  # the Rust side raises plain Exception on malformed files
+            raise ValueError(f"{p}: not a valid tokenizer.json ({e})") from None
+        return cls(hf)
