@@ -14,9 +14,19 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 vpy=.venv/bin/python
 
+pip_install() {  # quiet pip; drops one harmless warning that some pip configs print per package
+  local log; log=$(mktemp)
+  if ! "$vpy" -m pip install -q "$@" 2>"$log"; then cat "$log" >&2; rm -f "$log"; exit 1; fi
+  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+  rm -f "$log"
+}
+
 stamp=.venv/.zerolm-setup
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) torch=$torch_spec extra=$extra"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+base="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) torch=$torch_spec"
+want="$base extra=$extra"
+have="$(cat "$stamp" 2>/dev/null || true)"
+# up to date: same inputs, and the extras asked for are installed (test includes the runtime)
+if [ "$have" = "$want" ] || { [ -z "$extra" ] && [ "${have% extra=*}" = "$base" ]; }; then
   exit 0
 fi
 
@@ -32,11 +42,11 @@ sys.exit(0 if want is None or torch.__version__.split("+")[0] == want else 1)
 PY
 then
   echo "setup: installing $torch_spec" >&2
-  "$vpy" -m pip install -q "$torch_spec"
+  pip_install "$torch_spec"
 fi
 
 target="."
 [ -n "$extra" ] && target=".[$extra]"
 echo "setup: installing zerolm ${extra:+with [$extra] }into .venv" >&2
-"$vpy" -m pip install -q -e "$target"
+pip_install -e "$target"
 echo "$want" > "$stamp"

@@ -36,18 +36,12 @@ def shingle_hashes(text: str, n: int) -> np.ndarray:
 
 
 def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:
-    """(bands, rows) with bands*rows == num_perm whose LSH S-curve midpoint (1/b)^(1/r) sits
-    just below the threshold, so near-duplicates become candidates with high probability."""
-    best = None
-    for r in range(1, num_perm + 1):
-        if num_perm % r:
-            continue
-        b = num_perm // r
-        mid = (1 / b) ** (1 / r)
-        score = abs(mid - (threshold - 0.1))
-        if best is None or score < best[0]:
-            best = (score, b, r)
-    return best[1], best[2]
+    """(bands, rows), bands*rows == num_perm, with the LSH S-curve midpoint (1/b)^(1/r) as high as
+    possible but at least 0.05 below the threshold: near-duplicates become candidates with high
+    probability (misses are the costly error; extra candidates are verified and only cost time)."""
+    options = [(num_perm // r, r) for r in range(1, num_perm + 1) if num_perm % r == 0]
+    ok = [(b, r) for b, r in options if (1 / b) ** (1 / r) <= threshold - 0.05]
+    return max(ok, key=lambda br: (1 / br[0]) ** (1 / br[1])) if ok else options[0]
 
 
 class NearDedup:

@@ -64,7 +64,7 @@ def iter_docs(cfg: DataConfig) -> Iterator[Doc]:
         raise ValueError("no input: give files/directories (zerolm prepare PATH ...) or a corpus (--corpus tang)")
     files = list_files(cfg.inputs)  # validate every path before reading any
     for name in cfg.corpus:
-        yield from _read_corpus(name)
+        yield from read_corpus(name)
     for f in files:
         suffix = f.suffix.lower()
         if suffix == ".jsonl":
@@ -75,7 +75,7 @@ def iter_docs(cfg: DataConfig) -> Iterator[Doc]:
             yield from _read_txt(f, cfg)
 
 
-def _read_corpus(name: str) -> Iterator[Doc]:
+def read_corpus(name: str) -> Iterator[Doc]:
     with corpus_path(name).open("rb") as raw, lzma.open(raw, "rt", encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
