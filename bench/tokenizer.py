@@ -65,7 +65,8 @@ def main():
     for name, lang in (("tang", "zh"), ("shakespeare", "en")):
         docs = [clean_text(d.text) for d in read_corpus(name)]
         train = [d for d in docs if split_key(d) >= 0.05]
-        val = [d for d in docs if split_key(d) < 0.05]
+        val = [d for d in docs if split_key(d) < 0.05] or [min(docs, key=split_key)]  # as zerolm prepare does
+        train = [d for d in train if d not in val]
         mb_train = sum(len(d.encode()) for d in train) / 1e6
         mb_all = sum(len(d.encode()) for d in docs) / 1e6
         val_bytes = sum(len(d.encode()) for d in val)

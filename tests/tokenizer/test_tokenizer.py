@@ -117,3 +117,16 @@ def test_compression_report_by_language():
     assert zh["documents"] == 2 and zh["chars"] == len(TRAIN[0]) + len(TRAIN[1])
     assert zh["tokens"] == len(tok.encode(TRAIN[0])) + len(tok.encode(TRAIN[1]))
     assert zh["bytes_per_token"] == round(zh["bytes"] / zh["tokens"], 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ab  \n\n\t明月，。12 x'sé", max_size=300), size=st.integers(1, 40))
+def test_training_chunks_never_cut_a_pretoken(text, size):
+    from tokenizers import Regex, pre_tokenizers
+
+    from zerolm.tokenizer.train import chunks
+
+    split = pre_tokenizers.Split(Regex(BPE_PATTERN), "isolated")
+    pieces = list(chunks(text, size))
+    assert "".join(pieces) == text
+    assert [p for c in pieces for p, _ in split.pre_tokenize_str(c)] == [p for p, _ in split.pre_tokenize_str(text)]

@@ -206,22 +206,10 @@ def build_shards(cfg: DataConfig, out: Path, tok: Tokenizer, docs_info: dict, pr
             writer = ShardWriter(tmp, split, dtype, tok.token_id(EOS), cfg.shard_tokens)
             total = docs_info["splits"][split]["documents"]
             bar = tqdm(total=total, desc=f"shards {split}", unit=" doc", disable=not progress or not total)
-            batch: list[str] = []
-
-            def flush():
-                for ids in tok.encode_batch(batch):  # parallel across cores
-                    writer.add(ids)
-                bar.update(len(batch))
-                batch.clear()
-
-            chars = 0
-            for d in read_docs(out / "docs" / f"{split}.jsonl"):
-                batch.append(d["text"])
-                chars += len(d["text"])
-                if len(batch) >= 4096 or chars >= 16 << 20:
-                    flush()
-                    chars = 0
-            flush()
+            texts = (d["text"] for d in read_docs(out / "docs" / f"{split}.jsonl"))
+            for _, ids in tok.encode_stream(texts):  # parallel across cores, bounded batches
+                writer.add(ids)
+                bar.update()
             bar.close()
             files = writer.finish()
             splits[split] = {

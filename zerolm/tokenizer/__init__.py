@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -42,6 +43,21 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Like encode, in parallel across cores (Rust threads)."""
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_stream(self, texts: Iterable[str], max_docs: int = 1024, max_chars: int = 1 << 18
+                      ) -> Iterator[tuple[str, list[int]]]:
+        """(text, ids) for each text, encoded in parallel batches of bounded size: memory stays
+        flat however long the stream (an Encoding costs ~110 bytes per token)."""
+        batch: list[str] = []
+        chars = 0
+        for text in texts:
+            batch.append(text)
+            chars += len(text)
+            if len(batch) >= max_docs or chars >= max_chars:
+                yield from zip(batch, self.encode_batch(batch))
+                batch, chars = [], 0
+        if batch:
+            yield from zip(batch, self.encode_batch(batch))
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.hf.decode(list(map(int, ids)), skip_special_tokens=skip_special)

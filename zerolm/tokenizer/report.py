@@ -24,25 +24,15 @@ def script_of(text: str) -> str:
     return "zh" if top == han else "en" if top == latin else "other"
 
 
-def compression_report(tok: Tokenizer, docs: Iterable[str], batch: int = 256) -> dict:
+def compression_report(tok: Tokenizer, docs: Iterable[str]) -> dict:
     """{lang: {documents, bytes, chars, tokens, bytes_per_token, chars_per_token}}."""
     stats: dict[str, dict] = {}
-    buf: list[str] = []
-
-    def flush():
-        for text, ids in zip(buf, tok.encode_batch(buf)):
-            s = stats.setdefault(script_of(text), {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0})
-            s["documents"] += 1
-            s["bytes"] += len(text.encode("utf-8"))
-            s["chars"] += len(text)
-            s["tokens"] += len(ids)
-        buf.clear()
-
-    for text in docs:
-        buf.append(text)
-        if len(buf) >= batch:
-            flush()
-    flush()
+    for text, ids in tok.encode_stream(docs):
+        s = stats.setdefault(script_of(text), {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0})
+        s["documents"] += 1
+        s["bytes"] += len(text.encode("utf-8"))
+        s["chars"] += len(text)
+        s["tokens"] += len(ids)
     for s in stats.values():
         s["bytes_per_token"] = round(s["bytes"] / max(s["tokens"], 1), 3)
         s["chars_per_token"] = round(s["chars"] / max(s["tokens"], 1), 3)

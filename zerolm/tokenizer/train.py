@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Iterable, Iterator
 
@@ -47,8 +48,28 @@ def train_tokenizer(cfg: TokenizerConfig, docs: Iterable[str], length: int | Non
     """Train a tokenizer of `cfg.kind` on `docs` (an iterator of strings; streamed, not held)."""
     check_config(cfg)
     build = {"bpe": _train_bpe, "wordpiece": _train_wordpiece, "char": _train_char}[cfg.kind]
-    tok = build(cfg, iter(docs), length, progress)
+    tok = build(cfg, (c for d in docs for c in chunks(d)), None, progress)
     return Tokenizer(tok)
+
+
+# Places where BPE_PATTERN always starts a new pre-token: after a line break before a non-space,
+# before a single space that begins " word", between a non-space and a Han character.
+_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)|(?<=\S)(?=[\u3400-\u9fff])")
+
+
+def chunks(text: str, size: int = 1 << 13) -> Iterator[str]:
+    """Cut a long document into pieces of about `size` characters at pre-token boundaries, so
+    training statistics are unchanged. The trainer buffers ~1000 items, so this bounds its
+    memory however long the documents are."""
+    start = 0
+    while len(text) - start > size:
+        m = _CUT.search(text, start + size)
+        if m is None or m.start() >= len(text):
+            break
+        yield text[start : m.start()]
+        start = m.start()
+    if start < len(text):
+        yield text[start:]
 
 
 def _train_bpe(cfg, docs: Iterator[str], length, progress) -> _HFTokenizer:
