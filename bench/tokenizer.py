@@ -18,10 +18,11 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from zerolm.config import TokenizerConfig
 from zerolm.data.clean import clean_text
@@ -39,6 +40,10 @@ def reference_bpe(texts, vocab):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def encode_each(tok, texts):
+    return [tok.encode(t) for t in texts]
 
 
 def timed(fn, repeats):
@@ -72,11 +77,11 @@ def main():
         val_bytes = sum(len(d.encode()) for d in val)
         print(f"{name}: {len(docs)} docs, {mb_all:.1f} MB; training...", file=sys.stderr)
         cfg = TokenizerConfig(kind="bpe", vocab_size=args.vocab)
-        t_ours, ours = timed(lambda: train_tokenizer(cfg, train, progress=False), args.repeats)
-        t_ref, ref = timed(lambda: reference_bpe(train, args.vocab), args.repeats)
-        t_enc, _ = timed(lambda: ours.encode_batch(docs), args.repeats)
-        t_enc_ref, _ = timed(lambda: ref.encode_batch(docs, add_special_tokens=False), args.repeats)
-        t_enc1, _ = timed(lambda: [ours.encode(d) for d in docs[:2000]], args.repeats)
+        t_ours, ours = timed(partial(train_tokenizer, cfg, train, progress=False), args.repeats)
+        t_ref, ref = timed(partial(reference_bpe, train, args.vocab), args.repeats)
+        t_enc, _ = timed(partial(ours.encode_batch, docs), args.repeats)
+        t_enc_ref, _ = timed(partial(ref.encode_batch, docs, add_special_tokens=False), args.repeats)
+        t_enc1, _ = timed(partial(encode_each, ours, docs[:2000]), args.repeats)
         mb_1 = sum(len(d.encode()) for d in docs[:2000]) / 1e6
         tok_ours = sum(len(ids) for ids in ours.encode_batch(val))
         tok_ref = sum(len(e.ids) for e in ref.encode_batch(val, add_special_tokens=False))

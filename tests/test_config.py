@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from zerolm.config import Config, DataConfig, load_config, parse_overrides, save_config
@@ -72,7 +74,7 @@ def test_override_syntax_errors():
 
 def test_config_is_frozen_and_keyword_only():
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3
     with pytest.raises(TypeError):
         DataConfig(("a.txt",))

@@ -1,4 +1,5 @@
-from zerolm.cli import main
 import sys
+
+from zerolm.cli import main
 
 sys.exit(main())

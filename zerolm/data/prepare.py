@@ -16,8 +16,8 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tqdm.auto import tqdm
 
@@ -26,7 +26,7 @@ from zerolm.data.clean import clean_text, filter_reason
 from zerolm.data.dedup import NearDedup, content_hash
 from zerolm.data.shards import META, ShardWriter, token_dtype, write_meta
 from zerolm.data.sources import corpus_path, iter_docs, list_files
-from zerolm.files import atomic_dir, atomic_write_text, sha256_file
+from zerolm.files import atomic_dir, atomic_write_text
 from zerolm.tokenizer import EOS, Tokenizer
 from zerolm.tokenizer.report import compression_report
 from zerolm.tokenizer.train import check_config, train_tokenizer

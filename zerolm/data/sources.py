@@ -8,10 +8,10 @@ from __future__ import annotations
 import codecs
 import json
 import lzma
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 from zerolm.config import DataConfig
 

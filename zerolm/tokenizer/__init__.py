@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -103,7 +103,7 @@ class Tokenizer:
         return out / "tokenizer.json"
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """Load from a tokenizer.json file or a directory holding one."""
         p = Path(path)
         if p.is_dir():

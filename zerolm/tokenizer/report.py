@@ -1,7 +1,7 @@
 """Compression of a tokenizer per language (by dominant script) on held-out text."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from zerolm.tokenizer import Tokenizer
 
