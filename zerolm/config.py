@@ -49,11 +49,37 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture. `preset` picks the family; any field left at its "preset" / None / 0 value
+    takes the preset's choice (zerolm/model/presets.py), anything set explicitly overrides it."""
+
+    preset: Literal["simple", "gpt2", "llama"] = "llama"
+    vocab_size: int = 0  # 0: the tokenizer's
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: n_heads (no grouped-query attention)
+    d_ff: int = 0  # 0: 4*d_model (relu/gelu) or ~8/3*d_model rounded up to a multiple of 32 (swiglu)
+    max_seq_len: int = 256
+    norm: Literal["preset", "layernorm", "rmsnorm"] = "preset"
+    norm_placement: Literal["preset", "pre", "post"] = "preset"
+    position: Literal["preset", "learned", "sinusoidal", "rope"] = "preset"
+    ffn: Literal["preset", "relu", "gelu", "swiglu"] = "preset"
+    bias: bool | None = None  # biases in linear layers and norms
+    tie_embeddings: bool | None = None  # output head shares the token embedding
+    dropout: float | None = None
+    norm_eps: float | None = None
+    rope_theta: float = 10000.0
+    sliding_window: int = 0  # 0: full causal attention; w: each token sees the last w positions
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     out_dir: str = "runs/default"
     seed: int = 1337
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -224,7 +250,7 @@ def to_toml(cfg, prefix: str = "") -> str:
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             sections.append(f"\n[{prefix}{f.name}]\n" + to_toml(v, f"{prefix}{f.name}."))
-        else:
+        elif v is not None:  # None (TOML has no null) means "the default": leave the key out
             scalars.append(f"{f.name} = {_toml_value(v)}\n")
     return "".join(scalars) + "".join(sections)
 

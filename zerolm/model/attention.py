@@ -1,0 +1,57 @@
+"""Multi-head / grouped-query causal self-attention on scaled_dot_product_attention.
+
+Legend: B batch, T new tokens, S cached + new positions, H query heads, K kv heads, Dh head size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zerolm.model.layers import apply_rope
+
+
+def attention_mask(q_slots, k_slots, key_valid=None, window: int = 0):
+    """Boolean (B|1, 1, T, S) mask: causal by cache slot, optionally a sliding window and a key
+    padding mask (B, S). Every query may always see itself, so padded rows never turn to NaN."""
+    q = q_slots[:, None]  # (T, 1)
+    k = k_slots[None, :]  # (1, S)
+    allowed = k <= q
+    if window:
+        allowed = allowed & (q - k < window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if key_valid is not None:
+        allowed = (allowed & key_valid[:, None, None, :]) | (q == k)[None, None]
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, n_heads: int, n_kv_heads: int, bias: bool, dropout: float):
+        super().__init__()
+        self.h, self.kv, self.dh = n_heads, n_kv_heads, d // n_heads
+        self.q = nn.Linear(d, n_heads * self.dh, bias=bias)
+        self.k = nn.Linear(d, n_kv_heads * self.dh, bias=bias)
+        self.v = nn.Linear(d, n_kv_heads * self.dh, bias=bias)
+        self.o = nn.Linear(n_heads * self.dh, d, bias=bias)
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, *, rope=None, mask=None, cache=None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k(x).view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
+        v = self.v(x).view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
+        if self.kv != self.h:
+            k = k.repeat_interleave(self.h // self.kv, dim=1)  # (B, H, S, Dh)
+            v = v.repeat_interleave(self.h // self.kv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, self.h * self.dh)
+        return self.resid_drop(self.o(y))

@@ -1,0 +1,77 @@
+"""Shared building blocks: norms, feed-forward networks, positional encodings.
+
+Legend: B batch, T sequence, D d_model, H heads, Dh head size, F d_ff.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in float32 (as LLaMA does) and cast back."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):  # (B, T, D)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(kind: str, d: int, eps: float, bias: bool) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(d, eps)
+    return nn.LayerNorm(d, eps=eps, bias=bias)
+
+
+class FFN(nn.Module):
+    """Two-matrix MLP (relu / gelu-tanh as in GPT-2) or SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d: int, d_ff: int, kind: str, bias: bool, dropout: float):
+        super().__init__()
+        self.kind = kind
+        self.up = nn.Linear(d, d_ff, bias=bias)
+        self.gate = nn.Linear(d, d_ff, bias=bias) if kind == "swiglu" else None
+        self.down = nn.Linear(d_ff, d, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):  # (B, T, D)
+        if self.kind == "swiglu":
+            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, F)
+        elif self.kind == "gelu":
+            h = F.gelu(self.up(x), approximate="tanh")
+        else:
+            h = F.relu(self.up(x))
+        return self.drop(self.down(h))
+
+
+def sinusoidal_table(n: int, d: int) -> torch.Tensor:
+    """(n, d) table of Vaswani et al.: sin on even, cos on odd dimensions."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(n, d)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+def rope_tables(n: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (n, Dh) in the half-split layout used by LLaMA checkpoints."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ang = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # (n, Dh/2)
+    ang = torch.cat([ang, ang], dim=-1)  # (n, Dh)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (B, H, T, Dh) queries/keys by position; cos/sin are (B or 1, 1, T, Dh)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)

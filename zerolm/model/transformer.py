@@ -1,0 +1,107 @@
+"""The decoder-only Transformer that every preset assembles (simple, gpt2, llama).
+
+Legend: B batch, T tokens in this call, S cached + new positions, D d_model, V vocabulary.
+Internal parameter names (the only names zerolm uses; HF names live in interop/hf.py):
+  tok_emb, pos_emb, blocks.{i}.{norm1,attn.{q,k,v,o},norm2,ffn.{up,gate,down}}, norm_f, lm_head
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from zerolm.config import ModelConfig
+from zerolm.model.attention import Attention, attention_mask
+from zerolm.model.layers import FFN, make_norm, rope_tables, sinusoidal_table
+
+
+class Block(nn.Module):
+    """Pre-norm: x + f(norm(x)). Post-norm (the original Transformer): norm(x + f(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre = cfg.norm_placement == "pre"
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.bias, cfg.dropout)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.ffn = FFN(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.bias, cfg.dropout)
+
+    def forward(self, x, **attn_kw):  # (B, T, D)
+        if self.pre:
+            x = x + self.attn(self.norm1(x), **attn_kw)
+            return x + self.ffn(self.norm2(x))
+        x = self.norm1(x + self.attn(x, **attn_kw))
+        return self.norm2(x + self.ffn(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        """`cfg` must be resolved (zerolm.model.presets.resolve)."""
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.norm_placement == "pre" else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_buffers()
+
+    def reset_buffers(self):
+        """(Re)compute the non-learned tables; call after moving off the meta device."""
+        cfg = self.cfg
+        if cfg.position == "rope":
+            cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, Dh)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        elif cfg.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None):
+        """GPT-2 initialisation: N(0, 0.02), output projections of residual branches scaled by
+        1/sqrt(2·n_layers), zero biases, unit norms."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                (p.fill_(1.0) if name.endswith("weight") else p.zero_())
+            else:
+                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.o.weight", "ffn.down.weight")) else std
+                p.normal_(0.0, s, generator=generator)
+
+    def forward(self, ids, *, positions=None, cache=None, key_valid=None):
+        """ids (B, T) -> logits (B, T, V).
+
+        positions: (B, T) or (T,) position of each token (default: cache length + arange(T));
+        cache: a KVCache filled in place; key_valid: (B, S) False at left-padding slots."""
+        cfg = self.cfg
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}")
+        slots = torch.arange(start, start + T, device=ids.device)
+        if positions is None:
+            positions = slots
+        x = self.tok_emb(ids)  # (B, T, D)
+        if cfg.position == "learned":
+            x = x + self.pos_emb(positions)
+        elif cfg.position == "sinusoidal":
+            x = x + self.pos_table[positions]
+        rope = None
+        if cfg.position == "rope":
+            pos = positions if positions.dim() == 2 else positions[None]  # (B|1, T)
+            rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
+        mask = None
+        if key_valid is not None or cfg.sliding_window or (start > 0 and T > 1):
+            k_slots = torch.arange(start + T, device=ids.device)
+            mask = attention_mask(slots, k_slots, key_valid, cfg.sliding_window)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, mask=mask, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(T)
+        if self.norm_f is not None:
+            x = self.norm_f(x)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return x @ head.T  # (B, T, V)
