@@ -6,11 +6,17 @@ Every subcommand that runs a stage takes `--config recipe.toml` and dotted overr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 
-from zerolm.config import Config, load_config, parse_overrides, to_toml
+import tomllib
+
+from zerolm.config import Config, _merge, load_config, parse_overrides, to_toml
+
+SPEEDRUN_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "speedrun.toml"
 
 log = logging.getLogger("zerolm")
 
@@ -56,12 +62,86 @@ def cmd_prepare(args, extra, stages=("docs", "tokenizer", "shards"), **defaults)
     return summary
 
 
+def cmd_pretrain(args, extra, **defaults):
+    from zerolm.train.pretrain import pretrain
+
+    cfg = _config(args, extra, **defaults)
+    if getattr(args, "resume", False):
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
+    result = pretrain(cfg, progress=not args.quiet)
+    return cfg, result
+
+
 def cmd_speedrun(args, extra):
-    summary = cmd_prepare(args, extra, out_dir="runs/speedrun", data={"corpus": ["tang"]})
-    out = summary["out_dir"]
-    print(f"\nspeedrun: data and tokenizer ready in {out}/ (shards in {out}/shards, tokenizer in {out}/tokenizer).")
-    print("next: pretraining, chat fine-tuning and serving join this pipeline as they land; "
-          f"try `zerolm tokenizer encode --tokenizer {out}/tokenizer '床前明月光'` meanwhile.")
+    from zerolm.train.pretrain import sample_texts
+
+    defaults = {"out_dir": "runs/speedrun", "data": {"corpus": ["tang"]}, "train": {"resume": True}}
+    if SPEEDRUN_RECIPE.is_file() and not args.config:  # the tuned default recipe (see its comments)
+        defaults = _merge(defaults, tomllib.loads(SPEEDRUN_RECIPE.read_text(encoding="utf-8")))
+    cfg, result = cmd_pretrain(args, extra, **defaults)
+    from zerolm.model import load_model
+    from zerolm.tokenizer import Tokenizer
+
+    model = load_model(result["model_dir"])
+    tok = Tokenizer.load(result["model_dir"])
+    print("\nsamples:")
+    for text in sample_texts(model, tok, ["", "", "明月", "春风"], max_new_tokens=64, seed=cfg.seed):
+        print("  " + text.replace("\n", "\n  ") + "\n")
+    print(f"final validation bits per byte: {result['final_val_bpb']:.4f} (loss {result['final_val_loss']:.4f})")
+    print(f"model saved to {result['model_dir']}; try: zerolm generate --model {result['model_dir']} '明月'")
+
+
+def cmd_generate(args, extra):
+    from zerolm.infer.engine import Engine, GenerateRequest
+    from zerolm.infer.sampling import SamplingParams
+    from zerolm.infer.stop import StopStrings
+    from zerolm.model import load_model
+    from zerolm.tokenizer import EOS, Tokenizer
+
+    model = load_model(args.model)
+    tok = Tokenizer.load(args.model)
+    prompts = args.prompts or [sys.stdin.read()]
+    eos = tok.token_id(EOS)
+    ids = [[eos, *tok.encode(p)] for p in prompts]  # eos first: the model starts a new document
+    if any(tok.token_id("<|unk|>") in p and set(p[1:]) <= {tok.token_id("<|unk|>")} for p in ids if len(p) > 1):
+        raise ValueError("a prompt consists only of characters this tokenizer does not know; use text in the "
+                         "training language")
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty)
+    req = GenerateRequest(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=(eos,),
+                          seed=args.seed, context=args.context)
+    engine = Engine(model)
+    if args.stream and len(prompts) == 1:
+        stops, shown, done = StopStrings(args.stop) if args.stop else None, prompts[0], []
+        sys.stdout.write(prompts[0])
+        for step in engine.stream(ids, req):
+            done += [t for t in step.values() if t != eos]
+            text = tok.decode(done)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
+                continue
+            delta, shown = text[len(shown) - len(prompts[0]):], prompts[0] + text
+            if stops:
+                delta, stopped = stops.feed(delta)
+                sys.stdout.write(delta)
+                if stopped:
+                    break
+            else:
+                sys.stdout.write(delta)
+            sys.stdout.flush()
+        else:
+            if stops:
+                sys.stdout.write(stops.flush())
+        sys.stdout.write("\n")
+        return
+    from zerolm.infer.stop import find_stop
+
+    for prompt, out in zip(prompts, engine.generate(ids, req)):
+        text = tok.decode([t for t in out if t != eos])
+        cut = find_stop(text, args.stop) if args.stop else None
+        print(prompt + (text if cut is None else text[:cut]))
+        if len(prompts) > 1:
+            print("---")
 
 
 def cmd_tok_train(args, extra):
@@ -128,6 +208,26 @@ def build_parser() -> argparse.ArgumentParser:
     stage("prepare", cmd_prepare, "clean, de-duplicate and split text, train a tokenizer, write token shards")
     stage("speedrun", cmd_speedrun, "the whole pipeline on the bundled Tang-poem corpus (or --corpus/inputs)")
     stage("config", cmd_config, "print the resolved config as TOML")
+    sp = stage("pretrain", cmd_pretrain, "prepare data if needed, then train a next-token model into OUT/model")
+    sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g = sub.add_parser("generate", help="continue prompts with a trained model",
+                       description="continue prompts with a trained model (zerolm model directory)")
+    g.add_argument("--model", required=True, help="model directory (e.g. runs/speedrun/model)")
+    g.add_argument("prompts", nargs="*", help="prompt text(s); several are generated as one batch (default: stdin)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="fix the sampling randomness")
+    g.add_argument("--context", choices=["truncate", "error"], default="truncate",
+                   help="a prompt longer than the model window: keep its end (with a warning) or fail")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.set_defaults(fn=cmd_generate)
 
     tk = sub.add_parser("tokenizer", help="train, encode, decode").add_subparsers(dest="tcmd", required=True,
                                                                                   metavar="ACTION")

@@ -74,12 +74,41 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The one training loop's settings (every stage: pretrain, sft, reward, dpo, ppo)."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    weight_decay: float = 0.1  # on matrices only; norms, biases and gains are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where measured faster
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 20
+    sample_every: int = 0  # 0: at every evaluation
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = False
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     out_dir: str = "runs/default"
     seed: int = 1337
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -221,6 +250,11 @@ def validate(cfg: Config) -> None:
         (0.0 <= d.min_letter_frac <= 1.0, f"data.min_letter_frac must be in [0, 1], got {d.min_letter_frac}"),
         (d.shard_tokens >= 1, "data.shard_tokens must be >= 1"),
         (t.min_frequency >= 1, "tokenizer.min_frequency must be >= 1"),
+        (cfg.train.steps >= 1 and cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1,
+         "train.steps, train.batch_size and train.grad_accum must be >= 1"),
+        (cfg.train.lr > 0 and 0 <= cfg.train.min_lr_ratio <= 1, "train.lr must be > 0, train.min_lr_ratio in [0, 1]"),
+        (0 < cfg.train.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -18,7 +18,7 @@ from zerolm.files import atomic_write_text
 from zerolm.model.presets import PRESETS, resolve
 from zerolm.model.transformer import Transformer
 
-__all__ = ["PRESETS", "Transformer", "build_model", "load_model", "save_model", "resolve"]
+__all__ = ["PRESETS", "Transformer", "build_model", "load_model", "resolve", "save_model"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0, device="cpu") -> Transformer:
@@ -62,8 +62,10 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     return resolve(ModelConfig(**{k: v for k, v in raw["zerolm_model"].items() if k in fields}))
 
 
-def load_state(model: Transformer, state: dict, source: str = "checkpoint") -> None:
-    """load_state_dict(assign=True) with an error that names mismatched tensors."""
+def load_state(model: Transformer, state: dict, source: str = "checkpoint", assign: bool = True) -> None:
+    """load_state_dict with an error that names mismatched tensors. assign=True adopts the given
+    tensors (loading onto the meta device); assign=False copies into existing parameters (which
+    keeps an optimizer's references valid)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -75,7 +77,7 @@ def load_state(model: Transformer, state: dict, source: str = "checkpoint") -> N
             f"shape mismatch {shapes[:4]}" if shapes else ""]))
         raise ValueError(f"{source} does not fit this model config ({detail}); "
                          "use the config the checkpoint was trained with")
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def load_model(model_dir: str | Path, device="cpu", dtype=None) -> Transformer:

@@ -4,7 +4,6 @@ Legend: B batch, T new tokens, S cached + new positions, H query heads, K kv hea
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -73,6 +73,26 @@ class Tokenizer:
             raise ValueError(f"token {token!r} is not in the vocabulary")
         return i
 
+    def token_byte_lengths(self):
+        """(V,) int64 numpy array: UTF-8 bytes each token stands for (0 for special tokens), so
+        bits per byte = total nats / ln 2 / sum of byte lengths of the predicted tokens."""
+        import numpy as np
+
+        from zerolm.tokenizer.train import BYTE_TOKENS
+
+        kind, byte_tokens = self.kind, set(BYTE_TOKENS)
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
+            if i < len(SPECIAL_TOKENS):
+                continue
+            if kind == "bpe":  # byte-level alphabet: one character per byte
+                out[i] = len(tok)
+            elif kind == "char":
+                out[i] = 1 if tok in byte_tokens else len(tok.encode("utf-8"))
+            else:  # wordpiece: continuation pieces carry a '##' prefix
+                out[i] = len(tok.removeprefix("##").encode("utf-8"))
+        return out
+
     @property
     def kind(self) -> str:
         model = json.loads(self.hf.to_str())["model"]

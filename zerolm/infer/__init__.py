@@ -1,0 +1,1 @@
+"""Inference: token-id generation with a KV cache, sampling and stop conditions."""

@@ -1,0 +1,110 @@
+"""Generation engine: token ids in, token ids out (text lives at the edges: CLI, server).
+
+Prompts of different lengths are left-padded into one batch; padding slots are masked out of
+attention and positions count from each prompt's first real token, so every row computes exactly
+what it would alone. One prefill fills the preallocated KV cache, then one token per step.
+
+Context policy: a prompt that leaves no room for max_new_tokens within max_seq_len is cut from
+the left (keeping its end) with a warning, or rejected (`context="error"`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from zerolm.infer.kv_cache import KVCache
+from zerolm.infer.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateRequest:
+    max_new_tokens: int = 64
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    context: str = "truncate"  # or "error"
+    pad_id: int = 0
+
+
+def fit_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int, max_new_tokens: int,
+                context: str) -> list[list[int]]:
+    if not prompts:
+        raise ValueError("no prompts given")
+    if not 1 <= max_new_tokens < max_seq_len:
+        raise ValueError(f"max_new_tokens must be in [1, {max_seq_len - 1}] for a model with max_seq_len={max_seq_len}")
+    room = max_seq_len - max_new_tokens
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the bos token)")
+        if len(p) > room:
+            if context == "error":
+                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} only {room} "
+                                 f"fit in max_seq_len={max_seq_len}: shorten it or lower max_new_tokens")
+            log.warning("prompt %d: %d tokens; keeping the last %d to fit max_seq_len=%d with %d new tokens",
+                        i, len(p), room, max_seq_len, max_new_tokens)
+            p = p[-room:]
+        out.append(p)
+    return out
+
+
+class Engine:
+    def __init__(self, model):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def stream(self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()
+               ) -> Iterator[dict[int, int]]:
+        """Yield {row: new token id} each step for the rows still generating."""
+        cfg = self.model.cfg
+        req.sampling.validate()
+        prompts = fit_prompts(prompts, cfg.max_seq_len, req.max_new_tokens, req.context)
+        B, P = len(prompts), max(map(len, prompts))
+        total = P + req.max_new_tokens
+        dev = self.device
+        ids = torch.full((B, P), req.pad_id, dtype=torch.long, device=dev)  # (B, P) left-padded
+        pad = torch.tensor([P - len(p) for p in prompts], device=dev)  # (B,)
+        for r, p in enumerate(prompts):
+            ids[r, P - len(p):] = torch.tensor(p, device=dev)
+        slots = torch.arange(total, device=dev)
+        key_valid = slots[None, :] >= pad[:, None]  # (B, S)
+        padded = bool(pad.any())
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S)
+        counts = torch.zeros(B, cfg.vocab_size, dtype=torch.long, device=dev)  # (B, V)
+        counts.scatter_add_(1, ids, key_valid[:, :P].long())
+        gen = torch.Generator(device=dev)
+        if req.seed is not None:
+            gen.manual_seed(req.seed)
+        else:
+            gen.seed()
+        cache = KVCache.for_model(self.model, B, total)
+        logits = self.model(ids, positions=positions[:, :P], cache=cache,
+                            key_valid=key_valid[:, :P] if padded else None)[:, -1]  # (B, V)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        stop = torch.tensor(req.stop_token_ids or [-1], device=dev)
+        for t in range(req.max_new_tokens):
+            nxt = sample(logits, req.sampling, gen, counts)  # (B,)
+            nxt = torch.where(active, nxt, req.pad_id)
+            yield {r: int(nxt[r]) for r in range(B) if active[r]}
+            counts.scatter_add_(1, nxt[:, None], active[:, None].long())
+            active &= ~torch.isin(nxt, stop)
+            if not active.any() or t == req.max_new_tokens - 1:
+                return
+            s = P + t
+            logits = self.model(nxt[:, None], positions=positions[:, s : s + 1], cache=cache,
+                                key_valid=key_valid[:, : s + 1] if padded else None)[:, -1]
+
+    def generate(self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()) -> list[list[int]]:
+        """New token ids per prompt (a stop token, if hit, is included as the last id)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream(prompts, req):
+            for r, tok in step.items():
+                out[r].append(tok)
+        return out

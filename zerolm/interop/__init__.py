@@ -1,0 +1,1 @@
+"""Interoperability with other libraries' checkpoints (HF transformers: zerolm.interop.hf)."""

@@ -1,0 +1,1 @@
+"""Training: one loop for every stage, optimiser and schedules, checkpoints."""

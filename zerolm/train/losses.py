@@ -1,0 +1,20 @@
+"""Loss functions (pure): each returns (mean loss over counted tokens, number of counted tokens)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
+    """Next-token cross entropy; batch = (x, y) of (B, T) ids, or (x, y, mask) with mask (B, T)
+    selecting the target positions that count (e.g. assistant tokens in SFT)."""
+    x, y, *rest = batch
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    logits = model(x)  # (B, T, V)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
+    if rest:
+        mask = rest[0].to(device).flatten().float()
+        n = int(mask.sum())
+        return (losses * mask).sum() / max(n, 1), n
+    return losses.mean(), y.numel()

@@ -1,0 +1,76 @@
+"""`zerolm pretrain`: prepared shards -> a trained next-token model in OUT/model."""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from zerolm.config import Config, save_config
+from zerolm.data.loader import TokenBatches
+from zerolm.data.prepare import prepare, read_docs
+from zerolm.eval.perplexity import evaluate_lm
+from zerolm.infer.engine import Engine, GenerateRequest
+from zerolm.infer.sampling import SamplingParams
+from zerolm.model import build_model, save_model
+from zerolm.tokenizer import EOS, Tokenizer
+from zerolm.train.checkpoint import list_checkpoints
+from zerolm.train.losses import lm_loss
+from zerolm.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def train_flops_per_token(model) -> float:
+    """6·N (forward + backward through every weight matrix, head included) plus attention's
+    12·L·D·T (PaLM appendix B), per trained token."""
+    cfg = model.cfg
+    # every matrix is multiplied once per token: the embedding (tied or not) as the output head
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and name != "pos_emb.weight")
+    return 6 * n + 12 * cfg.n_layers * cfg.d_model * cfg.max_seq_len
+
+
+def sample_texts(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 48, seed: int = 0) -> list[str]:
+    """Continue each prompt (after an eos, i.e. at a document start) and decode up to the next eos."""
+    eos = tok.token_id(EOS)
+    req = GenerateRequest(max_new_tokens=min(max_new_tokens, model.cfg.max_seq_len - 16),
+                          sampling=SamplingParams(temperature=0.8, top_k=50), stop_token_ids=(eos,), seed=seed)
+    ids = [[eos, *tok.encode(p)] for p in prompts]
+    outs = Engine(model).generate(ids, req)
+    model.train()
+    return [p + tok.decode([t for t in o if t != eos]) for p, o in zip(prompts, outs)]
+
+
+def pretrain(cfg: Config, progress: bool = True) -> dict:
+    """Prepare data if needed, train, save OUT/model; returns the final metrics."""
+    out = Path(cfg.out_dir)
+    prepare(cfg, progress=progress)
+    if list_checkpoints(out) and not cfg.train.resume:
+        raise ValueError(f"{out} already holds checkpoints of a training run: continue it with "
+                         "--train.resume=true, or train into a new directory with --out")
+    save_config(cfg, out)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    tok = Tokenizer.load(out / "tokenizer")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, tok.vocab_size, seed=cfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %.2f M parameters (%s)", model.cfg.preset, n_params / 1e6,
+             ", ".join(f"{k}={getattr(model.cfg, k)}" for k in ("d_model", "n_layers", "n_heads", "max_seq_len")))
+    seq_len = model.cfg.max_seq_len
+    batches = TokenBatches(out / "shards", "train", batch_size=cfg.train.batch_size, seq_len=seq_len, seed=cfg.seed)
+    token_bytes = tok.token_byte_lengths()
+    eval_fn = partial(evaluate_lm, shard_dir=out / "shards", token_bytes=token_bytes,
+                      batch_size=cfg.train.batch_size, max_batches=cfg.train.eval_batches)
+    val = [d["text"] for _, d in zip(range(2), read_docs(out / "docs" / "val.jsonl"))]
+    prompts = ["", *(v[:2] for v in val[:1])]
+    sample_fn = partial(sample_texts, tok=tok, prompts=prompts, seed=cfg.seed)
+    trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=lm_loss, eval_fn=eval_fn,
+                      sample_fn=sample_fn, flops_per_token=train_flops_per_token(model), progress=progress)
+    row = trainer.fit()
+    final = evaluate_lm(model, out / "shards", token_bytes, batch_size=cfg.train.batch_size)  # the whole split
+    save_model(model, out / "model", tok)
+    log.info("final validation (whole split): loss %.4f | bits/byte %.4f | ppl %.2f",
+             final["val_loss"], final["val_bpb"], final["val_ppl"])
+    return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model")}

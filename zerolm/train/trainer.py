@@ -1,0 +1,184 @@
+"""The one training loop. Stages (pretrain, sft, reward, dpo, ppo) plug in a batch iterator and a
+loss function; the loop owns precision, accumulation, clipping, schedule, logging, evaluation,
+checkpoints, exact resume and Ctrl-C.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from zerolm.config import TrainConfig
+from zerolm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from zerolm.train.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+# loss_fn(model, batch) -> (mean loss over the batch's counted tokens, number of counted tokens)
+LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, int]]
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def measure_peak_flops(precision: str, device: torch.device, n: int = 1024, seconds: float = 0.3) -> float:
+    """Measured matmul FLOP/s of this device in this precision (the MFU denominator)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class Trainer:
+    def __init__(self, model, cfg: TrainConfig, out_dir: str | Path, *, batches: Iterator, loss_fn: LossFn,
+                 eval_fn: Callable | None = None, sample_fn: Callable | None = None,
+                 flops_per_token: float = 0.0, progress: bool = True):
+        self.model, self.cfg, self.out = model, cfg, Path(out_dir)
+        self.batches, self.loss_fn = batches, loss_fn
+        self.eval_fn, self.sample_fn = eval_fn, sample_fn
+        self.flops_per_token, self.progress = flops_per_token, progress
+        self.device = next(model.parameters()).device
+        self.optimizer = build_optimizer(model, cfg)
+        self.step = 0
+        self.precision = cfg.precision
+
+    # ---------------------------------------------------------------- one optimizer step
+    def _micro_step(self, batch) -> tuple[float, int]:
+        with autocast(self.precision, self.device):
+            loss, n = self.loss_fn(self.model, batch)
+        (loss / self.cfg.grad_accum).backward()
+        return loss.item(), n
+
+    def train_step(self) -> dict:
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        losses, tokens = [], 0
+        for _ in range(self.cfg.grad_accum):
+            loss, n = self._micro_step(next(self.batches))
+            losses.append(loss)
+            tokens += n
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": gnorm.item(),
+                "tokens": tokens}
+
+    def _choose_precision(self) -> str:
+        """'auto': time fp32 and bf16 forward+backward on a real batch and keep the faster."""
+        if self.cfg.precision != "auto":
+            return self.cfg.precision
+        if self.device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        rng = torch.get_rng_state()
+        state = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+        batch = next(self.batches)
+        times = {}
+        for precision in ("fp32", "bf16", "fp32", "bf16"):
+            t0 = time.perf_counter()
+            with autocast(precision, self.device):
+                loss, _ = self.loss_fn(self.model, batch)
+            loss.backward()
+            times[precision] = min(times.get(precision, math.inf), time.perf_counter() - t0)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        if state is not None:
+            self.batches.load_state_dict(state)
+        choice = "bf16" if times["bf16"] < 0.9 * times["fp32"] else "fp32"
+        log.info("precision auto: fp32 %.0f ms, bf16 %.0f ms per micro-batch -> %s",
+                 1e3 * times["fp32"], 1e3 * times["bf16"], choice)
+        return choice
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        extra = {"precision": self.precision}
+        if hasattr(self.batches, "state_dict"):
+            extra["data"] = self.batches.state_dict()
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer, extra, self.cfg.keep_checkpoints)
+
+    def resume(self) -> bool:
+        found = list_checkpoints(self.out)
+        if not found:
+            return False
+        saved = load_checkpoint(found[-1], self.model, self.optimizer)
+        self.step, self.precision = saved["step"], saved["precision"]
+        if "data" in saved and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(saved["data"])
+        log.info("resumed from %s (step %d)", found[-1], self.step)
+        return True
+
+    # ---------------------------------------------------------------- the loop
+    def _evaluate(self, bar) -> dict:
+        out = {}
+        if self.eval_fn is not None:
+            self.model.eval()
+            with torch.no_grad(), autocast(self.precision, self.device):
+                out = self.eval_fn(self.model)
+            bar.write(f"step {self.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        due = self.cfg.sample_every == 0 or self.step % self.cfg.sample_every == 0
+        if self.sample_fn is not None and due:
+            self.model.eval()
+            for text in self.sample_fn(self.model):
+                bar.write("  sample: " + text.replace("\n", "\n          "))
+        return out
+
+    def fit(self) -> dict:
+        """Train until cfg.steps; returns the last logged row (with the latest eval metrics)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not (cfg.resume and self.resume()):
+            self.precision = self._choose_precision()
+        peak = measure_peak_flops(self.precision, self.device)
+        log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        row: dict = {}
+        t_start, step_start, tokens_seen = time.perf_counter(), self.step, 0
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                row = self.train_step()
+                dt = time.perf_counter() - t0
+                tokens_seen += row["tokens"]
+                row["tok_per_s"] = row["tokens"] / dt
+                row["mfu"] = self.flops_per_token * row["tokens"] / dt / peak if self.flops_per_token else 0.0
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    row.update(self._evaluate(bar))
+                log_file.write(json.dumps(row) + "\n")
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - t_start
+                    eta = elapsed / (self.step - step_start) * (cfg.steps - self.step)
+                    bar.write(f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                              f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
+                              f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s")
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.write(f"interrupted at step {self.step}: saving a checkpoint (resume with --train.resume=true)")
+            self.save()
+            raise
+        finally:
+            bar.close()
+            log_file.close()
+        return row
