@@ -40,11 +40,12 @@ KEYS = {
 BASE = {"gpt2": "transformer", "llama": "model"}  # prefix a headless base-model checkpoint lacks
 IGNORED = {"gpt2": (".attn.bias", ".attn.masked_bias"), "llama": (".rotary_emb.inv_freq",)}  # HF buffers
 
-# what an HF architecture fixes; a zerolm model must match to be exported (tuples: any of)
+# what an HF architecture fixes: a zerolm model must take one of these values to be exported
 REQUIRED = {
-    "gpt2": dict(norm="layernorm", norm_placement="pre", position="learned", ffn=("gelu", "relu"),
-                 bias=True, sliding_window=0),
-    "llama": dict(norm="rmsnorm", norm_placement="pre", position="rope", ffn="swiglu", sliding_window=0),
+    "gpt2": dict(norm=("layernorm",), norm_placement=("pre",), position=("learned",), ffn=("gelu", "relu"),
+                 bias=(True,), sliding_window=(0,)),
+    "llama": dict(norm=("rmsnorm",), norm_placement=("pre",), position=("rope",), ffn=("swiglu",),
+                  sliding_window=(0,)),
 }
 GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
                      activation_function="gelu_new", resid_pdrop=0.1, layer_norm_epsilon=1e-5,
@@ -240,15 +241,15 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     as GPT2LMHeadModel; a model whose choices the HF architecture cannot express raises ValueError."""
     cfg = model.cfg
     arch = "llama" if cfg.preset == "llama" else "gpt2"
-    bad = [f"{k}={getattr(cfg, k)!r} (needs {' or '.join(map(repr, v if isinstance(v, tuple) else (v,)))})"
-           for k, v in REQUIRED[arch].items() if getattr(cfg, k) not in (v if isinstance(v, tuple) else (v,))]
+    bad = [f"{k}={getattr(cfg, k)!r} (needs {' or '.join(map(repr, ok))})"
+           for k, ok in REQUIRED[arch].items() if getattr(cfg, k) not in ok]
     if arch == "gpt2" and cfg.n_kv_heads != cfg.n_heads:
         bad.append(f"n_kv_heads={cfg.n_kv_heads} (GPT-2 has no grouped-query attention: needs {cfg.n_heads})")
     if bad:
         raise ValueError(f"cannot export this {cfg.preset!r} model as HF {arch}: {'; '.join(bad)}")
+    state = _to_hf_state(arch, model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = _to_hf_state(arch, model)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2) if tokenizer is not None else \
         dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
