@@ -97,15 +97,18 @@ def cmd_generate(args, extra):
     from zerolm.infer.stop import StopStrings
     from zerolm.model import load_model
     from zerolm.tokenizer import EOS, Tokenizer
+    from zerolm.tokenizer.stream import StreamDecoder
 
     model = load_model(args.model)
     tok = Tokenizer.load(args.model)
     prompts = args.prompts or [sys.stdin.read()]
     eos = tok.token_id(EOS)
     ids = [[eos, *tok.encode(p)] for p in prompts]  # eos first: the model starts a new document
-    if any(tok.token_id("<|unk|>") in p and set(p[1:]) <= {tok.token_id("<|unk|>")} for p in ids if len(p) > 1):
-        raise ValueError("a prompt consists only of characters this tokenizer does not know; use text in the "
-                         "training language")
+    unknown = tok.unknown_ids()
+    for p, text in zip(ids, prompts):
+        if len(p) > 1 and set(p[1:]) <= unknown:
+            raise ValueError(f"prompt {text[:40]!r} has only characters the model never saw in training; "
+                             "write the prompt in the language of its training text")
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                               frequency_penalty=args.frequency_penalty)
@@ -113,25 +116,16 @@ def cmd_generate(args, extra):
                           seed=args.seed, context=args.context)
     engine = Engine(model)
     if args.stream and len(prompts) == 1:
-        stops, shown, done = StopStrings(args.stop) if args.stop else None, prompts[0], []
+        stops, dec = StopStrings(args.stop), StreamDecoder(tok, skip_ids=(eos,))
         sys.stdout.write(prompts[0])
         for step in engine.stream(ids, req):
-            done += [t for t in step.values() if t != eos]
-            text = tok.decode(done)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
-                continue
-            delta, shown = text[len(shown) - len(prompts[0]):], prompts[0] + text
-            if stops:
-                delta, stopped = stops.feed(delta)
-                sys.stdout.write(delta)
-                if stopped:
-                    break
-            else:
-                sys.stdout.write(delta)
+            text, stopped = stops.feed(dec.push(step[0]))
+            sys.stdout.write(text)
             sys.stdout.flush()
+            if stopped:
+                break
         else:
-            if stops:
-                sys.stdout.write(stops.flush())
+            sys.stdout.write(stops.feed(dec.flush())[0] + stops.flush())
         sys.stdout.write("\n")
         return
     from zerolm.infer.stop import find_stop
@@ -142,6 +136,23 @@ def cmd_generate(args, extra):
         print(prompt + (text if cut is None else text[:cut]))
         if len(prompts) > 1:
             print("---")
+
+
+def cmd_import(args, extra):
+    from zerolm.interop.hf import import_hf
+
+    out = args.out or f"runs/imported/{Path(args.src).resolve().name}"
+    model = import_hf(args.src, out)
+    print(f"imported {model.cfg.preset} model ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
+
+
+def cmd_inspect(args, extra):
+    from zerolm.inspect.accounting import account, format_account
+    from zerolm.model import load_model
+
+    model = load_model(args.model)
+    a = account(model, context=args.context, batch=args.batch)
+    print(json.dumps(a) if args.json else format_account(a, model.cfg))
 
 
 def cmd_tok_train(args, extra):
@@ -228,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt longer than the model window: keep its end (with a warning) or fail")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.set_defaults(fn=cmd_generate)
+    im = sub.add_parser("import", help="make a local HF gpt2/llama checkpoint a zerolm model directory")
+    im.add_argument("src", help="directory with config.json + model.safetensors (transformers layout)")
+    im.add_argument("--from", dest="source", choices=["hf"], default="hf")
+    im.add_argument("--out", help="output model directory (default: runs/imported/NAME)")
+    im.set_defaults(fn=cmd_import)
+    ins = sub.add_parser("inspect", help="parameters by component, FLOPs per token, memory")
+    ins.add_argument("model", help="model directory")
+    ins.add_argument("--context", type=int, default=None, help="context length (default: the model's)")
+    ins.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache figure")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(fn=cmd_inspect)
 
     tk = sub.add_parser("tokenizer", help="train, encode, decode").add_subparsers(dest="tcmd", required=True,
                                                                                   metavar="ACTION")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class GenerateRequest:
     max_new_tokens: int = 64
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     context: str = "truncate"  # or "error"

@@ -76,7 +76,7 @@ class Transformer(nn.Module):
         positions: (B, T) or (T,) position of each token (default: cache length + arange(T));
         cache: a KVCache filled in place; key_valid: (B, S) False at left-padding slots."""
         cfg = self.cfg
-        B, T = ids.shape
+        T = ids.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}")

@@ -93,6 +93,15 @@ class Tokenizer:
                 out[i] = len(tok.removeprefix("##").encode("utf-8"))
         return out
 
+    def unknown_ids(self) -> set[int]:
+        """Ids that stand for text unseen in training: <|unk|>, and byte fallbacks of `char`."""
+        out = {self.token_id(UNK)}
+        if self.kind == "char":
+            from zerolm.tokenizer.train import BYTE_TOKENS
+
+            out |= {self.token_id(t) for t in BYTE_TOKENS}
+        return out
+
     @property
     def kind(self) -> str:
         model = json.loads(self.hf.to_str())["model"]

@@ -13,6 +13,7 @@ from zerolm.data.prepare import prepare, read_docs
 from zerolm.eval.perplexity import evaluate_lm
 from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
+from zerolm.inspect.accounting import account
 from zerolm.model import build_model, save_model
 from zerolm.tokenizer import EOS, Tokenizer
 from zerolm.train.checkpoint import list_checkpoints
@@ -20,15 +21,6 @@ from zerolm.train.losses import lm_loss
 from zerolm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-def train_flops_per_token(model) -> float:
-    """6·N (forward + backward through every weight matrix, head included) plus attention's
-    12·L·D·T (PaLM appendix B), per trained token."""
-    cfg = model.cfg
-    # every matrix is multiplied once per token: the embedding (tied or not) as the output head
-    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and name != "pos_emb.weight")
-    return 6 * n + 12 * cfg.n_layers * cfg.d_model * cfg.max_seq_len
 
 
 def sample_texts(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 48, seed: int = 0) -> list[str]:
@@ -67,7 +59,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     prompts = ["", *(v[:2] for v in val[:1])]
     sample_fn = partial(sample_texts, tok=tok, prompts=prompts, seed=cfg.seed)
     trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=lm_loss, eval_fn=eval_fn,
-                      sample_fn=sample_fn, flops_per_token=train_flops_per_token(model), progress=progress)
+                      sample_fn=sample_fn, flops_per_token=account(model)["train_flops_per_token"], progress=progress)
     row = trainer.fit()
     final = evaluate_lm(model, out / "shards", token_bytes, batch_size=cfg.train.batch_size)  # the whole split
     save_model(model, out / "model", tok)

@@ -8,12 +8,15 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from zerolm.config import TrainConfig
 from zerolm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -34,8 +37,9 @@ def autocast(precision: str, device: torch.device):
 def measure_peak_flops(precision: str, device: torch.device, n: int = 1024, seconds: float = 0.3) -> float:
     """Measured matmul FLOP/s of this device in this precision (the MFU denominator)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: resume must be exact
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     a @ b
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -44,6 +48,30 @@ def measure_peak_flops(precision: str, device: torch.device, n: int = 1024, seco
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class _DeferredInterrupt:
+    """Turn the first Ctrl-C into a flag checked between optimizer steps; a second one interrupts
+    at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step and saving a checkpoint (press again to abort at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 class Trainer:
@@ -128,18 +156,18 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- the loop
-    def _evaluate(self, bar) -> dict:
+    def _evaluate(self) -> dict:
         out = {}
         if self.eval_fn is not None:
             self.model.eval()
             with torch.no_grad(), autocast(self.precision, self.device):
                 out = self.eval_fn(self.model)
-            bar.write(f"step {self.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
+            log.info("step %d: %s", self.step, " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
         due = self.cfg.sample_every == 0 or self.step % self.cfg.sample_every == 0
         if self.sample_fn is not None and due:
             self.model.eval()
             for text in self.sample_fn(self.model):
-                bar.write("  sample: " + text.replace("\n", "\n          "))
+                log.info("  sample: " + text.replace("\n", "\n          "))
         return out
 
     def fit(self) -> dict:
@@ -149,36 +177,40 @@ class Trainer:
         if not (cfg.resume and self.resume()):
             self.precision = self._choose_precision()
         peak = measure_peak_flops(self.precision, self.device)
-        log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8")
+        log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8", buffering=1)  # line-buffered: rows survive a kill
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         row: dict = {}
         t_start, step_start, tokens_seen = time.perf_counter(), self.step, 0
-        try:
-            while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                row = self.train_step()
-                dt = time.perf_counter() - t0
-                tokens_seen += row["tokens"]
-                row["tok_per_s"] = row["tokens"] / dt
-                row["mfu"] = self.flops_per_token * row["tokens"] / dt / peak if self.flops_per_token else 0.0
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    row.update(self._evaluate(bar))
-                log_file.write(json.dumps(row) + "\n")
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    elapsed = time.perf_counter() - t_start
-                    eta = elapsed / (self.step - step_start) * (cfg.steps - self.step)
-                    bar.write(f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-                              f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
-                              f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s")
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                    self.save()
-        except KeyboardInterrupt:
-            bar.write(f"interrupted at step {self.step}: saving a checkpoint (resume with --train.resume=true)")
-            self.save()
-            raise
-        finally:
-            bar.close()
-            log_file.close()
+        stop = _DeferredInterrupt()
+        with logging_redirect_tqdm(), stop:  # log lines print above the progress bar
+            try:
+                while self.step < cfg.steps:
+                    if stop.requested:  # Ctrl-C lands between steps, so the checkpoint is consistent
+                        raise KeyboardInterrupt
+                    t0 = time.perf_counter()
+                    row = self.train_step()
+                    dt = time.perf_counter() - t0
+                    tokens_seen += row["tokens"]
+                    row["tok_per_s"] = row["tokens"] / dt
+                    row["mfu"] = self.flops_per_token * row["tokens"] / dt / peak if self.flops_per_token else 0.0
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        row.update(self._evaluate())
+                    log_file.write(json.dumps(row) + "\n")
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        elapsed = time.perf_counter() - t_start
+                        eta = elapsed / (self.step - step_start) * (cfg.steps - self.step)
+                        log.info(f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                                  f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
+                                  f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s")
+                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                        self.save()
+            except KeyboardInterrupt:
+                log.info(f"interrupted at step {self.step}: saving a checkpoint (resume with --train.resume=true)")
+                self.save()
+                raise
+            finally:
+                bar.close()
+                log_file.close()
         return row

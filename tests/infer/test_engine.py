@@ -1,0 +1,93 @@
+import logging
+
+import pytest
+import torch
+
+from zerolm.config import ModelConfig
+from zerolm.infer.engine import Engine, GenerateRequest
+from zerolm.infer.sampling import SamplingParams
+from zerolm.model import build_model
+
+V = 89
+GREEDY = SamplingParams(temperature=0)
+
+
+def make(preset, **over):
+    kw = dict(preset=preset, d_model=32, n_layers=2, n_heads=4, max_seq_len=40) | over
+    return build_model(ModelConfig(**kw), vocab_size=V, seed=5).eval()
+
+
+def full_recompute(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3], [20, 21, 22, 23], [40, 41]]
+
+
+@pytest.mark.parametrize("preset, over", [("simple", {}), ("gpt2", {}), ("llama", {"n_kv_heads": 2}),
+                                          ("llama", {"sliding_window": 5}), ("gpt2", {"position": "sinusoidal"})])
+def test_batched_cached_greedy_equals_one_at_a_time_and_full_recomputation(preset, over):
+    model = make(preset, **over)
+    req = GenerateRequest(max_new_tokens=12, sampling=GREEDY)
+    engine = Engine(model)
+    batched = engine.generate(PROMPTS, req)
+    assert batched == [engine.generate([p], req)[0] for p in PROMPTS]
+    assert batched == [full_recompute(model, p, 12) for p in PROMPTS]
+
+
+def test_stream_yields_the_same_tokens():
+    engine = Engine(make("llama"))
+    req = GenerateRequest(max_new_tokens=6, sampling=GREEDY)
+    steps = list(engine.stream(PROMPTS[:2], req))
+    assert len(steps) == 6
+    assert [[s[r] for s in steps] for r in range(2)] == engine.generate(PROMPTS[:2], req)
+
+
+def test_stop_token_ends_a_row_only():
+    model = make("gpt2")
+    engine = Engine(model)
+    free = engine.generate(PROMPTS, GenerateRequest(max_new_tokens=10, sampling=GREEDY))
+    stop = free[0][3]
+    out = engine.generate(PROMPTS, GenerateRequest(max_new_tokens=10, sampling=GREEDY, stop_token_ids=(stop,)))
+    for row, ref in zip(out, free):
+        cut = ref.index(stop) + 1 if stop in ref else len(ref)
+        assert row == ref[:cut]
+
+
+def test_seeded_sampling_is_reproducible():
+    engine = Engine(make("llama"))
+    req = GenerateRequest(max_new_tokens=15, sampling=SamplingParams(temperature=1.0, top_p=0.9), seed=123)
+    a, b = engine.generate(PROMPTS, req), engine.generate(PROMPTS, req)
+    assert a == b
+    c = engine.generate(PROMPTS, GenerateRequest(max_new_tokens=15, sampling=req.sampling, seed=124))
+    assert a != c
+
+
+def test_penalties_reach_the_sampler():
+    engine = Engine(make("llama"))
+    plain = engine.generate([[1, 2]], GenerateRequest(max_new_tokens=20, sampling=GREEDY))[0]
+    assert len(set(plain)) < 20  # an untrained model repeats itself
+    strong = SamplingParams(temperature=0, frequency_penalty=100.0)
+    varied = engine.generate([[1, 2]], GenerateRequest(max_new_tokens=20, sampling=strong))[0]
+    assert len(set(varied)) == 20
+
+
+def test_context_policy(caplog):
+    model = make("gpt2")
+    engine = Engine(model)
+    long = list(range(1, 38))  # 37 tokens; with 8 new tokens only 32 fit in max_seq_len=40
+    req = GenerateRequest(max_new_tokens=8, sampling=GREEDY)
+    with caplog.at_level(logging.WARNING):
+        out = engine.generate([long], req)
+    assert "keeping the last 32" in caplog.text
+    assert out == engine.generate([long[-32:]], req)
+    with pytest.raises(ValueError, match="only 32 fit in max_seq_len=40"):
+        engine.generate([long], GenerateRequest(max_new_tokens=8, sampling=GREEDY, context="error"))
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1], []], req)
+    with pytest.raises(ValueError, match="max_new_tokens must be in"):
+        engine.generate([[1]], GenerateRequest(max_new_tokens=40))

@@ -1,0 +1,1 @@
+"""Model accounting, attention/embedding views, run reports."""

@@ -1,0 +1,61 @@
+"""Parameter counts by component, FLOPs per token and memory, next to the textbook estimates."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def component(name: str) -> str:
+    if name.startswith("tok_emb"):
+        return "embedding"
+    if name.startswith("pos_emb"):
+        return "positions"
+    if name.startswith("lm_head"):
+        return "head"
+    if ".attn." in name:
+        return "attention"
+    if ".ffn." in name:
+        return "ffn"
+    return "norms"
+
+
+def account(model, context: int | None = None, batch: int = 1, bytes_per_param: int | None = None) -> dict:
+    """Counts, the 12·d²·N estimate of non-embedding parameters, FLOPs per token (forward and
+    training) at `context`, and memory for weights and a KV cache of `batch` x `context`."""
+    cfg = model.cfg
+    context = context or cfg.max_seq_len
+    counts: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        counts[component(name)] += p.numel()
+    total = sum(counts.values())
+    non_embedding = counts["attention"] + counts["ffn"] + counts["norms"]
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pos_emb"))
+    attn_flops = 4 * cfg.n_layers * cfg.d_model * context  # QK^T and AV, forward (PaLM, appendix B)
+    bpp = bytes_per_param or next(model.parameters()).element_size()
+    head_dim = cfg.d_model // cfg.n_heads
+    kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * context * head_dim * bpp
+    return {
+        "parameters": dict(counts), "total": total, "non_embedding": non_embedding,
+        "estimate_12_d2_N": 12 * cfg.d_model**2 * cfg.n_layers,
+        "forward_flops_per_token": 2 * matmul + attn_flops,
+        "train_flops_per_token": 6 * matmul + 3 * attn_flops,
+        "weights_bytes": total * bpp, "kv_cache_bytes": kv_bytes, "context": context, "batch": batch,
+    }
+
+
+def format_account(a: dict, cfg) -> str:
+    mb = 1 / 2**20
+    lines = [f"preset {cfg.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
+             f"n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len}",
+             "parameters by component:"]
+    for k, v in sorted(a["parameters"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {k:<10} {v:>12,}  {100 * v / a['total']:5.1f}%")
+    lines += [
+        f"  {'total':<10} {a['total']:>12,}",
+        f"non-embedding {a['non_embedding']:,} vs 12·d²·N = {a['estimate_12_d2_N']:,} "
+        f"(ratio {a['non_embedding'] / a['estimate_12_d2_N']:.3f}; the estimate assumes a 4·d two-matrix FFN, MHA)",
+        f"FLOPs per token at context {a['context']}: forward {a['forward_flops_per_token'] / 1e6:,.1f} M, "
+        f"training {a['train_flops_per_token'] / 1e6:,.1f} M",
+        f"memory: weights {a['weights_bytes'] * mb:,.1f} MiB, KV cache {a['kv_cache_bytes'] * mb:,.2f} MiB "
+        f"(batch {a['batch']} x {a['context']} tokens)",
+    ]
+    return "\n".join(lines)
