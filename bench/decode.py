@@ -51,6 +51,16 @@ SIZES = {"10M": dict(d_model=384, n_layers=6, n_heads=6, vocab_size=8192),
 METHODS = ("zerolm_cached", "zerolm_nocache", "hf_cached", "hf_nocache")
 
 
+def cpu_info() -> dict:
+    """CPU model and whether it has AMX (the fast bf16 path); Linux /proc/cpuinfo, else platform."""
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return {"cpu": platform.processor()}
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    return {"cpu": name, "amx_bf16": " amx_bf16" in text}
+
+
 def zerolm_cached(model, prompt, new):
     req = GenerateRequest(max_new_tokens=new, sampling=SamplingParams(temperature=0.0))
     return Engine(model).generate([prompt], req)[0]
@@ -163,8 +173,8 @@ def main():
     transformers.logging.disable_progress_bar()
     result = {
         "bench": "decode",
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "dtype": "float32",
+        "machine": {**cpu_info(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "dtype": "float32",
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                     "loadavg_start": os.getloadavg()},
         "quick": args.quick, "prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,

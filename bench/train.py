@@ -10,9 +10,12 @@ LlamaForCausalLM loaded with from_pretrained from `export_hf` of the very same z
 trained with the same torch.optim.AdamW settings. `simple` has no HF counterpart ("reference":
 null). `ratio` = zerolm tokens/s in its fastest precision ÷ HF tokens/s in its fastest precision;
 `ratio_fp32` / `ratio_bf16` compare one precision. MFU = train FLOPs per token (zerolm.inspect
-`account` at context --seq) × tokens/s ÷ the matmul peak measured in this run for that precision.
+`account` at context --seq) × tokens/s ÷ the matmul peak measured in this run for that precision
+(account counts an untied input embedding as a matmul too, so llama's MFU includes 6·V·D per token
+of lookup "FLOPs" that no one computes).
 
-    .venv/bin/python bench/train.py [--steps 8] [--warmup 2] [--batch 16] [--seq 128] [--threads N] [--quick]
+    .venv/bin/python bench/train.py [--steps 8] [--warmup 2] [--batch 16] [--seq 128] [--threads N]
+        [--presets simple,gpt2,llama] [--sizes 1M,10M] [--quick]
 
 On a busy machine run with OMP_WAIT_POLICY=PASSIVE (see DESIGN §4); it is recorded either way.
 Prints progress to stderr and, as its last line, one JSON object.
@@ -45,6 +48,16 @@ SIZES = {"1M": dict(d_model=128, n_layers=5, n_heads=4), "10M": dict(d_model=384
 PRECISIONS = ("fp32", "bf16")
 OPTIM = TrainConfig()  # lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only, foreach
 CPU = torch.device("cpu")
+
+
+def cpu_info() -> dict:
+    """CPU model and whether it has AMX (the fast bf16 path); Linux /proc/cpuinfo, else platform."""
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return {"cpu": platform.processor()}
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    return {"cpu": name, "amx_bf16": " amx_bf16" in text}
 
 
 def zerolm_loss(model, batch):
@@ -152,8 +165,9 @@ def main():
     transformers.logging.disable_progress_bar()
     result = {
         "bench": "train",
-        "machine": {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
+        "machine": {**cpu_info(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "transformers": transformers.__version__,
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                     "loadavg_start": os.getloadavg()},
         "quick": args.quick, "steps": args.steps, "warmup": args.warmup, "batch": args.batch, "seq": args.seq,

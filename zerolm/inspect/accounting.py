@@ -28,7 +28,9 @@ def account(model, context: int | None = None, batch: int = 1, bytes_per_param: 
         counts[component(name)] += p.numel()
     total = sum(counts.values())
     non_embedding = counts["attention"] + counts["ffn"] + counts["norms"]
-    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pos_emb"))
+    # matrices multiplied once per token; an untied input embedding is only a row lookup
+    lookup = ("pos_emb",) if cfg.tie_embeddings else ("pos_emb", "tok_emb")
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(lookup))
     attn_flops = 4 * cfg.n_layers * cfg.d_model * context  # QK^T and AV, forward (PaLM, appendix B)
     bpp = bytes_per_param or next(model.parameters()).element_size()
     head_dim = cfg.d_model // cfg.n_heads

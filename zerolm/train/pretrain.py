@@ -46,7 +46,8 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.train.threads)
     tok = Tokenizer.load(out / "tokenizer")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, tok.vocab_size, seed=cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg.model, tok.vocab_size, seed=cfg.seed, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2f M parameters (%s)", model.cfg.preset, n_params / 1e6,
              ", ".join(f"{k}={getattr(model.cfg, k)}" for k in ("d_model", "n_layers", "n_heads", "max_seq_len")))
@@ -62,7 +63,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
                       sample_fn=sample_fn, flops_per_token=account(model)["train_flops_per_token"], progress=progress)
     row = trainer.fit()
     final = evaluate_lm(model, out / "shards", token_bytes, batch_size=cfg.train.batch_size)  # the whole split
-    save_model(model, out / "model", tok)
+    save_model(model, out / "model", tok)  # float32 weights, whatever the training precision
     log.info("final validation (whole split): loss %.4f | bits/byte %.4f | ppl %.2f",
              final["val_loss"], final["val_bpb"], final["val_ppl"])
     return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model")}
