@@ -45,7 +45,7 @@ def measure_peak_flops(precision: str, device: torch.device, n: int = 1024, tria
     best = 0.0
     for _ in range(trials):
         reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.05:
+        while reps < 2 or time.perf_counter() - t0 < 0.05:
             a @ b
             reps += 1
         if device.type == "cuda":
