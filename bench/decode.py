@@ -38,6 +38,7 @@ from functools import partial
 
 import torch
 import transformers
+from common import cpu_info  # bench/common.py (scripts run from bench/)
 
 from zerolm.config import ModelConfig
 from zerolm.infer.engine import Engine, GenerateRequest
@@ -49,16 +50,6 @@ from zerolm.model import build_model
 SIZES = {"10M": dict(d_model=384, n_layers=6, n_heads=6, vocab_size=8192),
          "60M": dict(d_model=512, n_layers=8, n_heads=8, vocab_size=32000)}
 METHODS = ("zerolm_cached", "zerolm_nocache", "hf_cached", "hf_nocache")
-
-
-def cpu_info() -> dict:
-    """CPU model and whether it has AMX (the fast bf16 path); Linux /proc/cpuinfo, else platform."""
-    try:
-        text = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return {"cpu": platform.processor()}
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-    return {"cpu": name, "amx_bf16": " amx_bf16" in text}
 
 
 def zerolm_cached(model, prompt, new):

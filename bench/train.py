@@ -34,6 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
+from common import cpu_info  # bench/common.py (scripts run from bench/)
 
 from zerolm.config import ModelConfig, TrainConfig
 from zerolm.inspect.accounting import account
@@ -48,16 +49,6 @@ SIZES = {"1M": dict(d_model=128, n_layers=5, n_heads=4), "10M": dict(d_model=384
 PRECISIONS = ("fp32", "bf16")
 OPTIM = TrainConfig()  # lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only, foreach
 CPU = torch.device("cpu")
-
-
-def cpu_info() -> dict:
-    """CPU model and whether it has AMX (the fast bf16 path); Linux /proc/cpuinfo, else platform."""
-    try:
-        text = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return {"cpu": platform.processor()}
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-    return {"cpu": name, "amx_bf16": " amx_bf16" in text}
 
 
 def zerolm_loss(model, batch):
