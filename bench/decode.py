@@ -41,7 +41,7 @@ import transformers
 from common import cpu_info  # bench/common.py (scripts run from bench/)
 
 from zerolm.config import ModelConfig
-from zerolm.infer.engine import Engine, GenerateRequest
+from zerolm.infer.engine import Engine, GenerateRequest, decode_layout
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
 from zerolm.interop.hf import export_hf
@@ -117,6 +117,7 @@ def bench_size(size, args) -> dict:
         export_hf(model, tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         assert sum(p.numel() for p in hf.parameters()) == acc["total"]
+        decode_layout(model)  # what `zerolm generate` does: same values, decode-friendly layout
         fns = {"zerolm_cached": partial(zerolm_cached, model), "zerolm_nocache": partial(zerolm_nocache, model),
                "hf_cached": partial(hf_generate, hf, use_cache=True),
                "hf_nocache": partial(hf_generate, hf, use_cache=False)}

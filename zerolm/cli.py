@@ -92,14 +92,14 @@ def cmd_speedrun(args, extra):
 
 
 def cmd_generate(args, extra):
-    from zerolm.infer.engine import Engine, GenerateRequest
+    from zerolm.infer.engine import Engine, GenerateRequest, decode_layout
     from zerolm.infer.sampling import SamplingParams
     from zerolm.infer.stop import StopStrings
     from zerolm.model import load_model
     from zerolm.tokenizer import EOS, Tokenizer
     from zerolm.tokenizer.stream import StreamDecoder
 
-    model = load_model(args.model)
+    model = decode_layout(load_model(args.model))
     tok = Tokenizer.load(args.model)
     prompts = args.prompts or [sys.stdin.read()]
     eos = tok.token_id(EOS)

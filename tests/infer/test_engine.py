@@ -91,3 +91,19 @@ def test_context_policy(caplog):
         engine.generate([[1], []], req)
     with pytest.raises(ValueError, match="max_new_tokens must be in"):
         engine.generate([[1]], GenerateRequest(max_new_tokens=40))
+
+
+def test_decode_layout_keeps_values_and_outputs(tmp_path):
+    from zerolm.infer.engine import decode_layout
+    from zerolm.model import load_model, save_model
+
+    model = make("llama", n_kv_heads=2)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    req = GenerateRequest(max_new_tokens=10, sampling=GREEDY)
+    before_logits, before = model(ids), Engine(model).generate(PROMPTS, req)
+    decode_layout(model)
+    assert not model.blocks[0].attn.q.weight.is_contiguous()  # the layout really changed
+    assert torch.allclose(model(ids), before_logits, atol=1e-5)
+    assert Engine(model).generate(PROMPTS, req) == before
+    save_model(model, tmp_path / "m")  # still saves (contiguous copies) and reloads the same values
+    assert torch.allclose(load_model(tmp_path / "m")(ids), before_logits, atol=1e-5)
