@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tomllib
 
-from zerolm.config import Config, _merge, load_config, parse_overrides, to_toml
+from zerolm.config import Config, merge_dicts, load_config, parse_overrides, to_toml
 
 SPEEDRUN_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "speedrun.toml"
 
@@ -77,7 +77,7 @@ def cmd_speedrun(args, extra):
 
     defaults = {"out_dir": "runs/speedrun", "data": {"corpus": ["tang"]}, "train": {"resume": True}}
     if SPEEDRUN_RECIPE.is_file() and not args.config:  # the tuned default recipe (see its comments)
-        defaults = _merge(defaults, tomllib.loads(SPEEDRUN_RECIPE.read_text(encoding="utf-8")))
+        defaults = merge_dicts(defaults, tomllib.loads(SPEEDRUN_RECIPE.read_text(encoding="utf-8")))
     cfg, result = cmd_pretrain(args, extra, **defaults)
     from zerolm.model import load_model
     from zerolm.tokenizer import Tokenizer

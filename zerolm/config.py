@@ -186,10 +186,10 @@ def _build(cls, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_dicts(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -231,7 +231,7 @@ def load_config(toml_path: str | Path | None = None, overrides: dict | None = No
             values = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: invalid TOML: {e}") from None
-    values = _merge(_merge(base or {}, values), overrides or {})
+    values = merge_dicts(merge_dicts(base or {}, values), overrides or {})
     cfg = _build(Config, values)
     validate(cfg)
     return cfg
