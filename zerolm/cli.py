@@ -10,11 +10,10 @@ import dataclasses
 import json
 import logging
 import sys
+import tomllib
 from pathlib import Path
 
-import tomllib
-
-from zerolm.config import Config, merge_dicts, load_config, parse_overrides, to_toml
+from zerolm.config import Config, load_config, merge_dicts, parse_overrides, to_toml
 
 SPEEDRUN_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "speedrun.toml"
 
