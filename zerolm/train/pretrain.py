@@ -29,8 +29,9 @@ def sample_texts(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int 
     req = GenerateRequest(max_new_tokens=min(max_new_tokens, model.cfg.max_seq_len - 16),
                           sampling=SamplingParams(temperature=0.8, top_k=50), stop_token_ids=(eos,), seed=seed)
     ids = [[eos, *tok.encode(p)] for p in prompts]
+    was_training = model.training
     outs = Engine(model).generate(ids, req)
-    model.train()
+    model.train(was_training)
     return [p + tok.decode([t for t in o if t != eos]) for p, o in zip(prompts, outs)]
 
 
@@ -56,8 +57,8 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     token_bytes = tok.token_byte_lengths()
     eval_fn = partial(evaluate_lm, shard_dir=out / "shards", token_bytes=token_bytes,
                       batch_size=cfg.train.batch_size, max_batches=cfg.train.eval_batches)
-    val = [d["text"] for _, d in zip(range(2), read_docs(out / "docs" / "val.jsonl"))]
-    prompts = ["", *(v[:2] for v in val[:1])]
+    first_val = next(read_docs(out / "docs" / "val.jsonl"), None)
+    prompts = ["", first_val["text"][:2]] if first_val else [""]  # unconditional, and a held-out opening
     sample_fn = partial(sample_texts, tok=tok, prompts=prompts, seed=cfg.seed)
     trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=lm_loss, eval_fn=eval_fn,
                       sample_fn=sample_fn, flops_per_token=account(model)["train_flops_per_token"], progress=progress)
