@@ -1,7 +1,6 @@
-"""Atomic writes and content hashes: a crash never leaves a half-written file behind."""
+"""Atomic writes: a crash never leaves a half-written file or directory behind."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -52,11 +51,3 @@ def atomic_dir(path: str | Path):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

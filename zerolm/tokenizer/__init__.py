@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -102,14 +103,14 @@ class Tokenizer:
             out |= {self.token_id(t) for t in BYTE_TOKENS}
         return out
 
-    @property
+    @cached_property  # the wrapped tokenizer never changes: serialise it once, not per call
     def kind(self) -> str:
         model = json.loads(self.hf.to_str())["model"]
         if model["type"] == "WordPiece":
             return "wordpiece"
         return "char" if model.get("byte_fallback") else "bpe"
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
 
