@@ -1,5 +1,6 @@
 """Training-throughput benchmark: tokens/s and MFU of one training step for the presets simple,
-gpt2 and llama at ≈1 M and ≈10 M non-embedding parameters, in fp32 and in bf16 autocast.
+gpt2 and llama at ≈1 M and ≈10 M non-embedding parameters, in three modes: fp32, bf16 autocast,
+and bf16 autocast with torch.compile of the whole loss function (the Trainer's `train.compile`).
 
 A step = forward + float32 cross-entropy over every position + backward + AdamW step + zero_grad
 (no clipping, no lr schedule: identical on both sides). Random token batches, seeded; warm-up
@@ -8,8 +9,9 @@ steps excluded; the figure is the median step time over --steps timed steps.
 Reference, measured in the same run on the same weights: HF transformers (GPT2LMHeadModel /
 LlamaForCausalLM loaded with from_pretrained from `export_hf` of the very same zerolm model),
 trained with the same torch.optim.AdamW settings. `simple` has no HF counterpart ("reference":
-null). `ratio` = zerolm tokens/s in its fastest precision ÷ HF tokens/s in its fastest precision;
-`ratio_fp32` / `ratio_bf16` compare one precision. MFU = train FLOPs per token (zerolm.inspect
+null). `ratio` = zerolm tokens/s in its fastest mode ÷ HF tokens/s in its fastest eager precision
+(HF as it is usually run); `ratio_fp32` / `ratio_bf16` / `ratio_bf16+compile` compare one mode, the
+last against HF compiled the same way (torch.compile of its loss function). MFU = train FLOPs per token (zerolm.inspect
 `account` at context --seq) × tokens/s ÷ the matmul peak measured in this run for that precision
 (account counts an untied input embedding as a matmul too, so llama's MFU includes 6·V·D per token
 of lookup "FLOPs" that no one computes).
@@ -47,7 +49,8 @@ from zerolm.train.trainer import autocast, measure_peak_flops
 PRESETS = ("simple", "gpt2", "llama")
 SIZES = {"1M": dict(d_model=128, n_layers=5, n_heads=4), "10M": dict(d_model=384, n_layers=6, n_heads=6)}
 PRECISIONS = ("fp32", "bf16")
-OPTIM = TrainConfig()  # lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only, foreach
+MODES = (*PRECISIONS, "bf16+compile")
+OPTIM = TrainConfig()  # lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only, fused
 CPU = torch.device("cpu")
 
 
@@ -64,6 +67,7 @@ def hf_loss(model, batch):
 
 
 def median_step_s(model, loss_fn, precision, batches, steps, warmup) -> float:
+    """Median time of one optimizer step; the compile (if any) happens in the warm-up steps."""
     # build_optimizer is plain torch.optim.AdamW over generic decay/no-decay groups (dim >= 2 decays),
     # so using it for the HF model too gives both sides the very same optimizer and settings
     opt = build_optimizer(model, OPTIM)
@@ -83,11 +87,24 @@ def median_step_s(model, loss_fn, precision, batches, steps, warmup) -> float:
     return statistics.median(times)
 
 
-def timed_row(model, loss_fn, precision, init, batches, args, tokens, fpt, peaks) -> dict:
+def timed_row(model, loss_fn, mode, init, batches, args, tokens, fpt, peaks) -> dict:
+    """mode: "fp32", "bf16" or "bf16+compile" (torch.compile of the whole loss function, as the
+    Trainer's train.compile does)."""
+    precision, compiled = mode.split("+")[0], mode.endswith("+compile")
     model.load_state_dict(init)  # every run starts from the same weights
+    if compiled:
+        torch._dynamo.reset()
+        loss_fn = torch.compile(loss_fn)
+        t0 = time.perf_counter()
+        median_step_s(model, loss_fn, precision, batches, 1, 1)  # compile outside the timed steps
+        compile_s = time.perf_counter() - t0
+        model.load_state_dict(init)
     t = median_step_s(model, loss_fn, precision, batches, args.steps, args.warmup)
-    return {"step_ms": round(1e3 * t, 2), "tok_per_s": round(tokens / t, 1),
-            "mfu": round(fpt * tokens / t / peaks[precision], 4)}
+    out = {"step_ms": round(1e3 * t, 2), "tok_per_s": round(tokens / t, 1),
+           "mfu": round(fpt * tokens / t / peaks[precision], 4)}
+    if compiled:
+        out["compile_s"] = round(compile_s, 1)
+    return out
 
 
 def bench_one(preset, size, args, peaks) -> dict:
@@ -116,22 +133,22 @@ def bench_one(preset, size, args, peaks) -> dict:
     print(f"{preset}-{size}: {acc['non_embedding']:,} non-embedding, {acc['total']:,} total parameters",
           file=sys.stderr)
     z, r = row["zerolm"], {}
-    for precision in PRECISIONS:  # zerolm and HF back to back per precision: both see the same machine load
-        z[precision] = timed_row(model, zerolm_loss, precision, init, *common)
+    for mode in MODES:  # zerolm and HF back to back per mode: both see the same machine load
+        z[mode] = timed_row(model, zerolm_loss, mode, init, *common)
         if hf is not None:
-            r[precision] = timed_row(hf, hf_loss, precision, hf_init, *common)
-    z["fastest"] = max(PRECISIONS, key=lambda p: z[p]["tok_per_s"])
+            r[mode] = timed_row(hf, hf_loss, mode, hf_init, *common)
+    z["fastest"] = max(MODES, key=lambda p: z[p]["tok_per_s"])
     if hf is None:
         row["reference"] = row["ratio"] = None
         return row
     hf_params = sum(p.numel() for p in hf.parameters())  # tied weights count once
     assert hf_params == acc["total"], (hf_params, acc["total"])
-    r["fastest"] = max(PRECISIONS, key=lambda p: r[p]["tok_per_s"])
+    r["fastest"] = max(PRECISIONS, key=lambda p: r[p]["tok_per_s"])  # HF as its users run it: eager
     row["reference"] = {"name": f"transformers {type(hf).__name__}", "attn_implementation":
                         hf.config._attn_implementation, "total_params": hf_params,
                         "max_abs_logit_diff": float(f"{diff:.2e}"), **r}
     row["ratio"] = round(z[z["fastest"]]["tok_per_s"] / r[r["fastest"]]["tok_per_s"], 3)
-    for p in PRECISIONS:
+    for p in MODES:
         row[f"ratio_{p}"] = round(z[p]["tok_per_s"] / r[p]["tok_per_s"], 3)
     return row
 
@@ -162,7 +179,7 @@ def main():
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                     "loadavg_start": os.getloadavg()},
         "quick": args.quick, "steps": args.steps, "warmup": args.warmup, "batch": args.batch, "seq": args.seq,
-        "vocab_size": args.vocab, "optimizer": "torch.optim.AdamW lr=1e-3 betas=(0.9,0.95) wd=0.1 foreach",
+        "vocab_size": args.vocab, "optimizer": "torch.optim.AdamW lr=1e-3 betas=(0.9,0.95) wd=0.1 fused",
     }
     peaks = {p: measure_peak_flops(p, CPU) for p in PRECISIONS}
     result["peak_gflop_s"] = {p: round(v / 1e9, 1) for p, v in peaks.items()}

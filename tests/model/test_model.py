@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from zerolm.config import ModelConfig
 from zerolm.infer.kv_cache import KVCache
 from zerolm.model import build_model, load_model, resolve, save_model
+from zerolm.model.attention import attend, attention_mask
 from zerolm.model.layers import RMSNorm, sinusoidal_table
 
 V = 97
@@ -77,6 +78,24 @@ def test_attention_matches_naive_recomputation():
     expected = expected + blk.ffn(blk.norm2(expected))
     rope_cs = (model.rope_cos[:10][None, None], model.rope_sin[:10][None, None])
     assert torch.allclose(blk(x, rope=rope_cs), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,S,masked", [(9, 9, False), (1, 9, False), (4, 9, True), (9, 9, True)])
+def test_explicit_bf16_attention_matches_fused_kernel(T, S, masked):
+    """The bf16 explicit path (matmuls + float32 softmax) against SDPA on the same bf16 inputs, for
+    plain causal, a single decode query, cached queries and a padding + window mask."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g).bfloat16() for n in (T, S, S))
+    mask = None
+    if masked:
+        q_slots, k_slots = torch.arange(S - T, S), torch.arange(S)
+        key_valid = torch.tensor([[True] * S, [False] * 3 + [True] * (S - 3)])
+        mask = attention_mask(q_slots, k_slots, key_valid, window=5)
+    got = attend(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                         is_causal=mask is None and T > 1)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 4, T, 8)
+    assert (got.float() - ref).abs().max() < 2e-2  # bf16 rounding of p and of the output
 
 
 def test_sliding_window_receptive_field():

@@ -53,6 +53,38 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
         assert torch.allclose(results[0][k], results[1][k], atol=1e-6), k
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_training_matches_eager(tmp_path, precision):
+    """train.compile compiles the whole loss function: same losses and updates as eager mode."""
+    data = torch.randint(0, 50, (3, 4, 17), generator=torch.Generator().manual_seed(0))
+    batches = [(d[:, :-1], d[:, 1:]) for d in data]
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = _model()
+        cfg = TrainConfig(steps=3, precision=precision, warmup_steps=1, compile=compiled)
+        trainer = Trainer(model, cfg, tmp_path / str(compiled), batches=iter(batches), loss_fn=lm_loss, progress=False)
+        runs.append(([trainer.train_step()["loss"] for _ in batches], model.state_dict()))
+    tol = 1e-5 if precision == "fp32" else 2e-2  # bf16: fused kernels round differently
+    assert runs[1][0] == pytest.approx(runs[0][0], abs=tol)
+    for k, v in runs[0][1].items():
+        assert torch.allclose(runs[1][1][k], v, atol=10 * tol), k
+
+
+def test_failed_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    data = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=1, precision="fp32", warmup_steps=1, compile=True)
+    trainer = Trainer(_model(), cfg, tmp_path, batches=iter([(data[:, :-1], data[:, 1:])] * 2), loss_fn=lm_loss,
+                      progress=False)
+    assert math.isfinite(trainer.train_step()["loss"])
+    assert trainer.train_loss is lm_loss and "training continues in eager mode" in caplog.text
+
+
 def test_loss_decreases(tiny_corpus):
     from zerolm.data.loader import TokenBatches
 

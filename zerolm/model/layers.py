@@ -11,24 +11,44 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the next matmul computes in: autocast's, if it is on for x's device, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * w, computed in float32 (as LLaMA does) and cast back."""
 
-    def __init__(self, d: int, eps: float):
+    def __init__(self, d: int, eps: float, feeds_matmul: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.feeds_matmul = eps, feeds_matmul
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):  # (B, T, D)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        y = self.weight * xf.to(x.dtype)
+        return y.to(matmul_dtype(x)) if self.feeds_matmul else y
 
 
-def make_norm(kind: str, d: int, eps: float, bias: bool) -> nn.Module:
+class LayerNorm(nn.LayerNorm):
+    def __init__(self, d: int, eps: float, bias: bool, feeds_matmul: bool = False):
+        super().__init__(d, eps=eps, bias=bias)
+        self.feeds_matmul = feeds_matmul
+
+    def forward(self, x):  # (B, T, D); float32 under CPU autocast
+        y = super().forward(x)
+        return y.to(matmul_dtype(x)) if self.feeds_matmul else y
+
+
+def make_norm(kind: str, d: int, eps: float, bias: bool, feeds_matmul: bool = False) -> nn.Module:
+    """feeds_matmul: the output only feeds matmuls (pre-norm, final norm), so it is cast once to the
+    matmul dtype (bf16 under autocast) rather than once per consuming matmul (q, k, v; gate, up);
+    autocast would round it identically. Post-norm outputs are the residual stream: kept as is."""
     if kind == "rmsnorm":
-        return RMSNorm(d, eps)
-    return nn.LayerNorm(d, eps=eps, bias=bias)
+        return RMSNorm(d, eps, feeds_matmul)
+    return LayerNorm(d, eps, bias, feeds_matmul)
 
 
 class FFN(nn.Module):

@@ -22,9 +22,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pre = cfg.norm_placement == "pre"
-        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.bias, cfg.dropout)
-        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre)
         self.ffn = FFN(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.bias, cfg.dropout)
 
     def forward(self, x, **attn_kw):  # (B, T, D)
@@ -44,7 +44,7 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.norm_placement == "pre" else None
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, True) if cfg.norm_placement == "pre" else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_buffers()
 
