@@ -16,6 +16,7 @@ from pathlib import Path
 from zerolm.config import Config, load_config, merge_dicts, parse_overrides, to_toml
 
 SPEEDRUN_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "speedrun.toml"
+SPEEDRUN_SFT_RECIPE = SPEEDRUN_RECIPE.with_name("speedrun-sft.toml")
 
 log = logging.getLogger("zerolm")
 
@@ -87,12 +88,178 @@ def cmd_speedrun(args, extra):
     for text in sample_texts(model, tok, ["", "", "明月", "春风"], max_new_tokens=64, seed=cfg.seed):
         print("  " + text.replace("\n", "\n  ") + "\n")
     print(f"final validation bits per byte: {result['final_val_bpb']:.4f} (loss {result['final_val_loss']:.4f})")
-    print(f"model saved to {result['model_dir']}; try: zerolm generate --model {result['model_dir']} '明月'")
+    if args.no_sft:
+        print(f"model saved to {result['model_dir']}; try: zerolm generate --model {result['model_dir']} '明月'")
+        return
+    speedrun_sft(args, cfg, result["model_dir"])
+
+
+def speedrun_sft(args, cfg, base_dir: str):
+    """The speedrun's second stage: SFT of the pretrained model (recipes/speedrun-sft.toml), the
+    held-out form-adherence of base vs SFT model, and a short chat transcript."""
+    from zerolm.data.poems import eval_requests
+    from zerolm.data.prepare import read_docs
+    from zerolm.eval.instruct import form_adherence
+    from zerolm.infer.chat import chat_request, replies
+    from zerolm.infer.sampling import SamplingParams
+    from zerolm.model import load_model
+    from zerolm.tokenizer import Tokenizer
+
+    out = Path(cfg.out_dir)
+    recipe = Path(args.sft_config) if args.sft_config else SPEEDRUN_SFT_RECIPE
+    values = {"out_dir": str(out / "sft"), "seed": cfg.seed, "train": {"resume": True},
+              "sft": {"base_model": base_dir, "poem_docs": str(out / "docs"), "pt_shards": str(out / "shards")}}
+    sft_cfg = load_config(recipe, overrides=values)  # paths follow the pretraining run
+    print(f"\nSFT: {recipe.name} -> {sft_cfg.out_dir}")
+    from zerolm.finetune.sft import sft
+
+    result = sft(sft_cfg, progress=not args.quiet)
+    requests = eval_requests(read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests)
+    scores = {}
+    for name, d in (("base", base_dir), ("sft", result["model_dir"])):
+        scores[name] = form_adherence(load_model(d), Tokenizer.load(d), requests)["form_ok"]
+    print(f"held-out poem requests answered in the requested form ({len(requests)}, greedy): "
+          f"base {scores['base']:.1%} -> SFT {scores['sft']:.1%}")
+    model, tok = load_model(result["model_dir"]), Tokenizer.load(result["model_dir"])
+    asks = [r["messages"][:-1] for r in requests[:3]]
+    req = chat_request(tok, 96, SamplingParams(temperature=0.7, top_k=50), seed=cfg.seed)
+    print("\nchat transcript (held-out requests):")
+    for ask, reply in zip(asks, replies(model, tok, asks, req)):
+        print(f"  user: {ask[-1]['content']}\n  assistant: " + reply.replace("\n", "\n             ") + "\n")
+    print(f"chat model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
+
+
+def cmd_sft(args, extra, **defaults):
+    from zerolm.finetune.sft import sft
+
+    short = {"sft": {"base_model": args.model}} if args.model else {}
+    cfg = _config(args, extra, **merge_dicts(defaults, short))
+    result = sft(cfg, progress=not args.quiet)
+    print(f"model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
+    return cfg, result
+
+
+def _sampling_args(p, temperature: float = 0.8):
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="fix the sampling randomness")
+
+
+def _sampling(args):
+    from zerolm.infer.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty)
+
+
+CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system message; /system
+alone clears it), /temperature X, /top_p X, /top_k N, /max_tokens N, /history, /help, /quit"""
+
+
+def cmd_chat(args, extra):
+    import dataclasses as dc
+
+    from zerolm.infer.chat import chat_request, fit_history, fit_max_new, stream_reply
+    from zerolm.infer.engine import Engine, decode_layout
+    from zerolm.model import load_model
+    from zerolm.tokenizer import Tokenizer
+
+    model = decode_layout(load_model(args.model))
+    tok = Tokenizer.load(args.model)
+    engine, sampling = Engine(model), _sampling(args)
+    max_new = fit_max_new(model, args.max_new_tokens)  # at most half the window: room for the conversation
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+
+    def answer(text: str) -> str:
+        nonlocal history
+        sampling.validate()
+        history = fit_history(tok, system + history + [{"role": "user", "content": text}],
+                              model.cfg.max_seq_len - max_new)[len(system):]
+        req = chat_request(tok, max_new, sampling, args.seed)
+        reply = ""
+        for piece in stream_reply(engine, tok, system + history, req):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            reply += piece
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+        return reply
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return
+    print(f"zerolm chat: {args.model} ({model.cfg.preset}, window {model.cfg.max_seq_len} tokens). "
+          "Type /help for commands, Ctrl-D to leave.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line:
+            continue
+        if not line.startswith("/"):
+            answer(line)
+            continue
+        cmd, _, arg = line.partition(" ")
+        try:
+            if cmd in ("/quit", "/exit"):
+                return
+            elif cmd == "/reset":
+                history = []
+                print("(conversation cleared)", file=sys.stderr)
+            elif cmd == "/system":
+                system = [{"role": "system", "content": arg}] if arg else []
+                print(f"(system message {'set' if arg else 'cleared'})", file=sys.stderr)
+            elif cmd in ("/temperature", "/top_p", "/top_k"):
+                field, value = cmd[1:], (int if cmd == "/top_k" else float)(arg)
+                new = dc.replace(sampling, **{field: value})
+                new.validate()  # a bad value is reported and the old one kept
+                sampling = new
+                print(f"({field} = {value})", file=sys.stderr)
+            elif cmd == "/max_tokens":
+                max_new = max(1, min(int(arg), model.cfg.max_seq_len - 1))
+                print(f"(max_tokens = {max_new})", file=sys.stderr)
+            elif cmd == "/history":
+                for m in system + history:
+                    print(f"[{m['role']}] {m['content']}", file=sys.stderr)
+            else:
+                print(CHAT_HELP, file=sys.stderr)
+        except ValueError as e:
+            print(f"(error: {e})", file=sys.stderr)
+
+
+def cmd_eval_poems(args, extra):
+    from zerolm.data.poems import eval_requests
+    from zerolm.data.prepare import read_docs
+    from zerolm.eval.instruct import form_adherence
+    from zerolm.model import load_model
+    from zerolm.tokenizer import Tokenizer
+
+    docs = Path(args.docs) / "val.jsonl"
+    if not docs.is_file():
+        raise ValueError(f"{docs} not found: --docs takes a prepared run's docs/ directory (e.g. runs/speedrun/docs)")
+    requests = eval_requests(read_docs(docs), seed=args.seed or 0, limit=args.limit)
+    out = {}
+    for m in args.models:
+        out[m] = form_adherence(load_model(m), Tokenizer.load(m), requests, max_new_tokens=args.max_new_tokens,
+                                sampling=_sampling(args), seed=args.seed)
+        print(f"{m}: {out[m]['form_ok']:.1%} of {out[m]['n']} held-out requests answered in the requested form",
+              file=sys.stderr)
+    print(json.dumps(out, ensure_ascii=False))
+    return out
 
 
 def cmd_generate(args, extra):
     from zerolm.infer.engine import Engine, GenerateRequest, decode_layout
-    from zerolm.infer.sampling import SamplingParams
     from zerolm.infer.stop import StopStrings
     from zerolm.model import load_model
     from zerolm.tokenizer import EOS, Tokenizer
@@ -108,10 +275,7 @@ def cmd_generate(args, extra):
         if len(p) > 1 and set(p[1:]) <= unknown:
             raise ValueError(f"prompt {text[:40]!r} has only characters the model never saw in training; "
                              "write the prompt in the language of its training text")
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                              frequency_penalty=args.frequency_penalty)
-    req = GenerateRequest(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=(eos,),
+    req = GenerateRequest(max_new_tokens=args.max_new_tokens, sampling=_sampling(args), stop_token_ids=(eos,),
                           seed=args.seed, context=args.context)
     engine = Engine(model)
     if args.stream and len(prompts) == 1:
@@ -216,7 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     stage("prepare", cmd_prepare, "clean, de-duplicate and split text, train a tokenizer, write token shards")
-    stage("speedrun", cmd_speedrun, "the whole pipeline on the bundled Tang-poem corpus (or --corpus/inputs)")
+    sp = stage("speedrun", cmd_speedrun, "the whole pipeline on the bundled Tang-poem corpus (or --corpus/inputs): "
+               "prepare, tokenizer, pretrain, samples, then SFT, form adherence and a chat transcript")
+    sp.add_argument("--no-sft", action="store_true", help="stop after pretraining")
+    sp.add_argument("--sft-config", help="SFT recipe (default recipes/speedrun-sft.toml); dotted overrides "
+                    "apply to pretraining only")
+    sp.add_argument("--eval-requests", type=int, default=200, help="held-out poem requests for the form measurement")
     stage("config", cmd_config, "print the resolved config as TOML")
     sp = stage("pretrain", cmd_pretrain, "prepare data if needed, then train a next-token model into OUT/model")
     sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -224,20 +393,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description="continue prompts with a trained model (zerolm model directory)")
     g.add_argument("--model", required=True, help="model directory (e.g. runs/speedrun/model)")
     g.add_argument("prompts", nargs="*", help="prompt text(s); several are generated as one batch (default: stdin)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    _sampling_args(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None, help="fix the sampling randomness")
     g.add_argument("--context", choices=["truncate", "error"], default="truncate",
                    help="a prompt longer than the model window: keep its end (with a warning) or fail")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.set_defaults(fn=cmd_generate)
+    sp = stage("sft", cmd_sft, "fine-tune a model on conversations (full, or LoRA with --lora.rank=R)", inputs=False)
+    sp.add_argument("--model", help="base model directory (config key sft.base_model)")
+    c = sub.add_parser("chat", help="talk to a chat model (interactive, streaming)",
+                       description="talk to a chat model: an interactive REPL with streaming replies and the "
+                                   "conversation kept within the model window. " + CHAT_HELP)
+    c.add_argument("model", help="model directory (e.g. runs/speedrun/sft/model)")
+    c.add_argument("--prompt", help="one message: print the reply and exit")
+    c.add_argument("--system", default="", help="system message")
+    _sampling_args(c, temperature=0.7)
+    c.set_defaults(fn=cmd_chat, max_new_tokens=96)
+    ev = sub.add_parser("eval-poems", help="share of held-out poem requests answered in the requested form")
+    ev.add_argument("models", nargs="+", help="model directories to compare (e.g. the base and the SFT model)")
+    ev.add_argument("--docs", default="runs/speedrun/docs", help="prepared docs/ whose val.jsonl holds the requests")
+    ev.add_argument("--limit", type=int, default=200, help="number of held-out requests")
+    _sampling_args(ev, temperature=0.0)
+    ev.set_defaults(fn=cmd_eval_poems, max_new_tokens=96)
     im = sub.add_parser("import", help="make a local HF gpt2/llama checkpoint a zerolm model directory")
     im.add_argument("src", help="directory with config.json + model.safetensors (transformers layout)")
     im.add_argument("--from", dest="source", choices=["hf"], default="hf")

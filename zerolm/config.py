@@ -101,6 +101,31 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    """Supervised fine-tuning (`zerolm sft`): which base model, which conversations."""
+
+    base_model: str = ""  # a zerolm model directory (e.g. runs/speedrun/model)
+    data: tuple[str, ...] = ()  # JSONL files: {"messages": [...]} or {"instruction", "input", "output"}
+    builtin: tuple[str, ...] = ()  # bundled sets: poems, chitchat, chatterbot-en, chatterbot-zh
+    max_per_source: int = 0  # cap on conversations taken from each builtin set (0: all)
+    poem_docs: str = ""  # prepared docs/ (train.jsonl, val.jsonl) for `poems`; "": next to base_model
+    val_fraction: float = 0.05  # held-out share of each source (poems: the docs' own val split)
+    packing: bool = True  # several conversations per row (attention kept within each)
+    pt_weight: float = 0.0  # lambda in L = L_sft + lambda * L_pretrain (0: off)
+    pt_shards: str = ""  # token shards for L_pretrain; "": next to base_model
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """Low-rank adapters (zerolm/finetune/lora.py); rank 0 means full fine-tuning."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")  # module names: q k v o (attention), up gate down (FFN), lm_head
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     out_dir: str = "runs/default"
     seed: int = 1337
@@ -108,6 +133,8 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -254,6 +281,10 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0 and 0 <= cfg.train.min_lr_ratio <= 1, "train.lr must be > 0, train.min_lr_ratio in [0, 1]"),
         (0 < cfg.train.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (0.0 <= cfg.sft.val_fraction < 1.0 and cfg.sft.pt_weight >= 0 and cfg.sft.max_per_source >= 0,
+         "sft.val_fraction must be in [0, 1), sft.pt_weight and sft.max_per_source >= 0"),
+        (cfg.lora.rank >= 0 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,
+         "lora.rank must be >= 0 (0: full fine-tuning), lora.alpha > 0, lora.dropout in [0, 1)"),
     ]
     for ok, msg in checks:
         if not ok:

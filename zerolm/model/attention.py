@@ -11,9 +11,11 @@ from torch import nn
 from zerolm.model.layers import apply_rope
 
 
-def attention_mask(q_slots, k_slots, key_valid=None, window: int = 0):
-    """Boolean (B|1, 1, T, S) mask: causal by cache slot, optionally a sliding window and a key
-    padding mask (B, S). Every query may always see itself, so padded rows never turn to NaN."""
+def attention_mask(q_slots, k_slots, key_valid=None, window: int = 0, segments=None):
+    """Boolean (B|1, 1, T, S) mask: causal by cache slot, optionally a sliding window, a key
+    padding mask (B, S), and packed-sequence segments (B, T == S): a token sees only its own
+    segment (its own conversation in a packed row). Every query may always see itself, so padded
+    rows never turn to NaN."""
     q = q_slots[:, None]  # (T, 1)
     k = k_slots[None, :]  # (1, S)
     allowed = k <= q
@@ -22,6 +24,8 @@ def attention_mask(q_slots, k_slots, key_valid=None, window: int = 0):
     allowed = allowed[None, None]  # (1, 1, T, S)
     if key_valid is not None:
         allowed = (allowed & key_valid[:, None, None, :]) | (q == k)[None, None]
+    if segments is not None:
+        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
     return allowed
 
 

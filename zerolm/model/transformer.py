@@ -70,11 +70,12 @@ class Transformer(nn.Module):
                 s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.o.weight", "ffn.down.weight")) else std
                 p.normal_(0.0, s, generator=generator)
 
-    def forward(self, ids, *, positions=None, cache=None, key_valid=None):
+    def forward(self, ids, *, positions=None, cache=None, key_valid=None, segments=None):
         """ids (B, T) -> logits (B, T, V).
 
         positions: (B, T) or (T,) position of each token (default: cache length + arange(T));
-        cache: a KVCache filled in place; key_valid: (B, S) False at left-padding slots."""
+        cache: a KVCache filled in place; key_valid: (B, S) False at left-padding slots;
+        segments: (B, T) ids of packed sequences (no cache): attention stays within a segment."""
         cfg = self.cfg
         T = ids.shape[1]
         start = cache.length if cache is not None else 0
@@ -93,9 +94,9 @@ class Transformer(nn.Module):
             pos = positions if positions.dim() == 2 else positions[None]  # (B|1, T)
             rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
         mask = None
-        if key_valid is not None or cfg.sliding_window or (start > 0 and T > 1):
+        if key_valid is not None or cfg.sliding_window or (start > 0 and T > 1) or segments is not None:
             k_slots = torch.arange(start + T, device=ids.device)
-            mask = attention_mask(slots, k_slots, key_valid, cfg.sliding_window)
+            mask = attention_mask(slots, k_slots, key_valid, cfg.sliding_window, segments)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, mask=mask, cache=cache, layer=i)

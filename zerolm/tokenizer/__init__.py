@@ -41,9 +41,18 @@ class Tokenizer:
         """Ids of `text` exactly as written (no added bos/eos/CLS)."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Like encode, in parallel across cores (Rust threads)."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], split_special: bool = True) -> list[list[int]]:
+        """Like encode, in parallel across cores (Rust threads). split_special=False encodes text
+        that spells a special token ("<|end|>") as ordinary characters (for untrusted content)."""
+        hf = self.hf if split_special else self._plain
+        return [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+
+    @cached_property
+    def _plain(self) -> _HFTokenizer:
+        """A copy that never matches special tokens in text (a separate object: thread-safe)."""
+        hf = _HFTokenizer.from_str(self.hf.to_str())
+        hf.encode_special_tokens = True
+        return hf
 
     def encode_stream(self, texts: Iterable[str], max_docs: int = 1024, max_chars: int = 1 << 18
                       ) -> Iterator[tuple[str, list[int]]]:
@@ -122,9 +131,12 @@ class Tokenizer:
         specials = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
         if self.kind == "wordpiece":
             specials.update(cls_token=CLS, sep_token=SEP, mask_token=MASK)
+        from zerolm.tokenizer.chat import CHAT_TEMPLATE
+
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **specials,
+            "chat_template": CHAT_TEMPLATE,
             "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in specials.values()],
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,

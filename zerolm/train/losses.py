@@ -7,11 +7,15 @@ import torch.nn.functional as F
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
     """Next-token cross entropy; batch = (x, y) of (B, T) ids, or (x, y, mask) with mask (B, T)
-    selecting the target positions that count (e.g. assistant tokens in SFT)."""
+    selecting the target positions that count (e.g. assistant tokens in SFT), or (x, y, mask,
+    positions, segments) for packed rows (zerolm.data.sft)."""
     x, y, *rest = batch
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
-    logits = model(x)  # (B, T, V)
+    packed = {}
+    if len(rest) == 3:
+        packed = {"positions": rest[1].to(device), "segments": rest[2].to(device)}
+    logits = model(x, **packed)  # (B, T, V)
     losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
     if rest:
         mask = rest[0].to(device).flatten().float()

@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from zerolm.config import ModelConfig, TokenizerConfig, load_config
+from zerolm.finetune.sft import sft
+from zerolm.infer.chat import chat_request, replies
+from zerolm.infer.sampling import SamplingParams
+from zerolm.model import build_model, load_model, save_model
+from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer.train import train_tokenizer
+
+CONVS = [
+    [{"role": "user", "content": "写诗"}, {"role": "assistant", "content": "床前明月光，疑是地上霜。"}],
+    [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": "Hi, how are you?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "举头"},
+     {"role": "assistant", "content": "望明月。"}, {"role": "user", "content": "低头"},
+     {"role": "assistant", "content": "思故乡。"}],
+]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    text = [m["content"] for c in CONVS for m in c] * 10
+    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), text, progress=False)
+    model = build_model(ModelConfig(preset="llama", d_model=64, n_layers=2, n_heads=4, max_seq_len=64),
+                        vocab_size=tok.vocab_size, seed=0)
+    save_model(model, root / "base", tok)
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in CONVS))
+    return root
+
+
+def run(base, out, **over):
+    values = {"out_dir": str(base / out), "sft": {"base_model": str(base / "base"), "data": [str(base / "chat.jsonl")],
+                                                  "val_fraction": 0.0},
+              "train": {"steps": 60, "batch_size": 3, "lr": 1e-2, "warmup_steps": 5, "precision": "fp32",
+                        "eval_every": 1000, "ckpt_every": 1000, "log_every": 1000}}
+    for k, v in over.items():
+        values.setdefault(k, {}).update(v)
+    return sft(load_config(None, values), progress=False)
+
+
+@pytest.fixture(scope="module")
+def full(base):
+    return run(base, "full")
+
+
+def test_sft_memorises_a_tiny_set_and_answers_it(base, full):
+    result = full
+    rows = [json.loads(x) for x in (base / "full" / "train_log.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] > 3.0 and rows[-1]["loss"] < 0.05, (rows[0]["loss"], rows[-1]["loss"])
+    model, tok = load_model(result["model_dir"]), Tokenizer.load(result["model_dir"])
+    got = replies(model, tok, [CONVS[0][:1], CONVS[1][:1]], chat_request(tok, 40, SamplingParams(temperature=0)))
+    assert got == [CONVS[0][1]["content"], CONVS[1][1]["content"]]
+
+
+def test_lora_sft_trains_only_adapters_and_saves_them(base):
+    result = run(base, "lora", lora={"rank": 8, "alpha": 16.0, "targets": ["q", "k", "v", "o", "up", "gate", "down", "lm_head"]})
+    assert result["lora"]["trainable"] < result["lora"]["total"] / 5
+    assert (base / "lora" / "adapters.safetensors").is_file()
+    rows = [json.loads(x) for x in (base / "lora" / "train_log.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] / 3
+    merged = load_model(result["model_dir"])  # adapters merged: a plain model directory
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_sft_input_errors(base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": CONVS[0]}, ensure_ascii=False) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+        run(base, "bad", sft={"data": [str(bad)]})
+    with pytest.raises(ValueError, match="LoRA target 'qkv' matches no module"):
+        run(base, "badlora", lora={"rank": 4, "targets": ["qkv"]})
+    with pytest.raises(ValueError, match="unknown builtin SFT set 'wiki'"):
+        run(base, "badset", sft={"data": [], "builtin": ["wiki"]})
+
+
+def test_chat_cli_one_shot_and_repl(full):
+    model = full["model_dir"]
+    one = subprocess.run([sys.executable, "-m", "zerolm", "chat", model, "--prompt", "写诗", "--temperature", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.strip() == CONVS[0][1]["content"]
+    script = "/temperature 0\n/top_p 2\nHello there!\n/history\n/reset\n/system Be brief.\n举头\n低头\n/quit\n"
+    repl = subprocess.run([sys.executable, "-m", "zerolm", "chat", model], input=script, capture_output=True,
+                          text=True, timeout=120)
+    assert repl.returncode == 0, repl.stderr
+    assert repl.stdout.replace("> ", "").split("\n")[:3] == ["Hi, how are you?", "望明月。", "思故乡。"]
+    assert "top_p must be in (0, 1]" in repl.stderr  # a bad value is reported, the session goes on
+    assert "[user] Hello there!" in repl.stderr and "(conversation cleared)" in repl.stderr

@@ -1,0 +1,156 @@
+"""Instruction data for supervised fine-tuning: read, validate, encode, pack into batches.
+
+Files are JSON Lines in either form (one conversation per line):
+  OpenAI  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+  Alpaca  {"instruction": "...", "input": "..." (optional), "output": "..."}
+
+Too long for the window: a conversation is cut after its last assistant turn that fits (later
+turns dropped, counted as `truncated`); one whose first assistant turn does not fit is skipped
+(counted as `skipped_too_long`). Never cut inside a turn.
+
+Packing: conversations are laid end to end in rows of seq_len positions; each keeps its own
+positions (from 0) and attention segment, so a packed row computes exactly what each
+conversation computes alone. Legend: B rows, T = seq_len.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer.chat import check_messages, render
+
+log = logging.getLogger(__name__)
+
+
+def to_messages(row, where: str) -> list[dict]:
+    """One JSONL row (OpenAI or Alpaca form) -> validated messages."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+    elif "instruction" in row and "output" in row:
+        for key in ("instruction", "input", "output"):
+            if not isinstance(row.get(key, ""), str):
+                raise ValueError(f"{where}: '{key}' must be a string")
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    else:
+        raise ValueError(f"{where}: expected {{\"messages\": [...]}} or {{\"instruction\", \"output\"}}, "
+                         f"got keys {sorted(row)}")
+    check_messages(messages, where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no assistant message: nothing to learn from")
+    return messages
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """All conversations of a JSONL file; a malformed line is a ValueError naming file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"SFT data file {str(path)!r} does not exist")
+    out = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            out.append(to_messages(row, f"{p}:{n}"))
+    if not out:
+        raise ValueError(f"{p}: no conversations")
+    return out
+
+
+def encode_conversations(tok: Tokenizer, conversations: Iterable[list[dict]], seq_len: int
+                         ) -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """(ids, loss_mask) per conversation, at most seq_len + 1 tokens (seq_len training positions),
+    and counts of what the length rule did."""
+    examples, stats = [], {"conversations": 0, "truncated": 0, "skipped_too_long": 0}
+    for messages in conversations:
+        stats["conversations"] += 1
+        ids, mask, ends = render(tok, messages)
+        if len(ids) > seq_len + 1:
+            fits = [e for m, e in zip(messages, ends) if m["role"] == "assistant" and e <= seq_len + 1]
+            if not fits:
+                stats["skipped_too_long"] += 1
+                continue
+            stats["truncated"] += 1
+            ids, mask = ids[: fits[-1]], mask[: fits[-1]]
+        examples.append((ids, mask))
+    return examples, stats
+
+
+def pack(examples: list[tuple[list[int], list[int]]], order, seq_len: int, packing: bool) -> list[torch.Tensor]:
+    """Rows of (5, T) int64: x, y, loss mask, positions, segment; examples in `order`, each
+    contributing len(ids) - 1 positions, laid end to end (packing) or one per row. Padding is
+    token 0 (<|pad|>), masked out of the loss, in a segment (-1) of its own."""
+    rows, row, used = [], None, seq_len
+    for i in order:
+        ids, mask = examples[i]
+        n = len(ids) - 1
+        if not packing or used + n > seq_len:
+            row = torch.zeros(5, seq_len, dtype=torch.long)
+            row[4] = -1  # padding: a segment of its own
+            rows.append(row)
+            used, seg = 0, 0
+        row[0, used : used + n] = torch.tensor(ids[:-1])
+        row[1, used : used + n] = torch.tensor(ids[1:])
+        row[2, used : used + n] = torch.tensor(mask[1:])
+        row[3, used : used + n] = torch.arange(n)
+        row[4, used : used + n] = seg
+        used, seg = used + n, seg + 1
+    return rows
+
+
+class SFTBatches:
+    """Infinite iterator of (x, y, loss_mask, positions, segments) batches, each (B, T) int64.
+
+    Each epoch shuffles the conversations with (seed, epoch), packs them, and yields consecutive
+    groups of batch_size rows (the last group may be smaller). state_dict()/load_state_dict()
+    resume exactly."""
+
+    def __init__(self, examples, *, batch_size: int, seq_len: int, seed: int = 0, packing: bool = True):
+        if not examples:
+            raise ValueError("no SFT examples to train on (all skipped or none given)")
+        self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
+        self.seed, self.packing = seed, packing
+        self.epoch, self.step = 0, 0
+        self._rows_epoch, self._rows = -1, []
+
+    def _epoch_rows(self) -> list[torch.Tensor]:
+        if self._rows_epoch != self.epoch:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+            self._rows, self._rows_epoch = pack(self.examples, order, self.seq_len, self.packing), self.epoch
+        return self._rows
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        rows = self._epoch_rows()
+        if self.step * self.batch_size >= len(rows):
+            self.epoch, self.step = self.epoch + 1, 0
+            rows = self._epoch_rows()
+        batch = torch.stack(rows[self.step * self.batch_size : (self.step + 1) * self.batch_size], 1)  # (5, B, T)
+        self.step += 1
+        return tuple(batch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["batch"])
+
+
+def fill_rate(examples, seq_len: int, packing: bool) -> float:
+    """Share of row positions that hold conversation tokens (the rest is padding)."""
+    rows = pack(examples, range(len(examples)), seq_len, packing)
+    return sum(int((r[4] >= 0).sum()) for r in rows) / (len(rows) * seq_len)

@@ -1,0 +1,1 @@
+"""Fine-tuning transforms on built models (LoRA adapters)."""
