@@ -92,3 +92,41 @@ def test_chat_cli_one_shot_and_repl(full):
     assert repl.stdout.replace("> ", "").split("\n")[:3] == ["Hi, how are you?", "望明月。", "思故乡。"]
     assert "top_p must be in (0, 1]" in repl.stderr  # a bad value is reported, the session goes on
     assert "[user] Hello there!" in repl.stderr and "(conversation cleared)" in repl.stderr
+
+
+def test_pretraining_mix_adds_lambda_times_the_lm_loss(tiny_corpus):
+    import torch
+
+    from zerolm.data.loader import TokenBatches
+    from zerolm.data.sft import SFTBatches, encode_conversations
+    from zerolm.finetune.sft import MixedBatches, mixed_loss
+    from zerolm.train.losses import lm_loss
+
+    tok = Tokenizer.load(tiny_corpus / "run" / "tokenizer")
+    model = build_model(ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
+                        vocab_size=tok.vocab_size, seed=0)
+    examples, _ = encode_conversations(tok, [[{"role": "user", "content": "abc"},
+                                              {"role": "assistant", "content": "dead beef"}]] * 6, 32)
+    mixed = MixedBatches(SFTBatches(examples, batch_size=2, seq_len=32),
+                         TokenBatches(tiny_corpus / "run" / "shards", batch_size=2, seq_len=32))
+    batch = next(mixed)
+    (ft, n), (pt, _) = lm_loss(model, batch[0]), lm_loss(model, batch[1])
+    total, n_mixed = mixed_loss(model, batch, pt_weight=0.3)
+    assert n_mixed == n and torch.allclose(total, ft + 0.3 * pt)
+    state = mixed.state_dict()
+    after = next(mixed)
+    mixed.load_state_dict(state)
+    again = next(mixed)
+    assert all(torch.equal(a, b) for a, b in zip(after[0] + after[1], again[0] + again[1]))
+
+
+def test_history_drops_oldest_turns_but_keeps_the_system_message(base):
+    from zerolm.infer.chat import fit_history
+    from zerolm.tokenizer.chat import prompt_ids
+
+    tok = Tokenizer.load(base / "base")
+    msgs = CONVS[2] + [{"role": "user", "content": "Hello there!"}]
+    assert fit_history(tok, msgs, 1000) == msgs
+    room = len(prompt_ids(tok, [msgs[0], *msgs[3:]]))  # fits from the second exchange on
+    assert fit_history(tok, msgs, room) == [msgs[0], *msgs[3:]]
+    assert fit_history(tok, msgs, 3) == [msgs[0], msgs[-1]]  # the newest message always stays

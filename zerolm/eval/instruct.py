@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections import defaultdict
 
 from zerolm.eval.poem_form import judge
-from zerolm.infer.chat import chat_request, fit_max_new, replies
+from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 
 
 def form_adherence(model, tok, requests: list[dict], *, max_new_tokens: int = 96,
                    sampling: SamplingParams | None = None, seed: int | None = 0, batch_size: int = 16) -> dict:
     """Generate one answer per request (its messages without the reference answer) and judge its
-    form. Greedy by default, so the figure is reproducible."""
-    req = chat_request(tok, fit_max_new(model, max_new_tokens), sampling or SamplingParams(temperature=0.0), seed)
+    form. Greedy by default, so the figure is reproducible; answers may use all the room the
+    window leaves after the prompt, up to max_new_tokens."""
+    req = chat_request(tok, max_new_tokens, sampling or SamplingParams(temperature=0.0), seed)
     answers: list[str] = []
     for i in range(0, len(requests), batch_size):
         chunk = requests[i : i + batch_size]

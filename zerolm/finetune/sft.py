@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from zerolm.config import Config, save_config
 from zerolm.data.prepare import read_docs, split_key
 from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_conversations
-from zerolm.infer.chat import chat_request, fit_max_new, replies
+from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
 from zerolm.model import load_model, save_model
@@ -167,7 +167,7 @@ def sft(cfg: Config, progress: bool = True) -> dict:
         loss_fn = partial(mixed_loss, pt_weight=cfg.sft.pt_weight)
     eval_fn = partial(sft_eval, examples=val_ex, batch_size=cfg.train.batch_size) if val_ex else None
     samples = [c[:-1] for c in val_c[:2] if c[-1]["role"] == "assistant"]
-    req = chat_request(tok, fit_max_new(model, 96), SamplingParams(temperature=0.7, top_k=50), seed=cfg.seed)
+    req = chat_request(tok, 96, SamplingParams(temperature=0.7, top_k=50), seed=cfg.seed)
 
     def sample_fn(m):
         return [f"{c[-1]['content']!r} -> {r!r}" for c, r in zip(samples, replies(m, tok, samples, req))]

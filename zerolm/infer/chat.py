@@ -5,6 +5,7 @@ the model's <|end|> (or <|eos|>), which is not part of the returned text.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 
 from zerolm.infer.engine import Engine, GenerateRequest
@@ -26,9 +27,14 @@ def fit_max_new(model, max_new_tokens: int) -> int:
 
 
 def replies(model, tok: Tokenizer, conversations: Sequence[Sequence[dict]], req: GenerateRequest) -> list[str]:
-    """One assistant reply per conversation, generated as one batch."""
+    """One assistant reply per conversation, generated as one batch; max_new_tokens is lowered to
+    the room the longest prompt leaves in the window (prompts are never cut to make room)."""
     stops = set(req.stop_token_ids)
-    outs = Engine(model).generate([prompt_ids(tok, c) for c in conversations], req)
+    prompts = [prompt_ids(tok, c) for c in conversations]
+    room = model.cfg.max_seq_len - max(map(len, prompts))
+    if 1 <= room < req.max_new_tokens:
+        req = dataclasses.replace(req, max_new_tokens=room)
+    outs = Engine(model).generate(prompts, req)
     return [tok.decode([t for t in out if t not in stops]) for out in outs]
 
 

@@ -1,4 +1,5 @@
-"""Loss functions (pure): each returns (mean loss over counted tokens, number of counted tokens)."""
+"""Loss functions (pure): each returns (mean loss over counted tokens, number of counted tokens as
+an int or a 0-d tensor)."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,6 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
     losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
     if rest:
         mask = rest[0].to(device).flatten().float()
-        n = int(mask.sum())
-        return (losses * mask).sum() / max(n, 1), n
+        n = mask.sum()  # a tensor: an int() here would break a compiled graph; the Trainer converts it
+        return (losses * mask).sum() / n.clamp(min=1), n
     return losses.mean(), y.numel()

@@ -24,7 +24,7 @@ from zerolm.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 
-# loss_fn(model, batch) -> (mean loss over the batch's counted tokens, number of counted tokens)
+# loss_fn(model, batch) -> (mean loss over the batch's counted tokens, number of counted tokens: int or 0-d tensor)
 LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, int]]
 
 
@@ -115,7 +115,7 @@ class Trainer:
         with autocast(self.precision, self.device):
             loss, n = self._loss(batch)
         (loss / self.cfg.grad_accum).backward()
-        return loss.item(), n
+        return loss.item(), int(n)
 
     def train_step(self) -> dict:
         lr = lr_at(self.step, self.cfg)
