@@ -88,25 +88,32 @@ def encode_conversations(tok: Tokenizer, conversations: Iterable[list[dict]], se
     return examples, stats
 
 
+OPEN_ROWS = 64  # first fit among the last 64 rows: fills 80 % of a poem-set row (T = 128) vs 65 % for 1
+
+
 def pack(examples: list[tuple[list[int], list[int]]], order, seq_len: int, packing: bool) -> list[torch.Tensor]:
     """Rows of (5, T) int64: x, y, loss mask, positions, segment; examples in `order`, each
-    contributing len(ids) - 1 positions, laid end to end (packing) or one per row. Padding is
-    token 0 (<|pad|>), masked out of the loss, in a segment (-1) of its own."""
-    rows, row, used = [], None, seq_len
+    contributing len(ids) - 1 positions, put in the first of the last OPEN_ROWS rows with room
+    (packing) or one per row. Padding is token 0 (<|pad|>), masked out of the loss, in a segment
+    (-1) of its own."""
+    rows, used, segs = [], [], []  # per row: positions filled, segments so far
     for i in order:
         ids, mask = examples[i]
         n = len(ids) - 1
-        if not packing or used + n > seq_len:
-            row = torch.zeros(5, seq_len, dtype=torch.long)
-            row[4] = -1  # padding: a segment of its own
-            rows.append(row)
-            used, seg = 0, 0
-        row[0, used : used + n] = torch.tensor(ids[:-1])
-        row[1, used : used + n] = torch.tensor(ids[1:])
-        row[2, used : used + n] = torch.tensor(mask[1:])
-        row[3, used : used + n] = torch.arange(n)
-        row[4, used : used + n] = seg
-        used, seg = used + n, seg + 1
+        r = next((r for r in range(max(0, len(rows) - OPEN_ROWS), len(rows)) if used[r] + n <= seq_len), None)
+        if not packing or r is None:
+            rows.append(torch.zeros(5, seq_len, dtype=torch.long))
+            rows[-1][4] = -1  # padding: a segment of its own
+            used.append(0)
+            segs.append(0)
+            r = len(rows) - 1
+        row, a = rows[r], used[r]
+        row[0, a : a + n] = torch.tensor(ids[:-1])
+        row[1, a : a + n] = torch.tensor(ids[1:])
+        row[2, a : a + n] = torch.tensor(mask[1:])
+        row[3, a : a + n] = torch.arange(n)
+        row[4, a : a + n] = segs[r]
+        used[r], segs[r] = a + n, segs[r] + 1
     return rows
 
 
