@@ -66,9 +66,14 @@ class Attention(nn.Module):
 
     def forward(self, x, *, rope=None, mask=None, cache=None, layer: int = 0):
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k(x).view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
-        v = self.v(x).view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
+        fused = getattr(self, "fused_qkv", None)  # set by infer.engine.decode_layout
+        if fused is not None and not torch.is_grad_enabled():
+            q, k, v = F.linear(x, fused[0], fused[1]).split(fused[2], dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
+        v = v.view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -63,7 +63,11 @@ class FFN(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):  # (B, T, D)
-        if self.kind == "swiglu":
+        fused = getattr(self, "fused_gate_up", None)  # set by infer.engine.decode_layout
+        if fused is not None and not torch.is_grad_enabled():
+            g, u = F.linear(x, fused[0], fused[1]).split(fused[2], dim=-1)
+            h = F.silu(g) * u  # (B, T, F)
+        elif self.kind == "swiglu":
             h = F.silu(self.gate(x)) * self.up(x)  # (B, T, F)
         elif self.kind == "gelu":
             h = F.gelu(self.up(x), approximate="tanh")
