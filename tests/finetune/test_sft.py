@@ -77,6 +77,7 @@ def test_sft_input_errors(base, tmp_path):
         run(base, "badlora", lora={"rank": 4, "targets": ["qkv"]})
     with pytest.raises(ValueError, match="unknown builtin SFT set 'wiki'"):
         run(base, "badset", sft={"data": [], "builtin": ["wiki"]})
+    assert not any((base / d).exists() for d in ("bad", "badlora", "badset"))  # nothing written
 
 
 def test_chat_cli_one_shot_and_repl(full):

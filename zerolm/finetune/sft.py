@@ -135,12 +135,18 @@ def sft(cfg: Config, progress: bool = True) -> dict:
     model, tok = load_model(base), Tokenizer.load(base)
     if list_checkpoints(out) and not cfg.train.resume:
         raise ValueError(f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out")
+    train_c, val_c, counts = load_sources(cfg)  # bad data or LoRA targets fail here, before anything is written
+    lora = None
+    if cfg.lora.rank:
+        from zerolm.finetune.lora import apply_lora, trainable_report
+
+        apply_lora(model, cfg.lora, seed=cfg.seed)
+        lora = trainable_report(model)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seq_len = model.cfg.max_seq_len
-    train_c, val_c, counts = load_sources(cfg)
     train_ex, stats = encode_conversations(tok, train_c, seq_len)
     val_ex, _ = encode_conversations(tok, val_c, seq_len)
     log.info("sft data: %s; train %d conversations (%d cut after their last assistant turn that fits "
@@ -148,12 +154,7 @@ def sft(cfg: Config, progress: bool = True) -> dict:
              seq_len + 1, stats["skipped_too_long"], len(val_ex))
     log.info("row fill: packed %.1f%%, one per row %.1f%%", 100 * fill_rate(train_ex, seq_len, True),
              100 * fill_rate(train_ex, seq_len, False))
-    lora = None
-    if cfg.lora.rank:
-        from zerolm.finetune.lora import apply_lora, trainable_report
-
-        apply_lora(model, cfg.lora, seed=cfg.seed)
-        lora = trainable_report(model)
+    if lora:
         log.info("LoRA: %s", json.dumps(lora))
     batches = SFTBatches(train_ex, batch_size=cfg.train.batch_size, seq_len=seq_len, seed=cfg.seed,
                          packing=cfg.sft.packing)
