@@ -83,7 +83,7 @@ def test_batches_cover_every_conversation_and_resume_exactly(tok):
     for a, b in zip(more, [next(again) for _ in range(5)]):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
     epoch = SFTBatches(examples, batch_size=1000, seq_len=32, seed=1)
-    x, y, mask, pos, seg = next(epoch)
+    x, _, _, pos, seg = next(epoch)
     assert int((pos == 0).logical_and(seg >= 0).sum()) == len(examples)  # each conversation once per epoch
     assert x.shape[1] == 32 and all(b[0].shape == (3, 32) for b in first)
     assert fill_rate(examples, 32, True) > fill_rate(examples, 32, False)

@@ -14,7 +14,6 @@ conversation computes alone. Legend: B rows, T = seq_len.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zerolm.data.sources import jsonl_rows
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import check_messages, render
 
@@ -54,16 +54,7 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"SFT data file {str(path)!r} does not exist")
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            out.append(to_messages(row, f"{p}:{n}"))
+    out = [to_messages(row, where) for where, row in jsonl_rows(p)]
     if not out:
         raise ValueError(f"{p}: no conversations")
     return out

@@ -140,16 +140,20 @@ def _row_text(row, where: str, cfg: DataConfig) -> str:
     return text
 
 
-def _read_jsonl(path: Path, cfg: DataConfig) -> Iterator[Doc]:
-    for lineno, _, line in _decode_lines(path, cfg.encoding_errors):
+def jsonl_rows(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[str, object]]:
+    """("file:line", parsed row) for each non-blank line; bad JSON is a ValueError naming the line."""
+    for lineno, _, line in _decode_lines(path, encoding_errors):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        text = _row_text(row, f"{path}:{lineno}", cfg)
-        yield Doc(text, {"source": str(path)})
+
+
+def _read_jsonl(path: Path, cfg: DataConfig) -> Iterator[Doc]:
+    for where, row in jsonl_rows(path, cfg.encoding_errors):
+        yield Doc(_row_text(row, where, cfg), {"source": str(path)})
 
 
 def _read_parquet(path: Path, cfg: DataConfig) -> Iterator[Doc]:
