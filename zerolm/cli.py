@@ -159,82 +159,15 @@ def _sampling(args):
                           frequency_penalty=args.frequency_penalty)
 
 
-CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system message; /system
-alone clears it), /temperature X, /top_p X, /top_k N, /max_tokens N, /history, /help, /quit"""
-
-
 def cmd_chat(args, extra):
-    import dataclasses as dc
-
-    from zerolm.infer.chat import chat_request, fit_history, fit_max_new, stream_reply
-    from zerolm.infer.engine import Engine, decode_layout
+    from zerolm.infer.chat import repl
+    from zerolm.infer.engine import decode_layout
     from zerolm.model import load_model
     from zerolm.tokenizer import Tokenizer
 
     model = decode_layout(load_model(args.model))
-    tok = Tokenizer.load(args.model)
-    engine, sampling = Engine(model), _sampling(args)
-    max_new = fit_max_new(model, args.max_new_tokens)  # at most half the window: room for the conversation
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = []
-
-    def answer(text: str) -> str:
-        nonlocal history
-        sampling.validate()
-        history = fit_history(tok, system + history + [{"role": "user", "content": text}],
-                              model.cfg.max_seq_len - max_new)[len(system):]
-        req = chat_request(tok, max_new, sampling, args.seed)
-        reply = ""
-        for piece in stream_reply(engine, tok, system + history, req):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            reply += piece
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
-        return reply
-
-    if args.prompt is not None:
-        answer(args.prompt)
-        return
-    print(f"zerolm chat: {args.model} ({model.cfg.preset}, window {model.cfg.max_seq_len} tokens). "
-          "Type /help for commands, Ctrl-D to leave.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if not line:
-            continue
-        if not line.startswith("/"):
-            answer(line)
-            continue
-        cmd, _, arg = line.partition(" ")
-        try:
-            if cmd in ("/quit", "/exit"):
-                return
-            elif cmd == "/reset":
-                history = []
-                print("(conversation cleared)", file=sys.stderr)
-            elif cmd == "/system":
-                system = [{"role": "system", "content": arg}] if arg else []
-                print(f"(system message {'set' if arg else 'cleared'})", file=sys.stderr)
-            elif cmd in ("/temperature", "/top_p", "/top_k"):
-                field, value = cmd[1:], (int if cmd == "/top_k" else float)(arg)
-                new = dc.replace(sampling, **{field: value})
-                new.validate()  # a bad value is reported and the old one kept
-                sampling = new
-                print(f"({field} = {value})", file=sys.stderr)
-            elif cmd == "/max_tokens":
-                max_new = max(1, min(int(arg), model.cfg.max_seq_len - 1))
-                print(f"(max_tokens = {max_new})", file=sys.stderr)
-            elif cmd == "/history":
-                for m in system + history:
-                    print(f"[{m['role']}] {m['content']}", file=sys.stderr)
-            else:
-                print(CHAT_HELP, file=sys.stderr)
-        except ValueError as e:
-            print(f"(error: {e})", file=sys.stderr)
+    repl(model, Tokenizer.load(args.model), _sampling(args), max_new_tokens=args.max_new_tokens,
+         system=args.system, seed=args.seed, prompt=args.prompt, name=args.model)
 
 
 def cmd_eval_poems(args, extra):
@@ -403,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="base model directory (config key sft.base_model)")
     c = sub.add_parser("chat", help="talk to a chat model (interactive, streaming)",
                        description="talk to a chat model: an interactive REPL with streaming replies and the "
-                                   "conversation kept within the model window. " + CHAT_HELP)
+                                   "conversation kept within the model window. Type /help in it for its commands.")
     c.add_argument("model", help="model directory (e.g. runs/speedrun/sft/model)")
     c.add_argument("--prompt", help="one message: print the reply and exit")
     c.add_argument("--system", default="", help="system message")

@@ -6,7 +6,9 @@ the model's <|end|> (or <|eos|>), which is not part of the returned text.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
@@ -60,3 +62,71 @@ def fit_history(tok: Tokenizer, messages: list[dict], max_prompt_tokens: int) ->
     while len(turns) > 1 and len(prompt_ids(tok, system + turns)) > max_prompt_tokens:
         turns = turns[2:] if len(turns) > 2 and turns[1]["role"] == "assistant" else turns[1:]
     return system + turns
+
+
+CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system message; /system
+alone clears it), /temperature X, /top_p X, /top_k N, /max_tokens N, /history, /help, /quit"""
+
+
+def repl(model, tok: Tokenizer, sampling: SamplingParams, *, max_new_tokens: int = 96, system: str = "",
+         seed: int | None = None, prompt: str | None = None, name: str = "model") -> None:
+    """`zerolm chat`: read messages from stdin, stream replies to stdout, keep the conversation
+    within the window; slash commands change the session (CHAT_HELP). prompt: answer once, exit."""
+    engine = Engine(model)
+    max_new = fit_max_new(model, max_new_tokens)  # at most half the window: room for the conversation
+    sys_msgs = [{"role": "system", "content": system}] if system else []
+    history: list[dict] = []
+
+    def answer(text: str) -> None:
+        nonlocal history
+        sampling.validate()
+        history = fit_history(tok, sys_msgs + history + [{"role": "user", "content": text}],
+                              model.cfg.max_seq_len - max_new)[len(sys_msgs):]
+        reply = ""
+        for piece in stream_reply(engine, tok, sys_msgs + history, chat_request(tok, max_new, sampling, seed)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            reply += piece
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+
+    if prompt is not None:
+        return answer(prompt)
+    say = partial(print, file=sys.stderr)
+    say(f"zerolm chat: {name} ({model.cfg.preset}, window {model.cfg.max_seq_len} tokens). "
+        "Type /help for commands, Ctrl-D to leave.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return say()
+        if not line.startswith("/"):
+            if line:
+                answer(line)
+            continue
+        cmd, _, arg = line.partition(" ")
+        try:
+            if cmd in ("/quit", "/exit"):
+                return
+            if cmd == "/reset":
+                history = []
+                say("(conversation cleared)")
+            elif cmd == "/system":
+                sys_msgs = [{"role": "system", "content": arg}] if arg else []
+                say(f"(system message {'set' if arg else 'cleared'})")
+            elif cmd in ("/temperature", "/top_p", "/top_k"):
+                field, value = cmd[1:], (int if cmd == "/top_k" else float)(arg)
+                new = dataclasses.replace(sampling, **{field: value})
+                new.validate()  # a bad value is reported and the old one kept
+                sampling = new
+                say(f"({field} = {value})")
+            elif cmd == "/max_tokens":
+                max_new = max(1, min(int(arg), model.cfg.max_seq_len - 1))
+                say(f"(max_tokens = {max_new})")
+            elif cmd == "/history":
+                for m in sys_msgs + history:
+                    say(f"[{m['role']}] {m['content']}")
+            else:
+                say(CHAT_HELP)
+        except ValueError as e:
+            say(f"(error: {e})")
