@@ -82,30 +82,43 @@ def encode_conversations(tok: Tokenizer, conversations: Iterable[list[dict]], se
 OPEN_ROWS = 64  # first fit among the last 64 rows: fills 80 % of a poem-set row (T = 128) vs 65 % for 1
 
 
-def pack(examples: list[tuple[list[int], list[int]]], order, seq_len: int, packing: bool) -> list[torch.Tensor]:
-    """Rows of (5, T) int64: x, y, loss mask, positions, segment; examples in `order`, each
-    contributing len(ids) - 1 positions, put in the first of the last OPEN_ROWS rows with room
-    (packing) or one per row. Padding is token 0 (<|pad|>), masked out of the loss, in a segment
-    (-1) of its own."""
-    rows, used, segs = [], [], []  # per row: positions filled, segments so far
+def assign_rows(lengths: list[int], order, seq_len: int, packing: bool) -> list[list[int]]:
+    """Example indices per row: each example (`lengths[i]` positions) goes, in `order`, into the
+    first of the last OPEN_ROWS rows with room (packing), or into a row of its own."""
+    rows: list[list[int]] = []
+    used: list[int] = []  # positions filled per row
     for i in order:
-        ids, mask = examples[i]
-        n = len(ids) - 1
+        n = lengths[i]
         r = next((r for r in range(max(0, len(rows) - OPEN_ROWS), len(rows)) if used[r] + n <= seq_len), None)
         if not packing or r is None:
-            rows.append(torch.zeros(5, seq_len, dtype=torch.long))
-            rows[-1][4] = -1  # padding: a segment of its own
+            rows.append([])
             used.append(0)
-            segs.append(0)
             r = len(rows) - 1
-        row, a = rows[r], used[r]
-        row[0, a : a + n] = torch.tensor(ids[:-1])
-        row[1, a : a + n] = torch.tensor(ids[1:])
-        row[2, a : a + n] = torch.tensor(mask[1:])
-        row[3, a : a + n] = torch.arange(n)
-        row[4, a : a + n] = segs[r]
-        used[r], segs[r] = a + n, segs[r] + 1
+        rows[r].append(i)
+        used[r] += n
     return rows
+
+
+def pack(examples: list[tuple[list[int], list[int]]], order, seq_len: int, packing: bool) -> list[torch.Tensor]:
+    """Rows of (5, T) int64: x, y, loss mask, positions, segment (rows as assign_rows lays them
+    out; an example of len(ids) tokens gives len(ids) - 1 positions). Padding is token 0
+    (<|pad|>), masked out of the loss, in a segment (-1) of its own."""
+    out = []
+    for members in assign_rows([len(ids) - 1 for ids, _ in examples], order, seq_len, packing):
+        row = torch.zeros(5, seq_len, dtype=torch.long)
+        row[4] = -1
+        a = 0
+        for seg, i in enumerate(members):
+            ids, mask = examples[i]
+            n = len(ids) - 1
+            row[0, a : a + n] = torch.tensor(ids[:-1])
+            row[1, a : a + n] = torch.tensor(ids[1:])
+            row[2, a : a + n] = torch.tensor(mask[1:])
+            row[3, a : a + n] = torch.arange(n)
+            row[4, a : a + n] = seg
+            a += n
+        out.append(row)
+    return out
 
 
 class SFTBatches:
@@ -150,5 +163,6 @@ class SFTBatches:
 
 def fill_rate(examples, seq_len: int, packing: bool) -> float:
     """Share of row positions that hold conversation tokens (the rest is padding)."""
-    rows = pack(examples, range(len(examples)), seq_len, packing)
-    return sum(int((r[4] >= 0).sum()) for r in rows) / (len(rows) * seq_len)
+    lengths = [len(ids) - 1 for ids, _ in examples]
+    rows = assign_rows(lengths, range(len(examples)), seq_len, packing)
+    return sum(lengths) / (len(rows) * seq_len)

@@ -23,11 +23,6 @@ def chat_request(tok: Tokenizer, max_new_tokens: int = 128, sampling: SamplingPa
                            stop_token_ids=(tok.token_id(END), tok.token_id(EOS)), seed=seed, context=context)
 
 
-def fit_max_new(model, max_new_tokens: int) -> int:
-    """max_new_tokens clipped so that a prompt still has room in the model window."""
-    return max(1, min(max_new_tokens, model.cfg.max_seq_len // 2))
-
-
 def replies(model, tok: Tokenizer, conversations: Sequence[Sequence[dict]], req: GenerateRequest) -> list[str]:
     """One assistant reply per conversation, generated as one batch; max_new_tokens is lowered to
     the room the longest prompt leaves in the window (prompts are never cut to make room)."""
@@ -73,7 +68,7 @@ def repl(model, tok: Tokenizer, sampling: SamplingParams, *, max_new_tokens: int
     """`zerolm chat`: read messages from stdin, stream replies to stdout, keep the conversation
     within the window; slash commands change the session (CHAT_HELP). prompt: answer once, exit."""
     engine = Engine(model)
-    max_new = fit_max_new(model, max_new_tokens)  # at most half the window: room for the conversation
+    max_new = max(1, min(max_new_tokens, model.cfg.max_seq_len // 2))  # at most half the window: room for the conversation
     sys_msgs = [{"role": "system", "content": system}] if system else []
     history: list[dict] = []
 
