@@ -115,3 +115,46 @@ def test_decode_layout_keeps_values_and_outputs(tmp_path, preset, kw):
     assert attn.q.weight.grad is not None and attn.v.weight.grad.abs().sum() > 0
     save_model(model, tmp_path / "m")  # still saves (contiguous copies) and reloads the same values
     assert torch.allclose(load_model(tmp_path / "m")(ids), before_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, over", [("llama", {"n_kv_heads": 2, "sliding_window": 6}), ("gpt2", {})])
+def test_cache_slots_join_and_leave_like_continuous_batching(preset, over):
+    """Sequences enter free slots at different times, decode together at different lengths, and a
+    finished slot is reused: every step's logits equal a full recomputation of that sequence alone."""
+    from zerolm.infer.kv_cache import KVCache
+
+    model = make(preset, **over)
+    cache = KVCache.for_model(model, 3)
+    seqs: dict[int, list[int]] = {}
+
+    def prefill(slot, prompt):
+        cache.reset(slot)
+        seqs[slot] = list(prompt)
+        return model(torch.tensor([prompt]), cache=cache, rows=torch.tensor([slot]))[0, -1]
+
+    def check(slot, logits):
+        full = model(torch.tensor([seqs[slot]]))[0, -1]
+        assert torch.allclose(logits, full, atol=1e-5), (slot, len(seqs[slot]))
+
+    def decode(slots):
+        toks = [(7 * len(seqs[s]) + s) % V for s in slots]  # any next tokens
+        for s, t in zip(slots, toks):
+            seqs[s].append(t)
+        out = model(torch.tensor(toks)[:, None], cache=cache, rows=torch.tensor(slots))[:, -1]
+        for s, row in zip(slots, out):
+            check(s, row)
+
+    with torch.no_grad():
+        check(0, prefill(0, [5, 6, 7, 8, 9]))
+        for _ in range(3):
+            decode([0])
+        check(2, prefill(2, [30, 31]))
+        for _ in range(4):
+            decode([0, 2])
+        check(0, prefill(0, [50, 51, 52]))  # slot 0 finished; a new sequence takes it
+        check(1, prefill(1, [60]))
+        for _ in range(5):
+            decode([2, 0, 1])  # any order of slots
+        assert cache.lengths.tolist() == [8, 6, 11]
+        with pytest.raises(ValueError, match="at one length"):
+            model(torch.tensor([[1, 2], [3, 4]]), cache=cache, rows=torch.tensor([0, 1]))

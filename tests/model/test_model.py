@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from zerolm.config import ModelConfig
 from zerolm.infer.kv_cache import KVCache
 from zerolm.model import build_model, load_model, resolve, save_model
-from zerolm.model.attention import attend, attention_mask
+from zerolm.model.attention import attend
 from zerolm.model.layers import RMSNorm, sinusoidal_table
 
 V = 97
@@ -88,9 +88,10 @@ def test_explicit_bf16_attention_matches_fused_kernel(T, S, masked):
     q, k, v = (torch.randn(2, 4, n, 8, generator=g).bfloat16() for n in (T, S, S))
     mask = None
     if masked:
-        q_slots, k_slots = torch.arange(S - T, S), torch.arange(S)
-        key_valid = torch.tensor([[True] * S, [False] * 3 + [True] * (S - 3)])
-        mask = attention_mask(q_slots, k_slots, key_valid, window=5)
+        q_slots, k_slots = torch.arange(S - T, S)[:, None], torch.arange(S)[None, :]
+        window = (k_slots <= q_slots) & (q_slots - k_slots < 5)  # (T, S)
+        key_valid = torch.tensor([[True] * S, [False] * 3 + [True] * (S - 3)])  # row 1: 3 padding slots
+        mask = (window[None, None] & key_valid[:, None, None, :]) | (q_slots == k_slots)  # a query sees itself
     got = attend(q, k, v, mask)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                          is_causal=mask is None and T > 1)

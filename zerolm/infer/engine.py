@@ -1,8 +1,8 @@
 """Generation engine: token ids in, token ids out (text lives at the edges: CLI, server).
 
-Prompts of different lengths are left-padded into one batch; padding slots are masked out of
-attention and positions count from each prompt's first real token, so every row computes exactly
-what it would alone. One prefill fills the preallocated KV cache, then one token per step.
+Each prompt gets its own slot of a preallocated KV cache and is prefilled there (prompts of
+equal length together); then all rows decode one token per step, each at its own length, so
+every row computes what it would alone (infer/kv_cache.py).
 
 Context policy: a prompt that leaves no room for max_new_tokens within max_seq_len is cut from
 the left (keeping its end) with a warning, or rejected (`context="error"`).
@@ -108,27 +108,17 @@ class Engine:
         cfg = self.model.cfg
         req.sampling.validate()
         prompts = fit_prompts(prompts, cfg.max_seq_len, req.max_new_tokens, req.context)
-        B, P = len(prompts), max(map(len, prompts))
-        total = P + req.max_new_tokens
-        dev = self.device
-        ids = torch.full((B, P), req.pad_id, dtype=torch.long, device=dev)  # (B, P) left-padded
-        pad = torch.tensor([P - len(p) for p in prompts], device=dev)  # (B,)
-        for r, p in enumerate(prompts):
-            ids[r, P - len(p):] = torch.tensor(p, device=dev)
-        slots = torch.arange(total, device=dev)
-        key_valid = slots[None, :] >= pad[:, None]  # (B, S)
-        padded = bool(pad.any())
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S)
+        B, dev = len(prompts), self.device
+        cache = KVCache.for_model(self.model, B, max(map(len, prompts)) + req.max_new_tokens)
+        logits = self.prefill(prompts, cache)  # (B, V)
         counts = torch.zeros(B, cfg.vocab_size, dtype=torch.long, device=dev)  # (B, V)
-        counts.scatter_add_(1, ids, key_valid[:, :P].long())
+        for r, p in enumerate(prompts):
+            counts[r].index_add_(0, torch.tensor(p, device=dev), torch.ones(len(p), dtype=torch.long, device=dev))
         gen = torch.Generator(device=dev)
         if req.seed is not None:
             gen.manual_seed(req.seed)
         else:
             gen.seed()
-        cache = KVCache.for_model(self.model, B, total)
-        logits = self.model(ids, positions=positions[:, :P], cache=cache,
-                            key_valid=key_valid[:, :P] if padded else None)[:, -1]  # (B, V)
         active = torch.ones(B, dtype=torch.bool, device=dev)
         stop = torch.tensor(req.stop_token_ids or [-1], device=dev)
         for t in range(req.max_new_tokens):
@@ -139,9 +129,24 @@ class Engine:
             active &= ~torch.isin(nxt, stop)
             if not active.any() or t == req.max_new_tokens - 1:
                 return
-            s = P + t
-            logits = self.model(nxt[:, None], positions=positions[:, s : s + 1], cache=cache,
-                                key_valid=key_valid[:, : s + 1] if padded else None)[:, -1]
+            logits = self.model(nxt[:, None], cache=cache)[:, -1]
+
+    def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache, slots: Sequence[int] | None = None):
+        """Run each prompt into its cache slot (default: slot i for prompt i), prompts of equal
+        length in one call; return the (len(prompts), V) logits of their last tokens."""
+        slots = list(range(len(prompts))) if slots is None else list(slots)
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        out = None
+        for group in by_len.values():
+            rows = torch.tensor([slots[i] for i in group], device=self.device)
+            ids = torch.tensor([list(prompts[i]) for i in group], device=self.device)
+            logits = self.model(ids, cache=cache, rows=rows)[:, -1]  # (G, V)
+            if out is None:
+                out = logits.new_empty(len(prompts), logits.shape[-1])
+            out[group] = logits
+        return out
 
     def generate(self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()) -> list[list[int]]:
         """New token ids per prompt (a stop token, if hit, is included as the last id)."""

@@ -1,7 +1,11 @@
-"""Preallocated key/value cache: one (B, K, max_len, Dh) buffer per layer for keys and values.
+"""Preallocated key/value cache of `slots` sequences, each with its own length.
 
-All rows share one write position (`length`); rows of different prompt lengths are left-padded
-and the padding slots masked out (see infer/engine.py).
+Buffers are (n_layers, slots, K, max_len, Dh) for keys and for values; `lengths[s]` positions of
+slot s are filled. A forward call writes T new tokens for some slots (`rows`, default all): with
+T == 1 every row writes at its own length (a decode step of sequences of different lengths, the
+case of continuous batching); with T > 1 the rows must all be at the same length (a prefill or a
+chunk of one). Attention then spans the first max(lengths) + T slots, with each row's unwritten
+slots masked out. A freed slot is reused after `reset(slot)`; nothing needs clearing.
 """
 from __future__ import annotations
 
@@ -9,35 +13,86 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+    def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype=torch.float32, device=None):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        shape = (n_layers, slots, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-        self.length = 0
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,)
+        self.slots, self.max_len = slots, max_len
+        self._call = None
 
     @classmethod
-    def for_model(cls, model, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+    def for_model(cls, model, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
         cfg = model.cfg
+        if max_len is not None and max_len > cfg.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions exceeds the model's max_seq_len={cfg.max_seq_len}")
         param = next(model.parameters())
-        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads,
+        return cls(cfg.n_layers, slots, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads,
                    dtype or param.dtype, param.device)
 
+    def begin(self, rows: torch.Tensor | None, T: int, window: int = 0):
+        """Plan a call writing T tokens for slots `rows` ((B,) long, None = all slots in order).
+        Returns (positions (B, T) of the new tokens, attention mask (B|1, 1, T, S) or None)."""
+        start = self.lengths if rows is None else self.lengths[rows]  # (B,)
+        first, last = int(start.min()), int(start.max())
+        if T > 1 and first != last:
+            raise ValueError(f"a {T}-token call needs its rows at one length; they are at {start.tolist()}: "
+                             "prefill sequences one at a time (or those of equal length together)")
+        span = last + T  # S: keys attended
+        if span > self.max_len:
+            raise ValueError(f"KV cache full: {span} positions needed, {self.max_len} allocated")
+        new = torch.arange(T, device=start.device)
+        positions = start[:, None] + new  # (B, T)
+        self._call = (rows, start, first, T, span)
+        k = torch.arange(span, device=start.device)  # key slots
+        if T == 1:  # row b sees its own keys 0..start[b]
+            if first == last and not window:
+                return positions, None
+            allowed = k[None, :] <= start[:, None]  # (B, S)
+            if window:
+                allowed = allowed & (start[:, None] - k[None, :] < window)
+            return positions, allowed[:, None, None, :]
+        if first == 0 and not window:
+            return positions, None  # plain causal
+        q = first + new  # (T,) query slots
+        allowed = k[None, :] <= q[:, None]  # (T, S)
+        if window:
+            allowed = allowed & (q[:, None] - k[None, :] < window)
+        return positions, allowed[None, None]
+
     def update(self, layer: int, k, v):
-        """Write (B, K, T, Dh) new keys/values at the current position; return (B, K, S, Dh) views."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Write (B, K, T, Dh) new keys/values as planned by begin; return the (B, K, S, Dh) keys/values to attend."""
+        rows, start, first, T, span = self._call
+        kc, vc = self.k[layer], self.v[layer]  # (slots, K, max_len, Dh)
+        if T == 1:
+            idx = torch.arange(self.slots, device=k.device) if rows is None else rows
+            kc[idx, :, start] = k[:, :, 0]
+            vc[idx, :, start] = v[:, :, 0]
+        elif rows is None:
+            kc[:, :, first : first + T] = k
+            vc[:, :, first : first + T] = v
+        else:
+            kc[rows, :, first : first + T] = k
+            vc[rows, :, first : first + T] = v
+        if rows is None:
+            return kc[:, :, :span], vc[:, :, :span]
+        return kc[rows, :, :span], vc[rows, :, :span]
 
-    def advance(self, n: int) -> None:
-        self.length += n
+    def end(self) -> None:
+        rows, _, _, T, _ = self._call
+        if rows is None:
+            self.lengths += T
+        else:
+            self.lengths[rows] += T
+        self._call = None
 
-    def reset(self) -> None:
-        self.length = 0
+    def reset(self, slot: int | None = None) -> None:
+        """Forget slot `slot` (all slots if None) so a new sequence can use it."""
+        if slot is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[slot] = 0
 
     @property
     def nbytes(self) -> int:

@@ -11,19 +11,18 @@ from torch import nn
 from zerolm.model.layers import apply_rope
 
 
-def attention_mask(q_slots, k_slots, key_valid=None, window: int = 0, segments=None):
-    """Boolean (B|1, 1, T, S) mask: causal by cache slot, optionally a sliding window, a key
-    padding mask (B, S), and packed-sequence segments (B, T == S): a token sees only its own
-    segment (its own conversation in a packed row). Every query may always see itself, so padded
-    rows never turn to NaN."""
-    q = q_slots[:, None]  # (T, 1)
-    k = k_slots[None, :]  # (1, S)
+def attention_mask(T: int, device=None, window: int = 0, segments=None):
+    """Boolean (B|1, 1, T, T) mask of allowed keys for a call without cache: causal, optionally a
+    sliding window and packed-sequence segments (B, T): a token sees only its own segment (its
+    own conversation in a packed row). None when plain causal will do."""
+    if not window and segments is None:
+        return None
+    q = torch.arange(T, device=device)[:, None]  # (T, 1)
+    k = q.T  # (1, T)
     allowed = k <= q
     if window:
         allowed = allowed & (q - k < window)
-    allowed = allowed[None, None]  # (1, 1, T, S)
-    if key_valid is not None:
-        allowed = (allowed & key_valid[:, None, None, :]) | (q == k)[None, None]
+    allowed = allowed[None, None]  # (1, 1, T, T)
     if segments is not None:
         allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
     return allowed

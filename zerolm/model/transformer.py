@@ -70,20 +70,27 @@ class Transformer(nn.Module):
                 s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.o.weight", "ffn.down.weight")) else std
                 p.normal_(0.0, s, generator=generator)
 
-    def forward(self, ids, *, positions=None, cache=None, key_valid=None, segments=None):
+    def forward(self, ids, *, positions=None, cache=None, rows=None, segments=None):
         """ids (B, T) -> logits (B, T, V).
 
-        positions: (B, T) or (T,) position of each token (default: cache length + arange(T));
-        cache: a KVCache filled in place; key_valid: (B, S) False at left-padding slots;
-        segments: (B, T) ids of packed sequences (no cache): attention stays within a segment."""
+        positions: (B, T) or (T,) position of each token (default: arange(T), or each row's cache
+        length onwards); cache: a KVCache filled in place, rows: (B,) its slots that ids continue
+        (default all, in order; see infer/kv_cache.py); segments: (B, T) ids of packed sequences
+        (no cache): attention stays within a segment."""
         cfg = self.cfg
         T = ids.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + T > cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}")
-        slots = torch.arange(start, start + T, device=ids.device)
-        if positions is None:
-            positions = slots
+        if cache is not None:
+            if segments is not None:
+                raise ValueError("segments (packed training rows) cannot be combined with a KV cache")
+            cache_positions, mask = cache.begin(rows, T, cfg.sliding_window)
+            if positions is None:
+                positions = cache_positions
+        else:
+            if T > cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}")
+            if positions is None:
+                positions = torch.arange(T, device=ids.device)
+            mask = attention_mask(T, ids.device, cfg.sliding_window, segments)
         x = self.tok_emb(ids)  # (B, T, D)
         if cfg.position == "learned":
             x = x + self.pos_emb(positions)
@@ -93,15 +100,11 @@ class Transformer(nn.Module):
         if cfg.position == "rope":
             pos = positions if positions.dim() == 2 else positions[None]  # (B|1, T)
             rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
-        mask = None
-        if key_valid is not None or cfg.sliding_window or (start > 0 and T > 1) or segments is not None:
-            k_slots = torch.arange(start + T, device=ids.device)
-            mask = attention_mask(slots, k_slots, key_valid, cfg.sliding_window, segments)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, mask=mask, cache=cache, layer=i)
         if cache is not None:
-            cache.advance(T)
+            cache.end()
         if self.norm_f is not None:
             x = self.norm_f(x)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
