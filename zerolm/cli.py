@@ -170,6 +170,21 @@ def cmd_chat(args, extra):
          system=args.system, seed=args.seed, prompt=args.prompt, name=args.model)
 
 
+def cmd_serve(args, extra):
+    import os
+
+    from zerolm.serve.app import Limits, serve
+
+    api_key = args.api_key or os.environ.get("ZEROLM_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"zerolm serve: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    limits = Limits(max_tokens=args.max_tokens, max_n=args.max_n, max_messages=args.max_messages,
+                    max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
+    serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, limits=limits)
+
+
 def cmd_eval_poems(args, extra):
     from zerolm.data.poems import eval_requests
     from zerolm.data.prepare import read_docs
@@ -342,6 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default="", help="system message")
     _sampling_args(c, temperature=0.7)
     c.set_defaults(fn=cmd_chat, max_new_tokens=96)
+    sv = sub.add_parser("serve", help="OpenAI-compatible API + web chat UI (continuous batching)",
+                        description="serve a model: the OpenAI API at /v1 (chat/completions, completions, models), "
+                                    "a web chat UI with an inspector at /, /health and /metrics.")
+    sv.add_argument("model", help="model directory (e.g. runs/speedrun/sft/model)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set ZEROLM_API_KEY)")
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting sequences before 503 + Retry-After")
+    sv.add_argument("--max-tokens", type=int, default=512, help="limit (and default) for max_tokens per choice")
+    sv.add_argument("--max-n", type=int, default=8, help="limit for n (choices per request)")
+    sv.add_argument("--max-messages", type=int, default=256, help="limit for messages per chat request")
+    sv.add_argument("--max-prompt-tokens", type=int, default=None, help="limit for prompt tokens (default: window-1)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="limit for a request body (413 above)")
+    sv.set_defaults(fn=cmd_serve)
     ev = sub.add_parser("eval-poems", help="share of held-out poem requests answered in the requested form")
     ev.add_argument("models", nargs="+", help="model directories to compare (e.g. the base and the SFT model)")
     ev.add_argument("--docs", default="runs/speedrun/docs", help="prepared docs/ whose val.jsonl holds the requests")

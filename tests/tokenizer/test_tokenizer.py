@@ -42,7 +42,10 @@ def test_special_tokens_reserved_first(trained):
 @given(text=st.text(max_size=200))
 def test_any_unicode_round_trips(roundtrip_tokenizers, text):
     for kind, tok in roundtrip_tokenizers.items():
-        assert tok.decode(tok.encode(text)) == text, kind
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text, kind
+        plain = tok.encode_batch([text], split_special=False)[0]  # typed special-token strings as text
+        assert b"".join(tok.token_bytes[i] for i in plain) == text.encode("utf-8"), kind  # exact, even mid-character
 
 
 @settings(max_examples=100, deadline=None)

@@ -83,25 +83,32 @@ class Tokenizer:
             raise ValueError(f"token {token!r} is not in the vocabulary")
         return i
 
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each token id stands for (b"" for special tokens): a token may be part
+        of a character (byte-level BPE, byte fallback), so bytes, not text, are exact."""
+        from zerolm.tokenizer.train import BYTE_TOKENS
+
+        kind, byte_tokens = self.kind, {t: i for i, t in enumerate(BYTE_TOKENS)}
+        unicode_to_byte = {c: b for b, c in _byte_level_alphabet().items()}
+        out = [b""] * self.vocab_size
+        for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
+            if i < len(SPECIAL_TOKENS):
+                continue
+            if kind == "bpe":  # byte-level alphabet: one character per byte
+                out[i] = bytes(unicode_to_byte[c] for c in tok)
+            elif kind == "char":
+                out[i] = bytes([byte_tokens[tok]]) if tok in byte_tokens else tok.encode("utf-8")
+            else:  # wordpiece: continuation pieces carry a '##' prefix
+                out[i] = tok.removeprefix("##").encode("utf-8")
+        return out
+
     def token_byte_lengths(self):
         """(V,) int64 numpy array: UTF-8 bytes each token stands for (0 for special tokens), so
         bits per byte = total nats / ln 2 / sum of byte lengths of the predicted tokens."""
         import numpy as np
 
-        from zerolm.tokenizer.train import BYTE_TOKENS
-
-        kind, byte_tokens = self.kind, set(BYTE_TOKENS)
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
-            if i < len(SPECIAL_TOKENS):
-                continue
-            if kind == "bpe":  # byte-level alphabet: one character per byte
-                out[i] = len(tok)
-            elif kind == "char":
-                out[i] = 1 if tok in byte_tokens else len(tok.encode("utf-8"))
-            else:  # wordpiece: continuation pieces carry a '##' prefix
-                out[i] = len(tok.removeprefix("##").encode("utf-8"))
-        return out
+        return np.array([len(b) for b in self.token_bytes], dtype=np.int64)
 
     def unknown_ids(self) -> set[int]:
         """Ids that stand for text unseen in training: <|unk|>, and byte fallbacks of `char`."""
@@ -157,3 +164,15 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises plain Exception on malformed files
             raise ValueError(f"{p}: not a valid tokenizer.json ({e})") from None
         return cls(hf)
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """byte -> character of the byte-level BPE alphabet (GPT-2's): printable Latin-1 bytes map to
+    themselves, the other 68 to code points from 256 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table

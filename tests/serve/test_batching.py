@@ -1,0 +1,160 @@
+"""Continuous batching through the real server: concurrent streams equal the same requests alone,
+a client that goes away frees its slot at once, a full queue answers 503 with Retry-After."""
+import asyncio
+import http.client
+import json
+import time
+
+import pytest
+from openai import AsyncOpenAI
+
+from zerolm.infer.engine import Engine, GenerateRequest
+from zerolm.infer.sampling import SamplingParams
+from zerolm.model import load_model
+from zerolm.serve.app import Limits
+from zerolm.serve.scheduler import Job, Scheduler
+
+API_KEY = "sk-test-123"  # as in conftest.py
+
+
+def requests(n=32):
+    """Mixed requests: different prompts and lengths, greedy and seeded sampling, chat and completion."""
+    out = []
+    for i in range(n):
+        kw = {"max_tokens": 8 + (i * 5) % 25, "temperature": 0.0 if i % 2 else 1.0, "seed": 100 + i,
+              "top_p": 0.9 if i % 4 == 0 else 1.0}
+        if i % 3:
+            kw["messages"] = [{"role": "user", "content": "床前明月光" * (1 + i % 4) + str(i)}]
+        else:
+            kw["prompt"] = "Hello there " * (1 + i % 5) + str(i)
+        out.append(kw)
+    return out
+
+
+async def one(client, kw):
+    """Stream one request; return (text, finish_reason)."""
+    kw = dict(kw, model="tiny", stream=True)
+    if "messages" in kw:
+        stream = await client.chat.completions.create(**kw)
+        text, reason = "", None
+        async for c in stream:
+            text += c.choices[0].delta.content or ""
+            reason = c.choices[0].finish_reason or reason
+        return text, reason
+    stream = await client.completions.create(**kw)
+    text, reason = "", None
+    async for c in stream:
+        text += c.choices[0].text
+        reason = c.choices[0].finish_reason or reason
+    return text, reason
+
+
+def test_32_concurrent_streams_equal_each_request_alone(live):
+    async def main():
+        client = AsyncOpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        reqs = requests()
+        alone = [await one(client, kw) for kw in reqs]
+        together = await asyncio.gather(*(one(client, kw) for kw in reqs))
+        return alone, together
+
+    before = live.server.scheduler.stats.steps
+    alone, together = asyncio.run(main())
+    assert together == alone
+    assert all(reason in ("stop", "length") for _, reason in together)
+    assert live.server.scheduler.load()["running"] == 0
+    # batching really happened: far fewer decode steps than the tokens of the concurrent round
+    assert live.server.scheduler.stats.steps - before < sum(8 + (i * 5) % 25 for i in range(32)) * 1.6
+
+
+def test_a_client_that_disconnects_frees_its_slot_at_once(launch):
+    srv = launch(max_batch=2, max_queue=4)
+    srv.server.limits = Limits(max_tokens=1000)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hello", "max_tokens": 1000, "stream": True,
+                                                       "temperature": 1.0}),
+                 {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200
+    for _ in range(3):
+        assert r.readline().startswith(b"data: ")  # a few chunks arrive
+        r.readline()
+    assert srv.server.scheduler.load()["running"] == 1
+    conn.sock.close()  # the client goes away mid-stream
+    t0 = time.perf_counter()
+    while srv.server.scheduler.load()["running"]:
+        assert time.perf_counter() - t0 < 2.0, "slot not freed"
+        time.sleep(0.01)
+    assert srv.server.scheduler.stats.tokens < 1000  # cut short, not run to max_tokens
+
+
+def test_a_full_queue_is_503_with_retry_after(launch):
+    srv = launch(max_batch=1, max_queue=1)
+    srv.server.limits = Limits(max_tokens=1000)
+    conns, statuses = [], []
+    for _ in range(4):  # one runs, one waits, the rest find the queue full
+        c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        c.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 900, "stream": True}),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse()
+        statuses.append((r.status, r.getheader("Retry-After")))
+        if r.status != 200:
+            assert json.loads(r.read())["error"]["code"] == "server_busy"
+        conns.append(c)
+    assert statuses[:2] == [(200, None), (200, None)]
+    assert statuses[2:] == [(503, "1"), (503, "1")]
+    for c in conns:
+        c.close()
+
+
+def test_scheduler_rows_joining_mid_flight_equal_the_engine_alone(model_dir):
+    """Below HTTP: jobs submitted while others run decode exactly as Engine.generate alone (greedy)."""
+    model = load_model(model_dir)
+    prompts = [[1, 20, 21, 22], [1, 30], [1, 40, 41, 42, 43, 44, 45], [1, 50, 51]]
+    greedy = SamplingParams(temperature=0)
+    want = [Engine(model).generate([p], GenerateRequest(max_new_tokens=12, sampling=greedy))[0] for p in prompts]
+    sched = Scheduler(model, max_batch=3, max_queue=8)
+    got = {i: [] for i in range(4)}
+    done = {}
+    try:
+        jobs = []
+        for i, p in enumerate(prompts):
+            def emit(kind, value, i=i):
+                if kind == "token":
+                    got[i].append(value.id)
+                else:
+                    done[i] = value
+            jobs.append(Job(prompt=p, max_new_tokens=12, sampling=greedy, emit=emit))
+            sched.submit([jobs[-1]])
+            time.sleep(0.002 * i)  # arrive at different steps
+        t0 = time.time()
+        while len(done) < 4:
+            assert time.time() - t0 < 30
+            time.sleep(0.01)
+    finally:
+        sched.close()
+    assert [got[i] for i in range(4)] == want
+    assert set(done.values()) == {"length"}
+
+
+def test_scheduler_survives_a_failing_step(model_dir):
+    model = load_model(model_dir)
+    sched = Scheduler(model, max_batch=2)
+    events = []
+    try:
+        bad = Job(prompt=[1, 10**6], max_new_tokens=3, emit=lambda k, v: events.append((k, v)))  # id out of range
+        sched.submit([bad])
+        t0 = time.time()
+        while not events:
+            assert time.time() - t0 < 10
+            time.sleep(0.01)
+        assert events[0][0] == "error"
+        ok = []
+        sched.submit([Job(prompt=[1, 5], max_new_tokens=3, emit=lambda k, v: ok.append(k))])
+        while "done" not in ok:
+            assert time.time() - t0 < 10
+            time.sleep(0.01)
+        assert ok == ["token"] * 3 + ["done"]
+    finally:
+        sched.close()
+    with pytest.raises(ValueError, match="window"):
+        sched.submit([Job(prompt=[1] * 1020, max_new_tokens=10)])

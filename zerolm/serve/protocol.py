@@ -1,0 +1,160 @@
+"""OpenAI-compatible request and response schemas (pydantic): the API's contract and its OpenAPI
+document. Requests accept and ignore fields zerolm does not use (`user`, `metadata`, ...);
+`top_k`, `min_p` and `repetition_penalty` are extensions, as in vLLM.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="ignored: the server serves one model")
+    max_tokens: int | None = Field(None, ge=1, description="new tokens at most (default: what the window leaves, "
+                                                           "capped by the server's --max-tokens)")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="extension: keep the k most likely tokens (0 = off)")
+    min_p: float = Field(0.0, ge=0, lt=1, description="extension: drop tokens below min_p x the top probability")
+    repetition_penalty: float = Field(1.0, gt=0, description="extension: HF/CTRL repetition penalty")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text (not included)")
+    n: int = Field(1, ge=1, description="choices to generate")
+    seed: int | None = Field(None, description="same seed + same request = same tokens (choice i uses seed + i)")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives per token (legacy format)")
+    echo: Literal[False] = Field(False, description="not supported: must be false")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "zerolm"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AttentionRequest(BaseModel):
+    """Text to look into: a conversation (rendered with the chat template) or plain text."""
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    layer: int = Field(0, ge=0)
+    head: int = Field(0, ge=0)
+
+
+class AttentionResponse(BaseModel):
+    tokens: list[str] = Field(description="the context, one entry per token (special tokens by name)")
+    layer: int
+    head: int
+    n_layers: int
+    n_heads: int
+    weights: list[list[float]] = Field(description="(T, T): row t = token t's attention over tokens 0..t")
