@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up zerolm in ./.venv; idempotent (a second run with nothing changed takes about a second).
 #   bash scripts/setup.sh          runtime only
-#   bash scripts/setup.sh test     runtime + test/bench tools
+#   bash scripts/setup.sh test     runtime + test/bench tools (and Debian's chromium for the browser test)
 # Torch: the CPU wheel torch==2.13.0 unless ZEROLM_TORCH says otherwise (e.g. ZEROLM_TORCH="torch" on a
 # CUDA machine). It is installed before the project so no dependency can pull a multi-GB CUDA build.
 set -euo pipefail
@@ -20,6 +20,16 @@ pip_install() {  # quiet pip; drops one harmless warning that some pip configs p
   grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
   rm -f "$log"
 }
+
+# The browser test of the web UI drives Debian's chromium (Playwright's own browser download is not used).
+if [ "$extra" = test ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (Debian package) for the browser test" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: warning: no chromium found; install it (apt-get install chromium) for tests/serve/test_browser.py" >&2
+  fi
+fi
 
 stamp=.venv/.zerolm-setup
 base="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) torch=$torch_spec"

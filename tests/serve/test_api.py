@@ -190,3 +190,22 @@ def test_attention_endpoint(live, model_dir):
     for t, row in enumerate(w):
         assert sum(row) == pytest.approx(1.0, abs=1e-3) and all(x == 0 for x in row[t + 1:])  # causal rows
     assert raw(live, "POST", "/v1/inspect/attention", {"prompt": "x", "layer": 9})[0] == 400
+    assert b"".join(bytes(b) for b in body["token_bytes"]).decode() == "Be brief.床前明月光"  # specials: no bytes
+
+
+def test_attention_of_generated_tokens_lines_up_with_the_reply(live, client, model_dir):
+    """The inspector's request: the conversation + the reply's tokens (as logprobs bytes) give the
+    same ids as generation did, so row offset + i is generated token i."""
+    from zerolm.tokenizer import Tokenizer
+    from zerolm.tokenizer.chat import prompt_ids
+
+    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, temperature=0, logprobs=True)
+    entries = r.choices[0].logprobs.content
+    status, _, body = raw(live, "POST", "/v1/inspect/attention",
+                          {"messages": CHAT, "continuation": [e.bytes for e in entries], "layer": 0, "head": 1})
+    assert status == 200
+    assert body["offset"] == len(prompt_ids(Tokenizer.load(model_dir), CHAT))
+    assert body["tokens"][body["offset"]:] == [e.token for e in entries]
+    assert len(body["weights"]) == body["offset"] + len(entries)
+    bad = raw(live, "POST", "/v1/inspect/attention", {"messages": CHAT, "continuation": [[0xFF, 0xFE, 0xFD, 0xFC]]})
+    assert bad[0] == 400 and bad[2]["error"]["param"] == "continuation"

@@ -101,6 +101,7 @@ class Server:
         self.scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue)
         self.created = int(time.time())
         self.chat_stops = (tok.token_id(END), tok.token_id(EOS))
+        self.token_ids = {b: i for i, b in enumerate(tok.token_bytes) if b}  # bytes -> id (the inspector's input)
         self.http_errors = 0
 
     # -- text <-> tokens ---------------------------------------------------------------------
@@ -356,14 +357,24 @@ def create_app(server: Server, api_key: str | None = None) -> FastAPI:
         if req.layer >= cfg.n_layers or req.head >= cfg.n_heads:
             raise ApiError(400, f"layer must be < {cfg.n_layers} and head < {cfg.n_heads}", "layer")
         try:
-            ids = render(server.tok, [m.model_dump() for m in req.messages])[0] if req.messages \
-                else server.completion_prompt(req.prompt)
+            if req.messages:
+                messages = [m.model_dump() for m in req.messages]
+                ids = prompt_ids(server.tok, messages) if req.continuation is not None else render(server.tok, messages)[0]
+            else:
+                ids = server.completion_prompt(req.prompt)
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from e
+        offset = len(ids)
+        for j, b in enumerate(req.continuation or []):
+            if (tid := server.token_ids.get(bytes(b))) is None:
+                raise ApiError(400, f"continuation token {j} ({bytes(b)!r}) is no token of this model", "continuation")
+            ids.append(tid)
         if len(ids) > server.window:
-            ids = ids[-server.window:]
+            raise ApiError(400, f"{len(ids)} tokens are over the model window of {server.window}", "messages",
+                           "context_length_exceeded")
         w = await asyncio.to_thread(attention_weights, server.model, ids, req.layer)
-        return P.AttentionResponse(tokens=[server.token_str(i) for i in ids], layer=req.layer, head=req.head,
+        return P.AttentionResponse(tokens=[server.token_str(i) for i in ids],
+                                   token_bytes=[list(server.tok.token_bytes[i]) for i in ids], offset=offset, layer=req.layer, head=req.head,
                                    n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                                    weights=[[round(x, 5) for x in row] for row in w[req.head].tolist()])
 

@@ -143,16 +143,21 @@ class ModelList(BaseModel):
 
 
 class AttentionRequest(BaseModel):
-    """Text to look into: a conversation (rendered with the chat template) or plain text."""
+    """Text to look into: a conversation (rendered with the chat template) or a completion prompt,
+    optionally followed by generated tokens given exactly, as the `bytes` of their logprobs entries."""
 
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
+    continuation: list[list[int]] | None = Field(None, description="generated tokens, each as its bytes; they "
+                                                                   "follow the generation prompt")
     layer: int = Field(0, ge=0)
     head: int = Field(0, ge=0)
 
 
 class AttentionResponse(BaseModel):
     tokens: list[str] = Field(description="the context, one entry per token (special tokens by name)")
+    token_bytes: list[list[int]] = Field(description="the UTF-8 bytes of each token (empty for special tokens)")
+    offset: int = Field(description="index of the first continuation token (= number of tokens without it)")
     layer: int
     head: int
     n_layers: int
