@@ -182,7 +182,7 @@ def cmd_serve(args, extra):
     limits = Limits(max_tokens=args.max_tokens, max_n=args.max_n, max_messages=args.max_messages,
                     max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
     serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
-          max_queue=args.max_queue, limits=limits)
+          max_queue=args.max_queue, limits=limits, log_level=args.log_level)
 
 
 def cmd_eval_poems(args, extra):
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-messages", type=int, default=256, help="limit for messages per chat request")
     sv.add_argument("--max-prompt-tokens", type=int, default=None, help="limit for prompt tokens (default: window-1)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="limit for a request body (413 above)")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="uvicorn's log level (info logs every request)")
     sv.set_defaults(fn=cmd_serve)
     ev = sub.add_parser("eval-poems", help="share of held-out poem requests answered in the requested form")
     ev.add_argument("models", nargs="+", help="model directories to compare (e.g. the base and the SFT model)")

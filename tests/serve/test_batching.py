@@ -106,33 +106,34 @@ def test_a_full_queue_is_503_with_retry_after(launch):
         c.close()
 
 
-def test_scheduler_rows_joining_mid_flight_equal_the_engine_alone(model_dir):
-    """Below HTTP: jobs submitted while others run decode exactly as Engine.generate alone (greedy)."""
+def test_scheduler_rows_joining_and_leaving_mid_flight_equal_the_engine_alone(model_dir):
+    """Below HTTP: sequences that arrive while others run, and finish at different steps (their
+    slots then take the last sequence's cache), decode exactly as Engine.generate alone (greedy)."""
     model = load_model(model_dir)
-    prompts = [[1, 20, 21, 22], [1, 30], [1, 40, 41, 42, 43, 44, 45], [1, 50, 51]]
+    prompts = [[1, 20, 21, 22], [1, 30], [1, 40, 41, 42, 43, 44, 45], [1, 50, 51], [1, 60, 61, 62, 63], [1, 70]]
+    lengths = [12, 3, 9, 5, 14, 7]
     greedy = SamplingParams(temperature=0)
-    want = [Engine(model).generate([p], GenerateRequest(max_new_tokens=12, sampling=greedy))[0] for p in prompts]
+    want = [Engine(model).generate([p], GenerateRequest(max_new_tokens=n, sampling=greedy))[0]
+            for p, n in zip(prompts, lengths)]
     sched = Scheduler(model, max_batch=3, max_queue=8)
-    got = {i: [] for i in range(4)}
+    got = {i: [] for i in range(len(prompts))}
     done = {}
     try:
-        jobs = []
-        for i, p in enumerate(prompts):
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
             def emit(kind, value, i=i):
                 if kind == "token":
                     got[i].append(value.id)
                 else:
                     done[i] = value
-            jobs.append(Job(prompt=p, max_new_tokens=12, sampling=greedy, emit=emit))
-            sched.submit([jobs[-1]])
+            sched.submit([Job(prompt=p, max_new_tokens=n, sampling=greedy, emit=emit)])
             time.sleep(0.002 * i)  # arrive at different steps
         t0 = time.time()
-        while len(done) < 4:
+        while len(done) < len(prompts):
             assert time.time() - t0 < 30
             time.sleep(0.01)
     finally:
         sched.close()
-    assert [got[i] for i in range(4)] == want
+    assert [got[i] for i in range(len(prompts))] == want
     assert set(done.values()) == {"length"}
 
 

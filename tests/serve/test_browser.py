@@ -49,9 +49,10 @@ def test_chat_streams_a_reply_and_the_inspector_shows_probabilities_and_attentio
             page.select_option("#layer", "1")
             page.wait_for_function("document.querySelector('#ctx span') !== null")
             page.fill("#input", "Stop me")  # the stop button ends a reply early
-            page.fill("#max_tokens", "900")
+            page.fill("#max_tokens", "900")  # greedy: this reply runs 900 tokens unless stopped
             page.press("#input", "Enter")
-            page.click("#stop")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant')[1]?.querySelector('.tok')")
+            page.evaluate("document.getElementById('stop').click()")
             expect(page.locator(".msg.assistant").nth(1)).to_have_attribute("data-done", "stopped")
             assert errors == []
         finally:

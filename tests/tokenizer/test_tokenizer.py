@@ -133,3 +133,21 @@ def test_training_chunks_never_cut_a_pretoken(text, size):
     pieces = list(chunks(text, size))
     assert "".join(pieces) == text
     assert [p for c in pieces for p, _ in split.pre_tokenize_str(c)] == [p for p, _ in split.pre_tokenize_str(text)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from("ab 床前明月光😀é\n，。"), max_size=60))
+def test_stream_decoder_emits_whole_characters_that_add_up_to_the_text(roundtrip_tokenizers, trained_wordpiece, text):
+    from zerolm.tokenizer.stream import StreamDecoder
+
+    for kind, tok in [*roundtrip_tokenizers.items(), ("wordpiece", trained_wordpiece)]:
+        ids = tok.encode(text)
+        dec = StreamDecoder(tok)
+        pieces = [dec.push(i) for i in ids] + [dec.flush()]
+        assert "".join(pieces) == tok.decode(ids), kind  # the same text as one decode of all ids
+        assert not any("\ufffd" in p for p in pieces), kind  # never half a character
+
+
+@pytest.fixture(scope="module")
+def trained_wordpiece():
+    return train_tokenizer(TokenizerConfig(kind="wordpiece", vocab_size=600, min_frequency=1), TRAIN, progress=False)

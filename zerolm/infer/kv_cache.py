@@ -5,7 +5,9 @@ slot s are filled. A forward call writes T new tokens for some slots (`rows`, de
 T == 1 every row writes at its own length (a decode step of sequences of different lengths, the
 case of continuous batching); with T > 1 the rows must all be at the same length (a prefill or a
 chunk of one). Attention then spans the first max(lengths) + T slots, with each row's unwritten
-slots masked out. A freed slot is reused after `reset(slot)`; nothing needs clearing.
+slots masked out. A freed slot is reused after `reset(slot)`; nothing needs clearing. Rows given
+as a slice are read as views; rows given as a tensor of slot ids are gathered (a copy per layer),
+so a caller decoding many steps keeps its live sequences in slots 0..n-1 (`move`).
 """
 from __future__ import annotations
 
@@ -31,10 +33,11 @@ class KVCache:
         return cls(cfg.n_layers, slots, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads,
                    dtype or param.dtype, param.device)
 
-    def begin(self, rows: torch.Tensor | None, T: int, window: int = 0):
-        """Plan a call writing T tokens for slots `rows` ((B,) long, None = all slots in order).
+    def begin(self, rows: torch.Tensor | slice | None, T: int, window: int = 0):
+        """Plan a call writing T tokens for slots `rows` ((B,) long slot ids, a slice, None = all).
         Returns (positions (B, T) of the new tokens, attention mask (B|1, 1, T, S) or None)."""
-        start = self.lengths if rows is None else self.lengths[rows]  # (B,)
+        rows = slice(None) if rows is None else rows
+        start = self.lengths[rows]  # (B,)
         first, last = int(start.min()), int(start.max())
         if T > 1 and first != last:
             raise ValueError(f"a {T}-token call needs its rows at one length; they are at {start.tolist()}: "
@@ -65,27 +68,28 @@ class KVCache:
         """Write (B, K, T, Dh) new keys/values as planned by begin; return the (B, K, S, Dh) keys/values to attend."""
         rows, start, first, T, span = self._call
         kc, vc = self.k[layer], self.v[layer]  # (slots, K, max_len, Dh)
+        if isinstance(rows, slice):
+            kc, vc, rows = kc[rows], vc[rows], slice(None)  # views of the rows
         if T == 1:
-            idx = torch.arange(self.slots, device=k.device) if rows is None else rows
+            idx = torch.arange(kc.shape[0], device=k.device) if isinstance(rows, slice) else rows
             kc[idx, :, start] = k[:, :, 0]
             vc[idx, :, start] = v[:, :, 0]
-        elif rows is None:
-            kc[:, :, first : first + T] = k
-            vc[:, :, first : first + T] = v
         else:
             kc[rows, :, first : first + T] = k
             vc[rows, :, first : first + T] = v
-        if rows is None:
-            return kc[:, :, :span], vc[:, :, :span]
         return kc[rows, :, :span], vc[rows, :, :span]
 
     def end(self) -> None:
         rows, _, _, T, _ = self._call
-        if rows is None:
-            self.lengths += T
-        else:
-            self.lengths[rows] += T
+        self.lengths[rows] += T
         self._call = None
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot src's sequence into slot dst (e.g. to keep live sequences in slots 0..n-1)."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
 
     def reset(self, slot: int | None = None) -> None:
         """Forget slot `slot` (all slots if None) so a new sequence can use it."""

@@ -86,7 +86,7 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = cache_positions
         else:
-            if T > cfg.max_seq_len:
+            if ids.shape[1] > cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}")
             if positions is None:
                 positions = torch.arange(T, device=ids.device)

@@ -8,9 +8,11 @@ status (5xx only for a server fault); no request can take the server down.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -91,6 +93,29 @@ class _TooLarge(Exception):
     pass
 
 
+class Relay:
+    """Scheduler thread -> event loop. Events are queued and the loop is woken at most once per
+    burst of them (one self-pipe write per decode step, not one per token)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.armed, self.lock = loop, collections.deque(), False, threading.Lock()
+
+    def put(self, queue: asyncio.Queue, item) -> None:  # any thread
+        self.items.append((queue, item))
+        with self.lock:
+            if self.armed:
+                return
+            self.armed = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # the loop's thread
+        with self.lock:
+            self.armed = False
+        while self.items:
+            queue, item = self.items.popleft()
+            queue.put_nowait(item)
+
+
 class Server:
     """Holds the model, tokenizer, scheduler and limits; its methods are the endpoints' work."""
 
@@ -103,6 +128,13 @@ class Server:
         self.chat_stops = (tok.token_id(END), tok.token_id(EOS))
         self.token_ids = {b: i for i, b in enumerate(tok.token_bytes) if b}  # bytes -> id (the inspector's input)
         self.http_errors = 0
+        self._relay: Relay | None = None
+
+    def relay(self) -> Relay:
+        loop = asyncio.get_running_loop()
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = Relay(loop)
+        return self._relay
 
     # -- text <-> tokens ---------------------------------------------------------------------
     def token_str(self, i: int) -> str:
@@ -174,14 +206,14 @@ class Generation:
 
     def __init__(self, server: Server, n: int, stops: list[str], stop_ids: tuple[int, ...]):
         self.server, self.stop_ids = server, stop_ids
-        self.loop = asyncio.get_running_loop()
+        self.relay = server.relay()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.decoders = [StreamDecoder(server.tok, stop_ids, skip_special=True) for _ in range(n)]
         self.cutters = [StopStrings(stops) for _ in range(n)]
         self.jobs: list[Job | None] = []
 
     def emitter(self, i: int):
-        return lambda kind, value: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, kind, value))
+        return lambda kind, value: self.relay.put(self.queue, (i, kind, value))
 
     def cancel(self) -> None:
         for j in self.jobs:
@@ -189,32 +221,53 @@ class Generation:
                 j.cancel()
         self.server.scheduler.wake()
 
+    async def collect(self) -> tuple[list[str], list[list], list[str | None], int]:
+        """Run to the end: (text, tokens and finish reason per choice, tokens generated in all)."""
+        n = len(self.jobs)
+        texts, toks, reasons, used = [""] * n, [[] for _ in range(n)], [None] * n, 0
+        async for ev in self.events():
+            texts[ev.choice] += ev.text
+            toks[ev.choice] += ev.tokens
+            reasons[ev.choice] = ev.finish or reasons[ev.choice]
+            used += ev.generated
+        return texts, toks, reasons, used
+
     async def events(self):
-        """Events until every choice has finished; leaving early (a client gone) cancels the rest."""
+        """Events until every choice has finished; leaving early (a client gone) cancels the rest.
+        Tokens that queued up meanwhile (a busy server) go out together: one Event per choice."""
         open_ = len(self.jobs)
         try:
             while open_:
-                i, kind, value = await self.queue.get()
-                job = self.jobs[i]
-                if job is None:
-                    continue  # a choice already finished by a stop string
-                if kind == "token":
-                    if value.id in self.stop_ids:
-                        continue
-                    text, hit = self.cutters[i].feed(self.decoders[i].push(value.id))
-                    if hit:
+                batch = [await self.queue.get()]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                out: dict[int, Event] = {}
+                for i, kind, value in batch:
+                    job = self.jobs[i]
+                    if job is None:
+                        continue  # a choice already finished by a stop string
+                    ev = out.setdefault(i, Event(i, "", []))
+                    if kind == "token":
+                        if value.id in self.stop_ids:
+                            continue
+                        text, hit = self.cutters[i].feed(self.decoders[i].push(value.id))
+                        ev.text += text
+                        ev.tokens.append(value)
+                        if not hit:
+                            continue
                         job.cancel()
                         self.server.scheduler.wake()
-                        self.jobs[i], open_ = None, open_ - 1
-                        yield Event(i, text, [value], "stop", job.generated)
+                        ev.finish = "stop"
+                    elif kind == "done":
+                        ev.text += self.cutters[i].feed(self.decoders[i].flush())[0] + self.cutters[i].flush()
+                        ev.finish = "length" if value == "length" else "stop"
                     else:
-                        yield Event(i, text, [value])
-                elif kind == "done":
-                    tail = self.cutters[i].feed(self.decoders[i].flush())[0] + self.cutters[i].flush()
+                        raise ApiError(500, str(value), kind="server_error")
+                    ev.generated = job.generated
                     self.jobs[i], open_ = None, open_ - 1
-                    yield Event(i, tail, [], "length" if value == "length" else "stop", job.generated)
-                else:
-                    raise ApiError(500, str(value), kind="server_error")
+                for ev in out.values():
+                    if ev.text or ev.tokens or ev.finish:
+                        yield ev
         finally:
             self.cancel()
 
@@ -306,16 +359,10 @@ def create_app(server: Server, api_key: str | None = None) -> FastAPI:
         if req.stream:
             return StreamingResponse(chat_stream(server, gen, req, rid, created, len(prompt)),
                                      media_type="text/event-stream")
-        texts, lps, reasons, used = [""] * req.n, [[] for _ in range(req.n)], [None] * req.n, 0
-        async for ev in gen.events():
-            texts[ev.choice] += ev.text
-            used += ev.generated
-            if k is not None:
-                lps[ev.choice] += [server.logprob_entry(t) for t in ev.tokens]
-            reasons[ev.choice] = ev.finish or reasons[ev.choice]
+        texts, toks, reasons, used = await gen.collect()
         choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=texts[i]), finish_reason=reasons[i],
-                                logprobs=P.ChoiceLogprobs(content=lps[i]) if k is not None else None)
-                   for i in range(req.n)]
+                                logprobs=P.ChoiceLogprobs(content=[server.logprob_entry(t) for t in toks[i]])
+                                if k is not None else None) for i in range(req.n)]
         return P.ChatCompletion(id=rid, created=created, model=server.name, choices=choices,
                                 usage=usage(len(prompt), used))
 
@@ -336,14 +383,9 @@ def create_app(server: Server, api_key: str | None = None) -> FastAPI:
         if req.stream:
             return StreamingResponse(completion_stream(server, gen, req, rid, created, len(prompt)),
                                      media_type="text/event-stream")
-        texts, lps, reasons, used = [""] * req.n, [[] for _ in range(req.n)], [None] * req.n, 0
-        async for ev in gen.events():
-            texts[ev.choice] += ev.text
-            used += ev.generated
-            lps[ev.choice] += ev.tokens
-            reasons[ev.choice] = ev.finish or reasons[ev.choice]
+        texts, toks, reasons, used = await gen.collect()
         choices = [P.CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i],
-                                      logprobs=legacy_logprobs(server, lps[i], req.logprobs)
+                                      logprobs=legacy_logprobs(server, toks[i], req.logprobs)
                                       if req.logprobs is not None else None) for i in range(req.n)]
         return P.Completion(id=rid, created=created, model=server.name, choices=choices,
                             usage=usage(len(prompt), used))

@@ -6,6 +6,8 @@ budget per step so that long prompts do not stall the streams already running, t
 decode step for every running sequence, each at its own length in its own slot
 (zerolm/infer/kv_cache.py), and samples each row with that sequence's own parameters, token
 counts and random generator, so a seeded request draws the same tokens alone or in a crowd.
+Running sequences always hold slots 0..n-1 (a finished one's slot takes the last sequence's
+cache), so the decode step reads the cache as views, never gathers it.
 
 The scheduler speaks token ids only; results leave through each sequence's `emit` callback
 (called on the scheduler thread): ("token", Token) per new token, then ("done", reason) with
@@ -88,7 +90,7 @@ class Scheduler:
         self.cache = KVCache.for_model(model, max_batch)
         self.vocab = model.cfg.vocab_size
         self.waiting: collections.deque[Job] = collections.deque()
-        self.running: dict[int, Job] = {}  # slot -> sequence
+        self.running: list[Job] = []  # running[i].slot == i
         self.stats = Stats()
         self._cv = threading.Condition()
         self._closed = False
@@ -144,7 +146,7 @@ class Scheduler:
                 while not self._closed and not self.waiting and not self.running:
                     self._cv.wait()
                 if self._closed:
-                    for s in [*self.waiting, *self.running.values()]:
+                    for s in [*self.waiting, *self.running]:
                         s.emit("error", "server shutting down")
                     return
                 admitted = self._admit()
@@ -154,19 +156,17 @@ class Scheduler:
             except Exception as e:  # a failing step fails its sequences, never the server
                 log.exception("scheduler step failed")
                 with self._cv:
-                    for slot, s in list(self.running.items()):
+                    for s in self.running:
                         s.emit("error", f"generation failed: {type(e).__name__}: {e}")
-                        del self.running[slot]
+                    self.running.clear()
 
     def _admit(self) -> list[Job]:
         """Move waiting sequences into free slots (under the lock), within the prefill budget."""
-        for slot, s in list(self.running.items()):
-            if s.cancelled:
-                del self.running[slot]
-                s.emit("done", "cancelled")
-        free = [i for i in range(self.max_batch) if i not in self.running]
+        for s in [s for s in self.running if s.cancelled]:
+            self._remove(s)
+            s.emit("done", "cancelled")
         admitted, budget = [], self.prefill_budget
-        while self.waiting and free:
+        while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting[0]
             if s.cancelled:
                 self.waiting.popleft()
@@ -176,13 +176,20 @@ class Scheduler:
                 break
             self.waiting.popleft()
             budget -= len(s.prompt)
-            s.slot = free.pop(0)
-            self.running[s.slot] = s
+            s.slot = len(self.running)
+            self.running.append(s)
             admitted.append(s)
         return admitted
 
+    def _remove(self, s: Job) -> None:
+        """Free s's slot (under the lock); the last running sequence moves into it."""
+        last = self.running.pop()
+        if last is not s:
+            self.cache.move(last.slot, s.slot)
+            last.slot = s.slot
+            self.running[s.slot] = last
+
     def _step(self, admitted: list[Job]) -> None:
-        decoding = [s for s in self.running.values() if s not in admitted and s.last >= 0]
         if admitted:
             for s in admitted:
                 self.cache.reset(s.slot)
@@ -191,25 +198,24 @@ class Scheduler:
                 s.gen.manual_seed(s.seed) if s.seed is not None else s.gen.seed()
             logits = self.engine.prefill([s.prompt for s in admitted], self.cache, [s.slot for s in admitted])
             self._sample_rows(admitted, logits)
-        if decoding:
-            rows = torch.tensor([s.slot for s in decoding])
-            last = torch.tensor([[s.last] for s in decoding])
-            logits = self.model(last, cache=self.cache, rows=rows)[:, -1]  # (B, V)
-            self._sample_rows(decoding, logits)
+        if self.running:  # every running sequence has its last token: one step for all, slots 0..n-1
+            seqs = list(self.running)
+            last = torch.tensor([[s.last] for s in seqs])
+            logits = self.model(last, cache=self.cache, rows=slice(0, len(seqs)))[:, -1]  # (B, V)
+            self._sample_rows(seqs, logits)
         self.stats.steps += 1
 
     def _sample_rows(self, seqs: list[Job], logits: torch.Tensor) -> None:
         now = time.perf_counter()
         finished = []
-        for s, row in zip(seqs, logits):
-            row = row[None]  # (1, V)
-            tid = int(sample(row, s.sampling, s.gen, s.counts[None])[0])
+        chosen = self._choose(seqs, logits)
+        lps = torch.log_softmax(logits.float(), -1) if any(s.logprobs is not None for s in seqs) else None  # (B, V)
+        for j, (s, tid) in enumerate(zip(seqs, chosen)):
             tok = Token(tid)
             if s.logprobs is not None:
-                lp = torch.log_softmax(row[0].float(), -1)  # (V,)
-                tok.logprob = float(lp[tid])
+                tok.logprob = float(lps[j, tid])
                 if s.logprobs:
-                    vals, ids = lp.topk(min(s.logprobs, self.vocab))
+                    vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
                     tok.top = list(zip(ids.tolist(), vals.tolist()))
             s.counts[tid] += 1
             s.generated += 1
@@ -226,8 +232,26 @@ class Scheduler:
         self.stats.recent.append((now, len(seqs)))
         with self._cv:
             for s, reason in finished:
-                self.running.pop(s.slot, None)
+                self._remove(s)
                 s.emit("done", reason)
+
+    @staticmethod
+    def _choose(seqs: list[Job], logits: torch.Tensor) -> list[int]:
+        """Next token of each row: greedy rows with equal parameters in one call (argmax needs no
+        generator), sampled rows one by one with their own generator."""
+        chosen: list[int] = [0] * len(seqs)
+        greedy: dict[SamplingParams, list[int]] = {}
+        for j, s in enumerate(seqs):
+            if s.sampling.temperature == 0:
+                greedy.setdefault(s.sampling, []).append(j)
+            else:
+                chosen[j] = int(sample(logits[j : j + 1], s.sampling, s.gen, s.counts[None])[0])
+        for params, js in greedy.items():
+            penalised = (params.repetition_penalty, params.presence_penalty, params.frequency_penalty) != (1.0, 0.0, 0.0)
+            counts = torch.stack([seqs[j].counts for j in js]) if penalised else None  # (G, V)
+            for j, t in zip(js, sample(logits[js], params, None, counts).tolist()):
+                chosen[j] = t
+        return chosen
 
     def _record_ttft(self, dt: float) -> None:
         st = self.stats
