@@ -209,3 +209,37 @@ def test_attention_of_generated_tokens_lines_up_with_the_reply(live, client, mod
     assert len(body["weights"]) == body["offset"] + len(entries)
     bad = raw(live, "POST", "/v1/inspect/attention", {"messages": CHAT, "continuation": [[0xFF, 0xFE, 0xFD, 0xFC]]})
     assert bad[0] == 400 and bad[2]["error"]["param"] == "continuation"
+
+
+def test_zerolm_serve_command(model_dir):
+    """`zerolm serve` as a user runs it: a process on 127.0.0.1 that answers, and stops on SIGTERM."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "zerolm.cli", "serve", str(model_dir), "--port", str(port),
+                             "--api-key", "sk-cli", "--max-batch", "2", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli", max_retries=0)
+        t0 = time.time()
+        while True:
+            try:
+                models = client.models.list().data
+                break
+            except Exception:
+                assert proc.poll() is None and time.time() - t0 < 60, proc.stdout.read() if proc.poll() is not None else ""
+                time.sleep(0.2)
+        assert models[0].id == "tiny"
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}],
+                                               max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=30)
+        out = proc.stdout.read()
+        assert code in (0, -15) and "Traceback" not in out, out  # uvicorn re-raises SIGTERM after a graceful stop
