@@ -182,7 +182,7 @@ def cmd_serve(args, extra):
     limits = Limits(max_tokens=args.max_tokens, max_n=args.max_n, max_messages=args.max_messages,
                     max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
     serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
-          max_queue=args.max_queue, limits=limits, log_level=args.log_level)
+          max_queue=args.max_queue, limits=limits, log_level=args.log_level, name=args.name)
 
 
 def cmd_eval_poems(args, extra):
@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("model", help="model directory (e.g. runs/speedrun/sft/model)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--name", help="model id in the API (default: the directory's name, or its parent's for .../model)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set ZEROLM_API_KEY)")
     sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting sequences before 503 + Retry-After")

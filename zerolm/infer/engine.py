@@ -28,7 +28,6 @@ class GenerateRequest:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     context: str = "truncate"  # or "error"
-    pad_id: int = 0
 
 
 def fit_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int, max_new_tokens: int,
@@ -111,25 +110,29 @@ class Engine:
         B, dev = len(prompts), self.device
         cache = KVCache.for_model(self.model, B, max(map(len, prompts)) + req.max_new_tokens)
         logits = self.prefill(prompts, cache)  # (B, V)
-        counts = torch.zeros(B, cfg.vocab_size, dtype=torch.long, device=dev)  # (B, V)
-        for r, p in enumerate(prompts):
-            counts[r].index_add_(0, torch.tensor(p, device=dev), torch.ones(len(p), dtype=torch.long, device=dev))
+        sp = req.sampling
+        counts = None  # (B, V) token occurrences, kept only when a penalty needs them
+        if (sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty) != (1.0, 0.0, 0.0):
+            counts = torch.zeros(B, cfg.vocab_size, dtype=torch.long, device=dev)
+            for r, p in enumerate(prompts):
+                counts[r].index_add_(0, torch.tensor(p, device=dev), torch.ones(len(p), dtype=torch.long, device=dev))
         gen = torch.Generator(device=dev)
         if req.seed is not None:
             gen.manual_seed(req.seed)
         else:
             gen.seed()
-        active = torch.ones(B, dtype=torch.bool, device=dev)
-        stop = torch.tensor(req.stop_token_ids or [-1], device=dev)
+        active = [True] * B
+        stops = set(req.stop_token_ids)
         for t in range(req.max_new_tokens):
-            nxt = sample(logits, req.sampling, gen, counts)  # (B,)
-            nxt = torch.where(active, nxt, req.pad_id)
-            yield {r: int(nxt[r]) for r in range(B) if active[r]}
-            counts.scatter_add_(1, nxt[:, None], active[:, None].long())
-            active &= ~torch.isin(nxt, stop)
-            if not active.any() or t == req.max_new_tokens - 1:
+            nxt = sample(logits, sp, gen, counts)  # (B,)
+            ids = nxt.tolist()
+            yield {r: ids[r] for r in range(B) if active[r]}
+            if counts is not None:
+                counts.scatter_add_(1, nxt[:, None], torch.tensor(active, device=dev)[:, None].long())
+            active = [a and i not in stops for a, i in zip(active, ids)]
+            if not any(active) or t == req.max_new_tokens - 1:
                 return
-            logits = self.model(nxt[:, None], cache=cache)[:, -1]
+            logits = self.model(nxt[:, None], cache=cache)[:, -1]  # finished rows decode on, unseen
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache, slots: Sequence[int] | None = None):
         """Run each prompt into its cache slot (default: slot i for prompt i), prompts of equal

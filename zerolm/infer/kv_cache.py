@@ -47,7 +47,7 @@ class KVCache:
             raise ValueError(f"KV cache full: {span} positions needed, {self.max_len} allocated")
         new = torch.arange(T, device=start.device)
         positions = start[:, None] + new  # (B, T)
-        self._call = (rows, start, first, T, span)
+        self._call = (rows, start, first, T, span, torch.arange(start.shape[0], device=start.device))
         k = torch.arange(span, device=start.device)  # key slots
         if T == 1:  # row b sees its own keys 0..start[b]
             if first == last and not window:
@@ -66,12 +66,12 @@ class KVCache:
 
     def update(self, layer: int, k, v):
         """Write (B, K, T, Dh) new keys/values as planned by begin; return the (B, K, S, Dh) keys/values to attend."""
-        rows, start, first, T, span = self._call
+        rows, start, first, T, span, batch = self._call
         kc, vc = self.k[layer], self.v[layer]  # (slots, K, max_len, Dh)
         if isinstance(rows, slice):
             kc, vc, rows = kc[rows], vc[rows], slice(None)  # views of the rows
         if T == 1:
-            idx = torch.arange(kc.shape[0], device=k.device) if isinstance(rows, slice) else rows
+            idx = batch if isinstance(rows, slice) else rows
             kc[idx, :, start] = k[:, :, 0]
             vc[idx, :, start] = v[:, :, 0]
         else:
@@ -80,7 +80,7 @@ class KVCache:
         return kc[rows, :, :span], vc[rows, :, :span]
 
     def end(self) -> None:
-        rows, _, _, T, _ = self._call
+        rows, _, _, T, _, _ = self._call
         self.lengths[rows] += T
         self._call = None
 

@@ -67,15 +67,17 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         fused = getattr(self, "fused_qkv", None)  # set by infer.engine.decode_layout
         if fused is not None and not torch.is_grad_enabled():
-            q, k, v = F.linear(x, fused[0], fused[1]).split(fused[2], dim=-1)
+            qkv = F.linear(x, fused[0], fused[1]).view(B, T, self.h + 2 * self.kv, self.dh).transpose(1, 2)
+            qk, v = qkv[:, : self.h + self.kv], qkv[:, self.h + self.kv :]  # (B, H+K, T, Dh), (B, K, T, Dh)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
+            q, k = qk[:, : self.h], qk[:, self.h :]
         else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q.view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
-        k = k.view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
-        v = v.view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+            k = self.k(x).view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
+            v = self.v(x).view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
         if self.kv != self.h:

@@ -504,14 +504,17 @@ def load_server(model_dir: str | Path, *, max_batch: int = 16, max_queue: int = 
     from zerolm.model import load_model
 
     model = decode_layout(load_model(model_dir))
-    return Server(model, Tokenizer.load(model_dir), name or Path(model_dir).resolve().name,
+    path = Path(model_dir).resolve()
+    name = name or (path.parent.name if path.name == "model" else path.name)  # runs/x/sft/model -> "sft"
+    return Server(model, Tokenizer.load(model_dir), name,
                   max_batch=max_batch, max_queue=max_queue, limits=limits)
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 16, max_queue: int = 64, limits: Limits = Limits(), log_level: str = "info") -> None:
+          max_batch: int = 16, max_queue: int = 64, limits: Limits = Limits(), log_level: str = "info",
+          name: str | None = None) -> None:
     """Load the model and serve it until interrupted (`zerolm serve`)."""
     import uvicorn
 
-    server = load_server(model_dir, max_batch=max_batch, max_queue=max_queue, limits=limits)
+    server = load_server(model_dir, max_batch=max_batch, max_queue=max_queue, limits=limits, name=name)
     uvicorn.run(create_app(server, api_key), host=host, port=port, log_level=log_level)
