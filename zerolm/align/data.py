@@ -1,0 +1,91 @@
+"""Preference pairs: JSONL rows {"prompt" or "messages", "chosen", "rejected"} -> validated pairs.
+
+`prompt` is a user message; `messages` a conversation ending with a user turn (the chat template
+then asks for the assistant's reply). `chosen` and `rejected` are the two replies, as strings (or
+{"role": "assistant", "content"} objects). A malformed row is a ValueError naming file and line;
+a pair whose replies are identical teaches nothing and is skipped and counted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import lzma
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from zerolm.data.sources import jsonl_rows
+from zerolm.tokenizer.chat import check_messages
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PAIRS = {"hhh": "Anthropic HHH alignment (BIG-bench hhh_alignment), 221 human-written pairs, English, "
+                        "Apache-2.0"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    messages: tuple  # the conversation so far: dicts with role/content, ending with the user
+    chosen: str
+    rejected: str
+    where: str = ""  # "file:line" or "builtin:id", for messages about this pair
+
+
+def _reply(value, key: str, where: str) -> str:
+    if isinstance(value, dict) and value.get("role") == "assistant":
+        value = value.get("content")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: '{key}' must be a string (or an assistant message), got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: '{key}' is empty: a preference needs two real replies")
+    return value
+
+
+def to_pair(row, where: str) -> Pair:
+    """One row -> a Pair, or a ValueError naming the problem and the fix."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing or ("prompt" in row) == ("messages" in row):
+        raise ValueError(f"{where}: expected {{\"prompt\" or \"messages\", \"chosen\", \"rejected\"}}, "
+                         f"got keys {sorted(row)}")
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": row["prompt"]}]
+    else:
+        messages = row["messages"]
+        check_messages(messages, where)
+        if messages[-1]["role"] != "user":
+            raise ValueError(f"{where}: 'messages' must end with a user message (the replies answer it)")
+    return Pair(tuple(dict(m) for m in messages), _reply(row["chosen"], "chosen", where),
+                _reply(row["rejected"], "rejected", where), where)
+
+
+def keep_distinct(pairs, source: str) -> tuple[list[Pair], int]:
+    """Drop pairs whose chosen and rejected replies are the same text; (kept, number skipped)."""
+    kept = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
+    skipped = len(pairs) - len(kept)
+    if skipped:
+        log.warning("%s: skipped %d pair(s) whose chosen and rejected replies are identical", source, skipped)
+    return kept, skipped
+
+
+def read_pairs(path: str | Path) -> tuple[list[Pair], int]:
+    """(pairs, identical pairs skipped) of a JSONL file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"preference file {str(path)!r} does not exist")
+    pairs, skipped = keep_distinct([to_pair(row, where) for where, row in jsonl_rows(p)], str(p))
+    if not pairs:
+        raise ValueError(f"{p}: no usable preference pairs")
+    return pairs, skipped
+
+
+def read_builtin_pairs(name: str) -> list[Pair]:
+    """A bundled set (BUILTIN_PAIRS); provenance in zerolm/data/prefs/LICENSES.md."""
+    if name not in BUILTIN_PAIRS:
+        raise ValueError(f"unknown preference set {name!r}; bundled: {', '.join(BUILTIN_PAIRS)}")
+    raw = (resources.files("zerolm.data") / "prefs" / f"{name}.jsonl.xz").read_bytes()
+    rows = [json.loads(line) for line in lzma.decompress(raw).decode("utf-8").splitlines()]
+    return [to_pair(r, f"builtin:{r['id']}") for r in rows]
