@@ -4,8 +4,18 @@ import math
 import pytest
 import torch
 
-from zerolm.align.losses import (dpo_loss, gae, group_advantages, kl_penalty, kl_rewards, masked_mean, pairwise_loss,
-                                 ppo_policy_loss, ppo_value_loss, sequence_logprobs)
+from zerolm.align.losses import (
+    dpo_loss,
+    gae,
+    group_advantages,
+    kl_penalty,
+    kl_rewards,
+    masked_mean,
+    pairwise_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sequence_logprobs,
+)
 
 
 def t(*rows):

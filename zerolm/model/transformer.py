@@ -70,8 +70,13 @@ class Transformer(nn.Module):
                 s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.o.weight", "ffn.down.weight")) else std
                 p.normal_(0.0, s, generator=generator)
 
-    def forward(self, ids, *, positions=None, cache=None, rows=None, segments=None):
-        """ids (B, T) -> logits (B, T, V).
+    def forward(self, ids, **kw):
+        """ids (B, T) -> logits (B, T, V); keyword arguments as for `hidden`."""
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return self.hidden(ids, **kw) @ head.T  # (B, T, V)
+
+    def hidden(self, ids, *, positions=None, cache=None, rows=None, segments=None):
+        """ids (B, T) -> the final hidden states (B, T, D) that the LM head (or a reward head) reads.
 
         positions: (B, T) or (T,) position of each token (default: arange(T), or each row's cache
         length onwards); cache: a KVCache filled in place, rows: (B,) its slots that ids continue
@@ -105,7 +110,4 @@ class Transformer(nn.Module):
             x = block(x, rope=rope, mask=mask, cache=cache, layer=i)
         if cache is not None:
             cache.end()
-        if self.norm_f is not None:
-            x = self.norm_f(x)
-        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return x @ head.T  # (B, T, V)
+        return x if self.norm_f is None else self.norm_f(x)
