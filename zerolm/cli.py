@@ -139,6 +139,18 @@ def cmd_sft(args, extra, **defaults):
     return cfg, result
 
 
+def cmd_reward(args, extra, **defaults):
+    from zerolm.align.reward import train_reward
+
+    short = {"align": {"base_model": args.model}} if args.model else {}
+    cfg = _config(args, extra, **merge_dicts(defaults, short))
+    result = train_reward(cfg, progress=not args.quiet)
+    acc = result.get("final_val_accuracy")
+    print(f"reward model saved to {result['model_dir']}; held-out pairwise accuracy "
+          f"{'n/a (no held-out pairs)' if acc is None else f'{acc:.1%}'} on {result['val_pairs']} pairs")
+    return cfg, result
+
+
 def _sampling_args(p, temperature: float = 0.8):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
@@ -349,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
     sp = stage("sft", cmd_sft, "fine-tune a model on conversations (full, or LoRA with --lora.rank=R)", inputs=False)
     sp.add_argument("--model", help="base model directory (config key sft.base_model)")
+    sp = stage("reward", cmd_reward, "train a reward model on preference pairs (--align.data, --align.builtin=poems,hhh)",
+               inputs=False)
+    sp.add_argument("--model", help="the SFT model to start from (config key align.base_model)")
     c = sub.add_parser("chat", help="talk to a chat model (interactive, streaming)",
                        description="talk to a chat model: an interactive REPL with streaming replies and the "
                                    "conversation kept within the model window. Type /help in it for its commands.")

@@ -126,6 +126,21 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AlignConfig:
+    """Learning from preferences (`zerolm reward`, later `zerolm dpo` / `zerolm ppo`)."""
+
+    base_model: str = ""  # the SFT model: the reward model's starting point, DPO's policy and reference
+    data: tuple[str, ...] = ()  # preference JSONL files: {"prompt" or "messages", "chosen", "rejected"}
+    builtin: tuple[str, ...] = ()  # bundled: poems (pairs made here with the form judge), hhh (221 human pairs)
+    poem_docs: str = ""  # prepared docs/ for `poems`; "": found next to base_model's run
+    poem_requests: int = 512  # training poem requests to sample answers for
+    poem_val_requests: int = 128  # held-out poem requests (from the docs' val split)
+    samples: int = 2  # sampled answers per poem request
+    val_fraction: float = 0.1  # held-out share of the files and of hhh
+    beta: float = 0.1  # DPO temperature
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     out_dir: str = "runs/default"
     seed: int = 1337
@@ -135,6 +150,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
