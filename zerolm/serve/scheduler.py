@@ -59,7 +59,6 @@ class Job:
     last: int = -1
     cancelled: bool = False
     submitted: float = 0.0
-    first_token_at: float = 0.0
     counts: torch.Tensor | None = None  # (V,) occurrences of each token so far
     gen: torch.Generator | None = None
 
@@ -221,7 +220,6 @@ class Scheduler:
             s.generated += 1
             s.last = tid
             if s.generated == 1:
-                s.first_token_at = now
                 self._record_ttft(now - s.submitted)
             s.emit("token", tok)
             if tid in s.stop_token_ids:
