@@ -7,6 +7,7 @@ plus `reward_head.safetensors` (the (1, D) weight and bias of the head).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -115,13 +116,18 @@ class PairBatches:
         self.epoch, self.pos = state["epoch"], state["pos"]
 
 
+def _pair_rewards(model: RewardModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (B,), of a batch laid out as PairBatches makes it."""
+    device = next(model.parameters()).device
+    ids, lengths = (t.to(device) for t in batch)
+    r = model(ids, lengths)  # (2B,)
+    return r[: len(r) // 2], r[len(r) // 2 :]
+
+
 def reward_loss(model: RewardModel, batch) -> tuple[torch.Tensor, int]:
     """The Trainer's loss: pairwise loss over the batch's pairs; n = number of pairs."""
-    ids, lengths = (t.to(next(model.parameters()).device) for t in batch)
-    r = model(ids, lengths)  # (2B,)
-    B = len(r) // 2
-    loss, _ = pairwise_loss(r[:B], r[B:])
-    return loss, B
+    r_c, r_r = _pair_rewards(model, batch)
+    return pairwise_loss(r_c, r_r)[0], len(r_c)
 
 
 @torch.no_grad()
@@ -129,17 +135,14 @@ def reward_eval(model: RewardModel, pairs: list[tuple[list[int], list[int]]], ba
     """Held-out pairwise loss and accuracy (share of pairs where the chosen reply scores higher)."""
     was = model.training
     model.eval()
-    losses, accs, n = [], [], 0
+    loss_sum, acc_sum = 0.0, 0.0
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        ids, lengths = pad_batch([c for c, _ in chunk] + [r for _, r in chunk])
-        r = model(ids.to(next(model.parameters()).device), lengths.to(ids.device))
-        loss, acc = pairwise_loss(r[: len(chunk)], r[len(chunk) :])
-        losses.append(loss.item() * len(chunk))
-        accs.append(acc.item() * len(chunk))
-        n += len(chunk)
+        loss, acc = pairwise_loss(*_pair_rewards(model, pad_batch([c for c, _ in chunk] + [r for _, r in chunk])))
+        loss_sum += loss.item() * len(chunk)
+        acc_sum += acc.item() * len(chunk)
     model.train(was)
-    return {"val_loss": sum(losses) / n, "val_accuracy": sum(accs) / n}
+    return {"val_loss": loss_sum / len(pairs), "val_accuracy": acc_sum / len(pairs)}
 
 
 # ---------------------------------------------------------------- the `zerolm reward` stage
@@ -158,8 +161,6 @@ def load_pairs(cfg, model, tok) -> tuple[list[Pair], list[Pair], dict]:
     """(train, val) pairs from align.data files, align.builtin sets and counts per source.
     Files and hhh are split by a hash of the pair; poem pairs are sampled from `model` on
     requests from the training documents (train) and the held-out ones (val)."""
-    import json as _json
-
     from zerolm.align.data import BUILTIN_PAIRS, keep_distinct, read_builtin_pairs, read_pairs
     from zerolm.data.poems import eval_requests
     from zerolm.data.prepare import read_docs, split_key
@@ -174,15 +175,17 @@ def load_pairs(cfg, model, tok) -> tuple[list[Pair], list[Pair], dict]:
 
     def split(pairs, name):
         for p in pairs:
-            key = _json.dumps([p.messages, p.chosen, p.rejected], ensure_ascii=False)
+            key = json.dumps([p.messages, p.chosen, p.rejected], ensure_ascii=False)
             (val if split_key(key) < a.val_fraction else train).append(p)
         counts[name] = len(pairs)
 
-    for path in a.data:
-        pairs, skipped = read_pairs(path)
-        split(pairs, str(path))
+    def add(name, pairs, skipped):
+        split(pairs, name)
         if skipped:
-            counts[f"{path} (identical, skipped)"] = skipped
+            counts[f"{name} (identical, skipped)"] = skipped
+
+    for path in a.data:
+        add(str(path), *read_pairs(path))
     for name in a.builtin:
         if name == "poems":
             docs = poem_docs_dir(cfg)
@@ -194,8 +197,7 @@ def load_pairs(cfg, model, tok) -> tuple[list[Pair], list[Pair], dict]:
             val += va
             counts["poems"] = {"train": tr_counts, "val": va_counts}
         else:
-            pairs, skipped = keep_distinct(read_builtin_pairs(name), name)
-            split(pairs, name)
+            add(name, *keep_distinct(read_builtin_pairs(name), name))
     return train, val, counts
 
 
