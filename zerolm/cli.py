@@ -139,15 +139,31 @@ def cmd_sft(args, extra, **defaults):
     return cfg, result
 
 
+def _align_config(args, extra, defaults) -> Config:
+    short = {"align": {"base_model": args.model}} if args.model else {}
+    return _config(args, extra, **merge_dicts(defaults, short))
+
+
 def cmd_reward(args, extra, **defaults):
     from zerolm.align.reward import train_reward
 
-    short = {"align": {"base_model": args.model}} if args.model else {}
-    cfg = _config(args, extra, **merge_dicts(defaults, short))
+    cfg = _align_config(args, extra, defaults)
     result = train_reward(cfg, progress=not args.quiet)
     acc = result.get("final_val_accuracy")
     print(f"reward model saved to {result['model_dir']}; held-out pairwise accuracy "
           f"{'n/a (no held-out pairs)' if acc is None else f'{acc:.1%}'} on {result['val_pairs']} pairs")
+    return cfg, result
+
+
+def cmd_dpo(args, extra, **defaults):
+    from zerolm.align.dpo import train_dpo
+
+    cfg = _align_config(args, extra, defaults)
+    result = train_dpo(cfg, progress=not args.quiet)
+    if "final_val_accuracy" in result:
+        print(f"held-out pairs ({result['val_pairs']}): accuracy {result['final_val_accuracy']:.1%}, "
+              f"margin {result['final_val_margin']:.3f}, loss {result['final_val_loss']:.4f}")
+    print(f"model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
     return cfg, result
 
 
@@ -208,12 +224,28 @@ def cmd_eval_poems(args, extra):
     if not docs.is_file():
         raise ValueError(f"{docs} not found: --docs takes a prepared run's docs/ directory (e.g. runs/speedrun/docs)")
     requests = eval_requests(read_docs(docs), seed=args.seed or 0, limit=args.limit)
+    ref = None
+    if args.reference:
+        from zerolm.align.stage import check_tokenizers, kl_to_reference
+
+        ref = load_model(args.reference)
     out = {}
     for m in args.models:
-        out[m] = form_adherence(load_model(m), Tokenizer.load(m), requests, max_new_tokens=args.max_new_tokens,
-                                sampling=_sampling(args), seed=args.seed)
-        print(f"{m}: {out[m]['form_ok']:.1%} of {out[m]['n']} held-out requests answered in the requested form",
-              file=sys.stderr)
+        model, tok = load_model(m), Tokenizer.load(m)
+        r = out[m] = form_adherence(model, tok, requests, max_new_tokens=args.max_new_tokens,
+                                    sampling=_sampling(args), seed=args.seed)
+        line = f"{m}: {r['form_ok']:.1%} of {r['n']} held-out requests answered in the requested form"
+        if ref is not None:
+            check_tokenizers(m, args.reference, "reference model")
+            r.update(kl_to_reference(model, ref, tok, [q["messages"][:-1] for q in requests],
+                                     max_new_tokens=args.max_new_tokens, seed=args.seed or 0))
+            line += f", KL to the reference {r['kl']:.2f} nats per reply"
+        if args.shards:
+            from zerolm.eval.perplexity import evaluate_lm
+
+            r["val_bpb"] = evaluate_lm(model, args.shards, tok.token_byte_lengths())["val_bpb"]
+            line += f", validation {r['val_bpb']:.4f} bits per byte"
+        print(line, file=sys.stderr)
     print(json.dumps(out, ensure_ascii=False))
     return out
 
@@ -364,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("reward", cmd_reward, "train a reward model on preference pairs (--align.data, --align.builtin=poems,hhh)",
                inputs=False)
     sp.add_argument("--model", help="the SFT model to start from (config key align.base_model)")
+    sp = stage("dpo", cmd_dpo, "align a chat model with DPO on preference pairs (full, or LoRA with --lora.rank=R)",
+               inputs=False)
+    sp.add_argument("--model", help="the SFT model: the policy's start and the reference (config key align.base_model)")
     c = sub.add_parser("chat", help="talk to a chat model (interactive, streaming)",
                        description="talk to a chat model: an interactive REPL with streaming replies and the "
                                    "conversation kept within the model window. Type /help in it for its commands.")
@@ -394,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("models", nargs="+", help="model directories to compare (e.g. the base and the SFT model)")
     ev.add_argument("--docs", default="runs/speedrun/docs", help="prepared docs/ whose val.jsonl holds the requests")
     ev.add_argument("--limit", type=int, default=200, help="number of held-out requests")
+    ev.add_argument("--reference", help="also measure each model's KL to this model (e.g. the SFT model): replies "
+                    "sampled at temperature 1 on the same requests")
+    ev.add_argument("--shards", help="also measure validation bits per byte on these token shards (e.g. "
+                    "runs/speedrun/shards)")
     _sampling_args(ev, temperature=0.0)
     ev.set_defaults(fn=cmd_eval_poems, max_new_tokens=96)
     im = sub.add_parser("import", help="make a local HF gpt2/llama checkpoint a zerolm model directory")

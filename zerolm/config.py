@@ -127,7 +127,7 @@ class LoRAConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AlignConfig:
-    """Learning from preferences (`zerolm reward`, later `zerolm dpo` / `zerolm ppo`)."""
+    """Learning from preferences: `zerolm reward`, `zerolm dpo`, `zerolm ppo`."""
 
     base_model: str = ""  # the SFT model: the reward model's starting point, DPO's policy and reference
     data: tuple[str, ...] = ()  # preference JSONL files: {"prompt" or "messages", "chosen", "rejected"}
@@ -137,7 +137,25 @@ class AlignConfig:
     poem_val_requests: int = 128  # held-out poem requests (from the docs' val split)
     samples: int = 2  # sampled answers per poem request
     val_fraction: float = 0.1  # held-out share of the files and of hhh
-    beta: float = 0.1  # DPO temperature
+    reference: str = ""  # the frozen reference of DPO and PPO's KL; "": base_model (must share its tokenizer)
+    # DPO (`zerolm dpo`)
+    beta: float = 0.1  # DPO temperature: how far the policy may move from the reference
+    reference_logprobs: Literal["cached", "live"] = "cached"  # computed once before training, or at every step
+    # PPO / GRPO (`zerolm ppo`)
+    reward: str = "poem-form"  # a reward model directory, "poem-form" (the form judge's score), or module:function
+    advantage: Literal["gae", "group"] = "gae"  # PPO with a value head, or GRPO's group-relative (no critic)
+    rollout_prompts: int = 32  # prompts per rollout (each sampled `group` times)
+    group: int = 1  # samples per prompt (GRPO needs >= 2)
+    max_new_tokens: int = 96  # rollout reply length limit
+    temperature: float = 1.0  # rollout sampling temperature
+    ppo_epochs: int = 2  # passes over each rollout (in minibatches of train.batch_size)
+    kl_coef: float = 0.05  # per-token KL penalty to the reference, in the reward
+    target_kl: float = 0.05  # stop a rollout's epochs once a minibatch's approximate KL exceeds it (0: never)
+    clip: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # value clip (around the rollout's values)
+    value_coef: float = 0.5  # weight of the value loss
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,6 +319,15 @@ def validate(cfg: Config) -> None:
          "sft.val_fraction must be in [0, 1), sft.pt_weight and sft.max_per_source >= 0"),
         (cfg.lora.rank >= 0 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,
          "lora.rank must be >= 0 (0: full fine-tuning), lora.alpha > 0, lora.dropout in [0, 1)"),
+        (cfg.align.beta > 0, f"align.beta must be > 0 (typical 0.05-0.5), got {cfg.align.beta}"),
+        (cfg.align.rollout_prompts >= 1 and cfg.align.group >= 1 and cfg.align.ppo_epochs >= 1
+         and cfg.align.max_new_tokens >= 1, "align.rollout_prompts, group, ppo_epochs and max_new_tokens must be >= 1"),
+        (cfg.align.advantage != "group" or cfg.align.group >= 2,
+         f"align.advantage='group' compares samples of one prompt: set align.group >= 2 (got {cfg.align.group})"),
+        (cfg.align.temperature > 0, "align.temperature must be > 0 (rollouts sample from the policy)"),
+        (min(cfg.align.kl_coef, cfg.align.target_kl, cfg.align.clip, cfg.align.value_clip, cfg.align.value_coef) >= 0
+         and 0 <= cfg.align.gamma <= 1 and 0 <= cfg.align.lam <= 1,
+         "align.kl_coef, target_kl, clip, value_clip, value_coef must be >= 0, gamma and lam in [0, 1]"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from zerolm.align.data import Pair
-from zerolm.align.reward import PairBatches, RewardModel, encode_pair, pad_batch, reward_eval, reward_loss
+from zerolm.align.reward import RewardModel, encode_pair, pad_batch, pair_collate, reward_eval, reward_loss
+from zerolm.align.stage import Shuffled
 from zerolm.config import ModelConfig, TokenizerConfig, TrainConfig
 from zerolm.model import build_model
 from zerolm.tokenizer.train import train_tokenizer
@@ -47,7 +48,7 @@ def test_training_separates_chosen_from_rejected_on_held_out_pairs(setup, tmp_pa
     assert before["val_loss"] == pytest.approx(0.6931, abs=1e-3)  # zero head: every reward 0, loss log 2
     cfg = TrainConfig(steps=40, batch_size=6, lr=3e-3, warmup_steps=4, precision="fp32", eval_every=1000,
                       ckpt_every=1000, log_every=1000)
-    Trainer(rm, cfg, tmp_path / "run", batches=PairBatches(train, 6), loss_fn=reward_loss, progress=False).fit()
+    Trainer(rm, cfg, tmp_path / "run", batches=Shuffled(train, 6, collate=pair_collate), loss_fn=reward_loss, progress=False).fit()
     after = reward_eval(rm, val)
     assert after["val_accuracy"] == 1.0 and after["val_loss"] < 0.1, after
     rm.save(tmp_path / "rm", tok)

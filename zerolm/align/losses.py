@@ -3,7 +3,8 @@
 Legend: B batch of pairs or sequences, T response tokens, G group size (GRPO).
 
 - pairwise_loss: reward model, Bradley-Terry: -log sigmoid(r_chosen - r_rejected).
-- sequence_logprobs: summed log-probabilities of the response tokens of each sequence.
+- token_logprobs / sequence_logprobs: log-probabilities of the given tokens, and their sums over
+  each sequence's response tokens.
 - dpo_loss: Rafailov et al. 2023, -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).
 - kl_penalty / kl_rewards: per-token KL estimate to the reference, folded into PPO's rewards.
 - gae: generalised advantage estimation (Schulman et al. 2016) over response tokens.
@@ -31,10 +32,15 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tuple[tor
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) log p(targets[t] | logits[t]) in float32; logits (B, T, V) aligned with targets (B, T)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) sum over t of log p(targets[t] | logits[t]) where mask[t] = 1 (the response tokens).
     logits (B, T, V) already aligned with targets (B, T): position t predicts targets[t]."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, T)
+    logp = token_logprobs(logits, targets)  # (B, T)
     return (logp * mask.to(logp.dtype)).sum(-1)
 
 

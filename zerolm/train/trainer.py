@@ -24,8 +24,9 @@ from zerolm.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 
-# loss_fn(model, batch) -> (mean loss over the batch's counted tokens, number of counted tokens: int or 0-d tensor)
-LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, int]]
+# loss_fn(model, batch) -> (mean loss over the batch's counted tokens, number of counted tokens: int or 0-d
+# tensor) or (loss, n, stats): a dict of 0-d tensors (e.g. DPO's margin) logged as their mean over the step
+LossFn = Callable[[torch.nn.Module, object], tuple]
 
 
 def autocast(precision: str, device: torch.device):
@@ -111,28 +112,31 @@ class Trainer:
         self._compiled_ok = True
         return out
 
-    def _micro_step(self, batch) -> tuple[float, int]:
+    def _micro_step(self, batch) -> tuple[float, int, dict]:
         with autocast(self.precision, self.device):
-            loss, n = self._loss(batch)
+            loss, n, *stats = self._loss(batch)
         (loss / self.cfg.grad_accum).backward()
-        return loss.item(), int(n)
+        return loss.item(), int(n), {k: float(v) for k, v in (stats[0] if stats else {}).items()}
 
     def train_step(self) -> dict:
         lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        losses, tokens = [], 0
+        losses, tokens, stats = [], 0, {}
         for _ in range(self.cfg.grad_accum):
-            loss, n = self._micro_step(next(self.batches))
+            loss, n, extra = self._micro_step(next(self.batches))
             losses.append(loss)
             tokens += n
+            for k, v in extra.items():
+                stats[k] = stats.get(k, 0.0) + v / self.cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": gnorm.item(),
+        self.stat_keys = list(stats)  # the loss's own figures, printed in the step's log line
+        return {"step": self.step, "loss": sum(losses) / len(losses), **stats, "lr": lr, "grad_norm": gnorm.item(),
                 "tokens": tokens}
 
     def _choose_precision(self) -> str:
@@ -224,7 +228,8 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         elapsed = time.perf_counter() - t_start
                         eta = elapsed / (self.step - step_start) * (cfg.steps - self.step)
-                        log.info(f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                        extra = "".join(f"{k} {row[k]:.4g} | " for k in self.stat_keys)
+                        log.info(f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
                                   f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
                                   f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s")
                     if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:

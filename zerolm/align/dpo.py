@@ -1,0 +1,151 @@
+"""DPO (Rafailov et al. 2023): align a chat model on preference pairs directly, without a reward
+model or sampling, as a stage on the one Trainer.
+
+The loss (zerolm/align/losses.py dpo_loss) compares the policy's summed log-probabilities of the
+chosen and rejected replies (response tokens only, with their <|end|>) with a frozen reference's.
+The reference log-probs are either
+- `cached` (default): computed once before training, two floats per pair. The reference is the
+  base model, which is also where the policy starts, so no second copy of the weights is kept;
+- `live`: computed at every step, from the base with LoRA adapters disabled (no second copy),
+  or from a frozen copy when all weights train. bench/align.py measures both.
+`align.reference` names another reference model; it must share the policy's tokenizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from functools import partial
+
+import torch
+
+from zerolm.align.data import Pair
+from zerolm.align.losses import dpo_loss, sequence_logprobs
+from zerolm.align.reward import encode_pair
+from zerolm.align.stage import response_batch
+from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer.chat import prompt_ids
+
+log = logging.getLogger(__name__)
+
+
+def encode_dpo_pair(tok: Tokenizer, pair: Pair, window: int) -> tuple[list[int], list[int], int] | None:
+    """(chosen conversation ids, rejected conversation ids, prompt length) or None when either
+    does not fit in the window."""
+    enc = encode_pair(tok, pair, window)
+    return None if enc is None else (*enc, len(prompt_ids(tok, pair.messages)))
+
+
+def dpo_collate(picked: list[tuple]) -> tuple:
+    """Items (chosen, rejected, prompt_len[, ref_chosen, ref_rejected]) -> (x, y, mask, ref) with
+    the B chosen rows first and the B rejected after; ref (2B,) cached log-probs, or None."""
+    seqs = [it[0] for it in picked] + [it[1] for it in picked]
+    x, y, mask = response_batch(seqs, [it[2] for it in picked] * 2)
+    ref = torch.tensor([it[3] for it in picked] + [it[4] for it in picked]) if len(picked[0]) > 3 else None
+    return x, y, mask, ref
+
+
+def response_logprobs(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probs of each row's response tokens."""
+    device = next(model.parameters()).device
+    return sequence_logprobs(model(x.to(device)), y.to(device), mask.to(device))
+
+
+def reference_fn(policy, ref_model=None):
+    """(x, y, mask) -> (B,) reference log-probs without gradients: from `ref_model`, else from the
+    policy itself with its LoRA adapters disabled (or as it is, before any training step)."""
+    from zerolm.finetune.lora import adapters_disabled
+
+    model = policy if ref_model is None else ref_model
+    lora = ref_model is None and getattr(policy, "lora_config", None) is not None
+
+    @torch.no_grad()
+    def ref(x, y, mask):
+        was = model.training
+        model.eval()
+        with adapters_disabled(model) if lora else contextlib.nullcontext():
+            out = response_logprobs(model, x, y, mask)
+        model.train(was)
+        return out
+
+    return ref
+
+
+def with_reference(items: list[tuple], ref, batch_size: int = 32) -> list[tuple]:
+    """Each item + its reference log-probs (chosen, rejected), computed once."""
+    out = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        x, y, mask, _ = dpo_collate(chunk)
+        lp = ref(x, y, mask).tolist()
+        out += [(*it, lp[j], lp[len(chunk) + j]) for j, it in enumerate(chunk)]
+    return out
+
+
+class DPOLoss:
+    """The Trainer's loss: (model, batch) -> (DPO loss, reply tokens, {margin, accuracy, rewards}); the
+    reference log-probs come with the batch (cached) or from `reference` (live)."""
+
+    def __init__(self, beta: float, reference=None):
+        self.beta, self.reference = beta, reference
+
+    def __call__(self, model, batch):
+        x, y, mask, ref = batch
+        lp = response_logprobs(model, x, y, mask)  # (2B,)
+        if ref is None:
+            ref = self.reference(x, y, mask)
+        ref = ref.to(lp.device, lp.dtype)
+        B = len(lp) // 2
+        loss, stats = dpo_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.beta)
+        return loss, mask.sum(), stats  # counted: the reply tokens (the Trainer's tokens/s)
+
+
+@torch.no_grad()
+def dpo_eval(model, items: list[tuple], loss: DPOLoss, batch_size: int = 16) -> dict:
+    """Held-out DPO loss, accuracy (chosen's implicit reward above rejected's), margin and rewards."""
+    was = model.training
+    model.eval()
+    sums = defaultdict(float)
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        value, _, stats = loss(model, dpo_collate(chunk))
+        sums["loss"] += value.item() * len(chunk)
+        for k, v in stats.items():
+            sums[k] += v.item() * len(chunk)
+    model.train(was)
+    return {f"val_{k}": v / len(items) for k, v in sums.items()}
+
+
+def train_dpo(cfg, progress: bool = True) -> dict:
+    """`zerolm dpo`: the base (SFT) model aligned on preference pairs; OUT/model (+ adapters)."""
+    from zerolm.align.stage import Shuffled, encoded_pairs, load_policy, reference_dir, save_policy, start_stage
+    from zerolm.config import save_config
+    from zerolm.inspect.accounting import account
+    from zerolm.model import load_model
+    from zerolm.train.trainer import Trainer
+
+    out, base, tok = start_stage(cfg, "the SFT model: the policy's start and, by default, the reference")
+    ref_dir = reference_dir(cfg)
+    enc, summary = encoded_pairs(cfg, base, tok, encode_dpo_pair)
+    policy, lora = load_policy(cfg, base)
+    live = cfg.align.reference_logprobs == "live"
+    # a second copy only where the policy cannot stand in: another reference, or live with all weights training
+    ref_model = load_model(ref_dir).requires_grad_(False) if ref_dir != base or (live and lora is None) else None
+    ref = reference_fn(policy, ref_model)
+    if not live:  # before training: the policy is still the base (LoRA: B = 0)
+        enc = {split: with_reference(items, ref, cfg.train.batch_size) for split, items in enc.items()}
+        ref = ref_model = None
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    loss = DPOLoss(cfg.align.beta, ref)
+    eval_fn = partial(dpo_eval, items=enc["val"], loss=loss, batch_size=cfg.train.batch_size) if enc["val"] else None
+    trainer = Trainer(policy, cfg.train, out, batches=Shuffled(enc["train"], cfg.train.batch_size, cfg.seed,
+                                                                 collate=dpo_collate),
+                      loss_fn=loss, eval_fn=eval_fn, flops_per_token=account(policy)["train_flops_per_token"],
+                      progress=progress)
+    row = trainer.fit()
+    final = dpo_eval(policy, enc["val"], loss, cfg.train.batch_size) if enc["val"] else {}
+    save_policy(policy, out, tok)
+    log.info("held-out pairs: %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model"), "lora": lora,
+            "reference": str(ref_dir), **summary}
