@@ -167,6 +167,20 @@ def cmd_dpo(args, extra, **defaults):
     return cfg, result
 
 
+def cmd_ppo(args, extra, **defaults):
+    from zerolm.align.ppo import train_ppo
+
+    cfg = _align_config(args, extra, defaults)
+    result = train_ppo(cfg, progress=not args.quiet)
+    print(f"{result['rollouts']} rollouts ({result['skipped_rollouts']} skipped): mean reward "
+          f"{result['reward_first']:.3f} (first 3) -> {result['reward_last']:.3f} (last 3)")
+    if "final_val_reward" in result:
+        print(f"held-out prompts: reward {result['final_val_reward']:.3f}, KL to the reference "
+              f"{result['final_val_kl']:.3f} nats per reply")
+    print(f"model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
+    return cfg, result
+
+
 def _sampling_args(p, temperature: float = 0.8):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
@@ -398,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="the SFT model to start from (config key align.base_model)")
     sp = stage("dpo", cmd_dpo, "align a chat model with DPO on preference pairs (full, or LoRA with --lora.rank=R)",
                inputs=False)
+    sp.add_argument("--model", help="the SFT model: the policy's start and the reference (config key align.base_model)")
+    sp = stage("ppo", cmd_ppo, "RLHF: train a chat model against a reward (--align.reward: poem-form, a reward model "
+               "directory, or module:function) with PPO, or GRPO with --align.advantage=group", inputs=False)
     sp.add_argument("--model", help="the SFT model: the policy's start and the reference (config key align.base_model)")
     c = sub.add_parser("chat", help="talk to a chat model (interactive, streaming)",
                        description="talk to a chat model: an interactive REPL with streaming replies and the "

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from zerolm.align.data import Pair
-from zerolm.align.dpo import DPOLoss, dpo_collate, dpo_eval, encode_dpo_pair, reference_fn, train_dpo, with_reference
+from zerolm.align.dpo import DPOLoss, dpo_collate, dpo_eval, encode_dpo_pair, train_dpo, with_reference
 from zerolm.align.losses import sequence_logprobs
-from zerolm.align.stage import Shuffled, response_batch
+from zerolm.align.stage import Shuffled, reference_logits, response_batch
 from zerolm.config import LoRAConfig, ModelConfig, TokenizerConfig, TrainConfig, load_config
 from zerolm.finetune.lora import apply_lora
 from zerolm.model import build_model, load_model, save_model
@@ -48,7 +48,7 @@ def test_response_batch_masks_exactly_the_reply_tokens(setup):
 def test_policy_equal_to_reference_gives_log2_and_zero_margins(setup):
     _tok, root, items = setup
     model = load_model(root / "sft" / "model")
-    cached = with_reference(items, reference_fn(model))
+    cached = with_reference(items, reference_logits(model))
     out = dpo_eval(model, cached, DPOLoss(beta=0.1))
     assert out["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert out["val_margin"] == pytest.approx(0.0, abs=1e-6) and out["val_accuracy"] == 0.0
@@ -77,10 +77,10 @@ def test_cached_and_live_reference_train_identically(setup, tmp_path, lora):
         if lora:
             apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q", "v", "up")), seed=0)
         if mode == "cached":
-            data, loss = with_reference(items, reference_fn(model)), DPOLoss(0.5)
+            data, loss = with_reference(items, reference_logits(model)), DPOLoss(0.5)
         else:
             ref_model = None if lora else load_model(root / "sft" / "model").requires_grad_(False)
-            data, loss = items, DPOLoss(0.5, reference_fn(model, ref_model))
+            data, loss = items, DPOLoss(0.5, reference_logits(model, ref_model))
         runs[mode] = _train(model, data, loss, tmp=tmp_path / mode)
     assert runs["cached"] == pytest.approx(runs["live"], abs=1e-5)
     assert runs["cached"][0] == pytest.approx(math.log(2), abs=1e-5) and runs["cached"][-1] < 0.5

@@ -41,6 +41,19 @@ def _reply(value, key: str, where: str) -> str:
     return value
 
 
+def _messages(row: dict, where: str) -> tuple:
+    """The conversation a row asks to answer: its "prompt" as a user message, or its "messages"."""
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+        return ({"role": "user", "content": row["prompt"]},)
+    messages = row["messages"]
+    check_messages(messages, where)
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: 'messages' must end with a user message (the replies answer it)")
+    return tuple(dict(m) for m in messages)
+
+
 def to_pair(row, where: str) -> Pair:
     """One row -> a Pair, or a ValueError naming the problem and the fix."""
     if not isinstance(row, dict):
@@ -49,17 +62,26 @@ def to_pair(row, where: str) -> Pair:
     if missing or ("prompt" in row) == ("messages" in row):
         raise ValueError(f"{where}: expected {{\"prompt\" or \"messages\", \"chosen\", \"rejected\"}}, "
                          f"got keys {sorted(row)}")
-    if "prompt" in row:
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise ValueError(f"{where}: 'prompt' must be a non-empty string")
-        messages = [{"role": "user", "content": row["prompt"]}]
-    else:
-        messages = row["messages"]
-        check_messages(messages, where)
-        if messages[-1]["role"] != "user":
-            raise ValueError(f"{where}: 'messages' must end with a user message (the replies answer it)")
-    return Pair(tuple(dict(m) for m in messages), _reply(row["chosen"], "chosen", where),
+    return Pair(_messages(row, where), _reply(row["chosen"], "chosen", where),
                 _reply(row["rejected"], "rejected", where), where)
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """PPO prompts from a JSONL file: rows with "prompt" or "messages" (preference rows too: their
+    replies are ignored). Each becomes {"messages": [...], **the row's other fields}, so a reward
+    function can read its own metadata (e.g. an expected answer)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"prompt file {str(path)!r} does not exist")
+    out = []
+    for where, row in jsonl_rows(p):
+        if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
+            raise ValueError(f"{where}: expected an object with \"prompt\" or \"messages\" (ending with a user turn)")
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "messages", "chosen", "rejected")}
+        out.append({**meta, "messages": list(_messages(row, where)), "where": where})
+    if not out:
+        raise ValueError(f"{p}: no prompts")
+    return out
 
 
 def keep_distinct(pairs, source: str) -> tuple[list[Pair], int]:

@@ -12,7 +12,6 @@ The reference log-probs are either
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import defaultdict
 from functools import partial
@@ -22,7 +21,7 @@ import torch
 from zerolm.align.data import Pair
 from zerolm.align.losses import dpo_loss, sequence_logprobs
 from zerolm.align.reward import encode_pair
-from zerolm.align.stage import response_batch
+from zerolm.align.stage import reference_logits, response_batch
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import prompt_ids
 
@@ -51,40 +50,20 @@ def response_logprobs(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
     return sequence_logprobs(model(x.to(device)), y.to(device), mask.to(device))
 
 
-def reference_fn(policy, ref_model=None):
-    """(x, y, mask) -> (B,) reference log-probs without gradients: from `ref_model`, else from the
-    policy itself with its LoRA adapters disabled (or as it is, before any training step)."""
-    from zerolm.finetune.lora import adapters_disabled
-
-    model = policy if ref_model is None else ref_model
-    lora = ref_model is None and getattr(policy, "lora_config", None) is not None
-
-    @torch.no_grad()
-    def ref(x, y, mask):
-        was = model.training
-        model.eval()
-        with adapters_disabled(model) if lora else contextlib.nullcontext():
-            out = response_logprobs(model, x, y, mask)
-        model.train(was)
-        return out
-
-    return ref
-
-
 def with_reference(items: list[tuple], ref, batch_size: int = 32) -> list[tuple]:
     """Each item + its reference log-probs (chosen, rejected), computed once."""
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
         x, y, mask, _ = dpo_collate(chunk)
-        lp = ref(x, y, mask).tolist()
+        lp = sequence_logprobs(ref(x), y, mask).tolist()
         out += [(*it, lp[j], lp[len(chunk) + j]) for j, it in enumerate(chunk)]
     return out
 
 
 class DPOLoss:
     """The Trainer's loss: (model, batch) -> (DPO loss, reply tokens, {margin, accuracy, rewards}); the
-    reference log-probs come with the batch (cached) or from `reference` (live)."""
+    reference log-probs come with the batch (cached) or from the `reference` logits (live)."""
 
     def __init__(self, beta: float, reference=None):
         self.beta, self.reference = beta, reference
@@ -93,7 +72,7 @@ class DPOLoss:
         x, y, mask, ref = batch
         lp = response_logprobs(model, x, y, mask)  # (2B,)
         if ref is None:
-            ref = self.reference(x, y, mask)
+            ref = sequence_logprobs(self.reference(x), y, mask)
         ref = ref.to(lp.device, lp.dtype)
         B = len(lp) // 2
         loss, stats = dpo_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.beta)
@@ -131,7 +110,7 @@ def train_dpo(cfg, progress: bool = True) -> dict:
     live = cfg.align.reference_logprobs == "live"
     # a second copy only where the policy cannot stand in: another reference, or live with all weights training
     ref_model = load_model(ref_dir).requires_grad_(False) if ref_dir != base or (live and lora is None) else None
-    ref = reference_fn(policy, ref_model)
+    ref = reference_logits(policy, ref_model)
     if not live:  # before training: the policy is still the base (LoRA: B = 0)
         enc = {split: with_reference(items, ref, cfg.train.batch_size) for split, items in enc.items()}
         ref = ref_model = None

@@ -6,6 +6,7 @@ Legend: B sequences, T tokens (shifted by one: position t predicts token t + 1).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -187,7 +188,7 @@ def kl_to_reference(model, ref, tok: Tokenizer, conversations: Sequence[Sequence
     total, tokens = 0.0, 0
     for i in range(0, len(seqs), batch_size):
         x, y, mask = response_batch(seqs[i : i + batch_size], lens[i : i + batch_size])
-        diff = token_logprobs(model(x), y) - token_logprobs(ref(x), y)
+        diff = token_logprobs(model(x), y) - token_logprobs(ref(x), y)  # ref: a model or reference_logits
         total += float((diff * mask).sum())
         tokens += int(mask.sum())
     return {"kl": total / len(seqs), "reply_tokens": tokens / len(seqs)}
@@ -201,6 +202,26 @@ def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -
         raise ValueError(f"the {role} {other_dir} has a different tokenizer than the policy {policy_dir} "
                          f"(vocab {b.vocab_size} vs {a.vocab_size}; sha256 {b.sha256[:12]} vs {a.sha256[:12]}): "
                          f"use a {role} fine-tuned from the same base model")
+
+
+def reference_logits(policy, ref_model=None):
+    """x (B, T) -> the frozen reference's logits, without gradients: from `ref_model`, else from
+    the policy itself with its LoRA adapters disabled (or as it is, before any training step)."""
+    from zerolm.finetune.lora import adapters_disabled
+
+    model = policy if ref_model is None else ref_model
+    lora = ref_model is None and getattr(policy, "lora_config", None) is not None
+
+    @torch.no_grad()
+    def ref(x):
+        was = model.training
+        model.eval()
+        with adapters_disabled(model) if lora else contextlib.nullcontext():
+            out = model(x.to(next(model.parameters()).device))
+        model.train(was)
+        return out
+
+    return ref
 
 
 def reference_dir(cfg) -> Path:

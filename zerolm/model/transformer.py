@@ -72,8 +72,12 @@ class Transformer(nn.Module):
 
     def forward(self, ids, **kw):
         """ids (B, T) -> logits (B, T, V); keyword arguments as for `hidden`."""
+        return self.logits(self.hidden(ids, **kw))
+
+    def logits(self, hidden):
+        """Final hidden states (B, T, D) -> logits (B, T, V)."""
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return self.hidden(ids, **kw) @ head.T  # (B, T, V)
+        return hidden @ head.T
 
     def hidden(self, ids, *, positions=None, cache=None, rows=None, segments=None):
         """ids (B, T) -> the final hidden states (B, T, D) that the LM head (or a reward head) reads.

@@ -1,0 +1,144 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from zerolm.align.ppo import PolicyValue, load_reward, train_ppo
+from zerolm.align.stage import reference_logits, sample_replies
+from zerolm.config import LoRAConfig, ModelConfig, TokenizerConfig, load_config
+from zerolm.infer.sampling import SamplingParams, sample
+from zerolm.model import build_model, load_model, save_model
+from zerolm.tokenizer import END, EOS
+from zerolm.tokenizer.chat import prompt_ids
+from zerolm.tokenizer.train import train_tokenizer
+
+TEXT = ["请帮我写一首诗", "Please help me write a poem", "谢谢，很高兴帮你。", "今天天气很好", "Thank you very much"] * 20
+REWARDS = '''
+def ascii_share(prompt, reply):
+    """Dense and easy to raise: the share of the reply's characters that are ASCII."""
+    return sum(c.isascii() for c in reply) / max(len(reply), 1)
+
+calls = 0
+
+def flaky(prompt, reply):
+    global calls
+    calls += 1
+    if calls in (1, 40):  # rollout 0 (calls 1) and rollout 3 (calls 34-40) fail
+        raise RuntimeError("scoring service unavailable")
+    return ascii_share(prompt, reply)
+
+def broken(prompt, reply):
+    raise KeyError("no such field")
+'''
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo")
+    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), TEXT, progress=False)
+    model = build_model(ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=64),
+                        vocab_size=tok.vocab_size, seed=0)
+    save_model(model, root / "sft" / "model", tok)
+    rows = [{"prompt": f"问题{i}：写一首诗"} for i in range(24)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (root / "rewards.py").write_text(REWARDS)
+    return root, model, tok
+
+
+def test_rollouts_through_the_engine_match_sampling_without_a_cache(base):
+    """sample_replies (batched prompts of different lengths, KV cache, seeded) gives the tokens a
+    naive loop gives: full recomputation of every sequence at every step, same generator."""
+    _, model, tok = base
+    convs = [[{"role": "user", "content": t}] for t in ("写诗", "Please help me write a poem", "今天天气很好")]
+    seqs, lens, texts = sample_replies(model, tok, convs, max_new_tokens=12, temperature=1.0, seed=7)
+    prompts = [prompt_ids(tok, c) for c in convs]
+    assert lens == [len(p) for p in prompts]
+    gen = torch.Generator().manual_seed(7)
+    rows, stops, done = [list(p) for p in prompts], {tok.token_id(END), tok.token_id(EOS)}, [False] * 3
+    outs = [[] for _ in prompts]
+    with torch.no_grad():
+        for _ in range(12):
+            logits = torch.stack([model(torch.tensor([r]))[0, -1] for r in rows])  # no cache
+            nxt = sample(logits, SamplingParams(temperature=1.0), gen).tolist()
+            for i, t in enumerate(nxt):
+                rows[i].append(t)
+                if not done[i]:
+                    outs[i].append(t)
+                    done[i] = t in stops
+            if all(done):
+                break
+    assert seqs == [p + o for p, o in zip(prompts, outs)]
+    assert texts == [tok.decode([t for t in o if t not in stops]) for o in outs]
+
+
+def _cfg(root, out, steps=24, **align):
+    return load_config(None, {
+        "out_dir": str(out), "seed": 0,
+        "align": {"base_model": str(root / "sft" / "model"), "data": [str(root / "prompts.jsonl")],
+                  "reward": f"{root / 'rewards.py'}:ascii_share", "rollout_prompts": 16, "max_new_tokens": 12,
+                  "val_fraction": 0.2, "kl_coef": 0.01, **align},
+        "train": {"steps": steps, "batch_size": 8, "lr": 1e-2, "warmup_steps": 2, "schedule": "constant",
+                  "precision": "fp32", "eval_every": 1000, "ckpt_every": 1000, "log_every": 1000}})
+
+
+@pytest.mark.parametrize("align, lora", [({}, 0), ({"advantage": "group", "group": 4, "rollout_prompts": 4}, 0),
+                                         ({}, 8)], ids=["ppo", "grpo", "ppo-lora"])
+def test_ppo_raises_a_rule_based_reward(base, tmp_path, align, lora):
+    root, _, _ = base
+    cfg = _cfg(root, tmp_path / "run", steps=48, **align)
+    if lora:
+        cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=lora, alpha=4 * lora, targets=("q", "v", "down", "lm_head")))
+    result = train_ppo(cfg, progress=False)
+    assert result["skipped_rollouts"] == 0 and result["rollouts"] >= 4
+    assert result["reward_last"] > result["reward_first"] + 0.1, result
+    assert result["final_val_kl"] > 0
+    if lora:  # the reference was the base itself, adapters disabled: the merged model is a new one
+        assert (tmp_path / "run" / "adapters.safetensors").is_file()
+
+
+def test_policy_starts_at_the_reference_and_the_value_loss_leaves_it_alone(base):
+    root, _, tok = base
+    policy = PolicyValue(load_model(root / "sft" / "model"))
+    ref = reference_logits(policy.body, load_model(root / "sft" / "model"))
+    x = torch.tensor([prompt_ids(tok, [{"role": "user", "content": "写诗"}])])
+    logits, values = policy(x)
+    assert torch.equal(logits, ref(x)) and torch.equal(values, torch.zeros_like(values))
+    values.sum().backward()  # the value head reads detached hidden states
+    assert all(p.grad is None for p in policy.body.parameters()) and policy.value_head.weight.grad is not None
+
+
+def test_a_raising_reward_skips_its_rollout_and_training_goes_on(base, tmp_path, caplog):
+    root, _, _ = base
+    cfg = _cfg(root, tmp_path / "run", reward=f"{root / 'rewards.py'}:flaky")
+    result = train_ppo(cfg, progress=False)
+    assert result["skipped_rollouts"] == 2 and result["step"] == 24
+    assert "rollout 0 skipped: the reward function failed (RuntimeError: scoring service unavailable)" in caplog.text
+    with pytest.raises(ValueError, match="failed on 10 rollouts in a row; the last error: KeyError"):
+        train_ppo(_cfg(root, tmp_path / "run2", reward=f"{root / 'rewards.py'}:broken"), progress=False)
+
+
+@pytest.mark.parametrize("reward, match", [
+    ("nowhere.py:fn", "cannot import"),
+    ("zerolm.align.losses:nope", "has no callable 'nope'"),
+    ("gibberish", "give 'poem-form', a reward model directory"),
+])
+def test_reward_spec_errors(base, reward, match):
+    root, _, _ = base
+    with pytest.raises(ValueError, match=match):
+        load_reward(reward, root / "sft" / "model")
+
+
+def test_reward_model_or_reference_with_another_tokenizer_is_a_clear_error(base, tmp_path):
+    root, _, _ = base
+    other = train_tokenizer(TokenizerConfig(kind="char", vocab_size=300, min_frequency=1), TEXT, progress=False)
+    save_model(build_model(ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=64),
+                           vocab_size=other.vocab_size), tmp_path / "other", other)
+    (tmp_path / "other" / "reward_head.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="the reward model .* has a different tokenizer than the policy"):
+        load_reward(str(tmp_path / "other"), root / "sft" / "model")
+    with pytest.raises(ValueError, match="the reference model .* has a different tokenizer"):
+        train_ppo(_cfg(root, tmp_path / "x", reference=str(tmp_path / "other")), progress=False)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="'poem-form' scores poem requests"):
+        train_ppo(_cfg(root, tmp_path / "x", reward="poem-form"), progress=False)
