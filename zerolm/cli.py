@@ -91,7 +91,9 @@ def cmd_speedrun(args, extra):
     if args.no_sft:
         print(f"model saved to {result['model_dir']}; try: zerolm generate --model {result['model_dir']} '明月'")
         return
-    speedrun_sft(args, cfg, result["model_dir"])
+    sft_dir = speedrun_sft(args, cfg, result["model_dir"])
+    if args.align:
+        speedrun_align(args, cfg, sft_dir)
 
 
 def speedrun_sft(args, cfg, base_dir: str):
@@ -127,6 +129,40 @@ def speedrun_sft(args, cfg, base_dir: str):
     for ask, reply in zip(asks, replies(model, tok, asks, req)):
         print(f"  user: {ask[-1]['content']}\n  assistant: " + reply.replace("\n", "\n             ") + "\n")
     print(f"chat model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
+    return result["model_dir"]
+
+
+def speedrun_align(args, cfg, sft_dir: str):
+    """The speedrun's optional third stage (--align dpo|ppo, recipes/speedrun-{dpo,ppo}.toml): the
+    SFT model aligned, then SFT vs aligned on the same held-out requests: form adherence greedy and
+    sampled (temperature 1, seeded), KL to the SFT model, validation bits per byte."""
+    from zerolm.data.poems import eval_requests
+    from zerolm.data.prepare import read_docs
+    from zerolm.eval.instruct import compare_models
+    from zerolm.infer.sampling import SamplingParams
+
+    out, stage = Path(cfg.out_dir), args.align
+    recipe = SPEEDRUN_RECIPE.with_name(f"speedrun-{stage}.toml")
+    values = {"out_dir": str(out / stage), "seed": cfg.seed, "train": {"resume": True},
+              "align": {"base_model": sft_dir, "poem_docs": str(out / "docs")}}
+    align_cfg = load_config(recipe, overrides=values)
+    print(f"\nalignment: {recipe.name} -> {align_cfg.out_dir}")
+    if stage == "dpo":
+        from zerolm.align.dpo import train_dpo as train
+    else:
+        from zerolm.align.ppo import train_ppo as train
+    result = train(align_cfg, progress=not args.quiet)
+    requests = eval_requests(read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests)
+    models = {"SFT": sft_dir, stage.upper(): result["model_dir"]}
+    greedy = compare_models(models.values(), requests, reference=sft_dir, shards=str(out / "shards"))
+    sampled = compare_models(models.values(), requests, sampling=SamplingParams(temperature=1.0), seed=0)
+    print(f"\nheld-out poem requests ({len(requests)}) answered in the requested form, KL to the SFT model "
+          "(nats per reply) and validation bits per byte:")
+    for name, d in models.items():
+        g, t = greedy[str(d)], sampled[str(d)]
+        print(f"  {name:>4}: greedy {g['form_ok']:6.1%} | sampled (T=1) {t['form_ok']:6.1%} | KL {g['kl']:5.2f} | "
+              f"{g['val_bpb']:.4f} bits/byte")
+    print(f"aligned model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
 
 
 def cmd_sft(args, extra, **defaults):
@@ -230,36 +266,15 @@ def cmd_serve(args, extra):
 def cmd_eval_poems(args, extra):
     from zerolm.data.poems import eval_requests
     from zerolm.data.prepare import read_docs
-    from zerolm.eval.instruct import form_adherence
-    from zerolm.model import load_model
-    from zerolm.tokenizer import Tokenizer
+    from zerolm.eval.instruct import compare_models
 
     docs = Path(args.docs) / "val.jsonl"
     if not docs.is_file():
         raise ValueError(f"{docs} not found: --docs takes a prepared run's docs/ directory (e.g. runs/speedrun/docs)")
     requests = eval_requests(read_docs(docs), seed=args.seed or 0, limit=args.limit)
-    ref = None
-    if args.reference:
-        from zerolm.align.stage import check_tokenizers, kl_to_reference
-
-        ref = load_model(args.reference)
-    out = {}
-    for m in args.models:
-        model, tok = load_model(m), Tokenizer.load(m)
-        r = out[m] = form_adherence(model, tok, requests, max_new_tokens=args.max_new_tokens,
-                                    sampling=_sampling(args), seed=args.seed)
-        line = f"{m}: {r['form_ok']:.1%} of {r['n']} held-out requests answered in the requested form"
-        if ref is not None:
-            check_tokenizers(m, args.reference, "reference model")
-            r.update(kl_to_reference(model, ref, tok, [q["messages"][:-1] for q in requests],
-                                     max_new_tokens=args.max_new_tokens, seed=args.seed or 0))
-            line += f", KL to the reference {r['kl']:.2f} nats per reply"
-        if args.shards:
-            from zerolm.eval.perplexity import evaluate_lm
-
-            r["val_bpb"] = evaluate_lm(model, args.shards, tok.token_byte_lengths())["val_bpb"]
-            line += f", validation {r['val_bpb']:.4f} bits per byte"
-        print(line, file=sys.stderr)
+    out = compare_models(args.models, requests, reference=args.reference, shards=args.shards,
+                         max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed,
+                         say=lambda line: print(line, file=sys.stderr))
     print(json.dumps(out, ensure_ascii=False))
     return out
 
@@ -392,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sft-config", help="SFT recipe (default recipes/speedrun-sft.toml); dotted overrides "
                     "apply to pretraining only")
     sp.add_argument("--eval-requests", type=int, default=200, help="held-out poem requests for the form measurement")
+    sp.add_argument("--align", choices=["dpo", "ppo"], help="after SFT, align the chat model (recipes/speedrun-dpo.toml "
+                    "or speedrun-ppo.toml) and compare it with the SFT model")
     stage("config", cmd_config, "print the resolved config as TOML")
     sp = stage("pretrain", cmd_pretrain, "prepare data if needed, then train a next-token model into OUT/model")
     sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

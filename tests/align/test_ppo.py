@@ -142,3 +142,26 @@ def test_reward_model_or_reference_with_another_tokenizer_is_a_clear_error(base,
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="'poem-form' scores poem requests"):
         train_ppo(_cfg(root, tmp_path / "x", reward="poem-form"), progress=False)
+
+
+def test_cli_ppo_and_dpo_run_and_report(base, tmp_path, capsys):
+    from zerolm.cli import main
+
+    root, _, _ = base
+    common = ["--model", str(root / "sft" / "model"), "--quiet", "--train.steps=4", "--train.batch_size=8",
+              "--train.precision=fp32", "--train.warmup_steps=1"]
+    assert main(["ppo", *common, "--out", str(tmp_path / "ppo"), f"--align.data={root / 'prompts.jsonl'}",
+                 f"--align.reward={root / 'rewards.py'}:ascii_share", "--align.rollout_prompts=8",
+                 "--align.max_new_tokens=8"]) == 0
+    out = capsys.readouterr().out
+    assert "rollouts (0 skipped): mean reward" in out and f"model saved to {tmp_path / 'ppo' / 'model'}" in out
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"问题{i}", "chosen": "谢谢，很高兴帮你。", "rejected": "走开"},
+                                        ensure_ascii=False) + "\n" for i in range(20)))
+    assert main(["dpo", *common, "--out", str(tmp_path / "dpo"), f"--align.data={pairs}",
+                 "--align.val_fraction=0.3"]) == 0
+    assert "held-out pairs (" in capsys.readouterr().out
+    assert main(["ppo", *common, "--out", str(tmp_path / "bad"), f"--align.data={pairs}",
+                 "--align.reward=nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "align.reward='nope'" in err

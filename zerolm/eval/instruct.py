@@ -26,3 +26,38 @@ def form_adherence(model, tok, requests: list[dict], *, max_new_tokens: int = 96
     return {"n": len(oks), "form_ok": sum(oks) / max(len(oks), 1),
             "by_kind": {k: {"n": len(v), "form_ok": sum(v) / len(v)} for k, v in sorted(ok_by_kind.items())},
             "examples": [{"request": r["messages"][-2]["content"], "answer": a} for r, a in zip(requests[:3], answers)]}
+
+
+def compare_models(model_dirs, requests: list[dict], *, reference: str | None = None, shards: str | None = None,
+                   max_new_tokens: int = 96, sampling: SamplingParams | None = None, seed: int | None = 0,
+                   say=None) -> dict:
+    """form_adherence of each model directory on the same requests, with the same sampling; with
+    `reference`, each model's KL to it (zerolm.align.stage.kl_to_reference: replies sampled at
+    temperature 1); with `shards`, its validation bits per byte there. say(line) reports each."""
+    from zerolm.model import load_model
+    from zerolm.tokenizer import Tokenizer
+
+    ref = None
+    if reference:
+        from zerolm.align.stage import check_tokenizers, kl_to_reference
+
+        ref = load_model(reference)
+    out = {}
+    for m in model_dirs:
+        model, tok = load_model(m), Tokenizer.load(m)
+        r = out[str(m)] = form_adherence(model, tok, requests, max_new_tokens=max_new_tokens, sampling=sampling,
+                                         seed=seed)
+        line = f"{m}: {r['form_ok']:.1%} of {r['n']} held-out requests answered in the requested form"
+        if ref is not None:
+            check_tokenizers(m, reference, "reference model")
+            r.update(kl_to_reference(model, ref, tok, [q["messages"][:-1] for q in requests],
+                                     max_new_tokens=max_new_tokens, seed=seed or 0))
+            line += f", KL to the reference {r['kl']:.2f} nats per reply"
+        if shards:
+            from zerolm.eval.perplexity import evaluate_lm
+
+            r["val_bpb"] = evaluate_lm(model, shards, tok.token_byte_lengths())["val_bpb"]
+            line += f", validation {r['val_bpb']:.4f} bits per byte"
+        if say:
+            say(line)
+    return out
