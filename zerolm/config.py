@@ -155,7 +155,7 @@ class AlignConfig:
     value_clip: float = 0.2  # value clip (around the rollout's values)
     value_coef: float = 0.5  # weight of the value loss
     gamma: float = 1.0
-    lam: float = 0.95  # GAE lambda
+    lam: float = 1.0  # GAE lambda (1: Monte-Carlo returns minus the value baseline; measured better than 0.95 here)
 
 
 @dataclass(frozen=True, kw_only=True)

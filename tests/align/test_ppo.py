@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -165,3 +166,17 @@ def test_cli_ppo_and_dpo_run_and_report(base, tmp_path, capsys):
                  "--align.reward=nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "align.reward='nope'" in err
+
+
+def test_ppo_resumes_from_its_checkpoint(base, tmp_path, caplog):
+    root, _, _ = base
+    cfg = _cfg(root, tmp_path / "run", steps=8, target_kl=0)  # no early stop: 4 steps per rollout
+    first = train_ppo(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ckpt_every=4)), progress=False)
+    assert first["step"] == 8 and first["rollouts"] == 2  # 16 replies = 2 minibatches x 2 epochs per rollout
+    cfg = _cfg(root, tmp_path / "run", steps=12, target_kl=0)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train_ppo(cfg, progress=False)
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    again = train_ppo(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True)), progress=False)
+    assert again["step"] == 12 and "(step 8)" in caplog.text and "rollout 2:" in caplog.text  # the next one

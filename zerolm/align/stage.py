@@ -1,6 +1,7 @@
 """What the alignment stages (reward, dpo, ppo) share: where their pairs and prompts come from,
-a resumable shuffled batch iterator, response-token batches, the base / reference models and
-their tokenizer check, and the start and end of a stage's output directory.
+a resumable shuffled batch iterator, response-token batches, sampled replies and the KL to a
+reference, the base / reference models and their tokenizer check, and the start and end of a
+stage's output directory.
 
 Legend: B sequences, T tokens (shifted by one: position t predicts token t + 1).
 """
