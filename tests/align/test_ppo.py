@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -83,19 +84,30 @@ def _cfg(root, out, steps=24, **align):
                   "precision": "fp32", "eval_every": 1000, "ckpt_every": 1000, "log_every": 1000}})
 
 
-@pytest.mark.parametrize("align, lora", [({}, 0), ({"advantage": "group", "group": 4, "rollout_prompts": 4}, 0),
-                                         ({}, 8)], ids=["ppo", "grpo", "ppo-lora"])
-def test_ppo_raises_a_rule_based_reward(base, tmp_path, align, lora):
+@pytest.mark.parametrize("align", [{}, {"advantage": "group", "group": 4, "rollout_prompts": 4}], ids=["ppo", "grpo"])
+def test_ppo_raises_a_rule_based_reward(base, tmp_path, align):
     root, _, _ = base
-    cfg = _cfg(root, tmp_path / "run", steps=48, **align)
-    if lora:
-        cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=lora, alpha=4 * lora, targets=("q", "v", "down", "lm_head")))
-    result = train_ppo(cfg, progress=False)
+    result = train_ppo(_cfg(root, tmp_path / "run", steps=48, **align), progress=False)
     assert result["skipped_rollouts"] == 0 and result["rollouts"] >= 4
     assert result["reward_last"] > result["reward_first"] + 0.1, result
     assert result["final_val_kl"] > 0
-    if lora:  # the reference was the base itself, adapters disabled: the merged model is a new one
-        assert (tmp_path / "run" / "adapters.safetensors").is_file()
+
+
+def test_ppo_with_lora_starts_at_the_base_and_keeps_it(base, tmp_path, caplog):
+    """The reference is the base itself, adapters disabled: the first rollout's KL is exactly 0;
+    only adapters and the value head train, and the saved model is the base + merged adapters."""
+    root, _, _ = base
+    caplog.set_level(logging.INFO)
+    cfg = _cfg(root, tmp_path / "run", steps=8)
+    cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=4, alpha=8, targets=("q", "v", "lm_head")))
+    result = train_ppo(cfg, progress=False)
+    assert re.search(r"rollout 0: reward [\d.]+ \| KL to reference 0\.000 \|", caplog.text)
+    assert result["final_val_kl"] != 0
+    assert result["lora"]["trainable"] < result["lora"]["total"] / 5
+    base_model, tuned = load_model(root / "sft" / "model"), load_model(result["model_dir"])
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, base_model.state_dict()[k])}
+    assert changed == {f"blocks.{i}.attn.{n}.weight" for i in range(2) for n in "qv"} | {"lm_head.weight"}
+    assert (tmp_path / "run" / "adapters.safetensors").is_file()
 
 
 def test_policy_starts_at_the_reference_and_the_value_loss_leaves_it_alone(base):
