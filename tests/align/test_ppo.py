@@ -192,3 +192,23 @@ def test_ppo_resumes_from_its_checkpoint(base, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     again = train_ppo(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True)), progress=False)
     assert again["step"] == 12 and "(step 8)" in caplog.text and "rollout 2:" in caplog.text  # the next one
+
+
+def test_a_reward_model_scores_the_conversation_it_was_trained_on(base, tmp_path):
+    """align.reward=DIR: each reply is scored by the reward model on the chat rendering of the
+    prompt + reply, the layout `zerolm reward` trains on (reward read at the last token)."""
+    from zerolm.align.reward import RewardModel
+    from zerolm.tokenizer.chat import render
+
+    root, model, tok = base
+    rm = RewardModel(model)
+    torch.nn.init.normal_(rm.head.weight, generator=torch.Generator().manual_seed(0))
+    rm.save(tmp_path / "rm", tok)
+    scores = load_reward(str(tmp_path / "rm"), root / "sft" / "model")
+    prompts = [{"messages": [{"role": "user", "content": "写诗"}]}, {"messages": [{"role": "user", "content": "hi"}]}]
+    replies = ["床前明月光", "Thank you very much"]
+    got = scores(prompts, replies)
+    with torch.no_grad():
+        want = [rm(torch.tensor([ids]), torch.tensor([len(ids)])).item() for ids in
+                (render(tok, [*p["messages"], {"role": "assistant", "content": r}])[0] for p, r in zip(prompts, replies))]
+    assert got == pytest.approx(want, abs=1e-5) and got[0] != got[1]
