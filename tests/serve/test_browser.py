@@ -35,17 +35,17 @@ def test_chat_streams_a_reply_and_the_inspector_shows_probabilities_and_attentio
             reply = page.locator(".msg.assistant")
             expect(reply).to_have_attribute("data-done", "length", timeout=30_000)
             tokens = reply.locator(".tok")
-            assert tokens.count() == 12  # one span per streamed token
+            expect(tokens).to_have_count(12)  # one span per streamed token
             tokens.nth(3).click()
             expect(page.locator("#tok-prob")).to_have_text(re.compile(r"^\d+\.\d\d%$"))
             prob = page.locator("#tok-prob").text_content()
             assert prob.endswith("%") and 0 < float(prob[:-1]) <= 100
-            assert page.locator("#alts tr").count() == 5  # top_logprobs=5 alternatives with bars
+            expect(page.locator("#alts tr")).to_have_count(5)  # top_logprobs=5 alternatives with bars
             heat = page.locator("#heatmap")
             page.wait_for_selector("#heatmap[data-rows]")
             rows, row = int(heat.get_attribute("data-rows")), int(heat.get_attribute("data-row"))
             assert row == rows - 1  # the clicked (4th) token is the last row of its context
-            assert page.locator("#ctx span").count() == rows
+            expect(page.locator("#ctx span")).to_have_count(rows)
             page.select_option("#layer", "1")
             page.wait_for_function("document.querySelector('#ctx span') !== null")
             page.fill("#input", "Stop me")  # the stop button ends a reply early
