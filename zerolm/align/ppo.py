@@ -160,11 +160,13 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
         for r in rows:
             (val if split_key(str(r["messages"])) < a.val_fraction else train).append(r)
         counts[str(path)] = len(rows)
-    fits = [(p, len(prompt_ids(tok, p["messages"])) <= window - 8) for p in train + val]
-    if dropped := sum(not ok for _, ok in fits):
+    def fits(p):
+        return len(prompt_ids(tok, p["messages"])) <= window - 8
+
+    n = len(train) + len(val)
+    train, val = [p for p in train if fits(p)], [p for p in val if fits(p)]
+    if dropped := n - len(train) - len(val):
         counts["too long (dropped)"] = dropped
-        train = [p for p in train if len(prompt_ids(tok, p["messages"])) <= window - 8]
-        val = [p for p in val if len(prompt_ids(tok, p["messages"])) <= window - 8]
     if not train:
         raise ValueError(f"no training prompts fit the {window}-token window with room to reply")
     if a.reward == "poem-form" and (bad := next((p for p in train + val if "form" not in p), None)):
