@@ -99,6 +99,8 @@ def test_a_full_queue_is_503_with_retry_after(launch):
         statuses.append((r.status, r.getheader("Retry-After")))
         if r.status != 200:
             assert json.loads(r.read())["error"]["code"] == "server_busy"
+        elif not conns:  # wait for the first stream's first event: it is running, no longer queued
+            r.fp.readline()
         conns.append(c)
     assert statuses[:2] == [(200, None), (200, None)]
     assert statuses[2:] == [(503, "1"), (503, "1")]

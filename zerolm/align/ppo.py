@@ -293,19 +293,18 @@ class Rollouts:
 
 def ppo_eval(model: PolicyValue, prompts: list[dict], reward: Callable, ref: Callable, tok: Tokenizer,
              max_new_tokens: int, seed: int) -> dict:
-    """Held-out prompts: the mean reward of replies sampled at temperature 1 and the KL to the reference."""
-    from zerolm.align.stage import kl_to_reference
+    """Held-out prompts: the mean reward of replies sampled at temperature 1 and, on those same
+    replies, the KL to the reference."""
+    from zerolm.align.stage import reply_kl
 
-    _, _, replies = sample_replies(model.body, tok, [p["messages"] for p in prompts], max_new_tokens=max_new_tokens,
+    seqs, lens, replies = sample_replies(model.body, tok, [p["messages"] for p in prompts], max_new_tokens=max_new_tokens,
                                    seed=seed)
     try:
         score = sum(float(s) for s in reward(prompts, replies)) / len(prompts)
     except Exception as e:  # reported: not worth stopping training for
         log.warning("held-out evaluation: the reward function failed (%s: %s)", type(e).__name__, e)
         score = math.nan
-    kl = kl_to_reference(model.body, ref, tok, [p["messages"] for p in prompts], max_new_tokens=max_new_tokens,
-                         seed=seed)
-    return {"val_reward": score, "val_kl": kl["kl"]}
+    return {"val_reward": score, "val_kl": reply_kl(model.body, ref, seqs, lens)["kl"]}  # the same replies
 
 
 def train_ppo(cfg, progress: bool = True) -> dict:

@@ -178,14 +178,11 @@ def sample_replies(model, tok: Tokenizer, conversations: Sequence[Sequence[dict]
 
 
 @torch.no_grad()
-def kl_to_reference(model, ref, tok: Tokenizer, conversations: Sequence[Sequence[dict]], *,
-                    max_new_tokens: int = 96, seed: int = 0, batch_size: int = 32) -> dict:
-    """Monte-Carlo KL(model || ref) per reply, in nats: replies sampled from `model` at
-    temperature 1, sum over their tokens of log p_model - log p_ref, averaged over the replies."""
+def reply_kl(model, ref, seqs: list[list[int]], lens: list[int], batch_size: int = 32) -> dict:
+    """KL(model || ref) per reply, in nats, of replies sampled from `model` (sample_replies):
+    the sum over their tokens of log p_model - log p_ref, averaged over the replies."""
     from zerolm.align.losses import token_logprobs
 
-    seqs, lens, _ = sample_replies(model, tok, conversations, max_new_tokens=max_new_tokens, seed=seed,
-                                   batch_size=batch_size)
     total, tokens = 0.0, 0
     for i in range(0, len(seqs), batch_size):
         x, y, mask = response_batch(seqs[i : i + batch_size], lens[i : i + batch_size])
@@ -193,6 +190,14 @@ def kl_to_reference(model, ref, tok: Tokenizer, conversations: Sequence[Sequence
         total += float((diff * mask).sum())
         tokens += int(mask.sum())
     return {"kl": total / len(seqs), "reply_tokens": tokens / len(seqs)}
+
+
+def kl_to_reference(model, ref, tok: Tokenizer, conversations: Sequence[Sequence[dict]], *,
+                    max_new_tokens: int = 96, seed: int = 0, batch_size: int = 32) -> dict:
+    """Monte-Carlo KL(model || ref) per reply: replies sampled from `model` at temperature 1, then reply_kl."""
+    seqs, lens, _ = sample_replies(model, tok, conversations, max_new_tokens=max_new_tokens, seed=seed,
+                                   batch_size=batch_size)
+    return reply_kl(model, ref, seqs, lens, batch_size)
 
 
 # ---------------------------------------------------------------- models
