@@ -49,10 +49,12 @@ class TokenizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture. `preset` picks the family; any field left at its "preset" / None / 0 value
-    takes the preset's choice (zerolm/model/presets.py), anything set explicitly overrides it."""
+    """Architecture. `arch` picks the model class (decoder-only, BERT encoder, encoder-decoder) and
+    `preset` the block choices; any field left at its "" / "preset" / None / 0 value takes the
+    preset's choice (zerolm/model/presets.py), anything set explicitly overrides it."""
 
-    preset: Literal["simple", "gpt2", "llama"] = "llama"
+    arch: Literal["", "decoder", "bert", "encdec"] = ""  # "": the preset's (bert -> bert, transformer -> encdec)
+    preset: Literal["", "simple", "gpt2", "llama", "bert", "transformer"] = ""  # "": the arch's (llama, bert, transformer)
     vocab_size: int = 0  # 0: the tokenizer's
     d_model: int = 256
     n_layers: int = 4
@@ -63,13 +65,17 @@ class ModelConfig:
     norm: Literal["preset", "layernorm", "rmsnorm"] = "preset"
     norm_placement: Literal["preset", "pre", "post"] = "preset"
     position: Literal["preset", "learned", "sinusoidal", "rope"] = "preset"
-    ffn: Literal["preset", "relu", "gelu", "swiglu"] = "preset"
+    ffn: Literal["preset", "relu", "gelu", "gelu_erf", "swiglu"] = "preset"  # gelu: tanh approximation (GPT-2); gelu_erf: exact (BERT)
     bias: bool | None = None  # biases in linear layers and norms
     tie_embeddings: bool | None = None  # output head shares the token embedding
     dropout: float | None = None
     norm_eps: float | None = None
     rope_theta: float = 10000.0
     sliding_window: int = 0  # 0: full causal attention; w: each token sees the last w positions
+    embed_norm: bool | None = None  # a norm right after the embeddings (BERT)
+    embed_scale: bool | None = None  # token embeddings times sqrt(d_model) (the original Transformer)
+    type_vocab_size: int = 2  # bert: segment (sentence A/B) embeddings
+    n_decoder_layers: int = 0  # encdec: decoder blocks (0: n_layers); n_layers counts the encoder's
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -113,7 +113,7 @@ def test_norms_and_positions_by_hand():
     x = torch.tensor([[3.0, 4.0]])
     assert torch.allclose(RMSNorm(2, 0.0)(x), x / math.sqrt(12.5))
     table = sinusoidal_table(4, 4)
-    assert torch.allclose(table[1], torch.tensor([math.sin(1), math.cos(1), math.sin(1e-2), math.cos(1e-2)]))
+    assert torch.allclose(table[1], torch.tensor([math.sin(1), math.sin(1e-2), math.cos(1), math.cos(1e-2)]))
     assert torch.allclose(F.layer_norm(x, (2,)), torch.tensor([[-1.0, 1.0]]), atol=1e-4)
 
 
@@ -141,7 +141,7 @@ def test_bad_shapes_are_clear_errors(over, message):
 def test_unknown_preset_is_a_config_error():
     from zerolm.config import load_config
 
-    with pytest.raises(ValueError, match="'mistral' is not one of 'simple', 'gpt2', 'llama'"):
+    with pytest.raises(ValueError, match="'mistral' is not one of '', 'simple', 'gpt2', 'llama', 'bert', 'transformer'"):
         load_config(None, {"model": {"preset": "mistral"}})
 
 

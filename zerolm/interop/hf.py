@@ -7,6 +7,7 @@ itself is not needed: the files are plain JSON and safetensors.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from zerolm.files import atomic_write_text
 from zerolm.model import Transformer, load_state, resolve, save_model
 
 SUPPORTED = ("gpt2", "llama")
+ENCODERS = {"bert": "zerolm.interop.hf_bert", "marian": "zerolm.interop.hf_marian"}  # model_type -> module
 
 # zerolm module -> HF module; each maps its .weight and .bias. `attn.qkv` is GPT-2's fused c_attn.
 KEYS = {
@@ -205,9 +207,9 @@ def _read_weights(src: Path) -> dict:
 
 # ------------------------------------------------------------------ public API
 
-def import_hf(src_dir: str | Path, out_dir: str | Path | None = None, dtype: torch.dtype | None = torch.float32
-              ) -> Transformer:
-    """Load an HF GPT-2 or LLaMA checkpoint directory (config.json + safetensors) as a zerolm model.
+def import_hf(src_dir: str | Path, out_dir: str | Path | None = None, dtype: torch.dtype | None = torch.float32):
+    """Load an HF GPT-2, LLaMA, BERT or Marian checkpoint directory (config.json + safetensors) as a
+    zerolm model.
 
     Weights are cast to `dtype` (None: keep the checkpoint's). With `out_dir`, also write a zerolm
     model directory there, with the source's tokenizer.json / tokenizer_config.json if present."""
@@ -216,8 +218,12 @@ def import_hf(src_dir: str | Path, out_dir: str | Path | None = None, dtype: tor
         raise ValueError(f"{src} has no config.json: expected an HF transformers checkpoint directory")
     raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
     arch = raw.get("model_type")
+    if arch in ENCODERS:  # encoder families live in their own modules, with their own key maps
+        module = importlib.import_module(ENCODERS[arch])
+        return module.import_hf(src, raw, out_dir, dtype)
     if arch not in SUPPORTED:
-        raise ValueError(f"HF model_type {arch!r} is not supported; supported types: {', '.join(SUPPORTED)}")
+        raise ValueError(f"HF model_type {arch!r} is not supported; supported types: "
+                         f"{', '.join((*SUPPORTED, *ENCODERS))}")
     cfg = resolve(FROM_HF[arch](raw))
     state = _from_hf_state(arch, _read_weights(src), cfg)
     if dtype is not None:

@@ -18,14 +18,27 @@ from zerolm.files import atomic_write_text
 from zerolm.model.presets import PRESETS, resolve
 from zerolm.model.transformer import Transformer
 
-__all__ = ["PRESETS", "Transformer", "build_model", "load_model", "resolve", "save_model"]
+__all__ = ["PRESETS", "Transformer", "build_model", "load_model", "model_class", "resolve", "save_model"]
 
 
-def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0, device="cpu") -> Transformer:
-    """A freshly initialised model (deterministic for a given seed)."""
+def model_class(cfg: ModelConfig):
+    """The module class of a resolved config's arch: Transformer (decoder), Bert, EncoderDecoder."""
+    if cfg.arch == "bert":
+        from zerolm.model.bert import Bert
+
+        return Bert
+    if cfg.arch == "encdec":
+        from zerolm.model.encdec import EncoderDecoder
+
+        return EncoderDecoder
+    return Transformer
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0, device="cpu"):
+    """A freshly initialised model of cfg's arch (deterministic for a given seed)."""
     cfg = resolve(cfg, vocab_size)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = model_class(cfg)(cfg)
     model.to_empty(device=device)
     model.reset_buffers()
     model.to(device)
@@ -34,7 +47,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0, 
     return model
 
 
-def save_model(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
+def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files) into out_dir, atomically per file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +75,7 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     return resolve(ModelConfig(**{k: v for k, v in raw["zerolm_model"].items() if k in fields}))
 
 
-def load_state(model: Transformer, state: dict, source: str = "checkpoint", assign: bool = True) -> None:
+def load_state(model, state: dict, source: str = "checkpoint", assign: bool = True) -> None:
     """load_state_dict with an error that names mismatched tensors. assign=True adopts the given
     tensors (loading onto the meta device); assign=False copies into existing parameters (which
     keeps an optimizer's references valid)."""
@@ -80,11 +93,11 @@ def load_state(model: Transformer, state: dict, source: str = "checkpoint", assi
     model.load_state_dict(state, strict=True, assign=assign)
 
 
-def load_model(model_dir: str | Path, device="cpu", dtype=None) -> Transformer:
-    """Load a zerolm model directory."""
+def load_model(model_dir: str | Path, device="cpu", dtype=None):
+    """Load a zerolm model directory (any arch)."""
     cfg = read_model_config(model_dir)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = model_class(cfg)(cfg)
     state = load_file(str(Path(model_dir) / "model.safetensors"), device=str(device))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}

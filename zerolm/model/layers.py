@@ -54,7 +54,8 @@ def make_norm(kind: str, d: int, eps: float, bias: bool, feeds_matmul: bool = Fa
 
 
 class FFN(nn.Module):
-    """Two-matrix MLP (relu / gelu-tanh as in GPT-2) or SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Two-matrix MLP (relu, gelu-tanh as in GPT-2, exact gelu as in BERT) or SwiGLU:
+    down(silu(gate(x)) * up(x))."""
 
     def __init__(self, d: int, d_ff: int, kind: str, bias: bool, dropout: float):
         super().__init__()
@@ -73,19 +74,21 @@ class FFN(nn.Module):
             h = F.silu(self.gate(x)) * self.up(x)  # (B, T, F)
         elif self.kind == "gelu":
             h = F.gelu(self.up(x), approximate="tanh")
+        elif self.kind == "gelu_erf":
+            h = F.gelu(self.up(x))
         else:
             h = F.relu(self.up(x))
         return self.drop(self.down(h))
 
 
 def sinusoidal_table(n: int, d: int) -> torch.Tensor:
-    """(n, d) table of Vaswani et al.: sin on even, cos on odd dimensions."""
+    """(n, d) table of Vaswani et al.: sin(pos / 10000^(2i/d)) in the first half of the dimensions,
+    cos in the second. The paper interleaves them; concatenating (as tensor2tensor, fairseq and
+    Marian do) is the same encoding up to a fixed permutation of dimensions, and lets Marian
+    checkpoints load unchanged."""
     pos = torch.arange(n, dtype=torch.float32)[:, None]
     freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
-    table = torch.zeros(n, d)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq)
-    return table
+    return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)
 
 
 def rope_tables(n: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Architecture presets: each is a set of choices over the shared blocks.
 
-`resolve(cfg)` fills every "preset"/None/0 field of a ModelConfig with the preset's choice and
-checks the shape, so the rest of the model code only ever sees concrete values.
+`resolve(cfg)` fills the arch, the preset and every "preset"/None/0 field of a ModelConfig with the
+preset's choice and checks the shape, so the rest of the model code only ever sees concrete values.
+Presets and archs combine freely (an encoder-decoder with gpt2's pre-LN GELU blocks is
+`--model.arch=encdec --model.preset=gpt2`); each arch has a default preset.
 """
 from __future__ import annotations
 
@@ -19,7 +21,16 @@ PRESETS: dict[str, dict] = {
     # LLaMA: pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases, untied head
     "llama": dict(norm="rmsnorm", norm_placement="pre", position="rope", ffn="swiglu", bias=False,
                   tie_embeddings=False, dropout=0.0, norm_eps=1e-5),
+    # BERT: post-LN, exact GELU, learned positions, a LayerNorm on the embeddings, MLM head tied
+    "bert": dict(norm="layernorm", norm_placement="post", position="learned", ffn="gelu_erf", bias=True,
+                 tie_embeddings=True, dropout=0.1, norm_eps=1e-12, embed_norm=True),
+    # the original Transformer (Vaswani et al. 2017): post-LN, ReLU, sinusoidal positions, embeddings
+    # scaled by sqrt(d_model) and shared between encoder, decoder and output layer
+    "transformer": dict(norm="layernorm", norm_placement="post", position="sinusoidal", ffn="relu", bias=True,
+                        tie_embeddings=True, dropout=0.1, norm_eps=1e-5, embed_scale=True),
 }
+ARCH_OF = {"bert": "bert", "transformer": "encdec"}  # a preset's arch when --model.arch is not set
+DEFAULT_PRESET = {"decoder": "llama", "bert": "bert", "encdec": "transformer"}
 
 
 def default_d_ff(d_model: int, ffn: str) -> int:
@@ -30,17 +41,20 @@ def default_d_ff(d_model: int, ffn: str) -> int:
 
 def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
     """A ModelConfig with every preset-dependent field concrete; raises ValueError on bad shapes."""
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown model preset {cfg.preset!r}; presets: {', '.join(PRESETS)}")
-    preset = PRESETS[cfg.preset]
-    values = dataclasses.asdict(cfg)
-    for key, choice in preset.items():
+    arch = cfg.arch or ARCH_OF.get(cfg.preset, "decoder")
+    name = cfg.preset or DEFAULT_PRESET[arch]
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    values = dataclasses.asdict(cfg) | {"arch": arch, "preset": name}
+    for key, choice in {"embed_norm": False, "embed_scale": False, **PRESETS[name]}.items():
         if values[key] in ("preset", None):
             values[key] = choice
     if vocab_size and not values["vocab_size"]:
         values["vocab_size"] = vocab_size
     values["n_kv_heads"] = values["n_kv_heads"] or values["n_heads"]
     values["d_ff"] = values["d_ff"] or default_d_ff(values["d_model"], values["ffn"])
+    if arch == "encdec":
+        values["n_decoder_layers"] = values["n_decoder_layers"] or values["n_layers"]
     out = ModelConfig(**values)
     check(out)
     return out
@@ -58,6 +72,11 @@ def check(cfg: ModelConfig) -> None:
         (cfg.position != "sinusoidal" or d % 2 == 0, "sinusoidal positions need an even d_model"),
         (0.0 <= cfg.dropout < 1.0, f"model.dropout must be in [0, 1), got {cfg.dropout}"),
         (cfg.sliding_window >= 0, "model.sliding_window must be >= 0"),
+        (cfg.arch == "decoder" or cfg.sliding_window == 0, f"model.sliding_window applies to decoders, not {cfg.arch}"),
+        (cfg.arch != "decoder" or not (cfg.embed_norm or cfg.embed_scale),
+         "model.embed_norm / model.embed_scale apply to bert and encdec models, not decoders"),
+        (cfg.arch != "bert" or cfg.type_vocab_size >= 1, "model.type_vocab_size must be >= 1 for bert"),
+        (cfg.n_decoder_layers >= 0, "model.n_decoder_layers must be >= 0 (0: n_layers)"),
     ]
     for ok, msg in problems:
         if not ok:
