@@ -246,6 +246,9 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     `AutoModelForCausalLM.from_pretrained` loads. Preset llama exports as LlamaForCausalLM, any other
     as GPT2LMHeadModel; a model whose choices the HF architecture cannot express raises ValueError."""
     cfg = model.cfg
+    if cfg.arch != "decoder":  # bert -> BertForPreTraining, encdec -> MarianMTModel
+        module = importlib.import_module(ENCODERS[{"bert": "bert", "encdec": "marian"}[cfg.arch]])
+        return module.export_hf(model, out_dir, tokenizer)
     arch = "llama" if cfg.preset == "llama" else "gpt2"
     bad = [f"{k}={getattr(cfg, k)!r} (needs {' or '.join(map(repr, ok))})"
            for k, ok in REQUIRED[arch].items() if getattr(cfg, k) not in ok]
