@@ -76,6 +76,7 @@ class ModelConfig:
     embed_scale: bool | None = None  # token embeddings times sqrt(d_model) (the original Transformer)
     type_vocab_size: int = 2  # bert: segment (sentence A/B) embeddings
     n_decoder_layers: int = 0  # encdec: decoder blocks (0: n_layers); n_layers counts the encoder's
+    n_labels: int = 0  # bert: classes of the sequence-classification head (0: no such head)
 
 
 @dataclass(frozen=True, kw_only=True)

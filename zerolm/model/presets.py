@@ -33,6 +33,11 @@ ARCH_OF = {"bert": "bert", "transformer": "encdec"}  # a preset's arch when --mo
 DEFAULT_PRESET = {"decoder": "llama", "bert": "bert", "encdec": "transformer"}
 
 
+def arch_of(cfg: ModelConfig) -> str:
+    """The arch a (possibly unresolved) config builds: decoder, bert or encdec."""
+    return cfg.arch or ARCH_OF.get(cfg.preset, "decoder")
+
+
 def default_d_ff(d_model: int, ffn: str) -> int:
     if ffn == "swiglu":  # same parameter count as a 4*d two-matrix FFN, rounded for fast kernels
         return 32 * -(-(8 * d_model // 3) // 32)
@@ -41,7 +46,7 @@ def default_d_ff(d_model: int, ffn: str) -> int:
 
 def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
     """A ModelConfig with every preset-dependent field concrete; raises ValueError on bad shapes."""
-    arch = cfg.arch or ARCH_OF.get(cfg.preset, "decoder")
+    arch = arch_of(cfg)
     name = cfg.preset or DEFAULT_PRESET[arch]
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")

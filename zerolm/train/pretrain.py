@@ -15,6 +15,7 @@ from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
 from zerolm.model import build_model, save_model
+from zerolm.model.presets import arch_of
 from zerolm.tokenizer import EOS, Tokenizer
 from zerolm.train.checkpoint import list_checkpoints
 from zerolm.train.losses import lm_loss
@@ -36,7 +37,17 @@ def sample_texts(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int 
 
 
 def pretrain(cfg: Config, progress: bool = True) -> dict:
-    """Prepare data if needed, train, save OUT/model; returns the final metrics."""
+    """Prepare data if needed, train, save OUT/model; returns the final metrics. A bert model
+    pretrains with masked-LM + next-sentence prediction, an encdec model on parallel pairs."""
+    arch = arch_of(cfg.model)
+    if arch == "bert":
+        from zerolm.train.mlm import pretrain_bert
+
+        return pretrain_bert(cfg, progress)
+    if arch == "encdec":
+        from zerolm.train.seq2seq import pretrain_seq2seq
+
+        return pretrain_seq2seq(cfg, progress)
     out = Path(cfg.out_dir)
     prepare(cfg, progress=progress)
     if list_checkpoints(out) and not cfg.train.resume:
