@@ -254,6 +254,50 @@ def cmd_generate(args, extra):
             print("---")
 
 
+def cmd_translate(args, extra):
+    from zerolm.eval.translation import score, translate_texts
+    from zerolm.model import load_model
+    from zerolm.tokenizer import Tokenizer
+
+    model = load_model(args.model)
+    if model.cfg.arch != "encdec":
+        raise ValueError(f"{args.model} is a {model.cfg.arch} model; translate needs an encoder-decoder "
+                         "(train one with `zerolm pretrain --model.arch=encdec`)")
+    if args.input:
+        path = Path(args.input)
+        if not path.is_file():
+            raise ValueError(f"--input {args.input!r} does not exist")
+        texts = path.read_text(encoding="utf-8").splitlines()
+    else:
+        texts = args.texts or sys.stdin.read().splitlines()
+    if not texts:
+        raise ValueError("nothing to translate: give texts, --input FILE (one per line) or lines on stdin")
+    refs = None
+    if args.reference:
+        refs = Path(args.reference).read_text(encoding="utf-8").splitlines() if Path(args.reference).is_file() else None
+        if refs is None:
+            raise ValueError(f"--reference {args.reference!r} does not exist")
+        if len(refs) != len(texts):
+            raise ValueError(f"{len(texts)} source lines but {len(refs)} reference lines in {args.reference}: "
+                             "the files must be line-aligned")
+    if args.temperature > 0 and args.beam > 1:
+        raise ValueError("--temperature > 0 samples one translation: use it with --beam 1")
+    sampling = _sampling(args) if args.temperature > 0 else None
+    hyps = translate_texts(model, Tokenizer.load(args.model), texts, beam=args.beam, length_penalty=args.length_penalty,
+                           max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                           batch_size=args.batch_size, progress=not args.quiet and len(texts) > args.batch_size,
+                           too_long="truncate" if args.truncate else "error")
+    if args.output:
+        from zerolm.files import atomic_write_text
+
+        atomic_write_text(args.output, "".join(h + "\n" for h in hyps))
+    elif refs is None or args.show:
+        print("\n".join(hyps))
+    if refs is not None:
+        got, copy = score(hyps, refs), score(texts, refs)
+        print(json.dumps({"pairs": len(texts), **got, **{f"copy_{k}": v for k, v in copy.items()}}))
+
+
 def cmd_import(args, extra):
     from zerolm.interop.hf import import_hf
 
@@ -401,6 +445,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "runs/speedrun/shards)")
     _sampling_args(ev, temperature=0.0)
     ev.set_defaults(fn=cmd_eval_poems, max_new_tokens=96)
+    tr = sub.add_parser("translate", help="translate with an encoder-decoder model (BLEU/chrF with --reference)",
+                        description="translate texts with an encdec model: beam search by default, greedy with "
+                                    "--beam 1, sampling with --temperature > 0.")
+    tr.add_argument("model", help="encdec model directory (e.g. runs/bible/model)")
+    tr.add_argument("texts", nargs="*", help="texts to translate (default: --input, or lines on stdin)")
+    tr.add_argument("--input", help="a text file, one source per line")
+    tr.add_argument("--reference", help="line-aligned reference translations: print BLEU and chrF (with the "
+                    "copy-the-source baseline) as JSON")
+    tr.add_argument("--output", help="write the translations here (one per line) instead of printing them")
+    tr.add_argument("--show", action="store_true", help="with --reference: print the translations too")
+    tr.add_argument("--beam", type=int, default=4, help="beam width (1: greedy)")
+    tr.add_argument("--length-penalty", type=float, default=1.0, help="beam scores are log-prob / length**this")
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--truncate", action="store_true", help="cut sources longer than the encoder window "
+                    "(default: an error)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _sampling_args(tr, temperature=0.0)
+    tr.set_defaults(fn=cmd_translate, max_new_tokens=None)
     im = sub.add_parser("import", help="make a local HF gpt2/llama checkpoint a zerolm model directory")
     im.add_argument("src", help="directory with config.json + model.safetensors (transformers layout)")
     im.add_argument("--from", dest="source", choices=["hf"], default="hf")

@@ -166,6 +166,25 @@ class AlignConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Seq2SeqConfig:
+    """Sequence-to-sequence pairs for an encdec model (`zerolm pretrain --model.arch=encdec`)."""
+
+    builtin: str = ""  # bundled pairs: bible (King James -> World English Bible, 31,099 verses)
+    data: tuple[str, ...] = ()  # JSONL files of {source_field, target_field} rows
+    source: str = ""  # or two line-aligned text files: one source per line ...
+    target: str = ""  # ... and its target on the same line
+    source_field: str = "source"
+    target_field: str = "target"
+    val_books: tuple[str, ...] = ("Ruth", "Jonah", "Mark", "Philippians", "James")  # bible: held out by book
+    val_fraction: float = 0.05  # files: held-out share, by a hash of the source
+    too_long: Literal["error", "drop"] = "error"  # a pair longer than the model window
+    label_smoothing: float = 0.1
+    beam: int = 4  # decoding of the final held-out evaluation
+    length_penalty: float = 1.0
+    eval_pairs: int = 0  # held-out pairs translated for BLEU / chrF at the end (0: all)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     out_dir: str = "runs/default"
     seed: int = 1337
@@ -176,6 +195,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -335,6 +355,11 @@ def validate(cfg: Config) -> None:
         (min(cfg.align.kl_coef, cfg.align.target_kl, cfg.align.clip, cfg.align.value_clip, cfg.align.value_coef) >= 0
          and 0 <= cfg.align.gamma <= 1 and 0 <= cfg.align.lam <= 1,
          "align.kl_coef, target_kl, clip, value_clip, value_coef must be >= 0, gamma and lam in [0, 1]"),
+        (0 <= cfg.seq2seq.label_smoothing < 1 and 0 <= cfg.seq2seq.val_fraction < 1,
+         "seq2seq.label_smoothing and seq2seq.val_fraction must be in [0, 1)"),
+        (cfg.seq2seq.beam >= 1 and cfg.seq2seq.eval_pairs >= 0, "seq2seq.beam must be >= 1, seq2seq.eval_pairs >= 0"),
+        (bool(cfg.seq2seq.source) == bool(cfg.seq2seq.target),
+         "seq2seq.source and seq2seq.target are line-aligned files and come together: set both"),
     ]
     for ok, msg in checks:
         if not ok:

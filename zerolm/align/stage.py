@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from zerolm.align.data import Pair
+from zerolm.data.loader import Shuffled  # noqa: F401  (re-exported: the stages' batch iterator)
 from zerolm.model import load_model, save_model
 from zerolm.tokenizer import Tokenizer
 
@@ -97,39 +98,6 @@ def encoded_pairs(cfg, base: Path, tok: Tokenizer, encode: Callable) -> tuple[di
     log.info("preference pairs: %s; train %d, val %d (%d skipped: longer than the %d-token window)",
              counts, len(enc["train"]), len(enc["val"]), too_long, window)
     return enc, {"pairs": counts, "train_pairs": len(enc["train"]), "val_pairs": len(enc["val"]), "too_long": too_long}
-
-
-class Shuffled:
-    """Infinite, resumable iterator of batches: `batch_size` items at a time in a fresh seeded
-    order each epoch, each batch made by `collate(list of items)`."""
-
-    def __init__(self, items: list, batch_size: int, seed: int = 0, collate: Callable = list):
-        if not items:
-            raise ValueError("no preference pairs fit the model window")
-        self.items, self.batch_size, self.seed, self.collate = items, batch_size, seed, collate
-        self.epoch, self.pos = 0, 0
-
-    def _order(self):
-        return np.random.default_rng(self.seed + self.epoch).permutation(len(self.items))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        order, picked = self._order(), []
-        while len(picked) < self.batch_size:
-            if self.pos == len(order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                order = self._order()
-            picked.append(self.items[order[self.pos]])
-            self.pos += 1
-        return self.collate(picked)
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.epoch, self.pos = state["epoch"], state["pos"]
 
 
 # ---------------------------------------------------------------- response tokens

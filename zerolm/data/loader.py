@@ -129,3 +129,51 @@ def _sequential(stream: _Stream, batch_size: int, seq_len: int, max_batches: int
     for first, rows, length in islice(chain(batches, tail), max_batches):
         starts = np.arange(first, first + rows, dtype=np.int64) * seq_len
         yield _pair(stream.read(starts, length + 1))  # (rows, length), (rows, length)
+
+
+class Shuffled:
+    """Infinite, resumable iterator of batches over a list of items: `batch_size` items at a time in
+    a fresh seeded order each epoch, each batch made by `collate(list of items)`. With `length`
+    (item -> int), batches are bucketed: each window of 50 batches is sorted by length before it is
+    cut, and the batches are shuffled, so a batch holds items of similar length (less padding)."""
+
+    def __init__(self, items: list, batch_size: int, seed: int = 0, collate=list, length=None):
+        if not items:
+            raise ValueError("no training items (all were filtered out, or the data is empty)")
+        self.items, self.batch_size, self.seed, self.collate = items, batch_size, seed, collate
+        self.lengths = None if length is None else np.array([length(x) for x in items])
+        self.epoch, self.pos = 0, 0
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def _order(self) -> np.ndarray:
+        if self._cache is None or self._cache[0] != self.epoch:
+            rng = np.random.default_rng(self.seed + self.epoch)
+            order = rng.permutation(len(self.items))
+            if self.lengths is not None:
+                window = 50 * self.batch_size
+                order = np.concatenate([w[np.argsort(self.lengths[w], kind="stable")]
+                                        for w in np.split(order, range(window, len(order), window))])
+                batches = np.split(order, range(self.batch_size, len(order), self.batch_size))
+                order = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+            self._cache = (self.epoch, order)
+        return self._cache[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        picked = []
+        while len(picked) < self.batch_size:
+            order = self._order()
+            if self.pos == len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                continue
+            picked.append(self.items[order[self.pos]])
+            self.pos += 1
+        return self.collate(picked)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]

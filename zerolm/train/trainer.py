@@ -152,7 +152,7 @@ class Trainer:
         for precision in ("fp32", "bf16", "fp32", "bf16"):
             t0 = time.perf_counter()
             with autocast(precision, self.device):
-                loss, _ = self.loss_fn(self.model, batch)
+                loss, *_ = self.loss_fn(self.model, batch)
             loss.backward()
             times[precision] = min(times.get(precision, math.inf), time.perf_counter() - t0)
         self.optimizer.zero_grad(set_to_none=True)
