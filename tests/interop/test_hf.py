@@ -156,8 +156,8 @@ def test_greedy_generate_matches_hf(kind, tmp_path):
 
 
 def test_unsupported_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match=r"'bert'.*gpt2, llama"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ValueError, match=r"'t5'.*gpt2, llama, bert"):
         import_hf(tmp_path)
 
 

@@ -7,9 +7,9 @@ from collections import defaultdict
 def component(name: str) -> str:
     if name.startswith("tok_emb"):
         return "embedding"
-    if name.startswith("pos_emb"):
+    if name.startswith(("pos_emb", "seg_emb")):  # seg_emb: bert's sentence A/B embeddings
         return "positions"
-    if name.startswith("lm_head"):
+    if name.startswith(("lm_head", "mlm.", "pooler.", "nsp.", "classifier.")):  # bert's heads too
         return "head"
     if ".attn." in name:
         return "attention"
@@ -28,13 +28,16 @@ def account(model, context: int | None = None, batch: int = 1, bytes_per_param: 
         counts[component(name)] += p.numel()
     total = sum(counts.values())
     non_embedding = counts["attention"] + counts["ffn"] + counts["norms"]
-    # matrices multiplied once per token; an untied input embedding is only a row lookup
-    lookup = ("pos_emb",) if cfg.tie_embeddings else ("pos_emb", "tok_emb")
+    # matrices multiplied once per token; an untied input embedding is only a row lookup (bert's
+    # pooler and NSP/classifier heads read one token per sequence: left out)
+    lookup = ("pos_emb", "seg_emb", "pooler.", "nsp.", "classifier.", *(() if cfg.tie_embeddings else ("tok_emb",)))
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(lookup))
     attn_flops = 4 * cfg.n_layers * cfg.d_model * context  # QK^T and AV, forward (PaLM, appendix B)
     bpp = bytes_per_param or next(model.parameters()).element_size()
     head_dim = cfg.d_model // cfg.n_heads
     kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * context * head_dim * bpp
+    if cfg.arch == "bert":  # an encoder reads its input in one pass: no KV cache
+        kv_bytes = 0
     return {
         "parameters": dict(counts), "total": total, "non_embedding": non_embedding,
         "estimate_12_d2_N": 12 * cfg.d_model**2 * cfg.n_layers,
@@ -46,7 +49,8 @@ def account(model, context: int | None = None, batch: int = 1, bytes_per_param: 
 
 def format_account(a: dict, cfg) -> str:
     mb = 1 / 2**20
-    lines = [f"preset {cfg.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
+    arch = "" if cfg.arch in ("", "decoder") else f"{cfg.arch} "
+    lines = [f"{arch}preset {cfg.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
              f"n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len}",
              "parameters by component:"]
     for k, v in sorted(a["parameters"].items(), key=lambda kv: -kv[1]):
@@ -57,7 +61,8 @@ def format_account(a: dict, cfg) -> str:
         f"(ratio {a['non_embedding'] / a['estimate_12_d2_N']:.3f}; the estimate assumes a 4·d two-matrix FFN, MHA)",
         f"FLOPs per token at context {a['context']}: forward {a['forward_flops_per_token'] / 1e6:,.1f} M, "
         f"training {a['train_flops_per_token'] / 1e6:,.1f} M",
-        f"memory: weights {a['weights_bytes'] * mb:,.1f} MiB, KV cache {a['kv_cache_bytes'] * mb:,.2f} MiB "
-        f"(batch {a['batch']} x {a['context']} tokens)",
+        f"memory: weights {a['weights_bytes'] * mb:,.1f} MiB, " + (
+            f"KV cache {a['kv_cache_bytes'] * mb:,.2f} MiB (batch {a['batch']} x {a['context']} tokens)"
+            if cfg.arch != "bert" else "no KV cache (an encoder)"),
     ]
     return "\n".join(lines)

@@ -3,6 +3,8 @@
 Every zerolm tokenizer reserves the same special tokens at ids 0..15 (documents, chat roles,
 BERT, spares), so later stages never resize the vocabulary, and saves as a standard
 `tokenizer.json` + `tokenizer_config.json` that `transformers.PreTrainedTokenizerFast` loads.
+An imported BERT checkpoint's WordPiece tokenizer ([PAD] [UNK] [CLS] [SEP] [MASK] wherever its
+vocabulary puts them) loads as a foreign tokenizer: its specials are found by name.
 """
 from __future__ import annotations
 
@@ -23,13 +25,26 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     PAD, BOS, EOS, UNK, SYSTEM, USER, ASSISTANT, END, CLS, SEP, MASK,
     *(f"<|reserved_{i}|>" for i in range(5)),
 )  # ids 0..15, in this order, in every tokenizer
+# a foreign BERT vocabulary's names for zerolm's specials (token_id(PAD) finds [PAD]); no bos/eos/chat roles
+BERT_SPECIALS = {PAD: "[PAD]", UNK: "[UNK]", CLS: CLS, SEP: SEP, MASK: MASK}
 
 
 class Tokenizer:
     """A trained tokenizer: text <-> ids. Wraps a `tokenizers.Tokenizer`."""
 
-    def __init__(self, hf: _HFTokenizer):
+    def __init__(self, hf: _HFTokenizer, strict: bool = True):
+        """strict: zerolm's own layout (SPECIAL_TOKENS at ids 0..15). strict=False: a foreign BERT
+        WordPiece tokenizer, whose BERT_SPECIALS are looked up by name; its file's own truncation and
+        padding are switched off, so encode() returns exactly the text's ids as for zerolm's own."""
         self.hf = hf
+        self.aliases: dict[str, str] = {}  # zerolm special -> its name in a foreign vocabulary
+        if not strict:
+            if missing := [t for t in BERT_SPECIALS.values() if hf.token_to_id(t) is None]:
+                raise ValueError(f"not a BERT tokenizer: {', '.join(missing)} missing from its vocabulary")
+            self.aliases = {k: v for k, v in BERT_SPECIALS.items() if k != v}
+            hf.no_truncation()
+            hf.no_padding()
+            return
         for i, tok in enumerate(SPECIAL_TOKENS):
             if hf.token_to_id(tok) != i:
                 raise ValueError(
@@ -77,8 +92,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def foreign(self) -> bool:
+        """A foreign BERT tokenizer (strict=False) rather than one zerolm trained."""
+        return bool(self.aliases)
+
     def token_id(self, token: str) -> int:
-        i = self.hf.token_to_id(token)
+        i = self.hf.token_to_id(self.aliases.get(token, token))
         if i is None:
             raise ValueError(f"token {token!r} is not in the vocabulary")
         return i
@@ -92,8 +112,9 @@ class Tokenizer:
         kind, byte_tokens = self.kind, {t: i for i, t in enumerate(BYTE_TOKENS)}
         unicode_to_byte = {c: b for b, c in _byte_level_alphabet().items()}
         out = [b""] * self.vocab_size
+        specials = {self.token_id(t) for t in BERT_SPECIALS} if self.foreign else range(len(SPECIAL_TOKENS))
         for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
-            if i < len(SPECIAL_TOKENS):
+            if i in specials:
                 continue
             if kind == "bpe":  # byte-level alphabet: one character per byte
                 out[i] = bytes(unicode_to_byte[c] for c in tok)
@@ -148,12 +169,17 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
         }
+        if self.foreign:  # a BERT vocabulary: its own special names, no chat roles
+            names = zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), BERT_SPECIALS.values())
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", **dict(names),
+                      "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
         atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         return out / "tokenizer.json"
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """Load from a tokenizer.json file or a directory holding one."""
+    def load(cls, path: str | Path, strict: bool | None = None) -> Tokenizer:
+        """Load from a tokenizer.json file or a directory holding one. strict=None: zerolm's own
+        layout, or a foreign BERT tokenizer if that is what the file holds (see __init__)."""
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
@@ -163,7 +189,10 @@ class Tokenizer:
             hf = _HFTokenizer.from_file(str(p))
         except Exception as e:  # the Rust side raises plain Exception on malformed files
             raise ValueError(f"{p}: not a valid tokenizer.json ({e})") from None
-        return cls(hf)
+        if strict is None:
+            strict = hf.token_to_id(SPECIAL_TOKENS[0]) == 0 or any(
+                hf.token_to_id(t) is None for t in BERT_SPECIALS.values())
+        return cls(hf, strict)
 
 
 def _byte_level_alphabet() -> dict[int, str]:
