@@ -149,6 +149,32 @@ def cmd_ppo(args, extra, **defaults):
     return cfg, result
 
 
+def cmd_finetune_classify(args, extra, **defaults):
+    from zerolm.finetune.classify import finetune_classify
+
+    short = {"classify": {"base_model": args.model}} if args.model else {}
+    cfg = _config(args, extra, **merge_dicts(defaults, short))
+    r = finetune_classify(cfg, progress=not args.quiet)
+    if r.get("final_val_acc") is not None:
+        boc = "" if r["boc_lr_acc"] is None else f" | bag-of-characters LR {r['boc_lr_acc']:.1%}"
+        print(f"held-out accuracy on {r['val_rows']} rows: fine-tuned bert {r['final_val_acc']:.1%} "
+              f"(macro-F1 {r['final_val_macro_f1']:.3f}) | majority class {r['majority_acc']:.1%}{boc}")
+    print(f"classifier saved to {r['model_dir']}; try: zerolm classify {r['model_dir']} --input FILE.jsonl")
+    return cfg, r
+
+
+def cmd_classify(args, extra):
+    from zerolm.finetune.classify import classify_file
+
+    r = classify_file(args.model, args.input, text_field=args.text_field, pair_field=args.pair_field,
+                      label_field=args.label_field, truncation=args.truncation, batch_size=args.batch_size)
+    for label, p in zip(r["predictions"], r["probs"]):
+        print(json.dumps({"label": label, "prob": round(p, 4)}, ensure_ascii=False) if args.json else label)
+    if "val_acc" in r:
+        print(f"accuracy {r['val_acc']:.1%} on {r['rows']} labelled rows (macro-F1 {r['val_macro_f1']:.3f})",
+              file=sys.stderr)
+
+
 def _sampling_args(p, temperature: float = 0.8):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
@@ -416,6 +442,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("ppo", cmd_ppo, "RLHF: train a chat model against a reward (--align.reward: poem-form, a reward model "
                "directory, or module:function) with PPO, or GRPO with --align.advantage=group", inputs=False)
     sp.add_argument("--model", help="the SFT model: the policy's start and the reference (config key align.base_model)")
+    sp = stage("finetune-classify", cmd_finetune_classify, "fine-tune a bert model to classify texts (--classify.data="
+               "F.jsonl or --classify.builtin=tang-authors); prints held-out accuracy next to the majority class and a "
+               "bag-of-characters logistic regression", inputs=False)
+    sp.add_argument("--model", help="the pretrained bert model directory (config key classify.base_model)")
+    cl = sub.add_parser("classify", help="label texts with a fine-tuned classifier (accuracy if rows have labels)",
+                        description="print the predicted label of every row of a JSONL file (or .txt: one text per "
+                                    "line); with a label in every row, also the accuracy (stderr)")
+    cl.add_argument("model", help="classifier directory (finetune-classify's OUT/model)")
+    cl.add_argument("--input", required=True, help="JSONL rows with --text-field (and --label-field), or .txt")
+    cl.add_argument("--text-field", default="text")
+    cl.add_argument("--pair-field", default="", help="a second text per row (sentence-pair classifiers)")
+    cl.add_argument("--label-field", default="label")
+    cl.add_argument("--truncation", choices=["longest_first", "error"], default="longest_first",
+                    help="a row longer than the window: cut the longer text from its end (with a warning), or fail")
+    cl.add_argument("--batch-size", type=int, default=64)
+    cl.add_argument("--json", action="store_true", help="one JSON object per row: label and its probability")
+    cl.set_defaults(fn=cmd_classify)
     c = sub.add_parser("chat", help="talk to a chat model (interactive, streaming)",
                        description="talk to a chat model: an interactive REPL with streaming replies and the "
                                    "conversation kept within the model window. Type /help in it for its commands.")

@@ -185,6 +185,36 @@ class Seq2SeqConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MLMConfig:
+    """BERT pretraining (`zerolm pretrain --model.arch=bert`): masked-token corruption and sentence pairs."""
+
+    objective: Literal["mlm+nsp", "mlm"] = "mlm+nsp"  # mlm: no next-sentence loss, B always the real continuation
+    mask_prob: float = 0.15  # share of real tokens predicted (of those 80 % [MASK], 10 % random, 10 % kept)
+    short_seq_prob: float = 0.1  # share of documents paired at a random shorter length (BERT's recipe)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifyConfig:
+    """Sequence classification with a bert model (`zerolm finetune-classify`): a head on the pooled [CLS]."""
+
+    base_model: str = ""  # a bert model directory (e.g. runs/bert-tang/model)
+    data: tuple[str, ...] = ()  # JSONL files of {text_field, label_field} rows (+ text_pair_field)
+    val_data: tuple[str, ...] = ()  # held-out JSONL files; none: val_fraction of `data`, by a hash of the text
+    text_field: str = "text"
+    text_pair_field: str = ""  # a second text per row (sentence-pair tasks): [CLS] a [SEP] b [SEP]
+    label_field: str = "label"
+    builtin: Literal["", "tang-authors"] = ""  # tang-authors: who wrote each poem (the prepared Tang docs)
+    authors: int = 10  # tang-authors: the N most prolific poets of the training split
+    docs: str = ""  # tang-authors: prepared docs/ (train.jsonl, val.jsonl); "": next to base_model
+    val_fraction: float = 0.1
+    max_seq_len: int = 0  # 0: the model's window
+    truncation: Literal["longest_first", "error"] = "longest_first"  # a text (pair) longer than the window
+    epochs: float = 0.0  # > 0: train.steps = epochs over the training rows
+    freeze: Literal["none", "embeddings", "encoder"] = "none"  # encoder: train the pooler and head only
+    baselines: bool = True  # also measure the majority class and a bag-of-characters logistic regression
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     out_dir: str = "runs/default"
     seed: int = 1337
@@ -196,6 +226,8 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -360,6 +392,11 @@ def validate(cfg: Config) -> None:
         (cfg.seq2seq.beam >= 1 and cfg.seq2seq.eval_pairs >= 0, "seq2seq.beam must be >= 1, seq2seq.eval_pairs >= 0"),
         (bool(cfg.seq2seq.source) == bool(cfg.seq2seq.target),
          "seq2seq.source and seq2seq.target are line-aligned files and come together: set both"),
+        (0 < cfg.mlm.mask_prob < 1 and 0 <= cfg.mlm.short_seq_prob <= 1,
+         "mlm.mask_prob must be in (0, 1) (BERT: 0.15), mlm.short_seq_prob in [0, 1]"),
+        (cfg.classify.authors >= 2 and 0 <= cfg.classify.val_fraction < 1 and cfg.classify.epochs >= 0
+         and cfg.classify.max_seq_len >= 0, "classify.authors must be >= 2, classify.val_fraction in [0, 1), "
+         "classify.epochs and classify.max_seq_len >= 0"),
     ]
     for ok, msg in checks:
         if not ok:

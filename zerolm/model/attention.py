@@ -1,6 +1,8 @@
-"""Multi-head / grouped-query causal self-attention on scaled_dot_product_attention.
+"""Multi-head / grouped-query attention on scaled_dot_product_attention: causal self-attention, and
+cross-attention to an encoder memory (keys/values given, projected once per source by `project_kv`).
 
-Legend: B batch, T new tokens, S cached + new positions, H query heads, K kv heads, Dh head size.
+Legend: B batch, T new tokens, S cached + new positions (or memory positions), H query heads,
+K kv heads, Dh head size.
 """
 from __future__ import annotations
 
@@ -63,10 +65,25 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, *, rope=None, mask=None, cache=None, layer: int = 0):
+    def project_kv(self, memory):
+        """Cross-attention keys and values (B, H, S, Dh) of an encoder memory (B, S, D): computed once
+        per source and passed to every call as `kv` (already repeated to H heads, contiguous)."""
+        B, S, _ = memory.shape
+        k = self.k(memory).view(B, S, self.kv, self.dh).transpose(1, 2)  # (B, K, S, Dh)
+        v = self.v(memory).view(B, S, self.kv, self.dh).transpose(1, 2)
+        if self.kv != self.h:
+            k, v = k.repeat_interleave(self.h // self.kv, dim=1), v.repeat_interleave(self.h // self.kv, dim=1)
+        return k.contiguous(), v.contiguous()
+
+    def forward(self, x, *, rope=None, mask=None, cache=None, layer: int = 0, kv=None):
+        """x (B, T, D) -> (B, T, D). kv: cross-attention keys/values from project_kv (then `mask` is
+        the (B|1, 1, 1|T, S) allowed memory positions; None only when T == 1)."""
         B, T, _ = x.shape
         fused = getattr(self, "fused_qkv", None)  # set by infer.engine.decode_layout
-        if fused is not None and not torch.is_grad_enabled():
+        if kv is not None:
+            q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+            k, v = kv  # (B, H, S, Dh)
+        elif fused is not None and not torch.is_grad_enabled():
             qkv = F.linear(x, fused[0], fused[1]).view(B, T, self.h + 2 * self.kv, self.dh).transpose(1, 2)
             qk, v = qkv[:, : self.h + self.kv], qkv[:, self.h + self.kv :]  # (B, H+K, T, Dh), (B, K, T, Dh)
             if rope is not None:
@@ -80,7 +97,7 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
-        if self.kv != self.h:
+        if self.kv != self.h and kv is None:
             k = k.repeat_interleave(self.h // self.kv, dim=1)  # (B, H, S, Dh)
             v = v.repeat_interleave(self.h // self.kv, dim=1)
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, Dh)

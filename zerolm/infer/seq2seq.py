@@ -1,0 +1,255 @@
+"""Generation for encoder-decoder models: token ids in, token ids out.
+
+Legend: B sources, k beams per source, N = B*k decoder rows, S source positions, V vocabulary.
+
+Sources of different lengths are padded on the right and encoded once; each decoder layer's
+cross-attention keys/values are projected once and kept in a Seq2SeqCache next to the decoder's
+self-attention KVCache, so a step costs one token per row. Rows (greedy / sampling) or sources
+(beam search) that finish are dropped from the batch. Greedy and sampling pick with
+infer/sampling.py; beam search follows HF transformers' rules exactly (early_stopping=False): the
+2k best continuations by summed log-probability, of which those among the first k that end in eos
+become finished hypotheses scored sum logprob / len**length_penalty (len counts the generated
+tokens, eos included), the best k that do not end in eos run on; a source stops when no running
+beam can beat its worst finished hypothesis at the current length; at max_new_tokens the running
+beams are finished as they are. Outputs are new token ids, with eos last when it was produced.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from zerolm.infer.kv_cache import KVCache
+from zerolm.infer.sampling import SamplingParams, sample
+
+
+class Seq2SeqCache:
+    """The decoder's self-attention KVCache (one slot per row) plus the cross-attention keys/values
+    of the encoder memory, filled by the model's first `decode` call."""
+
+    def __init__(self, self_attn: KVCache):
+        self.self_attn = self_attn
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (N, H, S, Dh) x 2
+        self.cross_mask: torch.Tensor | None = None  # (N, 1, 1, S) allowed source positions; None: all
+
+    @classmethod
+    def for_model(cls, model, rows: int, max_len: int, dtype=None) -> Seq2SeqCache:
+        cfg = model.cfg
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"a target of {max_len} positions exceeds the model's max_seq_len={cfg.max_seq_len}: "
+                             "lower max_new_tokens")
+        param = next(model.parameters())
+        return cls(KVCache(len(model.decoder.blocks), rows, cfg.n_kv_heads, max_len, cfg.d_model // cfg.n_heads,
+                           dtype or param.dtype, param.device))
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep rows idx (N',) in that order (dropping finished rows)."""
+        sa = self.self_attn
+        sa.k, sa.v, sa.lengths = sa.k[:, idx], sa.v[:, idx], sa.lengths[idx]
+        sa.slots = idx.shape[0]
+        if self.cross is not None:
+            self.cross = [(k[idx], v[idx]) for k, v in self.cross]
+        if self.cross_mask is not None:
+            self.cross_mask = self.cross_mask[idx]
+
+    def reorder(self, idx: torch.Tensor, n: int) -> None:
+        """Row r continues row idx[r] (beam search; beams of one source share its cross keys/values):
+        the n filled positions of the self-attention cache are gathered, in place."""
+        sa = self.self_attn
+        sa.k[:, :, :, :n] = sa.k[:, idx, :, :n]
+        sa.v[:, :, :, :n] = sa.v[:, idx, :, :n]
+        sa.lengths = sa.lengths[idx]
+
+
+def _check(model, sources: Sequence[Sequence[int]], max_new_tokens: int, bos: int, eos: int,
+           sampling: SamplingParams | None) -> None:
+    cfg = model.cfg
+    if sampling is not None:
+        sampling.validate()
+    if cfg.arch != "encdec":
+        raise ValueError(f"seq2seq generation needs an encoder-decoder model (arch encdec), not {cfg.arch!r}; "
+                         "use infer.engine.Engine for decoders")
+    if not sources:
+        raise ValueError("no sources given")
+    for i, s in enumerate(sources):
+        if not s:
+            raise ValueError(f"source {i} is empty: give at least one token (e.g. eos)")
+        if len(s) > cfg.max_seq_len:
+            raise ValueError(f"source {i} has {len(s)} tokens; the model reads at most max_seq_len={cfg.max_seq_len}")
+    for name, tok in (("bos", bos), ("eos", eos)):
+        if not 0 <= tok < cfg.vocab_size:
+            raise ValueError(f"{name}={tok} is not a token id of this model (vocabulary of {cfg.vocab_size})")
+    if not 1 <= max_new_tokens <= cfg.max_seq_len:
+        raise ValueError(f"max_new_tokens must be in [1, {cfg.max_seq_len}] (the model's max_seq_len)")
+
+
+def pad_sources(sources: Sequence[Sequence[int]], device=None, pad: int = 0):
+    """Right-padded (B, S) ids and the (B, S) real-token mask."""
+    lengths = torch.tensor([len(s) for s in sources])
+    ids = torch.full((len(sources), int(lengths.max())), pad, dtype=torch.long)
+    for i, s in enumerate(sources):  # once per call, not per step
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    return ids.to(device), mask.to(device)
+
+
+def _encode(model, sources, k: int = 1):
+    dev = next(model.parameters()).device
+    src, mask = pad_sources(sources, dev)
+    if int(src.max()) >= model.cfg.vocab_size or int(src.min()) < 0:
+        raise ValueError(f"source token ids must be in [0, {model.cfg.vocab_size})")
+    memory = model.encode(src, mask)  # (B, S, D)
+    if k > 1:
+        memory, mask = memory.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # (N, S, D)
+    return memory, mask
+
+
+def _steps(model, sources, bos: int, eos: int, max_new_tokens: int, sampling: SamplingParams | None,
+           seed: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Greedy / sampled decoding: yield (rows (N',) source index, tokens (N',)) per step for the
+    rows still generating."""
+    penalties = sampling is not None and (sampling.repetition_penalty, sampling.presence_penalty,
+                                          sampling.frequency_penalty) != (1.0, 0.0, 0.0)
+    if sampling is not None and sampling.temperature == 0 and not penalties:
+        sampling = None  # plain argmax
+    memory, mask = _encode(model, sources)
+    B, dev = len(sources), memory.device
+    cache = Seq2SeqCache.for_model(model, B, max_new_tokens)
+    gen = torch.Generator(device=dev)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    counts = None  # (N, V) generated-token counts, only for penalties
+    if penalties:
+        counts = torch.zeros(B, model.cfg.vocab_size, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)
+    tok = torch.full((B, 1), bos, dtype=torch.long, device=dev)
+    for step in range(max_new_tokens):
+        logits = model.logits(model.decode(tok, memory, mask, cache=cache)[:, -1])  # (N, V)
+        memory = None  # the cache holds its cross-attention keys/values now
+        nxt = logits.argmax(-1) if sampling is None else sample(logits, sampling, gen, counts)  # (N,)
+        yield rows, nxt
+        if step == max_new_tokens - 1:
+            return
+        if counts is not None:
+            counts[torch.arange(nxt.shape[0], device=dev), nxt] += 1
+        done = nxt == eos
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                return
+            cache.select(keep)
+            rows, nxt = rows[keep], nxt[keep]
+            counts = None if counts is None else counts[keep]
+        tok = nxt[:, None]
+
+
+def stream(model, sources: Sequence[Sequence[int]], *, bos: int, eos: int, max_new_tokens: int,
+           sampling: SamplingParams | None = None, seed: int | None = None) -> Iterator[dict[int, int]]:
+    """Greedy or sampled decoding, yielding {source index: new token id} each step for the sources
+    still generating (a source's last token is eos, or its max_new_tokens-th)."""
+    _check(model, sources, max_new_tokens, bos, eos, sampling)
+
+    def steps():
+        was_training = model.training
+        try:
+            with torch.inference_mode():
+                for rows, nxt in _steps(model.eval(), sources, bos, eos, max_new_tokens, sampling, seed):
+                    yield dict(zip(rows.tolist(), nxt.tolist()))
+        finally:
+            model.train(was_training)
+
+    return steps()
+
+
+@torch.inference_mode()
+def generate(model, sources: Sequence[Sequence[int]], *, bos: int, eos: int, max_new_tokens: int,
+             beam: int = 1, length_penalty: float = 1.0, sampling: SamplingParams | None = None,
+             seed: int | None = None) -> list[list[int]]:
+    """New token ids for each source (eos included as the last id when produced).
+
+    bos: the decoder start token; beam >= 2: beam search (deterministic: sampling must be None or
+    temperature 0), scored sum logprob / len**length_penalty; sampling None or temperature 0: greedy."""
+    _check(model, sources, max_new_tokens, bos, eos, sampling)
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1 (1: no beam search), got {beam}")
+    if beam > 1 and sampling is not None and sampling.temperature != 0:
+        raise ValueError("beam search is deterministic: use sampling=None (or temperature 0) with beam >= 2")
+    was_training = model.training
+    model.eval()
+    try:
+        if beam > 1:
+            return _beam_search(model, sources, bos, eos, max_new_tokens, beam, length_penalty)
+        dev = next(model.parameters()).device
+        out = torch.full((len(sources), max_new_tokens), -1, dtype=torch.long, device=dev)
+        for step, (rows, nxt) in enumerate(_steps(model, sources, bos, eos, max_new_tokens, sampling, seed)):
+            out[rows, step] = nxt
+        return [[t for t in row if t >= 0] for row in out.tolist()]
+    finally:
+        model.train(was_training)
+
+
+def _beam_search(model, sources, bos: int, eos: int, max_new: int, k: int, lp: float) -> list[list[int]]:
+    memory, mask = _encode(model, sources, k)
+    B, dev, V = len(sources), memory.device, model.cfg.vocab_size
+    cache = Seq2SeqCache.for_model(model, B * k, max_new)
+    ids = torch.arange(B, device=dev)  # (B,) source of each live search
+    run_seq = torch.zeros(B, k, max_new, dtype=torch.long, device=dev)  # running beams' tokens
+    run_score = torch.zeros(B, k, device=dev)  # summed log-probabilities
+    run_score[:, 1:] = -1e9  # all beams start identical: expand only the first
+    fin_seq = torch.zeros(B, k, max_new, dtype=torch.long, device=dev)  # finished hypotheses
+    fin_score = torch.full((B, k), -1e9, device=dev)  # normalised scores; -1e9: empty slot
+    fin_len = torch.zeros(B, k, dtype=torch.long, device=dev)
+    fin_done = torch.zeros(B, k, dtype=torch.bool, device=dev)  # slot holds a finished hypothesis
+    out_seq = torch.zeros(B, max_new, dtype=torch.long, device=dev)
+    out_len = torch.zeros(B, dtype=torch.long, device=dev)
+    first_k = torch.arange(2 * k, device=dev) < k  # (2k,) only these candidates may finish
+    tok = torch.full((B * k, 1), bos, dtype=torch.long, device=dev)
+    for t in range(max_new):
+        logits = model.logits(model.decode(tok, memory, mask, cache=cache)[:, -1])  # (N, V)
+        memory = None
+        logp = torch.log_softmax(logits.float(), dim=-1).view(-1, k, V) + run_score[:, :, None]  # (B, k, V)
+        top, index = logp.view(-1, k * V).topk(2 * k, dim=1)  # (B, 2k)
+        origin, token = index // V, index % V  # (B, 2k) beam continued, token appended
+        seq = run_seq.gather(1, origin[:, :, None].expand(-1, -1, max_new))  # (B, 2k, max_new)
+        seq[:, :, t] = token
+        hits = (token == eos) | (t == max_new - 1)  # (B, 2k) candidates that end here
+        # finished: the first k candidates that end, length-normalised, merged with the best so far
+        ends = hits & first_k  # (B, 2k)
+        if bool(ends.any()):  # most steps finish nothing
+            score = torch.cat([fin_score, top / (t + 1) ** lp - 1e9 * (~ends).float()], 1)  # (B, 3k)
+            best = score.topk(k, dim=1).indices  # (B, k)
+            fin_score = score.gather(1, best)
+            fin_seq = torch.cat([fin_seq, seq], 1).gather(1, best[:, :, None].expand(-1, -1, max_new))
+            fin_len = torch.cat([fin_len, torch.full_like(token, t + 1)], 1).gather(1, best)
+            fin_done = torch.cat([fin_done, ends], 1).gather(1, best)
+        if t == max_new - 1:
+            break
+        # running: the best k candidates that do not end
+        live = (top - 1e9 * hits.float()).topk(k, dim=1)  # (B, k)
+        run_score, pick = live.values, live.indices
+        run_seq = seq.gather(1, pick[:, :, None].expand(-1, -1, max_new))
+        parent = origin.gather(1, pick) + torch.arange(ids.shape[0], device=dev)[:, None] * k  # (B, k) rows
+        cache.reorder(parent.view(-1), t + 1)
+        tok = token.gather(1, pick).view(-1, 1)
+        # a source stays open while a running beam, at its current length, beats its worst finished one
+        worst = torch.where(fin_done, fin_score, torch.full_like(fin_score, -1e9)).min(1).values  # (B,)
+        open_ = run_score[:, 0] / (t + 1) ** lp > worst
+        if not bool(open_.all()):  # drop closed sources: their best hypotheses are final
+            done = (~open_).nonzero().squeeze(1)
+            out_seq[ids[done]], out_len[ids[done]] = fin_seq[done, 0], fin_len[done, 0]
+            keep = open_.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                return _rows(out_seq, out_len)
+            rows = (keep[:, None] * k + torch.arange(k, device=dev)).view(-1)  # (N',)
+            cache.select(rows)
+            mask, tok = mask[rows], tok[rows]
+            ids, run_seq, run_score = ids[keep], run_seq[keep], run_score[keep]
+            fin_seq, fin_score, fin_len, fin_done = fin_seq[keep], fin_score[keep], fin_len[keep], fin_done[keep]
+    out_seq[ids], out_len[ids] = fin_seq[:, 0], fin_len[:, 0]
+    return _rows(out_seq, out_len)
+
+
+def _rows(seq: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    return [row[:n] for row, n in zip(seq.tolist(), lengths.tolist())]

@@ -1,0 +1,147 @@
+"""BERT pretraining (`zerolm pretrain --model.arch=bert`): masked-LM + next-sentence prediction on
+the prepared documents, on the one Trainer; the model lands in OUT/model like every other stage.
+
+Legend: B sequences, T tokens, D d_model, V vocabulary, N predicted (selected) tokens.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zerolm.config import Config, save_config
+from zerolm.data.mlm import IGNORE, MASK_ID, PairBatches, SentenceCorpus, fixed_batches
+from zerolm.data.prepare import prepare, read_docs
+from zerolm.inspect.accounting import account
+from zerolm.model import build_model, save_model
+from zerolm.tokenizer import Tokenizer
+from zerolm.train.checkpoint import list_checkpoints
+from zerolm.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def _mlm_nsp(model, batch):
+    """(MLM logits (N, V), MLM labels (N,), NSP logits (B, 2), NSP labels (B,)) of a batch from
+    zerolm.data.mlm: the vocabulary projection runs only at the N selected positions (over all
+    B*T positions it would be the most expensive matmul of the step)."""
+    device = next(model.parameters()).device
+    ids, segments, attention, labels, nsp_labels = (t.to(device) for t in batch)
+    h = model.hidden(ids, segments, attention)  # (B, T, D)
+    selected = labels != IGNORE  # (B, T)
+    return model.mlm_logits(h[selected]), labels[selected], model.nsp_logits(h), nsp_labels
+
+
+def mlm_nsp_loss(model, batch, nsp: bool = True):
+    """The Trainer's loss: mean cross entropy over the selected (masked) tokens + NSP cross
+    entropy over the pairs (nsp=False: MLM only). Returns (loss, N selected tokens, {mlm, nsp,
+    nsp_acc})."""
+    mlm_logits, mlm_labels, nsp_logits, nsp_labels = _mlm_nsp(model, batch)
+    n = mlm_labels.new_tensor(mlm_labels.numel())
+    mlm = F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum") / n.clamp(min=1)
+    if not nsp:
+        return mlm, n, {"mlm": mlm.detach()}
+    nsp_logits = nsp_logits.float()
+    nsp_loss = F.cross_entropy(nsp_logits, nsp_labels)
+    acc = (nsp_logits.argmax(-1) == nsp_labels).float().mean()
+    return mlm + nsp_loss, n, {"mlm": mlm.detach(), "nsp": nsp_loss.detach(), "nsp_acc": acc}
+
+
+@torch.no_grad()
+def evaluate_mlm(model, batches: list, nsp: bool = True) -> dict:
+    """Held-out MLM loss (nats per selected token), MLM accuracy (argmax == original token, over
+    the selected tokens, [MASK]ed or not), NSP loss and accuracy over the pairs."""
+    was = model.training
+    model.eval()
+    nats = correct = n = nsp_nats = nsp_correct = pairs = 0.0
+    for batch in batches:
+        mlm_logits, mlm_labels, nsp_logits, nsp_labels = _mlm_nsp(model, batch)
+        nats += float(F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum"))
+        correct += float((mlm_logits.argmax(-1) == mlm_labels).sum())
+        n += mlm_labels.numel()
+        nsp_nats += float(F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="sum"))
+        nsp_correct += float((nsp_logits.argmax(-1) == nsp_labels).sum())
+        pairs += len(nsp_labels)
+    model.train(was)
+    out = {"val_mlm_loss": nats / max(n, 1), "val_mlm_acc": correct / max(n, 1)}
+    if nsp:
+        out |= {"val_nsp_loss": nsp_nats / max(pairs, 1), "val_nsp_acc": nsp_correct / max(pairs, 1)}
+    return out
+
+
+@torch.no_grad()
+def fill_mask(model, tok: Tokenizer, texts: list[str], every: int = 5) -> list[str]:
+    """Mask every `every`-th token of each text and show the model's guesses: 床前[明→明]月光."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for text in texts:
+        ids = tok.encode(text)[: model.cfg.max_seq_len - 2]
+        x = torch.tensor([[tok.token_id("[CLS]"), *ids, tok.token_id("[SEP]")]], device=device)
+        where = torch.arange(2, x.shape[1] - 1, every, device=device)  # token 1 onwards, [SEP] kept
+        x_masked = x.clone()
+        x_masked[0, where] = MASK_ID
+        guess = model.mlm_logits(model.hidden(x_masked)[0, where]).argmax(-1).tolist()
+        shown = [tok.decode([t]) for t in ids]
+        for w, g in zip(where.tolist(), guess):
+            shown[w - 1] = f"[{shown[w - 1]}→{tok.decode([g])}]"
+        out.append("".join(shown) if tok.kind != "wordpiece" or not text.isascii() else " ".join(shown))
+    model.train(was)
+    return out
+
+
+def _flops_per_selected_token(model, mask_prob: float) -> float:
+    """Training FLOPs per predicted token (the Trainer's token count here): the encoder's per
+    input token / mask_prob (inputs per predicted token) + the MLM head, which runs only at
+    predicted positions."""
+    cfg = model.cfg
+    per_token = account(model)["train_flops_per_token"]  # counts the MLM head at every position
+    head = 6 * (cfg.vocab_size * cfg.d_model + cfg.d_model * cfg.d_model)
+    return (per_token - head) / mask_prob + head
+
+
+def pretrain_bert(cfg: Config, progress: bool = True) -> dict:
+    """Prepare documents and tokenizer (no shards), pretrain a bert model with MLM (+ NSP), save
+    OUT/model; returns the last training row and the final held-out metrics (whole val split)."""
+    out = Path(cfg.out_dir)
+    if list_checkpoints(out) and not cfg.train.resume:
+        raise ValueError(f"{out} already holds checkpoints of a training run: continue it with "
+                         "--train.resume=true, or train into a new directory with --out")
+    prepare(cfg, stages=("docs", "tokenizer"), progress=progress)
+    save_config(cfg, out)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    tok = Tokenizer.load(out / "tokenizer")
+    if tok.kind != "wordpiece":
+        log.info("bert with a %s tokenizer (BERT's own is --tokenizer.kind=wordpiece)", tok.kind)
+    torch.manual_seed(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg.model, tok.vocab_size, seed=cfg.seed, device=device)
+    log.info("model: bert, %.2f M parameters (%s)", sum(p.numel() for p in model.parameters()) / 1e6,
+             ", ".join(f"{k}={getattr(model.cfg, k)}" for k in ("d_model", "n_layers", "n_heads", "max_seq_len")))
+    m, nsp = cfg.mlm, cfg.mlm.objective == "mlm+nsp"
+    corpora = {split: SentenceCorpus.from_texts((d["text"] for d in read_docs(out / "docs" / f"{split}.jsonl")), tok)
+               for split in ("train", "val")}
+    seq_len = model.cfg.max_seq_len
+    batches = PairBatches(corpora["train"], batch_size=cfg.train.batch_size, max_seq_len=seq_len,
+                          vocab_size=tok.vocab_size, seed=cfg.seed, mask_prob=m.mask_prob, nsp=nsp,
+                          short_seq_prob=m.short_seq_prob)
+    val = fixed_batches(corpora["val"], batch_size=cfg.train.batch_size, max_seq_len=seq_len,
+                        vocab_size=tok.vocab_size, seed=cfg.seed, mask_prob=m.mask_prob, nsp=nsp)
+    log.info("sentence pairs: train %d documents -> %d pairs per epoch (%d batches); val %d documents -> %d pairs",
+             corpora["train"].n_docs, *batches.epoch_size(), corpora["val"].n_docs, sum(len(b[4]) for b in val))
+    first_val = next(read_docs(out / "docs" / "val.jsonl"), None)
+    sample_fn = partial(fill_mask, tok=tok, texts=[first_val["text"][:64]]) if first_val else None
+    trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=partial(mlm_nsp_loss, nsp=nsp),
+                      eval_fn=partial(evaluate_mlm, batches=val[: cfg.train.eval_batches], nsp=nsp) if val else None,
+                      sample_fn=sample_fn, flops_per_token=_flops_per_selected_token(model, m.mask_prob),
+                      progress=progress)
+    row = trainer.fit()
+    final = evaluate_mlm(model, val, nsp) if val else {}
+    save_model(model, out / "model", tok)
+    log.info("final held-out (whole val split): %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model")}
