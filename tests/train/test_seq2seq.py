@@ -98,3 +98,16 @@ def test_tiny_translation_run_learns_and_beats_copying(tmp_path, capsys):
     assert "line-aligned" in capsys.readouterr().err
     assert main(["translate", str(out / "model"), "sun moon", "--temperature", "0.8"]) == 2
     assert "--beam 1" in capsys.readouterr().err
+
+
+def test_inspect_accounts_both_stacks_and_cross_attention():
+    from zerolm.inspect.accounting import account
+
+    model = build_model(ModelConfig(arch="encdec", d_model=64, n_layers=2, n_decoder_layers=3, n_heads=4,
+                                    max_seq_len=32), 100)
+    a = account(model)
+    cross = sum(p.numel() for n, p in model.named_parameters() if ".cross_attn." in n)
+    assert cross == 3 * (4 * 64 * 64 + 4 * 64) and a["parameters"]["attention"] == (2 + 3 + 3) * (4 * 64 * 64 + 4 * 64)
+    assert a["estimate_12_d2_N"] == 12 * 64**2 * 2 + 16 * 64**2 * 3
+    assert abs(a["non_embedding"] / a["estimate_12_d2_N"] - 1) < 0.02  # d_ff = 4d, biases and norms aside
+    assert a["kv_cache_bytes"] == 2 * (2 * 3) * 32 * 64 * 4  # decoder self- and cross-attention, fp32

@@ -11,7 +11,7 @@ def component(name: str) -> str:
         return "positions"
     if name.startswith(("lm_head", "mlm.", "pooler.", "nsp.", "classifier.")):  # bert's heads too
         return "head"
-    if ".attn." in name:
+    if ".attn." in name or ".cross_attn." in name:  # cross_attn: an encoder-decoder's decoder
         return "attention"
     if ".ffn." in name:
         return "ffn"
@@ -32,15 +32,20 @@ def account(model, context: int | None = None, batch: int = 1, bytes_per_param: 
     # pooler and NSP/classifier heads read one token per sequence: left out)
     lookup = ("pos_emb", "seg_emb", "pooler.", "nsp.", "classifier.", *(() if cfg.tie_embeddings else ("tok_emb",)))
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(lookup))
-    attn_flops = 4 * cfg.n_layers * cfg.d_model * context  # QK^T and AV, forward (PaLM, appendix B)
+    # encdec (a source as long as the target): per target token, the encoder's share, the decoder's
+    # self-attention and its cross-attention over the source each cost one attention pass
+    dec = cfg.n_decoder_layers if cfg.arch == "encdec" else 0
+    attn_flops = 4 * (cfg.n_layers + 2 * dec) * cfg.d_model * context  # QK^T and AV, forward (PaLM, appendix B)
     bpp = bytes_per_param or next(model.parameters()).element_size()
     head_dim = cfg.d_model // cfg.n_heads
-    kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * context * head_dim * bpp
+    # keys and values per cached layer; encdec caches its decoder's self-attention and cross-attention
+    kv_layers = 2 * dec if cfg.arch == "encdec" else cfg.n_layers
+    kv_bytes = 2 * kv_layers * batch * cfg.n_kv_heads * context * head_dim * bpp
     if cfg.arch == "bert":  # an encoder reads its input in one pass: no KV cache
         kv_bytes = 0
     return {
         "parameters": dict(counts), "total": total, "non_embedding": non_embedding,
-        "estimate_12_d2_N": 12 * cfg.d_model**2 * cfg.n_layers,
+        "estimate_12_d2_N": 12 * cfg.d_model**2 * cfg.n_layers + 16 * cfg.d_model**2 * dec,  # + cross-attention
         "forward_flops_per_token": 2 * matmul + attn_flops,
         "train_flops_per_token": 6 * matmul + 3 * attn_flops,
         "weights_bytes": total * bpp, "kv_cache_bytes": kv_bytes, "context": context, "batch": batch,
@@ -51,14 +56,16 @@ def format_account(a: dict, cfg) -> str:
     mb = 1 / 2**20
     arch = "" if cfg.arch in ("", "decoder") else f"{cfg.arch} "
     lines = [f"{arch}preset {cfg.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
-             f"n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len}",
+             f"n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len}"
+             + (f" n_decoder_layers={cfg.n_decoder_layers}" if cfg.arch == "encdec" else ""),
              "parameters by component:"]
     for k, v in sorted(a["parameters"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {k:<10} {v:>12,}  {100 * v / a['total']:5.1f}%")
     lines += [
         f"  {'total':<10} {a['total']:>12,}",
         f"non-embedding {a['non_embedding']:,} vs 12·d²·N = {a['estimate_12_d2_N']:,} "
-        f"(ratio {a['non_embedding'] / a['estimate_12_d2_N']:.3f}; the estimate assumes a 4·d two-matrix FFN, MHA)",
+        f"(ratio {a['non_embedding'] / a['estimate_12_d2_N']:.3f}; the estimate assumes a 4·d two-matrix FFN, MHA"
+        + ("; 16·d² per decoder block: + cross-attention)" if cfg.arch == "encdec" else ")"),
         f"FLOPs per token at context {a['context']}: forward {a['forward_flops_per_token'] / 1e6:,.1f} M, "
         f"training {a['train_flops_per_token'] / 1e6:,.1f} M",
         f"memory: weights {a['weights_bytes'] * mb:,.1f} MiB, " + (
