@@ -39,7 +39,8 @@ def test_types_are_converted():
 
 @pytest.mark.parametrize("args, message", [
     (["--data.val_fration=0.1"], "Did you mean 'val_fraction'"),
-    (["--dat.val_fraction=0.1"], "Valid keys here: align, data, lora, model, out_dir, seed, sft, tokenizer, train"),
+    (["--dat.val_fraction=0.1"], "Valid keys here: align, classify, data, lora, mlm, model, out_dir, seed, seq2seq, sft, "
+                                 "tokenizer, train"),
     (["--data.min_chars=abc"], "data.min_chars: expected int"),
     (["--tokenizer.kind=sentencepiece"], "not one of 'bpe', 'wordpiece', 'char'"),
     (["--tokenizer.lowercase=maybe"], "expected true or false"),

@@ -157,8 +157,10 @@ def cmd_finetune_classify(args, extra, **defaults):
     r = finetune_classify(cfg, progress=not args.quiet)
     if r.get("final_val_acc") is not None:
         boc = "" if r["boc_lr_acc"] is None else f" | bag-of-characters LR {r['boc_lr_acc']:.1%}"
+        boc += f" ({r['boc_lr_seconds']:.0f} s)" if boc else ""
         print(f"held-out accuracy on {r['val_rows']} rows: fine-tuned bert {r['final_val_acc']:.1%} "
-              f"(macro-F1 {r['final_val_macro_f1']:.3f}) | majority class {r['majority_acc']:.1%}{boc}")
+              f"(macro-F1 {r['final_val_macro_f1']:.3f}; {r['steps']} steps, {r['finetune_seconds']:.0f} s) | "
+              f"majority class {r['majority_acc']:.1%}{boc}")
     print(f"classifier saved to {r['model_dir']}; try: zerolm classify {r['model_dir']} --input FILE.jsonl")
     return cfg, r
 
