@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--align", choices=["dpo", "ppo"], help="after SFT, align the chat model (recipes/speedrun-dpo.toml "
                     "or speedrun-ppo.toml) and compare it with the SFT model")
     stage("config", cmd_config, "print the resolved config as TOML")
-    sp = stage("pretrain", cmd_pretrain, "prepare data if needed, then train a next-token model into OUT/model")
+    sp = stage("pretrain", cmd_pretrain, "prepare data if needed, then train a next-token model (with "
+               "--model.arch=bert: a masked-LM + next-sentence encoder) into OUT/model")
     sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g = sub.add_parser("generate", help="continue prompts with a trained model",
                        description="continue prompts with a trained model (zerolm model directory)")

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from zerolm.align.data import Pair

@@ -258,7 +258,9 @@ def finetune_classify(cfg: Config, progress: bool = True) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     results: dict = {"majority_acc": None, "boc_lr_acc": None}
-    if val_y:
+    if not val_y:
+        log.warning("no held-out rows: nothing to measure accuracy on (set classify.val_data or classify.val_fraction)")
+    else:
         from zerolm.eval.baselines import bag_of_chars_baseline, majority_baseline
 
         results["majority_acc"] = majority_baseline(train_y, val_y)["accuracy"]
@@ -270,6 +272,7 @@ def finetune_classify(cfg: Config, progress: bool = True) -> dict:
         log.info("baselines on %d held-out rows: majority class (%s) %.1f%%%s", len(val_y), labels[0],
                  100 * results["majority_acc"],
                  f", bag-of-characters logistic regression {100 * results['boc_lr_acc']:.1f}%" if c.baselines else "")
+    torch.manual_seed(cfg.seed)  # dropout masks: the same run twice gives the same classifier
     model = classifier_from(base, len(labels), seed=cfg.seed)
     if c.freeze == "embeddings":
         for name, p in model.named_parameters():

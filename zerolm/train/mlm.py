@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from zerolm.config import Config, save_config
-from zerolm.data.mlm import IGNORE, MASK_ID, PairBatches, SentenceCorpus, fixed_batches
+from zerolm.data.mlm import IGNORE, MASK_ID, PairBatches, SentenceCorpus, fixed_batches, pair_ids
 from zerolm.data.prepare import prepare, read_docs
 from zerolm.inspect.accounting import account
 from zerolm.model import build_model, save_model
@@ -81,8 +81,8 @@ def fill_mask(model, tok: Tokenizer, texts: list[str], every: int = 5) -> list[s
     out = []
     for text in texts:
         ids = tok.encode(text)[: model.cfg.max_seq_len - 2]
-        x = torch.tensor([[tok.token_id("[CLS]"), *ids, tok.token_id("[SEP]")]], device=device)
-        where = torch.arange(2, x.shape[1] - 1, every, device=device)  # token 1 onwards, [SEP] kept
+        x = torch.tensor([pair_ids(ids, [])[0]], device=device)  # [CLS] text [SEP]
+        where = torch.arange(1, x.shape[1] - 1, every, device=device)  # text tokens 0, every, 2*every, ...
         x_masked = x.clone()
         x_masked[0, where] = MASK_ID
         guess = model.mlm_logits(model.hidden(x_masked)[0, where]).argmax(-1).tolist()
