@@ -21,7 +21,7 @@ from torch import nn
 
 from zerolm.config import ModelConfig
 from zerolm.model.attention import Attention
-from zerolm.model.layers import make_norm, rope_tables, sinusoidal_table
+from zerolm.model.layers import make_norm, position_buffers
 from zerolm.model.transformer import Block
 
 
@@ -70,13 +70,7 @@ class EncoderDecoder(nn.Module):
 
     def reset_buffers(self):
         """(Re)compute the non-learned tables; call after moving off the meta device."""
-        cfg = self.cfg
-        if cfg.position == "rope":
-            cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, Dh)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        elif cfg.position == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        position_buffers(self, self.cfg)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None):

@@ -104,3 +104,14 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+def position_buffers(module: nn.Module, cfg) -> None:
+    """Register a model's non-learned position tables (not saved: recomputed on load): RoPE's cos/sin
+    (max_seq_len, Dh) or the sinusoidal table (max_seq_len, D)."""
+    if cfg.position == "rope":
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        module.register_buffer("rope_cos", cos, persistent=False)
+        module.register_buffer("rope_sin", sin, persistent=False)
+    elif cfg.position == "sinusoidal":
+        module.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
