@@ -225,19 +225,24 @@ def import_hf(src_dir: str | Path, out_dir: str | Path | None = None, dtype: tor
         raise ValueError(f"HF model_type {arch!r} is not supported; supported types: "
                          f"{', '.join((*SUPPORTED, *ENCODERS))}")
     cfg = resolve(FROM_HF[arch](raw))
-    state = _from_hf_state(arch, _read_weights(src), cfg)
+    return build_imported(Transformer, cfg, _from_hf_state(arch, _read_weights(src), cfg), src, out_dir, dtype)
+
+
+def build_imported(cls, cfg: ModelConfig, state: dict, src: Path, out_dir=None, dtype: torch.dtype | None = None):
+    """The model of class `cls` holding an imported state (cast to dtype), in eval mode; with out_dir,
+    also written there as a zerolm model directory with the source's tokenizer files."""
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = cls(cfg)
     load_state(model, state, f"HF checkpoint {src}")
     model.reset_buffers()
     model.eval()
     if out_dir is not None:
         save_model(model, out_dir)
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, Path(out_dir) / name)
+            if (Path(src) / name).is_file():
+                shutil.copyfile(Path(src) / name, Path(out_dir) / name)
     return model
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,8 +17,8 @@ from safetensors.torch import save_file
 
 from zerolm.config import ModelConfig
 from zerolm.files import atomic_write_text
-from zerolm.interop.hf import _read_weights, _refuse
-from zerolm.model import build_model, load_state, resolve, save_model
+from zerolm.interop.hf import _read_weights, _refuse, build_imported
+from zerolm.model import build_model, resolve
 from zerolm.model.bert import Bert
 from zerolm.tokenizer import PAD
 
@@ -151,22 +150,10 @@ def import_hf(src: Path, raw: dict, out_dir=None, dtype: torch.dtype | None = to
     classifier = hf_state.get("classifier.weight")
     cfg = resolve(_from_hf(raw, 0 if classifier is None else classifier.shape[0]))
     state = _fill_missing_heads(_from_hf_state(hf_state, cfg), cfg, src)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    with torch.device("meta"):
-        model = Bert(cfg)
-    load_state(model, state, f"HF checkpoint {src}")
-    model.reset_buffers()
-    model.eval()
     pooling = src / "1_Pooling" / "config.json"  # sentence-transformers' pooling choice
     if pooling.is_file() and not json.loads(pooling.read_text(encoding="utf-8")).get("pooling_mode_mean_tokens"):
         log.warning("%s pools sentence embeddings other than by the mean; `zerolm embed` mean-pools", src)
-    if out_dir is not None:
-        save_model(model, out_dir)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, Path(out_dir) / name)
-    return model
+    return build_imported(Bert, cfg, state, src, out_dir, dtype)
 
 
 def export_hf(model: Bert, out_dir, tokenizer=None) -> Path:

@@ -10,7 +10,6 @@ read from safetensors only (hf.py's helpers), and what zerolm cannot express is 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,8 +17,8 @@ from safetensors.torch import save_file
 
 from zerolm.config import ModelConfig
 from zerolm.files import atomic_write_text
-from zerolm.interop.hf import _read_weights, _refuse
-from zerolm.model import load_state, resolve, save_model
+from zerolm.interop.hf import _read_weights, _refuse, build_imported
+from zerolm.model import resolve
 from zerolm.model.layers import sinusoidal_table
 
 # zerolm module -> HF module, each with .weight and .bias; {e} an encoder layer, {d} a decoder layer
@@ -160,20 +159,7 @@ def import_hf(src: Path, raw: dict, out_dir=None, dtype: torch.dtype | None = to
     from zerolm.model.encdec import EncoderDecoder
 
     cfg = resolve(config_from_hf(raw))
-    state = _from_hf_state(_read_weights(Path(src)), cfg)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    with torch.device("meta"):
-        model = EncoderDecoder(cfg)
-    load_state(model, state, f"HF checkpoint {src}")
-    model.reset_buffers()
-    model.eval()
-    if out_dir is not None:
-        save_model(model, out_dir)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (Path(src) / name).is_file():
-                shutil.copyfile(Path(src) / name, Path(out_dir) / name)
-    return model
+    return build_imported(EncoderDecoder, cfg, _from_hf_state(_read_weights(Path(src)), cfg), src, out_dir, dtype)
 
 
 def export_hf(model, out_dir, tokenizer=None) -> Path:
