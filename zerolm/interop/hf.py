@@ -262,12 +262,18 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     if bad:
         raise ValueError(f"cannot export this {cfg.preset!r} model as HF {arch}: {'; '.join(bad)}")
     state = _to_hf_state(arch, model)
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2) if tokenizer is not None else \
+        dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    return write_hf_dir(out_dir, state, {**TO_HF[arch](cfg), **ids}, tokenizer)
+
+
+def write_hf_dir(out_dir, state: dict, config: dict, tokenizer=None) -> Path:
+    """An HF checkpoint directory: model.safetensors, config.json (with the weights' dtype) and the
+    tokenizer files, each written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2) if tokenizer is not None else \
-        dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    config = {**TO_HF[arch](cfg), "torch_dtype": dtype, "dtype": dtype, **ids}
+    config = {**config, "torch_dtype": dtype, "dtype": dtype}
     tmp = out / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / "model.safetensors")

@@ -13,11 +13,9 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from zerolm.config import ModelConfig
-from zerolm.files import atomic_write_text
-from zerolm.interop.hf import _read_weights, _refuse, build_imported
+from zerolm.interop.hf import _read_weights, _refuse, build_imported, write_hf_dir
 from zerolm.model import build_model, resolve
 from zerolm.model.bert import Bert
 from zerolm.tokenizer import PAD
@@ -173,15 +171,5 @@ def export_hf(model: Bert, out_dir, tokenizer=None) -> Path:
                          "merge adapters / dequantize it before exporting")
     state = {names[k]: t.contiguous().cpu() for k, t in state.items()}
     state[DECODER_BIAS] = state[BARE["mlm.bias"]].clone()  # read by HF when the head is untied
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     pad_id = tokenizer.token_id(PAD) if tokenizer is not None else 0  # [PAD] for a BERT vocabulary
-    config = {**_to_hf(cfg, pad_id), "torch_dtype": dtype, "dtype": dtype}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return out
+    return write_hf_dir(out_dir, state, _to_hf(cfg, pad_id), tokenizer)

@@ -9,15 +9,12 @@ read from safetensors only (hf.py's helpers), and what zerolm cannot express is 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from zerolm.config import ModelConfig
-from zerolm.files import atomic_write_text
-from zerolm.interop.hf import _read_weights, _refuse, build_imported
+from zerolm.interop.hf import _read_weights, _refuse, build_imported, write_hf_dir
 from zerolm.model import resolve
 from zerolm.model.layers import sinusoidal_table
 
@@ -175,14 +172,4 @@ def export_hf(model, out_dir, tokenizer=None) -> Path:
     if bad:
         raise ValueError(f"cannot export this encdec {cfg.preset!r} model as HF Marian: {'; '.join(bad)}")
     state = _to_hf_state(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = str(state["model.shared.weight"].dtype).removeprefix("torch.")
-    config = {**config_to_hf(cfg), "torch_dtype": dtype, "dtype": dtype}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return out
+    return write_hf_dir(out_dir, state, config_to_hf(cfg), tokenizer)
