@@ -67,3 +67,9 @@ def test_help_and_corpora():
     assert "tang" in r.stdout and "shakespeare" in r.stdout
     r = zerolm("config", "--data.corpus=tang", "--tokenizer.kind=char")
     assert 'corpus = ["tang"]' in r.stdout and 'kind = "char"' in r.stdout
+
+
+def test_override_value_after_a_space_is_not_an_input_file():
+    r = zerolm("config", "--out_dir", "elsewhere", "--data.corpus", "tang", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    assert 'out_dir = "elsewhere"' in r.stdout and "seed = 7" in r.stdout and "inputs = []" in r.stdout

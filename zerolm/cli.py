@@ -561,10 +561,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _join_overrides(argv: list[str]) -> list[str]:
+    """['--out_dir', 'x'] -> ['--out_dir=x'] for config keys, so argparse cannot take 'x' for a
+    positional input file."""
+    top = {f.name for f in dataclasses.fields(Config)}
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        key = a[2:].replace("-", "_")
+        if (a.startswith("--") and "=" not in a and key.split(".")[0] in top and i + 1 < len(argv)
+                and not argv[i + 1].startswith("--")):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_join_overrides(sys.argv[1:] if argv is None else list(argv)))
     takes_overrides = hasattr(args, "config")
     if extra and not takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -97,7 +97,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: off
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where measured faster
     compile: bool = False
-    eval_every: int = 100
+    eval_every: int = 100  # 0: only after the last step (likewise ckpt_every, log_every)
     eval_batches: int = 20
     sample_every: int = 0  # 0: at every evaluation
     ckpt_every: int = 200
@@ -374,6 +374,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0 and 0 <= cfg.train.min_lr_ratio <= 1, "train.lr must be > 0, train.min_lr_ratio in [0, 1]"),
         (0 < cfg.train.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (min(cfg.train.eval_every, cfg.train.ckpt_every, cfg.train.log_every, cfg.train.sample_every) >= 0,
+         "train.eval_every, ckpt_every, log_every and sample_every must be >= 0 (0: only at the last step)"),
         (0.0 <= cfg.sft.val_fraction < 1.0 and cfg.sft.pt_weight >= 0 and cfg.sft.max_per_source >= 0,
          "sft.val_fraction must be in [0, 1), sft.pt_weight and sft.max_per_source >= 0"),
         (cfg.lora.rank >= 0 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,

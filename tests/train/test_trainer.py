@@ -155,3 +155,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_corpus, uninterrupted
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert _losses(out) == uninterrupted  # bit-identical, step by step
+
+
+def test_every_zero_means_only_at_the_last_step(tmp_path):
+    data = torch.randint(0, 50, (5, 4, 17), generator=torch.Generator().manual_seed(0))
+    evals = []
+    cfg = TrainConfig(steps=5, precision="fp32", warmup_steps=1, eval_every=0, ckpt_every=0, log_every=0)
+    trainer = Trainer(_model(), cfg, tmp_path, batches=iter([(d[:, :-1], d[:, 1:]) for d in data]), loss_fn=lm_loss,
+                      eval_fn=lambda m: evals.append(1) or {"val_loss": 1.0}, progress=False)
+    trainer.fit()
+    assert evals == [1]
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000005"]

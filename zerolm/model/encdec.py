@@ -186,10 +186,14 @@ class EncoderDecoder(nn.Module):
             cache.self_attn.end()
         return x if self.decoder.norm_f is None else self.decoder.norm_f(x)
 
+    @property
+    def head_weight(self):
+        """(V, D): the output projection (the shared embedding when tied)."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden):
         """Final decoder hidden states (..., D) -> logits (..., V)."""
-        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head, self.final_logits_bias)  # one fused matmul + bias
+        return F.linear(hidden, self.head_weight, self.final_logits_bias)  # one fused matmul + bias
 
     def forward(self, src, tgt, src_mask=None):
         """Teacher forcing: src (B, S), tgt (B, T) starting with the decoder start token -> logits (B, T, V)."""

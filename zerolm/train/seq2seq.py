@@ -31,6 +31,7 @@ from zerolm.files import atomic_write_text
 from zerolm.model import build_model, save_model
 from zerolm.tokenizer import BOS, EOS, PAD, Tokenizer
 from zerolm.train.checkpoint import list_checkpoints
+from zerolm.train.losses import linear_cross_entropy
 from zerolm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,9 @@ def seq2seq_loss(model, batch, label_smoothing: float = 0.0):
     """Teacher-forced cross-entropy (with label smoothing) over the real target tokens."""
     device = next(model.parameters()).device
     src, src_mask, tgt_in, tgt_out = (t.to(device) for t in batch)
-    logits = model(src, tgt_in, src_mask)  # (B, T, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=IGNORE,
-                           label_smoothing=label_smoothing)
+    hidden = model.decode(tgt_in, model.encode(src, src_mask), src_mask)  # (B, T, D)
+    loss = linear_cross_entropy(hidden, model.head_weight, model.final_logits_bias, tgt_out, ignore_index=IGNORE,
+                                label_smoothing=label_smoothing)  # no (B, T, V) logits kept
     return loss, (tgt_out != IGNORE).sum()
 
 

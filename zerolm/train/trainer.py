@@ -197,6 +197,10 @@ class Trainer:
                 log.info("  sample: " + text.replace("\n", "\n          "))
         return out
 
+    def _due(self, every: int) -> bool:
+        """At every `every` steps (0: never) and at the last step."""
+        return (every > 0 and self.step % every == 0) or self.step == self.cfg.steps
+
     def fit(self) -> dict:
         """Train until cfg.steps; returns the last logged row (with the latest eval metrics)."""
         cfg = self.cfg
@@ -221,18 +225,18 @@ class Trainer:
                     tokens_seen += row["tokens"]
                     row["tok_per_s"] = row["tokens"] / dt
                     row["mfu"] = self.flops_per_token * row["tokens"] / dt / peak if self.flops_per_token else 0.0
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    if self._due(cfg.eval_every):
                         row.update(self._evaluate())
                     log_file.write(json.dumps(row) + "\n")
                     bar.update(1)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if self._due(cfg.log_every):
                         elapsed = time.perf_counter() - t_start
                         eta = elapsed / (self.step - step_start) * (cfg.steps - self.step)
                         extra = "".join(f"{k} {row[k]:.4g} | " for k in self.stat_keys)
                         log.info(f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
                                   f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
                                   f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s")
-                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    if self._due(cfg.ckpt_every):
                         self.save()
             except KeyboardInterrupt:
                 log.info(f"interrupted at step {self.step}: saving a checkpoint (resume with --train.resume=true)")
