@@ -19,6 +19,13 @@ untied input embedding reads one row; the head matrix is read whole; KV-cache re
 `fraction_of_bound` = zerolm_cached ÷ bound. A read-only figure (a `sum` over the buffer) and its
 bound are given too, since decode only reads weights.
 
+Matrix-vector ceiling: `matvec_tok_per_s` = 1 / time of only the matrix-vector products one decode
+step makes (every linear layer and the head, on the model's own weights in its decode layout, one
+F.linear each, nothing else), median of 20; `matvec_gb_s` is the weight bytes they read per second
+and `fraction_of_matvec` = zerolm_cached ÷ matvec_tok_per_s. It separates the two gaps: decode vs
+its matrix-vector products (overhead of everything else), and those products vs the bound (how
+fast the fp32 matrix-vector kernel streams weights on this CPU).
+
     .venv/bin/python bench/decode.py [--new 128] [--prompt 16] [--repeats 3] [--threads 1,2] [--quick]
 
 On a busy machine run with OMP_WAIT_POLICY=PASSIVE (see DESIGN §4); it is recorded either way.
@@ -37,6 +44,7 @@ import time
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 import transformers
 from common import cpu_info  # bench/common.py (scripts run from bench/)
 
@@ -46,6 +54,8 @@ from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
 from zerolm.interop.hf import export_hf
 from zerolm.model import build_model
+from zerolm.model.attention import Attention
+from zerolm.model.layers import FFN
 
 SIZES = {"10M": dict(d_model=384, n_layers=6, n_heads=6, vocab_size=8192),
          "60M": dict(d_model=512, n_layers=8, n_heads=8, vocab_size=32000)}
@@ -101,6 +111,30 @@ def weight_bytes_per_token(model) -> int:
     return 4 * read
 
 
+@torch.inference_mode()
+def matvec_seconds(model, repeats: int = 20) -> tuple[float, int]:
+    """(median time, weight bytes) of one decode step's matrix-vector products alone: the fused
+    q/k/v and gate/up matrices where decode_layout made them, every other linear, the head."""
+    mats = []
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mats += [mod.fused_qkv[0]] if hasattr(mod, "fused_qkv") else [mod.q.weight, mod.k.weight, mod.v.weight]
+            mats.append(mod.o.weight)
+        elif isinstance(mod, FFN):
+            mats += [mod.fused_gate_up[0]] if hasattr(mod, "fused_gate_up") else [mod.up.weight]
+            mats.append(mod.down.weight)
+    mats.append(model.tok_emb.weight if model.lm_head is None else model.lm_head.weight)
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
+    times = []
+    for i in range(repeats + 2):  # the first two untimed
+        t0 = time.perf_counter()
+        for w in mats:
+            F.linear(xs[w.shape[1]], w)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), sum(4 * w.numel() for w in mats)
+
+
 def bench_size(size, args) -> dict:
     cfg = ModelConfig(preset="llama", max_seq_len=512, **SIZES[size])
     model = build_model(cfg, seed=0).eval()
@@ -135,13 +169,16 @@ def bench_size(size, args) -> dict:
             assert all(len(o) == args.new for o in outs.values()), {m: len(o) for m, o in outs.items()}
             tps = {m: round(args.new / statistics.median(t), 1) for m, t in times.items()}
             bound = copy_gbs * 1e9 / wbytes
+            mv_s, mv_bytes = matvec_seconds(model)
             r = {"threads": torch.get_num_threads(), "tok_per_s": tps, "ratio": round(tps["zerolm_cached"] /
                  tps["hf_cached"], 3), "ratio_nocache": round(tps["zerolm_nocache"] / tps["hf_nocache"], 3),
                  "tokens_match": outs["zerolm_cached"] == outs["hf_cached"],
                  "nocache_tokens_match": outs["zerolm_nocache"] == outs["zerolm_cached"],
                  "copy_gb_s": round(copy_gbs, 2), "read_gb_s": round(read_gbs, 2),
                  "bound_tok_per_s": round(bound, 1), "fraction_of_bound": round(tps["zerolm_cached"] / bound, 3),
-                 "bound_tok_per_s_read": round(read_gbs * 1e9 / wbytes, 1)}
+                 "bound_tok_per_s_read": round(read_gbs * 1e9 / wbytes, 1),
+                 "matvec_tok_per_s": round(1 / mv_s, 1), "matvec_gb_s": round(mv_bytes / mv_s / 1e9, 2),
+                 "fraction_of_matvec": round(tps["zerolm_cached"] * mv_s, 3)}
             row["threads"][str(n)] = r
             print(f"  threads {n}: {json.dumps(r)}", file=sys.stderr)
     return row
