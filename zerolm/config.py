@@ -375,7 +375,7 @@ def validate(cfg: Config) -> None:
         (0 < cfg.train.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (min(cfg.train.eval_every, cfg.train.ckpt_every, cfg.train.log_every, cfg.train.sample_every) >= 0,
-         "train.eval_every, ckpt_every, log_every and sample_every must be >= 0 (0: only at the last step)"),
+         "train.eval_every, ckpt_every, log_every and sample_every must be >= 0"),
         (0.0 <= cfg.sft.val_fraction < 1.0 and cfg.sft.pt_weight >= 0 and cfg.sft.max_per_source >= 0,
          "sft.val_fraction must be in [0, 1), sft.pt_weight and sft.max_per_source >= 0"),
         (cfg.lora.rank >= 0 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,

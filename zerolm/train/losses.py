@@ -40,14 +40,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, y, smoothing: float, dtype: torch.dtype):
-        n, V = h.shape[0], w.shape[0]
+        n, c = h.shape[0], _chunk_rows(w.shape[0])
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dtype), w.to(dtype)
             bc = None if b is None else b.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             lses = []
-            for s in range(0, n, _chunk_rows(V)):
-                z = F.linear(hc[s : s + _chunk_rows(V)], wc, bc).float()  # (C, V)
+            for s in range(0, n, c):
+                z = F.linear(hc[s : s + c], wc, bc).float()  # (C, V)
                 lse = torch.logsumexp(z, dim=-1)  # (C,)
                 nll = lse - z.gather(1, y[s : s + len(z), None])[:, 0]
                 if smoothing:
@@ -63,13 +63,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         hc, wc, bc, y, lse = ctx.saved_tensors
         n, V, eps = hc.shape[0], wc.shape[0], ctx.smoothing
+        c = _chunk_rows(V)
         gh = torch.empty_like(hc)
         gw = torch.zeros(wc.shape, dtype=torch.float32, device=wc.device)
         gb = torch.zeros(V, dtype=torch.float32, device=wc.device) if ctx.needs_input_grad[2] else None
         scale = grad.float() / max(n, 1)
         with torch.autocast(hc.device.type, enabled=False):
-            for s in range(0, n, _chunk_rows(V)):
-                hs = hc[s : s + _chunk_rows(V)]
+            for s in range(0, n, c):
+                hs = hc[s : s + c]
                 p = torch.exp(F.linear(hs, wc, bc).float() - lse[s : s + len(hs), None])  # softmax (C, V)
                 p.scatter_add_(1, y[s : s + len(hs), None], torch.full((len(hs), 1), eps - 1.0, device=p.device))
                 if eps:
