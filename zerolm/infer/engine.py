@@ -95,10 +95,34 @@ def decode_layout(model):
     return model
 
 
+# torch.compile settings of the compiled decode step: weights frozen into the graph as constants
+# (it is built for one model's current values) and every matrix-vector product autotuned between
+# ATen's kernel and Inductor's C++ GEMM template, which packs the frozen weights.
+COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
 class Engine:
-    def __init__(self, model):
+    """compile=True: decode steps run as one torch.compile graph (COMPILE_OPTIONS), caches span
+    the whole window so their shape never changes. The first steps compile (tens of seconds;
+    Inductor keeps its caches on disk, so later processes start faster), and the model's weights
+    must not change afterwards. Prefill stays eager."""
+
+    def __init__(self, model, compile: bool = False):
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.compiled = compile
+        self._step = torch.compile(self._eager_step) if compile else self._eager_step
+
+    def _eager_step(self, ids, cache, rows):
+        return self.model(ids, cache=cache, rows=rows)[:, -1]
+
+    def decode(self, ids: torch.Tensor, cache: KVCache, rows: slice | None = None) -> torch.Tensor:
+        """One step: (B, 1) next tokens of cache slots `rows` (default all) -> their (B, V) logits."""
+        if self.compiled:  # a graph per batch size: one dynamic in B runs batch 1 at half speed
+            torch._dynamo.mark_static(ids, 0)
+            with torch._inductor.config.patch(COMPILE_OPTIONS):  # read when a call (re)compiles
+                return self._step(ids, cache, rows)
+        return self._step(ids, cache, rows)
 
     @torch.inference_mode()
     def stream(self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()
@@ -108,7 +132,7 @@ class Engine:
         req.sampling.validate()
         prompts = fit_prompts(prompts, cfg.max_seq_len, req.max_new_tokens, req.context)
         B, dev = len(prompts), self.device
-        cache = KVCache.for_model(self.model, B, max(map(len, prompts)) + req.max_new_tokens)
+        cache = KVCache.for_model(self.model, B, None if self.compiled else max(map(len, prompts)) + req.max_new_tokens)
         logits = self.prefill(prompts, cache)  # (B, V)
         sp = req.sampling
         counts = None  # (B, V) token occurrences, kept only when a penalty needs them
@@ -132,7 +156,7 @@ class Engine:
             active = [a and i not in stops for a, i in zip(active, ids)]
             if not any(active) or t == req.max_new_tokens - 1:
                 return
-            logits = self.model(nxt[:, None], cache=cache)[:, -1]  # finished rows decode on, unseen
+            logits = self.decode(nxt[:, None], cache)  # finished rows decode on, unseen
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache, slots: Sequence[int] | None = None):
         """Run each prompt into its cache slot (default: slot i for prompt i), prompts of equal

@@ -1,9 +1,10 @@
 """Preallocated key/value cache of `slots` sequences, each with its own length.
 
-Buffers are (n_layers, slots, K, max_len, Dh) for keys and for values; `lengths[s]` positions of
-slot s are filled. A forward call writes T new tokens for some slots (`rows`, default all): with
-T == 1 every row writes at its own length (a decode step of sequences of different lengths, the
-case of continuous batching); with T > 1 the rows must all be at the same length (a prefill or a
+Buffers are one (slots, K, max_len, Dh) tensor per layer for keys and for values; `lengths[s]` (a Python
+int: lengths live on the host, so planning a call never waits on a tensor) positions of slot s
+are filled. A forward call writes T new tokens for some slots (`rows`, default all): with T == 1
+every row writes at its own length (a decode step of sequences of different lengths, the case
+of continuous batching); with T > 1 the rows must all be at the same length (a prefill or a
 chunk of one). Attention then spans the first max(lengths) + T slots, with each row's unwritten
 slots masked out. A freed slot is reused after `reset(slot)`; nothing needs clearing. Rows given
 as a slice are read as views; rows given as a tensor of slot ids are gathered (a copy per layer),
@@ -17,10 +18,10 @@ import torch
 class KVCache:
     def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype=torch.float32, device=None):
-        shape = (n_layers, slots, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,)
+        shape = (slots, n_kv_heads, max_len, head_dim)  # a tensor per layer, not views of one: compiled, a
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # write into a
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # view copies it all
+        self.lengths = [0] * slots
         self.slots, self.max_len = slots, max_len
         self._call = None
 
@@ -33,28 +34,35 @@ class KVCache:
         return cls(cfg.n_layers, slots, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads,
                    dtype or param.dtype, param.device)
 
+    def _slots(self, rows: torch.Tensor | slice) -> list[int]:
+        return list(range(self.slots)[rows]) if isinstance(rows, slice) else rows.tolist()
+
     def begin(self, rows: torch.Tensor | slice | None, T: int, window: int = 0):
         """Plan a call writing T tokens for slots `rows` ((B,) long slot ids, a slice, None = all).
         Returns (positions (B, T) of the new tokens, attention mask (B|1, 1, T, S) or None)."""
         rows = slice(None) if rows is None else rows
-        start = self.lengths[rows]  # (B,)
-        first, last = int(start.min()), int(start.max())
+        slots = self._slots(rows)
+        lens = [self.lengths[s] for s in slots]
+        first, last = min(lens), max(lens)
         if T > 1 and first != last:
-            raise ValueError(f"a {T}-token call needs its rows at one length; they are at {start.tolist()}: "
+            raise ValueError(f"a {T}-token call needs its rows at one length; they are at {lens}: "
                              "prefill sequences one at a time (or those of equal length together)")
         span = last + T  # S: keys attended
         if span > self.max_len:
             raise ValueError(f"KV cache full: {span} positions needed, {self.max_len} allocated")
-        new = torch.arange(T, device=start.device)
-        positions = start[:, None] + new  # (B, T)
-        self._call = (rows, start, first, T, span, torch.arange(start.shape[0], device=start.device))
-        k = torch.arange(span, device=start.device)  # key slots
+        dev = self.k[0].device
+        start = None if first == last else torch.tensor(lens, device=dev)  # (B,) when rows differ
+        self._call = (rows, slots, start, first, T, span)
+        new = torch.arange(T, device=dev)
+        positions = (first + new).expand(len(slots), T) if start is None else start[:, None] + new  # (B, T)
+        k = torch.arange(span, device=dev)  # key slots
         if T == 1:  # row b sees its own keys 0..start[b]
-            if first == last and not window:
+            if start is None and not window:
                 return positions, None
-            allowed = k[None, :] <= start[:, None]  # (B, S)
+            at = positions  # (B, 1)
+            allowed = k[None, :] <= at  # (B, S)
             if window:
-                allowed = allowed & (start[:, None] - k[None, :] < window)
+                allowed = allowed & (at - k[None, :] < window)
             return positions, allowed[:, None, None, :]
         if first == 0 and not window:
             return positions, None  # plain causal
@@ -66,38 +74,55 @@ class KVCache:
 
     def update(self, layer: int, k, v):
         """Write (B, K, T, Dh) new keys/values as planned by begin; return the (B, K, S, Dh) keys/values to attend."""
-        rows, start, first, T, span, batch = self._call
+        rows, _, start, first, T, span = self._call
         kc, vc = self.k[layer], self.v[layer]  # (slots, K, max_len, Dh)
-        if isinstance(rows, slice):
+        if isinstance(rows, slice) and rows != slice(None):
             kc, vc, rows = kc[rows], vc[rows], slice(None)  # views of the rows
-        if T == 1:
-            idx = batch if isinstance(rows, slice) else rows
-            kc[idx, :, start] = k[:, :, 0]
-            vc[idx, :, start] = v[:, :, 0]
-        else:
+        if start is None and rows == slice(None):  # every row at `first`; by an index, not a slice:
+            at = torch.arange(first, first + T, device=k.device)  # compiled, an index scatters in place
+            kc[:, :, at] = k  # where a slice assignment copies the whole cache
+            vc[:, :, at] = v
+        elif start is None:
             kc[rows, :, first : first + T] = k
             vc[rows, :, first : first + T] = v
+        else:  # T == 1, each row at its own length
+            idx = torch.arange(len(start), device=start.device) if isinstance(rows, slice) else rows
+            kc[idx, :, start] = k[:, :, 0]
+            vc[idx, :, start] = v[:, :, 0]
         return kc[rows, :, :span], vc[rows, :, :span]
 
     def end(self) -> None:
-        rows, _, _, T, _, _ = self._call
-        self.lengths[rows] += T
+        _, slots, _, _, T, _ = self._call
+        for s in slots:
+            self.lengths[s] += T
         self._call = None
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep slots idx (N',) in that order, dropping the others (k/v rows are gathered)."""
+        self.k, self.v = [k[idx] for k in self.k], [v[idx] for v in self.v]
+        self.lengths = [self.lengths[i] for i in idx.tolist()]
+        self.slots = len(self.lengths)
+
+    def reorder(self, idx: torch.Tensor, n: int) -> None:
+        """Slot r continues slot idx[r] (beam search): the first n positions are gathered in place."""
+        for k, v in zip(self.k, self.v):
+            k[:, :, :n], v[:, :, :n] = k[idx, :, :n], v[idx, :, :n]
+        self.lengths = [self.lengths[i] for i in idx.tolist()]
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's sequence into slot dst (e.g. to keep live sequences in slots 0..n-1)."""
-        n = int(self.lengths[src])
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        n = self.lengths[src]
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :n], v[dst, :, :n] = k[src, :, :n], v[src, :, :n]
         self.lengths[dst] = n
 
     def reset(self, slot: int | None = None) -> None:
         """Forget slot `slot` (all slots if None) so a new sequence can use it."""
         if slot is None:
-            self.lengths.zero_()
+            self.lengths = [0] * self.slots
         else:
             self.lengths[slot] = 0
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.k + self.v)

@@ -44,9 +44,7 @@ class Seq2SeqCache:
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep rows idx (N',) in that order (dropping finished rows)."""
-        sa = self.self_attn
-        sa.k, sa.v, sa.lengths = sa.k[:, idx], sa.v[:, idx], sa.lengths[idx]
-        sa.slots = idx.shape[0]
+        self.self_attn.select(idx)
         if self.cross is not None:
             self.cross = [(k[idx], v[idx]) for k, v in self.cross]
         if self.cross_mask is not None:
@@ -55,10 +53,7 @@ class Seq2SeqCache:
     def reorder(self, idx: torch.Tensor, n: int) -> None:
         """Row r continues row idx[r] (beam search; beams of one source share its cross keys/values):
         the n filled positions of the self-attention cache are gathered, in place."""
-        sa = self.self_attn
-        sa.k[:, :, :, :n] = sa.k[:, idx, :, :n]
-        sa.v[:, :, :, :n] = sa.v[:, idx, :, :n]
-        sa.lengths = sa.lengths[idx]
+        self.self_attn.reorder(idx, n)
 
 
 def _check(model, sources: Sequence[Sequence[int]], max_new_tokens: int, bos: int, eos: int,
