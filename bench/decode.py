@@ -3,20 +3,25 @@ vocab 8192; ≈58 M in total, vocab 32000; max_seq_len 512), fp32, under torch.i
 
 Measured in one run on the same weights, for each thread count in --threads:
   zerolm_cached    zerolm Engine with its KV cache (temperature 0 = greedy)
+  zerolm_compiled  the same with Engine(compile=True): the decode step as one torch.compile graph,
+                   weights frozen, matrix-vector products autotuned between ATen and Inductor's
+                   C++ GEMM template (`zerolm generate --compile`); compiled once per thread count
+                   in the untimed warm-up, whose time is reported as `compile_s`
   zerolm_nocache   model(ids)[:, -1].argmax() on the whole sequence for every new token
   hf_cached        HF transformers generate(do_sample=False, use_cache=True) on the model loaded
                    with from_pretrained from `export_hf` of the very same zerolm model
   hf_nocache       the same with use_cache=False
 tokens/s = new tokens ÷ wall time of the whole call (prefill of the prompt included); median over
 --repeats, methods interleaved within each repeat; one untimed warm-up call of each first.
-`ratio` = zerolm_cached ÷ hf_cached. `tokens_match`: zerolm cached and HF cached produced the same
-greedy tokens.
+`ratio` = zerolm_cached ÷ hf_cached, `ratio_compiled` = zerolm_compiled ÷ hf_cached.
+`tokens_match`: zerolm cached and HF cached produced the same greedy tokens (`compiled_tokens_match`:
+zerolm compiled and HF cached).
 
 Memory-bandwidth bound: fp32 weight bytes read per decoded token (every parameter, except that the
 untied input embedding reads one row; the head matrix is read whole; KV-cache reads not counted)
 ÷ copy bandwidth. Convention: copy bandwidth = (bytes read + bytes written) ÷ time of a large
 `dst.copy_(src)` (2 × buffer size, as STREAM Copy counts), median of 5. `bound_tok_per_s` uses it;
-`fraction_of_bound` = zerolm_cached ÷ bound. A read-only figure (a `sum` over the buffer) and its
+`fraction_of_bound` = zerolm_cached ÷ bound, `fraction_of_bound_compiled` = zerolm_compiled ÷ bound. A read-only figure (a `sum` over the buffer) and its
 bound are given too, since decode only reads weights.
 
 Matrix-vector ceiling: `matvec_tok_per_s` = 1 / time of only the matrix-vector products one decode
@@ -59,12 +64,12 @@ from zerolm.model.layers import FFN
 
 SIZES = {"10M": dict(d_model=384, n_layers=6, n_heads=6, vocab_size=8192),
          "60M": dict(d_model=512, n_layers=8, n_heads=8, vocab_size=32000)}
-METHODS = ("zerolm_cached", "zerolm_nocache", "hf_cached", "hf_nocache")
+METHODS = ("zerolm_cached", "zerolm_compiled", "zerolm_nocache", "hf_cached", "hf_nocache")
 
 
-def zerolm_cached(model, prompt, new):
+def zerolm_cached(engine, prompt, new):
     req = GenerateRequest(max_new_tokens=new, sampling=SamplingParams(temperature=0.0))
-    return Engine(model).generate([prompt], req)[0]
+    return engine.generate([prompt], req)[0]
 
 
 @torch.inference_mode()
@@ -152,12 +157,18 @@ def bench_size(size, args) -> dict:
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         assert sum(p.numel() for p in hf.parameters()) == acc["total"]
         decode_layout(model)  # what `zerolm generate` does: same values, decode-friendly layout
-        fns = {"zerolm_cached": partial(zerolm_cached, model), "zerolm_nocache": partial(zerolm_nocache, model),
-               "hf_cached": partial(hf_generate, hf, use_cache=True),
-               "hf_nocache": partial(hf_generate, hf, use_cache=False)}
         for n in args.threads:
             torch.set_num_threads(n)
+            torch._dynamo.reset()  # compiled kernels fix their thread count: compile afresh
+            fns = {"zerolm_cached": partial(zerolm_cached, Engine(model)),
+                   "zerolm_compiled": partial(zerolm_cached, Engine(model, compile=True)),
+                   "zerolm_nocache": partial(zerolm_nocache, model),
+                   "hf_cached": partial(hf_generate, hf, use_cache=True),
+                   "hf_nocache": partial(hf_generate, hf, use_cache=False)}
             copy_gbs, read_gbs = bandwidth(args.copy_mb)
+            t0 = time.perf_counter()
+            fns["zerolm_compiled"](prompt, min(args.new, 16))  # warm-up, compiling
+            compile_s = time.perf_counter() - t0
             for fn in fns.values():
                 fn(prompt, min(args.new, 16))  # warm-up
             times, outs = {m: [] for m in METHODS}, {}
@@ -171,11 +182,14 @@ def bench_size(size, args) -> dict:
             bound = copy_gbs * 1e9 / wbytes
             mv_s, mv_bytes = matvec_seconds(model)
             r = {"threads": torch.get_num_threads(), "tok_per_s": tps, "ratio": round(tps["zerolm_cached"] /
-                 tps["hf_cached"], 3), "ratio_nocache": round(tps["zerolm_nocache"] / tps["hf_nocache"], 3),
+                 tps["hf_cached"], 3), "ratio_compiled": round(tps["zerolm_compiled"] / tps["hf_cached"], 3),
+                 "ratio_nocache": round(tps["zerolm_nocache"] / tps["hf_nocache"], 3),
                  "tokens_match": outs["zerolm_cached"] == outs["hf_cached"],
+                 "compiled_tokens_match": outs["zerolm_compiled"] == outs["hf_cached"], "compile_s": round(compile_s, 1),
                  "nocache_tokens_match": outs["zerolm_nocache"] == outs["zerolm_cached"],
                  "copy_gb_s": round(copy_gbs, 2), "read_gb_s": round(read_gbs, 2),
                  "bound_tok_per_s": round(bound, 1), "fraction_of_bound": round(tps["zerolm_cached"] / bound, 3),
+                 "fraction_of_bound_compiled": round(tps["zerolm_compiled"] / bound, 3),
                  "bound_tok_per_s_read": round(read_gbs * 1e9 / wbytes, 1),
                  "matvec_tok_per_s": round(1 / mv_s, 1), "matvec_gb_s": round(mv_bytes / mv_s / 1e9, 2),
                  "fraction_of_matvec": round(tps["zerolm_cached"] * mv_s, 3)}

@@ -64,10 +64,10 @@ alone clears it), /temperature X, /top_p X, /top_k N, /max_tokens N, /history, /
 
 
 def repl(model, tok: Tokenizer, sampling: SamplingParams, *, max_new_tokens: int = 96, system: str = "",
-         seed: int | None = None, prompt: str | None = None, name: str = "model") -> None:
+         seed: int | None = None, prompt: str | None = None, name: str = "model", compile: bool = False) -> None:
     """`zerolm chat`: read messages from stdin, stream replies to stdout, keep the conversation
     within the window; slash commands change the session (CHAT_HELP). prompt: answer once, exit."""
-    engine = Engine(model)
+    engine = Engine(model, compile=compile)
     max_new = max(1, min(max_new_tokens, model.cfg.max_seq_len // 2))  # at most half the window: room for the conversation
     sys_msgs = [{"role": "system", "content": system}] if system else []
     history: list[dict] = []

@@ -111,14 +111,14 @@ class Engine:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.compiled = compile
-        self._step = torch.compile(self._eager_step) if compile else self._eager_step
+        self._step = torch.compile(self._eager_step, dynamic=True) if compile else self._eager_step
 
     def _eager_step(self, ids, cache, rows):
         return self.model(ids, cache=cache, rows=rows)[:, -1]
 
     def decode(self, ids: torch.Tensor, cache: KVCache, rows: slice | None = None) -> torch.Tensor:
         """One step: (B, 1) next tokens of cache slots `rows` (default all) -> their (B, V) logits."""
-        if self.compiled:  # a graph per batch size: one dynamic in B runs batch 1 at half speed
+        if self.compiled:  # a graph per batch size, so the GEMM kernels are tuned for its M
             torch._dynamo.mark_static(ids, 0)
             with torch._inductor.config.patch(COMPILE_OPTIONS):  # read when a call (re)compiles
                 return self._step(ids, cache, rows)

@@ -200,7 +200,7 @@ class Scheduler:
         if self.running:  # every running sequence has its last token: one step for all, slots 0..n-1
             seqs = list(self.running)
             last = torch.tensor([[s.last] for s in seqs])
-            logits = self.model(last, cache=self.cache, rows=slice(0, len(seqs)))[:, -1]  # (B, V)
+            logits = self.engine.decode(last, self.cache, slice(0, len(seqs)))  # (B, V)
             self._sample_rows(seqs, logits)
         self.stats.steps += 1
 
