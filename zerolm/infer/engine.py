@@ -101,7 +101,7 @@ def decode_layout(model):
 # a 65 MB head at 25 GB/s where ATen's read it at 8); no pattern matching, which would turn the
 # step's explicit attention (model/attention.py) back into a fused-kernel call per layer.
 COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                   "pattern_matcher": False}
+                   "pattern_matcher": False, "autotune_num_choices_displayed": 0}  # 0: no timing tables on stderr
 
 
 class Engine:
