@@ -121,11 +121,11 @@ class Engine:
 
     def decode(self, ids: torch.Tensor, cache: KVCache, rows: slice | None = None) -> torch.Tensor:
         """One step: (B, 1) next tokens of cache slots `rows` (default all) -> their (B, V) logits."""
-        if self.compiled:  # a graph per batch size, so the GEMM kernels are tuned for its M
-            torch._dynamo.mark_static(ids, 0)
-            with torch._inductor.config.patch(COMPILE_OPTIONS):  # read when a call (re)compiles
-                return self._step(ids, cache, rows)
-        return self._step(ids, cache, rows)
+        if not self.compiled:
+            return self._step(ids, cache, rows)
+        torch._dynamo.mark_static(ids, 0)  # a graph per batch size, so the GEMM kernels are tuned for its M
+        with torch._inductor.config.patch(COMPILE_OPTIONS):  # read when a call (re)compiles
+            return self._step(ids, cache, rows)
 
     @torch.inference_mode()
     def stream(self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()

@@ -59,10 +59,9 @@ class KVCache:
         if T == 1:  # row b sees its own keys 0..start[b]
             if start is None and not window:
                 return positions, None
-            at = positions  # (B, 1)
-            allowed = k[None, :] <= at  # (B, S)
+            allowed = k[None, :] <= positions  # (B, S)
             if window:
-                allowed = allowed & (at - k[None, :] < window)
+                allowed = allowed & (positions - k[None, :] < window)
             return positions, allowed[:, None, None, :]
         if first == 0 and not window:
             return positions, None  # plain causal
