@@ -20,7 +20,8 @@ zerolm compiled and HF cached).
 Memory-bandwidth bound: fp32 weight bytes read per decoded token (every parameter, except that the
 untied input embedding reads one row; the head matrix is read whole; KV-cache reads not counted)
 ÷ copy bandwidth. Convention: copy bandwidth = (bytes read + bytes written) ÷ time of a large
-`dst.copy_(src)` (2 × buffer size, as STREAM Copy counts), median of 5. `bound_tok_per_s` uses it;
+`dst.copy_(src)` (2 × buffer size, as STREAM Copy counts), median of 5, measured once in each
+repeat (before its generations) and the median of those taken. `bound_tok_per_s` uses it;
 `fraction_of_bound` = zerolm_cached ÷ bound, `fraction_of_bound_compiled` = zerolm_compiled ÷ bound. A read-only figure (a `sum` over the buffer) and its
 bound are given too, since decode only reads weights.
 
@@ -165,20 +166,21 @@ def bench_size(size, args) -> dict:
                    "zerolm_nocache": partial(zerolm_nocache, model),
                    "hf_cached": partial(hf_generate, hf, use_cache=True),
                    "hf_nocache": partial(hf_generate, hf, use_cache=False)}
-            copy_gbs, read_gbs = bandwidth(args.copy_mb)
             t0 = time.perf_counter()
             fns["zerolm_compiled"](prompt, min(args.new, 16))  # warm-up, compiling
             compile_s = time.perf_counter() - t0
             for fn in fns.values():
                 fn(prompt, min(args.new, 16))  # warm-up
-            times, outs = {m: [] for m in METHODS}, {}
+            times, outs, bws = {m: [] for m in METHODS}, {}, []
             for _ in range(args.repeats):
+                bws.append(bandwidth(args.copy_mb))  # within the repeats: it drifts with the machine's load
                 for m, fn in fns.items():
                     t0 = time.perf_counter()
                     outs[m] = fn(prompt, args.new)
                     times[m].append(time.perf_counter() - t0)
             assert all(len(o) == args.new for o in outs.values()), {m: len(o) for m, o in outs.items()}
             tps = {m: round(args.new / statistics.median(t), 1) for m, t in times.items()}
+            copy_gbs, read_gbs = (statistics.median(b) for b in zip(*bws))
             bound = copy_gbs * 1e9 / wbytes
             mv_s, mv_bytes = matvec_seconds(model)
             r = {"threads": torch.get_num_threads(), "tok_per_s": tps, "ratio": round(tps["zerolm_cached"] /
@@ -222,7 +224,7 @@ def main():
                     "loadavg_start": os.getloadavg()},
         "quick": args.quick, "prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
         "bandwidth_convention": "copy_gb_s = (read + written bytes) / time of dst.copy_(src), "
-                                f"{args.copy_mb} MB fp32, median of 5; read_gb_s = bytes / time of src.sum()",
+                                f"{args.copy_mb} MB fp32, median of 5, once per repeat, median over repeats; read_gb_s = bytes / time of src.sum()",
         "models": {},
     }
     for size in args.sizes.split(","):

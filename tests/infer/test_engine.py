@@ -164,7 +164,11 @@ def test_cache_slots_join_and_leave_like_continuous_batching(preset, over):
 def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, over):
     """Engine(compile=True): the same greedy tokens and (within float reassociation) the same
     logits as eager decoding, for one prompt and a batch of mixed lengths; later requests of
-    other lengths reuse the graphs (the cache spans the window, lengths are dynamic)."""
+    other lengths reuse the graphs (the cache spans the window, lengths are dynamic), including
+    one that fills the window, and a batch at one length after one at mixed lengths (a new kind of
+    call, whose guards are checked before later calls skip them). A second compiled engine on
+    another model with the same shapes gets graphs of its own: skipped guards never hand it the
+    first model's frozen weights."""
     from torch._dynamo.utils import counters
 
     from zerolm.infer.engine import decode_layout
@@ -181,7 +185,17 @@ def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, 
     for prompts, n in (([PROMPTS[2]], 7), (PROMPTS[::-1], 15)):
         out = compiled.generate(prompts, GenerateRequest(max_new_tokens=n, sampling=GREEDY))
         assert out == eager.generate(prompts, GenerateRequest(max_new_tokens=n, sampling=GREEDY))
+    full = GenerateRequest(max_new_tokens=40 - len(PROMPTS[1]), sampling=GREEDY)  # to max_seq_len
+    assert compiled.generate([PROMPTS[1]], full) == eager.generate([PROMPTS[1]], full)
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for new lengths
+    same = [PROMPTS[0][:4], PROMPTS[2]]  # 2 rows at one length: another kind of call than mixed lengths
+    assert compiled.generate(same, req) == eager.generate(same, req)
+    assert compiled.generate(PROMPTS[:2], req) == eager.generate(PROMPTS[:2], req)
+    other = decode_layout(build_model(model.cfg, vocab_size=V, seed=6).eval())
+    other_out = Engine(other).generate(PROMPTS, req)
+    assert other_out != eager.generate(PROMPTS, req)
+    assert Engine(other, compile=True).generate(PROMPTS, req) == other_out
+    assert compiled.generate(PROMPTS, req) == eager.generate(PROMPTS, req)
     with torch.inference_mode():  # the logits themselves
         caches = [KVCache.for_model(model, 1) for _ in range(2)]
         for e, c in zip((eager, compiled), caches):
