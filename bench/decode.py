@@ -3,10 +3,10 @@ vocab 8192; ≈58 M in total, vocab 32000; max_seq_len 512), fp32, under torch.i
 
 Measured in one run on the same weights, for each thread count in --threads:
   zerolm_cached    zerolm Engine with its KV cache (temperature 0 = greedy)
-  zerolm_compiled  the same with Engine(compile=True): the decode step as one torch.compile graph,
-                   weights frozen, matrix-vector products autotuned between ATen and Inductor's
-                   C++ GEMM template (`zerolm generate --compile`); compiled once per thread count
-                   in the untimed warm-up, whose time is reported as `compile_s`
+  zerolm_compiled  the same with Engine(compile=True): the decode step exported and compiled ahead
+                   of time by AOTInductor, weights frozen, matrix-vector products in Inductor's C++
+                   GEMM kernels on packed weights (`zerolm generate --compile`); compiled once per
+                   thread count (its kernels fix it) in the untimed warm-up, reported as `compile_s`
   zerolm_nocache   model(ids)[:, -1].argmax() on the whole sequence for every new token
   hf_cached        HF transformers generate(do_sample=False, use_cache=True) on the model loaded
                    with from_pretrained from `export_hf` of the very same zerolm model
@@ -160,7 +160,6 @@ def bench_size(size, args) -> dict:
         decode_layout(model)  # what `zerolm generate` does: same values, decode-friendly layout
         for n in args.threads:
             torch.set_num_threads(n)
-            torch._dynamo.reset()  # compiled kernels fix their thread count: compile afresh
             fns = {"zerolm_cached": partial(zerolm_cached, Engine(model)),
                    "zerolm_compiled": partial(zerolm_cached, Engine(model, compile=True)),
                    "zerolm_nocache": partial(zerolm_nocache, model),

@@ -10,13 +10,14 @@ the left (keeping its end) with a warning, or rejected (`context="error"`).
 from __future__ import annotations
 
 import logging
-import types
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from zerolm.infer.kv_cache import KVCache
+from zerolm.infer.kv_cache import KVCache, decode_mask
 from zerolm.infer.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -96,57 +97,90 @@ def decode_layout(model):
     return model
 
 
-# torch.compile settings of the compiled decode step: weights frozen into the graph as constants
-# (it is built for one model's current values) and every matrix-vector product autotuned between
-# ATen's kernel and Inductor's C++ GEMM template, which packs the frozen weights (its kernel read
-# a 65 MB head at 25 GB/s where ATen's read it at 8); no pattern matching, which would turn the
-# step's explicit attention (model/attention.py) back into a fused-kernel call per layer.
-COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                   "pattern_matcher": False, "autotune_num_choices_displayed": 0}  # 0: no timing tables on stderr
+# Inductor settings of the compiled decode step: weights frozen into it as constants (it is built
+# for one model's current values), every matrix-vector product in Inductor's C++ GEMM template on
+# weights it packs at compile time (its kernel read a 65 MB head at 25 GB/s where ATen's read it
+# at 8; with no other backend nothing is autotuned, which halves the compile time); no pattern
+# matching, which would turn the step's explicit attention (model/attention.py) back into a
+# fused-kernel call per layer.
+COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
+                   "pattern_matcher": False}
+
+
+class _StepCache:
+    """The cache interface model.hidden uses (begin/update/end), for one decode token per row over
+    all slots of a KVCache's tensors, with the row positions (B,) a tensor and the attended span S
+    the length of `span`: both stay symbolic in the exported graph, so one graph serves every length."""
+
+    def __init__(self, k, v, pos, span):
+        self.k, self.v, self.pos, self.span = k, v, pos, span
+
+    def begin(self, rows, T, window=0):
+        positions = self.pos[:, None]  # (B, 1)
+        return positions, decode_mask(positions, self.span.shape[0], window)
+
+    def update(self, layer, k, v):
+        b, S = torch.arange(k.shape[0], device=k.device), self.span.shape[0]
+        self.k[layer][b, :, self.pos] = k[:, :, 0]  # (B, K, Dh) into each row's own position
+        self.v[layer][b, :, self.pos] = v[:, :, 0]
+        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+
+    def end(self):
+        pass
+
+
+class _DecodeStep(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, pos, span, k, v):
+        hidden = self.model.hidden(ids, cache=_StepCache(k, v, pos, span))  # (B, 1, D)
+        return self.model.logits(hidden)[:, 0]  # (B, V)
 
 
 class Engine:
-    """compile=True: decode steps run as one torch.compile graph (COMPILE_OPTIONS), caches span
-    the whole window so their shape never changes. The first steps compile (tens of seconds;
-    Inductor keeps its caches on disk, so later processes start faster), and the model's weights
-    must not change afterwards. Prefill stays eager."""
+    """compile=True: decode steps of all of a cache's slots run as one ahead-of-time compiled
+    program per batch size (torch.export + AOTInductor, COMPILE_OPTIONS): C++ kernels and a C++
+    wrapper, no Python or guard checks per step. Caches span the whole window; positions are
+    inputs, so requests of any length reuse it. The first decode of each batch size compiles (tens
+    of seconds; a C++ compiler is needed), and the model's weights must not change afterwards.
+    Prefill, and decoding a subset of slots (`rows`), stay eager."""
 
     def __init__(self, model, compile: bool = False):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.compiled = compile
-        self._step = self._eager_step
-        self._warm: set[tuple] = set()  # kinds of compiled call whose graph exists (see decode)
-        if compile:  # a code object of its own: dynamo files graphs (and counts them against its
-            f = Engine._eager_step  # recompile limit) by code object, so each engine's stay its own
-            own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__)
-            self._step = torch.compile(types.MethodType(own, self), dynamic=True)
+        self._programs: dict[tuple, object] = {}  # (batch size, cache shape, dtype) -> compiled step
 
     def _eager_step(self, ids, cache, rows):
         return self.model.logits(self.model.hidden(ids, cache=cache, rows=rows)[:, -1:])[:, 0]
 
-    def decode(self, ids: torch.Tensor, cache: KVCache, rows: slice | None = None) -> torch.Tensor:
-        """One step: (B, 1) next tokens of cache slots `rows` (default all) -> their (B, V) logits.
+    def _program(self, ids: torch.Tensor, cache: KVCache):
+        key = (ids.shape[0], tuple(cache.k[0].shape), cache.k[0].dtype)
+        if key not in self._programs:
+            log.info("compiling the decode step for batch size %d (20-60 s; a C++ compiler is needed)", ids.shape[0])
+            k, v = [torch.zeros_like(t) for t in cache.k], [torch.zeros_like(t) for t in cache.v]
+            S = torch.export.Dim("S", min=2, max=cache.max_len - 1)
+            pos, span = torch.ones(ids.shape[0], dtype=torch.long, device=self.device), torch.empty(2)
+            with torch.no_grad():
+                program = torch.export.export(_DecodeStep(self.model), (ids, pos, span, k, v),
+                                              dynamic_shapes=({}, {}, {0: S}, [{}] * len(k), [{}] * len(v)))
+                with tempfile.TemporaryDirectory() as tmp:  # the loaded program needs no file afterwards
+                    path = torch._inductor.aoti_compile_and_package(
+                        program, package_path=os.path.join(tmp, "step.pt2"), inductor_configs=COMPILE_OPTIONS)
+                    self._programs[key] = torch._inductor.aoti_load_package(path)
+        return self._programs[key]
 
-        Compiled, the first call of each kind (batch size, rows, cache shape, rows at one length or
-        not, grad mode) checks dynamo's guards and compiles if none of the graphs fits; later calls
-        of that kind skip the check (0.4 ms of a 7 ms step at 58 M), dynamo then picking among the
-        graphs by the guards that told them apart. What else the guards cover cannot change for a
-        call of that kind: the weights are frozen and the positions are dynamic (the stream never
-        fills the cache's last position, for which the guards specialize)."""
-        if not self.compiled:
-            return self._step(ids, cache, rows)
-        lens = [cache.lengths[s] for s in cache._slots(slice(None) if rows is None else rows)]
-        kind = (tuple(ids.shape), repr(rows) if isinstance(rows, slice | None) else ("rows", len(rows)),
-                cache.slots, cache.max_len, cache.k[0].dtype, min(lens) == max(lens),
-                max(lens) + 1 == cache.max_len, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        torch._dynamo.mark_static(ids, 0)  # a graph per batch size, so the GEMM kernels are tuned for its M
-        if kind in self._warm:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._step(ids, cache, rows)
-        with torch._inductor.config.patch(COMPILE_OPTIONS):  # read when a call (re)compiles
-            out = self._step(ids, cache, rows)
-        self._warm.add(kind)
+    def decode(self, ids: torch.Tensor, cache: KVCache, rows: slice | None = None) -> torch.Tensor:
+        """One step: (B, 1) next tokens of cache slots `rows` (default all) -> their (B, V) logits."""
+        lens = cache.lengths
+        if not self.compiled or rows is not None or max(lens) + 1 >= cache.max_len:  # the program's span
+            return self._eager_step(ids, cache, rows)  # stops short of the whole cache (export specializes it)
+        program = self._program(ids, cache)
+        pos = torch.tensor(lens, device=self.device)
+        out = program(ids, pos, torch.empty(max(lens) + 1), cache.k, cache.v)  # writes k/v in place
+        cache.lengths = [n + 1 for n in lens]
         return out
 
     @torch.inference_mode()

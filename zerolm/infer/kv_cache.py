@@ -15,12 +15,22 @@ from __future__ import annotations
 import torch
 
 
+def decode_mask(positions: torch.Tensor, span, window: int = 0) -> torch.Tensor:
+    """(B, 1, 1, S) allowed keys of one new token per row at `positions` (B, 1): keys 0..position,
+    the last `window` of them with a sliding window."""
+    k = torch.arange(span, device=positions.device)[None, :]  # (1, S) key slots
+    allowed = k <= positions  # (B, S)
+    if window:
+        allowed = allowed & (positions - k < window)
+    return allowed[:, None, None, :]
+
+
 class KVCache:
     def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype=torch.float32, device=None):
-        shape = (slots, n_kv_heads, max_len, head_dim)  # a tensor per layer, not views of one: compiled, a
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # write into a
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # view copies it all
+        shape = (slots, n_kv_heads, max_len, head_dim)  # a tensor per layer: the inputs a compiled step
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # writes in place
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # (infer/engine.py)
         self.lengths = [0] * slots
         self.slots, self.max_len = slots, max_len
         self._call = None
@@ -55,16 +65,11 @@ class KVCache:
         self._call = (rows, slots, start, first, T, span)
         new = torch.arange(T, device=dev)
         positions = (first + new).expand(len(slots), T) if start is None else start[:, None] + new  # (B, T)
-        k = torch.arange(span, device=dev)  # key slots
         if T == 1:  # row b sees its own keys 0..start[b]
-            if start is None and not window:
-                return positions, None
-            allowed = k[None, :] <= positions  # (B, S)
-            if window:
-                allowed = allowed & (positions - k[None, :] < window)
-            return positions, allowed[:, None, None, :]
+            return positions, None if start is None and not window else decode_mask(positions, span, window)
         if first == 0 and not window:
             return positions, None  # plain causal
+        k = torch.arange(span, device=dev)  # key slots
         q = first + new  # (T,) query slots
         allowed = k[None, :] <= q[:, None]  # (T, S)
         if window:
@@ -77,11 +82,7 @@ class KVCache:
         kc, vc = self.k[layer], self.v[layer]  # (slots, K, max_len, Dh)
         if isinstance(rows, slice) and rows != slice(None):
             kc, vc, rows = kc[rows], vc[rows], slice(None)  # views of the rows
-        if start is None and rows == slice(None):  # every row at `first`; by an index, not a slice:
-            at = torch.arange(first, first + T, device=k.device)  # compiled, an index scatters in place
-            kc[:, :, at] = k  # where a slice assignment copies the whole cache
-            vc[:, :, at] = v
-        elif start is None:
+        if start is None:
             kc[rows, :, first : first + T] = k
             vc[rows, :, first : first + T] = v
         else:  # T == 1, each row at its own length
