@@ -188,3 +188,14 @@ def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, 
         torch.testing.assert_close(compiled.decode(ids, caches[1]), eager.decode(ids, caches[0]), atol=1e-4, rtol=1e-4)
         assert caches[0].lengths == caches[1].lengths == [len(PROMPTS[0]) + 1]
         torch.testing.assert_close(caches[1].k[1], caches[0].k[1], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_engine_without_a_cpp_compiler_warns_and_decodes_eagerly(caplog):
+    model = make("llama")
+    req = GenerateRequest(max_new_tokens=8, sampling=GREEDY)
+    engine = Engine(model, compile=True)
+    torch._inductor.cpu_vec_isa.pick_vec_isa()  # probed (and cached for the process) with the real compiler first
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}), caplog.at_level(logging.WARNING):
+        out = engine.generate(PROMPTS[:2], req)
+    assert out == Engine(model).generate(PROMPTS[:2], req)
+    assert not engine.compiled and "decoding eagerly" in caplog.text and "C++ compiler" in caplog.text

@@ -157,19 +157,28 @@ class Engine:
         return self.model.logits(self.model.hidden(ids, cache=cache, rows=rows)[:, -1:])[:, 0]
 
     def _program(self, ids: torch.Tensor, cache: KVCache):
+        """The compiled step for this batch size and cache, compiled on first use; None (and eager
+        decoding from then on, with a warning naming the cause) if compiling fails."""
         key = (ids.shape[0], tuple(cache.k[0].shape), cache.k[0].dtype)
         if key not in self._programs:
             log.info("compiling the decode step for batch size %d (20-60 s; a C++ compiler is needed)", ids.shape[0])
             k, v = [torch.zeros_like(t) for t in cache.k], [torch.zeros_like(t) for t in cache.v]
             S = torch.export.Dim("S", min=2, max=cache.max_len - 1)
             pos, span = torch.ones(ids.shape[0], dtype=torch.long, device=self.device), torch.empty(2)
-            with torch.no_grad():
-                program = torch.export.export(_DecodeStep(self.model), (ids, pos, span, k, v),
-                                              dynamic_shapes=({}, {}, {0: S}, [{}] * len(k), [{}] * len(v)))
-                with tempfile.TemporaryDirectory() as tmp:  # the loaded program needs no file afterwards
+            try:
+                with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:  # the loaded program needs no file
+                    program = torch.export.export(_DecodeStep(self.model), (ids, pos, span, k, v),
+                                                  dynamic_shapes=({}, {}, {0: S}, [{}] * len(k), [{}] * len(v)))
                     path = torch._inductor.aoti_compile_and_package(
                         program, package_path=os.path.join(tmp, "step.pt2"), inductor_configs=COMPILE_OPTIONS)
                     self._programs[key] = torch._inductor.aoti_load_package(path)
+            except Exception as e:  # any failure leaves eager decoding, which is always right
+                log.warning("compiling the decode step failed, decoding eagerly instead (same tokens, about half "
+                            "the speed): %s: %s. Compiling needs a C++ compiler (g++ or clang++; CXX=... "
+                            "names one); without --compile this message goes away.", type(e).__name__,
+                            str(e).strip().splitlines()[0] if str(e).strip() else "")
+                self.compiled = False
+                return None
         return self._programs[key]
 
     def decode(self, ids: torch.Tensor, cache: KVCache, rows: slice | None = None) -> torch.Tensor:
@@ -178,6 +187,8 @@ class Engine:
         if not self.compiled or rows is not None or max(lens) + 1 >= cache.max_len:  # the program's span
             return self._eager_step(ids, cache, rows)  # stops short of the whole cache (export specializes it)
         program = self._program(ids, cache)
+        if program is None:
+            return self._eager_step(ids, cache, rows)
         pos = torch.tensor(lens, device=self.device)
         out = program(ids, pos, torch.empty(max(lens) + 1), cache.k, cache.v)  # writes k/v in place
         cache.lengths = [n + 1 for n in lens]
