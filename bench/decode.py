@@ -7,6 +7,7 @@ Measured in one run on the same weights, for each thread count in --threads:
                    of time by AOTInductor, weights frozen, matrix-vector products in Inductor's C++
                    GEMM kernels on packed weights (`zerolm generate --compile`); compiled once per
                    thread count (its kernels fix it) in the untimed warm-up, reported as `compile_s`
+                   (into a fresh folder: never loaded from an earlier run)
   zerolm_nocache   model(ids)[:, -1].argmax() on the whole sequence for every new token
   hf_cached        HF transformers generate(do_sample=False, use_cache=True) on the model loaded
                    with from_pretrained from `export_hf` of the very same zerolm model
@@ -161,7 +162,7 @@ def bench_size(size, args) -> dict:
         for n in args.threads:
             torch.set_num_threads(n)
             fns = {"zerolm_cached": partial(zerolm_cached, Engine(model)),
-                   "zerolm_compiled": partial(zerolm_cached, Engine(model, compile=True)),
+                   "zerolm_compiled": partial(zerolm_cached, Engine(model, compile=True, program_dir=tmp)),
                    "zerolm_nocache": partial(zerolm_nocache, model),
                    "hf_cached": partial(hf_generate, hf, use_cache=True),
                    "hf_nocache": partial(hf_generate, hf, use_cache=False)}

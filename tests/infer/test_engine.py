@@ -161,16 +161,17 @@ def test_cache_slots_join_and_leave_like_continuous_batching(preset, over):
 
 
 @pytest.mark.parametrize("preset, over", [("llama", {"n_kv_heads": 2, "sliding_window": 6}), ("gpt2", {})])
-def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, over):
+def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, over, tmp_path, caplog):
     """Engine(compile=True): the same greedy tokens and (within float reassociation) the same
     logits as eager decoding, for one prompt and a batch of mixed lengths; requests of other
     lengths, up to the whole window, reuse the program of their batch size (positions and the
-    attended span are inputs of the exported step)."""
+    attended span are inputs of the exported step); a later engine on the same model loads the
+    saved programs instead of compiling."""
     from zerolm.infer.engine import decode_layout
     from zerolm.infer.kv_cache import KVCache
 
     model = decode_layout(make(preset, **over))
-    eager, compiled = Engine(model), Engine(model, compile=True)
+    eager, compiled = Engine(model), Engine(model, compile=True, program_dir=str(tmp_path))
     req = GenerateRequest(max_new_tokens=10, sampling=GREEDY)
     for prompts in ([PROMPTS[0]], PROMPTS):  # batch 1, then 4 rows at different lengths
         assert compiled.generate(prompts, req) == eager.generate(prompts, req)
@@ -188,14 +189,36 @@ def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, 
         torch.testing.assert_close(compiled.decode(ids, caches[1]), eager.decode(ids, caches[0]), atol=1e-4, rtol=1e-4)
         assert caches[0].lengths == caches[1].lengths == [len(PROMPTS[0]) + 1]
         torch.testing.assert_close(caches[1].k[1], caches[0].k[1], atol=1e-5, rtol=1e-5)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".pt2", ".pt2"]
+    with caplog.at_level(logging.INFO):
+        again = Engine(model, compile=True, program_dir=str(tmp_path))
+        assert again.generate(PROMPTS, req) == eager.generate(PROMPTS, req)
+    assert "loaded the compiled decode step" in caplog.text and "compiling" not in caplog.text
 
 
-def test_compiled_engine_without_a_cpp_compiler_warns_and_decodes_eagerly(caplog):
+def test_compiled_engine_without_a_cpp_compiler_warns_and_decodes_eagerly(caplog, tmp_path):
     model = make("llama")
     req = GenerateRequest(max_new_tokens=8, sampling=GREEDY)
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=True, program_dir=str(tmp_path))
     torch._inductor.cpu_vec_isa.pick_vec_isa()  # probed (and cached for the process) with the real compiler first
     with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}), caplog.at_level(logging.WARNING):
         out = engine.generate(PROMPTS[:2], req)
     assert out == Engine(model).generate(PROMPTS[:2], req)
     assert not engine.compiled and "decoding eagerly" in caplog.text and "C++ compiler" in caplog.text
+
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_a_damaged_saved_program_is_compiled_again(tmp_path, caplog):
+    from zerolm.infer.compiled import program_key
+    from zerolm.infer.kv_cache import KVCache
+
+    model = make("gpt2")
+    key = program_key(model, 1, KVCache.for_model(model, 1))
+    (tmp_path / f"{key}.pt2").write_bytes(b"not a program")
+    req = GenerateRequest(max_new_tokens=8, sampling=GREEDY)
+    engine = Engine(model, compile=True, program_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        assert engine.generate([PROMPTS[0]], req) == Engine(model).generate([PROMPTS[0]], req)
+    assert "could not load" in caplog.text and engine.compiled and len(engine._programs) == 1
+    assert (tmp_path / f"{key}.pt2").stat().st_size > 1000  # replaced by the real program

@@ -10,14 +10,13 @@ the left (keeping its end) with a warning, or rejected (`context="error"`).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from zerolm.infer.kv_cache import KVCache, decode_mask
+from zerolm.infer.compiled import load_or_compile
+from zerolm.infer.kv_cache import KVCache
 from zerolm.infer.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -97,81 +96,32 @@ def decode_layout(model):
     return model
 
 
-# Inductor settings of the compiled decode step: weights frozen into it as constants (it is built
-# for one model's current values), every matrix-vector product in Inductor's C++ GEMM template on
-# weights it packs at compile time (its kernel read a 65 MB head at 25 GB/s where ATen's read it
-# at 8; with no other backend nothing is autotuned, which halves the compile time); no pattern
-# matching, which would turn the step's explicit attention (model/attention.py) back into a
-# fused-kernel call per layer.
-COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
-                   "pattern_matcher": False}
-
-
-class _StepCache:
-    """The cache interface model.hidden uses (begin/update/end), for one decode token per row over
-    all slots of a KVCache's tensors, with the row positions (B,) a tensor and the attended span S
-    the length of `span`: both stay symbolic in the exported graph, so one graph serves every length."""
-
-    def __init__(self, k, v, pos, span):
-        self.k, self.v, self.pos, self.span = k, v, pos, span
-
-    def begin(self, rows, T, window=0):
-        positions = self.pos[:, None]  # (B, 1)
-        return positions, decode_mask(positions, self.span.shape[0], window)
-
-    def update(self, layer, k, v):
-        b, S = torch.arange(k.shape[0], device=k.device), self.span.shape[0]
-        self.k[layer][b, :, self.pos] = k[:, :, 0]  # (B, K, Dh) into each row's own position
-        self.v[layer][b, :, self.pos] = v[:, :, 0]
-        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
-
-    def end(self):
-        pass
-
-
-class _DecodeStep(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, pos, span, k, v):
-        hidden = self.model.hidden(ids, cache=_StepCache(k, v, pos, span))  # (B, 1, D)
-        return self.model.logits(hidden)[:, 0]  # (B, V)
-
-
 class Engine:
     """compile=True: decode steps of all of a cache's slots run as one ahead-of-time compiled
     program per batch size (torch.export + AOTInductor, COMPILE_OPTIONS): C++ kernels and a C++
     wrapper, no Python or guard checks per step. Caches span the whole window; positions are
     inputs, so requests of any length reuse it. The first decode of each batch size compiles (tens
-    of seconds; a C++ compiler is needed), and the model's weights must not change afterwards.
+    of seconds; a C++ compiler is needed) or loads the program a previous run compiled for the same
+    model, weights and settings (infer/compiled.py); the weights must not change afterwards.
     Prefill, and decoding a subset of slots (`rows`), stay eager."""
 
-    def __init__(self, model, compile: bool = False):
+    def __init__(self, model, compile: bool = False, program_dir: str | None = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.compiled = compile
+        self.program_dir = program_dir
         self._programs: dict[tuple, object] = {}  # (batch size, cache shape, dtype) -> compiled step
 
     def _eager_step(self, ids, cache, rows):
         return self.model.logits(self.model.hidden(ids, cache=cache, rows=rows)[:, -1:])[:, 0]
 
     def _program(self, ids: torch.Tensor, cache: KVCache):
-        """The compiled step for this batch size and cache, compiled on first use; None (and eager
-        decoding from then on, with a warning naming the cause) if compiling fails."""
+        """The compiled step for this batch size and cache: loaded from disk or compiled on first use;
+        None (and eager decoding from then on, with a warning naming the cause) if compiling fails."""
         key = (ids.shape[0], tuple(cache.k[0].shape), cache.k[0].dtype)
         if key not in self._programs:
-            log.info("compiling the decode step for batch size %d (20-60 s; a C++ compiler is needed)", ids.shape[0])
-            k, v = [torch.zeros_like(t) for t in cache.k], [torch.zeros_like(t) for t in cache.v]
-            S = torch.export.Dim("S", min=2, max=cache.max_len - 1)
-            pos, span = torch.ones(ids.shape[0], dtype=torch.long, device=self.device), torch.empty(2)
             try:
-                with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:  # the loaded program needs no file
-                    program = torch.export.export(_DecodeStep(self.model), (ids, pos, span, k, v),
-                                                  dynamic_shapes=({}, {}, {0: S}, [{}] * len(k), [{}] * len(v)))
-                    path = torch._inductor.aoti_compile_and_package(
-                        program, package_path=os.path.join(tmp, "step.pt2"), inductor_configs=COMPILE_OPTIONS)
-                    self._programs[key] = torch._inductor.aoti_load_package(path)
+                self._programs[key] = load_or_compile(self.model, ids, cache, self.program_dir)
             except Exception as e:  # any failure leaves eager decoding, which is always right
                 log.warning("compiling the decode step failed, decoding eagerly instead (same tokens, about half "
                             "the speed): %s: %s. Compiling needs a C++ compiler (g++ or clang++; CXX=... "

@@ -30,7 +30,7 @@ class KVCache:
                  dtype=torch.float32, device=None):
         shape = (slots, n_kv_heads, max_len, head_dim)  # a tensor per layer: the inputs a compiled step
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # writes in place
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # (infer/engine.py)
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # (infer/compiled.py)
         self.lengths = [0] * slots
         self.slots, self.max_len = slots, max_len
         self._call = None
