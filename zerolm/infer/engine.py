@@ -112,7 +112,8 @@ class Engine:
         self.program_dir = program_dir
         self._programs: dict[tuple, object] = {}  # (batch size, cache shape, dtype) -> compiled step
 
-    def _eager_step(self, ids, cache, rows):
+    def _last_logits(self, ids, cache, rows):
+        """Eager: (B, T) tokens into cache slots `rows` -> (B, V) logits of the last position only."""
         return self.model.logits(self.model.hidden(ids, cache=cache, rows=rows)[:, -1:])[:, 0]
 
     def _program(self, ids: torch.Tensor, cache: KVCache):
@@ -134,11 +135,13 @@ class Engine:
     def decode(self, ids: torch.Tensor, cache: KVCache, rows: slice | None = None) -> torch.Tensor:
         """One step: (B, 1) next tokens of cache slots `rows` (default all) -> their (B, V) logits."""
         lens = cache.lengths
-        if not self.compiled or rows is not None or max(lens) + 1 >= cache.max_len:  # the program's span
-            return self._eager_step(ids, cache, rows)  # stops short of the whole cache (export specializes it)
-        program = self._program(ids, cache)
+        # eager: without compile, for some of the slots, and for a step that attends to the whole
+        # cache (the exported span stops one short of it; `stream` never gets there)
+        program = None
+        if self.compiled and rows is None and max(lens) + 1 < cache.max_len:
+            program = self._program(ids, cache)
         if program is None:
-            return self._eager_step(ids, cache, rows)
+            return self._last_logits(ids, cache, rows)
         pos = torch.tensor(lens, device=self.device)
         out = program(ids, pos, torch.empty(max(lens) + 1), cache.k, cache.v)  # writes k/v in place
         cache.lengths = [n + 1 for n in lens]
@@ -189,7 +192,7 @@ class Engine:
         for group in by_len.values():
             rows = torch.tensor([slots[i] for i in group], device=self.device)
             ids = torch.tensor([list(prompts[i]) for i in group], device=self.device)
-            logits = self.model.logits(self.model.hidden(ids, cache=cache, rows=rows)[:, -1:])[:, 0]  # (G, V)
+            logits = self._last_logits(ids, cache, rows)  # (G, V)
             if out is None:
                 out = logits.new_empty(len(prompts), logits.shape[-1])
             out[group] = logits
