@@ -23,8 +23,9 @@ untied input embedding reads one row; the head matrix is read whole; KV-cache re
 ÷ copy bandwidth. Convention: copy bandwidth = (bytes read + bytes written) ÷ time of a large
 `dst.copy_(src)` (2 × buffer size, as STREAM Copy counts), median of 5, measured once in each
 repeat (before its generations) and the median of those taken. `bound_tok_per_s` uses it;
-`fraction_of_bound` = zerolm_cached ÷ bound, `fraction_of_bound_compiled` = zerolm_compiled ÷ bound. A read-only figure (a `sum` over the buffer) and its
-bound are given too, since decode only reads weights.
+`fraction_of_bound` = zerolm_cached ÷ bound, `fraction_of_bound_compiled` = zerolm_compiled ÷ bound.
+A read-only figure (a `sum` over the buffer) and its bound are given too, since decode only reads
+weights.
 
 Matrix-vector ceiling: `matvec_tok_per_s` = 1 / time of only the matrix-vector products one decode
 step makes (every linear layer and the head, on the model's own weights in its decode layout, one

@@ -191,7 +191,7 @@ def _sampling_args(p, temperature: float = 0.8):
 
 def _compile_arg(p):
     p.add_argument("--compile", action="store_true",
-                   help="decode with an ahead-of-time compiled step: ~1.8x the tokens/s, after 20-60 s compiling at the start")
+                   help="decode with an ahead-of-time compiled step: ~2x the tokens/s, after 20-60 s compiling the first time")
 
 
 def _sampling(args):
