@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zerolm.infer.sampling import (
     SamplingParams,
@@ -193,3 +195,93 @@ def test_validate_rejects(field, value):
 def test_validate_accepts_defaults_and_edges():
     SamplingParams().validate()
     SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0).validate()
+
+
+# -- extreme but valid parameters (issue 18): a well-defined id, never NaN or an exception ---------
+F32_MAX = torch.finfo(torch.float32).max
+HUGE = torch.tensor([[3e38, -3e38, 1e38, 0.0, -1e-45]])  # (1, 5) finite, near the float32 limits
+
+
+@pytest.mark.parametrize("t", [1e-40, 1e-300, 5e-324, 9.9e-6])
+def test_temperature_below_the_floor_is_greedy(t):
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    params = SamplingParams(temperature=t)
+    assert params.greedy
+    assert torch.equal(sample(logits, params, g), logits.argmax(-1))
+    assert torch.equal(g.get_state(), state)  # greedy: the generator is untouched
+    assert not SamplingParams(temperature=1e-5).greedy
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(repetition_penalty=1e-300), SamplingParams(repetition_penalty=5e-324),
+    SamplingParams(repetition_penalty=1e300), SamplingParams(temperature=0, repetition_penalty=5e-324),
+    SamplingParams(presence_penalty=-1e308, frequency_penalty=1e308), SamplingParams(frequency_penalty=-1e308),
+    SamplingParams(temperature=1e-5), SamplingParams(temperature=1e300), SamplingParams(top_p=1e-30),
+    SamplingParams(min_p=5e-324), SamplingParams(top_k=10**9),
+])
+@pytest.mark.parametrize("logits", [LOGITS, HUGE, torch.tensor([[F32_MAX, -F32_MAX, F32_MAX]])])
+def test_extreme_params_give_a_valid_id(params, logits):
+    counts = torch.tensor([[1] * (logits.shape[1] - 1) + [0]])
+    out = filtered_logits(logits, params, counts)
+    assert not out.isnan().any() and torch.isfinite(out).any()
+    for _ in range(3):
+        i = int(sample(logits, params, torch.Generator().manual_seed(1), counts)[0])
+        assert 0 <= i < logits.shape[1] and torch.isfinite(out[0, i])
+
+
+def test_tiny_top_p_keeps_the_top_token():
+    assert support(top_p_filter(LOGITS, 1e-30)) == {0}
+    assert support(filtered_logits(HUGE, SamplingParams(top_p=1e-30))) == {0}
+
+
+def test_huge_penalties_saturate_instead_of_overflowing():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    counts = torch.tensor([[1, 1, 0]])
+    # 1/5e-324 overflows every float: the seen positive logit saturates at the float32 maximum
+    out = apply_penalties(logits, counts, repetition=5e-324)
+    assert out.dtype == torch.float32 and out[0, 0] == F32_MAX and out[0, 1] == 0 and out[0, 2] == 0.5
+    out = apply_penalties(logits, counts, presence=1e300, frequency=-1e300)  # inf - inf without the clamp
+    assert torch.isfinite(out).all()
+
+
+def test_validate_rejects_non_finite():
+    for field, value in [("temperature", math.inf), ("repetition_penalty", math.inf), ("repetition_penalty", math.nan),
+                         ("top_p", math.nan), ("min_p", math.nan), ("presence_penalty", math.nan)]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: value}).validate()
+
+
+finite32 = st.floats(-F32_MAX, F32_MAX, width=32, allow_nan=False, allow_infinity=False)
+positive = st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def cases(draw):
+    v = draw(st.integers(1, 12))
+    rows = draw(st.integers(1, 3))
+    logits = torch.tensor(draw(st.lists(st.lists(finite32, min_size=v, max_size=v), min_size=rows, max_size=rows)))
+    counts = torch.tensor(draw(st.lists(st.lists(st.integers(0, 3), min_size=v, max_size=v), min_size=rows,
+                                        max_size=rows)))
+    params = SamplingParams(
+        temperature=draw(st.one_of(st.just(0.0), positive)), top_k=draw(st.integers(0, 20)),
+        top_p=draw(st.floats(5e-324, 1.0)), min_p=draw(st.floats(0.0, 1.0, exclude_max=True)),
+        repetition_penalty=draw(positive),
+        presence_penalty=draw(st.floats(allow_nan=False, allow_infinity=False)),
+        frequency_penalty=draw(st.floats(allow_nan=False, allow_infinity=False)))
+    return logits, counts, params, draw(st.integers(0, 2**64 - 1))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(cases())
+def test_any_valid_params_on_finite_logits_give_no_nan_and_a_valid_id(case):
+    logits, counts, params, seed = case
+    params.validate()  # every drawn value is in the documented ranges
+    for c in (None, counts):
+        out = filtered_logits(logits, params, c)
+        assert not out.isnan().any() and torch.isfinite(out).any(-1).all()
+        ids = sample(logits, params, torch.Generator().manual_seed(seed), c)
+        assert ids.shape == (logits.shape[0],) and ((0 <= ids) & (ids < logits.shape[1])).all()
+        if not params.greedy:  # a sampled id is one the filters kept
+            assert torch.isfinite(out.gather(1, ids[:, None])).all()

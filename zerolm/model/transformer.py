@@ -73,6 +73,21 @@ class Transformer(nn.Module):
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return hidden @ head.T
 
+    def embed(self, ids, positions):
+        """ids (B, T) at positions (B, T) or (T,) -> the first block's input (B, T, D) and the RoPE
+        (cos, sin) tables the blocks take (None without RoPE)."""
+        cfg = self.cfg
+        x = self.tok_emb(ids)  # (B, T, D)
+        if cfg.position == "learned":
+            x = x + self.pos_emb(positions)
+        elif cfg.position == "sinusoidal":
+            x = x + self.pos_table[positions]
+        rope = None
+        if cfg.position == "rope":
+            pos = positions if positions.dim() == 2 else positions[None]  # (B|1, T)
+            rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
+        return self.drop(x), rope
+
     def hidden(self, ids, *, positions=None, cache=None, rows=None, segments=None):
         """ids (B, T) -> the final hidden states (B, T, D) that the LM head (or a reward head) reads.
 
@@ -94,16 +109,7 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = torch.arange(T, device=ids.device)
             mask = attention_mask(T, ids.device, cfg.sliding_window, segments)
-        x = self.tok_emb(ids)  # (B, T, D)
-        if cfg.position == "learned":
-            x = x + self.pos_emb(positions)
-        elif cfg.position == "sinusoidal":
-            x = x + self.pos_table[positions]
-        rope = None
-        if cfg.position == "rope":
-            pos = positions if positions.dim() == 2 else positions[None]  # (B|1, T)
-            rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
-        x = self.drop(x)
+        x, rope = self.embed(ids, positions)
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, mask=mask, cache=cache, layer=i)
         if cache is not None:

@@ -12,11 +12,17 @@ cache), so the decode step reads the cache as views, never gathers it.
 The scheduler speaks token ids only; results leave through each sequence's `emit` callback
 (called on the scheduler thread): ("token", Token) per new token, then ("done", reason) with
 reason "stop" (a stop token), "length" (max_new_tokens) or "cancelled", or ("error", message).
+
+Faults stay with their sequence. `submit` refuses (ValueError) every job that could fail later, so
+an "error" is always a server-side fault: a row whose sampling or callback raises, or whose logits
+are not finite, ends alone while the others run on with the same tokens; a failed model pass ends
+the sequences in it and leaves slots and cache consistent. `health()` reports what went wrong.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -76,9 +82,15 @@ class Stats:
     ttft_count: int = 0
     ttft_buckets: dict[float, int] = field(default_factory=lambda: dict.fromkeys(TTFT_BUCKETS, 0))
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))  # (time, tokens)
+    nonfinite_logits: int = 0  # sequences ended because their logits were NaN or inf
+    failed_rows: int = 0  # sequences ended because their own sampling or callback raised
+    failed_passes: int = 0  # model passes (prefill or decode) that raised
+    last_error: str | None = None
 
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+NONFINITE = ("the model produced non-finite logits (NaN or inf) for this request: its weights are not finite "
+             "or this input overflows them")
 
 
 class Scheduler:
@@ -91,20 +103,20 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # running[i].slot == i
         self.stats = Stats()
-        self._cv = threading.Condition()
+        # the weights never change while serving: one look at load tells /health about a NaN checkpoint
+        with torch.no_grad():
+            self._bad_weights = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        self._cv = threading.Condition()  # an RLock inside: submit may be called with it held
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="zerolm-scheduler", daemon=True)
         self._thread.start()
 
     # -- called from any thread ------------------------------------------------------------
     def submit(self, seqs: Sequence[Job]) -> None:
-        """Queue the sequences (all of them or, raising QueueFull, none)."""
-        window = self.model.cfg.max_seq_len
+        """Queue the sequences (all of them or, raising QueueFull, none). A job that could fail once
+        running (bad ids, seed, sampling, or no room in the window and cache) is a ValueError here."""
         for s in seqs:
-            if not s.prompt or len(s.prompt) + s.max_new_tokens > window:
-                raise ValueError(f"prompt of {len(s.prompt)} tokens + max_new_tokens={s.max_new_tokens} must fit in "
-                                 f"the model's window of {window} tokens")
-            s.sampling.validate()
+            self._check(s)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the scheduler is shut down")
@@ -116,6 +128,44 @@ class Scheduler:
                 self.waiting.append(s)
             self.stats.requests += 1
             self._cv.notify()
+
+    def _check(self, s: Job) -> None:
+        room = min(self.model.cfg.max_seq_len, self.cache.max_len)
+        if not _is_int(s.max_new_tokens) or s.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {s.max_new_tokens!r}")
+        if not s.prompt:
+            raise ValueError("the prompt is empty: give at least one token id (e.g. the bos token)")
+        if len(s.prompt) + s.max_new_tokens > room:
+            raise ValueError(f"prompt of {len(s.prompt)} tokens + max_new_tokens={s.max_new_tokens} must fit in "
+                             f"the model's window of {room} tokens: shorten the prompt or lower max_new_tokens")
+        bad = next((j for j, t in enumerate(s.prompt) if not _is_int(t) or not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {bad} is {s.prompt[bad]!r}: token ids must be integers in "
+                             f"[0, {self.vocab}) (the vocabulary)")
+        if s.seed is not None and (not _is_int(s.seed) or not 0 <= s.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {s.seed!r}")
+        if s.logprobs is not None and (not _is_int(s.logprobs) or s.logprobs < 0):
+            raise ValueError(f"logprobs must be None or an integer >= 0, got {s.logprobs!r}")
+        s.sampling.validate()
+
+    def health(self) -> dict:
+        """{"ok", "reason" (None when ok), "nonfinite_logits", "failed_rows", "failed_passes", "last_error"}.
+        Not ok: the scheduler is not running, the weights are not finite, or the model produced
+        non-finite logits (its weights do not change, so that stays). Failed rows and passes are
+        counted, and last_error kept, without making the model unhealthy."""
+        with self._cv:
+            st = self.stats
+            if self._closed or not self._thread.is_alive():
+                reason = "the scheduler is not running (shut down or crashed): restart the server"
+            elif self._bad_weights is not None:
+                reason = (f"the model's weights are not finite ({self._bad_weights} has NaN or inf): "
+                          "load a good checkpoint")
+            elif st.nonfinite_logits:
+                reason = f"the model produced non-finite logits for {st.nonfinite_logits} request(s)"
+            else:
+                reason = None
+            return {"ok": reason is None, "reason": reason, "nonfinite_logits": st.nonfinite_logits,
+                    "failed_rows": st.failed_rows, "failed_passes": st.failed_passes, "last_error": st.last_error}
 
     def load(self) -> dict:
         with self._cv:
@@ -146,30 +196,26 @@ class Scheduler:
                     self._cv.wait()
                 if self._closed:
                     for s in [*self.waiting, *self.running]:
-                        s.emit("error", "server shutting down")
+                        _emit(s, "error", "server shutting down")
                     return
                 admitted = self._admit()
             try:
                 with torch.inference_mode():
                     self._step(admitted)
-            except Exception as e:  # a failing step fails its sequences, never the server
-                log.exception("scheduler step failed")
-                with self._cv:
-                    for s in self.running:
-                        s.emit("error", f"generation failed: {type(e).__name__}: {e}")
-                    self.running.clear()
+            except Exception as e:  # a bug outside the guarded parts: fail what runs, keep serving
+                self._fail(list(self.running), f"generation failed: {type(e).__name__}: {e}", pass_failed=True)
 
     def _admit(self) -> list[Job]:
         """Move waiting sequences into free slots (under the lock), within the prefill budget."""
         for s in [s for s in self.running if s.cancelled]:
             self._remove(s)
-            s.emit("done", "cancelled")
+            _emit(s, "done", "cancelled")
         admitted, budget = [], self.prefill_budget
         while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting[0]
             if s.cancelled:
                 self.waiting.popleft()
-                s.emit("done", "cancelled")
+                _emit(s, "done", "cancelled")
                 continue
             if admitted and len(s.prompt) > budget:
                 break
@@ -188,6 +234,17 @@ class Scheduler:
             last.slot = s.slot
             self.running[s.slot] = last
 
+    def _fail(self, seqs: list[Job], message: str, *, pass_failed: bool = False) -> None:
+        """End seqs with ("error", message), freeing their slots (they may be running or not)."""
+        log.error("%d sequence(s) failed: %s", len(seqs), message, exc_info=pass_failed)
+        with self._cv:
+            self.stats.last_error = message
+            self.stats.failed_passes += pass_failed
+            for s in seqs:
+                if 0 <= s.slot < len(self.running) and self.running[s.slot] is s:
+                    self._remove(s)
+                _emit(s, "error", message)
+
     def _step(self, admitted: list[Job]) -> None:
         if admitted:
             for s in admitted:
@@ -195,60 +252,113 @@ class Scheduler:
                 s.counts = torch.bincount(torch.tensor(s.prompt), minlength=self.vocab)
                 s.gen = torch.Generator()
                 s.gen.manual_seed(s.seed) if s.seed is not None else s.gen.seed()
-            logits = self.engine.prefill([s.prompt for s in admitted], self.cache, [s.slot for s in admitted])
-            self._sample_rows(admitted, logits)
+            try:  # writes only the admitted sequences' slots: the running ones are not involved
+                logits = self.engine.prefill([s.prompt for s in admitted], self.cache, [s.slot for s in admitted])
+            except Exception as e:
+                self._fail(admitted, f"generation failed in the model's prefill pass: {type(e).__name__}: {e}",
+                           pass_failed=True)
+            else:
+                self._sample_rows(admitted, logits)
         if self.running:  # every running sequence has its last token: one step for all, slots 0..n-1
             seqs = list(self.running)
             last = torch.tensor([[s.last] for s in seqs])
-            logits = self.engine.decode(last, self.cache, slice(0, len(seqs)))  # (B, V)
-            self._sample_rows(seqs, logits)
+            try:  # a failed step leaves the cache lengths as they were (they advance at its end)
+                logits = self.engine.decode(last, self.cache, slice(0, len(seqs)))  # (B, V)
+            except Exception as e:
+                self._fail(seqs, f"generation failed in the model's decode pass: {type(e).__name__}: {e}",
+                           pass_failed=True)
+            else:
+                self._sample_rows(seqs, logits)
         self.stats.steps += 1
 
     def _sample_rows(self, seqs: list[Job], logits: torch.Tensor) -> None:
         now = time.perf_counter()
-        finished = []
-        chosen = self._choose(seqs, logits)
-        lps = torch.log_softmax(logits.float(), -1) if any(s.logprobs is not None for s in seqs) else None  # (B, V)
-        for j, (s, tid) in enumerate(zip(seqs, chosen)):
-            tok = Token(tid)
-            if s.logprobs is not None:
-                tok.logprob = float(lps[j, tid])
-                if s.logprobs:
-                    vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
-                    tok.top = list(zip(ids.tolist(), vals.tolist()))
-            s.counts[tid] += 1
-            s.generated += 1
-            s.last = tid
-            if s.generated == 1:
-                self._record_ttft(now - s.submitted)
-            s.emit("token", tok)
+        finished, failed, nonfinite = [], [], []
+        rows = list(range(len(seqs)))
+        if not torch.isfinite(logits).all():  # one check per step; per row only when it fails
+            ok = torch.isfinite(logits).all(-1).tolist()
+            nonfinite = [seqs[j] for j in rows if not ok[j]]
+            rows = [j for j in rows if ok[j]]
+        chosen = self._choose(seqs, logits, rows)
+        want_lps = any(seqs[j].logprobs is not None for j in rows)
+        lps = torch.log_softmax(logits.float(), -1) if want_lps else None  # (B, V)
+        for j in rows:
+            s, tid = seqs[j], chosen[j]
+            try:
+                if isinstance(tid, Exception):
+                    raise tid
+                tok = Token(tid)
+                if s.logprobs is not None:
+                    tok.logprob = float(lps[j, tid])
+                    if s.logprobs:
+                        vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
+                        tok.top = list(zip(ids.tolist(), vals.tolist()))
+                s.counts[tid] += 1
+                s.generated += 1
+                s.last = tid
+                if s.generated == 1:
+                    self._record_ttft(now - s.submitted)
+                s.emit("token", tok)
+            except Exception as e:  # this row's own fault (its sampling, or its caller's callback)
+                log.exception("a sequence failed while sampling")
+                failed.append((s, f"generation failed: {type(e).__name__}: {e}"))
+                continue
             if tid in s.stop_token_ids:
                 finished.append((s, "stop"))
             elif s.generated >= s.max_new_tokens:
                 finished.append((s, "length"))
-        self.stats.tokens += len(seqs)
-        self.stats.recent.append((now, len(seqs)))
+        self.stats.tokens += len(rows) - len(failed)
+        self.stats.recent.append((now, len(rows) - len(failed)))
         with self._cv:
+            for s in nonfinite:  # before any removal moves a sequence (and its cache) to another slot
+                self._scrub(s.slot)
             for s, reason in finished:
                 self._remove(s)
-                s.emit("done", reason)
+                _emit(s, "done", reason)
+            self.stats.nonfinite_logits += len(nonfinite)
+            self.stats.failed_rows += len(failed)
+        for s, message in failed:
+            self._fail([s], message)
+        if nonfinite:
+            self._fail(nonfinite, NONFINITE)
+
+    def _scrub(self, slot: int) -> None:
+        """Zero a slot a non-finite sequence wrote: its next owner's masked positions would give
+        0 * NaN = NaN in the attention-weighted sum of values."""
+        n = self.cache.lengths[slot]
+        for k, v in zip(self.cache.k, self.cache.v):
+            k[slot, :, :n] = 0
+            v[slot, :, :n] = 0
 
     @staticmethod
-    def _choose(seqs: list[Job], logits: torch.Tensor) -> list[int]:
-        """Next token of each row: greedy rows with equal parameters in one call (argmax needs no
-        generator), sampled rows one by one with their own generator."""
-        chosen: list[int] = [0] * len(seqs)
+    def _choose(seqs: list[Job], logits: torch.Tensor, rows: list[int]) -> dict[int, int | Exception]:
+        """Next token of each row in `rows`, or the exception its sampling raised: greedy rows with
+        equal parameters in one call (argmax needs no generator; one by one if that call raises),
+        sampled rows one by one with their own generator."""
+        chosen: dict[int, int | Exception] = {}
         greedy: dict[SamplingParams, list[int]] = {}
-        for j, s in enumerate(seqs):
-            if s.sampling.temperature == 0:
+
+        def one(j: int, params: SamplingParams, gen) -> None:
+            try:
+                chosen[j] = int(sample(logits[j : j + 1], params, gen, seqs[j].counts[None])[0])
+            except Exception as e:
+                chosen[j] = e
+
+        for j in rows:
+            s = seqs[j]
+            if s.sampling.greedy:
                 greedy.setdefault(s.sampling, []).append(j)
             else:
-                chosen[j] = int(sample(logits[j : j + 1], s.sampling, s.gen, s.counts[None])[0])
+                one(j, s.sampling, s.gen)
         for params, js in greedy.items():
-            penalised = (params.repetition_penalty, params.presence_penalty, params.frequency_penalty) != (1.0, 0.0, 0.0)
-            counts = torch.stack([seqs[j].counts for j in js]) if penalised else None  # (G, V)
-            for j, t in zip(js, sample(logits[js], params, None, counts).tolist()):
-                chosen[j] = t
+            penalised = (params.repetition_penalty, params.presence_penalty,
+                         params.frequency_penalty) != (1.0, 0.0, 0.0)
+            try:
+                counts = torch.stack([seqs[j].counts for j in js]) if penalised else None  # (G, V)
+                chosen.update(zip(js, sample(logits[js], params, None, counts).tolist()))
+            except Exception:
+                for j in js:
+                    one(j, params, None)
         return chosen
 
     def _record_ttft(self, dt: float) -> None:
@@ -258,3 +368,22 @@ class Scheduler:
         for b in TTFT_BUCKETS:
             if dt <= b:
                 st.ttft_buckets[b] += 1
+
+
+def _is_int(x) -> bool:
+    """An integer (int, numpy or 0-d tensor integer), not a bool or a float."""
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _emit(s: Job, kind: str, value) -> None:
+    """Send an event whose failure cannot make things worse (an end event): log it and go on."""
+    try:
+        s.emit(kind, value)
+    except Exception:
+        log.exception("a sequence's %s callback failed", kind)
