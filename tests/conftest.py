@@ -26,3 +26,21 @@ def tiny_corpus(tmp_path_factory):
                              "tokenizer": {"vocab_size": 300, "min_frequency": 1}})
     prepare(cfg, progress=False)
     return root
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true",
+                     help="run the tests in reverse order (with -p no:randomly): the suite must not depend on its order")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Name the shuffled order's seed even under -q, so a failure that depends on the order can be replayed."""
+    if config.pluginmanager.has_plugin("randomly") and not config.getoption("--reverse"):
+        seed = config.getoption("randomly_seed", None)
+        terminalreporter.write_line(f"test order: shuffled; replay it with --randomly-seed={seed}")
