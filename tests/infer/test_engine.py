@@ -189,7 +189,7 @@ def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, 
         torch.testing.assert_close(compiled.decode(ids, caches[1]), eager.decode(ids, caches[0]), atol=1e-4, rtol=1e-4)
         assert caches[0].lengths == caches[1].lengths == [len(PROMPTS[0]) + 1]
         torch.testing.assert_close(caches[1].k[1], caches[0].k[1], atol=1e-5, rtol=1e-5)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".pt2", ".pt2"]
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".pt2", ".pt2"]  # programs, manifests
     with caplog.at_level(logging.INFO):
         again = Engine(model, compile=True, program_dir=str(tmp_path))
         assert again.generate(PROMPTS, req) == eager.generate(PROMPTS, req)

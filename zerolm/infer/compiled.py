@@ -2,19 +2,24 @@
 exported with torch.export and compiled ahead of time by AOTInductor into C++ kernels and a C++
 wrapper, with the model's weights frozen in. Programs are kept on disk (`program_dir`), keyed by
 everything they depend on, so a later run on the same model loads its program instead of
-compiling again.
+compiling again. A program is loaded only from a folder of the user's own that no one else can
+write, and only if the manifest beside it names its key and the sha256 of its bytes.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import hashlib
+import json
 import logging
 import os
+import shutil
 import tempfile
+import time
 
 import torch
 
+from zerolm.files import atomic_write_text
 from zerolm.infer.kv_cache import KVCache, decode_mask
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ def program_dir() -> str:
 
 
 PROGRAMS_KEPT = 4  # the most recently used programs kept on disk (each holds its model's weights)
+COMPILING = ".compiling-"  # the prefix of a program's temporary folder while it compiles
 
 
 def program_key(model, batch: int, cache: KVCache) -> str:
@@ -88,50 +94,131 @@ def program_key(model, batch: int, cache: KVCache) -> str:
     return h.hexdigest()[:32]
 
 
+_MEMORY: dict[tuple[str, str], object] = {}  # (path, key) -> a program that could not be kept on disk
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
+def _manifest(path: str) -> str:
+    return path[:-len(".pt2")] + ".json"
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def saved_program_problem(path: str, key: str) -> str | None:
+    """Why the program at `path` is not the one for `key` (None: it is): its manifest beside it must
+    name `key` and the sha256 of the file's bytes, both written when it was compiled and saved."""
+    try:
+        with open(_manifest(path), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return "it has no manifest"
+    except (OSError, ValueError) as e:
+        return f"its manifest is unreadable ({e})"
+    if not isinstance(manifest, dict):
+        return "its manifest is not a JSON object"
+    if manifest.get("key") != key:
+        return "its manifest names another key (another model's or settings' program)"
+    if manifest.get("sha256") != _sha256(path):
+        return "its bytes do not match the sha256 in its manifest"
+    return None
+
+
+def untrusted_cache(folder: str) -> str | None:
+    """Why programs must not be loaded from `folder` (None: they may): a loaded program runs as
+    native code, so the folder must be the user's own and writable by no one else. Creates it (0700)."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(folder)
+    except OSError as e:
+        return f"the compiled-decode cache {folder} cannot be created ({e.strerror}): set ZEROLM_CACHE=DIR to a folder of your own"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return (f"the compiled-decode cache {folder} belongs to another user, so it is not used: "
+                "set ZEROLM_CACHE=DIR to a folder of your own")
+    if st.st_mode & 0o022:
+        return (f"the compiled-decode cache {folder} is writable by other users, so it is not used: "
+                f"run `chmod go-w {folder}` or set ZEROLM_CACHE=DIR to a folder of your own")
+    return None
+
+
 def load_or_compile(model, ids: torch.Tensor, cache: KVCache, folder: str | None = None):
     """The compiled step of `model` for next tokens `ids` (B, 1) over all of `cache`'s slots: loaded
-    from `folder` (default program_dir()) if a previous run saved it, else compiled and saved there."""
+    from `folder` (default program_dir()) if a previous run saved it there and it verifies (its
+    manifest names this key and the file's sha256), else compiled and saved there with its manifest.
+    Where nothing can be kept (an untrusted or read-only folder, an entry that cannot be replaced) that
+    is warned about once, and the program is compiled once per process and kept in memory."""
     folder = folder or program_dir()
-    path = os.path.join(folder, program_key(model, ids.shape[0], cache) + ".pt2")
-    if os.path.exists(path):
+    key = program_key(model, ids.shape[0], cache)
+    path = os.path.join(folder, key + ".pt2")
+    if (path, key) in _MEMORY:
+        return _MEMORY[path, key]
+    problem = untrusted_cache(folder)
+    if problem is None and os.path.isfile(path):
+        bad = saved_program_problem(path, key)
         try:
-            program = torch._inductor.aoti_load_package(path)
-            os.utime(path)  # recently used: kept
-            log.info("loaded the compiled decode step for batch size %d from %s", ids.shape[0], path)
-            return program
+            if bad is None:
+                program = torch._inductor.aoti_load_package(path)
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: kept
+                log.info("loaded the compiled decode step for batch size %d from %s", ids.shape[0], path)
+                return program
         except Exception as e:  # a damaged file: compile afresh over it
-            log.warning("could not load %s (%s); compiling again", path, e)
+            bad = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("could not load %s: %s; compiling again", path, bad)
+    blocked = [p for p in (path, _manifest(path)) if os.path.lexists(p) and not os.path.isfile(p)]
+    if problem is None and blocked:  # e.g. a directory there: os.replace cannot put a file in its place
+        problem = f"the compiled-decode cache entry {blocked[0]} is not a file and cannot be replaced: remove it"
+    elif problem is None and not os.access(folder, os.W_OK):
+        problem = (f"the compiled-decode cache {folder} is not writable, so compiled steps are not kept for later "
+                   "runs: set ZEROLM_CACHE=DIR to a writable folder")
+    if problem is not None:
+        _warn_once(problem + " (meanwhile the decode step is compiled once per process)")
     log.info("compiling the decode step for batch size %d (20-60 s; a C++ compiler is needed)", ids.shape[0])
     k, v = [torch.zeros_like(t) for t in cache.k], [torch.zeros_like(t) for t in cache.v]
     S = torch.export.Dim("S", min=2, max=cache.max_len - 1)
     pos, span = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device), torch.empty(2)
     with torch.no_grad():
-        program = torch.export.export(_DecodeStep(model), (ids, pos, span, k, v),
-                                      dynamic_shapes=({}, {}, {0: S}, [{}] * len(k), [{}] * len(v)))
-    with contextlib.suppress(OSError):
-        os.makedirs(folder, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        log.warning("%s is not writable: the compiled decode step will not be kept for later runs "
-                    "(ZEROLM_CACHE=DIR names another folder)", folder)
-        with tempfile.TemporaryDirectory() as tmp:  # the loaded program needs no file afterwards
-            path = os.path.join(tmp, "step.pt2")
-            torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=COMPILE_OPTIONS)
-            return torch._inductor.aoti_load_package(path)
-    tmp = f"{path[:-4]}.{os.getpid()}.tmp.pt2"
-    try:
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=COMPILE_OPTIONS)
-        os.replace(tmp, path)  # atomic: another process sees the whole file or none
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-    log.info("saved the compiled decode step to %s", path)
-    _prune(folder)
-    return torch._inductor.aoti_load_package(path)
+        exported = torch.export.export(_DecodeStep(model), (ids, pos, span, k, v),
+                                       dynamic_shapes=({}, {}, {0: S}, [{}] * len(k), [{}] * len(v)))
+    with tempfile.TemporaryDirectory(prefix=COMPILING, dir=None if problem else folder) as tmp:  # private (0700)
+        step = os.path.join(tmp, "step.pt2")
+        # a copy of the options: AOTInductor adds its own keys to the dict it is given (and so to the key)
+        torch._inductor.aoti_compile_and_package(exported, package_path=step, inductor_configs=dict(COMPILE_OPTIONS))
+        if problem is None:
+            try:
+                digest = _sha256(step)
+                os.replace(step, path)  # atomic: another process sees the whole file or none
+                atomic_write_text(_manifest(path), json.dumps({"key": key, "sha256": digest}))
+                log.info("saved the compiled decode step to %s", path)
+                _prune(folder)
+                return torch._inductor.aoti_load_package(path)
+            except OSError as e:
+                _warn_once(f"the compiled-decode cache entry {path} cannot be written ({e.strerror}): remove it "
+                           "(meanwhile the decode step is compiled once per process)")
+        _MEMORY[path, key] = program = torch._inductor.aoti_load_package(step if os.path.exists(step) else path)
+        while len(_MEMORY) > PROGRAMS_KEPT:  # each holds its model's weights
+            del _MEMORY[next(iter(_MEMORY))]
+    return program
 
 
 def _prune(folder: str) -> None:
-    """Keep the PROGRAMS_KEPT most recently used programs in `folder`."""
+    """Keep the PROGRAMS_KEPT most recently used programs in `folder`, with their manifests; remove
+    what compiles killed a day ago or more left behind."""
+    for left in glob.glob(os.path.join(folder, COMPILING + "*")):
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(left) > 86400:
+                shutil.rmtree(left)
     with contextlib.suppress(OSError):  # another process may be pruning too
-        kept = [f for f in glob.glob(os.path.join(folder, "*.pt2")) if not f.endswith(".tmp.pt2")]
+        kept = glob.glob(os.path.join(folder, "*.pt2"))
         for f in sorted(kept, key=os.path.getmtime, reverse=True)[PROGRAMS_KEPT:]:
             os.remove(f)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(_manifest(f))

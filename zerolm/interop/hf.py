@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from zerolm.config import ModelConfig
-from zerolm.files import atomic_write_text
+from zerolm.files import atomic_save_tensors, atomic_write_bytes, atomic_write_text
 from zerolm.model import Transformer, load_state, resolve, save_model
 
 SUPPORTED = ("gpt2", "llama")
@@ -242,7 +241,7 @@ def build_imported(cls, cfg: ModelConfig, state: dict, src: Path, out_dir=None, 
         save_model(model, out_dir)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (Path(src) / name).is_file():
-                shutil.copyfile(Path(src) / name, Path(out_dir) / name)
+                atomic_write_bytes(Path(out_dir) / name, (Path(src) / name).read_bytes())
     return model
 
 
@@ -274,9 +273,7 @@ def write_hf_dir(out_dir, state: dict, config: dict, tokenizer=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     config = {**config, "torch_dtype": dtype, "dtype": dtype}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    atomic_save_tensors(out / "model.safetensors", state, metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save(out)

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from zerolm.config import ModelConfig
-from zerolm.files import atomic_write_text
+from zerolm.files import atomic_save_tensors, atomic_write_text
 from zerolm.model.presets import PRESETS, resolve
 from zerolm.model.transformer import Transformer
 
@@ -52,9 +52,7 @@ def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    atomic_save_tensors(out / "model.safetensors", state, metadata={"format": "pt"})
     config = {"zerolm_model": dataclasses.asdict(model.cfg)}
     atomic_write_text(out / "config.json", json.dumps(config, indent=2))
     if tokenizer is not None:
