@@ -7,7 +7,7 @@ import torch
 
 from zerolm.config import ModelConfig, TokenizerConfig
 from zerolm.model import build_model, save_model
-from zerolm.serve.app import Limits, create_app, load_server
+from zerolm.serve.app import Limits, create_app, load_server, uvicorn_config
 from zerolm.tokenizer.train import train_tokenizer
 
 TEXT = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "Hello there! How are you today?",
@@ -35,8 +35,8 @@ class Running:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.server = server
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(server, api_key), host="127.0.0.1", port=self.port,
-                                                log_level="warning"))
+        self.uv = uvicorn.Server(uvicorn_config(create_app(server, api_key), server.limits, host="127.0.0.1",
+                                                port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.uv.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -50,14 +50,15 @@ class Running:
         self.thread.join(timeout=15)
 
 
-def start(model_dir, api_key=None, **kw):
+def start(model_dir, api_key=None, limits=LIMITS, **kw):
     torch.manual_seed(0)
-    return Running(load_server(model_dir, limits=LIMITS, name="tiny", **kw), api_key)
+    return Running(load_server(model_dir, limits=limits, name="tiny", **kw), api_key)
 
 
 @pytest.fixture
 def launch(model_dir):
-    """Start more servers on the tiny model: launch(api_key=None, **Server kwargs); stopped after the test."""
+    """Start more servers on the tiny model: launch(api_key=None, limits=LIMITS, **Server kwargs); stopped
+    after the test."""
     started = []
 
     def go(api_key=None, **kw):

@@ -1,12 +1,18 @@
 """OpenAI-compatible request and response schemas (pydantic): the API's contract and its OpenAPI
-document. Requests accept and ignore fields zerolm does not use (`user`, `metadata`, ...);
-`top_k`, `min_p` and `repetition_penalty` are extensions, as in vLLM.
+document. `top_k`, `min_p` and `repetition_penalty` are extensions, as in vLLM.
+
+Numbers must be finite (NaN and infinities are a 400) and `seed` in [0, 2**64). Fields that would
+change the answer but are not implemented are a 400 naming the field, never silently ignored:
+`tools`, `functions` (non-empty), `tool_choice`, `function_call` (other than "none"),
+`response_format` (other than {"type": "text"}), `logit_bias` (non-empty), and for completions
+`suffix` (non-empty) and `best_of` (above 1); `model` must be the served name or absent (checked
+by the server). Every other unknown field (`user`, `metadata`, `store`, ...) is ignored.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class ErrorDetail(BaseModel):
@@ -24,10 +30,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _refuse(value, info: ValidationInfo):
+    raise ValueError(f"{info.field_name} is not supported by this server: remove it")
 
-    model: str | None = Field(None, description="ignored: the server serves one model")
+
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = Field(None, description="the served model's id (GET /v1/models), or absent")
     max_tokens: int | None = Field(None, ge=1, description="new tokens at most (default: what the window leaves, "
                                                            "capped by the server's --max-tokens)")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
@@ -39,9 +49,16 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text (not included)")
     n: int = Field(1, ge=1, description="choices to generate")
-    seed: int | None = Field(None, description="same seed + same request = same tokens (choice i uses seed + i)")
+    seed: int | None = Field(None, ge=0, lt=1 << 64,
+                             description="same seed + same request = same tokens (choice i uses seed + i < 2**64)")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: absent or empty")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v, info: ValidationInfo):
+        return _refuse(v, info) if v else v
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -57,12 +74,44 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = Field(None, description="not supported: absent or empty")
+    functions: list[Any] | None = Field(None, description="not supported: absent or empty")
+    tool_choice: str | dict | None = Field(None, description='not supported: absent or "none"')
+    function_call: str | dict | None = Field(None, description='not supported: absent or "none"')
+    response_format: dict | None = Field(None, description='only {"type": "text"} (the default)')
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v, info: ValidationInfo):
+        return _refuse(v, info) if v else v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v, info: ValidationInfo):
+        return _refuse(v, info) if v not in (None, "none") else v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v, info: ValidationInfo):
+        return _refuse(v, info) if v is not None and v.get("type", "text") != "text" else v
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives per token (legacy format)")
     echo: Literal[False] = Field(False, description="not supported: must be false")
+    suffix: str | None = Field(None, description="not supported: absent or empty")
+    best_of: int | None = Field(None, description="not supported: absent or 1")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v, info: ValidationInfo):
+        return _refuse(v, info) if v else v
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, v, info: ValidationInfo):
+        return _refuse(v, info) if v not in (None, 1) else v
 
 
 class Usage(BaseModel):
@@ -148,8 +197,8 @@ class AttentionRequest(BaseModel):
 
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
-    continuation: list[list[int]] | None = Field(None, description="generated tokens, each as its bytes; they "
-                                                                   "follow the generation prompt")
+    continuation: list[list[Annotated[int, Field(ge=0, le=255)]]] | None = Field(
+        None, description="generated tokens, each as its bytes; they follow the generation prompt")
     layer: int = Field(0, ge=0)
     head: int = Field(0, ge=0)
 

@@ -19,6 +19,7 @@ from zerolm.infer.stop import StopStrings
 from zerolm.serve import protocol as P
 from zerolm.serve.scheduler import TTFT_BUCKETS, Job, QueueFull, Scheduler
 from zerolm.tokenizer import END, EOS, SPECIAL_TOKENS, Tokenizer
+from zerolm.tokenizer.chat import prompt_ids, render
 from zerolm.tokenizer.stream import StreamDecoder
 
 
@@ -31,6 +32,13 @@ class Limits:
     max_prompt_tokens: int | None = None  # None: the model window - 1
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
+    max_inspect: int = 2  # inspector calls at once (503 + Retry-After above)
+    # the HTTP edge (zerolm/serve/edge.py): a slow or idle client is closed, never waited for
+    header_timeout_s: float = 10.0  # a request head must arrive whole within this (else the socket closes)
+    body_timeout_s: float = 30.0  # a body must arrive whole within this (else 408)
+    keep_alive_s: int = 5  # an idle keep-alive connection closes after this
+    shutdown_timeout_s: int = 10  # on SIGTERM, requests still running after this are cancelled
+    max_connections: int = 512  # open sockets at most (lowered to fit RLIMIT_NOFILE); the oldest idle one goes
 
 
 class ApiError(Exception):
@@ -70,6 +78,14 @@ class Server:
                  limits: Limits = Limits()):
         self.model, self.tok, self.name, self.limits = model, tok, name, limits
         self.window = model.cfg.max_seq_len
+        if limits.max_prompt_tokens is not None and not 1 <= limits.max_prompt_tokens < self.window:
+            raise ValueError(f"--max-prompt-tokens {limits.max_prompt_tokens} must be in 1..{self.window - 1}: the "
+                             f"model window is {self.window} tokens and a reply needs at least one")
+        # a text of more bytes than this cannot fit in max_prompt tokens (each token spells at most
+        # `longest` bytes; a normalizer may shrink text, hence the slack): refused before tokenizing
+        longest = max(len(b) for b in tok.token_bytes)
+        slack = 1 if tok.hf.normalizer is None else 4
+        self.max_text_bytes = (limits.max_prompt_tokens or self.window - 1) * longest * slack
         self.scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue)
         self.created = int(time.time())
         self.chat_stops = (tok.token_id(END), tok.token_id(EOS))
@@ -90,6 +106,9 @@ class Server:
     def prepare(self, req: P.SamplingRequest, prompt: list[int], param: str) -> tuple[int, SamplingParams, list[str]]:
         """Check limits; return (max_new_tokens, sampling, stop strings) or raise ApiError."""
         lim = self.limits
+        if req.model is not None and req.model != self.name:
+            raise ApiError(400, f"model {req.model!r} is not served here; this server serves {self.name!r} (or omit "
+                                "model)", "model", "model_not_found")
         if req.n > lim.max_n:
             raise ApiError(400, f"n={req.n} is over this server's limit of {lim.max_n}", "n")
         stops = req.stops()
@@ -108,15 +127,45 @@ class Server:
                                 f"{self.window} tokens: lower max_tokens to {room} or shorten the prompt",
                            "max_tokens", "context_length_exceeded")
         max_new = asked or min(room, lim.max_tokens)
+        if req.seed is not None and req.seed + req.n > 1 << 64:  # choice i draws with seed + i
+            raise ApiError(400, f"seed + n - 1 must be below 2**64 (choice i uses seed + i); got seed={req.seed}, "
+                                f"n={req.n}", "seed", "invalid_value")
         sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                                   repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                                   frequency_penalty=req.frequency_penalty)
         return max_new, sampling, stops
 
+    def check_text(self, texts: list[str], param: str) -> None:
+        """Refuse text that is not UTF-8 (a lone surrogate) or too long to fit, before tokenizing it."""
+        size = 0
+        for t in texts:
+            try:
+                size += len(t.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"{param} is not valid UTF-8 text ({e.reason} at character {e.start}): send "
+                                    "whole characters, no lone surrogates", param, "invalid_value") from e
+        if size > self.max_text_bytes:
+            raise ApiError(400, f"{param} is {size} bytes, more than the {self.max_text_bytes} that could fit in this "
+                                f"server's prompt limit: shorten it", param, "context_length_exceeded")
+
     def completion_prompt(self, text: str) -> list[int]:
+        """Ids of a completion prompt (call it off the event loop: tokenizing takes time)."""
         if not text:
             raise ApiError(400, "prompt must not be empty", "prompt")
-        return [self.tok.token_id(EOS), *self.tok.encode(text)]  # eos first: a new document starts
+        self.check_text([text], "prompt")
+        # encode_batch releases the GIL (encode does not), so other streams run meanwhile
+        return [self.tok.token_id(EOS), *self.tok.encode_batch([text])[0]]  # eos first: a new document starts
+
+    def chat_prompt(self, messages: list[dict], generation: bool = True) -> list[int]:
+        """Ids of a conversation (+ the assistant turn's start), ApiError for a bad one (off the loop)."""
+        if len(messages) > self.limits.max_messages:
+            raise ApiError(400, f"{len(messages)} messages; this server takes at most {self.limits.max_messages}",
+                           "messages")
+        self.check_text([m["content"] for m in messages], "messages")
+        try:
+            return prompt_ids(self.tok, messages) if generation else render(self.tok, messages)[0]
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from e
 
     # -- generation ---------------------------------------------------------------------------
     def start(self, prompt: list[int], n: int, max_new: int, sampling: SamplingParams, stops: list[str],
@@ -130,6 +179,8 @@ class Server:
         except QueueFull as e:
             raise ApiError(503, f"server busy ({e}); retry shortly", None, "server_busy", "server_error",
                            {"Retry-After": str(self.limits.retry_after_s)}) from e
+        except ValueError as e:  # parameters the scheduler refuses are the request's fault
+            raise ApiError(400, str(e), None, "invalid_value") from e
         gen.jobs = jobs
         return gen
 
