@@ -65,3 +65,16 @@ def test_short_and_chinese_documents():
     assert not d.is_duplicate("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")
     assert not d.is_duplicate("hi")
     assert d.is_duplicate("hi")
+
+
+def test_clean_text_is_linear_on_long_runs_of_spaces():
+    # The old trailing-space regex rescanned a run of spaces from every start position: 80k spaces
+    # took seconds, 400k minutes. A linear cleanup does 400k in milliseconds; 5 s is a generous guard.
+    import time
+
+    run = " " * 400_000
+    t0 = time.perf_counter()
+    assert clean_text(run + "x") == "x"
+    assert clean_text("a" + run + "b\t\u3000 \nc" + run) == "a" + run + "b\nc"
+    assert clean_text("a\u3000 \n" + "\t" * 200_000 + "\n\n\nb") == "a\n\nb"
+    assert time.perf_counter() - t0 < 5

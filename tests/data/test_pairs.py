@@ -54,3 +54,21 @@ def test_bad_pairs_are_clear_errors(tmp_path, setup, message):
 
     with pytest.raises(ValueError, match=message):
         load_pairs(setup(write))
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    first = b'{"source": "a", "target": "b"}\n'
+    bad.write_bytes(first + b'{"source": "caf\xe9", "target": "c"}\n')
+    at = len(first) + len('{"source": "caf')
+    with pytest.raises(ValueError, match=rf"pairs.jsonl: invalid UTF-8 at byte offset {at} \(line 2\); convert the "
+                                         r"file to UTF-8$"):
+        load_pairs(Seq2SeqConfig(data=(str(bad),)))
+    src, tgt = tmp_path / "s.txt", tmp_path / "t.txt"
+    src.write_bytes(b"one\r\ntwo\r\n")
+    tgt.write_bytes(b"eins\n\xff\xfezwei\n")
+    with pytest.raises(ValueError, match=r"t.txt: invalid UTF-8 at byte offset 5 \(line 2\)"):
+        load_pairs(Seq2SeqConfig(source=str(src), target=str(tgt)))
+    tgt.write_bytes("eins\nzwei\u2028drei\n".encode())  # only \n ends a line: U+2028 inside one is text
+    pairs, _ = load_pairs(Seq2SeqConfig(source=str(src), target=str(tgt), val_fraction=0.0))
+    assert pairs["train"] == [("one", "eins"), ("two", "zwei\u2028drei")]

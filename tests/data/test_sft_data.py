@@ -87,3 +87,17 @@ def test_batches_cover_every_conversation_and_resume_exactly(tok):
     assert int((pos == 0).logical_and(seg >= 0).sum()) == len(examples)  # each conversation once per epoch
     assert x.shape[1] == 32 and all(b[0].shape == (3, 32) for b in first)
     assert fill_rate(examples, 32, True) > fill_rate(examples, 32, False)
+
+
+def test_invalid_utf8_names_file_and_line_with_a_fix_that_applies(tmp_path):
+    bad = tmp_path / "chat.jsonl"
+    bad.write_bytes(json.dumps({"messages": CONVS[2]}).encode() + b"\n{\"instruction\": \"\xc3(\", \"output\": \"x\"}\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl: invalid UTF-8 at byte offset \d+ \(line 2\); convert the file "
+                                         r"to UTF-8$"):  # no --data.encoding_errors: SFT data does not read it
+        read_conversations(bad)
+
+
+def test_every_conversation_too_long_is_a_clear_error_not_a_division_by_zero():
+    assert fill_rate([], 64, True) == 0.0
+    with pytest.raises(ValueError, match=r"every first answer is longer than the window \(64 tokens\).*max_seq_len"):
+        SFTBatches([], batch_size=2, seq_len=64)

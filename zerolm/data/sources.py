@@ -83,8 +83,13 @@ def read_corpus(name: str) -> Iterator[Doc]:
             yield Doc(text, {"corpus": name, **row})
 
 
-def _decode_lines(path: Path, errors: str) -> Iterator[tuple[int, int, str]]:
-    """(line number, byte offset, text) for each line, decoding UTF-8 (a BOM is dropped)."""
+UTF8_FIX = "convert the file to UTF-8"
+DATA_FIX = UTF8_FIX + " or pass --data.encoding_errors=replace"  # where data.encoding_errors applies
+
+
+def decode_lines(path: Path, errors: str = "strict", fix: str = UTF8_FIX) -> Iterator[tuple[int, int, str]]:
+    """(line number, byte offset, text) for each line, decoding UTF-8 (a BOM is dropped); bad
+    bytes are a ValueError naming the file, byte offset and line, ending with `fix`."""
     dec = codecs.getincrementaldecoder("utf-8")(errors=errors)
     offset = 0
     with open(path, "rb") as f:
@@ -93,8 +98,7 @@ def _decode_lines(path: Path, errors: str) -> Iterator[tuple[int, int, str]]:
                 text = dec.decode(raw)
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{path}: invalid UTF-8 at byte offset {offset + e.start} (line {lineno}); "
-                    f"convert the file to UTF-8 or pass --data.encoding_errors=replace"
+                    f"{path}: invalid UTF-8 at byte offset {offset + e.start} (line {lineno}); {fix}"
                 ) from None
             if lineno == 1 and text.startswith("\ufeff"):
                 text = text[1:]
@@ -104,15 +108,14 @@ def _decode_lines(path: Path, errors: str) -> Iterator[tuple[int, int, str]]:
             dec.decode(b"", final=True)
         except UnicodeDecodeError:
             raise ValueError(
-                f"{path}: truncated UTF-8 sequence at the end of the file (byte offset {offset}); "
-                "fix the file or pass --data.encoding_errors=replace"
+                f"{path}: truncated UTF-8 sequence at the end of the file (byte offset {offset}); {fix}"
             ) from None
 
 
 def _read_txt(path: Path, cfg: DataConfig) -> Iterator[Doc]:
     meta = {"source": str(path)}
     buf: list[str] = []
-    for _, _, line in _decode_lines(path, cfg.encoding_errors):
+    for _, _, line in decode_lines(path, cfg.encoding_errors, DATA_FIX):
         if cfg.txt_unit == "line":
             if line.strip():
                 yield Doc(line, meta)
@@ -140,9 +143,9 @@ def _row_text(row, where: str, cfg: DataConfig) -> str:
     return text
 
 
-def jsonl_rows(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[str, object]]:
-    """("file:line", parsed row) for each non-blank line; bad JSON is a ValueError naming the line."""
-    for lineno, _, line in _decode_lines(path, encoding_errors):
+def jsonl_rows(path: Path, encoding_errors: str = "strict", fix: str = UTF8_FIX) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed row) for each non-blank line; bad JSON or UTF-8 is a ValueError naming the line."""
+    for lineno, _, line in decode_lines(path, encoding_errors, fix):
         if not line.strip():
             continue
         try:
@@ -152,7 +155,7 @@ def jsonl_rows(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[st
 
 
 def _read_jsonl(path: Path, cfg: DataConfig) -> Iterator[Doc]:
-    for where, row in jsonl_rows(path, cfg.encoding_errors):
+    for where, row in jsonl_rows(path, cfg.encoding_errors, DATA_FIX):
         yield Doc(_row_text(row, where, cfg), {"source": str(path)})
 
 

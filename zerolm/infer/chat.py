@@ -25,12 +25,15 @@ def chat_request(tok: Tokenizer, max_new_tokens: int = 128, sampling: SamplingPa
 
 def replies(model, tok: Tokenizer, conversations: Sequence[Sequence[dict]], req: GenerateRequest) -> list[str]:
     """One assistant reply per conversation, generated as one batch; max_new_tokens is lowered to
-    the room the longest prompt leaves in the window (prompts are never cut to make room)."""
+    the room the longest prompt leaves in the window (prompts are not cut to make room, unless
+    one leaves none: then req.context decides)."""
     stops = set(req.stop_token_ids)
     prompts = [prompt_ids(tok, c) for c in conversations]
     room = model.cfg.max_seq_len - max(map(len, prompts))
     if 1 <= room < req.max_new_tokens:
         req = dataclasses.replace(req, max_new_tokens=room)
+    elif room < 1:  # a prompt fills the window: req.context decides (truncate keeps its end), a quarter left to reply
+        req = dataclasses.replace(req, max_new_tokens=max(1, min(req.max_new_tokens, model.cfg.max_seq_len // 4)))
     outs = Engine(model).generate(prompts, req)
     return [tok.decode([t for t in out if t not in stops]) for out in outs]
 

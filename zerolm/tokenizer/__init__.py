@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
 from zerolm.files import atomic_write_text
@@ -70,19 +72,43 @@ class Tokenizer:
         return hf
 
     def encode_stream(self, texts: Iterable[str], max_docs: int = 1024, max_chars: int = 1 << 18
-                      ) -> Iterator[tuple[str, list[int]]]:
+                      ) -> Iterator[tuple[str, np.ndarray]]:
         """(text, ids) for each text, encoded in parallel batches of bounded size: memory stays
-        flat however long the stream (an Encoding costs ~110 bytes per token)."""
-        batch: list[str] = []
-        chars = 0
+        flat however long the stream (an Encoding costs ~110 bytes per token). A long text is
+        encoded in pieces cut where a pre-token always starts (tokenizer.train.chunks: the same ids),
+        so one huge document costs 4 bytes per token (ids are int32 arrays), not an Encoding's 110.
+        Only a run of over 4 * max_chars / 8 characters without such a place is cut inside."""
+        from zerolm.tokenizer.train import chunks
+
+        queue: deque = deque()  # [text, ids per encoded piece, all pieces batched], in input order
+        batch: list[tuple[list, str]] = []  # (queue entry, piece)
+
+        def flush():
+            for (entry, _), ids in zip(batch, self.encode_batch([p for _, p in batch])):
+                entry[1].append(np.array(ids, dtype=np.int32))
+            batch.clear()
+
+        def ready(entry) -> bool:  # every piece batched, and none still waiting in `batch`
+            return entry[2] and not (batch and batch[0][0] is entry)
+
+        chars, size = 0, max(max_chars // 8, 1)
         for text in texts:
-            batch.append(text)
-            chars += len(text)
-            if len(batch) >= max_docs or chars >= max_chars:
-                yield from zip(batch, self.encode_batch(batch))
-                batch, chars = [], 0
-        if batch:
-            yield from zip(batch, self.encode_batch(batch))
+            queue.append(entry := [text, [], False])
+            for long in chunks(text, size):
+                for i in range(0, len(long), 4 * size):  # a run with no pre-token start (1 M spaces) is
+                    piece = long[i : i + 4 * size]      # cut anyway: its ids may differ at the cut
+                    batch.append((entry, piece))
+                    chars += len(piece)
+                    if len(batch) >= max_docs or chars >= max_chars:
+                        flush()
+                        chars = 0
+            entry[2] = True
+            while queue and ready(queue[0]):
+                done, parts, _ = queue.popleft()
+                yield done, np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        flush()
+        for done, parts, _ in queue:
+            yield done, np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.hf.decode(list(map(int, ids)), skip_special_tokens=skip_special)
