@@ -86,3 +86,14 @@ def test_errors_are_clear(model_dir, tmp_path, capsys):
     save_model(build_model(ModelConfig(preset="gpt2", d_model=16, n_layers=1, n_heads=2, max_seq_len=8),
                            vocab_size=30), decoder)
     assert "is a decoder model; `zerolm embed` needs a bert model" in error(decoder, "--input", tmp_path / "ok.txt")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_invalid_utf8_in_the_input_names_the_file_and_line(tmp_path, suffix):
+    from zerolm.infer.embed import read_texts
+
+    path = tmp_path / f"in{suffix}"
+    good = b'{"text": "a man"}\n' if suffix == ".jsonl" else b"a man\n"
+    path.write_bytes(good + good.replace(b"man", b"m\xffn"))
+    with pytest.raises(ValueError, match=rf"in\{suffix}: invalid UTF-8 at byte offset \d+ \(line 2\); convert"):
+        read_texts(path)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zerolm.data.sources import decode_lines, jsonl_rows
 from zerolm.files import atomic_write_text
 from zerolm.tokenizer import CLS, PAD, SEP, Tokenizer
 
@@ -25,20 +26,14 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--input {str(path)!r} does not exist")
-    lines = p.read_text(encoding="utf-8").splitlines()
     if p.suffix != ".jsonl":
+        lines = (line.rstrip("\r\n") for _, _, line in decode_lines(p))
         texts = [line for line in lines if line.strip()]
     else:
         texts = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not a JSON line ({e.msg})") from None
+        for where, row in jsonl_rows(p):
             if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise ValueError(f"{p}:{n}: no string field {field!r} (pick the field with --field)")
+                raise ValueError(f"{where}: no string field {field!r} (pick the field with --field)")
             texts.append(row[field])
     if not texts:
         raise ValueError(f"{p} holds no texts to embed")
