@@ -30,6 +30,8 @@ def _config(args, extra: list[str], **defaults) -> Config:
         short.setdefault("data", {})["inputs"] = list(args.inputs)
     if getattr(args, "corpus", None):
         short.setdefault("data", {})["corpus"] = args.corpus
+    if getattr(args, "resume_changed", False):
+        short["train"] = {"resume": True, "resume_changed": True}
     overrides = parse_overrides(extra)
     for key, value in short.items():
         overrides[key] = {**value, **overrides.get(key, {})} if isinstance(value, dict) else overrides.get(key, value)
@@ -72,28 +74,29 @@ def cmd_pretrain(args, extra, **defaults):
 
 
 def cmd_speedrun(args, extra):
-    from zerolm.train.pretrain import sample_texts
+    from zerolm.speedrun import check_align, speedrun_align, speedrun_samples, speedrun_sft
 
-    defaults = {"out_dir": "runs/speedrun", "data": {"corpus": ["tang"]}, "train": {"resume": True}}
+    defaults = {"out_dir": "runs/speedrun", "train": {"resume": True}}
     if SPEEDRUN_RECIPE.is_file() and not args.config:  # the tuned default recipe (see its comments)
-        defaults = merge_dicts(defaults, tomllib.loads(SPEEDRUN_RECIPE.read_text(encoding="utf-8")))
+        recipe = tomllib.loads(SPEEDRUN_RECIPE.read_text(encoding="utf-8"))
+        recipe.get("data", {}).pop("corpus", None)  # the user's text alone when given; the poems below
+        defaults = merge_dicts(defaults, recipe)
+    cfg = _config(args, extra, **defaults)
+    if not cfg.data.inputs and not cfg.data.corpus:  # no text given: the bundled Tang poems
+        defaults = merge_dicts(defaults, {"data": {"corpus": ["tang"]}})
+        cfg = _config(args, extra, **defaults)
+    check_align(args, cfg)  # before any work
     cfg, result = cmd_pretrain(args, extra, **defaults)
-    from zerolm.model import load_model
-    from zerolm.tokenizer import Tokenizer
-
-    model = load_model(result["model_dir"])
-    tok = Tokenizer.load(result["model_dir"])
-    print("\nsamples:")
-    for text in sample_texts(model, tok, ["", "", "明月", "春风"], max_new_tokens=64, seed=cfg.seed):
-        print("  " + text.replace("\n", "\n  ") + "\n")
+    prompts = speedrun_samples(cfg, result)
     print(f"final validation bits per byte: {result['final_val_bpb']:.4f} (loss {result['final_val_loss']:.4f})")
     if args.no_sft:
-        print(f"model saved to {result['model_dir']}; try: zerolm generate --model {result['model_dir']} '明月'")
-        return
-    from zerolm.speedrun import speedrun_align, speedrun_sft
+        import shlex
 
+        print(f"model saved to {result['model_dir']}; try: zerolm generate --model {result['model_dir']} "
+              f"{shlex.quote(prompts[-1] or 'Once')}")
+        return
     sft_dir = speedrun_sft(args, cfg, result["model_dir"])
-    if args.align:
+    if args.align and sft_dir:
         speedrun_align(args, cfg, sft_dir)
 
 
@@ -189,6 +192,12 @@ def _sampling_args(p, temperature: float = 0.8):
     p.add_argument("--seed", type=int, default=None, help="fix the sampling randomness")
 
 
+def _resume_changed_arg(p):
+    p.add_argument("--resume-changed", action="store_true",
+                   help="resume from the newest checkpoint even if the data, tokenizer, model or training settings "
+                        "changed since (recorded in the checkpoint and log; config key train.resume_changed)")
+
+
 def _compile_arg(p):
     p.add_argument("--compile", action="store_true",
                    help="decode with an ahead-of-time compiled step: ~2x the tokens/s, after 20-60 s compiling the first time")
@@ -223,7 +232,10 @@ def cmd_serve(args, extra):
         print(f"zerolm serve: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
     limits = Limits(max_tokens=args.max_tokens, max_n=args.max_n, max_messages=args.max_messages,
-                    max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
+                    max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+                    max_inspect=args.max_inspect, header_timeout_s=args.header_timeout,
+                    body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
+                    shutdown_timeout_s=args.shutdown_timeout, max_connections=args.max_connections)
     serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, limits=limits, log_level=args.log_level, name=args.name)
 
@@ -417,18 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     stage("prepare", cmd_prepare, "clean, de-duplicate and split text, train a tokenizer, write token shards")
-    sp = stage("speedrun", cmd_speedrun, "the whole pipeline on the bundled Tang-poem corpus (or --corpus/inputs): "
-               "prepare, tokenizer, pretrain, samples, then SFT, form adherence and a chat transcript")
+    sp = stage("speedrun", cmd_speedrun, "the whole pipeline on your text (paths) or a bundled corpus (--corpus; "
+               "default tang): prepare, tokenizer, pretrain, samples, then SFT on chat data that fits the text "
+               "(--sft.data, else bundled conversations in its language) and a chat transcript")
     sp.add_argument("--no-sft", action="store_true", help="stop after pretraining")
-    sp.add_argument("--sft-config", help="SFT recipe (default recipes/speedrun-sft.toml); dotted overrides "
-                    "apply to pretraining only")
-    sp.add_argument("--eval-requests", type=int, default=200, help="held-out poem requests for the form measurement")
-    sp.add_argument("--align", choices=["dpo", "ppo"], help="after SFT, align the chat model (recipes/speedrun-dpo.toml "
-                    "or speedrun-ppo.toml) and compare it with the SFT model")
+    sp.add_argument("--sft-config", help="SFT recipe (default recipes/speedrun-sft.toml); --sft.* overrides apply "
+                    "to it, other dotted overrides to pretraining only")
+    sp.add_argument("--eval-requests", type=int, default=200, help="held-out poem requests for the form measurement "
+                    "(tang poems only)")
+    sp.add_argument("--align", choices=["dpo", "ppo"], help="after SFT on the tang poems, align the chat model "
+                    "(recipes/speedrun-dpo.toml or speedrun-ppo.toml) and compare it with the SFT model")
     stage("config", cmd_config, "print the resolved config as TOML")
     sp = stage("pretrain", cmd_pretrain, "prepare data if needed, then train a next-token model (with "
                "--model.arch=bert: a masked-LM + next-sentence encoder) into OUT/model")
     sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    _resume_changed_arg(sp)
     g = sub.add_parser("generate", help="continue prompts with a trained model",
                        description="continue prompts with a trained model (zerolm model directory)")
     g.add_argument("--model", required=True, help="model directory (e.g. runs/speedrun/model)")
@@ -442,19 +457,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
     sp = stage("sft", cmd_sft, "fine-tune a model on conversations (full, or LoRA with --lora.rank=R)", inputs=False)
     sp.add_argument("--model", help="base model directory (config key sft.base_model)")
+    _resume_changed_arg(sp)
     sp = stage("reward", cmd_reward, "train a reward model on preference pairs (--align.data, --align.builtin=poems,hhh)",
                inputs=False)
     sp.add_argument("--model", help="the SFT model to start from (config key align.base_model)")
+    _resume_changed_arg(sp)
     sp = stage("dpo", cmd_dpo, "align a chat model with DPO on preference pairs (full, or LoRA with --lora.rank=R)",
                inputs=False)
     sp.add_argument("--model", help="the SFT model: the policy's start and the reference (config key align.base_model)")
+    _resume_changed_arg(sp)
     sp = stage("ppo", cmd_ppo, "RLHF: train a chat model against a reward (--align.reward: poem-form, a reward model "
                "directory, or module:function) with PPO, or GRPO with --align.advantage=group", inputs=False)
     sp.add_argument("--model", help="the SFT model: the policy's start and the reference (config key align.base_model)")
+    _resume_changed_arg(sp)
     sp = stage("finetune-classify", cmd_finetune_classify, "fine-tune a bert model to classify texts (--classify.data="
                "F.jsonl or --classify.builtin=tang-authors); prints held-out accuracy next to the majority class and a "
                "bag-of-characters logistic regression", inputs=False)
     sp.add_argument("--model", help="the pretrained bert model directory (config key classify.base_model)")
+    _resume_changed_arg(sp)
     cl = sub.add_parser("classify", help="label texts with a fine-tuned classifier (accuracy if rows have labels)",
                         description="print the predicted label of every row of a JSONL file (or .txt: one text per "
                                     "line); with a label in every row, also the accuracy (stderr)")
@@ -492,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-messages", type=int, default=256, help="limit for messages per chat request")
     sv.add_argument("--max-prompt-tokens", type=int, default=None, help="limit for prompt tokens (default: window-1)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="limit for a request body (413 above)")
+    sv.add_argument("--max-inspect", type=int, default=2, help="inspector calls at once (503 above)")
+    sv.add_argument("--max-connections", type=int, default=512,
+                    help="open sockets at most, lowered to fit the fd limit (the oldest idle one is closed, else 503)")
+    sv.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request head to arrive whole")
+    sv.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive (408)")
+    sv.add_argument("--keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open")
+    sv.add_argument("--shutdown-timeout", type=int, default=10,
+                    help="on SIGTERM/Ctrl-C, seconds before running requests and streams are cancelled")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                     help="uvicorn's log level (info logs every request)")
     sv.set_defaults(fn=cmd_serve)

@@ -104,7 +104,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: bool = False
+    resume_changed: bool = False  # resume even if the data, tokenizer, model or settings changed (recorded)
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    # a NaN/inf loss or grad norm: skip the update, stop at once, or reload the last checkpoint at a lower lr
+    nonfinite: Literal["skip", "stop", "rollback"] = "skip"
+    nonfinite_limit: int = 5  # skip: consecutive bad steps before stopping; rollback: rollbacks before stopping
+    nonfinite_lr_factor: float = 0.5  # rollback: lr multiplier per rollback
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -374,6 +379,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0 and 0 <= cfg.train.min_lr_ratio <= 1, "train.lr must be > 0, train.min_lr_ratio in [0, 1]"),
         (0 < cfg.train.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (cfg.train.nonfinite_limit >= 1 and 0 < cfg.train.nonfinite_lr_factor < 1,
+         "train.nonfinite_limit must be >= 1 and train.nonfinite_lr_factor in (0, 1)"),
         (min(cfg.train.eval_every, cfg.train.ckpt_every, cfg.train.log_every, cfg.train.sample_every) >= 0,
          "train.eval_every, ckpt_every, log_every and sample_every must be >= 0"),
         (0.0 <= cfg.sft.val_fraction < 1.0 and cfg.sft.pt_weight >= 0 and cfg.sft.max_per_source >= 0,

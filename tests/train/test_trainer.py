@@ -71,18 +71,19 @@ def test_compiled_training_matches_eager(tmp_path, precision):
         assert torch.allclose(runs[1][1][k], v, atol=10 * tol), k
 
 
-def test_failed_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+def test_failed_compile_falls_back_to_eager(tmp_path, caplog):
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
     data = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(steps=1, precision="fp32", warmup_steps=1, compile=True)
     trainer = Trainer(_model(), cfg, tmp_path, batches=iter([(data[:, :-1], data[:, 1:])] * 2), loss_fn=lm_loss,
                       progress=False)
-    assert math.isfinite(trainer.train_step()["loss"])
+    # config.patch restores both settings as they were (monkeypatch's undo deleted the cache key: issue 18)
+    with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": ("no-such-c++-compiler",)}):
+        assert math.isfinite(trainer.train_step()["loss"])
     assert trainer.train_loss is lm_loss and "training continues in eager mode" in caplog.text
+    torch._dynamo.reset()  # no graph compiled under the broken compiler setting outlives the test
 
 
 def test_loss_decreases(tiny_corpus):
@@ -136,17 +137,20 @@ def _wait_for(path, proc, timeout=300):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("how", ["kill", "ctrl-c"])
+@pytest.mark.parametrize("how", ["kill", "ctrl-c", "sigterm", "double-ctrl-c"])
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_corpus, uninterrupted, how):
     out = tiny_corpus / f"resume-{how}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_pretrain_cmd(tiny_corpus, out, 150), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     _wait_for(out / "checkpoints" / "step-0000050", proc)
-    proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
+    proc.send_signal({"kill": signal.SIGKILL, "sigterm": signal.SIGTERM}.get(how, signal.SIGINT))
+    if how == "double-ctrl-c":  # the second lands mid-step or mid-save: neither may leave an inconsistent checkpoint
+        time.sleep(0.003)
+        proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if how == "ctrl-c":
-        assert proc.returncode == 130 and "saving a checkpoint" in err
+    if how != "kill":  # SIGTERM is handled like Ctrl-C: the step finishes and a checkpoint is saved
+        assert proc.returncode == 130 and "saving a checkpoint" in err, err
     steps = sorted(int(p.name[5:]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert 50 <= steps[-1] < 150
     refused = subprocess.run(_pretrain_cmd(tiny_corpus, out, 150), capture_output=True, text=True, timeout=600)

@@ -101,6 +101,7 @@ def train_dpo(cfg, progress: bool = True) -> dict:
     from zerolm.config import save_config
     from zerolm.inspect.accounting import account
     from zerolm.model import load_model
+    from zerolm.train.fingerprint import stage_fingerprint
     from zerolm.train.trainer import Trainer
 
     out, base, tok = start_stage(cfg, "the SFT model: the policy's start and, by default, the reference")
@@ -121,7 +122,7 @@ def train_dpo(cfg, progress: bool = True) -> dict:
     trainer = Trainer(policy, cfg.train, out, batches=Shuffled(enc["train"], cfg.train.batch_size, cfg.seed,
                                                                  collate=dpo_collate),
                       loss_fn=loss, eval_fn=eval_fn, flops_per_token=account(policy)["train_flops_per_token"],
-                      progress=progress)
+                      progress=progress, fingerprint=stage_fingerprint(cfg, tok, ("align", "lora")))
     row = trainer.fit()
     final = dpo_eval(policy, enc["val"], loss, cfg.train.batch_size) if enc["val"] else {}
     save_policy(policy, out, tok)

@@ -316,6 +316,7 @@ def train_ppo(cfg, progress: bool = True) -> dict:
     from zerolm.config import save_config
     from zerolm.inspect.accounting import account
     from zerolm.model import load_model, read_model_config
+    from zerolm.train.fingerprint import stage_fingerprint
     from zerolm.train.trainer import Trainer
 
     out, base, tok = start_stage(cfg, "the SFT model: the policy's start and, by default, the reference")
@@ -337,7 +338,8 @@ def train_ppo(cfg, progress: bool = True) -> dict:
         eval_fn = partial(ppo_eval, prompts=val_p, reward=reward, ref=ref, tok=tok,
                           max_new_tokens=cfg.align.max_new_tokens, seed=cfg.seed)
     trainer = Trainer(policy, cfg.train, out, batches=rollouts, loss_fn=rollouts.loss, eval_fn=eval_fn,
-                      flops_per_token=account(body)["train_flops_per_token"], progress=progress)
+                      flops_per_token=account(body)["train_flops_per_token"], progress=progress,
+                      fingerprint=stage_fingerprint(cfg, tok, ("align", "lora")))
     row = trainer.fit()
     final = eval_fn(policy) if eval_fn else {}
     save_policy(body, out, tok)

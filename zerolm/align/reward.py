@@ -123,6 +123,7 @@ def train_reward(cfg, progress: bool = True) -> dict:
     from zerolm.align.stage import Shuffled, encoded_pairs, start_stage
     from zerolm.config import save_config
     from zerolm.inspect.accounting import account
+    from zerolm.train.fingerprint import stage_fingerprint
     from zerolm.train.trainer import Trainer
 
     out, base, tok = start_stage(cfg, "the SFT model to start from")
@@ -133,7 +134,8 @@ def train_reward(cfg, progress: bool = True) -> dict:
     eval_fn = partial(reward_eval, pairs=enc["val"], batch_size=cfg.train.batch_size) if enc["val"] else None
     batches = Shuffled(enc["train"], cfg.train.batch_size, cfg.seed, collate=pair_collate)
     trainer = Trainer(rm, cfg.train, out, batches=batches, loss_fn=reward_loss, eval_fn=eval_fn,
-                      flops_per_token=account(rm.body)["train_flops_per_token"], progress=progress)
+                      flops_per_token=account(rm.body)["train_flops_per_token"], progress=progress,
+                      fingerprint=stage_fingerprint(cfg, tok, ("align",)))
     row = trainer.fit()
     final = reward_eval(rm, enc["val"]) if enc["val"] else {}
     rm.save(out / "model", tok)

@@ -228,6 +228,7 @@ def finetune_classify(cfg: Config, progress: bool = True) -> dict:
     """`zerolm finetune-classify`: fine-tune classify.base_model on labelled texts; OUT/model +
     labels.json; returns held-out figures next to the majority and bag-of-characters baselines."""
     from zerolm.train.checkpoint import list_checkpoints
+    from zerolm.train.fingerprint import stage_fingerprint
     from zerolm.train.trainer import Trainer
 
     c = cfg.classify
@@ -284,7 +285,8 @@ def finetune_classify(cfg: Config, progress: bool = True) -> dict:
     batches = LengthBatches(list(zip(train_x, train_y)), [len(x[0]) for x in train_x], cfg.train.batch_size,
                             cfg.seed, collate=collate)
     eval_fn = partial(evaluate, encoded=val_x, y=val_y) if val_y else None
-    trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=classify_loss, eval_fn=eval_fn, progress=progress)
+    trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=classify_loss, eval_fn=eval_fn, progress=progress,
+                      fingerprint=stage_fingerprint(cfg, tok, ("classify",)))
     row = trainer.fit()
     final = evaluate(model, val_x, val_y) if val_y else {}
     save_model(model, out / "model", tok)

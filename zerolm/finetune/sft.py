@@ -23,6 +23,7 @@ from zerolm.inspect.accounting import account
 from zerolm.model import load_model, save_model
 from zerolm.tokenizer import Tokenizer
 from zerolm.train.checkpoint import list_checkpoints
+from zerolm.train.fingerprint import stage_fingerprint
 from zerolm.train.losses import lm_loss
 from zerolm.train.trainer import Trainer
 
@@ -175,7 +176,8 @@ def sft(cfg: Config, progress: bool = True) -> dict:
 
     trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=loss_fn, eval_fn=eval_fn,
                       sample_fn=sample_fn if samples else None,
-                      flops_per_token=account(model)["train_flops_per_token"], progress=progress)
+                      flops_per_token=account(model)["train_flops_per_token"], progress=progress,
+                      fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora")))
     row = trainer.fit()
     final = sft_eval(model, val_ex) if val_ex else {}
     if lora:

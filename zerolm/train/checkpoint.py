@@ -1,11 +1,16 @@
 """Training checkpoints: model (safetensors) + optimizer + RNG + data position + step, written
-into a temporary directory and renamed into place, so a crash never leaves a partial one.
+into a temporary directory and renamed into place, so a crash never leaves a partial one (and
+the temporary directory a kill -9 leaves is removed at the next start). Weights with a NaN or an
+inf are never written, so pruning to the newest `keep` never drops a good one for a bad one.
 
     OUT/checkpoints/step-0000200/{model.safetensors, state.pt, config.json}
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import random
 import re
 import shutil
@@ -13,18 +18,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from zerolm.files import atomic_dir
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7})$")
+_PARTIAL = re.compile(r"^\.step-\d{7}\.(.+\.tmp|old-\d+)$")  # atomic_dir's temporaries
+
+
+class NonFiniteError(ValueError):
+    """Training produced NaN/inf (loss, gradients or weights); a ValueError, so the CLI prints one line."""
+
+
+def last_good(out_dir: str | Path) -> str:
+    found = list_checkpoints(out_dir)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def remove_partial(out_dir: str | Path) -> None:
+    """Delete the temporary directories of saves that a kill -9 cut short."""
+    root = Path(out_dir) / "checkpoints"
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if _PARTIAL.match(p.name) and p.is_dir():
+            log.info("removing %s: a checkpoint save that was cut short", p)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if _NAME.match(p.name) and (p / "state.pt").is_file())
+    return sorted(p for p in root.iterdir()
+                  if _NAME.match(p.name) and (p / "state.pt").is_file() and (p / "model.safetensors").is_file())
 
 
 def rng_state() -> dict:
@@ -40,18 +71,41 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(state["python"]), py[2]))
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`."""
+def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, extra: dict, keep: int,
+                    run: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep`. Non-finite weights
+    raise NonFiniteError and write nothing; so does a full disk, as a ValueError naming the directory.
+    `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py)."""
     path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
-    with atomic_dir(path) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra},
-                   tmp / "state.pt")
-        (tmp / "config.json").write_text(json.dumps({"zerolm_model": model.cfg.__dict__}, indent=2))
-    for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if bad := nonfinite_tensors(state):
+        raise NonFiniteError(f"refusing to save checkpoint {path.name}: non-finite weights in {', '.join(bad[:3])}"
+                             f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; {last_good(out_dir)}")
+    try:
+        with atomic_dir(path) as tmp:
+            save_file(state, str(tmp / "model.safetensors"))
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra},
+                       tmp / "state.pt")
+            config = {"zerolm_model": model.cfg.__dict__, **({"run": run} if run is not None else {})}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    except (OSError, SafetensorError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_write_error(e):
+            raise
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e)
+        raise ValueError(f"could not write checkpoint {path.name} into {path.parent}: "
+                         f"{'the disk is full' if full else str(e).strip().splitlines()[0][:200]}; "
+                         f"nothing partial was kept. Free space there (or lower --train.keep_checkpoints) and "
+                         f"resume with --train.resume=true; {last_good(out_dir)}") from None
+    for old in list_checkpoints(out_dir)[:-keep]:  # renamed first: a kill mid-delete leaves a partial, not a step
+        gone = old.with_name(f".{old.name}.old-{os.getpid()}")
+        os.replace(old, gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return path
+
+
+def _is_write_error(e: RuntimeError) -> bool:
+    """torch.save reports a failed write as a RuntimeError from its zip writer."""
+    return any(s in str(e) for s in ("PytorchStreamWriter failed", "file write failed", "No space left"))
 
 
 def load_checkpoint(path: str | Path, model, optimizer) -> dict:

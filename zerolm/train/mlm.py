@@ -18,7 +18,7 @@ from zerolm.data.prepare import prepare, read_docs
 from zerolm.inspect.accounting import account
 from zerolm.model import build_model, save_model
 from zerolm.tokenizer import Tokenizer
-from zerolm.train.checkpoint import list_checkpoints
+from zerolm.train.fingerprint import check_start, pretrain_data_fingerprint, stage_fingerprint
 from zerolm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,8 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> dict:
     """Prepare documents and tokenizer (no shards), pretrain a bert model with MLM (+ NSP), save
     OUT/model; returns the last training row and the final held-out metrics (whole val split)."""
     out = Path(cfg.out_dir)
-    if list_checkpoints(out) and not cfg.train.resume:
-        raise ValueError(f"{out} already holds checkpoints of a training run: continue it with "
-                         "--train.resume=true, or train into a new directory with --out")
+    data_fp = pretrain_data_fingerprint(cfg)
+    check_start(cfg, data_fp)  # before prepare rebuilds the docs and tokenizer of changed inputs
     prepare(cfg, stages=("docs", "tokenizer"), progress=progress)
     save_config(cfg, out)
     if cfg.train.threads:
@@ -139,7 +138,7 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> dict:
     trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=partial(mlm_nsp_loss, nsp=nsp),
                       eval_fn=partial(evaluate_mlm, batches=val[: cfg.train.eval_batches], nsp=nsp) if val else None,
                       sample_fn=sample_fn, flops_per_token=_flops_per_selected_token(model, m.mask_prob),
-                      progress=progress)
+                      progress=progress, fingerprint={**data_fp, **stage_fingerprint(cfg, tok, ("mlm",))})
     row = trainer.fit()
     final = evaluate_mlm(model, val, nsp) if val else {}
     save_model(model, out / "model", tok)

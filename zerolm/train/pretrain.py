@@ -17,7 +17,7 @@ from zerolm.inspect.accounting import account
 from zerolm.model import build_model, save_model
 from zerolm.model.presets import arch_of
 from zerolm.tokenizer import EOS, Tokenizer
-from zerolm.train.checkpoint import list_checkpoints
+from zerolm.train.fingerprint import check_start, pretrain_data_fingerprint
 from zerolm.train.losses import lm_loss
 from zerolm.train.trainer import Trainer
 
@@ -49,10 +49,9 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
 
         return pretrain_seq2seq(cfg, progress)
     out = Path(cfg.out_dir)
-    prepare(cfg, progress=progress)
-    if list_checkpoints(out) and not cfg.train.resume:
-        raise ValueError(f"{out} already holds checkpoints of a training run: continue it with "
-                         "--train.resume=true, or train into a new directory with --out")
+    data_fp = pretrain_data_fingerprint(cfg)
+    check_start(cfg, data_fp)  # before prepare, which would rebuild the run's tokenizer and shards on changed inputs
+    summary = prepare(cfg, progress=progress)
     save_config(cfg, out)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -72,7 +71,9 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     prompts = ["", first_val["text"][:2]] if first_val else [""]  # unconditional, and a held-out opening
     sample_fn = partial(sample_texts, tok=tok, prompts=prompts, seed=cfg.seed)
     trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=lm_loss, eval_fn=eval_fn,
-                      sample_fn=sample_fn, flops_per_token=account(model)["train_flops_per_token"], progress=progress)
+                      sample_fn=sample_fn, flops_per_token=account(model)["train_flops_per_token"], progress=progress,
+                      fingerprint={**data_fp, "tokenizer.sha256": tok.sha256,
+                                   "data.shards": summary["shards"]["fingerprint"]})
     row = trainer.fit()
     final = evaluate_lm(model, out / "shards", token_bytes, batch_size=cfg.train.batch_size)  # the whole split
     save_model(model, out / "model", tok)  # float32 weights, whatever the training precision

@@ -30,7 +30,7 @@ from zerolm.eval.translation import encode_source, evaluate_translation, transla
 from zerolm.files import atomic_write_text
 from zerolm.model import build_model, save_model
 from zerolm.tokenizer import BOS, EOS, PAD, Tokenizer
-from zerolm.train.checkpoint import list_checkpoints
+from zerolm.train.fingerprint import check_start, stage_fingerprint
 from zerolm.train.losses import linear_cross_entropy
 from zerolm.train.trainer import Trainer
 
@@ -112,9 +112,8 @@ def _write_docs(out: Path, pairs: dict, fingerprint: str) -> dict:
 
 def pretrain_seq2seq(cfg: Config, progress: bool = True) -> dict:
     out = Path(cfg.out_dir)
-    if list_checkpoints(out) and not cfg.train.resume:
-        raise ValueError(f"{out} already holds checkpoints of a training run: continue it with "
-                         "--train.resume=true, or train into a new directory with --out")
+    early = stage_fingerprint(cfg, None, ("seq2seq", "tokenizer"))
+    check_start(cfg, early)  # before the docs and tokenizer of changed pairs are rebuilt
     pairs, info = load_pairs(cfg.seq2seq)
     log.info("pairs: %d train, %d held out (%s)", info["train"], info["val"],
              "; ".join(f"{k}: {v['train']}/{v['val']}" for k, v in info["sources"].items()))
@@ -155,7 +154,8 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> dict:
         return [f"{s}\n-> {h}" for (s, _), h in zip(shown, hyps)]
 
     trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=partial(seq2seq_loss, label_smoothing=s2s.label_smoothing),
-                      eval_fn=eval_fn, sample_fn=sample_fn if shown else None, flops_per_token=flops, progress=progress)
+                      eval_fn=eval_fn, sample_fn=sample_fn if shown else None, flops_per_token=flops, progress=progress,
+                      fingerprint={**early, "tokenizer.sha256": tok.sha256, "data.pairs": str(info)})
     row = trainer.fit()
     save_model(model, out / "model", tok)
     result = {**row, "model_dir": str(out / "model"), "pairs": info}

@@ -1,6 +1,7 @@
 """The one training loop. Stages (pretrain, sft, reward, dpo, ppo) plug in a batch iterator and a
 loss function; the loop owns precision, accumulation, clipping, schedule, logging, evaluation,
-checkpoints, exact resume and Ctrl-C.
+checkpoints, exact resume (of the same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite
+losses (skipped, stopped on, or rolled back from: train.nonfinite).
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from zerolm.config import TrainConfig
-from zerolm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from zerolm.train.checkpoint import (NonFiniteError, last_good, list_checkpoints, load_checkpoint, remove_partial,
+                                     save_checkpoint)
+from zerolm.train.fingerprint import check_resume, trainer_fingerprint
 from zerolm.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
@@ -55,34 +58,61 @@ def measure_peak_flops(precision: str, device: torch.device, n: int = 1024, tria
     return best
 
 
-class _DeferredInterrupt:
-    """Turn the first Ctrl-C into a flag checked between optimizer steps; a second one interrupts
-    at once."""
+class _Abort(KeyboardInterrupt):
+    """A second interrupt before the checkpoint save began: stop at once, saving nothing."""
+
+
+def _json_row(row: dict) -> str:
+    """One strict-JSON log row: NaN and inf become null (json.dumps would write bare NaN)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
+class _Signals:
+    """SIGINT and SIGTERM alike: the first finishes the step, saves a checkpoint and stops. A second
+    one before the save aborts at once, saving nothing (resume takes the previous checkpoint, so it
+    stays exact); during a save every signal waits until the checkpoint is written."""
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested: str = ""
+        self.saving = False
+        self._old: dict = {}
 
     def _handler(self, signum, frame):
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if self.saving:
+            self.requested = self.requested or name
+            log.warning("%s: a checkpoint is being saved; stopping once it is written", name)
+            return
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: finishing this step and saving a checkpoint (press again to abort at once)")
+            raise _Abort
+        self.requested = name
+        log.warning("%s: finishing this step and saving a checkpoint (press again to abort at once)", name)
+
+    @contextlib.contextmanager
+    def hold(self):
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            self._old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class Trainer:
     def __init__(self, model, cfg: TrainConfig, out_dir: str | Path, *, batches: Iterator, loss_fn: LossFn,
                  eval_fn: Callable | None = None, sample_fn: Callable | None = None,
-                 flops_per_token: float = 0.0, progress: bool = True):
+                 flops_per_token: float = 0.0, progress: bool = True, fingerprint: dict | None = None):
+        """`fingerprint`: the stage's part of what a resume must match (seed, tokenizer, data; see
+        fingerprint.py); the model config and the training settings are added here."""
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
         self.batches, self.loss_fn = batches, loss_fn
         self.eval_fn, self.sample_fn = eval_fn, sample_fn
@@ -95,6 +125,11 @@ class Trainer:
         self._compiled_ok = False
         self.step = 0
         self.precision = cfg.precision
+        self.run = {**(fingerprint or {}), **trainer_fingerprint(model.cfg, cfg)}
+        self.lr_scale, self.bad_steps, self.rollbacks = 1.0, 0, 0  # non-finite handling (train.nonfinite)
+        self.changed: list[str] = []  # resumes that train.resume_changed let through, as recorded
+        self._saved_step, self._note = -1, {}  # _note: fields for the next log row
+        self._signals = _Signals()
 
     # ---------------------------------------------------------------- one optimizer step
     def _loss(self, batch):
@@ -119,7 +154,9 @@ class Trainer:
         return loss.item(), int(n), {k: float(v) for k, v in (stats[0] if stats else {}).items()}
 
     def train_step(self) -> dict:
-        lr = lr_at(self.step, self.cfg)
+        """One optimizer step. A non-finite loss or gradient norm (checked once the micro-batches are
+        accumulated) skips the update; the step still counts toward train.steps and the data moves on."""
+        lr = lr_at(self.step, self.cfg) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -132,12 +169,46 @@ class Trainer:
                 stats[k] = stats.get(k, 0.0) + v / self.cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
-        self.optimizer.step()
+        row = {"step": self.step + 1, "loss": sum(losses) / len(losses), **stats, "lr": lr, "grad_norm": gnorm.item(),
+               "tokens": tokens}
+        finite = math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.stat_keys = list(stats)  # the loss's own figures, printed in the step's log line
-        return {"step": self.step, "loss": sum(losses) / len(losses), **stats, "lr": lr, "grad_norm": gnorm.item(),
-                "tokens": tokens}
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if not finite:
+            row.update(self._nonfinite(row))
+        return row
+
+    def _nonfinite(self, row: dict) -> dict:
+        """Apply train.nonfinite to a step whose update was skipped; returns fields for its log row."""
+        cfg, what = self.cfg, f"loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g} at lr {row['lr']:.3g}"
+        if cfg.nonfinite == "stop":
+            raise NonFiniteError(f"step {self.step}: non-finite {what} (train.nonfinite=stop); the update was skipped "
+                                 f"and {last_good(self.out)}. Lower --train.lr or set --train.nonfinite=skip")
+        if cfg.nonfinite == "skip":
+            if self.bad_steps >= cfg.nonfinite_limit:
+                raise NonFiniteError(
+                    f"training diverged: non-finite loss or gradient norm at {self.bad_steps} consecutive steps "
+                    f"(steps {self.step - self.bad_steps + 1}-{self.step}; last {what}); the updates were skipped and "
+                    f"{last_good(self.out)}. Lower --train.lr (and resume with --resume-changed, or start a new --out), "
+                    "or set --train.nonfinite=rollback")
+            log.warning("step %d: non-finite %s: update skipped (%d in a row; train.nonfinite_limit=%d)",
+                        self.step, what, self.bad_steps, cfg.nonfinite_limit)
+            return {"skipped": True}
+        found = list_checkpoints(self.out)
+        if self.rollbacks >= cfg.nonfinite_limit or not found:
+            raise NonFiniteError(f"step {self.step}: non-finite {what} after {self.rollbacks} rollback(s) "
+                                 f"(train.nonfinite_limit={cfg.nonfinite_limit}); {last_good(self.out)}. Lower "
+                                 "--train.lr and resume with --resume-changed")
+        scale, rollbacks = self.lr_scale * cfg.nonfinite_lr_factor, self.rollbacks + 1
+        self._load(found[-1])
+        self.lr_scale, self.rollbacks, self.bad_steps = scale, rollbacks, 0
+        log.warning("step %d: non-finite %s: rolled back to %s with lr x%.3g (rollback %d of at most %d)",
+                    row["step"], what, found[-1].name, scale, rollbacks, cfg.nonfinite_limit)
+        return {"skipped": True, "rolled_back_to": self.step, "lr_scale": scale}
 
     def _choose_precision(self) -> str:
         """'auto': time fp32 and bf16 forward+backward on a real batch and keep the faster."""
@@ -166,19 +237,36 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        extra = {"precision": self.precision}
-        if hasattr(self.batches, "state_dict"):
-            extra["data"] = self.batches.state_dict()
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, extra, self.cfg.keep_checkpoints)
+        """Write a checkpoint of this step; signals wait until it is complete."""
+        with self._signals.hold():
+            extra = {"precision": self.precision, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+                     "resume_changed": self.changed}
+            if hasattr(self.batches, "state_dict"):
+                extra["data"] = self.batches.state_dict()
+            path = save_checkpoint(self.out, self.step, self.model, self.optimizer, extra, self.cfg.keep_checkpoints,
+                                   run=self.run)
+        self._saved_step = self.step
+        return path
+
+    def _load(self, path: Path) -> None:
+        saved = load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.precision = saved["step"], saved["precision"]
+        self.lr_scale, self.rollbacks = saved.get("lr_scale", 1.0), saved.get("rollbacks", 0)
+        self.changed = list(saved.get("resume_changed", []))
+        if "data" in saved and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(saved["data"])
+        self._saved_step = self.step
 
     def resume(self) -> bool:
+        """Continue from the newest checkpoint, if it was taken by the same run (or train.resume_changed)."""
         found = list_checkpoints(self.out)
         if not found:
             return False
-        saved = load_checkpoint(found[-1], self.model, self.optimizer)
-        self.step, self.precision = saved["step"], saved["precision"]
-        if "data" in saved and hasattr(self.batches, "load_state_dict"):
-            self.batches.load_state_dict(saved["data"])
+        changed = check_resume(found[-1], self.run, self.cfg.resume_changed)
+        self._load(found[-1])
+        if changed:
+            self.changed.append(f"step {self.step}: {'; '.join(changed)}")
+            self._note["resume_changed"] = "; ".join(changed)
         log.info("resumed from %s (step %d)", found[-1], self.step)
         return True
 
@@ -205,42 +293,52 @@ class Trainer:
         """Train until cfg.steps; returns the last logged row (with the latest eval metrics)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_partial(self.out)
         if not (cfg.resume and self.resume()):
             self.precision = self._choose_precision()
+            if cfg.nonfinite == "rollback" and not list_checkpoints(self.out):
+                self.save()  # a point to roll back to before the first checkpoint is due
         peak = measure_peak_flops(self.precision, self.device)
         log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8", buffering=1)  # line-buffered: rows survive a kill
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         row: dict = {}
         t_start, step_start, tokens_seen = time.perf_counter(), self.step, 0
-        stop = _DeferredInterrupt()
+        stop = self._signals
         with logging_redirect_tqdm(), stop:  # log lines print above the progress bar
             try:
-                while self.step < cfg.steps:
-                    if stop.requested:  # Ctrl-C lands between steps, so the checkpoint is consistent
-                        raise KeyboardInterrupt
+                while self.step < cfg.steps and not stop.requested:  # signals land between steps: consistent
                     t0 = time.perf_counter()
-                    row = self.train_step()
+                    row = {**self.train_step(), **self._note}
+                    self._note = {}
                     dt = time.perf_counter() - t0
                     tokens_seen += row["tokens"]
                     row["tok_per_s"] = row["tokens"] / dt
                     row["mfu"] = self.flops_per_token * row["tokens"] / dt / peak if self.flops_per_token else 0.0
+                    if "rolled_back_to" in row:
+                        log_file.write(_json_row(row) + "\n")
+                        bar.n = self.step
+                        continue
                     if self._due(cfg.eval_every):
                         row.update(self._evaluate())
-                    log_file.write(json.dumps(row) + "\n")
+                    log_file.write(_json_row(row) + "\n")
                     bar.update(1)
                     if self._due(cfg.log_every):
                         elapsed = time.perf_counter() - t_start
-                        eta = elapsed / (self.step - step_start) * (cfg.steps - self.step)
+                        eta = elapsed / max(1, self.step - step_start) * (cfg.steps - self.step)
                         extra = "".join(f"{k} {row[k]:.4g} | " for k in self.stat_keys)
                         log.info(f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
                                   f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
                                   f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s")
                     if self._due(cfg.ckpt_every):
                         self.save()
-            except KeyboardInterrupt:
-                log.info(f"interrupted at step {self.step}: saving a checkpoint (resume with --train.resume=true)")
-                self.save()
+                if stop.requested and self.step < cfg.steps:
+                    log.info(f"{stop.requested} at step {self.step}: saving a checkpoint (resume with --train.resume=true)")
+                    if self._saved_step != self.step:
+                        self.save()
+                    raise KeyboardInterrupt
+            except _Abort:
+                log.warning(f"aborted at step {self.step}, nothing saved: {last_good(self.out)}")
                 raise
             finally:
                 bar.close()
