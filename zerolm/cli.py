@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(tang poems only)")
     sp.add_argument("--align", choices=["dpo", "ppo"], help="after SFT on the tang poems, align the chat model "
                     "(recipes/speedrun-dpo.toml or speedrun-ppo.toml) and compare it with the SFT model")
+    _resume_changed_arg(sp)
     stage("config", cmd_config, "print the resolved config as TOML")
     sp = stage("pretrain", cmd_pretrain, "prepare data if needed, then train a next-token model (with "
                "--model.arch=bert: a masked-LM + next-sentence encoder) into OUT/model")
@@ -625,6 +626,14 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args, extra)
     except ValueError as e:
         print(f"zerolm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from zerolm.files import disk_full
+
+        if not disk_full(e):
+            raise
+        print(f"zerolm: error: the disk is full{f' (writing {e.filename})' if e.filename else ''}: free space and "
+              "run the command again (every output is written atomically: nothing partial was kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("zerolm: interrupted", file=sys.stderr)

@@ -2,6 +2,7 @@
 has the umask's usual mode (0644/0755 under umask 022), not tempfile's private 0600/0700."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -49,6 +50,26 @@ def publish_tree(root: str | Path) -> None:
             p = os.path.join(top, f)
             if not os.path.islink(p):
                 os.chmod(p, xmode if os.stat(p).st_mode & 0o111 else fmode)
+
+
+def disk_full(e: BaseException) -> bool:
+    """Is `e` a write that failed for want of space (a full disk or quota), whatever library raised it?"""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+
+
+@contextmanager
+def writing_into(directory: str | Path, what: str):
+    """A full disk while writing `what` into `directory` becomes a one-line ValueError naming both
+    (the writes are atomic, so nothing partial stays behind to be picked up)."""
+    try:
+        yield
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise ValueError(f"could not write {what} into {directory}: the disk is full; nothing partial was kept. "
+                         "Free space there (or choose another --out) and run the command again") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

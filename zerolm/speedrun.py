@@ -95,7 +95,8 @@ def speedrun_sft(args, cfg, base_dir: str):
         print(f"\nno chat stage: no bundled conversations fit this text (language: {lang}); add your own "
               "with --sft.data FILE.jsonl (one {\"messages\": [...]} per line)")
         return None
-    values = {"out_dir": str(out / "sft"), "seed": cfg.seed, "train": {"resume": True},
+    values = {"out_dir": str(out / "sft"), "seed": cfg.seed,
+              "train": {"resume": True, "resume_changed": cfg.train.resume_changed},
               "sft": {"poem_docs": str(out / "docs"), "pt_shards": str(out / "shards"), **user_sft(cfg), **pick,
                       "base_model": base_dir}}
     sft_cfg = load_config(recipe, overrides=values)  # paths follow the pretraining run
@@ -164,7 +165,8 @@ def speedrun_align(args, cfg, sft_dir: str):
 
     out, stage = Path(cfg.out_dir), args.align
     recipe = RECIPES / f"speedrun-{stage}.toml"
-    values = {"out_dir": str(out / stage), "seed": cfg.seed, "train": {"resume": True},
+    values = {"out_dir": str(out / stage), "seed": cfg.seed,
+              "train": {"resume": True, "resume_changed": cfg.train.resume_changed},
               "align": {"base_model": sft_dir, "poem_docs": str(out / "docs")}}
     align_cfg = load_config(recipe, overrides=values)
     print(f"\nalignment: {recipe.name} -> {align_cfg.out_dir}")

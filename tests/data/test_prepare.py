@@ -189,3 +189,24 @@ def test_memmap_dtype_uint32_for_large_vocab():
     from zerolm.data.shards import token_dtype
 
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_a_full_disk_is_one_line_naming_the_directory_and_leaves_nothing_partial(corpus, tmp_path, monkeypatch):
+    import errno
+
+    from zerolm.data import shards
+
+    def disk_fills(self, ids):  # fault injection: the shard file's write hits a full disk after some bytes
+        self._f = self._f or open(self.out_dir / "train-00000.bin", "wb")
+        self._f.write(b"\0" * 64)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards.ShardWriter, "add", disk_fills)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as e:
+        run(cfg_for(out, [corpus]))
+    assert str(e.value).startswith(f"could not write the token shards into {out / 'shards'}: the disk is full")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "docs", "tokenizer"]  # no shards, no temp dir
+    monkeypatch.undo()
+    assert run(cfg_for(out, [corpus]))["shards"]["splits"]["train"]["tokens"] > 0  # space again: it carries on

@@ -61,8 +61,14 @@ def _cfg(root, out="out", **classify):
                                "precision": "fp32", "ckpt_every": 1000}})
 
 
-def test_finetune_learns_a_separable_task_above_the_majority(bert_dir):
-    r = finetune_classify(_cfg(bert_dir), progress=False)
+@pytest.fixture(scope="module")
+def trained(bert_dir):
+    """The fine-tune's result, run once for the tests that need a classifier (in any order)."""
+    return finetune_classify(_cfg(bert_dir), progress=False)
+
+
+def test_finetune_learns_a_separable_task_above_the_majority(bert_dir, trained):
+    r = trained
     assert r["labels"] == 2 and r["train_rows"] == 300 and r["val_rows"] == 100
     assert 0.5 < r["majority_acc"] < 0.75 and r["boc_lr_acc"] == 1.0
     assert r["final_val_acc"] >= 0.95 > r["majority_acc"] + 0.2
@@ -75,11 +81,9 @@ def test_finetune_learns_a_separable_task_above_the_majority(bert_dir):
     assert classify_file(model_dir, bert_dir / "plain.txt")["predictions"] == ["sea", "hill"]
 
 
-def test_classify_cli_prints_labels_and_accuracy(bert_dir, capsys):
+def test_classify_cli_prints_labels_and_accuracy(bert_dir, trained, capsys):
     from zerolm.cli import main
 
-    if not (bert_dir / "out" / "model" / "labels.json").is_file():
-        finetune_classify(_cfg(bert_dir), progress=False)
     assert main(["classify", str(bert_dir / "out" / "model"), "--input", str(bert_dir / "val.jsonl")]) == 0
     out, err = capsys.readouterr()
     assert len(out.split()) == 100 and set(out.split()) <= {"sea", "hill"}
@@ -162,16 +166,17 @@ def test_bad_inputs_are_clear_errors(bert_dir, tmp_path, case, message):
     assert not (bert_dir / f"bad-{case}" / "model").exists()
 
 
-def test_classify_errors(bert_dir, tmp_path):
+def test_classify_errors(bert_dir, trained, tmp_path):
     with pytest.raises(ValueError, match="is not a classifier"):
         classify_file(bert_dir / "bert", bert_dir / "val.jsonl")
-    if not (bert_dir / "out" / "model" / "labels.json").is_file():
-        finetune_classify(_cfg(bert_dir), progress=False)
     _write(tmp_path / "x.jsonl", [{"text": "海", "label": "sea"}, {"text": "山", "label": "lake"}])
     with pytest.raises(ValueError, match="x.jsonl:2: label 'lake' was never seen in training; known labels: sea, hill"):
         classify_file(bert_dir / "out" / "model", tmp_path / "x.jsonl")
     with pytest.raises(ValueError, match="no text field 'body'"):
         read_rows(tmp_path / "x.jsonl", text_field="body")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a", "label": "sea"}\n{"text": "\xe6\xb5", "label": "sea"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: invalid UTF-8 at byte offset \d+ \(line 2\); convert"):
+        read_rows(tmp_path / "bad.jsonl")
 
 
 def test_tang_authors_split_by_poem(tmp_path):

@@ -261,7 +261,7 @@ def test_cli_with_a_huge_lr_saves_no_nan_checkpoint_and_prints_one_line(tmp_path
     _strict_rows(out / "train_log.jsonl")
 
 
-@pytest.mark.parametrize("command", ["pretrain", "sft", "reward", "dpo", "ppo", "finetune-classify"])
+@pytest.mark.parametrize("command", ["pretrain", "speedrun", "sft", "reward", "dpo", "ppo", "finetune-classify"])
 def test_resume_changed_flag_sets_the_config_keys(command):
     from zerolm.cli import _config, build_parser
 

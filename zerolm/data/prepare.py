@@ -26,7 +26,7 @@ from zerolm.data.clean import clean_text, filter_reason
 from zerolm.data.dedup import NearDedup, content_hash
 from zerolm.data.shards import META, ShardWriter, token_dtype, write_meta
 from zerolm.data.sources import corpus_path, iter_docs, list_files
-from zerolm.files import atomic_dir, atomic_write_text
+from zerolm.files import atomic_dir, atomic_write_text, writing_into
 from zerolm.tokenizer import EOS, Tokenizer
 from zerolm.tokenizer.report import compression_report
 from zerolm.tokenizer.train import check_config, train_tokenizer
@@ -235,11 +235,14 @@ def prepare(cfg: Config, stages: tuple[str, ...] = ("docs", "tokenizer", "shards
         if cfg.tokenizer.path:
             Tokenizer.load(cfg.tokenizer.path)
         check_config(cfg.tokenizer)
-    docs = build_docs(cfg.data, out, progress)
-    save_config(cfg, out)
+    with writing_into(out / "docs", "the cleaned documents"):
+        docs = build_docs(cfg.data, out, progress)
+        save_config(cfg, out)
     summary["docs"] = docs
     if "tokenizer" in stages or "shards" in stages:
-        tok, summary["tokenizer"] = build_tokenizer(cfg, out, docs, progress)
+        with writing_into(out / "tokenizer", "the tokenizer"):
+            tok, summary["tokenizer"] = build_tokenizer(cfg, out, docs, progress)
         if "shards" in stages:
-            summary["shards"] = build_shards(cfg.data, out, tok, docs, progress)
+            with writing_into(out / "shards", "the token shards"):
+                summary["shards"] = build_shards(cfg.data, out, tok, docs, progress)
     return summary

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from zerolm.config import Config, save_config
 from zerolm.data.mlm import LengthBatches, pad_rows, pair_ids
 from zerolm.data.prepare import read_docs, split_key
+from zerolm.data.sources import decode_lines
 from zerolm.files import atomic_write_text
 from zerolm.model import build_model, load_model, model_class, read_model_config, save_model
 from zerolm.model.presets import resolve
@@ -55,32 +56,31 @@ def read_rows(path: str | Path, *, text_field: str = "text", pair_field: str = "
         raise ValueError(f"classification data {str(path)!r} not found (JSONL rows with {text_field!r} and "
                          f"{label_field!r} fields, or a .txt file with one text per line)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            where = f"{path}:{i}"
-            if not line.strip():
-                continue
-            if path.suffix == ".txt":
-                if need_label:
-                    raise ValueError(f"{path}: a .txt file has no labels; training data is JSONL with "
-                                     f"{text_field!r} and {label_field!r} fields")
-                rows.append(Row(line.rstrip("\n"), where=where))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            text = obj.get(text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{where}: no text field {text_field!r} (set --classify.text_field)")
-            pair = obj.get(pair_field) if pair_field else None
-            if pair_field and not isinstance(pair, str):
-                raise ValueError(f"{where}: no second text field {pair_field!r} (classify.text_pair_field)")
-            label = obj.get(label_field)
-            if label is None and need_label:
-                raise ValueError(f"{where}: no label field {label_field!r}: every training row needs a label "
-                                 "(set --classify.label_field if it has another name)")
-            rows.append(Row(text, pair, None if label is None else str(label), where))
+    for i, _, line in decode_lines(path):
+        where = f"{path}:{i}"
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            if need_label:
+                raise ValueError(f"{path}: a .txt file has no labels; training data is JSONL with "
+                                 f"{text_field!r} and {label_field!r} fields")
+            rows.append(Row(line.rstrip("\r\n"), where=where))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        text = obj.get(text_field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: no text field {text_field!r} (set --classify.text_field)")
+        pair = obj.get(pair_field) if pair_field else None
+        if pair_field and not isinstance(pair, str):
+            raise ValueError(f"{where}: no second text field {pair_field!r} (classify.text_pair_field)")
+        label = obj.get(label_field)
+        if label is None and need_label:
+            raise ValueError(f"{where}: no label field {label_field!r}: every training row needs a label "
+                             "(set --classify.label_field if it has another name)")
+        rows.append(Row(text, pair, None if label is None else str(label), where))
     return rows
 
 

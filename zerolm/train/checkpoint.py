@@ -7,7 +7,6 @@ inf are never written, so pruning to the newest `keep` never drops a good one fo
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from zerolm.files import atomic_dir
+from zerolm.files import atomic_dir, disk_full
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7})$")
@@ -91,7 +90,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, extra: dic
     except (OSError, SafetensorError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_write_error(e):
             raise
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e)
+        full = disk_full(e)
         raise ValueError(f"could not write checkpoint {path.name} into {path.parent}: "
                          f"{'the disk is full' if full else str(e).strip().splitlines()[0][:200]}; "
                          f"nothing partial was kept. Free space there (or lower --train.keep_checkpoints) and "
