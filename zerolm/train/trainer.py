@@ -330,12 +330,20 @@ class Trainer:
                         log.info(f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
                                   f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
                                   f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s")
-                    if self._due(cfg.ckpt_every):
+                    if self._due(cfg.ckpt_every) and self.bad_steps:  # a checkpoint must end on a finite step
+                        log.warning("step %d: no checkpoint while the loss is non-finite; %s", self.step,
+                                    last_good(self.out))
+                    elif self._due(cfg.ckpt_every):
                         self.save()
                 if stop.requested and self.step < cfg.steps:
-                    log.info(f"{stop.requested} at step {self.step}: saving a checkpoint (resume with --train.resume=true)")
-                    if self._saved_step != self.step:
-                        self.save()
+                    if self.bad_steps:
+                        log.info(f"{stop.requested} at step {self.step}, whose loss is non-finite: no checkpoint saved; "
+                                 f"{last_good(self.out)} (resume with --train.resume=true)")
+                    else:
+                        log.info(f"{stop.requested} at step {self.step}: saving a checkpoint (resume with "
+                                 "--train.resume=true)")
+                        if self._saved_step != self.step:
+                            self.save()
                     raise KeyboardInterrupt
             except _Abort:
                 log.warning(f"aborted at step {self.step}, nothing saved: {last_good(self.out)}")
