@@ -271,3 +271,19 @@ def test_resume_changed_flag_sets_the_config_keys(command):
     assert cfg.train.resume_changed and cfg.train.resume and cfg.train.lr == 0.1
     args, extra = build_parser().parse_known_args([command])
     assert not _config(args, extra).train.resume_changed
+
+
+def test_a_stages_own_data_files_are_part_of_its_fingerprint(tmp_path):
+    """sft/dpo/reward/classify/seq2seq read files named in their own section: a resume compares them too."""
+    from zerolm.config import load_config
+    from zerolm.train.fingerprint import changes, stage_fingerprint
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    cfg = load_config(None, {"sft": {"data": [str(data)]}})
+    before = stage_fingerprint(cfg, None, ("sft", "lora"))
+    assert changes(before, stage_fingerprint(cfg, None, ("sft", "lora"))) == []
+    with open(data, "a") as f:
+        f.write('{"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]}\n')
+    found = changes(before, stage_fingerprint(cfg, None, ("sft", "lora")))
+    assert len(found) == 1 and found[0].startswith("sft.data.files changed '1 file(s), 93 bytes, ")

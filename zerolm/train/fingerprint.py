@@ -9,6 +9,7 @@ checkpoint, thread, compile and non-finite-policy settings (they do not change t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -32,13 +33,29 @@ def trainer_fingerprint(model_cfg, train_cfg) -> dict:
     return {**flat("model", model_cfg), **{f"train.{k}": getattr(train_cfg, k) for k in EXACT_TRAIN_KEYS}}
 
 
+def files_summary(paths) -> str:
+    """'N file(s), B bytes, <hash of paths, sizes and mtimes>' of the files (or directories) named:
+    what a stage reads, compared by the rule `prepare` uses to decide to rebuild."""
+    files = []
+    for p in map(Path, paths):
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:8]
+    return f"{len(files)} file(s), {sum(s[1] for s in stats)} bytes, {digest}"
+
+
 def stage_fingerprint(cfg, tok=None, sections: tuple[str, ...] = ()) -> dict:
-    """The seed, the tokenizer's sha and the named config sections (e.g. 'sft', 'lora') of a stage."""
+    """The seed, the tokenizer's sha and the named config sections (e.g. 'sft', 'lora') of a stage,
+    with the files each section reads (its data, val_data, source and target)."""
     fp = {"seed": cfg.seed}
     if tok is not None:
         fp["tokenizer.sha256"] = tok.sha256
     for name in sections:
-        fp.update(flat(name, getattr(cfg, name)))
+        section = getattr(cfg, name)
+        fp.update(flat(name, section))
+        for key in ("data", "val_data", "source", "target"):
+            if paths := getattr(section, key, None):
+                fp[f"{name}.{key}.files"] = files_summary([paths] if isinstance(paths, str) else paths)
     return fp
 
 
