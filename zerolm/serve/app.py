@@ -88,8 +88,7 @@ def create_app(server: Server, api_key: str | None = None):
     @app.get("/health", responses={503: {"description": "the model is unhealthy (e.g. non-finite logits); "
                                                        "the body says why"}})
     async def health():
-        check = getattr(server.scheduler, "health", None)
-        state = check() if check is not None else {"ok": True, "reason": None}
+        state = server.scheduler.health()
         body = {"status": "ok" if state["ok"] else "unhealthy", "model": server.name, "reason": state.get("reason"),
                 **server.scheduler.load()}
         return JSONResponse(body, status_code=200 if state["ok"] else 503)
