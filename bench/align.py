@@ -15,6 +15,7 @@ zerolm and loads the model, so peak - baseline is what the stage adds. Time per 
 over logged steps after the first 3; PPO's `step_s_mean` also counts the rollouts (generation,
 scoring, the reference pass), and `rollout_s` is their median. Prints one JSON object last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,18 +34,31 @@ import torch
 from common import cpu_info
 
 ROOT = Path(__file__).resolve().parent.parent
-RSS = ("import resource, runpy, sys; sys.argv = ['zerolm'] + sys.argv[1:]\n"
-       "try:\n    runpy.run_module('zerolm', run_name='__main__')\nfinally:\n"
-       "    print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
-BASELINE = ("import resource, sys\nfrom zerolm.model import load_model\nload_model(sys.argv[1])\n"
-            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+RSS = (
+    "import resource, runpy, sys; sys.argv = ['zerolm'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_module('zerolm', run_name='__main__')\nfinally:\n"
+    "    print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+)
+BASELINE = (
+    "import resource, sys\nfrom zerolm.model import load_model\nload_model(sys.argv[1])\n"
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+)
 
 
 def configs(args, pairs: Path) -> dict[str, list[str]]:
-    lora = [f"--lora.rank={args.rank}", f"--lora.alpha={2 * args.rank}", "--lora.targets=q,k,v,o,up,gate,down"]
+    lora = [
+        f"--lora.rank={args.rank}",
+        f"--lora.alpha={2 * args.rank}",
+        "--lora.targets=q,k,v,o,up,gate,down",
+    ]
     dpo = ["dpo", f"--align.data={pairs}", "--align.val_fraction=0", "--train.lr=1e-5"]
-    ppo = ["ppo", "--align.builtin=poems", "--align.reward=poem-form", "--align.poem_val_requests=0",
-           "--train.lr=5e-5"]
+    ppo = [
+        "ppo",
+        "--align.builtin=poems",
+        "--align.reward=poem-form",
+        "--align.poem_val_requests=0",
+        "--train.lr=5e-5",
+    ]
     return {
         "dpo-full-cached": [*dpo, "--align.reference_logprobs=cached"],
         "dpo-full-live": [*dpo, "--align.reference_logprobs=live"],
@@ -52,7 +66,12 @@ def configs(args, pairs: Path) -> dict[str, list[str]]:
         "dpo-lora-live": [*dpo, "--align.reference_logprobs=live", *lora],
         "ppo-full": ppo,
         "ppo-lora": [*ppo, *lora],
-        "grpo-full": [*ppo, "--align.advantage=group", "--align.group=4", "--align.rollout_prompts=8"],
+        "grpo-full": [
+            *ppo,
+            "--align.advantage=group",
+            "--align.group=4",
+            "--align.rollout_prompts=8",
+        ],
     }
 
 
@@ -61,10 +80,23 @@ def peak_kb(p: subprocess.CompletedProcess) -> int:
 
 
 def run(args, name: str, cmd: list[str], out: Path) -> dict:
-    argv = [cmd[0], "--model", args.model, "--out", str(out), "--quiet", f"--align.poem_docs={args.docs}",
-            f"--train.steps={args.steps}", f"--train.batch_size={args.batch}", "--train.precision=fp32",
-            f"--train.eval_every={10 * args.steps}", f"--train.ckpt_every={args.steps}", "--train.warmup_steps=2",
-            "--train.log_every=1", *cmd[1:]]
+    argv = [
+        cmd[0],
+        "--model",
+        args.model,
+        "--out",
+        str(out),
+        "--quiet",
+        f"--align.poem_docs={args.docs}",
+        f"--train.steps={args.steps}",
+        f"--train.batch_size={args.batch}",
+        "--train.precision=fp32",
+        f"--train.eval_every={10 * args.steps}",
+        f"--train.ckpt_every={args.steps}",
+        "--train.warmup_steps=2",
+        "--train.log_every=1",
+        *cmd[1:],
+    ]
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", RSS, *argv], capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
@@ -72,8 +104,12 @@ def run(args, name: str, cmd: list[str], out: Path) -> dict:
     rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r["tokens"] / r["tok_per_s"] for r in rows]
     rollouts = [float(m) for m in re.findall(r"^rollout \d+: .* \| ([\d.]+)s$", p.stderr, re.M)]
-    row = {"peak_rss_mb": round(peak_kb(p) / 1024, 1), "step_s_median": round(statistics.median(steps[3:]), 3),
-           "step_s_mean": round(statistics.mean(steps[3:]), 3), "wall_s": round(time.perf_counter() - t0, 1)}
+    row = {
+        "peak_rss_mb": round(peak_kb(p) / 1024, 1),
+        "step_s_median": round(statistics.median(steps[3:]), 3),
+        "step_s_mean": round(statistics.mean(steps[3:]), 3),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     if rollouts:
         row |= {"rollouts": len(rollouts), "rollout_s": round(statistics.median(rollouts), 2)}
     if m := re.search(r"^LoRA: (.*)$", p.stderr, re.M):
@@ -93,7 +129,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated config names")
     args = ap.parse_args()
     if not (Path(args.model) / "config.json").is_file():
-        raise SystemExit(f"{args.model} not found: run `zerolm speedrun` first (or give --model/--docs)")
+        raise SystemExit(
+            f"{args.model} not found: run `zerolm speedrun` first (or give --model/--docs)"
+        )
     sys.path.insert(0, str(ROOT))
     from zerolm.data.poems import eval_requests
     from zerolm.data.prepare import read_docs
@@ -104,18 +142,37 @@ def main() -> None:
         with pairs.open("w", encoding="utf-8") as f:
             for i, r in enumerate(reqs):
                 other = reqs[(i + 1) % len(reqs)]["messages"][-1]["content"]
-                row = {"prompt": r["messages"][0]["content"], "chosen": r["messages"][-1]["content"], "rejected": other}
+                row = {
+                    "prompt": r["messages"][0]["content"],
+                    "chosen": r["messages"][-1]["content"],
+                    "rejected": other,
+                }
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        base = subprocess.run([sys.executable, "-c", BASELINE, args.model], capture_output=True, text=True, cwd=ROOT)
+        base = subprocess.run(
+            [sys.executable, "-c", BASELINE, args.model], capture_output=True, text=True, cwd=ROOT
+        )
         results = {"baseline": {"peak_rss_mb": round(peak_kb(base) / 1024, 1)}}
         wanted = set(filter(None, args.only.split(",")))
         for name, cmd in configs(args, pairs).items():
             if not wanted or name in wanted:
                 results[name] = run(args, name, cmd, Path(tmp) / name)
-    print(json.dumps({"bench": "align", "model": args.model, "steps": args.steps, "batch": args.batch,
-                      "rank": args.rank, "torch": torch.__version__, "python": platform.python_version(),
-                      "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                      **cpu_info(), "results": results}))
+    print(
+        json.dumps(
+            {
+                "bench": "align",
+                "model": args.model,
+                "steps": args.steps,
+                "batch": args.batch,
+                "rank": args.rank,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                **cpu_info(),
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared by the benchmarks: what machine the figures were measured on."""
+
 from __future__ import annotations
 
 import platform
@@ -10,5 +11,7 @@ def cpu_info() -> dict:
         text = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:
         return {"cpu": platform.processor()}
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), ""
+    )
     return {"cpu": name, "amx_bf16": " amx_bf16" in text}

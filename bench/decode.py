@@ -39,6 +39,7 @@ fast the fp32 matrix-vector kernel streams weights on this CPU).
 On a busy machine run with OMP_WAIT_POLICY=PASSIVE (see DESIGN §4); it is recorded either way.
 Prints progress to stderr and, as its last line, one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,10 @@ from zerolm.model import build_model
 from zerolm.model.attention import Attention
 from zerolm.model.layers import FFN
 
-SIZES = {"10M": dict(d_model=384, n_layers=6, n_heads=6, vocab_size=8192),
-         "60M": dict(d_model=512, n_layers=8, n_heads=8, vocab_size=32000)}
+SIZES = {
+    "10M": dict(d_model=384, n_layers=6, n_heads=6, vocab_size=8192),
+    "60M": dict(d_model=512, n_layers=8, n_heads=8, vocab_size=32000),
+}
 METHODS = ("zerolm_cached", "zerolm_compiled", "zerolm_nocache", "hf_cached", "hf_nocache")
 
 
@@ -81,15 +84,21 @@ def zerolm_nocache(model, prompt, new):
     for _ in range(new):
         nxt = model(ids)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         ids = torch.cat([ids, nxt], dim=1)
-    return ids[0, len(prompt):].tolist()
+    return ids[0, len(prompt) :].tolist()
 
 
 @torch.inference_mode()
 def hf_generate(hf, prompt, new, use_cache):
     ids = torch.tensor([prompt])  # (1, P)
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                      use_cache=use_cache, pad_token_id=0)  # the export has no eos: always `new` tokens
-    return out[0, len(prompt):].tolist()
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=0,
+    )  # the export has no eos: always `new` tokens
+    return out[0, len(prompt) :].tolist()
 
 
 def bandwidth(mb: int, repeats: int = 5) -> tuple[float, float]:
@@ -106,7 +115,9 @@ def bandwidth(mb: int, repeats: int = 5) -> tuple[float, float]:
         if i:
             copy.append(t1 - t0)
             read.append(t2 - t1)
-    return 2 * src.nbytes / statistics.median(copy) / 1e9, src.nbytes / statistics.median(read) / 1e9
+    return 2 * src.nbytes / statistics.median(copy) / 1e9, src.nbytes / statistics.median(
+        read
+    ) / 1e9
 
 
 def weight_bytes_per_token(model) -> int:
@@ -126,7 +137,11 @@ def matvec_seconds(model, repeats: int = 20) -> tuple[float, int]:
     mats = []
     for mod in model.modules():
         if isinstance(mod, Attention):
-            mats += [mod.fused_qkv[0]] if hasattr(mod, "fused_qkv") else [mod.q.weight, mod.k.weight, mod.v.weight]
+            mats += (
+                [mod.fused_qkv[0]]
+                if hasattr(mod, "fused_qkv")
+                else [mod.q.weight, mod.k.weight, mod.v.weight]
+            )
             mats.append(mod.o.weight)
         elif isinstance(mod, FFN):
             mats += [mod.fused_gate_up[0]] if hasattr(mod, "fused_gate_up") else [mod.up.weight]
@@ -150,11 +165,29 @@ def bench_size(size, args) -> dict:
     wbytes = weight_bytes_per_token(model)
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt,), generator=gen).tolist()
-    row = {"config": {k: getattr(model.cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-                                                          "vocab_size", "max_seq_len", "tie_embeddings")},
-           "total_params": acc["total"], "non_embedding_params": acc["non_embedding"],
-           "weight_bytes_per_token": wbytes, "threads": {}}
-    print(f"llama-{size}: {acc['total']:,} parameters ({acc['non_embedding']:,} non-embedding)", file=sys.stderr)
+    row = {
+        "config": {
+            k: getattr(model.cfg, k)
+            for k in (
+                "d_model",
+                "n_layers",
+                "n_heads",
+                "n_kv_heads",
+                "d_ff",
+                "vocab_size",
+                "max_seq_len",
+                "tie_embeddings",
+            )
+        },
+        "total_params": acc["total"],
+        "non_embedding_params": acc["non_embedding"],
+        "weight_bytes_per_token": wbytes,
+        "threads": {},
+    }
+    print(
+        f"llama-{size}: {acc['total']:,} parameters ({acc['non_embedding']:,} non-embedding)",
+        file=sys.stderr,
+    )
     with tempfile.TemporaryDirectory() as tmp:  # alive while HF may still map its weights from it
         export_hf(model, tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
@@ -162,11 +195,15 @@ def bench_size(size, args) -> dict:
         decode_layout(model)  # what `zerolm generate` does: same values, decode-friendly layout
         for n in args.threads:
             torch.set_num_threads(n)
-            fns = {"zerolm_cached": partial(zerolm_cached, Engine(model)),
-                   "zerolm_compiled": partial(zerolm_cached, Engine(model, compile=True, program_dir=tmp)),
-                   "zerolm_nocache": partial(zerolm_nocache, model),
-                   "hf_cached": partial(hf_generate, hf, use_cache=True),
-                   "hf_nocache": partial(hf_generate, hf, use_cache=False)}
+            fns = {
+                "zerolm_cached": partial(zerolm_cached, Engine(model)),
+                "zerolm_compiled": partial(
+                    zerolm_cached, Engine(model, compile=True, program_dir=tmp)
+                ),
+                "zerolm_nocache": partial(zerolm_nocache, model),
+                "hf_cached": partial(hf_generate, hf, use_cache=True),
+                "hf_nocache": partial(hf_generate, hf, use_cache=False),
+            }
             t0 = time.perf_counter()
             fns["zerolm_compiled"](prompt, min(args.new, 16))  # warm-up, compiling
             compile_s = time.perf_counter() - t0
@@ -174,28 +211,40 @@ def bench_size(size, args) -> dict:
                 fn(prompt, min(args.new, 16))  # warm-up
             times, outs, bws = {m: [] for m in METHODS}, {}, []
             for _ in range(args.repeats):
-                bws.append(bandwidth(args.copy_mb))  # within the repeats: it drifts with the machine's load
+                bws.append(
+                    bandwidth(args.copy_mb)
+                )  # within the repeats: it drifts with the machine's load
                 for m, fn in fns.items():
                     t0 = time.perf_counter()
                     outs[m] = fn(prompt, args.new)
                     times[m].append(time.perf_counter() - t0)
-            assert all(len(o) == args.new for o in outs.values()), {m: len(o) for m, o in outs.items()}
+            assert all(len(o) == args.new for o in outs.values()), {
+                m: len(o) for m, o in outs.items()
+            }
             tps = {m: round(args.new / statistics.median(t), 1) for m, t in times.items()}
             copy_gbs, read_gbs = (statistics.median(b) for b in zip(*bws))
             bound = copy_gbs * 1e9 / wbytes
             mv_s, mv_bytes = matvec_seconds(model)
-            r = {"threads": torch.get_num_threads(), "tok_per_s": tps, "ratio": round(tps["zerolm_cached"] /
-                 tps["hf_cached"], 3), "ratio_compiled": round(tps["zerolm_compiled"] / tps["hf_cached"], 3),
-                 "ratio_nocache": round(tps["zerolm_nocache"] / tps["hf_nocache"], 3),
-                 "tokens_match": outs["zerolm_cached"] == outs["hf_cached"],
-                 "compiled_tokens_match": outs["zerolm_compiled"] == outs["hf_cached"], "compile_s": round(compile_s, 1),
-                 "nocache_tokens_match": outs["zerolm_nocache"] == outs["zerolm_cached"],
-                 "copy_gb_s": round(copy_gbs, 2), "read_gb_s": round(read_gbs, 2),
-                 "bound_tok_per_s": round(bound, 1), "fraction_of_bound": round(tps["zerolm_cached"] / bound, 3),
-                 "fraction_of_bound_compiled": round(tps["zerolm_compiled"] / bound, 3),
-                 "bound_tok_per_s_read": round(read_gbs * 1e9 / wbytes, 1),
-                 "matvec_tok_per_s": round(1 / mv_s, 1), "matvec_gb_s": round(mv_bytes / mv_s / 1e9, 2),
-                 "fraction_of_matvec": round(tps["zerolm_cached"] * mv_s, 3)}
+            r = {
+                "threads": torch.get_num_threads(),
+                "tok_per_s": tps,
+                "ratio": round(tps["zerolm_cached"] / tps["hf_cached"], 3),
+                "ratio_compiled": round(tps["zerolm_compiled"] / tps["hf_cached"], 3),
+                "ratio_nocache": round(tps["zerolm_nocache"] / tps["hf_nocache"], 3),
+                "tokens_match": outs["zerolm_cached"] == outs["hf_cached"],
+                "compiled_tokens_match": outs["zerolm_compiled"] == outs["hf_cached"],
+                "compile_s": round(compile_s, 1),
+                "nocache_tokens_match": outs["zerolm_nocache"] == outs["zerolm_cached"],
+                "copy_gb_s": round(copy_gbs, 2),
+                "read_gb_s": round(read_gbs, 2),
+                "bound_tok_per_s": round(bound, 1),
+                "fraction_of_bound": round(tps["zerolm_cached"] / bound, 3),
+                "fraction_of_bound_compiled": round(tps["zerolm_compiled"] / bound, 3),
+                "bound_tok_per_s_read": round(read_gbs * 1e9 / wbytes, 1),
+                "matvec_tok_per_s": round(1 / mv_s, 1),
+                "matvec_gb_s": round(mv_bytes / mv_s / 1e9, 2),
+                "fraction_of_matvec": round(tps["zerolm_cached"] * mv_s, 3),
+            }
             row["threads"][str(n)] = r
             print(f"  threads {n}: {json.dumps(r)}", file=sys.stderr)
     return row
@@ -208,8 +257,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to run")
     ap.add_argument("--sizes", default=",".join(SIZES))
-    ap.add_argument("--copy-mb", type=int, default=256, help="buffer size of the bandwidth measurement")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 8 new tokens, 1 repeat, 64 MB copy")
+    ap.add_argument(
+        "--copy-mb", type=int, default=256, help="buffer size of the bandwidth measurement"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 8 new tokens, 1 repeat, 64 MB copy"
+    )
     args = ap.parse_args()
     if args.quick:
         args.new, args.repeats, args.copy_mb = 8, 1, 64
@@ -219,13 +272,22 @@ def main():
     transformers.logging.disable_progress_bar()
     result = {
         "bench": "decode",
-        "machine": {**cpu_info(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__, "dtype": "float32",
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-                    "loadavg_start": os.getloadavg()},
-        "quick": args.quick, "prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
+        "machine": {
+            **cpu_info(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "dtype": "float32",
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "loadavg_start": os.getloadavg(),
+        },
+        "quick": args.quick,
+        "prompt_tokens": args.prompt,
+        "new_tokens": args.new,
+        "repeats": args.repeats,
         "bandwidth_convention": "copy_gb_s = (read + written bytes) / time of dst.copy_(src), "
-                                f"{args.copy_mb} MB fp32, median of 5, once per repeat, median over repeats; read_gb_s = bytes / time of src.sum()",
+        f"{args.copy_mb} MB fp32, median of 5, once per repeat, median over repeats; read_gb_s = bytes / time of src.sum()",
         "models": {},
     }
     for size in args.sizes.split(","):

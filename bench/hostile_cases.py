@@ -1,6 +1,7 @@
 """bench/hostile.py's parts: a raw asyncio HTTP/1.1 client (it must send bytes no library would:
 invalid UTF-8, lying lengths, NaN literals), the verdicts on its replies, and the tables of poison
 and fuzz requests."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,9 @@ class Reply:
     headers: dict = field(default_factory=dict)  # lower-case names
     body: bytes = b""
     error: str | None = None
-    chunks: list = field(default_factory=list)  # (perf_counter time, bytes) per chunk of a chunked body
+    chunks: list = field(
+        default_factory=list
+    )  # (perf_counter time, bytes) per chunk of a chunked body
 
     def json(self):
         """The body as strict JSON (a bare NaN/Infinity is no JSON), or None."""
@@ -52,8 +55,17 @@ def _loads(b: bytes):
         return None
 
 
-def request(method: str, path: str, body=b"", *, ctype: str | None = "application/json", key: str | None = KEY,
-            headers: tuple = (), chunked: bool = False, length: str | None = None) -> bytes:
+def request(
+    method: str,
+    path: str,
+    body=b"",
+    *,
+    ctype: str | None = "application/json",
+    key: str | None = KEY,
+    headers: tuple = (),
+    chunked: bool = False,
+    length: str | None = None,
+) -> bytes:
     """Raw request bytes; a dict body is JSON, `length` overrides Content-Length (a lie, or junk)."""
     if isinstance(body, dict | list):
         body = json.dumps(body, ensure_ascii=False).encode()
@@ -68,8 +80,13 @@ def request(method: str, path: str, body=b"", *, ctype: str | None = "applicatio
     if chunked:
         head.append("Transfer-Encoding: chunked")
         step = 1 << 16
-        body = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + step]), body[i:i + step])
-                        for i in range(0, len(body), step)) + b"0\r\n\r\n"
+        body = (
+            b"".join(
+                b"%x\r\n%s\r\n" % (len(body[i : i + step]), body[i : i + step])
+                for i in range(0, len(body), step)
+            )
+            + b"0\r\n\r\n"
+        )
     elif length is not None or body or method in ("POST", "PUT", "PATCH"):
         head.append(f"Content-Length: {length if length is not None else len(body)}")
     return "\r\n".join(head).encode() + b"\r\n\r\n" + body
@@ -79,7 +96,9 @@ def post(path: str, payload, **kw) -> bytes:
     return request("POST", path, payload, **kw)
 
 
-async def send(port: int, raw: bytes, timeout: float = 20.0, started: asyncio.Event | None = None) -> Reply:
+async def send(
+    port: int, raw: bytes, timeout: float = 20.0, started: asyncio.Event | None = None
+) -> Reply:
     """Send `raw` and read one response (the body is written while the answer is read, so an early 413
     is seen even though the rest of the body then meets a closed socket); `started` is set at the first
     body chunk."""
@@ -96,7 +115,7 @@ async def _exchange(port: int, raw: bytes, started: asyncio.Event | None) -> Rep
 
     async def pump():
         for i in range(0, len(raw), 1 << 16):
-            writer.write(raw[i:i + (1 << 16)])
+            writer.write(raw[i : i + (1 << 16)])
             await writer.drain()
 
     wtask = asyncio.create_task(pump())
@@ -112,12 +131,16 @@ async def _exchange(port: int, raw: bytes, started: asyncio.Event | None) -> Rep
         rep = Reply(status, headers)
         if headers.get("transfer-encoding", "").lower() == "chunked":
             try:
-                while (size := int((await reader.readline()).split(b";")[0], 16)):
+                while size := int((await reader.readline()).split(b";")[0], 16):
                     rep.chunks.append((time.perf_counter(), await reader.readexactly(size)))
                     if started is not None:
                         started.set()
                     await reader.readexactly(2)
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:  # a stream cut: keep what came
+            except (
+                OSError,
+                asyncio.IncompleteReadError,
+                ValueError,
+            ) as e:  # a stream cut: keep what came
                 rep.error = f"body cut after {len(rep.chunks)} chunks ({type(e).__name__})"
             rep.body = b"".join(c for _, c in rep.chunks)
         elif raw.startswith(b"HEAD ") or status in (204, 304):
@@ -145,15 +168,22 @@ def outcome(rep, stream: bool) -> dict:
         evs = [e for _, e in rep.events()]
         chunks = [e for e in evs if isinstance(e, dict) and e.get("choices")]
         choices = [c for e in chunks for c in e["choices"] if c.get("index", 0) == 0]
-        out.update(done="[DONE]" in evs, error_events=sum(isinstance(e, dict) and "error" in e for e in evs),
-                   bad_json=sum(e is None for e in evs), chunks=len(rep.chunks), cut=rep.error)
+        out.update(
+            done="[DONE]" in evs,
+            error_events=sum(isinstance(e, dict) and "error" in e for e in evs),
+            bad_json=sum(e is None for e in evs),
+            chunks=len(rep.chunks),
+            cut=rep.error,
+        )
     else:
         body = rep.json()
         choices = body["choices"][:1] if body else []
         out.update(done=body is not None, error_events=0, bad_json=int(body is None))
     out["tokens"] = [t for c in choices for t in ((c.get("logprobs") or {}).get("tokens") or [])]
     out["text"] = "".join(c.get("text", "") for c in choices)
-    out["finish"] = next((c["finish_reason"] for c in reversed(choices) if c.get("finish_reason")), None)
+    out["finish"] = next(
+        (c["finish_reason"] for c in reversed(choices) if c.get("finish_reason")), None
+    )
     return out
 
 
@@ -167,7 +197,11 @@ def verdict(o: dict, ref: dict) -> str:
         return "error event"
     if o.get("finish") not in ("stop", "length"):
         return "no finish_reason"
-    return "intact" if (o.get("tokens"), o.get("text")) == (ref.get("tokens"), ref.get("text")) else "tokens differ"
+    return (
+        "intact"
+        if (o.get("tokens"), o.get("text")) == (ref.get("tokens"), ref.get("text"))
+        else "tokens differ"
+    )
 
 
 def intact(o: dict, ref: dict) -> bool:
@@ -182,9 +216,15 @@ def well_defined(rep, stream: bool) -> bool:
         return False
     if stream:
         evs = [e for _, e in rep.events()]
-        return "[DONE]" in evs and None not in evs and not any(isinstance(e, dict) and "error" in e for e in evs)
+        return (
+            "[DONE]" in evs
+            and None not in evs
+            and not any(isinstance(e, dict) and "error" in e for e in evs)
+        )
     body = rep.json()
-    return bool(body) and all(c.get("finish_reason") in ("stop", "length") for c in body.get("choices") or [None])
+    return bool(body) and all(
+        c.get("finish_reason") in ("stop", "length") for c in body.get("choices") or [None]
+    )
 
 
 # -- poison: sent while 8 seeded generations run; each must get a 4xx or a well-defined 200 ------------
@@ -193,26 +233,40 @@ def poison_variants(quick: bool) -> list[tuple[str, str, dict]]:
     C, H = "/v1/completions", "/v1/chat/completions"
     base = {"prompt": "Hi", "max_tokens": 8}
     chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
-    v = [("seed 2**64", C, {**base, "seed": 2**64}),
-         ("seed -2**63-1", C, {**base, "seed": -2**63 - 1}),
-         ("temperature 1e-40", C, {**base, "temperature": 1e-40}),
-         ("temperature 1e-300", C, {**base, "temperature": 1e-300}),
-         ("repetition_penalty 1e-300", C, {**base, "repetition_penalty": 1e-300}),
-         ("repetition_penalty 5e-324", C, {**base, "repetition_penalty": 5e-324}),
-         ("top_p 1e-30", C, {**base, "top_p": 1e-30}),
-         ("seed 2**64-1, n=2 (choice 1 gets seed+1)", C, {**base, "seed": 2**64 - 1, "n": 2}),
-         ("seed 2**64 streamed", C, {**base, "seed": 2**64, "stream": True}),
-         ("chat repetition_penalty 5e-324", H, {**chat, "repetition_penalty": 5e-324}),
-         ("temperature 5e-324", C, {**base, "temperature": 5e-324}),
-         ("top_p 5e-324", C, {**base, "top_p": 5e-324}),
-         ("repetition_penalty 1e308", C, {**base, "repetition_penalty": 1e308}),
-         ("top_k 2**63", C, {**base, "top_k": 2**63}),
-         ("min_p 1-1e-16, temperature 2", C, {**base, "min_p": 0.9999999999999999, "temperature": 2}),
-         ("penalties -2, temperature 1e-30", C, {**base, "presence_penalty": -2, "frequency_penalty": -2,
-                                                 "temperature": 1e-30}),
-         ("logprobs 20, temperature 1e-300", C, {**base, "logprobs": 20, "temperature": 1e-300}),
-         ("seed 2**63 (valid)", C, {**base, "seed": 2**63})]
-    keep = {"seed 2**64", "temperature 1e-300", "repetition_penalty 5e-324", "seed 2**64-1, n=2 (choice 1 gets seed+1)"}
+    v = [
+        ("seed 2**64", C, {**base, "seed": 2**64}),
+        ("seed -2**63-1", C, {**base, "seed": -(2**63) - 1}),
+        ("temperature 1e-40", C, {**base, "temperature": 1e-40}),
+        ("temperature 1e-300", C, {**base, "temperature": 1e-300}),
+        ("repetition_penalty 1e-300", C, {**base, "repetition_penalty": 1e-300}),
+        ("repetition_penalty 5e-324", C, {**base, "repetition_penalty": 5e-324}),
+        ("top_p 1e-30", C, {**base, "top_p": 1e-30}),
+        ("seed 2**64-1, n=2 (choice 1 gets seed+1)", C, {**base, "seed": 2**64 - 1, "n": 2}),
+        ("seed 2**64 streamed", C, {**base, "seed": 2**64, "stream": True}),
+        ("chat repetition_penalty 5e-324", H, {**chat, "repetition_penalty": 5e-324}),
+        ("temperature 5e-324", C, {**base, "temperature": 5e-324}),
+        ("top_p 5e-324", C, {**base, "top_p": 5e-324}),
+        ("repetition_penalty 1e308", C, {**base, "repetition_penalty": 1e308}),
+        ("top_k 2**63", C, {**base, "top_k": 2**63}),
+        (
+            "min_p 1-1e-16, temperature 2",
+            C,
+            {**base, "min_p": 0.9999999999999999, "temperature": 2},
+        ),
+        (
+            "penalties -2, temperature 1e-30",
+            C,
+            {**base, "presence_penalty": -2, "frequency_penalty": -2, "temperature": 1e-30},
+        ),
+        ("logprobs 20, temperature 1e-300", C, {**base, "logprobs": 20, "temperature": 1e-300}),
+        ("seed 2**63 (valid)", C, {**base, "seed": 2**63}),
+    ]
+    keep = {
+        "seed 2**64",
+        "temperature 1e-300",
+        "repetition_penalty 5e-324",
+        "seed 2**64-1, n=2 (choice 1 gets seed+1)",
+    }
     return [x for x in v if x[0] in keep] if quick else v
 
 
@@ -220,7 +274,7 @@ def poison_variants(quick: bool) -> list[tuple[str, str, dict]]:
 def fuzz_cases(max_body: int) -> list[tuple[str, bytes, str]]:
     """(name, raw request, expectation): "400", "401", "405" (with Allow), "413", "4xx", or "ok" (any non-5xx
     answer). The expectations beyond "no 5xx" are the ones issue 18 states."""
-    C, H, I = "/v1/completions", "/v1/chat/completions", "/v1/inspect/attention"
+    C, H, INS = "/v1/completions", "/v1/chat/completions", "/v1/inspect/attention"
     msg = [{"role": "user", "content": "Hi"}]
 
     def comp(**kw):
@@ -230,7 +284,7 @@ def fuzz_cases(max_body: int) -> list[tuple[str, bytes, str]]:
         return post(H, {"messages": msg, "max_tokens": 4, **kw})
 
     def insp(**kw):
-        return post(I, {"prompt": "Hi", **kw})
+        return post(INS, {"prompt": "Hi", **kw})
 
     def raw(body: bytes, path=C, **kw):
         return request("POST", path, body, **kw)
@@ -257,7 +311,11 @@ def fuzz_cases(max_body: int) -> list[tuple[str, bytes, str]]:
         ("prompt NUL char", comp(prompt="a\x00b"), "ok"),
         ("prompt lone surrogate", raw(b'{"prompt":"\\ud800","max_tokens":4}'), "400"),
         ("prompt reversed surrogates", raw(b'{"prompt":"\\udfff\\ud800","max_tokens":4}'), "400"),
-        ("chat lone surrogate", raw(b'{"messages":[{"role":"user","content":"\\udc00"}],"max_tokens":4}', H), "400"),
+        (
+            "chat lone surrogate",
+            raw(b'{"messages":[{"role":"user","content":"\\udc00"}],"max_tokens":4}', H),
+            "400",
+        ),
         ("invalid UTF-8", raw(b'{"prompt":"\xff\xfe","max_tokens":4}'), "400"),
         ("overlong UTF-8", raw(b'{"prompt":"\xc0\xaf","max_tokens":4}'), "400"),
         ("max_tokens -1", comp(max_tokens=-1), "400"),
@@ -266,15 +324,35 @@ def fuzz_cases(max_body: int) -> list[tuple[str, bytes, str]]:
         ("max_tokens 1e308", comp(max_tokens=1e308), "400"),
         ("max_tokens '4'", comp(max_tokens="4"), "ok"),
         ("max_tokens true", comp(max_tokens=True), "ok"),
-        ("max_tokens 5000 digits", raw(b'{"prompt":"Hi","max_tokens":1' + b"0" * 5000 + b"}"), "400"),
+        (
+            "max_tokens 5000 digits",
+            raw(b'{"prompt":"Hi","max_tokens":1' + b"0" * 5000 + b"}"),
+            "400",
+        ),
         ("max_tokens NaN", raw(b'{"prompt":"Hi","max_tokens":NaN}'), "400"),
         ("temperature NaN", raw(b'{"prompt":"Hi","max_tokens":4,"temperature":NaN}'), "400"),
-        ("temperature Infinity", raw(b'{"prompt":"Hi","max_tokens":4,"temperature":Infinity}'), "400"),
-        ("temperature -Infinity", raw(b'{"prompt":"Hi","max_tokens":4,"temperature":-Infinity}'), "400"),
+        (
+            "temperature Infinity",
+            raw(b'{"prompt":"Hi","max_tokens":4,"temperature":Infinity}'),
+            "400",
+        ),
+        (
+            "temperature -Infinity",
+            raw(b'{"prompt":"Hi","max_tokens":4,"temperature":-Infinity}'),
+            "400",
+        ),
         ("temperature 1e999", raw(b'{"prompt":"Hi","max_tokens":4,"temperature":1e999}'), "400"),
         ("top_p NaN", raw(b'{"prompt":"Hi","max_tokens":4,"top_p":NaN}'), "400"),
-        ("presence_penalty NaN", raw(b'{"prompt":"Hi","max_tokens":4,"presence_penalty":NaN}'), "400"),
-        ("repetition_penalty Infinity", raw(b'{"prompt":"Hi","max_tokens":4,"repetition_penalty":Infinity}'), "400"),
+        (
+            "presence_penalty NaN",
+            raw(b'{"prompt":"Hi","max_tokens":4,"presence_penalty":NaN}'),
+            "400",
+        ),
+        (
+            "repetition_penalty Infinity",
+            raw(b'{"prompt":"Hi","max_tokens":4,"repetition_penalty":Infinity}'),
+            "400",
+        ),
         ("repetition_penalty 1e308", comp(repetition_penalty=1e308), "ok"),
         ("top_k 10**30", comp(top_k=10**30), "ok"),
         ("min_p 1-1e-16", comp(min_p=0.9999999999999999), "ok"),
@@ -295,46 +373,101 @@ def fuzz_cases(max_body: int) -> list[tuple[str, bytes, str]]:
         ("stream_options bad", comp(stream=True, stream_options={"include_usage": "maybe"}), "400"),
         ("logprobs 2**40", comp(logprobs=2**40), "400"),
         ("echo true", comp(echo=True), "400"),
-        ("tools", chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "400"),
+        (
+            "tools",
+            chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+            "400",
+        ),
         ("response_format", chat(response_format={"type": "json_object"}), "400"),
         ("logit_bias", comp(logit_bias={"5": 100}), "400"),
         ("unknown model", comp(model="gpt-4"), "400"),
         ("functions", chat(functions=[{"name": "f", "parameters": {}}]), "400"),
-        ("deep nesting in an unknown field", raw(b'{"prompt":"Hi","max_tokens":4,"x":' + deep + b"}"), "ok"),
+        (
+            "deep nesting in an unknown field",
+            raw(b'{"prompt":"Hi","max_tokens":4,"x":' + deep + b"}"),
+            "ok",
+        ),
         ("deep nesting as prompt", raw(b'{"max_tokens":4,"prompt":' + deep + b"}"), "400"),
         ("chat messages []", chat(messages=[]), "400"),
         ("chat role tool", chat(messages=[{"role": "tool", "content": "x"}]), "400"),
         ("chat content null", chat(messages=[{"role": "user", "content": None}]), "400"),
-        ("chat content parts", chat(messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]), "ok"),
+        (
+            "chat content parts",
+            chat(messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]),
+            "ok",
+        ),
         ("chat 5000 messages", chat(messages=msg * 5000), "400"),
         ("chat top_logprobs 21", chat(logprobs=True, top_logprobs=21), "400"),
         ("chat top_logprobs -1", chat(logprobs=True, top_logprobs=-1), "400"),
-        ("chat prompt + max_tokens over window", chat(messages=[{"role": "user", "content": "月光 " * 3000}]), "400"),
-        ("content-type text/plain", request("POST", C, {"prompt": "Hi", "max_tokens": 4}, ctype="text/plain"), "ok"),
-        ("no content-type", request("POST", C, {"prompt": "Hi", "max_tokens": 4}, ctype=None), "ok"),
-        ("form body", request("POST", C, "prompt=Hi", ctype="application/x-www-form-urlencoded"), "400"),
-        ("multipart body", request("POST", C, b"--b\r\n\r\nHi\r\n--b--\r\n",
-                                   ctype="multipart/form-data; boundary=b"), "400"),
+        (
+            "chat prompt + max_tokens over window",
+            chat(messages=[{"role": "user", "content": "月光 " * 3000}]),
+            "400",
+        ),
+        (
+            "content-type text/plain",
+            request("POST", C, {"prompt": "Hi", "max_tokens": 4}, ctype="text/plain"),
+            "ok",
+        ),
+        (
+            "no content-type",
+            request("POST", C, {"prompt": "Hi", "max_tokens": 4}, ctype=None),
+            "ok",
+        ),
+        (
+            "form body",
+            request("POST", C, "prompt=Hi", ctype="application/x-www-form-urlencoded"),
+            "400",
+        ),
+        (
+            "multipart body",
+            request(
+                "POST", C, b"--b\r\n\r\nHi\r\n--b--\r\n", ctype="multipart/form-data; boundary=b"
+            ),
+            "400",
+        ),
         ("GET /v1/completions", request("GET", C), "405"),
         ("PUT /v1/chat/completions", request("PUT", H, {"messages": msg}), "405"),
         ("DELETE /v1/models", request("DELETE", "/v1/models"), "405"),
         ("POST /health", request("POST", "/health", {}), "405"),
-        ("PATCH /v1/inspect/attention", request("PATCH", I, {}), "405"),
+        ("PATCH /v1/inspect/attention", request("PATCH", INS, {}), "405"),
         ("OPTIONS /v1/completions", request("OPTIONS", C), "4xx"),
         ("HEAD /health", request("HEAD", "/health"), "ok"),
         # declared: only 4 KB follow the headers, so the 413 must come from the declared length, not a read
-        ("body over the limit, declared", raw(big, length=str(len(big)))[:-(len(big) - 4096)], "413"),
+        (
+            "body over the limit, declared",
+            raw(big, length=str(len(big)))[: -(len(big) - 4096)],
+            "413",
+        ),
         ("body over the limit, chunked", raw(big, chunked=True), "413"),
-        ("Content-Length short of the body", raw(b'{"prompt":"Hi","max_tokens":4}', length="5"), "4xx"),
+        (
+            "Content-Length short of the body",
+            raw(b'{"prompt":"Hi","max_tokens":4}', length="5"),
+            "4xx",
+        ),
         ("Content-Length junk", raw(b'{"prompt":"Hi"}', length="abc"), "4xx"),
         ("Content-Length negative", raw(b'{"prompt":"Hi"}', length="-1"), "4xx"),
-        ("Content-Length and chunked", raw(b'{"prompt":"Hi","max_tokens":4}', chunked=True,
-                                          headers=("Content-Length: 10",)), "ok"),  # chunked wins (RFC 9112)
-        ("bad chunk size", request("POST", C, b"zz\r\nabc\r\n0\r\n\r\n",
-                                   headers=("Transfer-Encoding: chunked",)), "4xx"),
+        (
+            "Content-Length and chunked",
+            raw(b'{"prompt":"Hi","max_tokens":4}', chunked=True, headers=("Content-Length: 10",)),
+            "ok",
+        ),  # chunked wins (RFC 9112)
+        (
+            "bad chunk size",
+            request("POST", C, b"zz\r\nabc\r\n0\r\n\r\n", headers=("Transfer-Encoding: chunked",)),
+            "4xx",
+        ),
         ("garbage request line", b"HELLO\r\n\r\n", "4xx"),
-        ("header of 100 KB", request("GET", "/v1/models", headers=("X-Big: " + "a" * 100_000,)), "ok"),
-        ("1000 headers", request("GET", "/v1/models", headers=tuple(f"X-H{i}: v" for i in range(1000))), "ok"),
+        (
+            "header of 100 KB",
+            request("GET", "/v1/models", headers=("X-Big: " + "a" * 100_000,)),
+            "ok",
+        ),
+        (
+            "1000 headers",
+            request("GET", "/v1/models", headers=tuple(f"X-H{i}: v" for i in range(1000))),
+            "ok",
+        ),
         ("bad percent-encoding", request("GET", "/v1/%zz"), "4xx"),
         ("path traversal", request("GET", "/../../../etc/passwd"), "4xx"),
         ("NUL in path", request("GET", "/v1/models%00"), "4xx"),
@@ -351,7 +484,7 @@ def fuzz_cases(max_body: int) -> list[tuple[str, bytes, str]]:
         ("inspect layer 2**63", insp(layer=2**63), "400"),
         ("inspect head -1", insp(head=-1), "400"),
         ("inspect prompt and messages", insp(messages=msg), "400"),
-        ("inspect lone surrogate", raw(b'{"prompt":"\\ud800"}', I), "400"),
+        ("inspect lone surrogate", raw(b'{"prompt":"\\ud800"}', INS), "400"),
     ]
 
 

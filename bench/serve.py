@@ -17,6 +17,7 @@ so tokens are counted from `usage`.
 
 Prints progress to stderr and, as its last line, one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,16 @@ from pathlib import Path
 
 from common import cpu_info  # bench/common.py (scripts run from bench/)
 
-PROMPTS = ["写一首关于春天的诗", "Tell me about the sea.", "床前明月光", "What is your name?", "你好，今天天气怎么样？",
-           "How do I learn to write poems?", "白日依山尽", "Good morning!"]
+PROMPTS = [
+    "写一首关于春天的诗",
+    "Tell me about the sea.",
+    "床前明月光",
+    "What is your name?",
+    "你好，今天天气怎么样？",
+    "How do I learn to write poems?",
+    "白日依山尽",
+    "Good morning!",
+]
 
 
 def random_model(out: Path) -> Path:
@@ -45,8 +54,12 @@ def random_model(out: Path) -> Path:
     from zerolm.model import build_model, save_model
     from zerolm.tokenizer.train import train_tokenizer
 
-    text = [m["content"] for name in CHAT_CORPORA for c in read_chat_corpus(name) for m in c["messages"]]
-    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=4096, min_frequency=2), text, progress=False)
+    text = [
+        m["content"] for name in CHAT_CORPORA for c in read_chat_corpus(name) for m in c["messages"]
+    ]
+    tok = train_tokenizer(
+        TokenizerConfig(kind="bpe", vocab_size=4096, min_frequency=2), text, progress=False
+    )
     cfg = ModelConfig(preset="llama", d_model=256, n_layers=4, n_heads=4, max_seq_len=128)
     save_model(build_model(cfg, vocab_size=tok.vocab_size, seed=0), out, tok)
     return out
@@ -75,12 +88,21 @@ def wait_ready(url: str, proc, timeout: float = 120) -> None:
 async def one(port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
     """(time to first text chunk, completion tokens) of one streamed chat request, read with a
     minimal asyncio HTTP/1.1 client: a load generator must cost the shared CPU little."""
-    body = json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                       "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+    )
     status = await reader.readline()
     if b" 200 " not in status:
         raise RuntimeError(f"server answered {status!r}")
@@ -98,26 +120,41 @@ async def one(port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
 
 async def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
     async def worker(w: int):
-        return [await one(port, PROMPTS[(w + r) % len(PROMPTS)] + f" {w}-{r}", max_tokens) for r in range(requests)]
+        return [
+            await one(port, PROMPTS[(w + r) % len(PROMPTS)] + f" {w}-{r}", max_tokens)
+            for r in range(requests)
+        ]
 
     t0 = time.perf_counter()
     results = [x for per in await asyncio.gather(*(worker(w) for w in range(clients))) for x in per]
     wall = time.perf_counter() - t0
     ttfts = sorted(t for t, _ in results)
     tokens = sum(n for _, n in results)
-    return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_s": round(statistics.median(ttfts), 4),
-            "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 4)}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_s": round(statistics.median(ttfts), 4),
+        "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 4),
+    }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model directory (default: a random speedrun-shaped llama)")
     ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client, sent one after another")
+    ap.add_argument(
+        "--requests", type=int, default=4, help="requests per client, sent one after another"
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server process")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 request per client, 8 tokens")
+    ap.add_argument(
+        "--server-threads", type=int, default=1, help="torch threads of the server process"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 request per client, 8 tokens"
+    )
     args = ap.parse_args()
     if args.quick:
         args.requests, args.max_tokens = 1, 8
@@ -126,11 +163,30 @@ def main():
         model = args.model or str(random_model(Path(tmp) / "speedrun-shape"))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads),
-               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        proc = subprocess.Popen([sys.executable, "-m", "zerolm.cli", "serve", model, "--port", str(port),
-                                 "--max-batch", str(max(levels)), "--max-queue", str(4 * max(levels)), "--log-level", "warning"],
-                                env=env, stderr=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.server_threads),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        }
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "zerolm.cli",
+                "serve",
+                model,
+                "--port",
+                str(port),
+                "--max-batch",
+                str(max(levels)),
+                "--max-queue",
+                str(4 * max(levels)),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_ready(url, proc)
             asyncio.run(load(port, 1, 1, 8))  # warm-up
@@ -147,11 +203,20 @@ def main():
 
     result = {
         "bench": "serve",
-        "machine": {**cpu_info(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "dtype": "float32", "server_threads": args.server_threads,
-                    "omp_wait_policy": env["OMP_WAIT_POLICY"], "loadavg_end": os.getloadavg()},
+        "machine": {
+            **cpu_info(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "dtype": "float32",
+            "server_threads": args.server_threads,
+            "omp_wait_policy": env["OMP_WAIT_POLICY"],
+            "loadavg_end": os.getloadavg(),
+        },
         "model": args.model or "random llama d256 L4 window 128 (speedrun shape)",
-        "max_tokens": args.max_tokens, "requests_per_client": args.requests, "runs": runs,
+        "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests,
+        "runs": runs,
     }
     if 1 in by and 16 in by:
         result["ratio_16_vs_1"] = round(by[16]["tokens_per_s"] / by[1]["tokens_per_s"], 2)

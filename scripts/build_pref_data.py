@@ -12,6 +12,7 @@ surrounding whitespace only). An example without exactly one 1 and one 0 is an e
 
     python scripts/build_pref_data.py [--sdist bigbench-1.0.0.tar.gz]   # default: pip download it
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,18 @@ def convert(task: dict, subset: str) -> list[dict]:
         good = [r for r, s in scores.items() if s == 1]
         bad = [r for r, s in scores.items() if s == 0]
         if len(good) != 1 or len(bad) != 1 or len(scores) != 2:
-            raise ValueError(f"{subset} example {i}: expected one response scored 1 and one scored 0, got {scores}")
-        rows.append({"prompt": ex["input"].strip(), "chosen": good[0].strip(), "rejected": bad[0].strip(),
-                     "source": f"hhh_alignment/{subset}", "id": f"{subset}-{i}"})
+            raise ValueError(
+                f"{subset} example {i}: expected one response scored 1 and one scored 0, got {scores}"
+            )
+        rows.append(
+            {
+                "prompt": ex["input"].strip(),
+                "chosen": good[0].strip(),
+                "rejected": bad[0].strip(),
+                "source": f"hhh_alignment/{subset}",
+                "id": f"{subset}-{i}",
+            }
+        )
     return rows
 
 
@@ -49,8 +59,22 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         sdist = Path(args.sdist) if args.sdist else None
         if sdist is None:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                            "bigbench==1.0.0", "-d", tmp], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "bigbench==1.0.0",
+                    "-d",
+                    tmp,
+                ],
+                check=True,
+            )
             sdist = Path(tmp) / "bigbench-1.0.0.tar.gz"
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         rows, canary = [], None
@@ -63,7 +87,8 @@ def main():
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     (OUT / "hhh.jsonl.xz").write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
     counts = {s: sum(r["source"].endswith(s) for r in rows) for s in SUBSETS}
-    (OUT / "LICENSES.md").write_text(f"""# Bundled preference pairs: provenance and licence
+    (OUT / "LICENSES.md").write_text(
+        f"""# Bundled preference pairs: provenance and licence
 
 `hhh.jsonl.xz` is built at packaging time by `scripts/build_pref_data.py` and committed; nothing is
 downloaded at run time. UTF-8 JSON Lines, xz-compressed; each line is
@@ -85,7 +110,9 @@ downloaded at run time. UTF-8 JSON Lines, xz-compressed; each line is
   authors ask that benchmark data not be used in training corpora. zerolm uses these pairs for
   preference training as its issue tracker asks; do not report BIG-bench hhh_alignment scores of a
   model aligned on them.
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     print(f"wrote {len(rows)} pairs to {OUT / 'hhh.jsonl.xz'}", file=sys.stderr)
 
 

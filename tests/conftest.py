@@ -21,16 +21,28 @@ def tiny_corpus(tmp_path_factory):
     words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 5))) for _ in range(60)]
     with open(root / "docs.jsonl", "w") as f:
         for i in range(300):
-            f.write(json.dumps({"text": f"{i} " + " ".join(rng.choices(words, k=rng.randint(20, 60)))}) + "\n")
-    cfg = load_config(None, {"out_dir": str(root / "run"), "data": {"inputs": [str(root / "docs.jsonl")]},
-                             "tokenizer": {"vocab_size": 300, "min_frequency": 1}})
+            f.write(
+                json.dumps({"text": f"{i} " + " ".join(rng.choices(words, k=rng.randint(20, 60)))})
+                + "\n"
+            )
+    cfg = load_config(
+        None,
+        {
+            "out_dir": str(root / "run"),
+            "data": {"inputs": [str(root / "docs.jsonl")]},
+            "tokenizer": {"vocab_size": 300, "min_frequency": 1},
+        },
+    )
     prepare(cfg, progress=False)
     return root
 
 
 def pytest_addoption(parser):
-    parser.addoption("--reverse", action="store_true",
-                     help="run the tests in reverse order (with -p no:randomly): the suite must not depend on its order")
+    parser.addoption(
+        "--reverse",
+        action="store_true",
+        help="run the tests in reverse order (with -p no:randomly): the suite must not depend on its order",
+    )
 
 
 @pytest.hookimpl(trylast=True)

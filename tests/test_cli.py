@@ -1,4 +1,5 @@
 """The `zerolm` command as a user runs it: a real subprocess, real files."""
+
 import json
 import subprocess
 import sys
@@ -7,8 +8,14 @@ import pytest
 
 
 def zerolm(*args, cwd=None, input=None):
-    return subprocess.run([sys.executable, "-m", "zerolm", *map(str, args)], cwd=cwd, input=input,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "zerolm", *map(str, args)],
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +24,21 @@ def run_dir(tmp_path_factory):
     (root / "poems.txt").write_text(
         "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n\n"
         "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。\n\n"
-        "To be, or not to be, that is the question.\n\nAll the world's a stage.\n", encoding="utf-8")
-    r = zerolm("prepare", "poems.txt", "--out", "run", "--quiet", "--data.txt_unit=paragraph",
-               "--data.val_fraction=0.3", "--tokenizer.vocab_size=300", "--tokenizer.min_frequency=1", cwd=root)
+        "To be, or not to be, that is the question.\n\nAll the world's a stage.\n",
+        encoding="utf-8",
+    )
+    r = zerolm(
+        "prepare",
+        "poems.txt",
+        "--out",
+        "run",
+        "--quiet",
+        "--data.txt_unit=paragraph",
+        "--data.val_fraction=0.3",
+        "--tokenizer.vocab_size=300",
+        "--tokenizer.min_frequency=1",
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr
     assert "documents: read 4, kept 4" in r.stderr
     return root / "run"
@@ -44,15 +63,21 @@ def test_resolved_config_written(run_dir):
     assert 'txt_unit = "paragraph"' in text and "vocab_size = 300" in text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["prepare", "missing.txt"], "input path 'missing.txt' does not exist"),
-    (["prepare", "--corpus", "nope"], "unknown corpus 'nope'; bundled corpora: tang, shakespeare"),
-    (["prepare", "--data.val_fration=0.1"], "Did you mean 'val_fraction'"),
-    (["prepare"], "no input"),
-    (["tokenizer", "decode", "--tokenizer", "run/tokenizer", "99999"], "out of range"),
-    (["tokenizer", "decode", "--tokenizer", "run/tokenizer", "abc"], "integer token ids"),
-    (["tokenizer", "encode", "--tokenizer", "nowhere", "x"], "no tokenizer at 'nowhere'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prepare", "missing.txt"], "input path 'missing.txt' does not exist"),
+        (
+            ["prepare", "--corpus", "nope"],
+            "unknown corpus 'nope'; bundled corpora: tang, shakespeare",
+        ),
+        (["prepare", "--data.val_fration=0.1"], "Did you mean 'val_fraction'"),
+        (["prepare"], "no input"),
+        (["tokenizer", "decode", "--tokenizer", "run/tokenizer", "99999"], "out of range"),
+        (["tokenizer", "decode", "--tokenizer", "run/tokenizer", "abc"], "integer token ids"),
+        (["tokenizer", "encode", "--tokenizer", "nowhere", "x"], "no tokenizer at 'nowhere'"),
+    ],
+)
 def test_errors_are_one_clear_line(run_dir, args, message):
     r = zerolm(*args, cwd=run_dir.parent)
     assert r.returncode == 2
@@ -72,4 +97,6 @@ def test_help_and_corpora():
 def test_override_value_after_a_space_is_not_an_input_file():
     r = zerolm("config", "--out_dir", "elsewhere", "--data.corpus", "tang", "--seed", "7")
     assert r.returncode == 0, r.stderr
-    assert 'out_dir = "elsewhere"' in r.stdout and "seed = 7" in r.stdout and "inputs = []" in r.stdout
+    assert (
+        'out_dir = "elsewhere"' in r.stdout and "seed = 7" in r.stdout and "inputs = []" in r.stdout
+    )

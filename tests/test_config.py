@@ -18,9 +18,15 @@ def test_defaults():
 
 
 def test_precedence_cli_over_toml_over_defaults(tmp_path):
-    recipe = write(tmp_path, 'seed = 7\n[data]\nval_fraction = 0.2\nmin_chars = 9\n[tokenizer]\nkind = "char"\n')
-    cfg = load_config(recipe, parse_overrides(["--data.val_fraction=0.3", "--tokenizer.vocab_size", "500"]),
-                      base={"data": {"min_chars": 3, "max_chars": 77}})
+    recipe = write(
+        tmp_path,
+        'seed = 7\n[data]\nval_fraction = 0.2\nmin_chars = 9\n[tokenizer]\nkind = "char"\n',
+    )
+    cfg = load_config(
+        recipe,
+        parse_overrides(["--data.val_fraction=0.3", "--tokenizer.vocab_size", "500"]),
+        base={"data": {"min_chars": 3, "max_chars": 77}},
+    )
     assert cfg.seed == 7  # toml over default
     assert cfg.data.val_fraction == 0.3  # cli over toml
     assert cfg.data.min_chars == 9  # toml over command default
@@ -30,23 +36,37 @@ def test_precedence_cli_over_toml_over_defaults(tmp_path):
 
 
 def test_types_are_converted():
-    cfg = load_config(None, parse_overrides(
-        ["--data.corpus=tang,shakespeare", "--tokenizer.lowercase=true", "--data.shard_tokens=1e6"]))
+    cfg = load_config(
+        None,
+        parse_overrides(
+            [
+                "--data.corpus=tang,shakespeare",
+                "--tokenizer.lowercase=true",
+                "--data.shard_tokens=1e6",
+            ]
+        ),
+    )
     assert cfg.data.corpus == ("tang", "shakespeare")
     assert cfg.tokenizer.lowercase is True
     assert cfg.data.shard_tokens == 1_000_000 and isinstance(cfg.data.shard_tokens, int)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data.val_fration=0.1"], "Did you mean 'val_fraction'"),
-    (["--dat.val_fraction=0.1"], "Valid keys here: align, classify, data, lora, mlm, model, out_dir, seed, seq2seq, sft, "
-                                 "tokenizer, train"),
-    (["--data.min_chars=abc"], "data.min_chars: expected int"),
-    (["--tokenizer.kind=sentencepiece"], "not one of 'bpe', 'wordpiece', 'char'"),
-    (["--tokenizer.lowercase=maybe"], "expected true or false"),
-    (["--data.val_fraction=1.5"], "val_fraction must be in [0, 1)"),
-    (["--data=3"], "data: is a section"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.val_fration=0.1"], "Did you mean 'val_fraction'"),
+        (
+            ["--dat.val_fraction=0.1"],
+            "Valid keys here: align, classify, data, lora, mlm, model, out_dir, seed, seq2seq, sft, "
+            "tokenizer, train",
+        ),
+        (["--data.min_chars=abc"], "data.min_chars: expected int"),
+        (["--tokenizer.kind=sentencepiece"], "not one of 'bpe', 'wordpiece', 'char'"),
+        (["--tokenizer.lowercase=maybe"], "expected true or false"),
+        (["--data.val_fraction=1.5"], "val_fraction must be in [0, 1)"),
+        (["--data=3"], "data: is a section"),
+    ],
+)
 def test_bad_keys_and_values(args, message):
     with pytest.raises(ValueError) as e:
         load_config(None, parse_overrides(args))
@@ -82,8 +102,17 @@ def test_config_is_frozen_and_keyword_only():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(None, parse_overrides(
-        ["--data.corpus=tang", "--data.inputs=a b.txt,c\"q\".jsonl", "--out_dir=x", "--data.near_threshold=0.75"]))
+    cfg = load_config(
+        None,
+        parse_overrides(
+            [
+                "--data.corpus=tang",
+                '--data.inputs=a b.txt,c"q".jsonl',
+                "--out_dir=x",
+                "--data.near_threshold=0.75",
+            ]
+        ),
+    )
     path = save_config(cfg, tmp_path)
     assert load_config(path) == cfg
 

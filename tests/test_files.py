@@ -1,6 +1,7 @@
 """File modes: everything zerolm writes ends with the umask's usual mode (0644/0755 under umask
 022), not tempfile's or safetensors' private 0600/0700. Each job runs in a subprocess with its own
 umask, so the test process's umask is never touched."""
+
 import json
 import os
 import random
@@ -10,12 +11,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 
 def run_under_umask(umask: int, script: str, cwd: Path) -> None:
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, capture_output=True, text=True,
-                       timeout=300, preexec_fn=lambda: os.umask(umask))
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(umask),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -24,7 +29,9 @@ def modes(root: Path) -> dict[str, str]:
     out = {}
     for p in root.rglob("*"):
         st = p.lstat()
-        out[str(p.relative_to(root))] = ("d" if stat.S_ISDIR(st.st_mode) else "f") + oct(stat.S_IMODE(st.st_mode))
+        out[str(p.relative_to(root))] = ("d" if stat.S_ISDIR(st.st_mode) else "f") + oct(
+            stat.S_IMODE(st.st_mode)
+        )
     return out
 
 
@@ -39,10 +46,13 @@ def test_a_whole_job_under_umask_022_writes_0644_files_and_0755_directories(tmp_
     """prepare -> 2-step pretrain (checkpoint, model, tokenizer, log, config) -> HF export -> import."""
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 5))) for _ in range(40)]
-    (tmp_path / "docs.jsonl").write_text("".join(
-        json.dumps({"text": " ".join(rng.choices(words, k=30))}) + "\n" for _ in range(60)))
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": " ".join(rng.choices(words, k=30))}) + "\n" for _ in range(60))
+    )
     out = tmp_path / "out"
-    run_under_umask(0o022, f"""
+    run_under_umask(
+        0o022,
+        f"""
         from zerolm.cli import main
         from zerolm.interop.hf import export_hf
         from zerolm.model import load_model
@@ -57,18 +67,32 @@ def test_a_whole_job_under_umask_022_writes_0644_files_and_0755_directories(tmp_
         export_hf(load_model(out + "/run/model"), out + "/hf", tok)
         assert main(["import", out + "/hf", "--out", out + "/imported"]) == 0
         tok.save(out + "/tok")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     found = modes(out)
-    for must in ("run/model/model.safetensors", "run/model/config.json", "run/model/tokenizer.json",
-                 "hf/model.safetensors", "imported/model.safetensors", "imported/tokenizer.json", "tok/tokenizer.json",
-                 "prep/shards", "run/train_log.jsonl"):
+    for must in (
+        "run/model/model.safetensors",
+        "run/model/config.json",
+        "run/model/tokenizer.json",
+        "hf/model.safetensors",
+        "imported/model.safetensors",
+        "imported/tokenizer.json",
+        "tok/tokenizer.json",
+        "prep/shards",
+        "run/train_log.jsonl",
+    ):
         assert must in found, sorted(found)
-    assert any("checkpoints/step-" in k and k.endswith("model.safetensors") for k in found), sorted(found)
+    assert any("checkpoints/step-" in k and k.endswith("model.safetensors") for k in found), sorted(
+        found
+    )
     assert_modes(out, 0o644, 0o755)
 
 
 def test_atomic_writes_follow_a_umask_of_027(tmp_path):
-    run_under_umask(0o027, """
+    run_under_umask(
+        0o027,
+        """
         import torch
         from safetensors.torch import save_file
         from zerolm.files import atomic_dir, atomic_write_text
@@ -78,6 +102,8 @@ def test_atomic_writes_follow_a_umask_of_027(tmp_path):
             save_file({"w": torch.zeros(2)}, str(tmp / "w.safetensors"))  # safetensors writes 0600 itself
             (tmp / "sub").mkdir(mode=0o700)
             (tmp / "sub" / "c.json").write_text("{}")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert (tmp_path / "out/a/b.txt").read_text() == "y"
     assert_modes(tmp_path / "out", 0o640, 0o750)

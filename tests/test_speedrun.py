@@ -1,5 +1,6 @@
 """`zerolm speedrun PATH` on the user's own text: nothing of the bundled Tang poems gets in, the
 samples start from the user's held-out documents, and the chat stage picks data that fits."""
+
 import random
 import re
 
@@ -12,12 +13,53 @@ from zerolm.speedrun import chat_data, sample_prompts, text_language
 from zerolm.tokenizer import Tokenizer
 
 HAN = re.compile(r"[\u3400-\u9fff]")
-_WORDS = ("the a river town old light morning we walked along quiet road she said nothing because evening "
-          "rain fell softly on roofs and gardens where children played until dark").split()
-TINY = ["--quiet", "--train.steps=3", "--train.batch_size=2", "--train.warmup_steps=1", "--train.compile=false",
-        "--train.eval_every=3", "--train.eval_batches=1", "--train.ckpt_every=3", "--model.d_model=32",
-        "--model.n_layers=1", "--model.n_heads=2", "--model.max_seq_len=64", "--tokenizer.vocab_size=300",
-        "--tokenizer.min_frequency=1"]
+_WORDS = [
+    "the",
+    "a",
+    "river",
+    "town",
+    "old",
+    "light",
+    "morning",
+    "we",
+    "walked",
+    "along",
+    "quiet",
+    "road",
+    "she",
+    "said",
+    "nothing",
+    "because",
+    "evening",
+    "rain",
+    "fell",
+    "softly",
+    "on",
+    "roofs",
+    "and",
+    "gardens",
+    "where",
+    "children",
+    "played",
+    "until",
+    "dark",
+]
+TINY = [
+    "--quiet",
+    "--train.steps=3",
+    "--train.batch_size=2",
+    "--train.warmup_steps=1",
+    "--train.compile=false",
+    "--train.eval_every=3",
+    "--train.eval_batches=1",
+    "--train.ckpt_every=3",
+    "--model.d_model=32",
+    "--model.n_layers=1",
+    "--model.n_heads=2",
+    "--model.max_seq_len=64",
+    "--tokenizer.vocab_size=300",
+    "--tokenizer.min_frequency=1",
+]
 TINY_SFT = """
 [train]
 steps = 2
@@ -37,7 +79,9 @@ def english(tmp_path):
     rng = random.Random(0)
     for i in range(40):  # ~8 KB of English, one document per file
         words = [rng.choice(_WORDS) for _ in range(rng.randint(25, 45))]
-        (src / f"note{i:02d}.txt").write_text(f"Note {i}. " + " ".join(words).capitalize() + ".\n", encoding="utf-8")
+        (src / f"note{i:02d}.txt").write_text(
+            f"Note {i}. " + " ".join(words).capitalize() + ".\n", encoding="utf-8"
+        )
     return src
 
 
@@ -56,10 +100,14 @@ def test_speedrun_on_a_path_trains_on_that_text_only(english, tmp_path, capsys):
     for split in ("train", "val"):
         want = [tok.encode(d["text"]) for d in read_docs(out / "docs" / f"{split}.jsonl")]
         got = list(open_split(out / "shards", split).documents())
-        assert [list(g) for g in got] == want  # the shards hold the user's documents and nothing else
+        assert [
+            list(g) for g in got
+        ] == want  # the shards hold the user's documents and nothing else
         assert meta["splits"][split]["tokens"] == sum(len(w) + 1 for w in want)
     samples = printed.split("samples")[1].split("final validation")[0]
-    for d in read_docs(out / "docs" / "val.jsonl"):  # prompted from the held-out documents' openings
+    for d in read_docs(
+        out / "docs" / "val.jsonl"
+    ):  # prompted from the held-out documents' openings
         assert "\n  " + " ".join(d["text"].split()[:3]) in samples
     assert "明月" not in printed and "form adherence" not in printed and "poem" not in printed
 
@@ -67,8 +115,21 @@ def test_speedrun_on_a_path_trains_on_that_text_only(english, tmp_path, capsys):
 def test_speedrun_chat_stage_on_english_text_uses_english_conversations(english, tmp_path, capsys):
     out, recipe = tmp_path / "run", tmp_path / "tiny-sft.toml"
     recipe.write_text(TINY_SFT, encoding="utf-8")
-    assert main(["speedrun", str(english), "--out", str(out), "--sft-config", str(recipe), "--sft.max_per_source=40",
-                 *TINY]) == 0
+    assert (
+        main(
+            [
+                "speedrun",
+                str(english),
+                "--out",
+                str(out),
+                "--sft-config",
+                str(recipe),
+                "--sft.max_per_source=40",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     cfg = (out / "sft" / "config.toml").read_text(encoding="utf-8")
     assert re.search(r'builtin = \["chitchat", "chatterbot-en"\]', cfg), cfg
@@ -85,21 +146,40 @@ def test_speedrun_align_needs_the_poem_corpus(english, tmp_path, capsys):
 
 def test_chat_data_fits_the_text():
     tang, mine = True, False  # poem data (the bundled corpus) or the user's own text
-    assert chat_data(tang, "zh", user={}) == chat_data(tang, "en", user={}) == {"builtin": ["poems"]}
+    assert (
+        chat_data(tang, "zh", user={}) == chat_data(tang, "en", user={}) == {"builtin": ["poems"]}
+    )
     assert chat_data(mine, "en", user={}) == {"builtin": ["chitchat", "chatterbot-en"]}
     assert chat_data(mine, "zh", user={}) == {"builtin": ["chatterbot-zh"]}
     assert chat_data(mine, "other", user={}) is None  # nothing fits: stop after pretraining
-    assert chat_data(mine, "other", user={"data": ("c.jsonl",)}) == {"builtin": []}  # the user's file alone
+    assert chat_data(mine, "other", user={"data": ("c.jsonl",)}) == {
+        "builtin": []
+    }  # the user's file alone
     assert chat_data(tang, "zh", user={"data": ("c.jsonl",), "builtin": ("poems",)}) == {}
-    assert chat_data(mine, "en", user={}, recipe={"builtin": ("chatterbot-en",)}) == {}  # the user's recipe says
+    assert (
+        chat_data(mine, "en", user={}, recipe={"builtin": ("chatterbot-en",)}) == {}
+    )  # the user's recipe says
 
 
 def test_language_and_prompts_come_from_the_documents():
     en = [{"text": "The quiet road along the river"}, {"text": "A short one"}]
-    zh = [{"text": "秦川雄帝宅，函谷壮皇居。"}, {"text": "Some English among Chinese"}, {"text": "岩廊罢机务"}]
-    assert text_language(en) == "en" and text_language(zh) == "zh" and text_language([{"text": "12 34"}]) == "other"
+    zh = [
+        {"text": "秦川雄帝宅，函谷壮皇居。"},
+        {"text": "Some English among Chinese"},
+        {"text": "岩廊罢机务"},
+    ]
+    assert (
+        text_language(en) == "en"
+        and text_language(zh) == "zh"
+        and text_language([{"text": "12 34"}]) == "other"
+    )
     assert sample_prompts(en) == ["", "", "The quiet road", "A short one"]
-    assert sample_prompts(zh) == ["", "", "秦川", "Some English among"]  # each document's own script
+    assert sample_prompts(zh) == [
+        "",
+        "",
+        "秦川",
+        "Some English among",
+    ]  # each document's own script
     assert sample_prompts([]) == ["", ""]
 
 
@@ -110,10 +190,19 @@ def test_a_chat_reply_after_a_conversation_longer_than_the_window_still_comes(ca
     from zerolm.model import build_model
     from zerolm.tokenizer.train import train_tokenizer
 
-    tok = train_tokenizer(TokenizerConfig(vocab_size=300, min_frequency=1), ["hello there, friend " * 50],
-                          progress=False)
-    model = build_model(ModelConfig(preset="llama", d_model=32, n_layers=1, n_heads=2, max_seq_len=32),
-                        vocab_size=tok.vocab_size)
+    tok = train_tokenizer(
+        TokenizerConfig(vocab_size=300, min_frequency=1),
+        ["hello there, friend " * 50],
+        progress=False,
+    )
+    model = build_model(
+        ModelConfig(preset="llama", d_model=32, n_layers=1, n_heads=2, max_seq_len=32),
+        vocab_size=tok.vocab_size,
+    )
     long = [{"role": "user", "content": "hello there, friend " * 20}]
-    reply, _ = replies(model, tok, [long, [{"role": "user", "content": "hi"}]], chat_request(tok, 96, seed=0))
-    assert isinstance(reply, str) and "keeping the last" in caplog.text  # the prompt's end kept, with a warning
+    reply, _ = replies(
+        model, tok, [long, [{"role": "user", "content": "hi"}]], chat_request(tok, 96, seed=0)
+    )
+    assert (
+        isinstance(reply, str) and "keeping the last" in caplog.text
+    )  # the prompt's end kept, with a warning

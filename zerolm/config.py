@@ -4,6 +4,7 @@ Precedence: CLI (`--data.val_fraction=0.1`) > TOML recipe (`--config recipes/x.t
 Unknown keys and ill-typed values raise ValueError naming the valid keys or the expected type.
 Each stage receives only its own sub-config (`cfg.data`, `cfg.tokenizer`, ...).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,9 @@ class DataConfig:
     max_chars: int = 0  # 0: no upper limit
     min_letter_frac: float = 0.0  # drop documents whose share of letters/digits is below this
     dedup: Literal["none", "exact", "near"] = "near"  # near = exact + MinHash near-duplicates
-    near_threshold: float = 0.8  # estimated Jaccard similarity of shingles at which a doc is a duplicate
+    near_threshold: float = (
+        0.8  # estimated Jaccard similarity of shingles at which a doc is a duplicate
+    )
     shingle_chars: int = 5
     num_perm: int = 128
     val_fraction: float = 0.05  # by document hash: deterministic and order-independent
@@ -53,19 +56,27 @@ class ModelConfig:
     `preset` the block choices; any field left at its "" / "preset" / None / 0 value takes the
     preset's choice (zerolm/model/presets.py), anything set explicitly overrides it."""
 
-    arch: Literal["", "decoder", "bert", "encdec"] = ""  # "": the preset's (bert -> bert, transformer -> encdec)
-    preset: Literal["", "simple", "gpt2", "llama", "bert", "transformer"] = ""  # "": the arch's (llama, bert, transformer)
+    arch: Literal["", "decoder", "bert", "encdec"] = (
+        ""  # "": the preset's (bert -> bert, transformer -> encdec)
+    )
+    preset: Literal["", "simple", "gpt2", "llama", "bert", "transformer"] = (
+        ""  # "": the arch's (llama, bert, transformer)
+    )
     vocab_size: int = 0  # 0: the tokenizer's
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 0  # 0: n_heads (no grouped-query attention)
-    d_ff: int = 0  # 0: 4*d_model (relu/gelu) or ~8/3*d_model rounded up to a multiple of 32 (swiglu)
+    d_ff: int = (
+        0  # 0: 4*d_model (relu/gelu) or ~8/3*d_model rounded up to a multiple of 32 (swiglu)
+    )
     max_seq_len: int = 256
     norm: Literal["preset", "layernorm", "rmsnorm"] = "preset"
     norm_placement: Literal["preset", "pre", "post"] = "preset"
     position: Literal["preset", "learned", "sinusoidal", "rope"] = "preset"
-    ffn: Literal["preset", "relu", "gelu", "gelu_erf", "swiglu"] = "preset"  # gelu: tanh approximation (GPT-2); gelu_erf: exact (BERT)
+    ffn: Literal["preset", "relu", "gelu", "gelu_erf", "swiglu"] = (
+        "preset"  # gelu: tanh approximation (GPT-2); gelu_erf: exact (BERT)
+    )
     bias: bool | None = None  # biases in linear layers and norms
     tie_embeddings: bool | None = None  # output head shares the token embedding
     dropout: float | None = None
@@ -73,7 +84,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     sliding_window: int = 0  # 0: full causal attention; w: each token sees the last w positions
     embed_norm: bool | None = None  # a norm right after the embeddings (BERT)
-    embed_scale: bool | None = None  # token embeddings times sqrt(d_model) (the original Transformer)
+    embed_scale: bool | None = (
+        None  # token embeddings times sqrt(d_model) (the original Transformer)
+    )
     type_vocab_size: int = 2  # bert: segment (sentence A/B) embeddings
     n_decoder_layers: int = 0  # encdec: decoder blocks (0: n_layers); n_layers counts the encoder's
     n_labels: int = 0  # bert: classes of the sequence-classification head (0: no such head)
@@ -104,11 +117,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: bool = False
-    resume_changed: bool = False  # resume even if the data, tokenizer, model or settings changed (recorded)
+    resume_changed: bool = (
+        False  # resume even if the data, tokenizer, model or settings changed (recorded)
+    )
     threads: int = 0  # torch intra-op threads; 0: torch's default
     # a NaN/inf loss or grad norm: skip the update, stop at once, or reload the last checkpoint at a lower lr
     nonfinite: Literal["skip", "stop", "rollback"] = "skip"
-    nonfinite_limit: int = 5  # skip: consecutive bad steps before stopping; rollback: rollbacks before stopping
+    nonfinite_limit: int = (
+        5  # skip: consecutive bad steps before stopping; rollback: rollbacks before stopping
+    )
     nonfinite_lr_factor: float = 0.5  # rollback: lr multiplier per rollback
 
 
@@ -117,10 +134,14 @@ class SFTConfig:
     """Supervised fine-tuning (`zerolm sft`): which base model, which conversations."""
 
     base_model: str = ""  # a zerolm model directory (e.g. runs/speedrun/model)
-    data: tuple[str, ...] = ()  # JSONL files: {"messages": [...]} or {"instruction", "input", "output"}
+    data: tuple[
+        str, ...
+    ] = ()  # JSONL files: {"messages": [...]} or {"instruction", "input", "output"}
     builtin: tuple[str, ...] = ()  # bundled sets: poems, chitchat, chatterbot-en, chatterbot-zh
     max_per_source: int = 0  # cap on conversations taken from each builtin set (0: all)
-    poem_docs: str = ""  # prepared docs/ (train.jsonl, val.jsonl) for `poems`; "": next to base_model
+    poem_docs: str = (
+        ""  # prepared docs/ (train.jsonl, val.jsonl) for `poems`; "": next to base_model
+    )
     val_fraction: float = 0.05  # held-out share of each source (poems: the docs' own val split)
     packing: bool = True  # several conversations per row (attention kept within each)
     pt_weight: float = 0.0  # lambda in L = L_sft + lambda * L_pretrain (0: off)
@@ -134,35 +155,54 @@ class LoRAConfig:
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("q", "k", "v", "o")  # module names: q k v o (attention), up gate down (FFN), lm_head
+    targets: tuple[str, ...] = (
+        "q",
+        "k",
+        "v",
+        "o",
+    )  # module names: q k v o (attention), up gate down (FFN), lm_head
 
 
 @dataclass(frozen=True, kw_only=True)
 class AlignConfig:
     """Learning from preferences: `zerolm reward`, `zerolm dpo`, `zerolm ppo`."""
 
-    base_model: str = ""  # the SFT model: the reward model's starting point, DPO's policy and reference
-    data: tuple[str, ...] = ()  # preference JSONL files: {"prompt" or "messages", "chosen", "rejected"}
-    builtin: tuple[str, ...] = ()  # bundled: poems (pairs made here with the form judge), hhh (221 human pairs)
+    base_model: str = (
+        ""  # the SFT model: the reward model's starting point, DPO's policy and reference
+    )
+    data: tuple[
+        str, ...
+    ] = ()  # preference JSONL files: {"prompt" or "messages", "chosen", "rejected"}
+    builtin: tuple[
+        str, ...
+    ] = ()  # bundled: poems (pairs made here with the form judge), hhh (221 human pairs)
     poem_docs: str = ""  # prepared docs/ for `poems`; "": found next to base_model's run
     poem_requests: int = 512  # training poem requests to sample answers for
     poem_val_requests: int = 128  # held-out poem requests (from the docs' val split)
     samples: int = 2  # sampled answers per poem request
     val_fraction: float = 0.1  # held-out share of the files and of hhh
-    reference: str = ""  # the frozen reference of DPO and PPO's KL; "": base_model (must share its tokenizer)
+    reference: str = (
+        ""  # the frozen reference of DPO and PPO's KL; "": base_model (must share its tokenizer)
+    )
     # DPO (`zerolm dpo`)
     beta: float = 0.1  # DPO temperature: how far the policy may move from the reference
-    reference_logprobs: Literal["cached", "live"] = "cached"  # computed once before training, or at every step
+    reference_logprobs: Literal["cached", "live"] = (
+        "cached"  # computed once before training, or at every step
+    )
     # PPO / GRPO (`zerolm ppo`)
     reward: str = "poem-form"  # a reward model directory, "poem-form" (the form judge's score), or module:function
-    advantage: Literal["gae", "group"] = "gae"  # PPO with a value head, or GRPO's group-relative (no critic)
+    advantage: Literal["gae", "group"] = (
+        "gae"  # PPO with a value head, or GRPO's group-relative (no critic)
+    )
     rollout_prompts: int = 32  # prompts per rollout (each sampled `group` times)
     group: int = 1  # samples per prompt (GRPO needs >= 2)
     max_new_tokens: int = 96  # rollout reply length limit
     temperature: float = 1.0  # rollout sampling temperature
     ppo_epochs: int = 2  # passes over each rollout (in minibatches of train.batch_size)
     kl_coef: float = 0.05  # per-token KL penalty to the reference, in the reward
-    target_kl: float = 0.05  # stop a rollout's epochs once a minibatch's approximate KL exceeds it (0: never)
+    target_kl: float = (
+        0.05  # stop a rollout's epochs once a minibatch's approximate KL exceeds it (0: never)
+    )
     clip: float = 0.2  # policy ratio clip
     value_clip: float = 0.2  # value clip (around the rollout's values)
     value_coef: float = 0.5  # weight of the value loss
@@ -180,7 +220,13 @@ class Seq2SeqConfig:
     target: str = ""  # ... and its target on the same line
     source_field: str = "source"
     target_field: str = "target"
-    val_books: tuple[str, ...] = ("Ruth", "Jonah", "Mark", "Philippians", "James")  # bible: held out by book
+    val_books: tuple[str, ...] = (
+        "Ruth",
+        "Jonah",
+        "Mark",
+        "Philippians",
+        "James",
+    )  # bible: held out by book
     val_fraction: float = 0.05  # files: held-out share, by a hash of the source
     too_long: Literal["error", "drop"] = "error"  # a pair longer than the model window
     label_smoothing: float = 0.1
@@ -193,9 +239,15 @@ class Seq2SeqConfig:
 class MLMConfig:
     """BERT pretraining (`zerolm pretrain --model.arch=bert`): masked-token corruption and sentence pairs."""
 
-    objective: Literal["mlm+nsp", "mlm"] = "mlm+nsp"  # mlm: no next-sentence loss, B always the real continuation
-    mask_prob: float = 0.15  # share of real tokens predicted (of those 80 % [MASK], 10 % random, 10 % kept)
-    short_seq_prob: float = 0.1  # share of documents paired at a random shorter length (BERT's recipe)
+    objective: Literal["mlm+nsp", "mlm"] = (
+        "mlm+nsp"  # mlm: no next-sentence loss, B always the real continuation
+    )
+    mask_prob: float = (
+        0.15  # share of real tokens predicted (of those 80 % [MASK], 10 % random, 10 % kept)
+    )
+    short_seq_prob: float = (
+        0.1  # share of documents paired at a random shorter length (BERT's recipe)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,19 +256,29 @@ class ClassifyConfig:
 
     base_model: str = ""  # a bert model directory (e.g. runs/bert-tang/model)
     data: tuple[str, ...] = ()  # JSONL files of {text_field, label_field} rows (+ text_pair_field)
-    val_data: tuple[str, ...] = ()  # held-out JSONL files; none: val_fraction of `data`, by a hash of the text
+    val_data: tuple[
+        str, ...
+    ] = ()  # held-out JSONL files; none: val_fraction of `data`, by a hash of the text
     text_field: str = "text"
     text_pair_field: str = ""  # a second text per row (sentence-pair tasks): [CLS] a [SEP] b [SEP]
     label_field: str = "label"
-    builtin: Literal["", "tang-authors"] = ""  # tang-authors: who wrote each poem (the prepared Tang docs)
+    builtin: Literal["", "tang-authors"] = (
+        ""  # tang-authors: who wrote each poem (the prepared Tang docs)
+    )
     authors: int = 10  # tang-authors: the N most prolific poets of the training split
     docs: str = ""  # tang-authors: prepared docs/ (train.jsonl, val.jsonl); "": next to base_model
     val_fraction: float = 0.1
     max_seq_len: int = 0  # 0: the model's window
-    truncation: Literal["longest_first", "error"] = "longest_first"  # a text (pair) longer than the window
+    truncation: Literal["longest_first", "error"] = (
+        "longest_first"  # a text (pair) longer than the window
+    )
     epochs: float = 0.0  # > 0: train.steps = epochs over the training rows
-    freeze: Literal["none", "embeddings", "encoder"] = "none"  # encoder: train the pooler and head only
-    baselines: bool = True  # also measure the majority class and a bag-of-characters logistic regression
+    freeze: Literal["none", "embeddings", "encoder"] = (
+        "none"  # encoder: train the pooler and head only
+    )
+    baselines: bool = (
+        True  # also measure the majority class and a bag-of-characters logistic regression
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,6 +299,7 @@ class Config:
 
 # ---------------------------------------------------------------- building from dicts
 
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
@@ -244,7 +307,9 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
 def _unknown(key: str, where: str, valid: list[str]) -> ValueError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ValueError(f"unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}")
+    return ValueError(
+        f"unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}"
+    )
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -261,7 +326,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name}: expected a list, got {value!r}")
-        return tuple(_coerce(v.strip("'\"") if isinstance(v, str) else v, item, name) for v in value)
+        return tuple(
+            _coerce(v.strip("'\"") if isinstance(v, str) else v, item, name) for v in value
+        )
     if origin in (typing.Union, types.UnionType):  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or value in ("none", "None"):
@@ -270,7 +337,16 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         raise ValueError(f"{name}: expected true or false, got {value!r}")
     if tp in (int, float):
@@ -303,7 +379,9 @@ def _build(cls, values: dict, prefix: str = ""):
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ValueError(f"{prefix}{key}: is a section; set its keys, e.g. --{prefix}{key}.<key>=...")
+                raise ValueError(
+                    f"{prefix}{key}: is a section; set its keys, e.g. --{prefix}{key}.<key>=..."
+                )
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
@@ -313,7 +391,9 @@ def _build(cls, values: dict, prefix: str = ""):
 def merge_dicts(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -324,7 +404,9 @@ def parse_overrides(args: list[str]) -> dict:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) < 3:
-            raise ValueError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+            raise ValueError(
+                f"unexpected argument {arg!r}: overrides look like --section.key=value"
+            )
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
@@ -342,15 +424,18 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def load_config(toml_path: str | Path | None = None, overrides: dict | None = None,
-                base: dict | None = None) -> Config:
+def load_config(
+    toml_path: str | Path | None = None, overrides: dict | None = None, base: dict | None = None
+) -> Config:
     """Resolve defaults < base (a command's own defaults) < TOML file < overrides (nested dicts,
     e.g. from parse_overrides)."""
     values: dict = {}
     if toml_path:
         path = Path(toml_path)
         if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist; recipes live in recipes/*.toml")
+            raise ValueError(
+                f"config file {str(path)!r} does not exist; recipes live in recipes/*.toml"
+            )
         try:
             values = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
@@ -366,46 +451,113 @@ def validate(cfg: Config) -> None:
     d, t = cfg.data, cfg.tokenizer
     checks = [
         (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
-        (0.0 < d.near_threshold <= 1.0, f"data.near_threshold must be in (0, 1], got {d.near_threshold}"),
+        (
+            0.0 < d.near_threshold <= 1.0,
+            f"data.near_threshold must be in (0, 1], got {d.near_threshold}",
+        ),
         (d.shingle_chars >= 1, f"data.shingle_chars must be >= 1, got {d.shingle_chars}"),
-        (d.num_perm >= 8 and d.num_perm % 8 == 0, f"data.num_perm must be a multiple of 8, got {d.num_perm}"),
+        (
+            d.num_perm >= 8 and d.num_perm % 8 == 0,
+            f"data.num_perm must be a multiple of 8, got {d.num_perm}",
+        ),
         (d.min_chars >= 0 and d.max_chars >= 0, "data.min_chars and data.max_chars must be >= 0"),
-        (d.max_chars == 0 or d.max_chars >= d.min_chars, "data.max_chars must be 0 (no limit) or >= min_chars"),
-        (0.0 <= d.min_letter_frac <= 1.0, f"data.min_letter_frac must be in [0, 1], got {d.min_letter_frac}"),
+        (
+            d.max_chars == 0 or d.max_chars >= d.min_chars,
+            "data.max_chars must be 0 (no limit) or >= min_chars",
+        ),
+        (
+            0.0 <= d.min_letter_frac <= 1.0,
+            f"data.min_letter_frac must be in [0, 1], got {d.min_letter_frac}",
+        ),
         (d.shard_tokens >= 1, "data.shard_tokens must be >= 1"),
         (t.min_frequency >= 1, "tokenizer.min_frequency must be >= 1"),
-        (cfg.train.steps >= 1 and cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1,
-         "train.steps, train.batch_size and train.grad_accum must be >= 1"),
-        (cfg.train.lr > 0 and 0 <= cfg.train.min_lr_ratio <= 1, "train.lr must be > 0, train.min_lr_ratio in [0, 1]"),
+        (
+            cfg.train.steps >= 1 and cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1,
+            "train.steps, train.batch_size and train.grad_accum must be >= 1",
+        ),
+        (
+            cfg.train.lr > 0 and 0 <= cfg.train.min_lr_ratio <= 1,
+            "train.lr must be > 0, train.min_lr_ratio in [0, 1]",
+        ),
         (0 < cfg.train.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-        (cfg.train.nonfinite_limit >= 1 and 0 < cfg.train.nonfinite_lr_factor < 1,
-         "train.nonfinite_limit must be >= 1 and train.nonfinite_lr_factor in (0, 1)"),
-        (min(cfg.train.eval_every, cfg.train.ckpt_every, cfg.train.log_every, cfg.train.sample_every) >= 0,
-         "train.eval_every, ckpt_every, log_every and sample_every must be >= 0"),
-        (0.0 <= cfg.sft.val_fraction < 1.0 and cfg.sft.pt_weight >= 0 and cfg.sft.max_per_source >= 0,
-         "sft.val_fraction must be in [0, 1), sft.pt_weight and sft.max_per_source >= 0"),
-        (cfg.lora.rank >= 0 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,
-         "lora.rank must be >= 0 (0: full fine-tuning), lora.alpha > 0, lora.dropout in [0, 1)"),
+        (
+            cfg.train.nonfinite_limit >= 1 and 0 < cfg.train.nonfinite_lr_factor < 1,
+            "train.nonfinite_limit must be >= 1 and train.nonfinite_lr_factor in (0, 1)",
+        ),
+        (
+            min(
+                cfg.train.eval_every,
+                cfg.train.ckpt_every,
+                cfg.train.log_every,
+                cfg.train.sample_every,
+            )
+            >= 0,
+            "train.eval_every, ckpt_every, log_every and sample_every must be >= 0",
+        ),
+        (
+            0.0 <= cfg.sft.val_fraction < 1.0
+            and cfg.sft.pt_weight >= 0
+            and cfg.sft.max_per_source >= 0,
+            "sft.val_fraction must be in [0, 1), sft.pt_weight and sft.max_per_source >= 0",
+        ),
+        (
+            cfg.lora.rank >= 0 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,
+            "lora.rank must be >= 0 (0: full fine-tuning), lora.alpha > 0, lora.dropout in [0, 1)",
+        ),
         (cfg.align.beta > 0, f"align.beta must be > 0 (typical 0.05-0.5), got {cfg.align.beta}"),
-        (cfg.align.rollout_prompts >= 1 and cfg.align.group >= 1 and cfg.align.ppo_epochs >= 1
-         and cfg.align.max_new_tokens >= 1, "align.rollout_prompts, group, ppo_epochs and max_new_tokens must be >= 1"),
-        (cfg.align.advantage != "group" or cfg.align.group >= 2,
-         f"align.advantage='group' compares samples of one prompt: set align.group >= 2 (got {cfg.align.group})"),
-        (cfg.align.temperature > 0, "align.temperature must be > 0 (rollouts sample from the policy)"),
-        (min(cfg.align.kl_coef, cfg.align.target_kl, cfg.align.clip, cfg.align.value_clip, cfg.align.value_coef) >= 0
-         and 0 <= cfg.align.gamma <= 1 and 0 <= cfg.align.lam <= 1,
-         "align.kl_coef, target_kl, clip, value_clip, value_coef must be >= 0, gamma and lam in [0, 1]"),
-        (0 <= cfg.seq2seq.label_smoothing < 1 and 0 <= cfg.seq2seq.val_fraction < 1,
-         "seq2seq.label_smoothing and seq2seq.val_fraction must be in [0, 1)"),
-        (cfg.seq2seq.beam >= 1 and cfg.seq2seq.eval_pairs >= 0, "seq2seq.beam must be >= 1, seq2seq.eval_pairs >= 0"),
-        (bool(cfg.seq2seq.source) == bool(cfg.seq2seq.target),
-         "seq2seq.source and seq2seq.target are line-aligned files and come together: set both"),
-        (0 < cfg.mlm.mask_prob < 1 and 0 <= cfg.mlm.short_seq_prob <= 1,
-         "mlm.mask_prob must be in (0, 1) (BERT: 0.15), mlm.short_seq_prob in [0, 1]"),
-        (cfg.classify.authors >= 2 and 0 <= cfg.classify.val_fraction < 1 and cfg.classify.epochs >= 0
-         and cfg.classify.max_seq_len >= 0, "classify.authors must be >= 2, classify.val_fraction in [0, 1), "
-         "classify.epochs and classify.max_seq_len >= 0"),
+        (
+            cfg.align.rollout_prompts >= 1
+            and cfg.align.group >= 1
+            and cfg.align.ppo_epochs >= 1
+            and cfg.align.max_new_tokens >= 1,
+            "align.rollout_prompts, group, ppo_epochs and max_new_tokens must be >= 1",
+        ),
+        (
+            cfg.align.advantage != "group" or cfg.align.group >= 2,
+            f"align.advantage='group' compares samples of one prompt: set align.group >= 2 (got {cfg.align.group})",
+        ),
+        (
+            cfg.align.temperature > 0,
+            "align.temperature must be > 0 (rollouts sample from the policy)",
+        ),
+        (
+            min(
+                cfg.align.kl_coef,
+                cfg.align.target_kl,
+                cfg.align.clip,
+                cfg.align.value_clip,
+                cfg.align.value_coef,
+            )
+            >= 0
+            and 0 <= cfg.align.gamma <= 1
+            and 0 <= cfg.align.lam <= 1,
+            "align.kl_coef, target_kl, clip, value_clip, value_coef must be >= 0, gamma and lam in [0, 1]",
+        ),
+        (
+            0 <= cfg.seq2seq.label_smoothing < 1 and 0 <= cfg.seq2seq.val_fraction < 1,
+            "seq2seq.label_smoothing and seq2seq.val_fraction must be in [0, 1)",
+        ),
+        (
+            cfg.seq2seq.beam >= 1 and cfg.seq2seq.eval_pairs >= 0,
+            "seq2seq.beam must be >= 1, seq2seq.eval_pairs >= 0",
+        ),
+        (
+            bool(cfg.seq2seq.source) == bool(cfg.seq2seq.target),
+            "seq2seq.source and seq2seq.target are line-aligned files and come together: set both",
+        ),
+        (
+            0 < cfg.mlm.mask_prob < 1 and 0 <= cfg.mlm.short_seq_prob <= 1,
+            "mlm.mask_prob must be in (0, 1) (BERT: 0.15), mlm.short_seq_prob in [0, 1]",
+        ),
+        (
+            cfg.classify.authors >= 2
+            and 0 <= cfg.classify.val_fraction < 1
+            and cfg.classify.epochs >= 0
+            and cfg.classify.max_seq_len >= 0,
+            "classify.authors must be >= 2, classify.val_fraction in [0, 1), "
+            "classify.epochs and classify.max_seq_len >= 0",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -413,6 +565,7 @@ def validate(cfg: Config) -> None:
 
 
 # ---------------------------------------------------------------- writing
+
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):

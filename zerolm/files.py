@@ -1,5 +1,6 @@
 """Atomic writes: a crash never leaves a half-written file or directory behind. What they leave
 has the umask's usual mode (0644/0755 under umask 022), not tempfile's private 0600/0700."""
+
 from __future__ import annotations
 
 import errno
@@ -68,8 +69,10 @@ def writing_into(directory: str | Path, what: str):
     except Exception as e:
         if not disk_full(e):
             raise
-        raise ValueError(f"could not write {what} into {directory}: the disk is full; nothing partial was kept. "
-                         "Free space there (or choose another --out) and run the command again") from None
+        raise ValueError(
+            f"could not write {what} into {directory}: the disk is full; nothing partial was kept. "
+            "Free space there (or choose another --out) and run the command again"
+        ) from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -1,6 +1,7 @@
 """The speedrun's stages after pretraining (`zerolm speedrun`): samples prompted from held-out
 documents; SFT on chat data that fits the text, with a chat transcript (and, on the Tang poems,
 the form-adherence comparison); the optional alignment stage (--align dpo|ppo, poems only)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,10 @@ from zerolm.config import SFTConfig, load_config
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 POEM_CORPUS = "tang"  # the poem-form stages need its regulated verse and title/author metadata
-CHAT_BY_LANGUAGE = {"en": ("chitchat", "chatterbot-en"), "zh": ("chatterbot-zh",)}  # bundled conversations
+CHAT_BY_LANGUAGE = {
+    "en": ("chitchat", "chatterbot-en"),
+    "zh": ("chatterbot-zh",),
+}  # bundled conversations
 
 
 def is_poem_data(data_cfg) -> bool:
@@ -49,7 +53,11 @@ def user_sft(cfg) -> dict:
     """The sft.* keys the user set (--sft.data=..., or an [sft] table of --config): the pretraining
     config carries them unused, and they apply to the speedrun's SFT stage."""
     default = SFTConfig()
-    return {k: v for k, v in dataclasses.asdict(cfg.sft).items() if v != getattr(default, k) and k != "base_model"}
+    return {
+        k: v
+        for k, v in dataclasses.asdict(cfg.sft).items()
+        if v != getattr(default, k) and k != "base_model"
+    }
 
 
 def chat_data(poems: bool, lang: str, user: dict, recipe: dict | None = None) -> dict | None:
@@ -92,15 +100,27 @@ def speedrun_sft(args, cfg, base_dir: str):
     lang = text_language(read_docs(out / "docs" / "train.jsonl"))
     pick = chat_data(is_poem_data(cfg.data), lang, user_sft(cfg), own)
     if pick is None:
-        print(f"\nno chat stage: no bundled conversations fit this text (language: {lang}); add your own "
-              "with --sft.data FILE.jsonl (one {\"messages\": [...]} per line)")
+        print(
+            f"\nno chat stage: no bundled conversations fit this text (language: {lang}); add your own "
+            'with --sft.data FILE.jsonl (one {"messages": [...]} per line)'
+        )
         return None
-    values = {"out_dir": str(out / "sft"), "seed": cfg.seed,
-              "train": {"resume": True, "resume_changed": cfg.train.resume_changed},
-              "sft": {"poem_docs": str(out / "docs"), "pt_shards": str(out / "shards"), **user_sft(cfg), **pick,
-                      "base_model": base_dir}}
+    values = {
+        "out_dir": str(out / "sft"),
+        "seed": cfg.seed,
+        "train": {"resume": True, "resume_changed": cfg.train.resume_changed},
+        "sft": {
+            "poem_docs": str(out / "docs"),
+            "pt_shards": str(out / "shards"),
+            **user_sft(cfg),
+            **pick,
+            "base_model": base_dir,
+        },
+    }
     sft_cfg = load_config(recipe, overrides=values)  # paths follow the pretraining run
-    print(f"\nSFT: {recipe.name} on {', '.join([*sft_cfg.sft.data, *sft_cfg.sft.builtin])} -> {sft_cfg.out_dir}")
+    print(
+        f"\nSFT: {recipe.name} on {', '.join([*sft_cfg.sft.data, *sft_cfg.sft.builtin])} -> {sft_cfg.out_dir}"
+    )
     from zerolm.finetune.sft import load_sources, sft
 
     result = sft(sft_cfg, progress=not args.quiet)
@@ -108,7 +128,10 @@ def speedrun_sft(args, cfg, base_dir: str):
         asks = _form_adherence(args, out, base_dir, result["model_dir"])
     else:
         train, val, _ = load_sources(sft_cfg)
-        asks = [c[: next(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in (val or train)[:3]]
+        asks = [
+            c[: next(i for i, m in enumerate(c) if m["role"] == "assistant")]
+            for c in (val or train)[:3]
+        ]
     _transcript(result["model_dir"], asks, cfg.seed)
     print(f"chat model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
     return result["model_dir"]
@@ -122,12 +145,16 @@ def _form_adherence(args, out: Path, base_dir: str, sft_dir: str) -> list:
     from zerolm.model import load_model
     from zerolm.tokenizer import Tokenizer
 
-    requests = eval_requests(read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests)
+    requests = eval_requests(
+        read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests
+    )
     scores = {}
     for name, d in (("base", base_dir), ("sft", sft_dir)):
         scores[name] = form_adherence(load_model(d), Tokenizer.load(d), requests)["form_ok"]
-    print(f"held-out poem requests answered in the requested form ({len(requests)}, greedy): "
-          f"base {scores['base']:.1%} -> SFT {scores['sft']:.1%}")
+    print(
+        f"held-out poem requests answered in the requested form ({len(requests)}, greedy): "
+        f"base {scores['base']:.1%} -> SFT {scores['sft']:.1%}"
+    )
     return [r["messages"][:-1] for r in requests[:3]]
 
 
@@ -143,15 +170,21 @@ def _transcript(model_dir: str, asks: list, seed: int) -> None:
     req = chat_request(tok, 96, SamplingParams(temperature=0.7, top_k=50), seed=seed)
     print("\nchat transcript (held-out requests):")
     for ask, reply in zip(asks, replies(model, tok, asks, req)):
-        print(f"  user: {ask[-1]['content']}\n  assistant: " + reply.replace("\n", "\n             ") + "\n")
+        print(
+            f"  user: {ask[-1]['content']}\n  assistant: "
+            + reply.replace("\n", "\n             ")
+            + "\n"
+        )
 
 
 def check_align(args, cfg) -> None:
     """--align trains and measures on poem requests: refuse it, before any work, on other text."""
     if args.align and not is_poem_data(cfg.data):
-        raise ValueError(f"--align {args.align} trains and measures on poem requests, which need the bundled "
-                         f"'{POEM_CORPUS}' corpus (no paths, or --corpus {POEM_CORPUS}); align your own chat model "
-                         f"with `zerolm {args.align} --model RUN/sft/model --align.data=PAIRS.jsonl`")
+        raise ValueError(
+            f"--align {args.align} trains and measures on poem requests, which need the bundled "
+            f"'{POEM_CORPUS}' corpus (no paths, or --corpus {POEM_CORPUS}); align your own chat model "
+            f"with `zerolm {args.align} --model RUN/sft/model --align.data=PAIRS.jsonl`"
+        )
 
 
 def speedrun_align(args, cfg, sft_dir: str):
@@ -165,9 +198,12 @@ def speedrun_align(args, cfg, sft_dir: str):
 
     out, stage = Path(cfg.out_dir), args.align
     recipe = RECIPES / f"speedrun-{stage}.toml"
-    values = {"out_dir": str(out / stage), "seed": cfg.seed,
-              "train": {"resume": True, "resume_changed": cfg.train.resume_changed},
-              "align": {"base_model": sft_dir, "poem_docs": str(out / "docs")}}
+    values = {
+        "out_dir": str(out / stage),
+        "seed": cfg.seed,
+        "train": {"resume": True, "resume_changed": cfg.train.resume_changed},
+        "align": {"base_model": sft_dir, "poem_docs": str(out / "docs")},
+    }
     align_cfg = load_config(recipe, overrides=values)
     print(f"\nalignment: {recipe.name} -> {align_cfg.out_dir}")
     if stage == "dpo":
@@ -175,14 +211,24 @@ def speedrun_align(args, cfg, sft_dir: str):
     else:
         from zerolm.align.ppo import train_ppo as train
     result = train(align_cfg, progress=not args.quiet)
-    requests = eval_requests(read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests)
+    requests = eval_requests(
+        read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests
+    )
     models = {"SFT": sft_dir, stage.upper(): result["model_dir"]}
-    greedy = compare_models(models.values(), requests, reference=sft_dir, shards=str(out / "shards"))
-    sampled = compare_models(models.values(), requests, sampling=SamplingParams(temperature=1.0), seed=0)
-    print(f"\nheld-out poem requests ({len(requests)}) answered in the requested form, KL to the SFT model "
-          "(nats per reply) and validation bits per byte:")
+    greedy = compare_models(
+        models.values(), requests, reference=sft_dir, shards=str(out / "shards")
+    )
+    sampled = compare_models(
+        models.values(), requests, sampling=SamplingParams(temperature=1.0), seed=0
+    )
+    print(
+        f"\nheld-out poem requests ({len(requests)}) answered in the requested form, KL to the SFT model "
+        "(nats per reply) and validation bits per byte:"
+    )
     for name, d in models.items():
         g, t = greedy[str(d)], sampled[str(d)]
-        print(f"  {name:>4}: greedy {g['form_ok']:6.1%} | sampled (T=1) {t['form_ok']:6.1%} | KL {g['kl']:5.2f} | "
-              f"{g['val_bpb']:.4f} bits/byte")
+        print(
+            f"  {name:>4}: greedy {g['form_ok']:6.1%} | sampled (T=1) {t['form_ok']:6.1%} | KL {g['kl']:5.2f} | "
+            f"{g['val_bpb']:.4f} bits/byte"
+        )
     print(f"aligned model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")

@@ -1,4 +1,5 @@
 """Alignment math against values computed by hand."""
+
 import math
 
 import pytest
@@ -33,7 +34,11 @@ def test_dpo_with_policy_equal_to_reference_is_log2_with_zero_margins():
     lp = t(-10.0, -3.5, -7.25)
     loss, stats = dpo_loss(lp, lp - 1, lp, lp - 1, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
-    assert stats["margin"].item() == 0 and stats["reward_chosen"].item() == 0 and stats["accuracy"].item() == 0
+    assert (
+        stats["margin"].item() == 0
+        and stats["reward_chosen"].item() == 0
+        and stats["accuracy"].item() == 0
+    )
 
 
 def test_dpo_closed_form_and_gradient_direction():
@@ -44,13 +49,17 @@ def test_dpo_closed_form_and_gradient_direction():
     assert stats["margin"].item() == pytest.approx(0.3) and stats["accuracy"].item() == 1.0
     loss.backward()
     s = 1 / (1 + math.exp(0.3))  # sigmoid(-margin)
-    assert pi_c.grad.item() == pytest.approx(-0.1 * s) and pi_r.grad.item() == pytest.approx(0.1 * s)
+    assert pi_c.grad.item() == pytest.approx(-0.1 * s) and pi_r.grad.item() == pytest.approx(
+        0.1 * s
+    )
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(pi_c, pi_r, t(0.0), t(0.0), beta=0)
 
 
 def test_sequence_logprobs_sums_response_tokens_only():
-    logits = torch.log(t([0.25, 0.75], [0.5, 0.5], [0.9, 0.1]))[None]  # (1, 3, 2): probabilities given
+    logits = torch.log(t([0.25, 0.75], [0.5, 0.5], [0.9, 0.1]))[
+        None
+    ]  # (1, 3, 2): probabilities given
     targets = torch.tensor([[1, 0, 0]])
     got = sequence_logprobs(logits, targets, torch.tensor([[0, 1, 1]]))
     assert got.item() == pytest.approx(math.log(0.5) + math.log(0.9), abs=1e-6)
@@ -67,14 +76,17 @@ def test_gae_by_hand():
     assert ret[0].tolist() == pytest.approx([0.9, 1.0, 0.0])
 
 
-@pytest.mark.parametrize("ratio, adv, clipped, want", [
-    (1.5, 1.0, True, -1.2),     # A > 0: gains capped at 1 + eps
-    (0.5, -1.0, True, 0.8),     # A < 0: cannot push the ratio below 1 - eps for more gain
-    (0.5, 1.0, False, -0.5),    # pessimistic side: unclipped
-    (1.5, -1.0, False, 1.5),
-    (1.2, 1.0, False, -1.2),    # exactly at the boundary: not counted as clipped
-    (1.0, 2.0, False, -2.0),
-])
+@pytest.mark.parametrize(
+    "ratio, adv, clipped, want",
+    [
+        (1.5, 1.0, True, -1.2),  # A > 0: gains capped at 1 + eps
+        (0.5, -1.0, True, 0.8),  # A < 0: cannot push the ratio below 1 - eps for more gain
+        (0.5, 1.0, False, -0.5),  # pessimistic side: unclipped
+        (1.5, -1.0, False, 1.5),
+        (1.2, 1.0, False, -1.2),  # exactly at the boundary: not counted as clipped
+        (1.0, 2.0, False, -2.0),
+    ],
+)
 def test_ppo_clipping_at_the_boundaries(ratio, adv, clipped, want):
     logp = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
     loss, stats = ppo_policy_loss(logp, t([0.0]), t([adv]), t([1]), clip=0.2)

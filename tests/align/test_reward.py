@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from zerolm.align.data import Pair
-from zerolm.align.reward import RewardModel, encode_pair, pad_batch, pair_collate, reward_eval, reward_loss
+from zerolm.align.reward import (
+    RewardModel,
+    encode_pair,
+    pad_batch,
+    pair_collate,
+    reward_eval,
+    reward_loss,
+)
 from zerolm.align.stage import Shuffled
 from zerolm.config import ModelConfig, TokenizerConfig, TrainConfig
 from zerolm.model import build_model
@@ -14,13 +21,34 @@ POLITE, RUDE = "谢谢，很高兴帮你。", "走开，别烦我。"
 
 @pytest.fixture(scope="module")
 def setup():
-    text = ["请帮我写一首诗", "Please help me", POLITE, RUDE, "今天天气很好", "Thank you very much"] * 20
-    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), text, progress=False)
-    body = build_model(ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=48),
-                       vocab_size=tok.vocab_size, seed=0)
-    prompts = [f"问题{i}：{w}" for i, w in enumerate(["写诗", "天气", "help", "thanks", "你好", "再见"] * 4)]
-    pairs = [Pair(({"role": "user", "content": p},), POLITE if i % 2 else POLITE + "！",
-                  RUDE if i % 3 else RUDE + "！") for i, p in enumerate(prompts)]
+    text = [
+        "请帮我写一首诗",
+        "Please help me",
+        POLITE,
+        RUDE,
+        "今天天气很好",
+        "Thank you very much",
+    ] * 20
+    tok = train_tokenizer(
+        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), text, progress=False
+    )
+    body = build_model(
+        ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=48),
+        vocab_size=tok.vocab_size,
+        seed=0,
+    )
+    prompts = [
+        f"问题{i}：{w}"
+        for i, w in enumerate(["写诗", "天气", "help", "thanks", "你好", "再见"] * 4)
+    ]
+    pairs = [
+        Pair(
+            ({"role": "user", "content": p},),
+            POLITE if i % 2 else POLITE + "！",
+            RUDE if i % 3 else RUDE + "！",
+        )
+        for i, p in enumerate(prompts)
+    ]
     return tok, body, pairs
 
 
@@ -45,10 +73,27 @@ def test_training_separates_chosen_from_rejected_on_held_out_pairs(setup, tmp_pa
     train, val = enc[:18], enc[18:]
     rm = RewardModel(build_model(body.cfg, vocab_size=tok.vocab_size, seed=1))
     before = reward_eval(rm, val)
-    assert before["val_loss"] == pytest.approx(0.6931, abs=1e-3)  # zero head: every reward 0, loss log 2
-    cfg = TrainConfig(steps=40, batch_size=6, lr=3e-3, warmup_steps=4, precision="fp32", eval_every=1000,
-                      ckpt_every=1000, log_every=1000)
-    Trainer(rm, cfg, tmp_path / "run", batches=Shuffled(train, 6, collate=pair_collate), loss_fn=reward_loss, progress=False).fit()
+    assert before["val_loss"] == pytest.approx(
+        0.6931, abs=1e-3
+    )  # zero head: every reward 0, loss log 2
+    cfg = TrainConfig(
+        steps=40,
+        batch_size=6,
+        lr=3e-3,
+        warmup_steps=4,
+        precision="fp32",
+        eval_every=1000,
+        ckpt_every=1000,
+        log_every=1000,
+    )
+    Trainer(
+        rm,
+        cfg,
+        tmp_path / "run",
+        batches=Shuffled(train, 6, collate=pair_collate),
+        loss_fn=reward_loss,
+        progress=False,
+    ).fit()
     after = reward_eval(rm, val)
     assert after["val_accuracy"] == 1.0 and after["val_loss"] < 0.1, after
     rm.save(tmp_path / "rm", tok)

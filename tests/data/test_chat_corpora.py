@@ -1,4 +1,5 @@
 """The bundled chat corpora: readable, well-formed, and as documented in their LICENSES.md."""
+
 import re
 from importlib import resources
 
@@ -19,11 +20,16 @@ def documented_counts() -> dict[str, tuple[int, int]]:
     md = (resources.files("zerolm.data") / "chat" / "LICENSES.md").read_text(encoding="utf-8")
     counts = {}
     # "## `chitchat.jsonl.xz`: ..." then "- **Counts:** N conversations, M messages"
-    for m in re.finditer(r"^## `([\w.]+)`.*?^- \*\*Counts:\*\* ([\d,]+) conversations, ([\d,]+) messages",
-                         md, re.M | re.S):
+    for m in re.finditer(
+        r"^## `([\w.]+)`.*?^- \*\*Counts:\*\* ([\d,]+) conversations, ([\d,]+) messages",
+        md,
+        re.M | re.S,
+    ):
         counts[m.group(1)] = (int(m.group(2).replace(",", "")), int(m.group(3).replace(",", "")))
     # "- **Counts (`chatterbot_en.jsonl.xz`):** N conversations, M messages"
-    for m in re.finditer(r"\*\*Counts \(`([\w.]+)`\):\*\* ([\d,]+) conversations, ([\d,]+) messages", md):
+    for m in re.finditer(
+        r"\*\*Counts \(`([\w.]+)`\):\*\* ([\d,]+) conversations, ([\d,]+) messages", md
+    ):
         counts[m.group(1)] = (int(m.group(2).replace(",", "")), int(m.group(3).replace(",", "")))
     return counts
 
@@ -48,7 +54,9 @@ def test_conversations_alternate_user_assistant(corpora, name):
         for i, m in enumerate(msgs):
             assert set(m) == {"role", "content"}
             assert m["role"] == ("user" if i % 2 == 0 else "assistant"), c["id"]
-            assert isinstance(m["content"], str) and m["content"].strip() == m["content"] != "", c["id"]
+            assert isinstance(m["content"], str) and m["content"].strip() == m["content"] != "", c[
+                "id"
+            ]
         assert msgs[-1]["role"] == "assistant"
         prefix = "chitchat" if name == "chitchat" else name + "/"
         assert c["source"].startswith(prefix)
@@ -59,11 +67,15 @@ def test_conversations_alternate_user_assistant(corpora, name):
 def test_chinese_corpus_is_chinese(corpora):
     texts = [m["content"] for c in corpora["chatterbot-zh"] for m in c["messages"]]
     assert sum(bool(CJK.search(t)) for t in texts) > 0.9 * len(texts)
-    assert not any(CJK.search(m["content"]) for c in corpora["chatterbot-en"][:200] for m in c["messages"])
+    assert not any(
+        CJK.search(m["content"]) for c in corpora["chatterbot-en"][:200] for m in c["messages"]
+    )
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown chat corpus 'nope'.*chitchat, chatterbot-en, chatterbot-zh"):
+    with pytest.raises(
+        ValueError, match="unknown chat corpus 'nope'.*chitchat, chatterbot-en, chatterbot-zh"
+    ):
         chat_corpus_path("nope")
     with pytest.raises(ValueError, match="chitchat"):
         next(read_chat_corpus("tang"))  # a pretraining corpus is not a chat corpus

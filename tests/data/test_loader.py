@@ -18,24 +18,37 @@ B, T = 4, 16
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
     rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(300)]
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+        for _ in range(300)
+    ]
     src = root / "docs.jsonl"
     with open(src, "w", encoding="utf-8") as f:
         for i in range(200):
             text = f"doc {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))
             f.write(json.dumps({"text": text}) + "\n")
-    cfg = load_config(None, {
-        "out_dir": str(root / "out"),
-        "data": {"inputs": [str(src)], "shard_tokens": 3000, "dedup": "none", "val_fraction": 0.1},
-        "tokenizer": {"vocab_size": 400, "min_frequency": 1},
-    })
+    cfg = load_config(
+        None,
+        {
+            "out_dir": str(root / "out"),
+            "data": {
+                "inputs": [str(src)],
+                "shard_tokens": 3000,
+                "dedup": "none",
+                "val_fraction": 0.1,
+            },
+            "tokenizer": {"vocab_size": 400, "min_frequency": 1},
+        },
+    )
     prepare(cfg, progress=False)
     return root / "out" / "shards"
 
 
 def stream(shards, split="train"):
     """The reference: the whole split concatenated in RAM (fine for a test corpus)."""
-    return np.concatenate([np.asarray(t) for t in open_split(shards, split).tokens]).astype(np.int64)
+    return np.concatenate([np.asarray(t) for t in open_split(shards, split).tokens]).astype(
+        np.int64
+    )
 
 
 def windows_of(x, y):
@@ -49,7 +62,9 @@ def take(loader, n):
 
 
 def same(a, b):
-    return len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    return len(a) == len(b) and all(
+        torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b)
+    )
 
 
 def test_setup_has_several_shards(shards):
@@ -85,7 +100,9 @@ def test_same_seed_same_batches_other_seed_or_epoch_other_order(shards):
     epoch = a.steps_per_epoch
     first = take(a, 2 * epoch)
     assert same(first, take(TokenBatches(shards, batch_size=B, seq_len=T, seed=1), 2 * epoch))
-    assert not same(first[:epoch], take(TokenBatches(shards, batch_size=B, seq_len=T, seed=2), epoch))
+    assert not same(
+        first[:epoch], take(TokenBatches(shards, batch_size=B, seq_len=T, seed=2), epoch)
+    )
     assert not same(first[:epoch], first[epoch:])
     assert a.epoch == 1
 
@@ -144,7 +161,9 @@ def test_eval_batches_cover_the_split_once(shards, bs, max_batches):
 
 def test_errors(shards):
     n = stream(shards).size
-    with pytest.raises(ValueError, match=rf"'train'.*{n} tokens.*--train\.batch_size.*--model\.max_seq_len"):
+    with pytest.raises(
+        ValueError, match=rf"'train'.*{n} tokens.*--train\.batch_size.*--model\.max_seq_len"
+    ):
         TokenBatches(shards, batch_size=n, seq_len=T)
     with pytest.raises(ValueError, match="world_size 2"):
         TokenBatches(shards, batch_size=(n - 1) // T, seq_len=T, world_size=2, rank=1)

@@ -1,4 +1,5 @@
 """One huge document (a single-line .txt of many MB): same tokens as a whole encode, bounded memory."""
+
 import json
 import os
 import random
@@ -20,14 +21,18 @@ def _long_text(n_words: int) -> str:
     """Words, punctuation, digits, Han characters, line breaks, runs of spaces and special-token spellings."""
     extras = [",", ".", " 2024", "\n", "\n\n", "   ", "床前明月光，", "<|eos|>", "it's", "\t"]
     rng = random.Random(n_words)  # the same text whatever the test order
-    return " ".join(rng.choice(_WORDS) + (rng.choice(extras) if rng.random() < 0.2 else "") for _ in range(n_words))
+    return " ".join(
+        rng.choice(_WORDS) + (rng.choice(extras) if rng.random() < 0.2 else "")
+        for _ in range(n_words)
+    )
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece", "char"])
 def test_a_long_document_is_encoded_in_pieces_to_exactly_the_whole_documents_ids(kind):
     text = _long_text(120_000)  # ~600k characters: many pieces and several batches
-    tok = train_tokenizer(TokenizerConfig(kind=kind, vocab_size=400, min_frequency=1), [text[:50_000]],
-                          progress=False)
+    tok = train_tokenizer(
+        TokenizerConfig(kind=kind, vocab_size=400, min_frequency=1), [text[:50_000]], progress=False
+    )
     short = ["床前明月光", "a b", "x" * 10]
     got = list(tok.encode_stream([short[0], text, *short[1:]], max_chars=1 << 14))
     assert [t for t, _ in got] == [short[0], text, *short[1:]]
@@ -44,9 +49,13 @@ def test_minhash_of_a_long_document_equals_minhash_over_its_distinct_shingles():
     d = NearDedup(num_perm=64)
     sh = shingle_hashes(text, 5)
     assert len(sh) == len(np.unique(sh)) > 20_000
-    want = ((sh[:, None] * d.a[None, :] + d.b[None, :]) >> np.uint64(32)).min(axis=0).astype(np.uint32)
+    want = (
+        ((sh[:, None] * d.a[None, :] + d.b[None, :]) >> np.uint64(32)).min(axis=0).astype(np.uint32)
+    )
     assert (d.signature(text) == want).all()
-    assert list(shingle_hashes("", 5)) == [1] and len(shingle_hashes("abc", 5)) == 1  # short texts: one shingle
+    assert (
+        list(shingle_hashes("", 5)) == [1] and len(shingle_hashes("abc", 5)) == 1
+    )  # short texts: one shingle
 
 
 _CHILD = """
@@ -73,8 +82,13 @@ def test_preparing_a_single_line_file_keeps_memory_bounded(tmp_path):
         parts.append(rng.choice(_WORDS) + rng.choice(["", "", ",", "."]))
         n += len(parts[-1]) + 1
     src.write_text(" ".join(parts) + "\n", encoding="utf-8")
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(tmp_path / "run")], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(src), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["tokens"] > 500_000
@@ -82,9 +96,14 @@ def test_preparing_a_single_line_file_keeps_memory_bounded(tmp_path):
 
 
 def test_a_huge_run_without_a_pretoken_start_is_cut_and_still_round_trips():
-    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), ["a b  c   d"],
-                          progress=False)
+    tok = train_tokenizer(
+        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), ["a b  c   d"], progress=False
+    )
     text = "a" + " " * 300_000 + "b"
-    (_, ids), = tok.encode_stream([text], max_chars=1 << 14)  # cut every 8,192 characters of the run
+    ((_, ids),) = tok.encode_stream(
+        [text], max_chars=1 << 14
+    )  # cut every 8,192 characters of the run
     assert tok.decode(ids) == text
-    assert abs(len(ids) - len(tok.encode(text))) <= 300_000 // 8192 + 1  # at most one token more per cut
+    assert (
+        abs(len(ids) - len(tok.encode(text))) <= 300_000 // 8192 + 1
+    )  # at most one token more per cut

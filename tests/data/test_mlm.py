@@ -1,4 +1,5 @@
 """BERT pretraining data: masking statistics, sentence splitting, NSP pairs, resumable batches."""
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +30,9 @@ def test_masking_statistics_on_a_large_sample():
     ids[:, 0], ids[:, 250] = CLS_ID, SEP_ID  # specials inside the rows
     ids[:, 450:] = PAD_ID  # padding
     maskable = (ids >= N_SPECIAL) & (ids != PAD_ID)
-    inputs, labels = mask_tokens(ids, maskable, vocab_size=V, generator=torch.Generator().manual_seed(1))
+    inputs, labels = mask_tokens(
+        ids, maskable, vocab_size=V, generator=torch.Generator().manual_seed(1)
+    )
     selected = labels != IGNORE
     assert not selected[~maskable].any()  # specials and padding are never selected ...
     assert torch.equal(inputs[~maskable], ids[~maskable])  # ... nor changed
@@ -43,18 +46,34 @@ def test_masking_statistics_on_a_large_sample():
     kept = (inputs[selected] == ids[selected]).sum().item() / s
     assert abs(to_mask - 0.8) < 0.01 and abs(changed - 0.1) < 0.008 and abs(kept - 0.1) < 0.008
     randoms = inputs[selected & (inputs != MASK_ID) & (inputs != ids)]
-    assert randoms.min() >= N_SPECIAL and randoms.max() < V  # random replacements are never special tokens
+    assert (
+        randoms.min() >= N_SPECIAL and randoms.max() < V
+    )  # random replacements are never special tokens
     assert len(randoms.unique()) > 0.9 * (V - N_SPECIAL)  # and spread over the vocabulary
     again = mask_tokens(ids, maskable, vocab_size=V, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)  # the generator decides everything
+    assert torch.equal(again[0], inputs) and torch.equal(
+        again[1], labels
+    )  # the generator decides everything
 
 
 def test_sentence_splitting_zh_and_en():
     assert split_sentences("床前明月光，疑是地上霜。\n举头望明月，低头思故乡。") == [
-        "床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]
-    assert split_sentences("他说：“归去！”又问：何时？答曰；明日") == ["他说：“归去！”", "又问：何时？", "答曰；", "明日"]
-    assert split_sentences("To be, or not to be. That is the question!  Is it? \"Yes.\" Fine") == [
-        "To be, or not to be.", "That is the question!", "Is it?", "\"Yes.\"", "Fine"]
+        "床前明月光，疑是地上霜。",
+        "举头望明月，低头思故乡。",
+    ]
+    assert split_sentences("他说：“归去！”又问：何时？答曰；明日") == [
+        "他说：“归去！”",
+        "又问：何时？",
+        "答曰；",
+        "明日",
+    ]
+    assert split_sentences('To be, or not to be. That is the question!  Is it? "Yes." Fine') == [
+        "To be, or not to be.",
+        "That is the question!",
+        "Is it?",
+        '"Yes."',
+        "Fine",
+    ]
     assert split_sentences("line one\n\nline two\n") == ["line one", "line two"]
     assert split_sentences("  \n ") == []
 
@@ -64,8 +83,11 @@ def _corpus(sentence_lens: list[list[int]]) -> SentenceCorpus:
     position + N_SPECIAL), so a pair's tokens say where they came from."""
     flat = [n for doc in sentence_lens for n in doc]
     tokens = np.arange(sum(flat), dtype=np.int32) + N_SPECIAL
-    return SentenceCorpus(tokens, np.concatenate([[0], np.cumsum(flat)]),
-                          np.concatenate([[0], np.cumsum([len(d) for d in sentence_lens])]))
+    return SentenceCorpus(
+        tokens,
+        np.concatenate([[0], np.cumsum(flat)]),
+        np.concatenate([[0], np.cumsum([len(d) for d in sentence_lens])]),
+    )
 
 
 def _docs(n_docs: int, seed: int = 0) -> list[list[int]]:
@@ -100,8 +122,9 @@ def test_pair_layout_segments_and_padding():
     ids, seg = pair_ids([20, 21, 22], [30, 31])
     assert ids == [CLS_ID, 20, 21, 22, SEP_ID, 30, 31, SEP_ID] and seg == [0, 0, 0, 0, 0, 1, 1, 1]
     pairs = [(np.array([20, 21, 22]), np.array([30, 31]), 0), (np.array([40]), np.array([50]), 1)]
-    inputs, segments, att, labels, nsp = collate_pairs(pairs, vocab_size=V, generator=torch.Generator().manual_seed(0),
-                                                       prob=0.5)
+    inputs, segments, att, labels, nsp = collate_pairs(
+        pairs, vocab_size=V, generator=torch.Generator().manual_seed(0), prob=0.5
+    )
     assert inputs.shape == (2, 8) and nsp.tolist() == [0, 1]
     assert att.tolist() == [[1] * 8, [1] * 5 + [0] * 3]
     assert segments[1].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
@@ -155,12 +178,22 @@ def test_sentence_corpus_from_texts_with_a_wordpiece_tokenizer():
     from zerolm.config import TokenizerConfig
     from zerolm.tokenizer.train import train_tokenizer
 
-    texts = ["床前明月光，疑是地上霜。\n举头望明月，低头思故乡。", "白日依山尽。", "<|pad|>[MASK] 春眠不觉晓！处处闻啼鸟。"]
-    tok = train_tokenizer(TokenizerConfig(kind="wordpiece", vocab_size=200, min_frequency=1), iter(texts), progress=False)
+    texts = [
+        "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
+        "白日依山尽。",
+        "<|pad|>[MASK] 春眠不觉晓！处处闻啼鸟。",
+    ]
+    tok = train_tokenizer(
+        TokenizerConfig(kind="wordpiece", vocab_size=200, min_frequency=1),
+        iter(texts),
+        progress=False,
+    )
     corpus = SentenceCorpus.from_texts(texts, tok)
     assert corpus.n_docs == 3 and [len(corpus.doc(d)) for d in range(3)] == [2, 1, 2]
     assert tok.decode(corpus.doc(0)[1].tolist()).replace(" ", "") == "举头望明月，低头思故乡。"
-    assert MASK_ID not in corpus.tokens and PAD_ID not in corpus.tokens  # text spelling a special token stays text
+    assert (
+        MASK_ID not in corpus.tokens and PAD_ID not in corpus.tokens
+    )  # text spelling a special token stays text
 
 
 def test_length_batches_cover_each_epoch_with_little_padding_and_resume():

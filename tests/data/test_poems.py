@@ -17,8 +17,10 @@ from zerolm.data.sources import corpus_path
 from zerolm.eval.poem_form import FORMS, form_of, judge
 
 JUEJU5 = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
-LUSHI5 = ("秦川雄帝宅，函谷壮皇居。\n绮殿千寻起，离宫百雉余。\n"
-          "连甍遥接汉，飞观迥凌虚。\n云日隐层阙，风烟出绮疏。")
+LUSHI5 = (
+    "秦川雄帝宅，函谷壮皇居。\n绮殿千寻起，离宫百雉余。\n"
+    "连甍遥接汉，飞观迥凌虚。\n云日隐层阙，风烟出绮疏。"
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,9 @@ def check_item(item):
         assert form["name"] is None and form["lines"] == FORMS[item["poem"]][0] - 2
         assert item["poem"] in msgs[0]["content"]
     else:
-        assert (form["lines"], form["chars"]) == FORMS[form["name"]] and form["name"] == item["poem"]
+        assert (form["lines"], form["chars"]) == FORMS[form["name"]] and form["name"] == item[
+            "poem"
+        ]
         assert form_of(msgs[1]["content"]) == form
 
 
@@ -49,9 +53,23 @@ def test_clean_title():
     assert clean_title("秋兴八首 其一") == "秋兴"
     assert clean_title("杂曲歌辞 长干行") == "长干行"
     assert clean_title("骊山怀古（五首） 一") == "骊山怀古"
-    assert clean_title("静夜思") == "静夜思" and clean_title("九日") == "九日" and clean_title("柳") == "柳"
-    for bad in ("", None, "句", "句 三", "失题", "无题", "诗三百三首 五十六", "岳阳别张[祜]",
-                "湘中纪行十首 云母溪", "和吏部李侍郎见示秋夜望月忆诸侍郎之什其卒章有前后行之戏"):
+    assert (
+        clean_title("静夜思") == "静夜思"
+        and clean_title("九日") == "九日"
+        and clean_title("柳") == "柳"
+    )
+    for bad in (
+        "",
+        None,
+        "句",
+        "句 三",
+        "失题",
+        "无题",
+        "诗三百三首 五十六",
+        "岳阳别张[祜]",
+        "湘中纪行十首 云母溪",
+        "和吏部李侍郎见示秋夜望月忆诸侍郎之什其卒章有前后行之戏",
+    ):
         assert clean_title(bad) is None, bad
 
 
@@ -63,9 +81,14 @@ def test_clean_author():
 
 def test_split_opening():
     assert split_opening(LUSHI5) == ("秦川雄帝宅，函谷壮皇居。", LUSHI5.split("\n", 1)[1])
-    assert split_opening("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。") == ("白日依山尽，黄河入海流。", "欲穷千里目，更上一层楼。")
-    assert split_opening("白日依山尽，黄河入海流，欲穷千里目，更上一层楼。") is None  # couplet ends with a comma
-    assert split_opening("床前明月光，疑是地上霜。") is None                                # nothing follows
+    assert split_opening("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。") == (
+        "白日依山尽，黄河入海流。",
+        "欲穷千里目，更上一层楼。",
+    )
+    assert (
+        split_opening("白日依山尽，黄河入海流，欲穷千里目，更上一层楼。") is None
+    )  # couplet ends with a comma
+    assert split_opening("床前明月光，疑是地上霜。") is None  # nothing follows
 
 
 def test_each_kind_by_hand():
@@ -76,7 +99,10 @@ def test_each_kind_by_hand():
         check_item(item)
         seen.setdefault(item["kind"], item)
     assert set(seen) == {"title", "author", "continue"}
-    assert "《帝京篇》" in seen["title"]["messages"][0]["content"] and "五言律诗" in seen["title"]["messages"][0]["content"]
+    assert (
+        "《帝京篇》" in seen["title"]["messages"][0]["content"]
+        and "五言律诗" in seen["title"]["messages"][0]["content"]
+    )
     assert seen["title"]["messages"][1]["content"] == LUSHI5
     assert "太宗皇帝" in seen["author"]["messages"][0]["content"]
     assert seen["author"]["form"] == {"lines": 8, "chars": 5, "name": "五言律诗"}
@@ -87,16 +113,28 @@ def test_each_kind_by_hand():
 
 
 def test_kinds_follow_metadata_and_skip_irregular():
-    kinds = {make_instruction({"text": JUEJU5, "title": "句", "author": "无名氏"}, s)["kind"] for s in range(20)}
+    kinds = {
+        make_instruction({"text": JUEJU5, "title": "句", "author": "无名氏"}, s)["kind"]
+        for s in range(20)
+    }
     assert kinds == {"continue"}
     assert make_instruction({"text": JUEJU5}, 0)["kind"] == "continue"
-    flat = "白日依山尽，黄河入海流，欲穷千里目，更上一层楼。"  # no usable opening, no title, no author
+    flat = (
+        "白日依山尽，黄河入海流，欲穷千里目，更上一层楼。"  # no usable opening, no title, no author
+    )
     assert make_instruction({"text": flat}, 0) is None
     assert make_instruction({"text": flat, "title": "登鹳雀楼"}, 0)["kind"] == "title"
-    for text in ("床前明月光，疑是地上霜。", JUEJU5[:-1], JUEJU5 + "\n" + JUEJU5 + "\n" + JUEJU5, "", "关关雎鸠，在河之洲。"):
+    for text in (
+        "床前明月光，疑是地上霜。",
+        JUEJU5[:-1],
+        JUEJU5 + "\n" + JUEJU5 + "\n" + JUEJU5,
+        "",
+        "关关雎鸠，在河之洲。",
+    ):
         assert make_instruction({"text": text, "title": "静夜思", "author": "李白"}, 0) is None
-    assert list(poem_instructions([{"text": "hello world"}, {"text": JUEJU5, "author": "李白"}])) == \
-        [make_instruction({"text": JUEJU5, "author": "李白"})]
+    assert list(
+        poem_instructions([{"text": "hello world"}, {"text": JUEJU5, "author": "李白"}])
+    ) == [make_instruction({"text": JUEJU5, "author": "李白"})]
 
 
 def test_corpus_instructions(corpus):
@@ -106,7 +144,14 @@ def test_corpus_instructions(corpus):
     for item in items:
         check_item(item)
     kinds = Counter(i["kind"] for i in items)
-    print(len(corpus), "docs ->", len(items), "items", dict(kinds), dict(Counter(i["poem"] for i in items)))
+    print(
+        len(corpus),
+        "docs ->",
+        len(items),
+        "items",
+        dict(kinds),
+        dict(Counter(i["poem"] for i in items)),
+    )
     assert set(kinds) == {"title", "author", "continue"} and min(kinds.values()) > 0.2 * len(items)
     templates = Counter(i["messages"][0]["content"][:4] for i in items)
     assert len(templates) > 9  # all wordings are used
@@ -132,7 +177,9 @@ def test_eval_requests(corpus):
     assert ev == eval_requests(corpus[::-1], seed=0, limit=50)  # independent of input order
     assert ev != eval_requests(corpus, seed=1, limit=50)
     assert eval_requests(corpus, seed=0, limit=10) == ev[:10]
-    all_items = {json.dumps(i, ensure_ascii=False, sort_keys=True) for i in poem_instructions(corpus)}
+    all_items = {
+        json.dumps(i, ensure_ascii=False, sort_keys=True) for i in poem_instructions(corpus)
+    }
     assert all(json.dumps(i, ensure_ascii=False, sort_keys=True) in all_items for i in ev)
     for item in ev:
         check_item(item)

@@ -11,9 +11,15 @@ from zerolm.data.shards import load_meta, open_split
 from zerolm.tokenizer import Tokenizer
 
 _rng = random.Random(0)
-_WORDS = ["".join(_rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_rng.randint(2, 8))) for _ in range(400)]
+_WORDS = [
+    "".join(_rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_rng.randint(2, 8)))
+    for _ in range(400)
+]
 DOCS = [f"Document {i}: " + " ".join(_rng.choice(_WORDS) for _ in range(40)) for i in range(60)]
-ZH = ["床前明月光，疑是地上霜。\n举头望明月，低头思故乡。", "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。"]
+ZH = [
+    "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。",
+]
 
 
 def cfg_for(out, inputs, **over):
@@ -31,7 +37,9 @@ def corpus(tmp_path):
         for d in DOCS[:30]:
             f.write(json.dumps({"text": d, "id": 1}) + "\n")
         f.write(json.dumps({"text": DOCS[0]}) + "\n")  # exact duplicate
-        f.write(json.dumps({"text": "  " + DOCS[1].replace("w", "W", 1) + "\r\n"}) + "\n")  # near duplicate
+        f.write(
+            json.dumps({"text": "  " + DOCS[1].replace("w", "W", 1) + "\r\n"}) + "\n"
+        )  # near duplicate
     (src / "sub" / "b.txt").write_text("\n\n".join(DOCS[30:] + ZH), encoding="utf-8")
     return src
 
@@ -59,7 +67,9 @@ def test_prepare_end_to_end_shards_decode_to_clean_documents(tmp_path, corpus):
         assert decoded == texts
         eos = [t[e - 1] for t, st in zip(s.tokens, s.starts) for e in st[1:]]
         assert all(x == meta["eos_id"] for x in eos)
-    all_texts = {d["text"] for sp in ("train", "val") for d in read_docs(out / "docs" / f"{sp}.jsonl")}
+    all_texts = {
+        d["text"] for sp in ("train", "val") for d in read_docs(out / "docs" / f"{sp}.jsonl")
+    }
     assert set(DOCS) | set(ZH) == all_texts  # cleaned = original here; nothing else lost
     assert (out / "config.toml").is_file() and load_config(out / "config.toml") == cfg
 
@@ -84,8 +94,13 @@ def test_rerun_is_a_noop_and_changes_rebuild(tmp_path, corpus):
     mtime = shard.stat().st_mtime_ns
     run(cfg)
     assert shard.stat().st_mtime_ns == mtime
-    run(cfg_for(tmp_path / "out", [corpus], tokenizer={"vocab_size": 420}))  # new tokenizer -> new shards
-    assert load_meta(tmp_path / "out" / "shards")["vocab_size"] == Tokenizer.load(tmp_path / "out" / "tokenizer").vocab_size
+    run(
+        cfg_for(tmp_path / "out", [corpus], tokenizer={"vocab_size": 420})
+    )  # new tokenizer -> new shards
+    assert (
+        load_meta(tmp_path / "out" / "shards")["vocab_size"]
+        == Tokenizer.load(tmp_path / "out" / "tokenizer").vocab_size
+    )
     assert shard.stat().st_mtime_ns != mtime
 
 
@@ -95,7 +110,9 @@ def test_shards_roll_over_without_splitting_documents(tmp_path, corpus):
     files = meta["splits"]["train"]["files"]
     assert len(files) > 2
     s = open_split(tmp_path / "out" / "shards", "train")
-    assert all(len(t) <= 500 or len(st) == 2 for t, st in zip(s.tokens, s.starts))  # a long doc stays whole
+    assert all(
+        len(t) <= 500 or len(st) == 2 for t, st in zip(s.tokens, s.starts)
+    )  # a long doc stays whole
     assert s.num_tokens == meta["splits"]["train"]["tokens"]
 
 
@@ -122,15 +139,18 @@ def _snapshot(root):
     return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"),
-    ("empty", "empty corpus"),
-    ("undecodable", r"bad.txt: invalid UTF-8 at byte offset 9 \(line 2\)"),
-    ("badjson", r"bad.jsonl:2: invalid JSON"),
-    ("nofield", r"bad.jsonl:1: no field 'text'; fields present: body"),
-    ("vocab", "vocab_size=100 is too small"),
-    ("suffix", "unsupported file type '.pdf'"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "empty corpus"),
+        ("undecodable", r"bad.txt: invalid UTF-8 at byte offset 9 \(line 2\)"),
+        ("badjson", r"bad.jsonl:2: invalid JSON"),
+        ("nofield", r"bad.jsonl:1: no field 'text'; fields present: body"),
+        ("vocab", "vocab_size=100 is too small"),
+        ("suffix", "unsupported file type '.pdf'"),
+    ],
+)
 def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path, corpus, case, message):
     out = tmp_path / "out"
     run(cfg_for(out, [corpus]))  # a good run first: the bad one must leave it untouched
@@ -170,9 +190,18 @@ def test_fresh_output_dir_is_not_created_on_error(tmp_path):
 
 def test_replace_policy_keeps_going(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"good text\n\nbad \xff byte\n")
-    summary = run(cfg_for(tmp_path / "out", [tmp_path / "bad.txt"],
-                          data={"encoding_errors": "replace", "txt_unit": "paragraph", "val_fraction": 0.5}))
-    texts = {d["text"] for s in ("train", "val") for d in read_docs(tmp_path / "out" / "docs" / f"{s}.jsonl")}
+    summary = run(
+        cfg_for(
+            tmp_path / "out",
+            [tmp_path / "bad.txt"],
+            data={"encoding_errors": "replace", "txt_unit": "paragraph", "val_fraction": 0.5},
+        )
+    )
+    texts = {
+        d["text"]
+        for s in ("train", "val")
+        for d in read_docs(tmp_path / "out" / "docs" / f"{s}.jsonl")
+    }
     assert texts == {"good text", "bad \ufffd byte"}
     assert summary["docs"]["documents_kept"] == 2
 
@@ -191,12 +220,16 @@ def test_memmap_dtype_uint32_for_large_vocab():
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 
-def test_a_full_disk_is_one_line_naming_the_directory_and_leaves_nothing_partial(corpus, tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_naming_the_directory_and_leaves_nothing_partial(
+    corpus, tmp_path, monkeypatch
+):
     import errno
 
     from zerolm.data import shards
 
-    def disk_fills(self, ids):  # fault injection: the shard file's write hits a full disk after some bytes
+    def disk_fills(
+        self, ids
+    ):  # fault injection: the shard file's write hits a full disk after some bytes
         self._f = self._f or open(self.out_dir / "train-00000.bin", "wb")
         self._f.write(b"\0" * 64)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -205,8 +238,16 @@ def test_a_full_disk_is_one_line_naming_the_directory_and_leaves_nothing_partial
     out = tmp_path / "out"
     with pytest.raises(ValueError) as e:
         run(cfg_for(out, [corpus]))
-    assert str(e.value).startswith(f"could not write the token shards into {out / 'shards'}: the disk is full")
+    assert str(e.value).startswith(
+        f"could not write the token shards into {out / 'shards'}: the disk is full"
+    )
     assert "\n" not in str(e.value)
-    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "docs", "tokenizer"]  # no shards, no temp dir
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.toml",
+        "docs",
+        "tokenizer",
+    ]  # no shards, no temp dir
     monkeypatch.undo()
-    assert run(cfg_for(out, [corpus]))["shards"]["splits"]["train"]["tokens"] > 0  # space again: it carries on
+    assert (
+        run(cfg_for(out, [corpus]))["shards"]["splits"]["train"]["tokens"] > 0
+    )  # space again: it carries on

@@ -1,4 +1,5 @@
 """prepare streams: peak memory grows with the number of documents kept, not with their text."""
+
 import json
 import random
 import subprocess
@@ -9,10 +10,15 @@ import textwrap
 def _peak_rss_mb(tmp_path, name, n_docs, doc_words):
     src = tmp_path / f"{name}.jsonl"
     rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(5000)
+    ]
     with open(src, "w") as f:
         for i in range(n_docs):
-            f.write(json.dumps({"text": f"{i} " + " ".join(rng.choices(words, k=doc_words))}) + "\n")
+            f.write(
+                json.dumps({"text": f"{i} " + " ".join(rng.choices(words, k=doc_words))}) + "\n"
+            )
     code = textwrap.dedent(f"""
         import resource
         from zerolm.config import load_config

@@ -1,5 +1,6 @@
 """Sequence classification with bert: the fine-tune learns a separable toy task above the majority
 class, the bag-of-characters baseline, `zerolm classify`, and every bad-input error."""
+
 import json
 import random
 
@@ -31,12 +32,19 @@ def _toy(n, seed):
     for _ in range(n):
         label = "sea" if rng.random() < 0.6 else "hill"
         chars = SEA if label == "sea" else HILL
-        rows.append({"text": "".join(rng.choice(chars + "之而其") for _ in range(rng.randint(4, 12))), "label": label})
+        rows.append(
+            {
+                "text": "".join(rng.choice(chars + "之而其") for _ in range(rng.randint(4, 12))),
+                "label": label,
+            }
+        )
     return rows
 
 
 def _write(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -44,10 +52,16 @@ def _write(path, rows):
 def bert_dir(tmp_path_factory):
     """A tiny (untrained) bert with a wordpiece tokenizer over the toy characters."""
     root = tmp_path_factory.mktemp("cls")
-    tok = train_tokenizer(TokenizerConfig(kind="wordpiece", vocab_size=100, min_frequency=1),
-                          iter([SEA + HILL + "之而其天地人"]), progress=False)
-    model = build_model(ModelConfig(arch="bert", d_model=32, n_layers=2, n_heads=2, max_seq_len=24, dropout=0.0),
-                        tok.vocab_size, seed=0)
+    tok = train_tokenizer(
+        TokenizerConfig(kind="wordpiece", vocab_size=100, min_frequency=1),
+        iter([SEA + HILL + "之而其天地人"]),
+        progress=False,
+    )
+    model = build_model(
+        ModelConfig(arch="bert", d_model=32, n_layers=2, n_heads=2, max_seq_len=24, dropout=0.0),
+        tok.vocab_size,
+        seed=0,
+    )
     save_model(model, root / "bert", tok)
     _write(root / "train.jsonl", _toy(300, 0))
     _write(root / "val.jsonl", _toy(100, 1))
@@ -55,10 +69,27 @@ def bert_dir(tmp_path_factory):
 
 
 def _cfg(root, out="out", **classify):
-    return load_config(None, {"out_dir": str(root / out), "classify": {
-        "base_model": str(root / "bert"), "data": [str(root / "train.jsonl")], "val_data": [str(root / "val.jsonl")],
-        **classify}, "train": {"steps": 60, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30,
-                               "precision": "fp32", "ckpt_every": 1000}})
+    return load_config(
+        None,
+        {
+            "out_dir": str(root / out),
+            "classify": {
+                "base_model": str(root / "bert"),
+                "data": [str(root / "train.jsonl")],
+                "val_data": [str(root / "val.jsonl")],
+                **classify,
+            },
+            "train": {
+                "steps": 60,
+                "batch_size": 16,
+                "lr": 3e-3,
+                "warmup_steps": 5,
+                "eval_every": 30,
+                "precision": "fp32",
+                "ckpt_every": 1000,
+            },
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +104,10 @@ def test_finetune_learns_a_separable_task_above_the_majority(bert_dir, trained):
     assert 0.5 < r["majority_acc"] < 0.75 and r["boc_lr_acc"] == 1.0
     assert r["final_val_acc"] >= 0.95 > r["majority_acc"] + 0.2
     model_dir = bert_dir / "out" / "model"
-    assert json.loads((model_dir / "labels.json").read_text()) == ["sea", "hill"]  # most frequent first
+    assert json.loads((model_dir / "labels.json").read_text()) == [
+        "sea",
+        "hill",
+    ]  # most frequent first
     got = classify_file(model_dir, bert_dir / "val.jsonl")
     assert got["rows"] == 100 and got["val_acc"] == pytest.approx(r["final_val_acc"])
     assert set(got["predictions"]) <= {"sea", "hill"}
@@ -84,7 +118,10 @@ def test_finetune_learns_a_separable_task_above_the_majority(bert_dir, trained):
 def test_classify_cli_prints_labels_and_accuracy(bert_dir, trained, capsys):
     from zerolm.cli import main
 
-    assert main(["classify", str(bert_dir / "out" / "model"), "--input", str(bert_dir / "val.jsonl")]) == 0
+    assert (
+        main(["classify", str(bert_dir / "out" / "model"), "--input", str(bert_dir / "val.jsonl")])
+        == 0
+    )
     out, err = capsys.readouterr()
     assert len(out.split()) == 100 and set(out.split()) <= {"sea", "hill"}
     assert "accuracy" in err and "on 100 labelled rows" in err
@@ -104,8 +141,13 @@ def test_classifier_keeps_pretrained_weights_and_adds_a_fresh_head(bert_dir):
 def test_logistic_regression_baseline_on_a_separable_set():
     train, val = _toy(200, 2), _toy(50, 3)
     y = {"sea": 0, "hill": 1}
-    r = bag_of_chars_baseline([t["text"] for t in train], [y[t["label"]] for t in train], [t["text"] for t in val],
-                              [y[t["label"]] for t in val], 2)
+    r = bag_of_chars_baseline(
+        [t["text"] for t in train],
+        [y[t["label"]] for t in train],
+        [t["text"] for t in val],
+        [y[t["label"]] for t in val],
+        2,
+    )
     assert r["accuracy"] == 1.0 and r["features"] == len(set(SEA + HILL + "之而其"))
     assert majority_baseline([0, 0, 1], [0, 1, 1, 1])["accuracy"] == 0.25
 
@@ -117,30 +159,40 @@ def test_logistic_regression_gradient_and_fit_match_autograd():
     Wr, br = W.clone().requires_grad_(), b.clone().requires_grad_()
     loss = F.cross_entropy(X.to_dense() @ Wr + br, y) + 1e-2 * Wr.pow(2).sum()
     loss.backward()
-    assert Wr.grad.abs().max() < 1e-4 and br.grad.abs().max() < 1e-4  # a stationary point of the true objective
+    assert (
+        Wr.grad.abs().max() < 1e-4 and br.grad.abs().max() < 1e-4
+    )  # a stationary point of the true objective
     norms = X.to_dense().norm(dim=1)
     assert torch.allclose(norms, torch.ones(5))
 
 
 def test_encode_truncation_policies():
-    tok = train_tokenizer(TokenizerConfig(kind="wordpiece", vocab_size=100, min_frequency=1), iter([SEA + HILL]),
-                          progress=False)
+    tok = train_tokenizer(
+        TokenizerConfig(kind="wordpiece", vocab_size=100, min_frequency=1),
+        iter([SEA + HILL]),
+        progress=False,
+    )
     rows = [Row("海" * 20, "山" * 5, where="f:1"), Row("海浪", where="f:2")]
     enc, cut = encode(tok, rows, 16)
-    assert cut == 1 and len(enc[0][0]) == 16 and enc[0][1].count(1) == 6  # the longer text lost 12 tokens
+    assert (
+        cut == 1 and len(enc[0][0]) == 16 and enc[0][1].count(1) == 6
+    )  # the longer text lost 12 tokens
     assert len(enc[1][0]) == 4
     with pytest.raises(ValueError, match="f:1: 28 tokens with .* exceed the 16-token window"):
         encode(tok, rows, 16, "error")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no_label", "no label field 'label': every training row needs a label"),
-    ("unseen", "label 'lake' was never seen in training; known labels: sea, hill"),
-    ("too_long", "exceed the 24-token window"),
-    ("decoder", "is a decoder model: finetune-classify needs a bert encoder"),
-    ("no_data", "no classification data"),
-    ("bad_json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_label", "no label field 'label': every training row needs a label"),
+        ("unseen", "label 'lake' was never seen in training; known labels: sea, hill"),
+        ("too_long", "exceed the 24-token window"),
+        ("decoder", "is a decoder model: finetune-classify needs a bert encoder"),
+        ("no_data", "no classification data"),
+        ("bad_json", "not valid JSON"),
+    ],
+)
 def test_bad_inputs_are_clear_errors(bert_dir, tmp_path, case, message):
     cfg = {}
     if case == "no_label":
@@ -148,18 +200,34 @@ def test_bad_inputs_are_clear_errors(bert_dir, tmp_path, case, message):
     elif case == "unseen":
         cfg["val_data"] = [str(_write(tmp_path / "v.jsonl", [{"text": "海", "label": "lake"}]))]
     elif case == "too_long":
-        cfg |= {"data": [str(_write(tmp_path / "t.jsonl", [{"text": "海" * 30, "label": "sea"}, {"text": "山", "label": "hill"}]))],
-                "truncation": "error"}
+        cfg |= {
+            "data": [
+                str(
+                    _write(
+                        tmp_path / "t.jsonl",
+                        [{"text": "海" * 30, "label": "sea"}, {"text": "山", "label": "hill"}],
+                    )
+                )
+            ],
+            "truncation": "error",
+        }
     elif case == "decoder":
         from zerolm.tokenizer import Tokenizer
 
-        save_model(build_model(ModelConfig(preset="llama", d_model=16, n_layers=1, n_heads=2, max_seq_len=8), 100),
-                   tmp_path / "llama", Tokenizer.load(bert_dir / "bert"))
+        save_model(
+            build_model(
+                ModelConfig(preset="llama", d_model=16, n_layers=1, n_heads=2, max_seq_len=8), 100
+            ),
+            tmp_path / "llama",
+            Tokenizer.load(bert_dir / "bert"),
+        )
         cfg["base_model"] = str(tmp_path / "llama")
     elif case == "no_data":
         cfg["data"] = []
     elif case == "bad_json":
-        (tmp_path / "t.jsonl").write_text('{"text": "海", "label": "sea"}\n{"text": \n', encoding="utf-8")
+        (tmp_path / "t.jsonl").write_text(
+            '{"text": "海", "label": "sea"}\n{"text": \n', encoding="utf-8"
+        )
         cfg["data"] = [str(tmp_path / "t.jsonl")]
     with pytest.raises(ValueError, match=message):
         finetune_classify(_cfg(bert_dir, out=f"bad-{case}", **cfg), progress=False)
@@ -170,12 +238,19 @@ def test_classify_errors(bert_dir, trained, tmp_path):
     with pytest.raises(ValueError, match="is not a classifier"):
         classify_file(bert_dir / "bert", bert_dir / "val.jsonl")
     _write(tmp_path / "x.jsonl", [{"text": "海", "label": "sea"}, {"text": "山", "label": "lake"}])
-    with pytest.raises(ValueError, match="x.jsonl:2: label 'lake' was never seen in training; known labels: sea, hill"):
+    with pytest.raises(
+        ValueError,
+        match="x.jsonl:2: label 'lake' was never seen in training; known labels: sea, hill",
+    ):
         classify_file(bert_dir / "out" / "model", tmp_path / "x.jsonl")
     with pytest.raises(ValueError, match="no text field 'body'"):
         read_rows(tmp_path / "x.jsonl", text_field="body")
-    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a", "label": "sea"}\n{"text": "\xe6\xb5", "label": "sea"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: invalid UTF-8 at byte offset \d+ \(line 2\); convert"):
+    (tmp_path / "bad.jsonl").write_bytes(
+        b'{"text": "a", "label": "sea"}\n{"text": "\xe6\xb5", "label": "sea"}\n'
+    )
+    with pytest.raises(
+        ValueError, match=r"bad.jsonl: invalid UTF-8 at byte offset \d+ \(line 2\); convert"
+    ):
         read_rows(tmp_path / "bad.jsonl")
 
 

@@ -51,7 +51,9 @@ def test_zero_b_leaves_logits_unchanged_and_only_adapters_train():
     ref = logits(model)
     apply_lora(model, LoRAConfig(rank=8, targets=ALL))
     assert torch.equal(logits(model), ref)
-    assert isinstance(model.blocks[0].attn.q, LoRALinear) and model.blocks[1].ffn.gate.weight.shape == (96, 32)
+    assert isinstance(model.blocks[0].attn.q, LoRALinear) and model.blocks[
+        1
+    ].ffn.gate.weight.shape == (96, 32)
     model(IDS).logsumexp(-1).mean().backward()
     for name, p in model.named_parameters():
         assert p.requires_grad == ("lora_" in name), name
@@ -61,7 +63,9 @@ def test_zero_b_leaves_logits_unchanged_and_only_adapters_train():
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])
 def test_merge_equals_unmerged_and_saves_like_any_model(preset, tmp_path):
     model = make(preset)
-    targets = ("q", "k", "v", "o", "up", "down") + (("gate", "lm_head") if preset == "llama" else ())
+    targets = ("q", "k", "v", "o", "up", "down") + (
+        ("gate", "lm_head") if preset == "llama" else ()
+    )
     randomize_b(apply_lora(model, LoRAConfig(rank=4, targets=targets)))
     adapted = logits(model)
     with adapters_disabled(model):
@@ -102,8 +106,12 @@ def test_save_load_reproduces_logits_and_refuses_other_bases(tmp_path):
     fresh = load_adapters(make(), path)
     assert fresh.lora_config == model.lora_config
     assert torch.equal(logits(fresh), logits(model))
-    assert set(lora_state_dict(fresh)) == {f"blocks.{i}.{m}.lora_{x}" for i in range(2)
-                                           for m in ("attn.q", "attn.o", "ffn.down") for x in "AB"}
+    assert set(lora_state_dict(fresh)) == {
+        f"blocks.{i}.{m}.lora_{x}"
+        for i in range(2)
+        for m in ("attn.q", "attn.o", "ffn.down")
+        for x in "AB"
+    }
     with pytest.raises(ValueError, match="different weights"):
         load_adapters(make(seed=1), path)
     with pytest.raises(ValueError, match="d_model=32 vs 64"):
@@ -140,7 +148,9 @@ def test_adapters_disabled_gives_exactly_the_base():
 
 
 def test_kv_cache_greedy_generation_equals_full_recomputation():
-    model = randomize_b(apply_lora(make(n_kv_heads=2), LoRAConfig(rank=8, targets=ALL, dropout=0.1)))
+    model = randomize_b(
+        apply_lora(make(n_kv_heads=2), LoRAConfig(rank=8, targets=ALL, dropout=0.1))
+    )
     before = logits(model)
     decode_layout(model)  # transposes the wrapped base weights' storage, leaves the adapters alone
     assert not model.blocks[0].attn.q.base.weight.is_contiguous()
@@ -152,7 +162,7 @@ def test_kv_cache_greedy_generation_equals_full_recomputation():
         seq = list(prompt)
         for _ in range(5):
             seq.append(int(logits(model, torch.tensor([seq]))[0, -1].argmax()))
-        assert got == seq[len(prompt):]
+        assert got == seq[len(prompt) :]
 
 
 def test_bf16_autocast_forward_and_backward():
@@ -166,7 +176,9 @@ def test_bf16_autocast_forward_and_backward():
 
 
 def test_adapter_file_size_and_report(tmp_path):
-    model = build_model(ModelConfig(preset="llama", d_model=256, n_layers=4), vocab_size=8192, seed=0)
+    model = build_model(
+        ModelConfig(preset="llama", d_model=256, n_layers=4), vocab_size=8192, seed=0
+    )
     full = trainable_report(model)
     assert full["trainable"] == full["total"] and full["adapter_file_bytes"] == 0
     report = trainable_report(apply_lora(model, LoRAConfig(rank=8)))
@@ -179,11 +191,20 @@ def test_adapter_file_size_and_report(tmp_path):
 
 def test_adapter_gradients_are_the_chain_rule_of_the_merged_weight_gradient():
     model = randomize_b(apply_lora(make(), LoRAConfig(rank=4, alpha=4.0, targets=("q", "down"))))
-    dense = merge_lora(randomize_b(apply_lora(make(), LoRAConfig(rank=4, alpha=4.0, targets=("q", "down")))))
+    dense = merge_lora(
+        randomize_b(apply_lora(make(), LoRAConfig(rank=4, alpha=4.0, targets=("q", "down"))))
+    )
     model(IDS).logsumexp(-1).mean().backward()
     dense(IDS).logsumexp(-1).mean().backward()
-    pairs = [(model.blocks[0].attn.q, dense.blocks[0].attn.q), (model.blocks[1].ffn.down, dense.blocks[1].ffn.down)]
+    pairs = [
+        (model.blocks[0].attn.q, dense.blocks[0].attn.q),
+        (model.blocks[1].ffn.down, dense.blocks[1].ffn.down),
+    ]
     for lora, lin in pairs:
         g = lin.weight.grad  # dL/dW of W = base + scale·B·A
-        torch.testing.assert_close(lora.lora_B.grad, lora.scale * g @ lora.lora_A.T.detach(), atol=1e-6, rtol=1e-4)
-        torch.testing.assert_close(lora.lora_A.grad, lora.scale * lora.lora_B.T.detach() @ g, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            lora.lora_B.grad, lora.scale * g @ lora.lora_A.T.detach(), atol=1e-6, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            lora.lora_A.grad, lora.scale * lora.lora_B.T.detach() @ g, atol=1e-6, rtol=1e-4
+        )

@@ -13,11 +13,21 @@ from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.train import train_tokenizer
 
 CONVS = [
-    [{"role": "user", "content": "写诗"}, {"role": "assistant", "content": "床前明月光，疑是地上霜。"}],
-    [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": "Hi, how are you?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "举头"},
-     {"role": "assistant", "content": "望明月。"}, {"role": "user", "content": "低头"},
-     {"role": "assistant", "content": "思故乡。"}],
+    [
+        {"role": "user", "content": "写诗"},
+        {"role": "assistant", "content": "床前明月光，疑是地上霜。"},
+    ],
+    [
+        {"role": "user", "content": "Hello there!"},
+        {"role": "assistant", "content": "Hi, how are you?"},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "举头"},
+        {"role": "assistant", "content": "望明月。"},
+        {"role": "user", "content": "低头"},
+        {"role": "assistant", "content": "思故乡。"},
+    ],
 ]
 
 
@@ -25,9 +35,14 @@ CONVS = [
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     text = [m["content"] for c in CONVS for m in c] * 10
-    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), text, progress=False)
-    model = build_model(ModelConfig(preset="llama", d_model=64, n_layers=2, n_heads=4, max_seq_len=64),
-                        vocab_size=tok.vocab_size, seed=0)
+    tok = train_tokenizer(
+        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), text, progress=False
+    )
+    model = build_model(
+        ModelConfig(preset="llama", d_model=64, n_layers=2, n_heads=4, max_seq_len=64),
+        vocab_size=tok.vocab_size,
+        seed=0,
+    )
     save_model(model, root / "base", tok)
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in CONVS))
@@ -35,10 +50,24 @@ def base(tmp_path_factory):
 
 
 def run(base, out, **over):
-    values = {"out_dir": str(base / out), "sft": {"base_model": str(base / "base"), "data": [str(base / "chat.jsonl")],
-                                                  "val_fraction": 0.0},
-              "train": {"steps": 60, "batch_size": 3, "lr": 1e-2, "warmup_steps": 5, "precision": "fp32",
-                        "eval_every": 1000, "ckpt_every": 1000, "log_every": 1000}}
+    values = {
+        "out_dir": str(base / out),
+        "sft": {
+            "base_model": str(base / "base"),
+            "data": [str(base / "chat.jsonl")],
+            "val_fraction": 0.0,
+        },
+        "train": {
+            "steps": 60,
+            "batch_size": 3,
+            "lr": 1e-2,
+            "warmup_steps": 5,
+            "precision": "fp32",
+            "eval_every": 1000,
+            "ckpt_every": 1000,
+            "log_every": 1000,
+        },
+    }
     for k, v in over.items():
         values.setdefault(k, {}).update(v)
     return sft(load_config(None, values), progress=False)
@@ -54,12 +83,25 @@ def test_sft_memorises_a_tiny_set_and_answers_it(base, full):
     rows = [json.loads(x) for x in (base / "full" / "train_log.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] > 3.0 and rows[-1]["loss"] < 0.05, (rows[0]["loss"], rows[-1]["loss"])
     model, tok = load_model(result["model_dir"]), Tokenizer.load(result["model_dir"])
-    got = replies(model, tok, [CONVS[0][:1], CONVS[1][:1]], chat_request(tok, 40, SamplingParams(temperature=0)))
+    got = replies(
+        model,
+        tok,
+        [CONVS[0][:1], CONVS[1][:1]],
+        chat_request(tok, 40, SamplingParams(temperature=0)),
+    )
     assert got == [CONVS[0][1]["content"], CONVS[1][1]["content"]]
 
 
 def test_lora_sft_trains_only_adapters_and_saves_them(base):
-    result = run(base, "lora", lora={"rank": 8, "alpha": 16.0, "targets": ["q", "k", "v", "o", "up", "gate", "down", "lm_head"]})
+    result = run(
+        base,
+        "lora",
+        lora={
+            "rank": 8,
+            "alpha": 16.0,
+            "targets": ["q", "k", "v", "o", "up", "gate", "down", "lm_head"],
+        },
+    )
     assert result["lora"]["trainable"] < result["lora"]["total"] / 5
     assert (base / "lora" / "adapters.safetensors").is_file()
     rows = [json.loads(x) for x in (base / "lora" / "train_log.jsonl").read_text().splitlines()]
@@ -82,15 +124,28 @@ def test_sft_input_errors(base, tmp_path):
 
 def test_chat_cli_one_shot_and_repl(full):
     model = full["model_dir"]
-    one = subprocess.run([sys.executable, "-m", "zerolm", "chat", model, "--prompt", "写诗", "--temperature", "0"],
-                         capture_output=True, text=True, timeout=120)
+    one = subprocess.run(
+        [sys.executable, "-m", "zerolm", "chat", model, "--prompt", "写诗", "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip() == CONVS[0][1]["content"]
     script = "/temperature 0\n/top_p 2\nHello there!\n/history\n/reset\n/system Be brief.\n举头\n低头\n/quit\n"
-    repl = subprocess.run([sys.executable, "-m", "zerolm", "chat", model], input=script, capture_output=True,
-                          text=True, timeout=120)
+    repl = subprocess.run(
+        [sys.executable, "-m", "zerolm", "chat", model],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert repl.returncode == 0, repl.stderr
-    assert repl.stdout.replace("> ", "").split("\n")[:3] == ["Hi, how are you?", "望明月。", "思故乡。"]
+    assert repl.stdout.replace("> ", "").split("\n")[:3] == [
+        "Hi, how are you?",
+        "望明月。",
+        "思故乡。",
+    ]
     assert "top_p must be in (0, 1]" in repl.stderr  # a bad value is reported, the session goes on
     assert "[user] Hello there!" in repl.stderr and "(conversation cleared)" in repl.stderr
 
@@ -104,12 +159,20 @@ def test_pretraining_mix_adds_lambda_times_the_lm_loss(tiny_corpus):
     from zerolm.train.losses import lm_loss
 
     tok = Tokenizer.load(tiny_corpus / "run" / "tokenizer")
-    model = build_model(ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
-                        vocab_size=tok.vocab_size, seed=0)
-    examples, _ = encode_conversations(tok, [[{"role": "user", "content": "abc"},
-                                              {"role": "assistant", "content": "dead beef"}]] * 6, 32)
-    mixed = MixedBatches(SFTBatches(examples, batch_size=2, seq_len=32),
-                         TokenBatches(tiny_corpus / "run" / "shards", batch_size=2, seq_len=32))
+    model = build_model(
+        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
+        vocab_size=tok.vocab_size,
+        seed=0,
+    )
+    examples, _ = encode_conversations(
+        tok,
+        [[{"role": "user", "content": "abc"}, {"role": "assistant", "content": "dead beef"}]] * 6,
+        32,
+    )
+    mixed = MixedBatches(
+        SFTBatches(examples, batch_size=2, seq_len=32),
+        TokenBatches(tiny_corpus / "run" / "shards", batch_size=2, seq_len=32),
+    )
     batch = next(mixed)
     (ft, n), (pt, _) = lm_loss(model, batch[0]), lm_loss(model, batch[1])
     total, n_mixed = mixed_loss(model, batch, pt_weight=0.3)

@@ -1,6 +1,7 @@
 """The compiled-decode cache trusts only what it wrote: a program is loaded only from a folder no one
 else can write, and only if its manifest names this model's key and its file's sha256. Compiling takes
 20-60 s, so the tests share one compiled program (copied around) and compile as little as possible."""
+
 import json
 import logging
 import os
@@ -41,10 +42,14 @@ def saved(tmp_path_factory):
     return a, folder
 
 
-def test_another_models_program_at_the_key_is_not_loaded_but_compiled_afresh(saved, tmp_path, caplog):
+def test_another_models_program_at_the_key_is_not_loaded_but_compiled_afresh(
+    saved, tmp_path, caplog
+):
     a, folder = saved
     b = tiny(2)
-    assert Engine(a).generate([PROMPT], REQ) != Engine(b).generate([PROMPT], REQ)  # A's program would show
+    assert Engine(a).generate([PROMPT], REQ) != Engine(b).generate(
+        [PROMPT], REQ
+    )  # A's program would show
     ka, kb = key_of(a), key_of(b)
     for ext in (".pt2", ".json"):  # A's program and manifest, planted at B's key
         shutil.copy(folder / f"{ka}{ext}", tmp_path / f"{kb}{ext}")
@@ -82,7 +87,10 @@ def test_a_cache_folder_others_can_write_is_not_loaded_from(saved, tmp_path, cap
     engine = Engine(a, compile=True, program_dir=str(shared))
     torch._inductor.cpu_vec_isa.pick_vec_isa()  # probed with the real compiler (cached for the process)
     # with no C++ compiler the refusal costs no compile: not loading leaves eager decoding
-    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}), caplog.at_level(logging.INFO):
+    with (
+        torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}),
+        caplog.at_level(logging.INFO),
+    ):
         assert engine.generate([PROMPT], REQ) == Engine(a).generate([PROMPT], REQ)
     assert "loaded the compiled decode step" not in caplog.text
     fix = "set ZEROLM_CACHE" if how == "another user's" else f"chmod go-w {shared}"

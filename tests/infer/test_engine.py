@@ -22,14 +22,22 @@ def full_recompute(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3], [20, 21, 22, 23], [40, 41]]
 
 
-@pytest.mark.parametrize("preset, over", [("simple", {}), ("gpt2", {}), ("llama", {"n_kv_heads": 2}),
-                                          ("llama", {"sliding_window": 5}), ("gpt2", {"position": "sinusoidal"})])
+@pytest.mark.parametrize(
+    "preset, over",
+    [
+        ("simple", {}),
+        ("gpt2", {}),
+        ("llama", {"n_kv_heads": 2}),
+        ("llama", {"sliding_window": 5}),
+        ("gpt2", {"position": "sinusoidal"}),
+    ],
+)
 def test_batched_cached_greedy_equals_one_at_a_time_and_full_recomputation(preset, over):
     model = make(preset, **over)
     req = GenerateRequest(max_new_tokens=12, sampling=GREEDY)
@@ -52,7 +60,9 @@ def test_stop_token_ends_a_row_only():
     engine = Engine(model)
     free = engine.generate(PROMPTS, GenerateRequest(max_new_tokens=10, sampling=GREEDY))
     stop = free[0][3]
-    out = engine.generate(PROMPTS, GenerateRequest(max_new_tokens=10, sampling=GREEDY, stop_token_ids=(stop,)))
+    out = engine.generate(
+        PROMPTS, GenerateRequest(max_new_tokens=10, sampling=GREEDY, stop_token_ids=(stop,))
+    )
     for row, ref in zip(out, free):
         cut = ref.index(stop) + 1 if stop in ref else len(ref)
         assert row == ref[:cut]
@@ -60,10 +70,14 @@ def test_stop_token_ends_a_row_only():
 
 def test_seeded_sampling_is_reproducible():
     engine = Engine(make("llama"))
-    req = GenerateRequest(max_new_tokens=15, sampling=SamplingParams(temperature=1.0, top_p=0.9), seed=123)
+    req = GenerateRequest(
+        max_new_tokens=15, sampling=SamplingParams(temperature=1.0, top_p=0.9), seed=123
+    )
     a, b = engine.generate(PROMPTS, req), engine.generate(PROMPTS, req)
     assert a == b
-    c = engine.generate(PROMPTS, GenerateRequest(max_new_tokens=15, sampling=req.sampling, seed=124))
+    c = engine.generate(
+        PROMPTS, GenerateRequest(max_new_tokens=15, sampling=req.sampling, seed=124)
+    )
     assert a != c
 
 
@@ -106,7 +120,9 @@ def test_decode_layout_keeps_values_and_outputs(tmp_path, preset, kw):
     decode_layout(model)
     attn = model.blocks[0].attn
     assert not attn.q.weight.is_contiguous()  # the layout really changed
-    assert attn.fused_qkv[0].data_ptr() == attn.q.weight.data_ptr()  # q is a view of the fused matrix
+    assert (
+        attn.fused_qkv[0].data_ptr() == attn.q.weight.data_ptr()
+    )  # q is a view of the fused matrix
     assert hasattr(model.blocks[0].ffn, "fused_gate_up") == (preset == "llama")  # SwiGLU only
     with torch.no_grad():  # the fused path
         assert torch.allclose(model(ids), before_logits, atol=1e-5)
@@ -117,7 +133,9 @@ def test_decode_layout_keeps_values_and_outputs(tmp_path, preset, kw):
     assert torch.allclose(load_model(tmp_path / "m")(ids), before_logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset, over", [("llama", {"n_kv_heads": 2, "sliding_window": 6}), ("gpt2", {})])
+@pytest.mark.parametrize(
+    "preset, over", [("llama", {"n_kv_heads": 2, "sliding_window": 6}), ("gpt2", {})]
+)
 def test_cache_slots_join_and_leave_like_continuous_batching(preset, over):
     """Sequences enter free slots at different times, decode together at different lengths, and a
     finished slot is reused: every step's logits equal a full recomputation of that sequence alone."""
@@ -160,8 +178,12 @@ def test_cache_slots_join_and_leave_like_continuous_batching(preset, over):
             model(torch.tensor([[1, 2], [3, 4]]), cache=cache, rows=torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("preset, over", [("llama", {"n_kv_heads": 2, "sliding_window": 6}), ("gpt2", {})])
-def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, over, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "preset, over", [("llama", {"n_kv_heads": 2, "sliding_window": 6}), ("gpt2", {})]
+)
+def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(
+    preset, over, tmp_path, caplog
+):
     """Engine(compile=True): the same greedy tokens and (within float reassociation) the same
     logits as eager decoding, for one prompt and a batch of mixed lengths; requests of other
     lengths, up to the whole window, reuse the program of their batch size (positions and the
@@ -177,8 +199,12 @@ def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, 
         assert compiled.generate(prompts, req) == eager.generate(prompts, req)
     assert len(compiled._programs) == 2
     full = GenerateRequest(max_new_tokens=40 - len(PROMPTS[1]), sampling=GREEDY)  # to max_seq_len
-    for prompts, r in (([PROMPTS[2]], GenerateRequest(max_new_tokens=7, sampling=GREEDY)), (PROMPTS[::-1], req),
-                       ([PROMPTS[1]], full), ([[1, 2], [3, 4], [5, 6], [7, 8]], req)):  # also 4 rows at one length
+    for prompts, r in (
+        ([PROMPTS[2]], GenerateRequest(max_new_tokens=7, sampling=GREEDY)),
+        (PROMPTS[::-1], req),
+        ([PROMPTS[1]], full),
+        ([[1, 2], [3, 4], [5, 6], [7, 8]], req),
+    ):  # also 4 rows at one length
         assert compiled.generate(prompts, r) == eager.generate(prompts, r)
     assert len(compiled._programs) == 2  # nothing compiled for new lengths
     with torch.inference_mode():  # the logits themselves, and the cache written in place
@@ -186,10 +212,17 @@ def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(preset, 
         for e, c in zip((eager, compiled), caches):
             e.prefill([PROMPTS[0]], c)
         ids = torch.tensor([[17]])
-        torch.testing.assert_close(compiled.decode(ids, caches[1]), eager.decode(ids, caches[0]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            compiled.decode(ids, caches[1]), eager.decode(ids, caches[0]), atol=1e-4, rtol=1e-4
+        )
         assert caches[0].lengths == caches[1].lengths == [len(PROMPTS[0]) + 1]
         torch.testing.assert_close(caches[1].k[1], caches[0].k[1], atol=1e-5, rtol=1e-5)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".pt2", ".pt2"]  # programs, manifests
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [
+        ".json",
+        ".json",
+        ".pt2",
+        ".pt2",
+    ]  # programs, manifests
     with caplog.at_level(logging.INFO):
         again = Engine(model, compile=True, program_dir=str(tmp_path))
         assert again.generate(PROMPTS, req) == eager.generate(PROMPTS, req)
@@ -201,10 +234,15 @@ def test_compiled_engine_without_a_cpp_compiler_warns_and_decodes_eagerly(caplog
     req = GenerateRequest(max_new_tokens=8, sampling=GREEDY)
     engine = Engine(model, compile=True, program_dir=str(tmp_path))
     torch._inductor.cpu_vec_isa.pick_vec_isa()  # probed (and cached for the process) with the real compiler first
-    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}), caplog.at_level(logging.WARNING):
+    with (
+        torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}),
+        caplog.at_level(logging.WARNING),
+    ):
         out = engine.generate(PROMPTS[:2], req)
     assert out == Engine(model).generate(PROMPTS[:2], req)
-    assert not engine.compiled and "decoding eagerly" in caplog.text and "C++ compiler" in caplog.text
+    assert (
+        not engine.compiled and "decoding eagerly" in caplog.text and "C++ compiler" in caplog.text
+    )
 
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 

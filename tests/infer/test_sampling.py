@@ -29,18 +29,23 @@ def renormalised(keep: set[int]) -> torch.Tensor:
     return torch.tensor([[P[i] / total if i in keep else 0.0 for i in range(len(P))]])
 
 
-@pytest.mark.parametrize(("p", "keep"), [(0.7, {0, 1}), (0.71, {0, 1, 2}), (0.4, {0}), (0.999, {0, 1, 2, 3, 4})])
+@pytest.mark.parametrize(
+    ("p", "keep"), [(0.7, {0, 1}), (0.71, {0, 1, 2}), (0.4, {0}), (0.999, {0, 1, 2, 3, 4})]
+)
 def test_top_p_keeps_smallest_nucleus(p, keep):
     out = top_p_filter(LOGITS, p)
     assert support(out) == keep
     torch.testing.assert_close(torch.softmax(out, -1), renormalised(keep), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize(("probs", "p", "keep"), [
-    ([0.5, 0.25, 0.125, 0.125], 0.75, {0, 1}),  # exact in binary: the boundary is ">=", not ">"
-    ([0.45, 0.35, 0.15, 0.05], 0.45, {0}),  # float32 softmax gives 0.44999996: still reached
-    ([0.4, 0.3, 0.2, 0.1], 1e-9, {0}),  # the top token survives any p
-])
+@pytest.mark.parametrize(
+    ("probs", "p", "keep"),
+    [
+        ([0.5, 0.25, 0.125, 0.125], 0.75, {0, 1}),  # exact in binary: the boundary is ">=", not ">"
+        ([0.45, 0.35, 0.15, 0.05], 0.45, {0}),  # float32 softmax gives 0.44999996: still reached
+        ([0.4, 0.3, 0.2, 0.1], 1e-9, {0}),  # the top token survives any p
+    ],
+)
 def test_top_p_boundaries(probs, p, keep):
     assert support(top_p_filter(torch.log(torch.tensor([probs])), p)) == keep
 
@@ -104,10 +109,16 @@ def test_functions_do_not_mutate_input():
     logits = torch.randn(3, 7)
     before = logits.clone()
     counts = torch.randint(0, 3, (3, 7))
-    for out in (apply_penalties(logits, counts, repetition=1.3, presence=0.2, frequency=0.1),
-                apply_temperature(logits, 0.5), top_k_filter(logits, 2), top_p_filter(logits, 0.5),
-                min_p_filter(logits, 0.2), top_k_filter(logits, 0), top_p_filter(logits, 1.0),
-                filtered_logits(logits, SamplingParams(top_k=3, top_p=0.8, min_p=0.1), counts)):
+    for out in (
+        apply_penalties(logits, counts, repetition=1.3, presence=0.2, frequency=0.1),
+        apply_temperature(logits, 0.5),
+        top_k_filter(logits, 2),
+        top_p_filter(logits, 0.5),
+        min_p_filter(logits, 0.2),
+        top_k_filter(logits, 0),
+        top_p_filter(logits, 1.0),
+        filtered_logits(logits, SamplingParams(top_k=3, top_p=0.8, min_p=0.1), counts),
+    ):
         assert out.data_ptr() != logits.data_ptr()
     torch.testing.assert_close(logits, before, rtol=0, atol=0)
 
@@ -170,7 +181,9 @@ def test_greedy_ignores_generator_and_applies_penalties():
     assert torch.equal(g.get_state(), state)
     assert sample(logits, greedy).tolist() == [1, 0]
     counts = torch.tensor([[0, 1, 0], [1, 0, 0]])
-    assert sample(logits, SamplingParams(temperature=0.0, presence_penalty=1.5), counts=counts).tolist() == [2, 2]
+    assert sample(
+        logits, SamplingParams(temperature=0.0, presence_penalty=1.5), counts=counts
+    ).tolist() == [2, 2]
 
 
 def test_bfloat16_logits():
@@ -180,10 +193,20 @@ def test_bfloat16_logits():
     assert filtered_logits(logits, SamplingParams()).dtype == torch.float32
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("temperature", -0.1), ("temperature", math.nan), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-    ("min_p", -0.1), ("min_p", 1.0), ("repetition_penalty", 0.0), ("frequency_penalty", math.inf),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -0.1),
+        ("temperature", math.nan),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("min_p", -0.1),
+        ("min_p", 1.0),
+        ("repetition_penalty", 0.0),
+        ("frequency_penalty", math.inf),
+    ],
+)
 def test_validate_rejects(field, value):
     params = SamplingParams(**{field: value})
     with pytest.raises(ValueError, match=field):
@@ -194,7 +217,9 @@ def test_validate_rejects(field, value):
 
 def test_validate_accepts_defaults_and_edges():
     SamplingParams().validate()
-    SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0).validate()
+    SamplingParams(
+        temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0
+    ).validate()
 
 
 # -- extreme but valid parameters (issue 18): a well-defined id, never NaN or an exception ---------
@@ -214,13 +239,22 @@ def test_temperature_below_the_floor_is_greedy(t):
     assert not SamplingParams(temperature=1e-5).greedy
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(repetition_penalty=1e-300), SamplingParams(repetition_penalty=5e-324),
-    SamplingParams(repetition_penalty=1e300), SamplingParams(temperature=0, repetition_penalty=5e-324),
-    SamplingParams(presence_penalty=-1e308, frequency_penalty=1e308), SamplingParams(frequency_penalty=-1e308),
-    SamplingParams(temperature=1e-5), SamplingParams(temperature=1e300), SamplingParams(top_p=1e-30),
-    SamplingParams(min_p=5e-324), SamplingParams(top_k=10**9),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(repetition_penalty=1e-300),
+        SamplingParams(repetition_penalty=5e-324),
+        SamplingParams(repetition_penalty=1e300),
+        SamplingParams(temperature=0, repetition_penalty=5e-324),
+        SamplingParams(presence_penalty=-1e308, frequency_penalty=1e308),
+        SamplingParams(frequency_penalty=-1e308),
+        SamplingParams(temperature=1e-5),
+        SamplingParams(temperature=1e300),
+        SamplingParams(top_p=1e-30),
+        SamplingParams(min_p=5e-324),
+        SamplingParams(top_k=10**9),
+    ],
+)
 @pytest.mark.parametrize("logits", [LOGITS, HUGE, torch.tensor([[F32_MAX, -F32_MAX, F32_MAX]])])
 def test_extreme_params_give_a_valid_id(params, logits):
     counts = torch.tensor([[1] * (logits.shape[1] - 1) + [0]])
@@ -241,14 +275,24 @@ def test_huge_penalties_saturate_instead_of_overflowing():
     counts = torch.tensor([[1, 1, 0]])
     # 1/5e-324 overflows every float: the seen positive logit saturates at the float32 maximum
     out = apply_penalties(logits, counts, repetition=5e-324)
-    assert out.dtype == torch.float32 and out[0, 0] == F32_MAX and out[0, 1] == 0 and out[0, 2] == 0.5
-    out = apply_penalties(logits, counts, presence=1e300, frequency=-1e300)  # inf - inf without the clamp
+    assert (
+        out.dtype == torch.float32 and out[0, 0] == F32_MAX and out[0, 1] == 0 and out[0, 2] == 0.5
+    )
+    out = apply_penalties(
+        logits, counts, presence=1e300, frequency=-1e300
+    )  # inf - inf without the clamp
     assert torch.isfinite(out).all()
 
 
 def test_validate_rejects_non_finite():
-    for field, value in [("temperature", math.inf), ("repetition_penalty", math.inf), ("repetition_penalty", math.nan),
-                         ("top_p", math.nan), ("min_p", math.nan), ("presence_penalty", math.nan)]:
+    for field, value in [
+        ("temperature", math.inf),
+        ("repetition_penalty", math.inf),
+        ("repetition_penalty", math.nan),
+        ("top_p", math.nan),
+        ("min_p", math.nan),
+        ("presence_penalty", math.nan),
+    ]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: value}).validate()
 
@@ -261,15 +305,25 @@ positive = st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow
 def cases(draw):
     v = draw(st.integers(1, 12))
     rows = draw(st.integers(1, 3))
-    logits = torch.tensor(draw(st.lists(st.lists(finite32, min_size=v, max_size=v), min_size=rows, max_size=rows)))
-    counts = torch.tensor(draw(st.lists(st.lists(st.integers(0, 3), min_size=v, max_size=v), min_size=rows,
-                                        max_size=rows)))
+    logits = torch.tensor(
+        draw(st.lists(st.lists(finite32, min_size=v, max_size=v), min_size=rows, max_size=rows))
+    )
+    counts = torch.tensor(
+        draw(
+            st.lists(
+                st.lists(st.integers(0, 3), min_size=v, max_size=v), min_size=rows, max_size=rows
+            )
+        )
+    )
     params = SamplingParams(
-        temperature=draw(st.one_of(st.just(0.0), positive)), top_k=draw(st.integers(0, 20)),
-        top_p=draw(st.floats(5e-324, 1.0)), min_p=draw(st.floats(0.0, 1.0, exclude_max=True)),
+        temperature=draw(st.one_of(st.just(0.0), positive)),
+        top_k=draw(st.integers(0, 20)),
+        top_p=draw(st.floats(5e-324, 1.0)),
+        min_p=draw(st.floats(0.0, 1.0, exclude_max=True)),
         repetition_penalty=draw(positive),
         presence_penalty=draw(st.floats(allow_nan=False, allow_infinity=False)),
-        frequency_penalty=draw(st.floats(allow_nan=False, allow_infinity=False)))
+        frequency_penalty=draw(st.floats(allow_nan=False, allow_infinity=False)),
+    )
     return logits, counts, params, draw(st.integers(0, 2**64 - 1))
 
 
@@ -282,6 +336,6 @@ def test_any_valid_params_on_finite_logits_give_no_nan_and_a_valid_id(case):
         out = filtered_logits(logits, params, c)
         assert not out.isnan().any() and torch.isfinite(out).any(-1).all()
         ids = sample(logits, params, torch.Generator().manual_seed(seed), c)
-        assert ids.shape == (logits.shape[0],) and ((0 <= ids) & (ids < logits.shape[1])).all()
+        assert ids.shape == (logits.shape[0],) and ((ids >= 0) & (ids < logits.shape[1])).all()
         if not params.greedy:  # a sampled id is one the filters kept
             assert torch.isfinite(out.gather(1, ids[:, None])).all()

@@ -6,12 +6,21 @@ from zerolm.inspect.attention import attention_weights
 from zerolm.model import build_model
 
 
-@pytest.mark.parametrize("over", [dict(preset="llama", n_kv_heads=2), dict(preset="llama", sliding_window=4),
-                                  dict(preset="gpt2")])
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(preset="llama", n_kv_heads=2),
+        dict(preset="llama", sliding_window=4),
+        dict(preset="gpt2"),
+    ],
+)
 def test_weights_times_values_give_the_layers_attention_output(over):
     """(weights @ V) through the output projection equals what the attention module computed."""
-    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=32, **over), vocab_size=50,
-                        seed=1).eval()
+    model = build_model(
+        ModelConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=32, **over),
+        vocab_size=50,
+        seed=1,
+    ).eval()
     ids = torch.randint(0, 50, (11,), generator=torch.Generator().manual_seed(0)).tolist()
     attn = model.blocks[1].attn
     seen = {}
@@ -28,7 +37,12 @@ def test_weights_times_values_give_the_layers_attention_output(over):
     if model.cfg.sliding_window:
         assert torch.all(w.tril(-model.cfg.sliding_window) == 0)
     with torch.no_grad():
-        v = attn.v(seen["x"]).view(1, T, attn.kv, attn.dh).transpose(1, 2).repeat_interleave(attn.h // attn.kv, 1)
+        v = (
+            attn.v(seen["x"])
+            .view(1, T, attn.kv, attn.dh)
+            .transpose(1, 2)
+            .repeat_interleave(attn.h // attn.kv, 1)
+        )
         y = (w[None] @ v).transpose(1, 2).reshape(1, T, -1)
         assert torch.allclose(attn.o(y), seen["out"], atol=1e-5)
     with pytest.raises(ValueError, match="layer must be"):

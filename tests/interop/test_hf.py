@@ -1,4 +1,5 @@
 """HF transformers as the reference: imported / exported weights give the same logits and tokens."""
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,39 @@ def _ids(batch=2, length=20, seed=1):
 def _hf_model(kind: str):
     torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=H, n_positions=T_MAX,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
-                                      eos_token_id=None, attn_implementation="eager")
+        cfg = transformers.GPT2Config(
+            vocab_size=V,
+            n_embd=D,
+            n_layer=L,
+            n_head=H,
+            n_positions=T_MAX,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+            attn_implementation="eager",
+        )
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
-                                       num_key_value_heads=2, intermediate_size=96, max_position_embeddings=T_MAX,
-                                       rope_theta=5000.0, rms_norm_eps=1e-5,
-                                       tie_word_embeddings=kind == "llama-tied",
-                                       attention_bias=kind == "llama-bias", attn_implementation="eager")
+        cfg = transformers.LlamaConfig(
+            vocab_size=V,
+            hidden_size=D,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=T_MAX,
+            rope_theta=5000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=kind == "llama-tied",
+            attention_bias=kind == "llama-bias",
+            attn_implementation="eager",
+        )
         model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():  # HF inits norms to ones and biases to zeros: perturb them so they are tested
+    with (
+        torch.no_grad()
+    ):  # HF inits norms to ones and biases to zeros: perturb them so they are tested
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
@@ -90,24 +112,43 @@ def test_import_writes_zerolm_dir_with_tokenizer(tmp_path):
 
 
 def _zerolm_model(preset: str, **kw):
-    cfg = ModelConfig(preset=preset, d_model=D, n_layers=L, n_heads=H, max_seq_len=T_MAX,
-                      n_kv_heads=2 if preset == "llama" else 0, **kw)
+    cfg = ModelConfig(
+        preset=preset,
+        d_model=D,
+        n_layers=L,
+        n_heads=H,
+        max_seq_len=T_MAX,
+        n_kv_heads=2 if preset == "llama" else 0,
+        **kw,
+    )
     model = build_model(cfg, vocab_size=V, seed=0)
     with torch.no_grad():  # zero biases / unit norms from init would hide a bias or norm mix-up
         for p in model.parameters():
             if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+                p.add_(
+                    0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                )
     return model.eval()
 
 
-@pytest.mark.parametrize("preset,kw", [("gpt2", {}), ("gpt2", {"tie_embeddings": False}), ("llama", {}),
-                                       ("llama", {"tie_embeddings": True, "bias": True})])
+@pytest.mark.parametrize(
+    "preset,kw",
+    [
+        ("gpt2", {}),
+        ("gpt2", {"tie_embeddings": False}),
+        ("llama", {}),
+        ("llama", {"tie_embeddings": True, "bias": True}),
+    ],
+)
 def test_export_loads_in_hf_and_round_trips(preset, kw, tmp_path):
     model = _zerolm_model(preset, **kw)
     export_hf(model, tmp_path / "hf")
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
-                                                                 attn_implementation="eager")
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True, attn_implementation="eager"
+    )
+    assert (
+        not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ), info
     assert type(hf).__name__ == ("LlamaForCausalLM" if preset == "llama" else "GPT2LMHeadModel")
     ids = _ids()
     with torch.no_grad():
@@ -124,8 +165,11 @@ def test_export_writes_tokenizer_ids_and_rope_theta(tmp_path):
     from zerolm.config import TokenizerConfig
     from zerolm.tokenizer.train import train_tokenizer
 
-    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=V, min_frequency=1),
-                          ["the quick brown fox jumps over the lazy dog. " * 20], progress=False)
+    tok = train_tokenizer(
+        TokenizerConfig(kind="bpe", vocab_size=V, min_frequency=1),
+        ["the quick brown fox jumps over the lazy dog. " * 20],
+        progress=False,
+    )
     model = _zerolm_model("llama", rope_theta=5000.0)
     export_hf(model, tmp_path, tokenizer=tok)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -148,7 +192,9 @@ def test_greedy_generate_matches_hf(kind, tmp_path):
     hf.generation_config.eos_token_id = None  # never stop early: compare all 10 tokens
     hf.generation_config.pad_token_id = 0
     with torch.no_grad():
-        want = hf.generate(prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt))
+        want = hf.generate(
+            prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt)
+        )
         ids = prompt
         for _ in range(10):  # full recomputation, no cache
             ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
@@ -162,15 +208,26 @@ def test_unsupported_model_type(tmp_path):
 
 
 def test_export_refuses_post_norm(tmp_path):
-    model = build_model(ModelConfig(preset="simple", d_model=D, n_layers=L, n_heads=H, max_seq_len=T_MAX),
-                        vocab_size=V)
+    model = build_model(
+        ModelConfig(preset="simple", d_model=D, n_layers=L, n_heads=H, max_seq_len=T_MAX),
+        vocab_size=V,
+    )
     with pytest.raises(ValueError, match="norm_placement='post'"):
         export_hf(model, tmp_path)
 
 
 def test_export_refuses_sinusoidal_llama_mix(tmp_path):
-    model = build_model(ModelConfig(preset="gpt2", position="sinusoidal", d_model=D, n_layers=L, n_heads=H,
-                                    max_seq_len=T_MAX), vocab_size=V)
+    model = build_model(
+        ModelConfig(
+            preset="gpt2",
+            position="sinusoidal",
+            d_model=D,
+            n_layers=L,
+            n_heads=H,
+            max_seq_len=T_MAX,
+        ),
+        vocab_size=V,
+    )
     with pytest.raises(ValueError, match="position='sinusoidal'"):
         export_hf(model, tmp_path)
 

@@ -1,5 +1,6 @@
 """HF transformers BERT as the reference: imported / exported encoders give the same hidden states and
 head logits; imported BERT tokenizers work; all-MiniLM-L6-v2 (when installed) embeds like transformers."""
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,29 @@ TOL = 1e-4
 
 
 def _hf_config(**over):
-    kw = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=96,
-              max_position_embeddings=T_MAX, type_vocab_size=2, hidden_dropout_prob=0.0,
-              attention_probs_dropout_prob=0.0, attn_implementation="eager") | over
+    kw = (
+        dict(
+            vocab_size=V,
+            hidden_size=D,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            intermediate_size=96,
+            max_position_embeddings=T_MAX,
+            type_vocab_size=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            attn_implementation="eager",
+        )
+        | over
+    )
     return transformers.BertConfig(**kw)
 
 
 def _perturbed(model):
     torch.manual_seed(0)
-    with torch.no_grad():  # HF inits norms to ones and biases to zeros: perturb them so they are tested
+    with (
+        torch.no_grad()
+    ):  # HF inits norms to ones and biases to zeros: perturb them so they are tested
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
@@ -58,7 +73,9 @@ def _diff(a, b) -> float:
 @pytest.mark.parametrize("act,tied", [("gelu", True), ("gelu_new", False), ("relu", True)])
 def test_import_pretraining_matches_hf(act, tied, tmp_path):
     torch.manual_seed(0)
-    hf = _perturbed(transformers.BertForPreTraining(_hf_config(hidden_act=act, tie_word_embeddings=tied)))
+    hf = _perturbed(
+        transformers.BertForPreTraining(_hf_config(hidden_act=act, tie_word_embeddings=tied))
+    )
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     model = import_hf(tmp_path / "hf")
     assert model.cfg.arch == "bert" and model.cfg.tie_embeddings == tied
@@ -66,9 +83,14 @@ def test_import_pretraining_matches_hf(act, tied, tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=ids, token_type_ids=seg, attention_mask=mask, output_hidden_states=True)
         h = model.hidden(ids, seg, mask)
-        diffs = (_diff(h, ref.hidden_states[-1]), _diff(model.mlm_logits(h), ref.prediction_logits),
-                 _diff(model.nsp_logits(h), ref.seq_relationship_logits))
-    print(f"import bert {act} tied={tied}: max |diff| hidden {diffs[0]:.1e} mlm {diffs[1]:.1e} nsp {diffs[2]:.1e}")
+        diffs = (
+            _diff(h, ref.hidden_states[-1]),
+            _diff(model.mlm_logits(h), ref.prediction_logits),
+            _diff(model.nsp_logits(h), ref.seq_relationship_logits),
+        )
+    print(
+        f"import bert {act} tied={tied}: max |diff| hidden {diffs[0]:.1e} mlm {diffs[1]:.1e} nsp {diffs[2]:.1e}"
+    )
     assert max(diffs) <= TOL
 
 
@@ -80,7 +102,10 @@ def test_import_headless_bertmodel_and_classifier(tmp_path, caplog):
     base.save_pretrained(tmp_path / "base", safe_serialization=True)
     state = load_file(str(tmp_path / "base" / "model.safetensors"))
     assert not any(k.startswith("bert.") for k in state)
-    save_file({**state, "embeddings.position_ids": torch.arange(T_MAX)[None]}, str(tmp_path / "base" / "model.safetensors"))
+    save_file(
+        {**state, "embeddings.position_ids": torch.arange(T_MAX)[None]},
+        str(tmp_path / "base" / "model.safetensors"),
+    )
     ids, seg, mask = _batch()
     with caplog.at_level(logging.WARNING, logger="zerolm"):
         model = import_hf(tmp_path / "base")
@@ -88,7 +113,10 @@ def test_import_headless_bertmodel_and_classifier(tmp_path, caplog):
     with torch.no_grad():
         ref = base(input_ids=ids, token_type_ids=seg, attention_mask=mask)
         h = model.hidden(ids, seg, mask)
-        assert _diff(h, ref.last_hidden_state) <= TOL and _diff(model.pooled(h), ref.pooler_output) <= TOL
+        assert (
+            _diff(h, ref.last_hidden_state) <= TOL
+            and _diff(model.pooled(h), ref.pooler_output) <= TOL
+        )
         assert torch.isfinite(model(ids)[0]).all()
 
     clf = _perturbed(transformers.BertForSequenceClassification(_hf_config(num_labels=3)))
@@ -101,14 +129,31 @@ def test_import_headless_bertmodel_and_classifier(tmp_path, caplog):
 
 
 def test_export_loads_in_hf_and_round_trips(tmp_path):
-    model = build_model(ModelConfig(preset="bert", d_model=D, n_layers=L, n_heads=H, max_seq_len=T_MAX, n_labels=3,
-                                    dropout=0.0), vocab_size=V, seed=0).eval()
-    with torch.no_grad():  # BERT init leaves biases zero and norms one: perturb them so they are tested
+    model = build_model(
+        ModelConfig(
+            preset="bert",
+            d_model=D,
+            n_layers=L,
+            n_heads=H,
+            max_seq_len=T_MAX,
+            n_labels=3,
+            dropout=0.0,
+        ),
+        vocab_size=V,
+        seed=0,
+    ).eval()
+    with (
+        torch.no_grad()
+    ):  # BERT init leaves biases zero and norms one: perturb them so they are tested
         for p in model.parameters():
             if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+                p.add_(
+                    0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                )
     export_hf(model, tmp_path / "hf")
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
+        "BertForPreTraining"
+    ]
     ids, seg, mask = _batch()
     hf = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf").eval()
     clf = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
@@ -116,11 +161,19 @@ def test_export_loads_in_hf_and_round_trips(tmp_path):
     with torch.no_grad():
         h = model.hidden(ids, seg, mask)
         ref = hf(input_ids=ids, token_type_ids=seg, attention_mask=mask, output_hidden_states=True)
-        diffs = (_diff(h, ref.hidden_states[-1]), _diff(model.mlm_logits(h), ref.prediction_logits),
-                 _diff(model.nsp_logits(h), ref.seq_relationship_logits),
-                 _diff(model.classify_logits(h), clf(input_ids=ids, token_type_ids=seg, attention_mask=mask).logits))
-        print(f"export bert: max |diff| hidden {diffs[0]:.1e} mlm {diffs[1]:.1e} nsp {diffs[2]:.1e} "
-              f"classifier {diffs[3]:.1e}")
+        diffs = (
+            _diff(h, ref.hidden_states[-1]),
+            _diff(model.mlm_logits(h), ref.prediction_logits),
+            _diff(model.nsp_logits(h), ref.seq_relationship_logits),
+            _diff(
+                model.classify_logits(h),
+                clf(input_ids=ids, token_type_ids=seg, attention_mask=mask).logits,
+            ),
+        )
+        print(
+            f"export bert: max |diff| hidden {diffs[0]:.1e} mlm {diffs[1]:.1e} nsp {diffs[2]:.1e} "
+            f"classifier {diffs[3]:.1e}"
+        )
         assert max(diffs) <= TOL
         for a, b in zip(model(ids, seg, mask), back(ids, seg, mask)):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -132,14 +185,36 @@ def _bert_tokenizer(path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, normalizers, pre_tokenizers, processors
 
-    words = ["the", "a", "man", "dog", "cat", "is", "playing", "plays", "guitar", "instrument", "market", "stock",
-             "fell", "today", "some", "##one", "."]
+    words = [
+        "the",
+        "a",
+        "man",
+        "dog",
+        "cat",
+        "is",
+        "playing",
+        "plays",
+        "guitar",
+        "instrument",
+        "market",
+        "stock",
+        "fell",
+        "today",
+        "some",
+        "##one",
+        ".",
+    ]
     specials = ["[PAD]", *(f"[unused{i}]" for i in range(4)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = HFTokenizer(models.WordPiece({t: i for i, t in enumerate(specials + words)}, unk_token="[UNK]"))
+    tok = HFTokenizer(
+        models.WordPiece({t: i for i, t in enumerate(specials + words)}, unk_token="[UNK]")
+    )
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", 6), ("[SEP]", 7)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 6), ("[SEP]", 7)],
+    )
     tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     tok.enable_truncation(4)
     tok.enable_padding(length=16)
@@ -151,15 +226,26 @@ def test_foreign_bert_tokenizer(tmp_path):
     tok = Tokenizer.load(_bert_tokenizer(tmp_path / "tokenizer.json"))
     assert tok.foreign and tok.kind == "wordpiece"
     assert [tok.token_id(t) for t in (PAD, UNK, CLS, SEP, MASK)] == [0, 5, 6, 7, 8]
-    assert tok.encode("The man is playing the guitar today.") == [9, 11, 14, 15, 9, 17, 22, 25]  # no cut, no pad
+    assert tok.encode("The man is playing the guitar today.") == [
+        9,
+        11,
+        14,
+        15,
+        9,
+        17,
+        22,
+        25,
+    ]  # no cut, no pad
     assert tok.unknown_ids() == {5} and tok.token_bytes[6] == b"" and tok.token_bytes[24] == b"one"
     with pytest.raises(ValueError, match="not in the vocabulary"):
         tok.token_id("<|eos|>")  # BERT vocabularies have no bos/eos or chat roles
     with pytest.raises(ValueError, match=r"does not reserve '<\|pad\|>' at id 0"):
         Tokenizer.load(tmp_path / "tokenizer.json", strict=True)
     # export writes BERT's special names; transformers reads them back
-    model = build_model(ModelConfig(preset="bert", d_model=32, n_layers=1, n_heads=4, max_seq_len=T_MAX),
-                        vocab_size=tok.vocab_size)
+    model = build_model(
+        ModelConfig(preset="bert", d_model=32, n_layers=1, n_heads=4, max_seq_len=T_MAX),
+        vocab_size=tok.vocab_size,
+    )
     export_hf(model, tmp_path / "hf", tokenizer=tok)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["pad_token_id"] == 0
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -169,7 +255,9 @@ def test_foreign_bert_tokenizer(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models
 
-    HFTokenizer(models.WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]")).save(str(tmp_path / "other.json"))
+    HFTokenizer(models.WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]")).save(
+        str(tmp_path / "other.json")
+    )
     with pytest.raises(ValueError, match="train it with `zerolm tokenizer train`"):
         Tokenizer.load(tmp_path / "other.json")
     with pytest.raises(ValueError, match=r"not a BERT tokenizer: \[PAD\]"):
@@ -182,11 +270,14 @@ def _write_config(path, **over):
     return path
 
 
-@pytest.mark.parametrize("over,message", [
-    (dict(hidden_act="silu"), "hidden_act='silu'"),
-    (dict(position_embedding_type="relative_key"), "position_embedding_type='relative_key'"),
-    (dict(is_decoder=True), "is_decoder=true"),
-])
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        (dict(hidden_act="silu"), "hidden_act='silu'"),
+        (dict(position_embedding_type="relative_key"), "position_embedding_type='relative_key'"),
+        (dict(is_decoder=True), "is_decoder=true"),
+    ],
+)
 def test_unsupported_hf_configs_are_refused(over, message, tmp_path):
     torch.manual_seed(0)
     src = tmp_path / "hf"
@@ -209,8 +300,18 @@ def test_refusals(tmp_path):
     save_file({**state, "encoder.rel_pos.weight": torch.zeros(2)}, str(src / "model.safetensors"))
     with pytest.raises(ValueError, match="cannot place: .*encoder.rel_pos.weight"):
         import_hf(src)
-    model = build_model(ModelConfig(preset="bert", d_model=32, n_layers=1, n_heads=4, max_seq_len=16,
-                                    position="rope", norm_placement="pre"), vocab_size=50)
+    model = build_model(
+        ModelConfig(
+            preset="bert",
+            d_model=32,
+            n_layers=1,
+            n_heads=4,
+            max_seq_len=16,
+            position="rope",
+            norm_placement="pre",
+        ),
+        vocab_size=50,
+    )
     with pytest.raises(ValueError, match="cannot export .*norm_placement='pre'.*position='rope'"):
         export_hf(model, tmp_path / "out")
 
@@ -220,7 +321,12 @@ def test_refusals(tmp_path):
 FOX = "The quick brown fox jumps over the lazy dog."
 FOX_IDS = [101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1012, 102]
 FOX_CLS = [0.04644, 0.33806, 0.20820, 0.64680]  # last_hidden_state[0, 0, :4]
-TEXTS = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today.", FOX]
+TEXTS = [
+    "A man is playing a guitar.",
+    "Someone plays an instrument.",
+    "The stock market fell today.",
+    FOX,
+]
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +361,13 @@ def test_minilm_hidden_states_match_transformers(minilm):
     batch = torch.tensor([x + [0] * (T - len(x)) for x in ids])
     mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])
     with torch.no_grad():
-        ours, ref = model.hidden(batch, attention_mask=mask), hf(input_ids=batch, attention_mask=mask).last_hidden_state
-    diff = _diff(ours[mask.bool()], ref[mask.bool()])  # real tokens (padded positions' states are unused)
+        ours, ref = (
+            model.hidden(batch, attention_mask=mask),
+            hf(input_ids=batch, attention_mask=mask).last_hidden_state,
+        )
+    diff = _diff(
+        ours[mask.bool()], ref[mask.bool()]
+    )  # real tokens (padded positions' states are unused)
     print(f"all-MiniLM-L6-v2: max |hidden diff| vs transformers on real tokens = {diff:.1e}")
     assert diff <= TOL
     np.testing.assert_allclose(ours[3, 0, :4].numpy(), FOX_CLS, atol=1e-4)
@@ -268,8 +379,24 @@ def test_minilm_embed_cli_matches_mean_pool_and_ranks(minilm, tmp_path):
     src, out, hf = minilm
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"sentence": t}) + "\n" for t in TEXTS))
-    assert main(["embed", str(out), "--input", str(inp), "--field", "sentence", "--output", str(tmp_path / "e.jsonl"),
-                 "--batch-size", "3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(out),
+                "--input",
+                str(inp),
+                "--field",
+                "sentence",
+                "--output",
+                str(tmp_path / "e.jsonl"),
+                "--batch-size",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == TEXTS
     got = np.array([r["embedding"] for r in rows], dtype=np.float32)
@@ -282,7 +409,11 @@ def test_minilm_embed_cli_matches_mean_pool_and_ranks(minilm, tmp_path):
     except ImportError:
         pass
     else:
-        np.testing.assert_allclose(got, SentenceTransformer(str(src), device="cpu").encode(TEXTS), atol=1e-4)
+        np.testing.assert_allclose(
+            got, SentenceTransformer(str(src), device="cpu").encode(TEXTS), atol=1e-4
+        )
     sims = got[0] @ got.T  # semantic search: the guitar query
-    print(f"cosine(guitar, instrument) = {sims[1]:.3f}, cosine(guitar, stock market) = {sims[2]:.3f}")
+    print(
+        f"cosine(guitar, instrument) = {sims[1]:.3f}, cosine(guitar, stock market) = {sims[2]:.3f}"
+    )
     assert sims[1] > sims[2] + 0.3

@@ -1,5 +1,6 @@
 """HF MarianMTModel as the reference for the encoder-decoder: imported / exported weights give the same
 logits, and greedy and beam search give the same tokens as transformers' generate()."""
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,31 @@ def one_thread():
 def _hf_marian(act="relu", scale=True, tie=True, **over):
     torch.manual_seed(0)
     cfg = transformers.MarianConfig(
-        vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
-        activation_function=act, scale_embedding=scale, tie_word_embeddings=tie, dropout=0.0, init_std=0.1,
-        pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=BOS, forced_eos_token_id=None,
-        attn_implementation="eager", **over)
+        vocab_size=V,
+        d_model=D,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+        activation_function=act,
+        scale_embedding=scale,
+        tie_word_embeddings=tie,
+        dropout=0.0,
+        init_std=0.1,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=BOS,
+        forced_eos_token_id=None,
+        attn_implementation="eager",
+        **over,
+    )
     model = transformers.MarianMTModel(cfg)
-    with torch.no_grad():  # HF inits norms to ones and biases to zeros: perturb them so they are tested
+    with (
+        torch.no_grad()
+    ):  # HF inits norms to ones and biases to zeros: perturb them so they are tested
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
@@ -64,19 +83,28 @@ def _hf_generate(model, sources, **kw) -> list[list[int]]:
     src = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
     with torch.no_grad():
-        out = model.generate(input_ids=src, attention_mask=mask, do_sample=False, early_stopping=False, **kw)
+        out = model.generate(
+            input_ids=src, attention_mask=mask, do_sample=False, early_stopping=False, **kw
+        )
     rows = [row[1:] for row in out.tolist()]  # drop the decoder start token
     return [row[: row.index(EOS) + 1] if EOS in row else row for row in rows]
 
 
-@pytest.mark.parametrize("act, scale, tie", [("relu", True, True), ("relu", False, True), ("gelu", True, True),
-                                             ("gelu_new", False, False)])
+@pytest.mark.parametrize(
+    "act, scale, tie",
+    [("relu", True, True), ("relu", False, True), ("gelu", True, True), ("gelu_new", False, False)],
+)
 def test_import_matches_hf_logits_with_padded_sources(act, scale, tie, tmp_path):
     hf = _hf_marian(act, scale, tie)
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     model = import_hf(tmp_path / "hf")
     cfg = model.cfg
-    assert (cfg.arch, cfg.preset, cfg.embed_scale, cfg.tie_embeddings) == ("encdec", "transformer", scale, tie)
+    assert (cfg.arch, cfg.preset, cfg.embed_scale, cfg.tie_embeddings) == (
+        "encdec",
+        "transformer",
+        scale,
+        tie,
+    )
     assert (cfg.n_layers, cfg.n_decoder_layers) == (2, 3)
     src, mask, tgt = _padded()
     with torch.no_grad():
@@ -84,7 +112,9 @@ def test_import_matches_hf_logits_with_padded_sources(act, scale, tie, tmp_path)
         memory = model.encode(src, mask)
         diff = (model(src, tgt, mask) - ref.logits).abs().max().item()
         enc = ((memory - ref.encoder_last_hidden_state) * mask[..., None]).abs().max().item()
-    print(f"import marian {act} scale={scale} tie={tie}: max |logit diff| {diff:.2e}, encoder {enc:.2e}")
+    print(
+        f"import marian {act} scale={scale} tie={tie}: max |logit diff| {diff:.2e}, encoder {enc:.2e}"
+    )
     assert diff <= TOL and enc <= TOL
 
 
@@ -93,8 +123,19 @@ def translator():
     """A zerolm transformer-preset encdec trained 100 steps to reverse 1-7 tokens: unsure enough that
     beam search and greedy disagree, and rows stop at different lengths."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(preset="transformer", d_model=D, n_layers=2, n_heads=4, d_ff=64,
-                                    max_seq_len=16, dropout=0.0), vocab_size=V, seed=0)
+    model = build_model(
+        ModelConfig(
+            preset="transformer",
+            d_model=D,
+            n_layers=2,
+            n_heads=4,
+            d_ff=64,
+            max_seq_len=16,
+            dropout=0.0,
+        ),
+        vocab_size=V,
+        seed=0,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(100):
@@ -115,10 +156,15 @@ def test_export_loads_in_transformers_and_generates_the_same_tokens(translator, 
     export_hf(translator, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "marian" and config["scale_embedding"] is True
-    hf = transformers.MarianMTModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    hf = transformers.MarianMTModel.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager"
+    ).eval()
     src, mask, tgt = _padded()
     with torch.no_grad():
-        diff = (translator(src, tgt, mask) - hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits)
+        diff = (
+            translator(src, tgt, mask)
+            - hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
+        )
     print(f"export marian: max |logit diff| {diff.abs().max().item():.2e}")
     assert diff.abs().max().item() <= TOL
     greedy = generate(translator, SOURCES, bos=BOS, eos=EOS, max_new_tokens=5)
@@ -126,7 +172,9 @@ def test_export_loads_in_transformers_and_generates_the_same_tokens(translator, 
     assert any(r[-1] == EOS and len(r) < 5 for r in greedy) and any(EOS not in r for r in greedy)
     differs = 0
     for k, lp in ((3, 1.0), (4, 0.6), (2, 0.0), (5, 2.0)):
-        ours = generate(translator, SOURCES, bos=BOS, eos=EOS, max_new_tokens=5, beam=k, length_penalty=lp)
+        ours = generate(
+            translator, SOURCES, bos=BOS, eos=EOS, max_new_tokens=5, beam=k, length_penalty=lp
+        )
         theirs = _hf_generate(hf, SOURCES, max_new_tokens=5, num_beams=k, length_penalty=lp)
         print(f"beam {k}, length_penalty {lp}: {ours}")
         assert ours == theirs, f"beam {k}, length_penalty {lp}"
@@ -136,20 +184,39 @@ def test_export_loads_in_transformers_and_generates_the_same_tokens(translator, 
 
 @pytest.mark.parametrize("ffn, tie", [("relu", False), ("gelu_erf", True), ("gelu", True)])
 def test_export_round_trip_of_activations_and_untied_head(ffn, tie, tmp_path):
-    model = build_model(ModelConfig(preset="transformer", d_model=D, n_layers=1, n_decoder_layers=2, n_heads=4,
-                                    max_seq_len=16, ffn=ffn, tie_embeddings=tie, embed_scale=False),
-                        vocab_size=V, seed=3).eval()
+    model = build_model(
+        ModelConfig(
+            preset="transformer",
+            d_model=D,
+            n_layers=1,
+            n_decoder_layers=2,
+            n_heads=4,
+            max_seq_len=16,
+            ffn=ffn,
+            tie_embeddings=tie,
+            embed_scale=False,
+        ),
+        vocab_size=V,
+        seed=3,
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
         model.final_logits_bias.normal_()
     export_hf(model, tmp_path / "hf")
-    hf = transformers.MarianMTModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    hf = transformers.MarianMTModel.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager"
+    ).eval()
     src, mask, tgt = _padded()
     with torch.no_grad():
         ours = model(src, tgt, mask)
-        diff = (ours - hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits).abs().max().item()
+        diff = (
+            (ours - hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits)
+            .abs()
+            .max()
+            .item()
+        )
         back = import_hf(tmp_path / "hf", tmp_path / "zerolm")
         assert torch.equal(back(src, tgt, mask), ours)
         assert torch.equal(load_model(tmp_path / "zerolm")(src, tgt, mask), ours)
@@ -157,26 +224,40 @@ def test_export_round_trip_of_activations_and_untied_head(ffn, tie, tmp_path):
     assert diff <= TOL
 
 
-@pytest.mark.parametrize("over, message", [
-    (dict(arch="encdec", preset="gpt2"), "norm_placement='pre' (needs 'post'); position='learned'"),
-    (dict(preset="transformer", norm="rmsnorm"), "norm='rmsnorm' (needs 'layernorm')"),
-    (dict(preset="transformer", ffn="swiglu"), "ffn='swiglu'"),
-    (dict(preset="transformer", n_kv_heads=2), "n_kv_heads=2 (Marian has no grouped-query attention"),
-    (dict(preset="transformer", embed_norm=True), "embed_norm=True"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (
+            dict(arch="encdec", preset="gpt2"),
+            "norm_placement='pre' (needs 'post'); position='learned'",
+        ),
+        (dict(preset="transformer", norm="rmsnorm"), "norm='rmsnorm' (needs 'layernorm')"),
+        (dict(preset="transformer", ffn="swiglu"), "ffn='swiglu'"),
+        (
+            dict(preset="transformer", n_kv_heads=2),
+            "n_kv_heads=2 (Marian has no grouped-query attention",
+        ),
+        (dict(preset="transformer", embed_norm=True), "embed_norm=True"),
+    ],
+)
 def test_export_refuses_what_marian_cannot_express(over, message, tmp_path):
-    model = build_model(ModelConfig(d_model=D, n_layers=1, n_heads=4, max_seq_len=16, **over), vocab_size=V)
+    model = build_model(
+        ModelConfig(d_model=D, n_layers=1, n_heads=4, max_seq_len=16, **over), vocab_size=V
+    )
     with pytest.raises(ValueError, match="cannot export this encdec") as err:
         export_hf(model, tmp_path / "hf")
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("over, message", [
-    (dict(activation_function="swish"), "activation_function='swish'"),
-    (dict(decoder_ffn_dim=96), "encoder_ffn_dim=64 != decoder_ffn_dim=96"),
-    (dict(decoder_attention_heads=2), "encoder_attention_heads=4 != decoder_attention_heads=2"),
-    (dict(share_encoder_decoder_embeddings=False), "separate source and target vocabularies"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(activation_function="swish"), "activation_function='swish'"),
+        (dict(decoder_ffn_dim=96), "encoder_ffn_dim=64 != decoder_ffn_dim=96"),
+        (dict(decoder_attention_heads=2), "encoder_attention_heads=4 != decoder_attention_heads=2"),
+        (dict(share_encoder_decoder_embeddings=False), "separate source and target vocabularies"),
+    ],
+)
 def test_import_refuses_what_zerolm_cannot_express(over, message, tmp_path):
     hf = _hf_marian()
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)

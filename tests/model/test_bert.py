@@ -1,4 +1,5 @@
 """The BERT encoder: padding invariance, bidirectionality, heads, init, save/load, accounting."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,12 +12,18 @@ V, PAD = 97, 0
 VARIANTS = {
     "bert": dict(),
     "bert-sinusoidal-untied": dict(position="sinusoidal", tie_embeddings=False),
-    "bert-rope-prenorm-gqa": dict(position="rope", norm_placement="pre", n_kv_heads=2, ffn="swiglu"),
+    "bert-rope-prenorm-gqa": dict(
+        position="rope", norm_placement="pre", n_kv_heads=2, ffn="swiglu"
+    ),
 }
 
 
 def make(name="bert", **over):
-    kw = dict(preset="bert", d_model=32, n_layers=2, n_heads=4, max_seq_len=24, n_labels=3) | VARIANTS[name] | over
+    kw = (
+        dict(preset="bert", d_model=32, n_layers=2, n_heads=4, max_seq_len=24, n_labels=3)
+        | VARIANTS[name]
+        | over
+    )
     return build_model(ModelConfig(**kw), vocab_size=V, seed=0).eval()
 
 
@@ -26,8 +33,14 @@ def _ids(batch, length, seed=1):
 
 def _outputs(model, ids, segments, mask):
     h = model.hidden(ids, segments, mask)
-    return dict(hidden=h, mlm=model.mlm_logits(h), pooled=model.pooled(h), nsp=model.nsp_logits(h),
-                classify=model.classify_logits(h), embed=model.embed(h, mask))
+    return dict(
+        hidden=h,
+        mlm=model.mlm_logits(h),
+        pooled=model.pooled(h),
+        nsp=model.nsp_logits(h),
+        classify=model.classify_logits(h),
+        embed=model.embed(h, mask),
+    )
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -48,9 +61,13 @@ def test_padding_never_changes_real_tokens_outputs(name):
         alone = _outputs(model, r[None], s[None], None)
         n = len(r)
         for key in ("hidden", "mlm"):
-            torch.testing.assert_close(batched[key][i, :n], alone[key][0], atol=1e-5, rtol=1e-5, msg=key)
+            torch.testing.assert_close(
+                batched[key][i, :n], alone[key][0], atol=1e-5, rtol=1e-5, msg=key
+            )
         for key in ("pooled", "nsp", "classify", "embed"):
-            torch.testing.assert_close(batched[key][i], alone[key][0], atol=1e-5, rtol=1e-5, msg=key)
+            torch.testing.assert_close(
+                batched[key][i], alone[key][0], atol=1e-5, rtol=1e-5, msg=key
+            )
     # different pad contents under the mask change nothing either
     noisy = torch.where(mask, ids, _ids(3, T, seed=9))
     torch.testing.assert_close(model.hidden(noisy, seg, mask)[mask], batched["hidden"][mask])
@@ -63,10 +80,14 @@ def test_bidirectional_and_segments_matter():
     h = model.hidden(ids)
     later = ids.clone()
     later[:, -1] = (later[:, -1] % (V - 1)) + 1
-    assert (model.hidden(later)[:, 0] - h[:, 0]).abs().max() > 1e-4  # a later token changes the first output
+    assert (
+        model.hidden(later)[:, 0] - h[:, 0]
+    ).abs().max() > 1e-4  # a later token changes the first output
     seg = torch.ones_like(ids)
     assert (model.hidden(ids, seg) - h).abs().max() > 1e-4
-    torch.testing.assert_close(model.hidden(ids, torch.zeros_like(ids)), h)  # default segments are 0
+    torch.testing.assert_close(
+        model.hidden(ids, torch.zeros_like(ids)), h
+    )  # default segments are 0
 
 
 @torch.no_grad()

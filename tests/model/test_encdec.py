@@ -1,5 +1,6 @@
 """The encoder-decoder against naive recomputation: padding, causality, cached == full decoding,
 batched == one at a time, beam search vs greedy and vs exhaustive search, and a small learning check."""
+
 import itertools
 
 import pytest
@@ -14,9 +15,17 @@ V, BOS, EOS = 40, 1, 2
 VARIANTS = {
     "transformer": dict(preset="transformer"),  # post-LN, ReLU, sinusoidal, scaled tied embeddings
     "gpt2": dict(arch="encdec", preset="gpt2"),  # pre-LN, GELU, learned positions, final norms
-    "llama-gqa": dict(arch="encdec", preset="llama", n_kv_heads=2),  # RMSNorm, SwiGLU, RoPE, untied head
-    "bart-like": dict(preset="transformer", position="learned", embed_norm=True, embed_scale=False,
-                      ffn="gelu_erf", n_decoder_layers=3),
+    "llama-gqa": dict(
+        arch="encdec", preset="llama", n_kv_heads=2
+    ),  # RMSNorm, SwiGLU, RoPE, untied head
+    "bart-like": dict(
+        preset="transformer",
+        position="learned",
+        embed_norm=True,
+        embed_scale=False,
+        ffn="gelu_erf",
+        n_decoder_layers=3,
+    ),
 }
 SOURCES = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
 # random models mostly repeat one token; these re-initialisations (seed, linear gain, embedding std,
@@ -55,8 +64,19 @@ def one_thread():
 def reverser():
     """A ~50k-parameter transformer-preset model trained (300 Adam steps) to reverse 5 tokens of 3..19."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(preset="transformer", d_model=48, n_layers=1, n_heads=4, d_ff=96,
-                                    max_seq_len=12, dropout=0.0), vocab_size=V, seed=0)
+    model = build_model(
+        ModelConfig(
+            preset="transformer",
+            d_model=48,
+            n_layers=1,
+            n_heads=4,
+            d_ff=96,
+            max_seq_len=12,
+            dropout=0.0,
+        ),
+        vocab_size=V,
+        seed=0,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
@@ -117,7 +137,9 @@ def test_decoder_is_causal_and_encoder_bidirectional(name):
             assert not torch.allclose(after[:, j:], logits[:, j:])
         changed = src.clone()
         changed[:, 6] = (changed[:, 6] + 1) % V
-        assert not torch.allclose(model.encode(changed)[:, 0], memory[:, 0])  # position 0 sees position 6
+        assert not torch.allclose(
+            model.encode(changed)[:, 0], memory[:, 0]
+        )  # position 0 sees position 6
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -130,8 +152,10 @@ def test_cached_decoding_equals_full_recomputation(name):
         memory = model.encode(src, mask)
         full = model.logits(model.decode(tgt, memory, mask))
         cache = Seq2SeqCache.for_model(model, 2, 12)
-        parts = [model.logits(model.decode(tgt[:, a:b], memory if a == 0 else None, mask, cache=cache))
-                 for a, b in ((0, 5), (5, 6), (6, 7), (7, 12))]
+        parts = [
+            model.logits(model.decode(tgt[:, a:b], memory if a == 0 else None, mask, cache=cache))
+            for a, b in ((0, 5), (5, 6), (6, 7), (7, 12))
+        ]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -144,7 +168,9 @@ def test_batched_cached_greedy_equals_one_at_a_time_and_full_recomputation(name,
     assert batched == [full_recompute(model, s, 10) for s in SOURCES]
     assert len({tuple(r) for r in batched}) == len(SOURCES)
     if name != "transformer":  # rows leave the batch at different steps; some run to the limit
-        assert any(r[-1] == EOS and len(r) < 10 for r in batched) and any(len(r) == 10 for r in batched)
+        assert any(r[-1] == EOS and len(r) < 10 for r in batched) and any(
+            len(r) == 10 for r in batched
+        )
     streamed = [[] for _ in SOURCES]
     for step in stream(model, SOURCES, **kw):
         for r, t in step.items():
@@ -156,19 +182,30 @@ def test_batched_cached_greedy_equals_one_at_a_time_and_full_recomputation(name,
 
 def test_sampling_is_seeded_and_differs_from_greedy():
     model = make("gpt2")
-    kw = dict(bos=BOS, eos=EOS, max_new_tokens=12, sampling=SamplingParams(temperature=1.5, top_k=20))
+    kw = dict(
+        bos=BOS, eos=EOS, max_new_tokens=12, sampling=SamplingParams(temperature=1.5, top_k=20)
+    )
     a = generate(model, SOURCES, seed=3, **kw)
     assert a == generate(model, SOURCES, seed=3, **kw)
     assert a != generate(model, SOURCES, bos=BOS, eos=EOS, max_new_tokens=12)
     assert all(0 <= t < V for row in a for t in row) and all(EOS not in row[:-1] for row in a)
-    pen = dict(bos=BOS, eos=EOS, max_new_tokens=12, sampling=SamplingParams(temperature=0, repetition_penalty=5.0))
-    assert all(len(set(row)) == len(row) for row in generate(model, [[5, 6, 7]], **pen))  # repeats penalised away
+    pen = dict(
+        bos=BOS,
+        eos=EOS,
+        max_new_tokens=12,
+        sampling=SamplingParams(temperature=0, repetition_penalty=5.0),
+    )
+    assert all(
+        len(set(row)) == len(row) for row in generate(model, [[5, 6, 7]], **pen)
+    )  # repeats penalised away
 
 
 def _score(model, src, out, lp):
     """sum log p(out | src) / len(out)**lp, by full recomputation."""
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([src]), torch.tensor([[BOS] + out[:-1]]))[0].float(), -1)
+        logp = torch.log_softmax(
+            model(torch.tensor([src]), torch.tensor([[BOS] + out[:-1]]))[0].float(), -1
+        )
     return float(logp[torch.arange(len(out)), torch.tensor(out)].sum()) / len(out) ** lp
 
 
@@ -191,8 +228,11 @@ def test_beam_search_equals_exhaustive_search_on_a_tiny_vocabulary():
     """Vocabulary 5 (eos = 2), 3 new tokens, no length normalisation: a beam of 36 prunes nothing, so
     it must find the best of all 1 + 4 + 16 eos-ended and 64 full-length hypotheses, where greedy
     and a beam of 2 can miss it."""
-    model = build_model(ModelConfig(arch="encdec", preset="gpt2", d_model=16, n_layers=1, n_heads=2, max_seq_len=8),
-                        vocab_size=5, seed=3).eval()
+    model = build_model(
+        ModelConfig(arch="encdec", preset="gpt2", d_model=16, n_layers=1, n_heads=2, max_seq_len=8),
+        vocab_size=5,
+        seed=3,
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -247,7 +287,9 @@ def test_clear_errors():
         generate(model, [[3, V]], **kw)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
         Seq2SeqCache.for_model(model, 1, 25)
-    decoder = build_model(ModelConfig(preset="gpt2", d_model=32, n_layers=1, n_heads=4), vocab_size=V)
+    decoder = build_model(
+        ModelConfig(preset="gpt2", d_model=32, n_layers=1, n_heads=4), vocab_size=V
+    )
     with pytest.raises(ValueError, match="needs an encoder-decoder model"):
         generate(decoder, [[3]], **kw)
 

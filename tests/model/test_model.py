@@ -90,11 +90,16 @@ def test_explicit_bf16_attention_matches_fused_kernel(T, S, masked):
     if masked:
         q_slots, k_slots = torch.arange(S - T, S)[:, None], torch.arange(S)[None, :]
         window = (k_slots <= q_slots) & (q_slots - k_slots < 5)  # (T, S)
-        key_valid = torch.tensor([[True] * S, [False] * 3 + [True] * (S - 3)])  # row 1: 3 padding slots
-        mask = (window[None, None] & key_valid[:, None, None, :]) | (q_slots == k_slots)  # a query sees itself
+        key_valid = torch.tensor(
+            [[True] * S, [False] * 3 + [True] * (S - 3)]
+        )  # row 1: 3 padding slots
+        mask = (window[None, None] & key_valid[:, None, None, :]) | (
+            q_slots == k_slots
+        )  # a query sees itself
     got = attend(q, k, v, mask)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                         is_causal=mask is None and T > 1)
+    ref = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None and T > 1
+    )
     assert got.dtype == torch.bfloat16 and got.shape == (2, 4, T, 8)
     assert (got.float() - ref).abs().max() < 2e-2  # bf16 rounding of p and of the output
 
@@ -113,25 +118,41 @@ def test_norms_and_positions_by_hand():
     x = torch.tensor([[3.0, 4.0]])
     assert torch.allclose(RMSNorm(2, 0.0)(x), x / math.sqrt(12.5))
     table = sinusoidal_table(4, 4)
-    assert torch.allclose(table[1], torch.tensor([math.sin(1), math.sin(1e-2), math.cos(1), math.cos(1e-2)]))
+    assert torch.allclose(
+        table[1], torch.tensor([math.sin(1), math.sin(1e-2), math.cos(1), math.cos(1e-2)])
+    )
     assert torch.allclose(F.layer_norm(x, (2,)), torch.tensor([[-1.0, 1.0]]), atol=1e-4)
 
 
 def test_presets_resolve():
     simple = resolve(ModelConfig(preset="simple", d_model=64), V)
-    assert (simple.norm, simple.norm_placement, simple.position, simple.ffn, simple.dropout) == \
-        ("layernorm", "post", "learned", "relu", 0.1)
+    assert (simple.norm, simple.norm_placement, simple.position, simple.ffn, simple.dropout) == (
+        "layernorm",
+        "post",
+        "learned",
+        "relu",
+        0.1,
+    )
     llama = resolve(ModelConfig(preset="llama", d_model=96, n_heads=4), V)
-    assert (llama.norm, llama.position, llama.ffn, llama.bias, llama.d_ff, llama.n_kv_heads) == \
-        ("rmsnorm", "rope", "swiglu", False, 256, 4)
+    assert (llama.norm, llama.position, llama.ffn, llama.bias, llama.d_ff, llama.n_kv_heads) == (
+        "rmsnorm",
+        "rope",
+        "swiglu",
+        False,
+        256,
+        4,
+    )
     assert resolve(ModelConfig(preset="gpt2", bias=False), V).bias is False  # overrides win
 
 
-@pytest.mark.parametrize("over, message", [
-    (dict(n_heads=5), "n_heads=5 does not divide model.d_model=32"),
-    (dict(n_kv_heads=3), "n_kv_heads=3 must divide model.n_heads=4"),
-    (dict(vocab_size=0), "vocab_size is unset"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(n_heads=5), "n_heads=5 does not divide model.d_model=32"),
+        (dict(n_kv_heads=3), "n_kv_heads=3 must divide model.n_heads=4"),
+        (dict(vocab_size=0), "vocab_size is unset"),
+    ],
+)
 def test_bad_shapes_are_clear_errors(over, message):
     with pytest.raises(ValueError, match=message):
         kw = dict(preset="llama", d_model=32, n_heads=4) | over
@@ -141,7 +162,10 @@ def test_bad_shapes_are_clear_errors(over, message):
 def test_unknown_preset_is_a_config_error():
     from zerolm.config import load_config
 
-    with pytest.raises(ValueError, match="'mistral' is not one of '', 'simple', 'gpt2', 'llama', 'bert', 'transformer'"):
+    with pytest.raises(
+        ValueError,
+        match="'mistral' is not one of '', 'simple', 'gpt2', 'llama', 'bert', 'transformer'",
+    ):
         load_config(None, {"model": {"preset": "mistral"}})
 
 

@@ -10,8 +10,12 @@ from zerolm.model import build_model, save_model
 from zerolm.serve.app import Limits, create_app, load_server, uvicorn_config
 from zerolm.tokenizer.train import train_tokenizer
 
-TEXT = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "Hello there! How are you today?",
-        "白日依山尽，黄河入海流。", "The quick brown fox jumps over the lazy dog."] * 20
+TEXT = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "Hello there! How are you today?",
+    "白日依山尽，黄河入海流。",
+    "The quick brown fox jumps over the lazy dog.",
+] * 20
 LIMITS = Limits(max_tokens=48, max_n=4, max_messages=8, max_body_bytes=20_000)
 API_KEY = "sk-test-123"
 
@@ -20,9 +24,16 @@ API_KEY = "sk-test-123"
 def model_dir(tmp_path_factory):
     """A tiny random llama with a real BPE tokenizer (Chinese + English), saved as a model directory."""
     root = tmp_path_factory.mktemp("serve")
-    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=320, min_frequency=1), TEXT, progress=False)
-    model = build_model(ModelConfig(preset="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=1024),
-                        vocab_size=tok.vocab_size, seed=0)
+    tok = train_tokenizer(
+        TokenizerConfig(kind="bpe", vocab_size=320, min_frequency=1), TEXT, progress=False
+    )
+    model = build_model(
+        ModelConfig(
+            preset="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=1024
+        ),
+        vocab_size=tok.vocab_size,
+        seed=0,
+    )
     save_model(model, root / "tiny", tok)
     return root / "tiny"
 
@@ -35,8 +46,15 @@ class Running:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.server = server
-        self.uv = uvicorn.Server(uvicorn_config(create_app(server, api_key), server.limits, host="127.0.0.1",
-                                                port=self.port, log_level="warning"))
+        self.uv = uvicorn.Server(
+            uvicorn_config(
+                create_app(server, api_key),
+                server.limits,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+            )
+        )
         self.thread = threading.Thread(target=self.uv.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

@@ -1,5 +1,6 @@
 """Continuous batching through the real server: concurrent streams equal the same requests alone,
 a client that goes away frees its slot at once, a full queue answers 503 with Retry-After."""
+
 import asyncio
 import http.client
 import json
@@ -21,8 +22,12 @@ def requests(n=32):
     """Mixed requests: different prompts and lengths, greedy and seeded sampling, chat and completion."""
     out = []
     for i in range(n):
-        kw = {"max_tokens": 8 + (i * 5) % 25, "temperature": 0.0 if i % 2 else 1.0, "seed": 100 + i,
-              "top_p": 0.9 if i % 4 == 0 else 1.0}
+        kw = {
+            "max_tokens": 8 + (i * 5) % 25,
+            "temperature": 0.0 if i % 2 else 1.0,
+            "seed": 100 + i,
+            "top_p": 0.9 if i % 4 == 0 else 1.0,
+        }
         if i % 3:
             kw["messages"] = [{"role": "user", "content": "床前明月光" * (1 + i % 4) + str(i)}]
         else:
@@ -63,7 +68,9 @@ def test_32_concurrent_streams_equal_each_request_alone(live):
     assert all(reason in ("stop", "length") for _, reason in together)
     assert live.server.scheduler.load()["running"] == 0
     # batching really happened: far fewer decode steps than the tokens of the concurrent round
-    assert live.server.scheduler.stats.steps - before < sum(8 + (i * 5) % 25 for i in range(32)) * 1.6
+    assert (
+        live.server.scheduler.stats.steps - before < sum(8 + (i * 5) % 25 for i in range(32)) * 1.6
+    )
 
 
 def pace(srv, seconds: float = 0.01) -> None:
@@ -85,20 +92,27 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(launch):
     pace(srv)
     srv.server.limits = Limits(max_tokens=1000)
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hello", "max_tokens": 1000, "stream": True,
-                                                       "temperature": 1.0}),
-                 {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"prompt": "Hello", "max_tokens": 1000, "stream": True, "temperature": 1.0}),
+        {"Content-Type": "application/json"},
+    )
     r = conn.getresponse()
     assert r.status == 200
     for _ in range(3):
         assert r.readline().startswith(b"data: ")  # a few chunks arrive
         r.readline()
     assert srv.server.scheduler.load()["running"] == 1
-    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream (close() alone leaves the
+    conn.sock.shutdown(
+        socket.SHUT_RDWR
+    )  # the client goes away mid-stream (close() alone leaves the
     conn.sock.close()  # connection open while the response's file object still refers to the socket)
     t0 = time.perf_counter()
     while srv.server.scheduler.load()["running"]:
-        assert time.perf_counter() - t0 < 2.0, "slot not freed"  # paced, the stream would last >= 10 s
+        assert time.perf_counter() - t0 < 2.0, (
+            "slot not freed"
+        )  # paced, the stream would last >= 10 s
         time.sleep(0.01)
     assert srv.server.scheduler.stats.tokens < 1000  # cut short, not run to max_tokens
 
@@ -107,12 +121,17 @@ def test_a_full_queue_is_503_with_retry_after(launch):
     srv = launch(max_batch=1, max_queue=1)
     pace(srv)
     srv.server.limits = Limits(max_tokens=1000)
-    body, headers = json.dumps({"prompt": "Hi", "max_tokens": 900, "stream": True}), {"Content-Type": "application/json"}
+    body, headers = (
+        json.dumps({"prompt": "Hi", "max_tokens": 900, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     conns = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30) for _ in range(4)]
     conns[0].request("POST", "/v1/completions", body, headers)
     first = conns[0].getresponse()
     first.fp.readline()  # its first event: it runs (no longer queued), for ~900 tokens
-    for c in conns[1:]:  # back to back, well within that time: one waits, the rest find the queue full
+    for c in conns[
+        1:
+    ]:  # back to back, well within that time: one waits, the rest find the queue full
         c.request("POST", "/v1/completions", body, headers)
     statuses = [(first.status, first.getheader("Retry-After"))]
     for c in conns[1:]:
@@ -120,7 +139,10 @@ def test_a_full_queue_is_503_with_retry_after(launch):
         statuses.append((r.status, r.getheader("Retry-After")))
         if r.status != 200:
             assert json.loads(r.read())["error"]["code"] == "server_busy"
-    assert statuses[0] == (200, None)  # the three arrive together: whichever the server takes first waits
+    assert statuses[0] == (
+        200,
+        None,
+    )  # the three arrive together: whichever the server takes first waits
     assert sorted(statuses[1:], key=str) == [(200, None), (503, "1"), (503, "1")]
     for c in conns:
         c.close()
@@ -130,21 +152,32 @@ def test_scheduler_rows_joining_and_leaving_mid_flight_equal_the_engine_alone(mo
     """Below HTTP: sequences that arrive while others run, and finish at different steps (their
     slots then take the last sequence's cache), decode exactly as Engine.generate alone (greedy)."""
     model = load_model(model_dir)
-    prompts = [[1, 20, 21, 22], [1, 30], [1, 40, 41, 42, 43, 44, 45], [1, 50, 51], [1, 60, 61, 62, 63], [1, 70]]
+    prompts = [
+        [1, 20, 21, 22],
+        [1, 30],
+        [1, 40, 41, 42, 43, 44, 45],
+        [1, 50, 51],
+        [1, 60, 61, 62, 63],
+        [1, 70],
+    ]
     lengths = [12, 3, 9, 5, 14, 7]
     greedy = SamplingParams(temperature=0)
-    want = [Engine(model).generate([p], GenerateRequest(max_new_tokens=n, sampling=greedy))[0]
-            for p, n in zip(prompts, lengths)]
+    want = [
+        Engine(model).generate([p], GenerateRequest(max_new_tokens=n, sampling=greedy))[0]
+        for p, n in zip(prompts, lengths)
+    ]
     sched = Scheduler(model, max_batch=3, max_queue=8)
     got = {i: [] for i in range(len(prompts))}
     done = {}
     try:
         for i, (p, n) in enumerate(zip(prompts, lengths)):
+
             def emit(kind, value, i=i):
                 if kind == "token":
                     got[i].append(value.id)
                 else:
                     done[i] = value
+
             sched.submit([Job(prompt=p, max_new_tokens=n, sampling=greedy, emit=emit)])
             time.sleep(0.002 * i)  # arrive at different steps
         t0 = time.time()

@@ -1,4 +1,5 @@
 """The web UI in a real headless Chromium (Debian's), driven by Playwright, against the real server."""
+
 import re
 import shutil
 
@@ -28,7 +29,9 @@ def test_chat_streams_a_reply_and_the_inspector_shows_probabilities_and_attentio
             page.dispatch_event("#api_key", "change")
             expect(page.locator("#status")).to_contain_text("model tiny")
             page.fill("#max_tokens", "12")
-            page.fill("#temperature", "0")  # greedy: this random model's reply is then a fixed 12 tokens
+            page.fill(
+                "#temperature", "0"
+            )  # greedy: this random model's reply is then a fixed 12 tokens
             page.fill("#input", "床前明月光，疑是地上霜。")
             page.press("#input", "Enter")
             expect(page.locator(".msg.user")).to_have_text("user床前明月光，疑是地上霜。")
@@ -40,7 +43,9 @@ def test_chat_streams_a_reply_and_the_inspector_shows_probabilities_and_attentio
             expect(page.locator("#tok-prob")).to_have_text(re.compile(r"^\d+\.\d\d%$"))
             prob = page.locator("#tok-prob").text_content()
             assert prob.endswith("%") and 0 < float(prob[:-1]) <= 100
-            expect(page.locator("#alts tr")).to_have_count(5)  # top_logprobs=5 alternatives with bars
+            expect(page.locator("#alts tr")).to_have_count(
+                5
+            )  # top_logprobs=5 alternatives with bars
             heat = page.locator("#heatmap")
             page.wait_for_selector("#heatmap[data-rows]")
             rows, row = int(heat.get_attribute("data-rows")), int(heat.get_attribute("data-row"))
@@ -51,7 +56,9 @@ def test_chat_streams_a_reply_and_the_inspector_shows_probabilities_and_attentio
             page.fill("#input", "Stop me")  # the stop button ends a reply early
             page.fill("#max_tokens", "900")  # greedy: this reply runs 900 tokens unless stopped
             page.press("#input", "Enter")
-            page.wait_for_function("document.querySelectorAll('.msg.assistant')[1]?.querySelector('.tok')")
+            page.wait_for_function(
+                "document.querySelectorAll('.msg.assistant')[1]?.querySelector('.tok')"
+            )
             page.evaluate("document.getElementById('stop').click()")
             expect(page.locator(".msg.assistant").nth(1)).to_have_attribute("data-done", "stopped")
             assert errors == []

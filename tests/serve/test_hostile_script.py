@@ -1,5 +1,6 @@
 """bench/hostile.py --quick against a real `zerolm serve` subprocess on 127.0.0.1 (issue 18's acceptance):
 one run of the script, then each section's verdict from its JSON line."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,14 @@ pytestmark = pytest.mark.slow  # one ~1 min run of the whole script, shared by t
 @pytest.fixture(scope="module")
 def report(model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "bench/hostile.py", "--quick", "--model", str(model_dir)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "bench/hostile.py", "--quick", "--model", str(model_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = p.stdout.strip().splitlines()
     assert p.returncode == 0 and lines, p.stderr[-3000:]
     return json.loads(lines[-1])
@@ -27,10 +34,25 @@ def brief(section: dict) -> str:
 
 
 def test_report_shape(report):
-    assert set(report) >= {"machine", "poison", "fuzz", "schemathesis", "streams64", "big_prompt", "slow_clients",
-                           "shutdown", "all_ok"}
-    assert report["machine"]["cores"] >= 1 and report["machine"]["torch"] and len(report["machine"]["loadavg_end"]) == 3
-    assert report["all_ok"] == all(report[s]["ok"] for s in report if isinstance(report[s], dict) and "ok" in report[s])
+    assert set(report) >= {
+        "machine",
+        "poison",
+        "fuzz",
+        "schemathesis",
+        "streams64",
+        "big_prompt",
+        "slow_clients",
+        "shutdown",
+        "all_ok",
+    }
+    assert (
+        report["machine"]["cores"] >= 1
+        and report["machine"]["torch"]
+        and len(report["machine"]["loadavg_end"]) == 3
+    )
+    assert report["all_ok"] == all(
+        report[s]["ok"] for s in report if isinstance(report[s], dict) and "ok" in report[s]
+    )
 
 
 def test_poison_gets_4xx_or_a_defined_200_and_live_generations_stay_intact(report):
@@ -41,8 +63,12 @@ def test_poison_gets_4xx_or_a_defined_200_and_live_generations_stay_intact(repor
 
 def test_fuzz_table_has_no_5xx_and_every_canary_succeeds(report):
     f = report["fuzz"]
-    assert f["fuzz_cases"] >= 60 and f["fuzz_5xx"] == 0 and f["canaries_ok"] == f["fuzz_cases"], brief(f)
-    assert f["expectations_failed"] == [], brief(f)  # the statuses issue 18 names: 400, 401, 405 + Allow, 413
+    assert f["fuzz_cases"] >= 60 and f["fuzz_5xx"] == 0 and f["canaries_ok"] == f["fuzz_cases"], (
+        brief(f)
+    )
+    assert f["expectations_failed"] == [], brief(
+        f
+    )  # the statuses issue 18 names: 400, 401, 405 + Allow, 413
 
 
 def test_schemathesis_finds_no_server_error(report):

@@ -1,6 +1,7 @@
 """One sequence's fault ends that sequence alone (issue 18): bad jobs are refused at submit, a row
 whose sampling raises or whose logits are not finite ends by itself, a failed model pass leaves the
 scheduler consistent, and the attention inspector runs beside the scheduler on the same model."""
+
 import math
 import threading
 import time
@@ -39,8 +40,12 @@ class Rec:
 
 def spec(i: int, n: int = 150) -> dict:
     """Healthy jobs: different prompts and lengths, greedy and seeded sampling."""
-    return dict(prompt=[1, 20 + i, 30 + 2 * i, 40 + i][: 2 + i % 3], max_new_tokens=n + 7 * i,
-                sampling=GREEDY if i % 2 else SAMPLED, seed=100 + i)
+    return dict(
+        prompt=[1, 20 + i, 30 + 2 * i, 40 + i][: 2 + i % 3],
+        max_new_tokens=n + 7 * i,
+        sampling=GREEDY if i % 2 else SAMPLED,
+        seed=100 + i,
+    )
 
 
 def start(sched, specs) -> list[Rec]:
@@ -79,15 +84,28 @@ def sched(model):
     s.close()
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    (dict(seed=2**64), "seed"), (dict(seed=-1), "seed"), (dict(seed=-2**63 - 1), "seed"), (dict(seed=1.5), "seed"),
-    (dict(prompt=[1, 320]), "prompt"), (dict(prompt=[1, -1]), "prompt"), (dict(prompt=[1, 2.0]), "prompt"),
-    (dict(prompt=[]), "empty"), (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(prompt=[1] * 1100, max_new_tokens=-76), "max_new_tokens"),  # a too-long prompt + negative room
-    (dict(prompt=[1] * 1024, max_new_tokens=1), "window"), (dict(logprobs=-1), "logprobs"),
-    (dict(sampling=SamplingParams(temperature=math.nan)), "temperature"),
-    (dict(sampling=SamplingParams(repetition_penalty=math.inf)), "repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(prompt=[1, 320]), "prompt"),
+        (dict(prompt=[1, -1]), "prompt"),
+        (dict(prompt=[1, 2.0]), "prompt"),
+        (dict(prompt=[]), "empty"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (
+            dict(prompt=[1] * 1100, max_new_tokens=-76),
+            "max_new_tokens",
+        ),  # a too-long prompt + negative room
+        (dict(prompt=[1] * 1024, max_new_tokens=1), "window"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(sampling=SamplingParams(temperature=math.nan)), "temperature"),
+        (dict(sampling=SamplingParams(repetition_penalty=math.inf)), "repetition_penalty"),
+    ],
+)
 def test_a_job_that_would_fail_later_is_refused_at_submit(sched, change, field):
     with pytest.raises(ValueError, match=field):
         sched.submit([Job(**{**spec(0, 4), **change})])
@@ -99,20 +117,32 @@ def test_the_issues_poisons_leave_running_streams_intact(sched):
     want = solo(sched, healthy)
     recs = start(sched, healthy)
     running_all(recs)
-    for seed in (2**64, -2**63 - 1):
+    for seed in (2**64, -(2**63) - 1):
         with pytest.raises(ValueError, match="seed"):
             sched.submit([Job(prompt=[1, 5], max_new_tokens=8, seed=seed)])
-    with pytest.raises(ValueError, match="max_new_tokens"):  # the "KV cache full" prompt never reaches prefill
+    with pytest.raises(
+        ValueError, match="max_new_tokens"
+    ):  # the "KV cache full" prompt never reaches prefill
         sched.submit([Job(prompt=[1] * 1100, max_new_tokens=-76)])
     # tiny temperatures are greedy; tiny penalties and top_p sample without NaN
-    extreme = [SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-300),
-               SamplingParams(repetition_penalty=1e-300), SamplingParams(repetition_penalty=5e-324),
-               SamplingParams(top_p=1e-30)]
-    odd = start(sched, [dict(prompt=[1, 5, 5], max_new_tokens=8, sampling=p, seed=3) for p in extreme])
+    extreme = [
+        SamplingParams(temperature=1e-40),
+        SamplingParams(temperature=1e-300),
+        SamplingParams(repetition_penalty=1e-300),
+        SamplingParams(repetition_penalty=5e-324),
+        SamplingParams(top_p=1e-30),
+    ]
+    odd = start(
+        sched, [dict(prompt=[1, 5, 5], max_new_tokens=8, sampling=p, seed=3) for p in extreme]
+    )
     got = finish(recs + odd)
     assert got[:6] == want
     assert all(end == ("done", "length") and len(toks) == 8 for toks, end in got[6:])
-    assert got[6][0] == got[7][0] == solo(sched, [dict(prompt=[1, 5, 5], max_new_tokens=8, sampling=GREEDY)])[0][0]
+    assert (
+        got[6][0]
+        == got[7][0]
+        == solo(sched, [dict(prompt=[1, 5, 5], max_new_tokens=8, sampling=GREEDY)])[0][0]
+    )
 
 
 def test_a_row_whose_sampling_raises_ends_alone(sched):
@@ -121,15 +151,19 @@ def test_a_row_whose_sampling_raises_ends_alone(sched):
     recs = start(sched, healthy)
     running_all(recs)
     bad, broken = Rec(), Rec(fail_at=3)
-    with sched._cv:  # the scheduler cannot admit it before its sampling is broken (a bug past validation)
+    with (
+        sched._cv
+    ):  # the scheduler cannot admit it before its sampling is broken (a bug past validation)
         job = Job(prompt=[1, 7], max_new_tokens=50, sampling=SAMPLED, seed=1, emit=bad)
         sched.submit([job, Job(prompt=[1, 8], max_new_tokens=50, emit=broken)])
         job.sampling = SamplingParams(temperature=math.nan)
     assert bad.finished.wait(30) and broken.finished.wait(30)
     at_error = [len(r.tokens) for r in recs]
     assert bad.tokens == [] and bad.end[0] == "error" and "temperature" in bad.end[1]
-    assert len(broken.tokens) == 3 and broken.end == ("error", "generation failed: RuntimeError: the client's "
-                                                                "callback broke")
+    assert len(broken.tokens) == 3 and broken.end == (
+        "error",
+        "generation failed: RuntimeError: the client's callback broke",
+    )
     assert finish(recs) == want
     assert any(n < len(w[0]) for n, w in zip(at_error, want))  # the others were still running
     assert finish(start(sched, healthy[:3])) == want[:3]  # slots and cache still agree
@@ -159,8 +193,11 @@ def test_a_failed_model_pass_fails_its_rows_and_the_scheduler_carries_on(sched):
 
     sched.engine.decode = fails_once
     got = finish(start(sched, healthy))
-    assert all(end == ("error", "generation failed in the model's decode pass: RuntimeError: out of memory")
-               for _, end in got)
+    assert all(
+        end
+        == ("error", "generation failed in the model's decode pass: RuntimeError: out of memory")
+        for _, end in got
+    )
     assert sched.load()["running"] == 0
     assert finish(start(sched, healthy)) == want
     h = sched.health()
@@ -168,30 +205,48 @@ def test_a_failed_model_pass_fails_its_rows_and_the_scheduler_carries_on(sched):
 
 
 def tiny_llama():
-    return build_model(ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
-                       vocab_size=50, seed=0).eval()
+    return build_model(
+        ModelConfig(
+            preset="llama", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64
+        ),
+        vocab_size=50,
+        seed=0,
+    ).eval()
 
 
-SHORT = [dict(prompt=[1, 2 + i], max_new_tokens=20 + i, sampling=GREEDY if i % 2 else SAMPLED, seed=i)
-         for i in range(3)]
+SHORT = [
+    dict(prompt=[1, 2 + i], max_new_tokens=20 + i, sampling=GREEDY if i % 2 else SAMPLED, seed=i)
+    for i in range(3)
+]
 
 
 def test_non_finite_logits_end_that_row_alone_and_mark_the_model_unhealthy():
-    model = tiny_llama()  # finite weights, whose logits are NaN from position 39 on (a broken rope table)
+    model = (
+        tiny_llama()
+    )  # finite weights, whose logits are NaN from position 39 on (a broken rope table)
     model.rope_cos[39:] = math.nan
     sched = Scheduler(model, max_batch=4)
     try:
         want = solo(sched, SHORT)  # they never reach position 39
-        assert sched.health() == {"ok": True, "reason": None, "nonfinite_logits": 0, "failed_rows": 0,
-                                  "failed_passes": 0, "last_error": None}
+        assert sched.health() == {
+            "ok": True,
+            "reason": None,
+            "nonfinite_logits": 0,
+            "failed_rows": 0,
+            "failed_passes": 0,
+            "last_error": None,
+        }
         recs = start(sched, SHORT)
         running_all(recs)
         bad = Rec()
         sched.submit([Job(prompt=[1] * 40, max_new_tokens=10, emit=bad)])
         assert bad.finished.wait(30)
-        assert bad.tokens == [] and bad.end == ("error", "the model produced non-finite logits (NaN or inf) for this "
-                                                         "request: its weights are not finite or this input "
-                                                         "overflows them")
+        assert bad.tokens == [] and bad.end == (
+            "error",
+            "the model produced non-finite logits (NaN or inf) for this "
+            "request: its weights are not finite or this input "
+            "overflows them",
+        )
         assert finish(recs) == want
         h = sched.health()
         assert not h["ok"] and "non-finite logits" in h["reason"] and h["nonfinite_logits"] == 1
@@ -213,12 +268,18 @@ def test_a_nan_row_leaves_nothing_in_its_cache_slot_and_nan_weights_are_unhealth
         recs = start(sched, SHORT)
         running_all(recs)
         bad = Rec()
-        sched.submit([Job(prompt=[1, 49, *range(3, 12)], max_new_tokens=10, emit=bad)])  # into slot 3
+        sched.submit(
+            [Job(prompt=[1, 49, *range(3, 12)], max_new_tokens=10, emit=bad)]
+        )  # into slot 3
         assert bad.finished.wait(30) and bad.end[0] == "error" and "non-finite logits" in bad.end[1]
         assert finish(recs) == want[:3]
         # slot 3 again, with a shorter prompt beside a longer one: the NaN keys and values left there
         # sit in its masked positions, which must not leak in
-        assert finish(start(sched, [longer, *SHORT[1:], SHORT[0]])) == [want[3], *want[1:3], want[0]]
+        assert finish(start(sched, [longer, *SHORT[1:], SHORT[0]])) == [
+            want[3],
+            *want[1:3],
+            want[0],
+        ]
         assert sched.health()["nonfinite_logits"] == 1
     finally:
         sched.close()
@@ -233,7 +294,9 @@ def test_a_nan_checkpoint_gives_each_request_an_error():
     try:
         assert not sched.health()["ok"]
         got = finish(start(sched, SHORT))
-        assert all(toks == [] and end[0] == "error" and "non-finite logits" in end[1] for toks, end in got)
+        assert all(
+            toks == [] and end[0] == "error" and "non-finite logits" in end[1] for toks, end in got
+        )
         assert sched.health()["nonfinite_logits"] == 3
     finally:
         sched.close()
@@ -243,8 +306,9 @@ def test_a_nan_checkpoint_gives_each_request_an_error():
 def hooked_attention_weights(model, ids, layer):
     """The old implementation (a forward hook on the model), as the reference on an idle model."""
     attn, seen = model.blocks[layer].attn, {}
-    handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0], rope=kw.get("rope")),
-                                            with_kwargs=True)
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(x=a[0], rope=kw.get("rope")), with_kwargs=True
+    )
     try:
         with torch.inference_mode():
             model(torch.tensor([ids]))
@@ -257,13 +321,17 @@ def hooked_attention_weights(model, ids, layer):
         q, k = apply_rope(q, *seen["rope"]), apply_rope(k, *seen["rope"])
         k = k.repeat_interleave(attn.h // attn.kv, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.dh)
-        return scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf).softmax(-1)[0]
+        return scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf).softmax(
+            -1
+        )[0]
 
 
 def test_the_inspector_runs_beside_the_scheduler_on_the_same_model(sched, model):
     ids = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
     idle = [hooked_attention_weights(model, ids, layer) for layer in (0, 1)]
-    assert all(torch.equal(attention_weights(model, ids, layer), w) for layer, w in zip((0, 1), idle))
+    assert all(
+        torch.equal(attention_weights(model, ids, layer), w) for layer, w in zip((0, 1), idle)
+    )
     healthy = [spec(i, 200) for i in range(4)]
     want = solo(sched, healthy)
     recs = start(sched, healthy)
@@ -275,7 +343,9 @@ def test_the_inspector_runs_beside_the_scheduler_on_the_same_model(sched, model)
             try:
                 got = [attention_weights(model, ids, layer) for layer in (0, 1)]
                 results.append(all(torch.equal(g, w) for g, w in zip(got, idle)))
-            except Exception as e:  # the old hook-based code: shape errors while the scheduler decodes
+            except (
+                Exception
+            ) as e:  # the old hook-based code: shape errors while the scheduler decodes
                 errors.append(repr(e))
 
     threads = [threading.Thread(target=inspect) for _ in range(2)]

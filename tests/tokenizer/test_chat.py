@@ -5,20 +5,32 @@ from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import prompt_ids, render
 from zerolm.tokenizer.train import train_tokenizer
 
-TRAIN = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "Hello there! How are you today? I am fine, thanks."] * 20
+TRAIN = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "Hello there! How are you today? I am fine, thanks.",
+] * 20
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "写一首五言绝句"}, {"role": "assistant", "content": "床前明月光，疑是地上霜。"}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": "Hi."},
-     {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "I am fine, thanks.\n"}],
+    [
+        {"role": "user", "content": "写一首五言绝句"},
+        {"role": "assistant", "content": "床前明月光，疑是地上霜。"},
+    ],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello there!"},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "How are you?"},
+        {"role": "assistant", "content": "I am fine, thanks.\n"},
+    ],
     [{"role": "user", "content": ""}, {"role": "assistant", "content": " spaces  around "}],
 ]
 
 
 @pytest.fixture(scope="module", params=["bpe", "char"])
 def tok(request, tmp_path_factory):
-    tok = train_tokenizer(TokenizerConfig(kind=request.param, vocab_size=400, min_frequency=1), TRAIN, progress=False)
+    tok = train_tokenizer(
+        TokenizerConfig(kind=request.param, vocab_size=400, min_frequency=1), TRAIN, progress=False
+    )
     path = tmp_path_factory.mktemp("chat")
     tok.save(path)
     return Tokenizer.load(path), path
@@ -56,19 +68,25 @@ def test_transformers_apply_chat_template_renders_the_same_ids(tok):
     tok, path = tok
     hf = AutoTokenizer.from_pretrained(str(path))
     for conv in CONVERSATIONS:
-        assert hf.apply_chat_template(conv, tokenize=True, return_dict=False) == render(tok, conv)[0]
+        assert (
+            hf.apply_chat_template(conv, tokenize=True, return_dict=False) == render(tok, conv)[0]
+        )
         prompt = conv[:-1]
-        assert hf.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
-                                      return_dict=False) == prompt_ids(tok, prompt)
+        assert hf.apply_chat_template(
+            prompt, tokenize=True, add_generation_prompt=True, return_dict=False
+        ) == prompt_ids(tok, prompt)
 
 
-@pytest.mark.parametrize("messages, err", [
-    ([], "non-empty list"),
-    ([{"role": "bot", "content": "x"}], "role 'bot'"),
-    ([{"role": "user", "content": 3}], "must be a string"),
-    ([{"role": "user"}], "'role' and 'content'"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only come first"),
-])
+@pytest.mark.parametrize(
+    "messages, err",
+    [
+        ([], "non-empty list"),
+        ([{"role": "bot", "content": "x"}], "role 'bot'"),
+        ([{"role": "user", "content": 3}], "must be a string"),
+        ([{"role": "user"}], "'role' and 'content'"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only come first"),
+    ],
+)
 def test_bad_messages_are_clear_errors(tok, messages, err):
     with pytest.raises(ValueError, match=err):
         render(tok[0], messages)

@@ -16,8 +16,9 @@ TRAIN = [
 
 @pytest.fixture(scope="module", params=["bpe", "char", "wordpiece"])
 def trained(request, tmp_path_factory):
-    tok = train_tokenizer(TokenizerConfig(kind=request.param, vocab_size=600, min_frequency=1), TRAIN,
-                          progress=False)
+    tok = train_tokenizer(
+        TokenizerConfig(kind=request.param, vocab_size=600, min_frequency=1), TRAIN, progress=False
+    )
     path = tmp_path_factory.mktemp(request.param)
     tok.save(path)
     return request.param, tok, path
@@ -25,8 +26,12 @@ def trained(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def roundtrip_tokenizers(tmp_path_factory):
-    return {k: train_tokenizer(TokenizerConfig(kind=k, vocab_size=600, min_frequency=1), TRAIN, progress=False)
-            for k in ("bpe", "char")}
+    return {
+        k: train_tokenizer(
+            TokenizerConfig(kind=k, vocab_size=600, min_frequency=1), TRAIN, progress=False
+        )
+        for k in ("bpe", "char")
+    }
 
 
 def test_special_tokens_reserved_first(trained):
@@ -44,12 +49,20 @@ def test_any_unicode_round_trips(roundtrip_tokenizers, text):
     for kind, tok in roundtrip_tokenizers.items():
         ids = tok.encode(text)
         assert tok.decode(ids) == text, kind
-        plain = tok.encode_batch([text], split_special=False)[0]  # typed special-token strings as text
-        assert b"".join(tok.token_bytes[i] for i in plain) == text.encode("utf-8"), kind  # exact, even mid-character
+        plain = tok.encode_batch([text], split_special=False)[
+            0
+        ]  # typed special-token strings as text
+        assert b"".join(tok.token_bytes[i] for i in plain) == text.encode("utf-8"), (
+            kind
+        )  # exact, even mid-character
 
 
 @settings(max_examples=100, deadline=None)
-@given(text=st.text(alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), min_size=1, max_size=50))
+@given(
+    text=st.text(
+        alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), min_size=1, max_size=50
+    )
+)
 def test_cjk_round_trips_and_unseen_chars_fall_back_to_bytes(roundtrip_tokenizers, text):
     char = roundtrip_tokenizers["char"]
     ids = char.encode(text)
@@ -62,11 +75,31 @@ def test_bpe_pretokenizer_splits_han_and_digits():
 
     split = pre_tokenizers.Split(Regex(BPE_PATTERN), "isolated")
     pieces = [p for p, _ in split.pre_tokenize_str("床前明月光，疑是地上霜 in 1623")]
-    assert pieces == ["床", "前", "明", "月", "光", "，", "疑", "是", "地", "上", "霜", " in", " ", "1", "6", "2", "3"]
+    assert pieces == [
+        "床",
+        "前",
+        "明",
+        "月",
+        "光",
+        "，",
+        "疑",
+        "是",
+        "地",
+        "上",
+        "霜",
+        " in",
+        " ",
+        "1",
+        "6",
+        "2",
+        "3",
+    ]
 
 
 def test_bpe_learns_whole_characters_and_words():
-    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=600, min_frequency=1), TRAIN, progress=False)
+    tok = train_tokenizer(
+        TokenizerConfig(kind="bpe", vocab_size=600, min_frequency=1), TRAIN, progress=False
+    )
     assert len(tok.encode("明月")) == 2  # one token per (frequent) Han character, not 6 bytes
     assert len(tok.encode(" question")) == 1
 
@@ -75,8 +108,16 @@ def test_transformers_loads_and_encodes_identically(trained):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     kind, tok, path = trained
-    texts = [*TRAIN[:4], "unseen 字符 🎉 and ﬁ ligature\t tabs  double  spaces\n\n", "<|user|>hi<|end|><|eos|>", ""]
-    for hf in (PreTrainedTokenizerFast.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))):
+    texts = [
+        *TRAIN[:4],
+        "unseen 字符 🎉 and ﬁ ligature\t tabs  double  spaces\n\n",
+        "<|user|>hi<|end|><|eos|>",
+        "",
+    ]
+    for hf in (
+        PreTrainedTokenizerFast.from_pretrained(str(path)),
+        AutoTokenizer.from_pretrained(str(path)),
+    ):
         for text in texts:
             assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text), (kind, text)
         assert hf.eos_token_id == 2 and hf.pad_token_id == 0 and hf.bos_token_id == 1
@@ -94,8 +135,11 @@ def test_vocab_too_small_is_a_clear_error():
 
 
 def test_char_vocab_is_most_frequent_first():
-    tok = train_tokenizer(TokenizerConfig(kind="char", vocab_size=len(SPECIAL_TOKENS) + 256 + 3), ["aaab b"],
-                          progress=False)
+    tok = train_tokenizer(
+        TokenizerConfig(kind="char", vocab_size=len(SPECIAL_TOKENS) + 256 + 3),
+        ["aaab b"],
+        progress=False,
+    )
     # 'a' (3) > 'b' (2) > ' ' (1); min_frequency=2 keeps only a and b
     assert tok.hf.id_to_token(272) == "a" and tok.hf.id_to_token(273) == "b"
     assert tok.vocab_size == 274
@@ -113,7 +157,9 @@ def test_load_errors(tmp_path):
 def test_compression_report_by_language():
     from zerolm.tokenizer.report import compression_report
 
-    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=600, min_frequency=1), TRAIN, progress=False)
+    tok = train_tokenizer(
+        TokenizerConfig(kind="bpe", vocab_size=600, min_frequency=1), TRAIN, progress=False
+    )
     rep = compression_report(tok, TRAIN[:4])
     assert set(rep) == {"zh", "en"}
     zh = rep["zh"]
@@ -132,12 +178,16 @@ def test_training_chunks_never_cut_a_pretoken(text, size):
     split = pre_tokenizers.Split(Regex(BPE_PATTERN), "isolated")
     pieces = list(chunks(text, size))
     assert "".join(pieces) == text
-    assert [p for c in pieces for p, _ in split.pre_tokenize_str(c)] == [p for p, _ in split.pre_tokenize_str(text)]
+    assert [p for c in pieces for p, _ in split.pre_tokenize_str(c)] == [
+        p for p, _ in split.pre_tokenize_str(text)
+    ]
 
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(alphabet=st.sampled_from("ab 床前明月光😀é\n，。"), max_size=60))
-def test_stream_decoder_emits_whole_characters_that_add_up_to_the_text(roundtrip_tokenizers, trained_wordpiece, text):
+def test_stream_decoder_emits_whole_characters_that_add_up_to_the_text(
+    roundtrip_tokenizers, trained_wordpiece, text
+):
     from zerolm.tokenizer.stream import StreamDecoder
 
     for kind, tok in [*roundtrip_tokenizers.items(), ("wordpiece", trained_wordpiece)]:
@@ -150,4 +200,6 @@ def test_stream_decoder_emits_whole_characters_that_add_up_to_the_text(roundtrip
 
 @pytest.fixture(scope="module")
 def trained_wordpiece():
-    return train_tokenizer(TokenizerConfig(kind="wordpiece", vocab_size=600, min_frequency=1), TRAIN, progress=False)
+    return train_tokenizer(
+        TokenizerConfig(kind="wordpiece", vocab_size=600, min_frequency=1), TRAIN, progress=False
+    )

@@ -1,5 +1,6 @@
 """BERT pretraining: the MLM + NSP loss counts exactly the selected positions; evaluation; a tiny
 end-to-end `zerolm pretrain --model.arch=bert` whose masked-LM loss falls."""
+
 import json
 import random
 import subprocess
@@ -19,15 +20,26 @@ V = 60
 
 
 def _model(seed=0):
-    return build_model(ModelConfig(arch="bert", d_model=32, n_layers=2, n_heads=2, max_seq_len=32, dropout=0.0),
-                       vocab_size=V, seed=seed)
+    return build_model(
+        ModelConfig(arch="bert", d_model=32, n_layers=2, n_heads=2, max_seq_len=32, dropout=0.0),
+        vocab_size=V,
+        seed=seed,
+    )
 
 
 def _batch(seed=0, prob=0.15):
     rng = np.random.default_rng(seed)
-    pairs = [(rng.integers(N_SPECIAL, V, rng.integers(2, 12)), rng.integers(N_SPECIAL, V, rng.integers(1, 12)), i % 2)
-             for i in range(8)]
-    return collate_pairs(pairs, vocab_size=V, generator=torch.Generator().manual_seed(seed), prob=prob)
+    pairs = [
+        (
+            rng.integers(N_SPECIAL, V, rng.integers(2, 12)),
+            rng.integers(N_SPECIAL, V, rng.integers(1, 12)),
+            i % 2,
+        )
+        for i in range(8)
+    ]
+    return collate_pairs(
+        pairs, vocab_size=V, generator=torch.Generator().manual_seed(seed), prob=prob
+    )
 
 
 class Spy(torch.nn.Module):
@@ -60,11 +72,17 @@ def test_loss_equals_the_full_reference_and_counts_selected_tokens():
     ref_mlm = F.cross_entropy(mlm_logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
     ref_nsp = F.cross_entropy(nsp_logits, nsp)
     assert int(n) == int((labels != IGNORE).sum()) > 0
-    assert torch.allclose(stats["mlm"], ref_mlm, atol=1e-5) and torch.allclose(stats["nsp"], ref_nsp, atol=1e-5)
+    assert torch.allclose(stats["mlm"], ref_mlm, atol=1e-5) and torch.allclose(
+        stats["nsp"], ref_nsp, atol=1e-5
+    )
     assert torch.allclose(loss, ref_mlm + ref_nsp, atol=1e-5)
     assert stats["nsp_acc"] == (nsp_logits.argmax(-1) == nsp).float().mean()
     mlm_only, n2, stats2 = mlm_nsp_loss(model, batch, nsp=False)
-    assert torch.allclose(mlm_only, ref_mlm, atol=1e-5) and set(stats2) == {"mlm"} and int(n2) == int(n)
+    assert (
+        torch.allclose(mlm_only, ref_mlm, atol=1e-5)
+        and set(stats2) == {"mlm"}
+        and int(n2) == int(n)
+    )
 
 
 def test_unselected_positions_change_nothing_and_get_no_gradient():
@@ -103,7 +121,13 @@ def test_evaluate_mlm_figures():
     assert abs(out["val_mlm_loss"] - np.log(V)) < 1.0 and 0 <= out["val_mlm_acc"] <= 1
     n = sum(int((b[3] != IGNORE).sum()) for b in batches)
     with torch.no_grad():
-        by_hand = sum(float(mlm_nsp_loss(model, b, nsp=False)[0]) * int((b[3] != IGNORE).sum()) for b in batches) / n
+        by_hand = (
+            sum(
+                float(mlm_nsp_loss(model, b, nsp=False)[0]) * int((b[3] != IGNORE).sum())
+                for b in batches
+            )
+            / n
+        )
     assert out["val_mlm_loss"] == pytest.approx(by_hand, rel=1e-5)
     assert set(evaluate_mlm(model, batches, nsp=False)) == {"val_mlm_loss", "val_mlm_acc"}
 
@@ -111,19 +135,52 @@ def test_evaluate_mlm_figures():
 def test_tiny_bert_pretrain_via_cli_loss_decreases(tmp_path):
     """A few hundred documents of a tiny grammar; MLM falls from ~log(V) to well below it."""
     rng = random.Random(0)
-    subjects, verbs, objects = ["春风", "明月", "白云", "青山", "流水", "孤舟"], "照过送入随望", ["江南", "故乡", "高楼", "远山"]
+    subjects, verbs, objects = (
+        ["春风", "明月", "白云", "青山", "流水", "孤舟"],
+        "照过送入随望",
+        ["江南", "故乡", "高楼", "远山"],
+    )
     with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
         for _ in range(300):
-            lines = [f"{rng.choice(subjects)}{rng.choice(verbs)}{rng.choice(objects)}。" for _ in range(rng.randint(2, 6))]
+            lines = [
+                f"{rng.choice(subjects)}{rng.choice(verbs)}{rng.choice(objects)}。"
+                for _ in range(rng.randint(2, 6))
+            ]
             f.write(json.dumps({"text": "\n".join(lines)}, ensure_ascii=False) + "\n")
     r = subprocess.run(
-        [sys.executable, "-m", "zerolm", "pretrain", "docs.jsonl", "--out", "run", "--quiet", "--model.arch=bert",
-         "--model.d_model=32", "--model.n_layers=2", "--model.n_heads=2", "--model.max_seq_len=32",
-         "--model.dropout=0", "--tokenizer.kind=wordpiece", "--tokenizer.vocab_size=100",
-         "--tokenizer.min_frequency=1", "--data.val_fraction=0.1", "--data.dedup=exact", "--train.steps=80",
-         "--train.batch_size=16", "--train.lr=3e-3", "--train.warmup_steps=10", "--train.eval_every=40",
-         "--train.precision=fp32", "--train.ckpt_every=1000"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        [
+            sys.executable,
+            "-m",
+            "zerolm",
+            "pretrain",
+            "docs.jsonl",
+            "--out",
+            "run",
+            "--quiet",
+            "--model.arch=bert",
+            "--model.d_model=32",
+            "--model.n_layers=2",
+            "--model.n_heads=2",
+            "--model.max_seq_len=32",
+            "--model.dropout=0",
+            "--tokenizer.kind=wordpiece",
+            "--tokenizer.vocab_size=100",
+            "--tokenizer.min_frequency=1",
+            "--data.val_fraction=0.1",
+            "--data.dedup=exact",
+            "--train.steps=80",
+            "--train.batch_size=16",
+            "--train.lr=3e-3",
+            "--train.warmup_steps=10",
+            "--train.eval_every=40",
+            "--train.precision=fp32",
+            "--train.ckpt_every=1000",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     assert "sentence pairs: train" in r.stderr and "final held-out" in r.stderr
     rows = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
@@ -139,5 +196,7 @@ def test_tiny_bert_pretrain_via_cli_loss_decreases(tmp_path):
     from zerolm.config import load_config
     from zerolm.train.pretrain import pretrain
 
-    with pytest.raises(ValueError, match="already holds checkpoints"):  # the arch dispatch, in-process
+    with pytest.raises(
+        ValueError, match="already holds checkpoints"
+    ):  # the arch dispatch, in-process
         pretrain(load_config(None, {"out_dir": str(tmp_path / "run"), "model": {"arch": "bert"}}))

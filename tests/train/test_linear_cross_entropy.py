@@ -1,4 +1,5 @@
 """linear_cross_entropy against the materialised-logits reference (F.linear + F.cross_entropy)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,12 @@ def test_same_loss_and_gradients_as_full_logits(smoothing, bias):
     assert len(h) > 2 * _chunk_rows(w.shape[0])  # several blocks of rows
     b = b if bias else None
     inputs = (h, w) + ((b,) if bias else ())
-    ref = F.cross_entropy(F.linear(h, w, b).float(), y, ignore_index=-100, label_smoothing=smoothing)
-    out = linear_cross_entropy(h.view(13, 100, -1), w, b, y.view(13, 100), label_smoothing=smoothing)
+    ref = F.cross_entropy(
+        F.linear(h, w, b).float(), y, ignore_index=-100, label_smoothing=smoothing
+    )
+    out = linear_cross_entropy(
+        h.view(13, 100, -1), w, b, y.view(13, 100), label_smoothing=smoothing
+    )
     assert out.item() == pytest.approx(ref.item(), abs=1e-5)
     for got, want in zip(torch.autograd.grad(out, inputs), torch.autograd.grad(ref, inputs)):
         assert torch.allclose(got, want, atol=1e-7, rtol=1e-4)

@@ -1,5 +1,6 @@
 """Issue 18: non-finite losses, checkpoints that must stay good, resume of the same run only,
 signals during a save, a full disk, and the leftovers of a kill -9."""
+
 import dataclasses
 import errno
 import json
@@ -18,13 +19,15 @@ from zerolm.model import build_model
 from zerolm.train import checkpoint
 from zerolm.train.checkpoint import NonFiniteError, list_checkpoints, save_checkpoint
 from zerolm.train.losses import lm_loss
-from zerolm.train.optim import lr_at
 from zerolm.train.trainer import Trainer
 
 
 def _model():
-    return build_model(ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=16, dropout=0.0),
-                       vocab_size=50, seed=3)
+    return build_model(
+        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=16, dropout=0.0),
+        vocab_size=50,
+        seed=3,
+    )
 
 
 def _batches(n, seed=0):
@@ -40,72 +43,125 @@ def _poisoned(bad_calls):
         calls[0] += 1
         value, n = lm_loss(model, batch)
         return (value * math.nan if calls[0] in bad_calls else value), n
+
     return loss
 
 
 def _strict_rows(path):
     def refuse(name):
         raise AssertionError(f"bare {name} in a JSONL row")
+
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
 def _all_finite(out):
     found = list_checkpoints(out)
-    return found and all(torch.isfinite(t).all() for p in found for t in load_file(p / "model.safetensors").values())
+    return found and all(
+        torch.isfinite(t).all() for p in found for t in load_file(p / "model.safetensors").values()
+    )
 
 
 def _cfg(**kw):
-    return TrainConfig(**{"steps": 30, "precision": "fp32", "warmup_steps": 1, "eval_every": 0, "log_every": 0,
-                          "ckpt_every": 5, "keep_checkpoints": 2, **kw})
+    return TrainConfig(
+        **{
+            "steps": 30,
+            "precision": "fp32",
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "log_every": 0,
+            "ckpt_every": 5,
+            "keep_checkpoints": 2,
+            **kw,
+        }
+    )
 
 
 def test_nan_once_is_skipped_and_every_checkpoint_stays_finite(tmp_path):
-    trainer = Trainer(_model(), _cfg(), tmp_path, batches=iter(_batches(30)), loss_fn=_poisoned({8}),
-                      eval_fn=lambda m: {"val_loss": math.nan}, progress=False)
+    trainer = Trainer(
+        _model(),
+        _cfg(),
+        tmp_path,
+        batches=iter(_batches(30)),
+        loss_fn=_poisoned({8}),
+        eval_fn=lambda m: {"val_loss": math.nan},
+        progress=False,
+    )
     row = trainer.fit()
     rows = _strict_rows(tmp_path / "train_log.jsonl")  # NaN -> null: every row is strict JSON
     assert [r["step"] for r in rows] == list(range(1, 31)) and row["step"] == 30
     assert rows[7]["loss"] is None and rows[7]["skipped"] is True
     assert all(r["loss"] is not None and "skipped" not in r for r in rows if r["step"] != 8)
     assert rows[-1]["val_loss"] is None
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000025", "step-0000030"] and _all_finite(tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step-0000025",
+        "step-0000030",
+    ] and _all_finite(tmp_path)
 
 
 def test_skipped_step_under_grad_accumulation_changes_nothing(tmp_path):
     """The check runs once the micro-batches are accumulated: one bad micro-batch skips the whole update."""
     model = _model()
-    trainer = Trainer(model, _cfg(grad_accum=2), tmp_path, batches=iter(_batches(4)), loss_fn=_poisoned({2}),
-                      progress=False)
+    trainer = Trainer(
+        model,
+        _cfg(grad_accum=2),
+        tmp_path,
+        batches=iter(_batches(4)),
+        loss_fn=_poisoned({2}),
+        progress=False,
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     row = trainer.train_step()
     assert row["skipped"] and trainer.step == 1 and trainer.optimizer.state == {}
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
-    assert not trainer.train_step().get("skipped") and trainer.step == 2  # the next batches are fine: trained on
+    assert (
+        not trainer.train_step().get("skipped") and trainer.step == 2
+    )  # the next batches are fine: trained on
 
 
 def test_nan_that_persists_stops_within_the_limit_naming_the_last_good_checkpoint(tmp_path):
-    trainer = Trainer(_model(), _cfg(nonfinite_limit=5), tmp_path, batches=iter(_batches(30)),
-                      loss_fn=_poisoned(set(range(8, 31))), progress=False)
+    trainer = Trainer(
+        _model(),
+        _cfg(nonfinite_limit=5),
+        tmp_path,
+        batches=iter(_batches(30)),
+        loss_fn=_poisoned(set(range(8, 31))),
+        progress=False,
+    )
     with pytest.raises(NonFiniteError) as e:
         trainer.fit()
     msg = str(e.value)
     assert isinstance(e.value, ValueError) and "\n" not in msg and trainer.step == 12
-    assert "5 consecutive steps (steps 8-12" in msg and str(tmp_path / "checkpoints" / "step-0000005") in msg
+    assert (
+        "5 consecutive steps (steps 8-12" in msg
+        and str(tmp_path / "checkpoints" / "step-0000005") in msg
+    )
     # step 10's checkpoint was due inside the streak: not written, so the last good one is the last finite step's
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005"] and _all_finite(tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005"] and _all_finite(
+        tmp_path
+    )
 
 
 def test_nonfinite_stop_policy_stops_at_the_first_bad_step(tmp_path):
-    trainer = Trainer(_model(), _cfg(nonfinite="stop"), tmp_path, batches=iter(_batches(30)),
-                      loss_fn=_poisoned({3}), progress=False)
-    with pytest.raises(NonFiniteError, match="step 3: non-finite loss nan.*no checkpoint was saved yet"):
+    trainer = Trainer(
+        _model(),
+        _cfg(nonfinite="stop"),
+        tmp_path,
+        batches=iter(_batches(30)),
+        loss_fn=_poisoned({3}),
+        progress=False,
+    )
+    with pytest.raises(
+        NonFiniteError, match="step 3: non-finite loss nan.*no checkpoint was saved yet"
+    ):
         trainer.fit()
 
 
 def test_rollback_reloads_the_last_checkpoint_at_a_lower_lr(tmp_path):
     cfg = _cfg(nonfinite="rollback", steps=12, schedule="constant", lr=1e-3)
-    trainer = Trainer(_model(), cfg, tmp_path, batches=iter(_batches(20)), loss_fn=_poisoned({8}), progress=False)
+    trainer = Trainer(
+        _model(), cfg, tmp_path, batches=iter(_batches(20)), loss_fn=_poisoned({8}), progress=False
+    )
     trainer.fit()
     rows = _strict_rows(tmp_path / "train_log.jsonl")
     assert [r["step"] for r in rows] == [*range(1, 9), *range(6, 13)]
@@ -122,17 +178,27 @@ def test_nonfinite_weights_are_never_saved_and_good_checkpoints_are_kept(tmp_pat
         save_checkpoint(tmp_path, step, good, opt, {}, keep=2)
     with torch.no_grad():
         model.norm_f.weight[0] = math.inf
-    with pytest.raises(NonFiniteError, match=r"refusing to save checkpoint step-0000003: non-finite weights in "
-                                             r"norm_f.weight; the last good checkpoint is .*step-0000002"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"refusing to save checkpoint step-0000003: non-finite weights in "
+        r"norm_f.weight; the last good checkpoint is .*step-0000002",
+    ):
         save_checkpoint(tmp_path, 3, model, opt, {}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-0000001",
+        "step-0000002",
+    ]
 
 
-def test_disk_full_at_a_checkpoint_is_one_clear_line_and_leaves_nothing_partial(tmp_path, monkeypatch):
+def test_disk_full_at_a_checkpoint_is_one_clear_line_and_leaves_nothing_partial(
+    tmp_path, monkeypatch
+):
     real, calls = checkpoint.save_file, [0]
 
-    def disk_fills(state, path, *a, **kw):  # fault injection: the second save hits a full disk mid-write
+    def disk_fills(
+        state, path, *a, **kw
+    ):  # fault injection: the second save hits a full disk mid-write
         calls[0] += 1
         if calls[0] == 2:
             with open(path, "wb") as f:
@@ -141,13 +207,22 @@ def test_disk_full_at_a_checkpoint_is_one_clear_line_and_leaves_nothing_partial(
         return real(state, path, *a, **kw)
 
     monkeypatch.setattr(checkpoint, "save_file", disk_fills)
-    trainer = Trainer(_model(), _cfg(steps=6, ckpt_every=2), tmp_path, batches=iter(_batches(6)), loss_fn=lm_loss,
-                      progress=False)
+    trainer = Trainer(
+        _model(),
+        _cfg(steps=6, ckpt_every=2),
+        tmp_path,
+        batches=iter(_batches(6)),
+        loss_fn=lm_loss,
+        progress=False,
+    )
     with pytest.raises(ValueError) as e:
         trainer.fit()
     msg = str(e.value)
     assert "\n" not in msg and not isinstance(e.value, OSError)
-    assert f"could not write checkpoint step-0000004 into {tmp_path / 'checkpoints'}: the disk is full" in msg
+    assert (
+        f"could not write checkpoint step-0000004 into {tmp_path / 'checkpoints'}: the disk is full"
+        in msg
+    )
     assert "step-0000002" in msg
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
 
@@ -158,8 +233,14 @@ def test_a_partial_save_left_by_kill_9_is_removed_at_the_next_start(tmp_path):
         (root / name).mkdir(parents=True)
         (root / name / "model.safetensors").write_bytes(b"\0" * 10)
     (root / "notes").mkdir()  # not ours: left alone
-    trainer = Trainer(_model(), _cfg(steps=2, ckpt_every=2), tmp_path, batches=iter(_batches(2)), loss_fn=lm_loss,
-                      progress=False)
+    trainer = Trainer(
+        _model(),
+        _cfg(steps=2, ckpt_every=2),
+        tmp_path,
+        batches=iter(_batches(2)),
+        loss_fn=lm_loss,
+        progress=False,
+    )
     trainer.fit()
     assert sorted(p.name for p in root.iterdir()) == ["notes", "step-0000002"]
 
@@ -183,11 +264,20 @@ class _SignalsDuringSave:
 
 
 def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, caplog):
-    trainer = Trainer(_model(), _cfg(steps=10, ckpt_every=2), tmp_path, batches=_SignalsDuringSave(_batches(10), 2),
-                      loss_fn=lm_loss, progress=False)
+    trainer = Trainer(
+        _model(),
+        _cfg(steps=10, ckpt_every=2),
+        tmp_path,
+        batches=_SignalsDuringSave(_batches(10), 2),
+        loss_fn=lm_loss,
+        progress=False,
+    )
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
-    assert trainer.step == 4 and [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000004"]
+    assert trainer.step == 4 and [p.name for p in list_checkpoints(tmp_path)] == [
+        "step-0000002",
+        "step-0000004",
+    ]
     assert "a checkpoint is being saved" in caplog.text
     assert torch.load(list_checkpoints(tmp_path)[-1] / "state.pt", weights_only=True)["step"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
@@ -195,13 +285,35 @@ def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, caplog):
 
 # ---------------------------------------------------------------- through pretrain() and the CLI
 
+
 def _pretrain_cfg(root, out, **train):
-    return load_config(None, {
-        "out_dir": str(out), "data": {"inputs": [str(root / "docs.jsonl")]},
-        "tokenizer": {"vocab_size": 300, "min_frequency": 1},
-        "model": {"preset": "llama", "d_model": 32, "n_layers": 1, "n_heads": 4, "max_seq_len": 32},
-        "train": {"steps": 4, "batch_size": 4, "precision": "fp32", "eval_every": 0, "eval_batches": 1,
-                  "ckpt_every": 2, "log_every": 0, "warmup_steps": 1, "threads": 1, **train}})
+    return load_config(
+        None,
+        {
+            "out_dir": str(out),
+            "data": {"inputs": [str(root / "docs.jsonl")]},
+            "tokenizer": {"vocab_size": 300, "min_frequency": 1},
+            "model": {
+                "preset": "llama",
+                "d_model": 32,
+                "n_layers": 1,
+                "n_heads": 4,
+                "max_seq_len": 32,
+            },
+            "train": {
+                "steps": 4,
+                "batch_size": 4,
+                "precision": "fp32",
+                "eval_every": 0,
+                "eval_batches": 1,
+                "ckpt_every": 2,
+                "log_every": 0,
+                "warmup_steps": 1,
+                "threads": 1,
+                **train,
+            },
+        },
+    )
 
 
 def test_resume_refuses_changed_settings_and_resume_changed_continues(tmp_path, tiny_corpus):
@@ -210,17 +322,23 @@ def test_resume_refuses_changed_settings_and_resume_changed_continues(tmp_path, 
     (tmp_path / "docs.jsonl").write_bytes((tiny_corpus / "docs.jsonl").read_bytes())
     out = tmp_path / "run"
     pretrain(_pretrain_cfg(tmp_path, out), progress=False)
-    pretrain(_pretrain_cfg(tmp_path, out, steps=6, resume=True), progress=False)  # training longer: same run
+    pretrain(
+        _pretrain_cfg(tmp_path, out, steps=6, resume=True), progress=False
+    )  # training longer: same run
     changed = _pretrain_cfg(tmp_path, out, steps=8, resume=True, batch_size=16, lr=0.1)
     with pytest.raises(ValueError) as e:
         pretrain(changed, progress=False)
     msg = str(e.value)
     assert "\n" not in msg and "step-0000006" in msg and "--resume-changed" in msg
     assert "train.batch_size changed 4 -> 16" in msg and "train.lr changed 0.001 -> 0.1" in msg
-    pretrain(dataclasses.replace(changed, train=dataclasses.replace(changed.train, resume_changed=True)),
-             progress=False)
+    pretrain(
+        dataclasses.replace(changed, train=dataclasses.replace(changed.train, resume_changed=True)),
+        progress=False,
+    )
     rows = _strict_rows(out / "train_log.jsonl")
-    assert rows[-1]["step"] == 8 and "train.batch_size changed 4 -> 16" in rows[-2]["resume_changed"]
+    assert (
+        rows[-1]["step"] == 8 and "train.batch_size changed 4 -> 16" in rows[-2]["resume_changed"]
+    )
     state = torch.load(list_checkpoints(out)[-1] / "state.pt", weights_only=True)
     assert state["resume_changed"] == [f"step 6: {rows[-2]['resume_changed']}"]
 
@@ -233,36 +351,76 @@ def test_resume_on_appended_documents_refuses_before_rebuilding_anything(tmp_pat
     docs.write_bytes((tiny_corpus / "docs.jsonl").read_bytes())
     out = tmp_path / "run"
     pretrain(_pretrain_cfg(tmp_path, out, resume=True), progress=False)
-    kept = {p: p.read_bytes() for p in (out / "tokenizer" / "tokenizer.json", out / "shards" / "meta.json")}
+    kept = {
+        p: p.read_bytes()
+        for p in (out / "tokenizer" / "tokenizer.json", out / "shards" / "meta.json")
+    }
     with open(docs, "a") as f:
         for i in range(40):
             f.write(json.dumps({"text": f"new document {i} " + "jjj iii hhh " * 20}) + "\n")
-    with pytest.raises(ValueError, match=r"cannot resume from .*step-0000004: data.files changed '1 file\(s\), \d+ "
-                                         r"bytes' -> '1 file\(s\), \d+ bytes'"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot resume from .*step-0000004: data.files changed '1 file\(s\), \d+ "
+        r"bytes' -> '1 file\(s\), \d+ bytes'",
+    ):
         pretrain(_pretrain_cfg(tmp_path, out, steps=6, resume=True), progress=False)
-    assert all(p.read_bytes() == b for p, b in kept.items())  # the run's tokenizer and shards are untouched
-    docs.write_bytes((tiny_corpus / "docs.jsonl").read_bytes())  # the same bytes again, but a new mtime: named too
-    with pytest.raises(ValueError, match=r"data.fingerprint changed \w+ -> \w+ \(input files modified"):
+    assert all(
+        p.read_bytes() == b for p, b in kept.items()
+    )  # the run's tokenizer and shards are untouched
+    docs.write_bytes(
+        (tiny_corpus / "docs.jsonl").read_bytes()
+    )  # the same bytes again, but a new mtime: named too
+    with pytest.raises(
+        ValueError, match=r"data.fingerprint changed \w+ -> \w+ \(input files modified"
+    ):
         pretrain(_pretrain_cfg(tmp_path, out, steps=6, resume=True), progress=False)
 
 
 def test_cli_with_a_huge_lr_saves_no_nan_checkpoint_and_prints_one_line(tmp_path, tiny_corpus):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "zerolm", "pretrain", str(tiny_corpus / "docs.jsonl"), "--out", str(out),
-                        "--quiet", "--tokenizer.vocab_size=300", "--tokenizer.min_frequency=1", "--model.d_model=32",
-                        "--model.n_layers=1", "--model.n_heads=4", "--model.max_seq_len=32", "--train.lr=1e12",
-                        "--train.steps=40", "--train.batch_size=4", "--train.precision=fp32", "--train.ckpt_every=5",
-                        "--train.eval_every=0", "--train.log_every=1000", "--train.threads=1"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zerolm",
+            "pretrain",
+            str(tiny_corpus / "docs.jsonl"),
+            "--out",
+            str(out),
+            "--quiet",
+            "--tokenizer.vocab_size=300",
+            "--tokenizer.min_frequency=1",
+            "--model.d_model=32",
+            "--model.n_layers=1",
+            "--model.n_heads=4",
+            "--model.max_seq_len=32",
+            "--train.lr=1e12",
+            "--train.steps=40",
+            "--train.batch_size=4",
+            "--train.precision=fp32",
+            "--train.ckpt_every=5",
+            "--train.eval_every=0",
+            "--train.log_every=1000",
+            "--train.threads=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in r.stderr and last.startswith("zerolm: error: training diverged: non-finite loss")
+    assert "Traceback" not in r.stderr and last.startswith(
+        "zerolm: error: training diverged: non-finite loss"
+    )
     assert not (out / "model").exists()
     assert not list_checkpoints(out) or _all_finite(out)
     _strict_rows(out / "train_log.jsonl")
 
 
-@pytest.mark.parametrize("command", ["pretrain", "speedrun", "sft", "reward", "dpo", "ppo", "finetune-classify"])
+@pytest.mark.parametrize(
+    "command", ["pretrain", "speedrun", "sft", "reward", "dpo", "ppo", "finetune-classify"]
+)
 def test_resume_changed_flag_sets_the_config_keys(command):
     from zerolm.cli import _config, build_parser
 
@@ -279,11 +437,15 @@ def test_a_stages_own_data_files_are_part_of_its_fingerprint(tmp_path):
     from zerolm.train.fingerprint import changes, stage_fingerprint
 
     data = tmp_path / "chats.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    )
     cfg = load_config(None, {"sft": {"data": [str(data)]}})
     before = stage_fingerprint(cfg, None, ("sft", "lora"))
     assert changes(before, stage_fingerprint(cfg, None, ("sft", "lora"))) == []
     with open(data, "a") as f:
-        f.write('{"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]}\n')
+        f.write(
+            '{"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]}\n'
+        )
     found = changes(before, stage_fingerprint(cfg, None, ("sft", "lora")))
     assert len(found) == 1 and found[0].startswith("sft.data.files changed '1 file(s), 93 bytes, ")

@@ -21,22 +21,31 @@ def test_schedules_by_hand():
     assert lr_at(0, cos) == pytest.approx(0.1) and lr_at(9, cos) == pytest.approx(1.0)
     assert lr_at(60, cos) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(110, cos) == pytest.approx(0.1)
-    wsd = TrainConfig(steps=100, lr=1.0, min_lr_ratio=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    wsd = TrainConfig(
+        steps=100, lr=1.0, min_lr_ratio=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2
+    )
     assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0
     assert lr_at(80, wsd) == pytest.approx(0.95) and lr_at(99, wsd) == pytest.approx(0.0)
     assert lr_at(50, TrainConfig(schedule="constant", lr=0.3, warmup_steps=5)) == 0.3
 
 
 def test_weight_decay_only_on_matrices():
-    model = build_model(ModelConfig(preset="gpt2", d_model=16, n_layers=1, n_heads=2, max_seq_len=8), vocab_size=20)
+    model = build_model(
+        ModelConfig(preset="gpt2", d_model=16, n_layers=1, n_heads=2, max_seq_len=8), vocab_size=20
+    )
     decay, no_decay = param_groups(model, 0.1)
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert all(p.dim() == 2 for p in decay["params"]) and all(
+        p.dim() == 1 for p in no_decay["params"]
+    )
     assert no_decay["weight_decay"] == 0.0
 
 
 def _model():
-    return build_model(ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=16, dropout=0.0),
-                       vocab_size=50, seed=3)
+    return build_model(
+        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=16, dropout=0.0),
+        vocab_size=50,
+        seed=3,
+    )
 
 
 def test_grad_accumulation_equals_big_batch(tmp_path):
@@ -46,8 +55,17 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
     results = []
     for batches, accum in ((big, 1), (small, 2)):
         model = _model()
-        cfg = TrainConfig(steps=1, grad_accum=accum, batch_size=8 // accum, precision="fp32", warmup_steps=1)
-        Trainer(model, cfg, tmp_path / str(accum), batches=iter(batches), loss_fn=lm_loss, progress=False).train_step()
+        cfg = TrainConfig(
+            steps=1, grad_accum=accum, batch_size=8 // accum, precision="fp32", warmup_steps=1
+        )
+        Trainer(
+            model,
+            cfg,
+            tmp_path / str(accum),
+            batches=iter(batches),
+            loss_fn=lm_loss,
+            progress=False,
+        ).train_step()
         results.append(model.state_dict())
     for k in results[0]:
         assert torch.allclose(results[0][k], results[1][k], atol=1e-6), k
@@ -63,7 +81,14 @@ def test_compiled_training_matches_eager(tmp_path, precision):
         torch._dynamo.reset()
         model = _model()
         cfg = TrainConfig(steps=3, precision=precision, warmup_steps=1, compile=compiled)
-        trainer = Trainer(model, cfg, tmp_path / str(compiled), batches=iter(batches), loss_fn=lm_loss, progress=False)
+        trainer = Trainer(
+            model,
+            cfg,
+            tmp_path / str(compiled),
+            batches=iter(batches),
+            loss_fn=lm_loss,
+            progress=False,
+        )
         runs.append(([trainer.train_step()["loss"] for _ in batches], model.state_dict()))
     tol = 1e-5 if precision == "fp32" else 2e-2  # bf16: fused kernels round differently
     assert runs[1][0] == pytest.approx(runs[0][0], abs=tol)
@@ -77,8 +102,14 @@ def test_failed_compile_falls_back_to_eager(tmp_path, caplog):
     torch._dynamo.reset()
     data = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(steps=1, precision="fp32", warmup_steps=1, compile=True)
-    trainer = Trainer(_model(), cfg, tmp_path, batches=iter([(data[:, :-1], data[:, 1:])] * 2), loss_fn=lm_loss,
-                      progress=False)
+    trainer = Trainer(
+        _model(),
+        cfg,
+        tmp_path,
+        batches=iter([(data[:, :-1], data[:, 1:])] * 2),
+        loss_fn=lm_loss,
+        progress=False,
+    )
     # config.patch restores both settings as they were (monkeypatch's undo deleted the cache key: issue 18)
     with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": ("no-such-c++-compiler",)}):
         assert math.isfinite(trainer.train_step()["loss"])
@@ -89,27 +120,64 @@ def test_failed_compile_falls_back_to_eager(tmp_path, caplog):
 def test_loss_decreases(tiny_corpus):
     from zerolm.data.loader import TokenBatches
 
-    model = build_model(ModelConfig(preset="gpt2", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
-                        vocab_size=300, seed=0)
+    model = build_model(
+        ModelConfig(preset="gpt2", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
+        vocab_size=300,
+        seed=0,
+    )
     batches = TokenBatches(tiny_corpus / "run" / "shards", batch_size=8, seq_len=32)
-    cfg = TrainConfig(steps=60, lr=3e-3, warmup_steps=5, precision="fp32", eval_every=1000, ckpt_every=1000,
-                      log_every=1000)
-    trainer = Trainer(model, cfg, tiny_corpus / "t_loss", batches=batches, loss_fn=lm_loss, progress=False)
+    cfg = TrainConfig(
+        steps=60,
+        lr=3e-3,
+        warmup_steps=5,
+        precision="fp32",
+        eval_every=1000,
+        ckpt_every=1000,
+        log_every=1000,
+    )
+    trainer = Trainer(
+        model, cfg, tiny_corpus / "t_loss", batches=batches, loss_fn=lm_loss, progress=False
+    )
     trainer.fit()
-    rows = [json.loads(x) for x in (tiny_corpus / "t_loss" / "train_log.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (tiny_corpus / "t_loss" / "train_log.jsonl").read_text().splitlines()
+    ]
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
     assert last < first - 1.0, (first, last)
 
 
 # ---------------------------------------------------------------- exact resume, in real processes
 
+
 def _pretrain_cmd(root, out, steps, extra=()):
-    args = [sys.executable, "-m", "zerolm", "pretrain", str(root / "docs.jsonl"), "--out", str(out), "--quiet",
-            "--tokenizer.vocab_size=300", "--tokenizer.min_frequency=1", "--model.preset=llama", "--model.d_model=32",
-            "--model.n_layers=2", "--model.n_heads=4", "--model.max_seq_len=32", "--model.dropout=0.1",
-            f"--train.steps={steps}", "--train.batch_size=4", "--train.precision=fp32", "--train.eval_every=50",
-            "--train.eval_batches=2", "--train.ckpt_every=25", "--train.log_every=1000", "--train.threads=1",
-            "--train.keep_checkpoints=3", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "zerolm",
+        "pretrain",
+        str(root / "docs.jsonl"),
+        "--out",
+        str(out),
+        "--quiet",
+        "--tokenizer.vocab_size=300",
+        "--tokenizer.min_frequency=1",
+        "--model.preset=llama",
+        "--model.d_model=32",
+        "--model.n_layers=2",
+        "--model.n_heads=4",
+        "--model.max_seq_len=32",
+        "--model.dropout=0.1",
+        f"--train.steps={steps}",
+        "--train.batch_size=4",
+        "--train.precision=fp32",
+        "--train.eval_every=50",
+        "--train.eval_batches=2",
+        "--train.ckpt_every=25",
+        "--train.log_every=1000",
+        "--train.threads=1",
+        "--train.keep_checkpoints=3",
+        *extra,
+    ]
     return args
 
 
@@ -124,7 +192,9 @@ def _losses(out):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_corpus):
     out = tiny_corpus / "full"
-    r = subprocess.run(_pretrain_cmd(tiny_corpus, out, 150), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        _pretrain_cmd(tiny_corpus, out, 150), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     return _losses(out)
 
@@ -141,22 +211,37 @@ def _wait_for(path, proc, timeout=300):
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_corpus, uninterrupted, how):
     out = tiny_corpus / f"resume-{how}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_pretrain_cmd(tiny_corpus, out, 150), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        _pretrain_cmd(tiny_corpus, out, 150),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     _wait_for(out / "checkpoints" / "step-0000050", proc)
     proc.send_signal({"kill": signal.SIGKILL, "sigterm": signal.SIGTERM}.get(how, signal.SIGINT))
-    if how == "double-ctrl-c":  # the second lands mid-step or mid-save: neither may leave an inconsistent checkpoint
+    if (
+        how == "double-ctrl-c"
+    ):  # the second lands mid-step or mid-save: neither may leave an inconsistent checkpoint
         time.sleep(0.003)
         proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if how != "kill":  # SIGTERM is handled like Ctrl-C: the step finishes and a checkpoint is saved
         assert proc.returncode == 130 and "saving a checkpoint" in err, err
-    steps = sorted(int(p.name[5:]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    steps = sorted(
+        int(p.name[5:]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")
+    )
     assert 50 <= steps[-1] < 150
-    refused = subprocess.run(_pretrain_cmd(tiny_corpus, out, 150), capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(
+        _pretrain_cmd(tiny_corpus, out, 150), capture_output=True, text=True, timeout=600
+    )
     assert refused.returncode == 2 and "--train.resume=true" in refused.stderr
-    r = subprocess.run(_pretrain_cmd(tiny_corpus, out, 150, ["--resume"]), capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        _pretrain_cmd(tiny_corpus, out, 150, ["--resume"]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert _losses(out) == uninterrupted  # bit-identical, step by step
 
@@ -164,9 +249,18 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_corpus, uninterrupted
 def test_every_zero_means_only_at_the_last_step(tmp_path):
     data = torch.randint(0, 50, (5, 4, 17), generator=torch.Generator().manual_seed(0))
     evals = []
-    cfg = TrainConfig(steps=5, precision="fp32", warmup_steps=1, eval_every=0, ckpt_every=0, log_every=0)
-    trainer = Trainer(_model(), cfg, tmp_path, batches=iter([(d[:, :-1], d[:, 1:]) for d in data]), loss_fn=lm_loss,
-                      eval_fn=lambda m: evals.append(1) or {"val_loss": 1.0}, progress=False)
+    cfg = TrainConfig(
+        steps=5, precision="fp32", warmup_steps=1, eval_every=0, ckpt_every=0, log_every=0
+    )
+    trainer = Trainer(
+        _model(),
+        cfg,
+        tmp_path,
+        batches=iter([(d[:, :-1], d[:, 1:]) for d in data]),
+        loss_fn=lm_loss,
+        eval_fn=lambda m: evals.append(1) or {"val_loss": 1.0},
+        progress=False,
+    )
     trainer.fit()
     assert evals == [1]
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000005"]

@@ -5,6 +5,7 @@ then asks for the assistant's reply). `chosen` and `rejected` are the two replie
 {"role": "assistant", "content"} objects). A malformed row is a ValueError naming file and line;
 a pair whose replies are identical teaches nothing and is skipped and counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ from zerolm.tokenizer.chat import check_messages
 
 log = logging.getLogger(__name__)
 
-BUILTIN_PAIRS = {"hhh": "Anthropic HHH alignment (BIG-bench hhh_alignment), 221 human-written pairs, English, "
-                        "Apache-2.0"}
+BUILTIN_PAIRS = {
+    "hhh": "Anthropic HHH alignment (BIG-bench hhh_alignment), 221 human-written pairs, English, "
+    "Apache-2.0"
+}
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,9 @@ def _reply(value, key: str, where: str) -> str:
     if isinstance(value, dict) and value.get("role") == "assistant":
         value = value.get("content")
     if not isinstance(value, str):
-        raise ValueError(f"{where}: '{key}' must be a string (or an assistant message), got {type(value).__name__}")
+        raise ValueError(
+            f"{where}: '{key}' must be a string (or an assistant message), got {type(value).__name__}"
+        )
     if not value.strip():
         raise ValueError(f"{where}: '{key}' is empty: a preference needs two real replies")
     return value
@@ -50,7 +55,9 @@ def _messages(row: dict, where: str) -> tuple:
     messages = row["messages"]
     check_messages(messages, where)
     if messages[-1]["role"] != "user":
-        raise ValueError(f"{where}: 'messages' must end with a user message (the replies answer it)")
+        raise ValueError(
+            f"{where}: 'messages' must end with a user message (the replies answer it)"
+        )
     return tuple(dict(m) for m in messages)
 
 
@@ -60,10 +67,16 @@ def to_pair(row, where: str) -> Pair:
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [k for k in ("chosen", "rejected") if k not in row]
     if missing or ("prompt" in row) == ("messages" in row):
-        raise ValueError(f"{where}: expected {{\"prompt\" or \"messages\", \"chosen\", \"rejected\"}}, "
-                         f"got keys {sorted(row)}")
-    return Pair(_messages(row, where), _reply(row["chosen"], "chosen", where),
-                _reply(row["rejected"], "rejected", where), where)
+        raise ValueError(
+            f'{where}: expected {{"prompt" or "messages", "chosen", "rejected"}}, '
+            f"got keys {sorted(row)}"
+        )
+    return Pair(
+        _messages(row, where),
+        _reply(row["chosen"], "chosen", where),
+        _reply(row["rejected"], "rejected", where),
+        where,
+    )
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -76,8 +89,12 @@ def read_prompts(path: str | Path) -> list[dict]:
     out = []
     for where, row in jsonl_rows(p):
         if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
-            raise ValueError(f"{where}: expected an object with \"prompt\" or \"messages\" (ending with a user turn)")
-        meta = {k: v for k, v in row.items() if k not in ("prompt", "messages", "chosen", "rejected")}
+            raise ValueError(
+                f'{where}: expected an object with "prompt" or "messages" (ending with a user turn)'
+            )
+        meta = {
+            k: v for k, v in row.items() if k not in ("prompt", "messages", "chosen", "rejected")
+        }
         out.append({**meta, "messages": list(_messages(row, where)), "where": where})
     if not out:
         raise ValueError(f"{p}: no prompts")
@@ -89,7 +106,11 @@ def keep_distinct(pairs, source: str) -> tuple[list[Pair], int]:
     kept = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
     skipped = len(pairs) - len(kept)
     if skipped:
-        log.warning("%s: skipped %d pair(s) whose chosen and rejected replies are identical", source, skipped)
+        log.warning(
+            "%s: skipped %d pair(s) whose chosen and rejected replies are identical",
+            source,
+            skipped,
+        )
     return kept, skipped
 
 

@@ -10,6 +10,7 @@ The reference log-probs are either
   or from a frozen copy when all weights train. bench/align.py measures both.
 `align.reference` names another reference model; it must share the policy's tokenizer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,9 @@ from zerolm.tokenizer.chat import prompt_ids
 log = logging.getLogger(__name__)
 
 
-def encode_dpo_pair(tok: Tokenizer, pair: Pair, window: int) -> tuple[list[int], list[int], int] | None:
+def encode_dpo_pair(
+    tok: Tokenizer, pair: Pair, window: int
+) -> tuple[list[int], list[int], int] | None:
     """(chosen conversation ids, rejected conversation ids, prompt length) or None when either
     does not fit in the window."""
     enc = encode_pair(tok, pair, window)
@@ -40,7 +43,11 @@ def dpo_collate(picked: list[tuple]) -> tuple:
     the B chosen rows first and the B rejected after; ref (2B,) cached log-probs, or None."""
     seqs = [it[0] for it in picked] + [it[1] for it in picked]
     x, y, mask = response_batch(seqs, [it[2] for it in picked] * 2)
-    ref = torch.tensor([it[3] for it in picked] + [it[4] for it in picked]) if len(picked[0]) > 3 else None
+    ref = (
+        torch.tensor([it[3] for it in picked] + [it[4] for it in picked])
+        if len(picked[0]) > 3
+        else None
+    )
     return x, y, mask, ref
 
 
@@ -97,35 +104,67 @@ def dpo_eval(model, items: list[tuple], loss: DPOLoss, batch_size: int = 16) -> 
 
 def train_dpo(cfg, progress: bool = True) -> dict:
     """`zerolm dpo`: the base (SFT) model aligned on preference pairs; OUT/model (+ adapters)."""
-    from zerolm.align.stage import Shuffled, encoded_pairs, load_policy, reference_dir, save_policy, start_stage
+    from zerolm.align.stage import (
+        Shuffled,
+        encoded_pairs,
+        load_policy,
+        reference_dir,
+        save_policy,
+        start_stage,
+    )
     from zerolm.config import save_config
     from zerolm.inspect.accounting import account
     from zerolm.model import load_model
     from zerolm.train.fingerprint import stage_fingerprint
     from zerolm.train.trainer import Trainer
 
-    out, base, tok = start_stage(cfg, "the SFT model: the policy's start and, by default, the reference")
+    out, base, tok = start_stage(
+        cfg, "the SFT model: the policy's start and, by default, the reference"
+    )
     ref_dir = reference_dir(cfg)
     enc, summary = encoded_pairs(cfg, base, tok, encode_dpo_pair)
     policy, lora = load_policy(cfg, base)
     live = cfg.align.reference_logprobs == "live"
     # a second copy only where the policy cannot stand in: another reference, or live with all weights training
-    ref_model = load_model(ref_dir).requires_grad_(False) if ref_dir != base or (live and lora is None) else None
+    ref_model = (
+        load_model(ref_dir).requires_grad_(False)
+        if ref_dir != base or (live and lora is None)
+        else None
+    )
     ref = reference_logits(policy, ref_model)
     if not live:  # before training: the policy is still the base (LoRA: B = 0)
-        enc = {split: with_reference(items, ref, cfg.train.batch_size) for split, items in enc.items()}
+        enc = {
+            split: with_reference(items, ref, cfg.train.batch_size) for split, items in enc.items()
+        }
         ref = ref_model = None
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     loss = DPOLoss(cfg.align.beta, ref)
-    eval_fn = partial(dpo_eval, items=enc["val"], loss=loss, batch_size=cfg.train.batch_size) if enc["val"] else None
-    trainer = Trainer(policy, cfg.train, out, batches=Shuffled(enc["train"], cfg.train.batch_size, cfg.seed,
-                                                                 collate=dpo_collate),
-                      loss_fn=loss, eval_fn=eval_fn, flops_per_token=account(policy)["train_flops_per_token"],
-                      progress=progress, fingerprint=stage_fingerprint(cfg, tok, ("align", "lora")))
+    eval_fn = (
+        partial(dpo_eval, items=enc["val"], loss=loss, batch_size=cfg.train.batch_size)
+        if enc["val"]
+        else None
+    )
+    trainer = Trainer(
+        policy,
+        cfg.train,
+        out,
+        batches=Shuffled(enc["train"], cfg.train.batch_size, cfg.seed, collate=dpo_collate),
+        loss_fn=loss,
+        eval_fn=eval_fn,
+        flops_per_token=account(policy)["train_flops_per_token"],
+        progress=progress,
+        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora")),
+    )
     row = trainer.fit()
     final = dpo_eval(policy, enc["val"], loss, cfg.train.batch_size) if enc["val"] else {}
     save_policy(policy, out, tok)
     log.info("held-out pairs: %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
-    return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model"), "lora": lora,
-            "reference": str(ref_dir), **summary}
+    return {
+        **row,
+        **{f"final_{k}": v for k, v in final.items()},
+        "model_dir": str(out / "model"),
+        "lora": lora,
+        "reference": str(ref_dir),
+        **summary,
+    }

@@ -12,6 +12,7 @@ Legend: B batch of pairs or sequences, T response tokens, G group size (GRPO).
 - group_advantages: GRPO's critic-free advantages, reward standardised within each prompt's group.
 - masked_mean: the mean over real (mask = 1) tokens only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
-def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pairwise_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean -log sigmoid(r_c - r_r), accuracy: share of pairs with r_c > r_r); inputs (B,)."""
     margin = r_chosen - r_rejected
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
@@ -37,15 +40,22 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
-def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """(B,) sum over t of log p(targets[t] | logits[t]) where mask[t] = 1 (the response tokens).
     logits (B, T, V) already aligned with targets (B, T): position t predicts targets[t]."""
     logp = token_logprobs(logits, targets)  # (B, T)
     return (logp * mask.to(logp.dtype)).sum(-1)
 
 
-def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_loss(
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO on summed response log-probs, each (B,). Returns (mean loss, stats): the implicit rewards
     beta * (pi - ref) of chosen and rejected, their margin and the accuracy (margin > 0)."""
     if beta <= 0:
@@ -54,8 +64,12 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
     r_r = beta * (pi_rejected - ref_rejected)
     margin = r_c - r_r
     loss = -F.logsigmoid(margin).mean()
-    return loss, {"reward_chosen": r_c.mean().detach(), "reward_rejected": r_r.mean().detach(),
-                  "margin": margin.mean().detach(), "accuracy": (margin > 0).float().mean()}
+    return loss, {
+        "reward_chosen": r_c.mean().detach(),
+        "reward_rejected": r_r.mean().detach(),
+        "margin": margin.mean().detach(),
+        "accuracy": (margin > 0).float().mean(),
+    }
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -64,8 +78,13 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return logp - ref_logp
 
 
-def kl_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-               kl_coef: float) -> torch.Tensor:
+def kl_rewards(
+    score: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
     """(B, T) PPO rewards: -kl_coef * KL at every response token, plus the sequence score (B,)
     at its last real token (as in Ziegler et al. 2019 / InstructGPT)."""
     rewards = -kl_coef * kl_penalty(logp, ref_logp) * mask
@@ -74,8 +93,13 @@ def kl_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, 
     return rewards
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), each (B, T), over response tokens with mask (B, T) = 1 on real ones
     (a contiguous run from the left). delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after the
     last token; A_t = delta_t + gamma lam A_{t+1}; returns = A + V. Zero where mask = 0."""
@@ -93,8 +117,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate: mean over real tokens of max(-A r, -A clip(r, 1-eps, 1+eps)) with
     r = exp(logp - old_logp). Stats: the share of tokens clipped and the approximate KL
     mean((r - 1) - log r) between the old and new policy (for early stopping)."""
@@ -104,16 +133,25 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), mask),
-                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask)}
+        stats = {
+            "clip_fraction": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
+        }
     return loss, stats
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float = 0.2) -> torch.Tensor:
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> torch.Tensor:
     """0.5 * mean over real tokens of max((V - R)^2, (V_clipped - R)^2), V_clipped = old + clip(V - old, +-eps)."""
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    return 0.5 * masked_mean(
+        torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask
+    )
 
 
 def group_advantages(scores: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
@@ -122,4 +160,6 @@ def group_advantages(scores: torch.Tensor, group: int, eps: float = 1e-6) -> tor
     if scores.numel() % group:
         raise ValueError(f"{scores.numel()} scores do not split into groups of {group}")
     g = scores.view(-1, group)
-    return ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True, unbiased=False) + eps)).view(-1)
+    return ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True, unbiased=False) + eps)).view(
+        -1
+    )

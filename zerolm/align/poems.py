@@ -11,6 +11,7 @@ model under training samples `samples` answers. Then:
 A sample that passes and ties with the other gives no pair. Held-out pairs come from the run's
 held-out documents, so a reward model is measured on poems it never saw.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -21,8 +22,17 @@ from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 
 
-def poem_pairs(model, tok, items: list[dict], *, samples: int = 2, temperature: float = 1.0, seed: int = 0,
-               max_new_tokens: int = 96, batch_size: int = 32) -> tuple[list[Pair], dict]:
+def poem_pairs(
+    model,
+    tok,
+    items: list[dict],
+    *,
+    samples: int = 2,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = 96,
+    batch_size: int = 32,
+) -> tuple[list[Pair], dict]:
     """(pairs, counts) for the request items (as made by zerolm.data.poems.poem_instructions)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")

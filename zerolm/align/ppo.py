@@ -19,6 +19,7 @@ poem_form.py, for poem requests), a reward model directory (`zerolm reward`), or
 holds "messages" and the prompt row's other fields. A rollout whose reward raises, or returns a
 non-finite number, is reported and skipped; ten in a row stop the run.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -83,8 +84,10 @@ class ModelReward:
         from zerolm.tokenizer.chat import render
 
         window = self.rm.cfg.max_seq_len
-        seqs = [render(self.tok, [*p["messages"], {"role": "assistant", "content": r}])[0][-window:]
-                for p, r in zip(prompts, replies)]
+        seqs = [
+            render(self.tok, [*p["messages"], {"role": "assistant", "content": r}])[0][-window:]
+            for p, r in zip(prompts, replies)
+        ]
         return self.rm(*pad_batch(seqs)).tolist()
 
 
@@ -107,8 +110,10 @@ def load_reward(spec: str, policy_dir: Path) -> Callable[[list[dict], list[str]]
         return ModelReward(path)
     module, _, name = spec.rpartition(":")
     if not module or not name:
-        raise ValueError(f"align.reward={spec!r}: give 'poem-form', a reward model directory (zerolm reward), or "
-                         "module:function / path/file.py:function for a Python callable fn(prompt, reply) -> float")
+        raise ValueError(
+            f"align.reward={spec!r}: give 'poem-form', a reward model directory (zerolm reward), or "
+            "module:function / path/file.py:function for a Python callable fn(prompt, reply) -> float"
+        )
     try:
         if module.endswith(".py"):
             loaded = importlib.util.spec_from_file_location(Path(module).stem, module)
@@ -138,28 +143,39 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
 
     a = cfg.align
     if not a.data and not a.builtin:
-        raise ValueError("no prompts: give --align.builtin=poems and/or --align.data=FILE.jsonl (rows with 'prompt')")
+        raise ValueError(
+            "no prompts: give --align.builtin=poems and/or --align.data=FILE.jsonl (rows with 'prompt')"
+        )
     train, val, counts = [], [], {}
     for name in a.builtin:
         if name == "poems":
             for split, out in (("train", train), ("val", val)):
-                got = [{"messages": q["messages"][:-1], "form": q["form"], "kind": q["kind"]}
-                       for q in poem_requests(cfg, split)]
+                got = [
+                    {"messages": q["messages"][:-1], "form": q["form"], "kind": q["kind"]}
+                    for q in poem_requests(cfg, split)
+                ]
                 out += got
                 counts[f"poems ({split})"] = len(got)
         elif name in BUILTIN_PAIRS:
-            rows = [{"messages": list(p.messages), "where": p.where} for p in read_builtin_pairs(name)]
-            rows = list({str(r["messages"]): r for r in rows}.values())  # one per distinct conversation
+            rows = [
+                {"messages": list(p.messages), "where": p.where} for p in read_builtin_pairs(name)
+            ]
+            rows = list(
+                {str(r["messages"]): r for r in rows}.values()
+            )  # one per distinct conversation
             for r in rows:
                 (val if split_key(str(r["messages"])) < a.val_fraction else train).append(r)
             counts[name] = len(rows)
         else:
-            raise ValueError(f"unknown prompt set {name!r}; bundled: poems, {', '.join(BUILTIN_PAIRS)}")
+            raise ValueError(
+                f"unknown prompt set {name!r}; bundled: poems, {', '.join(BUILTIN_PAIRS)}"
+            )
     for path in a.data:
         rows = read_prompts(path)
         for r in rows:
             (val if split_key(str(r["messages"])) < a.val_fraction else train).append(r)
         counts[str(path)] = len(rows)
+
     def fits(p):
         return len(prompt_ids(tok, p["messages"])) <= window - 8
 
@@ -170,8 +186,10 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
     if not train:
         raise ValueError(f"no training prompts fit the {window}-token window with room to reply")
     if a.reward == "poem-form" and (bad := next((p for p in train + val if "form" not in p), None)):
-        raise ValueError(f"align.reward='poem-form' scores poem requests, but {bad.get('where', 'a prompt')} is not "
-                         "one: use --align.builtin=poems alone, or another reward (a reward model, module:function)")
+        raise ValueError(
+            f"align.reward='poem-form' scores poem requests, but {bad.get('where', 'a prompt')} is not "
+            "one: use --align.builtin=poems alone, or another reward (a reward model, module:function)"
+        )
     return train, val, counts
 
 
@@ -180,10 +198,29 @@ class Rollouts:
     """The PPO stage's batch iterator and loss: generates a rollout when the previous one's
     minibatches are used up (or dropped by the KL early stop) and yields its minibatches."""
 
-    def __init__(self, policy: PolicyValue, ref: Callable, tok: Tokenizer, prompts: list[dict],
-                 reward: Callable, cfg, precision: str = "fp32"):
-        self.policy, self.ref, self.tok, self.prompts, self.reward = policy, ref, tok, prompts, reward
-        self.a, self.batch_size, self.seed, self.precision = cfg.align, cfg.train.batch_size, cfg.seed, precision
+    def __init__(
+        self,
+        policy: PolicyValue,
+        ref: Callable,
+        tok: Tokenizer,
+        prompts: list[dict],
+        reward: Callable,
+        cfg,
+        precision: str = "fp32",
+    ):
+        self.policy, self.ref, self.tok, self.prompts, self.reward = (
+            policy,
+            ref,
+            tok,
+            prompts,
+            reward,
+        )
+        self.a, self.batch_size, self.seed, self.precision = (
+            cfg.align,
+            cfg.train.batch_size,
+            cfg.seed,
+            precision,
+        )
         self.k = 0  # index of the next rollout to generate
         self.buffer: list[tuple] = []
         self.skipped, self.failed_in_row = 0, 0
@@ -194,10 +231,19 @@ class Rollouts:
         return self
 
     def __next__(self):
-        if self.buffer and self.a.target_kl and self.last_approx_kl is not None \
-                and float(self.last_approx_kl) > self.a.target_kl:
-            log.info("rollout %d: approximate KL %.4f > target_kl %.4f: %d minibatch(es) dropped", self.k - 1,
-                     float(self.last_approx_kl), self.a.target_kl, len(self.buffer))
+        if (
+            self.buffer
+            and self.a.target_kl
+            and self.last_approx_kl is not None
+            and float(self.last_approx_kl) > self.a.target_kl
+        ):
+            log.info(
+                "rollout %d: approximate KL %.4f > target_kl %.4f: %d minibatch(es) dropped",
+                self.k - 1,
+                float(self.last_approx_kl),
+                self.a.target_kl,
+                len(self.buffer),
+            )
             self.buffer = []
         while not self.buffer:
             self.buffer = self.rollout(self.k)
@@ -215,15 +261,24 @@ class Rollouts:
         try:
             scores = torch.tensor([float(s) for s in self.reward(prompts, replies)])
             if len(scores) != len(replies) or not torch.isfinite(scores).all():
-                raise ValueError(f"expected {len(replies)} finite scores, got {scores.tolist()[:8]}")
+                raise ValueError(
+                    f"expected {len(replies)} finite scores, got {scores.tolist()[:8]}"
+                )
         except Exception as e:  # any error of user code: reported, the rollout skipped
             self.skipped += 1
             self.failed_in_row += 1
-            log.warning("rollout %d skipped: the reward function failed (%s: %s); %d rollout(s) skipped so far",
-                        k, type(e).__name__, e, self.skipped)
+            log.warning(
+                "rollout %d skipped: the reward function failed (%s: %s); %d rollout(s) skipped so far",
+                k,
+                type(e).__name__,
+                e,
+                self.skipped,
+            )
             if self.failed_in_row >= MAX_FAILED_ROLLOUTS:
-                raise ValueError(f"the reward function failed on {MAX_FAILED_ROLLOUTS} rollouts in a row; the last "
-                                 f"error: {type(e).__name__}: {e}") from e
+                raise ValueError(
+                    f"the reward function failed on {MAX_FAILED_ROLLOUTS} rollouts in a row; the last "
+                    f"error: {type(e).__name__}: {e}"
+                ) from e
             return None
         self.failed_in_row = 0
         return scores
@@ -236,11 +291,19 @@ class Rollouts:
 
         a, t0, was = self.a, time.perf_counter(), self.policy.training
         rng = np.random.default_rng([self.seed, k])
-        pick = rng.choice(len(self.prompts), size=min(a.rollout_prompts, len(self.prompts)), replace=False)
+        pick = rng.choice(
+            len(self.prompts), size=min(a.rollout_prompts, len(self.prompts)), replace=False
+        )
         prompts = [self.prompts[i] for i in pick for _ in range(a.group)]
-        seqs, lens, replies = sample_replies(self.policy.body, self.tok, [p["messages"] for p in prompts],
-                                             max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                                             seed=self.seed * 100_003 + k, batch_size=len(prompts))
+        seqs, lens, replies = sample_replies(
+            self.policy.body,
+            self.tok,
+            [p["messages"] for p in prompts],
+            max_new_tokens=a.max_new_tokens,
+            temperature=a.temperature,
+            seed=self.seed * 100_003 + k,
+            batch_size=len(prompts),
+        )
         scores = self._scores(k, prompts, replies)
         if scores is None:
             return []
@@ -255,19 +318,32 @@ class Rollouts:
         values = values * mask
         kl = ((logp - ref_logp) * mask).sum(-1)  # (B,) per reply
         if a.advantage == "gae":
-            adv, returns = L.gae(L.kl_rewards(scores, logp, ref_logp, mask, a.kl_coef), values, mask, a.gamma, a.lam)
+            adv, returns = L.gae(
+                L.kl_rewards(scores, logp, ref_logp, mask, a.kl_coef), values, mask, a.gamma, a.lam
+            )
             mean = L.masked_mean(adv, mask)
             std = L.masked_mean((adv - mean) ** 2, mask).sqrt()
             adv = (adv - mean) / (std + 1e-8) * mask
         else:
             adv = L.group_advantages(scores - a.kl_coef * kl, a.group)[:, None] * mask
             returns = torch.zeros_like(values)
-        row = {"rollout": k, "reward": scores.mean().item(), "kl": kl.mean().item(),
-               "reply_tokens": mask.sum(-1).mean().item(), "seconds": time.perf_counter() - t0}
+        row = {
+            "rollout": k,
+            "reward": scores.mean().item(),
+            "kl": kl.mean().item(),
+            "reply_tokens": mask.sum(-1).mean().item(),
+            "seconds": time.perf_counter() - t0,
+        }
         self.history.append(row)
         self.policy.train(was)  # the engine and the scoring pass ran in eval mode
-        log.info("rollout %d: reward %.3f | KL to reference %.3f | reply %.1f tokens | %.1fs", k, row["reward"],
-                 row["kl"], row["reply_tokens"], row["seconds"])
+        log.info(
+            "rollout %d: reward %.3f | KL to reference %.3f | reply %.1f tokens | %.1fs",
+            k,
+            row["reward"],
+            row["kl"],
+            row["reply_tokens"],
+            row["seconds"],
+        )
         tensors = (x, y, mask, logp, values, adv, returns, scores, kl)
         out = []
         for _ in range(a.ppo_epochs):
@@ -291,20 +367,31 @@ class Rollouts:
         return loss, mask.sum(), {"reward": scores.mean(), "kl_ref": kl.mean(), **stats}
 
 
-def ppo_eval(model: PolicyValue, prompts: list[dict], reward: Callable, ref: Callable, tok: Tokenizer,
-             max_new_tokens: int, seed: int) -> dict:
+def ppo_eval(
+    model: PolicyValue,
+    prompts: list[dict],
+    reward: Callable,
+    ref: Callable,
+    tok: Tokenizer,
+    max_new_tokens: int,
+    seed: int,
+) -> dict:
     """Held-out prompts: the mean reward of replies sampled at temperature 1 and, on those same
     replies, the KL to the reference."""
     from zerolm.align.stage import reply_kl
 
-    seqs, lens, replies = sample_replies(model.body, tok, [p["messages"] for p in prompts], max_new_tokens=max_new_tokens,
-                                   seed=seed)
+    seqs, lens, replies = sample_replies(
+        model.body, tok, [p["messages"] for p in prompts], max_new_tokens=max_new_tokens, seed=seed
+    )
     try:
         score = sum(float(s) for s in reward(prompts, replies)) / len(prompts)
     except Exception as e:  # reported: not worth stopping training for
         log.warning("held-out evaluation: the reward function failed (%s: %s)", type(e).__name__, e)
         score = math.nan
-    return {"val_reward": score, "val_kl": reply_kl(model.body, ref, seqs, lens)["kl"]}  # the same replies
+    return {
+        "val_reward": score,
+        "val_kl": reply_kl(model.body, ref, seqs, lens)["kl"],
+    }  # the same replies
 
 
 def train_ppo(cfg, progress: bool = True) -> dict:
@@ -312,21 +399,31 @@ def train_ppo(cfg, progress: bool = True) -> dict:
     import dataclasses
     from functools import partial
 
-    from zerolm.align.stage import load_policy, reference_dir, reference_logits, save_policy, start_stage
+    from zerolm.align.stage import (
+        load_policy,
+        reference_dir,
+        reference_logits,
+        save_policy,
+        start_stage,
+    )
     from zerolm.config import save_config
     from zerolm.inspect.accounting import account
     from zerolm.model import load_model, read_model_config
     from zerolm.train.fingerprint import stage_fingerprint
     from zerolm.train.trainer import Trainer
 
-    out, base, tok = start_stage(cfg, "the SFT model: the policy's start and, by default, the reference")
+    out, base, tok = start_stage(
+        cfg, "the SFT model: the policy's start and, by default, the reference"
+    )
     ref_dir = reference_dir(cfg)
     reward = load_reward(cfg.align.reward, base)
     train_p, val_p, counts = load_prompts(cfg, tok, read_model_config(base).max_seq_len)
     log.info("prompts: %s; train %d, val %d", counts, len(train_p), len(val_p))
     body, lora = load_policy(cfg, base)
     policy = PolicyValue(body)
-    ref_model = load_model(ref_dir).requires_grad_(False) if ref_dir != base or lora is None else None
+    ref_model = (
+        load_model(ref_dir).requires_grad_(False) if ref_dir != base or lora is None else None
+    )
     ref = reference_logits(body, ref_model)
     if cfg.train.precision == "auto":  # rollout and training log-probs must share one precision
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
@@ -335,17 +432,39 @@ def train_ppo(cfg, progress: bool = True) -> dict:
     rollouts = Rollouts(policy, ref, tok, train_p, reward, cfg, cfg.train.precision)
     eval_fn = None
     if val_p:
-        eval_fn = partial(ppo_eval, prompts=val_p, reward=reward, ref=ref, tok=tok,
-                          max_new_tokens=cfg.align.max_new_tokens, seed=cfg.seed)
-    trainer = Trainer(policy, cfg.train, out, batches=rollouts, loss_fn=rollouts.loss, eval_fn=eval_fn,
-                      flops_per_token=account(body)["train_flops_per_token"], progress=progress,
-                      fingerprint=stage_fingerprint(cfg, tok, ("align", "lora")))
+        eval_fn = partial(
+            ppo_eval,
+            prompts=val_p,
+            reward=reward,
+            ref=ref,
+            tok=tok,
+            max_new_tokens=cfg.align.max_new_tokens,
+            seed=cfg.seed,
+        )
+    trainer = Trainer(
+        policy,
+        cfg.train,
+        out,
+        batches=rollouts,
+        loss_fn=rollouts.loss,
+        eval_fn=eval_fn,
+        flops_per_token=account(body)["train_flops_per_token"],
+        progress=progress,
+        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora")),
+    )
     row = trainer.fit()
     final = eval_fn(policy) if eval_fn else {}
     save_policy(body, out, tok)
     first, last = rollouts.history[:3], rollouts.history[-3:]
-    return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model"), "lora": lora,
-            "reference": str(ref_dir), "prompts": counts, "rollouts": len(rollouts.history),
-            "skipped_rollouts": rollouts.skipped,
-            "reward_first": sum(r["reward"] for r in first) / max(len(first), 1),
-            "reward_last": sum(r["reward"] for r in last) / max(len(last), 1)}
+    return {
+        **row,
+        **{f"final_{k}": v for k, v in final.items()},
+        "model_dir": str(out / "model"),
+        "lora": lora,
+        "reference": str(ref_dir),
+        "prompts": counts,
+        "rollouts": len(rollouts.history),
+        "skipped_rollouts": rollouts.skipped,
+        "reward_first": sum(r["reward"] for r in first) / max(len(first), 1),
+        "reward_last": sum(r["reward"] for r in last) / max(len(last), 1),
+    }

@@ -5,6 +5,7 @@ whole conversation at its last token; trained on preference pairs with the pairw
 A model directory holds the decoder as usual (config.json, model.safetensors, tokenizer.json)
 plus `reward_head.safetensors` (the (1, D) weight and bias of the head).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,7 +47,10 @@ class RewardModel(nn.Module):
     def save(self, out_dir: str | Path, tok: Tokenizer) -> Path:
         out = Path(out_dir)
         save_model(self.body, out, tok)
-        tensors = {"weight": self.head.weight.detach().float().contiguous(), "bias": self.head.bias.detach().float()}
+        tensors = {
+            "weight": self.head.weight.detach().float().contiguous(),
+            "bias": self.head.bias.detach().float(),
+        }
         atomic_write_bytes(out / HEAD_FILE, save(tensors))
         return out
 
@@ -54,7 +58,9 @@ class RewardModel(nn.Module):
     def load(cls, model_dir: str | Path) -> RewardModel:
         path = Path(model_dir) / HEAD_FILE
         if not path.is_file():
-            raise ValueError(f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `zerolm reward`")
+            raise ValueError(
+                f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `zerolm reward`"
+            )
         rm = cls(load_model(model_dir))
         head = load_file(str(path))
         rm.head.weight.data.copy_(head["weight"])
@@ -103,7 +109,9 @@ def reward_loss(model: RewardModel, batch) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def reward_eval(model: RewardModel, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16) -> dict:
+def reward_eval(
+    model: RewardModel, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16
+) -> dict:
     """Held-out pairwise loss and accuracy (share of pairs where the chosen reply scores higher)."""
     was = model.training
     model.eval()
@@ -131,13 +139,30 @@ def train_reward(cfg, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     rm = RewardModel(load_model(base))
-    eval_fn = partial(reward_eval, pairs=enc["val"], batch_size=cfg.train.batch_size) if enc["val"] else None
+    eval_fn = (
+        partial(reward_eval, pairs=enc["val"], batch_size=cfg.train.batch_size)
+        if enc["val"]
+        else None
+    )
     batches = Shuffled(enc["train"], cfg.train.batch_size, cfg.seed, collate=pair_collate)
-    trainer = Trainer(rm, cfg.train, out, batches=batches, loss_fn=reward_loss, eval_fn=eval_fn,
-                      flops_per_token=account(rm.body)["train_flops_per_token"], progress=progress,
-                      fingerprint=stage_fingerprint(cfg, tok, ("align",)))
+    trainer = Trainer(
+        rm,
+        cfg.train,
+        out,
+        batches=batches,
+        loss_fn=reward_loss,
+        eval_fn=eval_fn,
+        flops_per_token=account(rm.body)["train_flops_per_token"],
+        progress=progress,
+        fingerprint=stage_fingerprint(cfg, tok, ("align",)),
+    )
     row = trainer.fit()
     final = reward_eval(rm, enc["val"]) if enc["val"] else {}
     rm.save(out / "model", tok)
     log.info("held-out pairwise accuracy: %s", final.get("val_accuracy"))
-    return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model"), **summary}
+    return {
+        **row,
+        **{f"final_{k}": v for k, v in final.items()},
+        "model_dir": str(out / "model"),
+        **summary,
+    }

@@ -5,6 +5,7 @@ stage's output directory.
 
 Legend: B sequences, T tokens (shifted by one: position t predicts token t + 1).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,12 +28,18 @@ log = logging.getLogger(__name__)
 def poem_docs_dir(cfg) -> Path:
     """Prepared docs/ for the poem pairs and prompts: align.poem_docs, else next to the base model's run."""
     base = Path(cfg.align.base_model)
-    candidates = [Path(cfg.align.poem_docs)] if cfg.align.poem_docs else [base.parent / "docs", base.parent.parent / "docs"]
+    candidates = (
+        [Path(cfg.align.poem_docs)]
+        if cfg.align.poem_docs
+        else [base.parent / "docs", base.parent.parent / "docs"]
+    )
     for d in candidates:
         if (d / "train.jsonl").is_file() and (d / "val.jsonl").is_file():
             return d
-    raise ValueError(f"the 'poems' pairs need prepared documents with title/author metadata; none at "
-                     f"{', '.join(str(c) for c in candidates)}: set --align.poem_docs=RUN/docs")
+    raise ValueError(
+        f"the 'poems' pairs need prepared documents with title/author metadata; none at "
+        f"{', '.join(str(c) for c in candidates)}: set --align.poem_docs=RUN/docs"
+    )
 
 
 def poem_requests(cfg, split: str) -> list[dict]:
@@ -55,9 +62,13 @@ def load_pairs(cfg, model, tok) -> tuple[list[Pair], list[Pair], dict]:
     a = cfg.align
     for name in a.builtin:
         if name not in (*BUILTIN_PAIRS, "poems"):
-            raise ValueError(f"unknown preference set {name!r}; bundled: poems, {', '.join(BUILTIN_PAIRS)}")
+            raise ValueError(
+                f"unknown preference set {name!r}; bundled: poems, {', '.join(BUILTIN_PAIRS)}"
+            )
     if not a.data and not a.builtin:
-        raise ValueError("no preference pairs: give --align.data=FILE.jsonl and/or --align.builtin=poems,hhh")
+        raise ValueError(
+            "no preference pairs: give --align.data=FILE.jsonl and/or --align.builtin=poems,hhh"
+        )
     train, val, counts = [], [], {}
 
     def add(name, pairs, skipped):
@@ -72,8 +83,12 @@ def load_pairs(cfg, model, tok) -> tuple[list[Pair], list[Pair], dict]:
         add(str(path), *read_pairs(path))
     for name in a.builtin:
         if name == "poems":
-            got = {split: poem_pairs(model, tok, poem_requests(cfg, split), samples=a.samples, seed=cfg.seed)
-                   for split in ("train", "val")}
+            got = {
+                split: poem_pairs(
+                    model, tok, poem_requests(cfg, split), samples=a.samples, seed=cfg.seed
+                )
+                for split in ("train", "val")
+            }
             train += got["train"][0]
             val += got["val"][0]
             counts["poems"] = {split: c for split, (_, c) in got.items()}
@@ -82,26 +97,44 @@ def load_pairs(cfg, model, tok) -> tuple[list[Pair], list[Pair], dict]:
     return train, val, counts
 
 
-def encoded_pairs(cfg, base: Path, tok: Tokenizer, encode: Callable) -> tuple[dict[str, list], dict]:
+def encoded_pairs(
+    cfg, base: Path, tok: Tokenizer, encode: Callable
+) -> tuple[dict[str, list], dict]:
     """{"train": [...], "val": [...]} of encode(tok, pair, window) for every pair that fits the
     window (None: it does not), and a summary of where the pairs came from."""
     from zerolm.infer.engine import decode_layout
 
-    sampler = decode_layout(load_model(base))  # samples the poem answers; the stage trains its own copy
+    sampler = decode_layout(
+        load_model(base)
+    )  # samples the poem answers; the stage trains its own copy
     train_p, val_p, counts = load_pairs(cfg, sampler, tok)
     window = sampler.cfg.max_seq_len
     del sampler
-    enc = {name: [e for p in ps if (e := encode(tok, p, window)) is not None]
-           for name, ps in (("train", train_p), ("val", val_p))}
+    enc = {
+        name: [e for p in ps if (e := encode(tok, p, window)) is not None]
+        for name, ps in (("train", train_p), ("val", val_p))
+    }
     too_long = len(train_p) + len(val_p) - len(enc["train"]) - len(enc["val"])
-    log.info("preference pairs: %s; train %d, val %d (%d skipped: longer than the %d-token window)",
-             counts, len(enc["train"]), len(enc["val"]), too_long, window)
-    return enc, {"pairs": counts, "train_pairs": len(enc["train"]), "val_pairs": len(enc["val"]), "too_long": too_long}
+    log.info(
+        "preference pairs: %s; train %d, val %d (%d skipped: longer than the %d-token window)",
+        counts,
+        len(enc["train"]),
+        len(enc["val"]),
+        too_long,
+        window,
+    )
+    return enc, {
+        "pairs": counts,
+        "train_pairs": len(enc["train"]),
+        "val_pairs": len(enc["val"]),
+        "too_long": too_long,
+    }
 
 
 # ---------------------------------------------------------------- response tokens
-def response_batch(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def response_batch(
+    seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Whole conversations (prompt + response) -> (x, y, mask), each (B, T = longest - 1), right
     padded: x[t] predicts y[t] = seq[t + 1], and mask is 1 where y is a response token (the
     tokens from prompt_lens[i] on)."""
@@ -111,16 +144,25 @@ def response_batch(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pa
     mask = torch.zeros(len(seqs), T)
     for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
         if not 1 <= p < len(s):
-            raise ValueError(f"sequence {i}: prompt of {p} tokens leaves no response in {len(s)} tokens")
+            raise ValueError(
+                f"sequence {i}: prompt of {p} tokens leaves no response in {len(s)} tokens"
+            )
         s = torch.as_tensor(s)
         x[i, : len(s) - 1], y[i, : len(s) - 1] = s[:-1], s[1:]
         mask[i, p - 1 : len(s) - 1] = 1
     return x, y, mask
 
 
-def sample_replies(model, tok: Tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int,
-                   temperature: float = 1.0, seed: int = 0, batch_size: int = 32
-                   ) -> tuple[list[list[int]], list[int], list[str]]:
+def sample_replies(
+    model,
+    tok: Tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[list[list[int]], list[int], list[str]]:
     """One sampled reply per conversation, through the engine (batched, KV-cached, seeded):
     (prompt + reply ids, including the <|end|> when the model stopped; prompt lengths; reply
     texts). max_new_tokens is lowered to the room the longest prompt of a batch leaves."""
@@ -134,8 +176,12 @@ def sample_replies(model, tok: Tokenizer, conversations: Sequence[Sequence[dict]
         prompts = [prompt_ids(tok, c) for c in conversations[i : i + batch_size]]
         room = window - max(map(len, prompts))
         if room < 1:
-            raise ValueError(f"a prompt of {window - room} tokens leaves no room to reply in the {window}-token window")
-        req = chat_request(tok, min(max_new_tokens, room), SamplingParams(temperature=temperature), seed + i)
+            raise ValueError(
+                f"a prompt of {window - room} tokens leaves no room to reply in the {window}-token window"
+            )
+        req = chat_request(
+            tok, min(max_new_tokens, room), SamplingParams(temperature=temperature), seed + i
+        )
         stops = set(req.stop_token_ids)
         for p, out in zip(prompts, Engine(model).generate(prompts, req)):
             seqs.append(p + out)
@@ -153,17 +199,28 @@ def reply_kl(model, ref, seqs: list[list[int]], lens: list[int], batch_size: int
     total, tokens = 0.0, 0
     for i in range(0, len(seqs), batch_size):
         x, y, mask = response_batch(seqs[i : i + batch_size], lens[i : i + batch_size])
-        diff = token_logprobs(model(x), y) - token_logprobs(ref(x), y)  # ref: a model or reference_logits
+        diff = token_logprobs(model(x), y) - token_logprobs(
+            ref(x), y
+        )  # ref: a model or reference_logits
         total += float((diff * mask).sum())
         tokens += int(mask.sum())
     return {"kl": total / len(seqs), "reply_tokens": tokens / len(seqs)}
 
 
-def kl_to_reference(model, ref, tok: Tokenizer, conversations: Sequence[Sequence[dict]], *,
-                    max_new_tokens: int = 96, seed: int = 0, batch_size: int = 32) -> dict:
+def kl_to_reference(
+    model,
+    ref,
+    tok: Tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    *,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict:
     """Monte-Carlo KL(model || ref) per reply: replies sampled from `model` at temperature 1, then reply_kl."""
-    seqs, lens, _ = sample_replies(model, tok, conversations, max_new_tokens=max_new_tokens, seed=seed,
-                                   batch_size=batch_size)
+    seqs, lens, _ = sample_replies(
+        model, tok, conversations, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
+    )
     return reply_kl(model, ref, seqs, lens, batch_size)
 
 
@@ -172,9 +229,11 @@ def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -
     """A reference or reward model must read the same token ids as the policy."""
     a, b = Tokenizer.load(policy_dir), Tokenizer.load(other_dir)
     if a.sha256 != b.sha256:
-        raise ValueError(f"the {role} {other_dir} has a different tokenizer than the policy {policy_dir} "
-                         f"(vocab {b.vocab_size} vs {a.vocab_size}; sha256 {b.sha256[:12]} vs {a.sha256[:12]}): "
-                         f"use a {role} fine-tuned from the same base model")
+        raise ValueError(
+            f"the {role} {other_dir} has a different tokenizer than the policy {policy_dir} "
+            f"(vocab {b.vocab_size} vs {a.vocab_size}; sha256 {b.sha256[:12]} vs {a.sha256[:12]}): "
+            f"use a {role} fine-tuned from the same base model"
+        )
 
 
 def reference_logits(policy, ref_model=None):
@@ -202,7 +261,9 @@ def reference_dir(cfg) -> Path:
     ref = Path(cfg.align.reference or cfg.align.base_model)
     if ref != Path(cfg.align.base_model):
         if not (ref / "config.json").is_file():
-            raise ValueError(f"reference model {ref} not found (a zerolm model directory with config.json)")
+            raise ValueError(
+                f"reference model {ref} not found (a zerolm model directory with config.json)"
+            )
         check_tokenizers(cfg.align.base_model, ref, "reference model")
     return ref
 
@@ -212,12 +273,16 @@ def start_stage(cfg, what: str) -> tuple[Path, Path, Tokenizer]:
     from zerolm.train.checkpoint import list_checkpoints
 
     if not cfg.align.base_model:
-        raise ValueError(f"no base model: give --align.base_model=DIR ({what}, e.g. runs/speedrun/sft/model)")
+        raise ValueError(
+            f"no base model: give --align.base_model=DIR ({what}, e.g. runs/speedrun/sft/model)"
+        )
     out, base = Path(cfg.out_dir), Path(cfg.align.base_model)
     if not (base / "config.json").is_file():
         raise ValueError(f"base model {base} not found (a zerolm model directory with config.json)")
     if list_checkpoints(out) and not cfg.train.resume:
-        raise ValueError(f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out")
+        raise ValueError(
+            f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out"
+        )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     return out, base, Tokenizer.load(base)

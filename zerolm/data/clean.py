@@ -1,4 +1,5 @@
 """Text cleanup and quality filters for one document (pure functions)."""
+
 from __future__ import annotations
 
 import re
@@ -8,8 +9,12 @@ from zerolm.config import DataConfig
 
 # control characters except tab/newline, plus invisible format characters (BOM, zero-width space,
 # bidi marks, word joiner) that only add noise; ZWJ (U+200D) stays, emoji sequences need it.
-_DROP = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060\ufeff]")
-_SPACES = re.compile(r"[^\S \n\t\u3000]")  # Unicode spaces (NBSP, thin space...) but not ASCII or ideographic
+_DROP = re.compile(
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060\ufeff]"
+)
+_SPACES = re.compile(
+    r"[^\S \n\t\u3000]"
+)  # Unicode spaces (NBSP, thin space...) but not ASCII or ideographic
 _BLANKS = re.compile(r"\n{3,}")
 
 

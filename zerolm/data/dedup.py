@@ -5,6 +5,7 @@ Near duplicates: MinHash over character shingles (lowercased, whitespace collaps
 locality-sensitive hashing over bands to find candidates; a candidate is a duplicate when the
 estimated Jaccard similarity (share of equal MinHash values) reaches the threshold.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,7 +55,9 @@ def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:
 class NearDedup:
     """MinHash-LSH index: `is_duplicate(text)` answers and, if new, remembers the document."""
 
-    def __init__(self, num_perm: int = 128, threshold: float = 0.8, shingle: int = 5, seed: int = 0):
+    def __init__(
+        self, num_perm: int = 128, threshold: float = 0.8, shingle: int = 5, seed: int = 0
+    ):
         rng = np.random.default_rng(seed)
         # multiply-shift universal hashing on 64-bit words: (a*x + b) >> 32, a odd
         self.a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
@@ -70,7 +73,9 @@ class NearDedup:
         with np.errstate(over="ignore"):
             for sh in _shingle_blocks(text, self.shingle):  # a min is the same over repeats
                 for i in range(0, len(sh), 8192):  # bounded (8192, num_perm) working set
-                    block = (sh[i : i + 8192, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)
+                    block = (
+                        sh[i : i + 8192, None] * self.a[None, :] + self.b[None, :]
+                    ) >> np.uint64(32)
                     np.minimum(sig, block.min(axis=0), out=sig)
         return sig.astype(np.uint32)
 

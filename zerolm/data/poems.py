@@ -36,6 +36,7 @@ notes or lost-character marks) and not a generic non-title (`GENERIC_TITLES`: �
 Where a poem qualifies for several kinds, the kind is chosen uniformly among them; every poem at
 least qualifies for ``continue`` unless its opening couplet ends with a comma.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,20 +65,52 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-GENERIC_TITLES = frozenset({
-    "句", "诗", "偈", "颂", "歌", "题", "又", "失题", "无题", "缺题", "阙题", "佚题", "逸题",
-    "断句", "残句", "逸句", "佚句", "联句", "绝句", "五言", "七言", "五绝", "七绝", "杂言",
-    "偈颂", "诗偈", "逸诗", "佚诗", "失调名", "古诗", "律诗",
-})
-UNKNOWN_AUTHORS = frozenset({"", "无名氏", "不详", "佚名", "失名", "缺名", "阙名", "无名", "未详", "无考"})
+GENERIC_TITLES = frozenset(
+    {
+        "句",
+        "诗",
+        "偈",
+        "颂",
+        "歌",
+        "题",
+        "又",
+        "失题",
+        "无题",
+        "缺题",
+        "阙题",
+        "佚题",
+        "逸题",
+        "断句",
+        "残句",
+        "逸句",
+        "佚句",
+        "联句",
+        "绝句",
+        "五言",
+        "七言",
+        "五绝",
+        "七绝",
+        "杂言",
+        "偈颂",
+        "诗偈",
+        "逸诗",
+        "佚诗",
+        "失调名",
+        "古诗",
+        "律诗",
+    }
+)
+UNKNOWN_AUTHORS = frozenset(
+    {"", "无名氏", "不详", "佚名", "失名", "缺名", "阙名", "无名", "未详", "无考"}
+)
 MAX_TITLE_CHARS = 14
 MAX_AUTHOR_CHARS = 6
 
 _NUM = "一二三四五六七八九十百千零〇两"
-_NOTE = re.compile(r"（[^（）]*）")                             # editors' notes: （题拟）, （五首）
-_CATEGORY = re.compile(r"^\S*[歌曲]辞\s+")                     # 杂曲歌辞 / 相和歌辞 / 横吹曲辞 ...
-_SEQ_SUFFIX = re.compile(rf"(?:\s+其?|其)[{_NUM}]+$")        # " 一", " 其二", "其三"
-_COUNT_SUFFIX = re.compile(rf"[{_NUM}]+首$")                  # "十首", "二首"
+_NOTE = re.compile(r"（[^（）]*）")  # editors' notes: （题拟）, （五首）
+_CATEGORY = re.compile(r"^\S*[歌曲]辞\s+")  # 杂曲歌辞 / 相和歌辞 / 横吹曲辞 ...
+_SEQ_SUFFIX = re.compile(rf"(?:\s+其?|其)[{_NUM}]+$")  # " 一", " 其二", "其三"
+_COUNT_SUFFIX = re.compile(rf"[{_NUM}]+首$")  # "十首", "二首"
 
 
 def clean_title(title: str | None) -> str | None:
@@ -108,7 +141,7 @@ def split_opening(text: str) -> tuple[str, str] | None:
             i += 1
         if i == n:
             break
-        while i < n and text[i] not in SEPARATORS:                      # the verse line itself
+        while i < n and text[i] not in SEPARATORS:  # the verse line itself
             i += 1
         seen += 1
         while i < n and text[i] in SEPARATORS and text[i] not in "\n\r":  # its closing punctuation
@@ -121,14 +154,20 @@ def split_opening(text: str) -> tuple[str, str] | None:
 
 def _hash(seed: int, text: str, salt: str = "") -> int:
     data = f"{seed}\x00{salt}\x00{text}".encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"zerolm-poems").digest(), "big")
+    return int.from_bytes(
+        hashlib.blake2b(data, digest_size=8, person=b"zerolm-poems").digest(), "big"
+    )
 
 
 def make_instruction(doc: dict, seed: int = 0) -> dict | None:
     """The chat example for one document, or None when its text is not one of `FORMS`."""
     text = doc.get("text") or ""
     form = form_of(text)
-    if form is None or form["name"] not in FORMS or not judge(text, form["lines"], form["chars"])["ok"]:
+    if (
+        form is None
+        or form["name"] not in FORMS
+        or not judge(text, form["lines"], form["chars"])["ok"]
+    ):
         return None
     name = form["name"]
     options: dict[str, dict] = {}
@@ -150,8 +189,15 @@ def make_instruction(doc: dict, seed: int = 0) -> dict | None:
         answer_form = {"lines": form["lines"] - 2, "chars": form["chars"], "name": None}
     else:
         answer, answer_form = text, dict(form)
-    return {"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": answer}],
-            "kind": kind, "form": answer_form, "poem": name}
+    return {
+        "messages": [
+            {"role": "user", "content": request},
+            {"role": "assistant", "content": answer},
+        ],
+        "kind": kind,
+        "form": answer_form,
+        "poem": name,
+    }
 
 
 def poem_instructions(docs: Iterable[dict], seed: int = 0) -> Iterator[dict]:

@@ -7,6 +7,7 @@ unchanged (a fingerprint of config, input files and upstream stages is kept in s
     OUT/tokenizer/tokenizer.json   trained (or copied from tokenizer.path)
     OUT/shards/meta.json + *.bin   token ids, memory-mappable
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,9 @@ def _up_to_date(stage_dir: Path, fingerprint: str, name: str = STAGE) -> dict | 
 
 
 def _inputs_fingerprint(cfg: DataConfig) -> str:
-    files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in list_files(cfg.inputs)]
+    files = [
+        (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in list_files(cfg.inputs)
+    ]
     corpora = []
     for name in cfg.corpus:
         with corpus_path(name).open("rb") as f:
@@ -77,19 +80,27 @@ def split_key(text: str) -> float:
 def _move_to_val(tmp: Path, line: int, counts: dict) -> None:
     """Move train document number `line` to the (empty) validation split."""
     src, dst = tmp / "train.jsonl", tmp / "train.jsonl.new"
-    with open(src, encoding="utf-8") as fin, open(dst, "w", encoding="utf-8") as fout, \
-            open(tmp / "val.jsonl", "w", encoding="utf-8") as fval:
+    with (
+        open(src, encoding="utf-8") as fin,
+        open(dst, "w", encoding="utf-8") as fout,
+        open(tmp / "val.jsonl", "w", encoding="utf-8") as fval,
+    ):
         for i, row in enumerate(fin):
             (fval if i == line else fout).write(row)
             if i == line:
                 text = json.loads(row)["text"]
-                for key, n in (("documents", 1), ("chars", len(text)), ("bytes", len(text.encode("utf-8")))):
+                for key, n in (
+                    ("documents", 1),
+                    ("chars", len(text)),
+                    ("bytes", len(text.encode("utf-8"))),
+                ):
                     counts["train"][key] -= n
                     counts["val"][key] += n
     os.replace(dst, src)
 
 
 # ---------------------------------------------------------------- stage 1: documents
+
 
 def build_docs(cfg: DataConfig, out: Path, progress: bool = True) -> dict:
     fingerprint = _inputs_fingerprint(cfg)
@@ -101,12 +112,22 @@ def build_docs(cfg: DataConfig, out: Path, progress: bool = True) -> dict:
     read = bytes_in = 0
     seen: set[bytes] = set()
     lowest = (1.0, -1)  # the train document with the smallest split key, in case val ends up empty
-    near = NearDedup(cfg.num_perm, cfg.near_threshold, cfg.shingle_chars) if cfg.dedup == "near" else None
+    near = (
+        NearDedup(cfg.num_perm, cfg.near_threshold, cfg.shingle_chars)
+        if cfg.dedup == "near"
+        else None
+    )
     t0 = time.time()
     with atomic_dir(out / "docs") as tmp:
         files = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
         try:
-            bar = tqdm(iter_docs(cfg), desc="prepare docs", unit=" doc", disable=not progress, mininterval=0.5)
+            bar = tqdm(
+                iter_docs(cfg),
+                desc="prepare docs",
+                unit=" doc",
+                disable=not progress,
+                mininterval=0.5,
+            )
             for doc in bar:
                 read += 1
                 bytes_in += len(doc.text.encode("utf-8"))
@@ -127,7 +148,9 @@ def build_docs(cfg: DataConfig, out: Path, progress: bool = True) -> dict:
                 split = "val" if key < cfg.val_fraction else "train"
                 if split == "train" and key < lowest[0]:
                     lowest = (key, counts["train"]["documents"])
-                files[split].write(json.dumps({"text": text, **doc.meta}, ensure_ascii=False) + "\n")
+                files[split].write(
+                    json.dumps({"text": text, **doc.meta}, ensure_ascii=False) + "\n"
+                )
                 c = counts[split]
                 c["documents"] += 1
                 c["chars"] += len(text)
@@ -149,14 +172,22 @@ def build_docs(cfg: DataConfig, out: Path, progress: bool = True) -> dict:
                     "more documents (--data.txt_unit=paragraph or line), add documents, or set "
                     "--data.val_fraction=0"
                 )
-            log.warning("no document fell in the %.0f%% validation share; moving one (by lowest hash)",
-                        100 * cfg.val_fraction)
+            log.warning(
+                "no document fell in the %.0f%% validation share; moving one (by lowest hash)",
+                100 * cfg.val_fraction,
+            )
             _move_to_val(tmp, lowest[1], counts)
         if counts["train"]["documents"] == 0:
-            raise ValueError(f"the training split is empty ({kept} document(s) kept); lower --data.val_fraction")
+            raise ValueError(
+                f"the training split is empty ({kept} document(s) kept); lower --data.val_fraction"
+            )
         info = {
-            "fingerprint": fingerprint, "documents_read": read, "bytes_read": bytes_in,
-            "documents_kept": kept, "dropped": dict(sorted(dropped.items())), "splits": counts,
+            "fingerprint": fingerprint,
+            "documents_read": read,
+            "bytes_read": bytes_in,
+            "documents_kept": kept,
+            "dropped": dict(sorted(dropped.items())),
+            "splits": counts,
             "seconds": round(time.time() - t0, 2),
         }
         atomic_write_text(tmp / STAGE, json.dumps(info, indent=2))
@@ -165,7 +196,10 @@ def build_docs(cfg: DataConfig, out: Path, progress: bool = True) -> dict:
 
 # ---------------------------------------------------------------- stage 2: tokenizer
 
-def build_tokenizer(cfg: Config, out: Path, docs_info: dict, progress: bool = True) -> tuple[Tokenizer, dict]:
+
+def build_tokenizer(
+    cfg: Config, out: Path, docs_info: dict, progress: bool = True
+) -> tuple[Tokenizer, dict]:
     tcfg = cfg.tokenizer
     source = Tokenizer.load(tcfg.path).sha256 if tcfg.path else None
     fingerprint = _fingerprint(dataclasses.asdict(tcfg), source, docs_info["fingerprint"])
@@ -177,12 +211,18 @@ def build_tokenizer(cfg: Config, out: Path, docs_info: dict, progress: bool = Tr
         tok = Tokenizer.load(tcfg.path)
     else:
         texts = (d["text"] for d in read_docs(out / "docs" / "train.jsonl"))
-        tok = train_tokenizer(tcfg, texts, length=docs_info["splits"]["train"]["documents"], progress=progress)
+        tok = train_tokenizer(
+            tcfg, texts, length=docs_info["splits"]["train"]["documents"], progress=progress
+        )
     seconds = round(time.time() - t0, 2)
     report = compression_report(tok, (d["text"] for d in read_docs(out / "docs" / "val.jsonl")))
     info = {
-        "fingerprint": fingerprint, "kind": tok.kind, "vocab_size": tok.vocab_size, "sha256": tok.sha256,
-        "train_seconds": seconds, "train_bytes": docs_info["splits"]["train"]["bytes"],
+        "fingerprint": fingerprint,
+        "kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "sha256": tok.sha256,
+        "train_seconds": seconds,
+        "train_bytes": docs_info["splits"]["train"]["bytes"],
         "compression_val": report,
     }
     with atomic_dir(out / "tokenizer") as tmp:
@@ -193,7 +233,10 @@ def build_tokenizer(cfg: Config, out: Path, docs_info: dict, progress: bool = Tr
 
 # ---------------------------------------------------------------- stage 3: shards
 
-def build_shards(cfg: DataConfig, out: Path, tok: Tokenizer, docs_info: dict, progress: bool = True) -> dict:
+
+def build_shards(
+    cfg: DataConfig, out: Path, tok: Tokenizer, docs_info: dict, progress: bool = True
+) -> dict:
     fingerprint = _fingerprint(tok.sha256, docs_info["fingerprint"], cfg.shard_tokens)
     if info := _up_to_date(out / "shards", fingerprint, META):
         log.info("shards: up to date (%s)", out / "shards")
@@ -205,7 +248,9 @@ def build_shards(cfg: DataConfig, out: Path, tok: Tokenizer, docs_info: dict, pr
         for split in SPLITS:
             writer = ShardWriter(tmp, split, dtype, tok.token_id(EOS), cfg.shard_tokens)
             total = docs_info["splits"][split]["documents"]
-            bar = tqdm(total=total, desc=f"shards {split}", unit=" doc", disable=not progress or not total)
+            bar = tqdm(
+                total=total, desc=f"shards {split}", unit=" doc", disable=not progress or not total
+            )
             texts = (d["text"] for d in read_docs(out / "docs" / f"{split}.jsonl"))
             for _, ids in tok.encode_stream(texts):  # parallel across cores, bounded batches
                 writer.add(ids)
@@ -213,25 +258,37 @@ def build_shards(cfg: DataConfig, out: Path, tok: Tokenizer, docs_info: dict, pr
             bar.close()
             files = writer.finish()
             splits[split] = {
-                "files": files, "documents": sum(f["documents"] for f in files),
+                "files": files,
+                "documents": sum(f["documents"] for f in files),
                 "tokens": sum(f["tokens"] for f in files),
-                "bytes": docs_info["splits"][split]["bytes"], "chars": docs_info["splits"][split]["chars"],
+                "bytes": docs_info["splits"][split]["bytes"],
+                "chars": docs_info["splits"][split]["chars"],
             }
         info = {
-            "fingerprint": fingerprint, "version": VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size,
-            "eos_id": tok.token_id(EOS), "tokenizer_sha256": tok.sha256, "documents_end_with": "eos",
-            "splits": splits, "seconds": round(time.time() - t0, 2),
+            "fingerprint": fingerprint,
+            "version": VERSION,
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.token_id(EOS),
+            "tokenizer_sha256": tok.sha256,
+            "documents_end_with": "eos",
+            "splits": splits,
+            "seconds": round(time.time() - t0, 2),
         }
         write_meta(tmp, info)
     return info
 
 
-def prepare(cfg: Config, stages: tuple[str, ...] = ("docs", "tokenizer", "shards"), progress: bool = True) -> dict:
+def prepare(
+    cfg: Config, stages: tuple[str, ...] = ("docs", "tokenizer", "shards"), progress: bool = True
+) -> dict:
     """Run the data stages into cfg.out_dir; returns a summary of every stage."""
     out = Path(cfg.out_dir)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     summary: dict = {"out_dir": str(out)}
-    if "tokenizer" in stages or "shards" in stages:  # fail before any work, so a bad run changes nothing
+    if (
+        "tokenizer" in stages or "shards" in stages
+    ):  # fail before any work, so a bad run changes nothing
         if cfg.tokenizer.path:
             Tokenizer.load(cfg.tokenizer.path)
         check_config(cfg.tokenizer)

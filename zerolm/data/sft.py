@@ -12,6 +12,7 @@ Packing: conversations are laid end to end in rows of seq_len positions; each ke
 positions (from 0) and attention segment, so a packed row computes exactly what each
 conversation computes alone. Legend: B rows, T = seq_len.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,10 +40,15 @@ def to_messages(row, where: str) -> list[dict]:
             if not isinstance(row.get(key, ""), str):
                 raise ValueError(f"{where}: '{key}' must be a string")
         user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": row["output"]},
+        ]
     else:
-        raise ValueError(f"{where}: expected {{\"messages\": [...]}} or {{\"instruction\", \"output\"}}, "
-                         f"got keys {sorted(row)}")
+        raise ValueError(
+            f'{where}: expected {{"messages": [...]}} or {{"instruction", "output"}}, '
+            f"got keys {sorted(row)}"
+        )
     check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: no assistant message: nothing to learn from")
@@ -60,8 +66,9 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     return out
 
 
-def encode_conversations(tok: Tokenizer, conversations: Iterable[list[dict]], seq_len: int
-                         ) -> tuple[list[tuple[list[int], list[int]]], dict]:
+def encode_conversations(
+    tok: Tokenizer, conversations: Iterable[list[dict]], seq_len: int
+) -> tuple[list[tuple[list[int], list[int]]], dict]:
     """(ids, loss_mask) per conversation, at most seq_len + 1 tokens (seq_len training positions),
     and counts of what the length rule did."""
     examples, stats = [], {"conversations": 0, "truncated": 0, "skipped_too_long": 0}
@@ -69,7 +76,9 @@ def encode_conversations(tok: Tokenizer, conversations: Iterable[list[dict]], se
         stats["conversations"] += 1
         ids, mask, ends = render(tok, messages)
         if len(ids) > seq_len + 1:
-            fits = [e for m, e in zip(messages, ends) if m["role"] == "assistant" and e <= seq_len + 1]
+            fits = [
+                e for m, e in zip(messages, ends) if m["role"] == "assistant" and e <= seq_len + 1
+            ]
             if not fits:
                 stats["skipped_too_long"] += 1
                 continue
@@ -79,7 +88,9 @@ def encode_conversations(tok: Tokenizer, conversations: Iterable[list[dict]], se
     return examples, stats
 
 
-OPEN_ROWS = 64  # first fit among the last 64 rows: fills 80 % of a poem-set row (T = 128) vs 65 % for 1
+OPEN_ROWS = (
+    64  # first fit among the last 64 rows: fills 80 % of a poem-set row (T = 128) vs 65 % for 1
+)
 
 
 def assign_rows(lengths: list[int], order, seq_len: int, packing: bool) -> list[list[int]]:
@@ -89,7 +100,10 @@ def assign_rows(lengths: list[int], order, seq_len: int, packing: bool) -> list[
     used: list[int] = []  # positions filled per row
     for i in order:
         n = lengths[i]
-        r = next((r for r in range(max(0, len(rows) - OPEN_ROWS), len(rows)) if used[r] + n <= seq_len), None)
+        r = next(
+            (r for r in range(max(0, len(rows) - OPEN_ROWS), len(rows)) if used[r] + n <= seq_len),
+            None,
+        )
         if not packing or r is None:
             rows.append([])
             used.append(0)
@@ -99,7 +113,9 @@ def assign_rows(lengths: list[int], order, seq_len: int, packing: bool) -> list[
     return rows
 
 
-def pack(examples: list[tuple[list[int], list[int]]], order, seq_len: int, packing: bool) -> list[torch.Tensor]:
+def pack(
+    examples: list[tuple[list[int], list[int]]], order, seq_len: int, packing: bool
+) -> list[torch.Tensor]:
     """Rows of (5, T) int64: x, y, loss mask, positions, segment (rows as assign_rows lays them
     out; an example of len(ids) tokens gives len(ids) - 1 positions). Padding is token 0
     (<|pad|>), masked out of the loss, in a segment (-1) of its own."""
@@ -128,10 +144,14 @@ class SFTBatches:
     groups of batch_size rows (the last group may be smaller). state_dict()/load_state_dict()
     resume exactly."""
 
-    def __init__(self, examples, *, batch_size: int, seq_len: int, seed: int = 0, packing: bool = True):
+    def __init__(
+        self, examples, *, batch_size: int, seq_len: int, seed: int = 0, packing: bool = True
+    ):
         if not examples:
-            raise ValueError("no SFT examples to train on: none given, or every first answer is longer than the "
-                             f"window ({seq_len} tokens); use shorter conversations or a longer --model.max_seq_len")
+            raise ValueError(
+                "no SFT examples to train on: none given, or every first answer is longer than the "
+                f"window ({seq_len} tokens); use shorter conversations or a longer --model.max_seq_len"
+            )
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.seed, self.packing = seed, packing
         self.epoch, self.step = 0, 0
@@ -140,7 +160,10 @@ class SFTBatches:
     def _epoch_rows(self) -> list[torch.Tensor]:
         if self._rows_epoch != self.epoch:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
-            self._rows, self._rows_epoch = pack(self.examples, order, self.seq_len, self.packing), self.epoch
+            self._rows, self._rows_epoch = (
+                pack(self.examples, order, self.seq_len, self.packing),
+                self.epoch,
+            )
         return self._rows
 
     def __iter__(self) -> Iterator:
@@ -151,7 +174,9 @@ class SFTBatches:
         if self.step * self.batch_size >= len(rows):
             self.epoch, self.step = self.epoch + 1, 0
             rows = self._epoch_rows()
-        batch = torch.stack(rows[self.step * self.batch_size : (self.step + 1) * self.batch_size], 1)  # (5, B, T)
+        batch = torch.stack(
+            rows[self.step * self.batch_size : (self.step + 1) * self.batch_size], 1
+        )  # (5, B, T)
         self.step += 1
         return tuple(batch)
 

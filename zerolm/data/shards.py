@@ -3,6 +3,7 @@ each followed by eos) plus `.idx.npy` document start offsets, described by `meta
 
 Readers memory-map the `.bin` files, so a corpus larger than RAM trains with bounded memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ class ShardWriter:
     def _roll(self):
         self._close()
         name = f"{self.split}-{len(self.files):05d}"
-        self.files.append({"bin": f"{name}.bin", "idx": f"{name}.idx.npy", "tokens": 0, "documents": 0})
+        self.files.append(
+            {"bin": f"{name}.bin", "idx": f"{name}.idx.npy", "tokens": 0, "documents": 0}
+        )
         self._f = open(self.out_dir / f"{name}.bin", "wb")
         self._starts, self._pos = [], 0
 
@@ -91,7 +94,9 @@ class Split:
 def load_meta(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / META
     if not path.is_file():
-        raise ValueError(f"no {META} in {str(shard_dir)!r}: run `zerolm prepare` to make shards first")
+        raise ValueError(
+            f"no {META} in {str(shard_dir)!r}: run `zerolm prepare` to make shards first"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 

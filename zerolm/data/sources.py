@@ -3,6 +3,7 @@
 Undecodable bytes are an error naming the file and byte offset (encoding_errors="strict") or are
 replaced by U+FFFD ("replace"); a malformed JSON line is an error naming the file and line.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -49,7 +50,9 @@ def list_files(inputs: tuple[str, ...]) -> list[Path]:
         elif p.suffix.lower() in SUFFIXES:
             files.append(p)
         else:
-            raise ValueError(f"{raw!r}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
+            raise ValueError(
+                f"{raw!r}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}"
+            )
     seen, out = set(), []
     for f in files:
         if f.resolve() not in seen:
@@ -61,7 +64,9 @@ def list_files(inputs: tuple[str, ...]) -> list[Path]:
 def iter_docs(cfg: DataConfig) -> Iterator[Doc]:
     """All documents of cfg.corpus then cfg.inputs, in a deterministic order."""
     if not cfg.corpus and not cfg.inputs:
-        raise ValueError("no input: give files/directories (zerolm prepare PATH ...) or a corpus (--corpus tang)")
+        raise ValueError(
+            "no input: give files/directories (zerolm prepare PATH ...) or a corpus (--corpus tang)"
+        )
     files = list_files(cfg.inputs)  # validate every path before reading any
     for name in cfg.corpus:
         yield from read_corpus(name)
@@ -84,10 +89,14 @@ def read_corpus(name: str) -> Iterator[Doc]:
 
 
 UTF8_FIX = "convert the file to UTF-8"
-DATA_FIX = UTF8_FIX + " or pass --data.encoding_errors=replace"  # where data.encoding_errors applies
+DATA_FIX = (
+    UTF8_FIX + " or pass --data.encoding_errors=replace"
+)  # where data.encoding_errors applies
 
 
-def decode_lines(path: Path, errors: str = "strict", fix: str = UTF8_FIX) -> Iterator[tuple[int, int, str]]:
+def decode_lines(
+    path: Path, errors: str = "strict", fix: str = UTF8_FIX
+) -> Iterator[tuple[int, int, str]]:
     """(line number, byte offset, text) for each line, decoding UTF-8 (a BOM is dropped); bad
     bytes are a ValueError naming the file, byte offset and line, ending with `fix`."""
     dec = codecs.getincrementaldecoder("utf-8")(errors=errors)
@@ -139,11 +148,15 @@ def _row_text(row, where: str, cfg: DataConfig) -> str:
         )
     text = row[cfg.text_field]
     if not isinstance(text, str):
-        raise ValueError(f"{where}: field {cfg.text_field!r} is {type(text).__name__}, expected a string")
+        raise ValueError(
+            f"{where}: field {cfg.text_field!r} is {type(text).__name__}, expected a string"
+        )
     return text
 
 
-def jsonl_rows(path: Path, encoding_errors: str = "strict", fix: str = UTF8_FIX) -> Iterator[tuple[str, object]]:
+def jsonl_rows(
+    path: Path, encoding_errors: str = "strict", fix: str = UTF8_FIX
+) -> Iterator[tuple[str, object]]:
     """("file:line", parsed row) for each non-blank line; bad JSON or UTF-8 is a ValueError naming the line."""
     for lineno, _, line in decode_lines(path, encoding_errors, fix):
         if not line.strip():
@@ -151,7 +164,9 @@ def jsonl_rows(path: Path, encoding_errors: str = "strict", fix: str = UTF8_FIX)
         try:
             yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise ValueError(
+                f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
+            ) from None
 
 
 def _read_jsonl(path: Path, cfg: DataConfig) -> Iterator[Doc]:
@@ -163,7 +178,9 @@ def _read_parquet(path: Path, cfg: DataConfig) -> Iterator[Doc]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError(f"{path}: reading .parquet needs pyarrow: pip install 'zerolm[parquet]'") from None
+        raise ValueError(
+            f"{path}: reading .parquet needs pyarrow: pip install 'zerolm[parquet]'"
+        ) from None
     pf = pq.ParquetFile(path)
     if cfg.text_field not in pf.schema_arrow.names:
         raise ValueError(

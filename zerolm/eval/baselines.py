@@ -4,6 +4,7 @@ of characters, fitted to convergence with L-BFGS; no scikit-learn).
 
 Legend: N texts, F features (characters), C classes.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,15 +39,31 @@ class CharFeatures:
                     rows.append(r)
                     cols.append(j)
                     vals.append(1 + math.log(k))
-        v = torch.tensor(vals) * self.idf[torch.tensor(cols, dtype=torch.long)] if cols else torch.zeros(0)
-        norms = torch.zeros(len(texts)).index_add_(0, torch.tensor(rows, dtype=torch.long), v * v).sqrt()
+        v = (
+            torch.tensor(vals) * self.idf[torch.tensor(cols, dtype=torch.long)]
+            if cols
+            else torch.zeros(0)
+        )
+        norms = (
+            torch.zeros(len(texts))
+            .index_add_(0, torch.tensor(rows, dtype=torch.long), v * v)
+            .sqrt()
+        )
         v = v / norms[torch.tensor(rows, dtype=torch.long)].clamp(min=1e-12)
         idx = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
-        return torch.sparse_coo_tensor(idx, v, (len(texts), len(self.vocab)), check_invariants=False).coalesce()
+        return torch.sparse_coo_tensor(
+            idx, v, (len(texts), len(self.vocab)), check_invariants=False
+        ).coalesce()
 
 
-def fit_logreg(X: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 300,
-               init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logreg(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    l2: float,
+    max_iter: int = 300,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax regression: minimise mean cross entropy + l2 * ||W||^2 (bias not penalised) with
     full-batch L-BFGS (strong Wolfe line search) until the gradient or the loss stops changing.
     X (N, F) sparse; the gradient is written out (X^T (P - Y) / N + 2 l2 W) so each evaluation is
@@ -55,8 +72,15 @@ def fit_logreg(X: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_
     b = (init[1].clone() if init else torch.zeros(n_classes)).requires_grad_()  # (C,)
     Xt = X.t().coalesce()  # (F, N)
     onehot = F.one_hot(y, n_classes).float()  # (N, C)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
+    opt = torch.optim.LBFGS(
+        [W, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
 
     @torch.no_grad()
     def closure():
@@ -75,9 +99,14 @@ def predict_logreg(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.T
     return (torch.sparse.mm(X, W) + b).argmax(-1)
 
 
-def bag_of_chars_baseline(train_x: Sequence[str], train_y: Sequence[int], val_x: Sequence[str],
-                          val_y: Sequence[int], n_classes: int,
-                          l2_grid: Sequence[float] = (1e-4, 3e-5, 1e-5, 3e-6, 1e-6)) -> dict:
+def bag_of_chars_baseline(
+    train_x: Sequence[str],
+    train_y: Sequence[int],
+    val_x: Sequence[str],
+    val_y: Sequence[int],
+    n_classes: int,
+    l2_grid: Sequence[float] = (1e-4, 3e-5, 1e-5, 3e-6, 1e-6),
+) -> dict:
     """Bag-of-characters logistic regression. The L2 strength is chosen on a tenth of the
     training rows held out from the rest (every 10th row; the validation split is never looked
     at; the grid is walked from strong to weak, each fit starting from the previous one), then
@@ -94,10 +123,17 @@ def bag_of_chars_baseline(train_x: Sequence[str], train_y: Sequence[int], val_x:
         for l2 in sorted(l2_grid, reverse=True):
             init = fit_logreg(X_fit, y[~dev], n_classes, l2, init=init)
             scores[l2] = float((predict_logreg(X_dev, *init) == y[dev]).float().mean())
-    best = max(scores, key=lambda k: (scores[k], k)) if scores else l2_grid[0]  # ties: the stronger penalty
+    best = (
+        max(scores, key=lambda k: (scores[k], k)) if scores else l2_grid[0]
+    )  # ties: the stronger penalty
     feats = CharFeatures(train_x)
     W, b = fit_logreg(feats(train_x), y, n_classes, best)
     pred = predict_logreg(feats(val_x), W, b)
     acc = float((pred == torch.tensor(list(val_y))).float().mean()) if len(val_y) else 0.0
-    return {"accuracy": acc, "l2": best, "dev_accuracy_by_l2": scores, "features": len(feats.vocab),
-            "predictions": pred.tolist()}
+    return {
+        "accuracy": acc,
+        "l2": best,
+        "dev_accuracy_by_l2": scores,
+        "features": len(feats.vocab),
+        "predictions": pred.tolist(),
+    }

@@ -1,5 +1,6 @@
 """Instruction following, measured: the share of held-out poem requests (zerolm.data.poems)
 answered in the requested form, judged by the rule-based judge (zerolm.eval.poem_form)."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -9,8 +10,16 @@ from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 
 
-def form_adherence(model, tok, requests: list[dict], *, max_new_tokens: int = 96,
-                   sampling: SamplingParams | None = None, seed: int | None = 0, batch_size: int = 16) -> dict:
+def form_adherence(
+    model,
+    tok,
+    requests: list[dict],
+    *,
+    max_new_tokens: int = 96,
+    sampling: SamplingParams | None = None,
+    seed: int | None = 0,
+    batch_size: int = 16,
+) -> dict:
     """Generate one answer per request (its messages without the reference answer) and judge its
     form. Greedy by default, so the figure is reproducible; answers may use all the room the
     window leaves after the prompt, up to max_new_tokens."""
@@ -23,14 +32,30 @@ def form_adherence(model, tok, requests: list[dict], *, max_new_tokens: int = 96
     for r, a in zip(requests, answers):
         ok_by_kind[r["kind"]].append(judge(a, r["form"]["lines"], r["form"]["chars"])["ok"])
     oks = [ok for v in ok_by_kind.values() for ok in v]
-    return {"n": len(oks), "form_ok": sum(oks) / max(len(oks), 1),
-            "by_kind": {k: {"n": len(v), "form_ok": sum(v) / len(v)} for k, v in sorted(ok_by_kind.items())},
-            "examples": [{"request": r["messages"][-2]["content"], "answer": a} for r, a in zip(requests[:3], answers)]}
+    return {
+        "n": len(oks),
+        "form_ok": sum(oks) / max(len(oks), 1),
+        "by_kind": {
+            k: {"n": len(v), "form_ok": sum(v) / len(v)} for k, v in sorted(ok_by_kind.items())
+        },
+        "examples": [
+            {"request": r["messages"][-2]["content"], "answer": a}
+            for r, a in zip(requests[:3], answers)
+        ],
+    }
 
 
-def compare_models(model_dirs, requests: list[dict], *, reference: str | None = None, shards: str | None = None,
-                   max_new_tokens: int = 96, sampling: SamplingParams | None = None, seed: int | None = 0,
-                   say=None) -> dict:
+def compare_models(
+    model_dirs,
+    requests: list[dict],
+    *,
+    reference: str | None = None,
+    shards: str | None = None,
+    max_new_tokens: int = 96,
+    sampling: SamplingParams | None = None,
+    seed: int | None = 0,
+    say=None,
+) -> dict:
     """form_adherence of each model directory on the same requests, with the same sampling; with
     `reference`, each model's KL to it (zerolm.align.stage.kl_to_reference: replies sampled at
     temperature 1); with `shards`, its validation bits per byte there. say(line) reports each."""
@@ -45,13 +70,24 @@ def compare_models(model_dirs, requests: list[dict], *, reference: str | None = 
     out = {}
     for m in model_dirs:
         model, tok = load_model(m), Tokenizer.load(m)
-        r = out[str(m)] = form_adherence(model, tok, requests, max_new_tokens=max_new_tokens, sampling=sampling,
-                                         seed=seed)
-        line = f"{m}: {r['form_ok']:.1%} of {r['n']} held-out requests answered in the requested form"
+        r = out[str(m)] = form_adherence(
+            model, tok, requests, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed
+        )
+        line = (
+            f"{m}: {r['form_ok']:.1%} of {r['n']} held-out requests answered in the requested form"
+        )
         if ref is not None:
             check_tokenizers(m, reference, "reference model")
-            r.update(kl_to_reference(model, ref, tok, [q["messages"][:-1] for q in requests],
-                                     max_new_tokens=max_new_tokens, seed=seed or 0))
+            r.update(
+                kl_to_reference(
+                    model,
+                    ref,
+                    tok,
+                    [q["messages"][:-1] for q in requests],
+                    max_new_tokens=max_new_tokens,
+                    seed=seed or 0,
+                )
+            )
             line += f", KL to the reference {r['kl']:.2f} nats per reply"
         if shards:
             from zerolm.eval.perplexity import evaluate_lm

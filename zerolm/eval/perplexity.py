@@ -1,4 +1,5 @@
 """Validation loss, perplexity and bits per byte of a language model on a shard split."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,16 @@ from zerolm.data.loader import eval_batches
 
 
 @torch.no_grad()
-def evaluate_lm(model, shard_dir: str | Path, token_bytes: np.ndarray, *, split: str = "val",
-                batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None) -> dict:
+def evaluate_lm(
+    model,
+    shard_dir: str | Path,
+    token_bytes: np.ndarray,
+    *,
+    split: str = "val",
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    max_batches: int | None = None,
+) -> dict:
     """Token-weighted mean loss (nats), perplexity and bits per byte over the split's windows.
 
     Bits per byte = sum of per-token losses / ln 2 / UTF-8 bytes of the predicted tokens: it
@@ -24,9 +33,13 @@ def evaluate_lm(model, shard_dir: str | Path, token_bytes: np.ndarray, *, split:
     device = next(model.parameters()).device
     tb = torch.from_numpy(token_bytes)
     nats, tokens, nbytes = 0.0, 0, 0
-    for x, y in eval_batches(shard_dir, split, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches):
+    for x, y in eval_batches(
+        shard_dir, split, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches
+    ):
         logits = model(x.to(device))  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"
+        )
         nats += loss.item()
         tokens += y.numel()
         nbytes += int(tb[y].sum())
@@ -34,5 +47,8 @@ def evaluate_lm(model, shard_dir: str | Path, token_bytes: np.ndarray, *, split:
     if tokens == 0:
         raise ValueError(f"split {split!r} of {shard_dir} has no tokens to evaluate")
     mean = nats / tokens
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)),
-            "val_bpb": nats / math.log(2) / max(nbytes, 1)}
+    return {
+        "val_loss": mean,
+        "val_ppl": math.exp(min(mean, 50.0)),
+        "val_bpb": nats / math.log(2) / max(nbytes, 1),
+    }

@@ -25,6 +25,7 @@ Functions:
 Tone patterns (平仄) and rhyme (押韵) are not checked: doing that well needs a historical rhyme
 table (平水韵) with per-character readings, which this module deliberately does without.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,9 +42,9 @@ SEPARATORS = "，。！？；、,.!?;\n\r"
 FINAL_PUNCT = "。！？"
 _SPLIT = re.compile("[" + re.escape(SEPARATORS) + "]")
 _CJK_RANGES = (
-    (0x3400, 0x4DBF),    # extension A
-    (0x4E00, 0x9FFF),    # unified ideographs
-    (0xF900, 0xFAFF),    # compatibility ideographs
+    (0x3400, 0x4DBF),  # extension A
+    (0x4E00, 0x9FFF),  # unified ideographs
+    (0xF900, 0xFAFF),  # compatibility ideographs
     (0x20000, 0x323AF),  # extensions B-H (the corpus uses B-F for rare characters)
 )
 # Partial-credit factor of `score` for a text without a proper sentence-final mark.
@@ -112,8 +113,13 @@ def judge(text: str, lines: int, chars: int) -> dict:
     punct_ok = ends_properly(text)
     if vs and not punct_ok:
         reasons.append("does not end with 。！？")
-    return {"ok": not reasons, "line_count": len(vs), "chars_per_line": [len(v) for v in vs],
-            "punct_ok": punct_ok, "reasons": reasons}
+    return {
+        "ok": not reasons,
+        "line_count": len(vs),
+        "chars_per_line": [len(v) for v in vs],
+        "punct_ok": punct_ok,
+        "reasons": reasons,
+    }
 
 
 def score(text: str, lines: int, chars: int) -> float:

@@ -4,6 +4,7 @@ Scores are corpus BLEU (sacrebleu's default 13a tokenisation) and chrF, each nex
 copy-the-source baseline on the same references: for a same-language task (archaic -> modern
 English) copying already scores high, and a model is only useful above it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,20 @@ def encode_source(tok: Tokenizer, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def translate_texts(model, tok: Tokenizer, texts: list[str], *, beam: int = 4, length_penalty: float = 1.0,
-                    max_new_tokens: int | None = None, sampling=None, seed: int | None = None,
-                    batch_size: int = 32, progress: bool = False, too_long: str = "error") -> list[str]:
+def translate_texts(
+    model,
+    tok: Tokenizer,
+    texts: list[str],
+    *,
+    beam: int = 4,
+    length_penalty: float = 1.0,
+    max_new_tokens: int | None = None,
+    sampling=None,
+    seed: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    too_long: str = "error",
+) -> list[str]:
     """Translate each text; batches are formed from texts of similar length, output keeps the input
     order. A source longer than the encoder window is an error (too_long="error") or is cut to the
     window with a warning ("truncate")."""
@@ -37,9 +49,16 @@ def translate_texts(model, tok: Tokenizer, texts: list[str], *, beam: int = 4, l
         ids = encode_source(tok, text)
         if len(ids) > window:
             if too_long == "error":
-                raise ValueError(f"text {i + 1} ({text[:40]!r}...) is {len(ids)} tokens, more than the encoder window "
-                                 f"of {window}: split it into shorter sentences")
-            log.warning("text %d is %d tokens: keeping its first %d (the encoder window)", i + 1, len(ids), window)
+                raise ValueError(
+                    f"text {i + 1} ({text[:40]!r}...) is {len(ids)} tokens, more than the encoder window "
+                    f"of {window}: split it into shorter sentences"
+                )
+            log.warning(
+                "text %d is %d tokens: keeping its first %d (the encoder window)",
+                i + 1,
+                len(ids),
+                window,
+            )
             ids = [*ids[: window - 1], tok.token_id(EOS)]
         sources.append(ids)
     room = window - 1  # the decoder's positions: the start token, then the output
@@ -52,8 +71,17 @@ def translate_texts(model, tok: Tokenizer, texts: list[str], *, beam: int = 4, l
     with tqdm(total=len(order), desc="translate", unit="text", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            outs = generate(model, [sources[i] for i in idx], bos=bos, eos=eos, max_new_tokens=max_new, beam=beam,
-                            length_penalty=length_penalty, sampling=sampling, seed=seed)
+            outs = generate(
+                model,
+                [sources[i] for i in idx],
+                bos=bos,
+                eos=eos,
+                max_new_tokens=max_new,
+                beam=beam,
+                length_penalty=length_penalty,
+                sampling=sampling,
+                seed=seed,
+            )
             for i, ids in zip(idx, outs):
                 out[i] = tok.decode([t for t in ids if t != eos], skip_special=True).strip()
             bar.update(len(idx))
@@ -64,16 +92,26 @@ def translate_texts(model, tok: Tokenizer, texts: list[str], *, beam: int = 4, l
 def score(hypotheses: list[str], references: list[str]) -> dict:
     """Corpus BLEU and chrF of the hypotheses against one reference each."""
     if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} translations but {len(references)} references: they must be line-aligned")
+        raise ValueError(
+            f"{len(hypotheses)} translations but {len(references)} references: they must be line-aligned"
+        )
     if not references:
         raise ValueError("no references to score against")
-    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
-            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score}
+    return {
+        "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+    }
 
 
-def evaluate_translation(model, tok: Tokenizer, sources: list[str], references: list[str], **kw) -> dict:
+def evaluate_translation(
+    model, tok: Tokenizer, sources: list[str], references: list[str], **kw
+) -> dict:
     """BLEU / chrF of the model's translations and of copying the source, on the same references."""
     hyps = translate_texts(model, tok, sources, **kw)
     model_scores, copy_scores = score(hyps, references), score(sources, references)
-    return {"pairs": len(sources), **model_scores, **{f"copy_{k}": v for k, v in copy_scores.items()},
-            "translations": hyps}
+    return {
+        "pairs": len(sources),
+        **model_scores,
+        **{f"copy_{k}": v for k, v in copy_scores.items()},
+        "translations": hyps,
+    }

@@ -10,6 +10,7 @@ starts kept) with a count in the log, or refused with `classify.truncation=error
 
 Legend: B rows, T tokens, D d_model, C classes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,13 +49,21 @@ class Row:
 
 
 # ---------------------------------------------------------------- data
-def read_rows(path: str | Path, *, text_field: str = "text", pair_field: str = "", label_field: str = "label",
-              need_label: bool = True) -> list[Row]:
+def read_rows(
+    path: str | Path,
+    *,
+    text_field: str = "text",
+    pair_field: str = "",
+    label_field: str = "label",
+    need_label: bool = True,
+) -> list[Row]:
     """Rows of a JSONL file (or a .txt file: one text per line, no labels). Errors name file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"classification data {str(path)!r} not found (JSONL rows with {text_field!r} and "
-                         f"{label_field!r} fields, or a .txt file with one text per line)")
+        raise ValueError(
+            f"classification data {str(path)!r} not found (JSONL rows with {text_field!r} and "
+            f"{label_field!r} fields, or a .txt file with one text per line)"
+        )
     rows = []
     for i, _, line in decode_lines(path):
         where = f"{path}:{i}"
@@ -62,8 +71,10 @@ def read_rows(path: str | Path, *, text_field: str = "text", pair_field: str = "
             continue
         if path.suffix == ".txt":
             if need_label:
-                raise ValueError(f"{path}: a .txt file has no labels; training data is JSONL with "
-                                 f"{text_field!r} and {label_field!r} fields")
+                raise ValueError(
+                    f"{path}: a .txt file has no labels; training data is JSONL with "
+                    f"{text_field!r} and {label_field!r} fields"
+                )
             rows.append(Row(line.rstrip("\r\n"), where=where))
             continue
         try:
@@ -75,11 +86,15 @@ def read_rows(path: str | Path, *, text_field: str = "text", pair_field: str = "
             raise ValueError(f"{where}: no text field {text_field!r} (set --classify.text_field)")
         pair = obj.get(pair_field) if pair_field else None
         if pair_field and not isinstance(pair, str):
-            raise ValueError(f"{where}: no second text field {pair_field!r} (classify.text_pair_field)")
+            raise ValueError(
+                f"{where}: no second text field {pair_field!r} (classify.text_pair_field)"
+            )
         label = obj.get(label_field)
         if label is None and need_label:
-            raise ValueError(f"{where}: no label field {label_field!r}: every training row needs a label "
-                             "(set --classify.label_field if it has another name)")
+            raise ValueError(
+                f"{where}: no label field {label_field!r}: every training row needs a label "
+                "(set --classify.label_field if it has another name)"
+            )
         rows.append(Row(text, pair, None if label is None else str(label), where))
     return rows
 
@@ -89,15 +104,27 @@ def tang_authors(docs: Path, n: int) -> tuple[list[Row], list[Row], dict]:
     train / val follow the prepared docs' own split (by a hash of each poem)."""
     for split in ("train", "val"):
         if not (docs / f"{split}.jsonl").is_file():
-            raise ValueError(f"tang-authors needs prepared Tang documents: {docs}/{split}.jsonl not found; set "
-                             "--classify.docs=RUN/docs (a run prepared with --corpus tang)")
+            raise ValueError(
+                f"tang-authors needs prepared Tang documents: {docs}/{split}.jsonl not found; set "
+                "--classify.docs=RUN/docs (a run prepared with --corpus tang)"
+            )
     counts = Counter(d.get("author") for d in read_docs(docs / "train.jsonl"))
-    top = [a for a, _ in counts.most_common(n + len(NOT_AN_AUTHOR) + 1) if a and a not in NOT_AN_AUTHOR][:n]
+    top = [
+        a for a, _ in counts.most_common(n + len(NOT_AN_AUTHOR) + 1) if a and a not in NOT_AN_AUTHOR
+    ][:n]
     if len(top) < 2:
-        raise ValueError(f"{docs}: documents carry no 'author' metadata; tang-authors needs the bundled tang corpus")
+        raise ValueError(
+            f"{docs}: documents carry no 'author' metadata; tang-authors needs the bundled tang corpus"
+        )
     keep = set(top)
-    out = [[Row(d["text"], None, d["author"], f"{docs}/{s}.jsonl") for d in read_docs(docs / f"{s}.jsonl")
-            if d.get("author") in keep] for s in ("train", "val")]
+    out = [
+        [
+            Row(d["text"], None, d["author"], f"{docs}/{s}.jsonl")
+            for d in read_docs(docs / f"{s}.jsonl")
+            if d.get("author") in keep
+        ]
+        for s in ("train", "val")
+    ]
     return out[0], out[1], {"authors": top}
 
 
@@ -111,14 +138,23 @@ def load_rows(cfg: Config) -> tuple[list[Row], list[Row], dict]:
         docs = Path(c.docs) if c.docs else Path(c.base_model).parent / "docs"
         return tang_authors(docs, c.authors)
     if not c.data:
-        raise ValueError("no classification data: give --classify.data=FILE.jsonl (rows with text and label) "
-                         "or --classify.builtin=tang-authors")
+        raise ValueError(
+            "no classification data: give --classify.data=FILE.jsonl (rows with text and label) "
+            "or --classify.builtin=tang-authors"
+        )
     rows = [r for p in c.data for r in read_rows(p, **fields)]
     if c.val_data:
-        return rows, [r for p in c.val_data for r in read_rows(p, **fields)], {"files": list(c.data)}
+        return (
+            rows,
+            [r for p in c.val_data for r in read_rows(p, **fields)],
+            {"files": list(c.data)},
+        )
     key = [split_key(json.dumps([r.text, r.pair], ensure_ascii=False)) for r in rows]
-    return ([r for r, k in zip(rows, key) if k >= c.val_fraction], [r for r, k in zip(rows, key) if k < c.val_fraction],
-            {"files": list(c.data), "split": f"by a hash of the text, {c.val_fraction:.0%} held out"})
+    return (
+        [r for r, k in zip(rows, key) if k >= c.val_fraction],
+        [r for r, k in zip(rows, key) if k < c.val_fraction],
+        {"files": list(c.data), "split": f"by a hash of the text, {c.val_fraction:.0%} held out"},
+    )
 
 
 def label_ids(rows: list[Row], labels: list[str]) -> list[int]:
@@ -127,14 +163,17 @@ def label_ids(rows: list[Row], labels: list[str]) -> list[int]:
     out = []
     for r in rows:
         if r.label not in index:
-            raise ValueError(f"{r.where}: label {r.label!r} was never seen in training; known labels: "
-                             f"{', '.join(labels)}")
+            raise ValueError(
+                f"{r.where}: label {r.label!r} was never seen in training; known labels: "
+                f"{', '.join(labels)}"
+            )
         out.append(index[r.label])
     return out
 
 
-def encode(tok: Tokenizer, rows: list[Row], window: int, truncation: str = "longest_first"
-           ) -> tuple[list[tuple[list[int], list[int]]], int]:
+def encode(
+    tok: Tokenizer, rows: list[Row], window: int, truncation: str = "longest_first"
+) -> tuple[list[tuple[list[int], list[int]]], int]:
     """([CLS] text [SEP] (pair [SEP]) ids and segment ids per row, number of rows truncated)."""
     texts = tok.encode_batch([r.text for r in rows], split_special=False)
     pairs = tok.encode_batch([r.pair or "" for r in rows], split_special=False)
@@ -143,8 +182,10 @@ def encode(tok: Tokenizer, rows: list[Row], window: int, truncation: str = "long
         room = window - (3 if r.pair is not None else 2)
         if len(a) + len(b) > room:
             if truncation == "error":
-                raise ValueError(f"{r.where}: {len(a) + len(b) + window - room} tokens with [CLS]/[SEP] exceed the "
-                                 f"{window}-token window; shorten it, or set --classify.truncation=longest_first")
+                raise ValueError(
+                    f"{r.where}: {len(a) + len(b) + window - room} tokens with [CLS]/[SEP] exceed the "
+                    f"{window}-token window; shorten it, or set --classify.truncation=longest_first"
+                )
             cut += 1
             while len(a) + len(b) > room:  # longest first, from the end
                 a, b = (a[:-1], b) if len(a) >= len(b) else (a, b[:-1])
@@ -162,8 +203,10 @@ def bert_config(base: Path):
     """The model config of `base`, which must be a bert model."""
     cfg = read_model_config(base)
     if cfg.arch != "bert":
-        raise ValueError(f"{base} is a {cfg.arch} model: finetune-classify needs a bert encoder (pretrain one with "
-                         "`zerolm pretrain --model.arch=bert`, e.g. --config recipes/bert-tang.toml)")
+        raise ValueError(
+            f"{base} is a {cfg.arch} model: finetune-classify needs a bert encoder (pretrain one with "
+            "`zerolm pretrain --model.arch=bert`, e.g. --config recipes/bert-tang.toml)"
+        )
     return cfg
 
 
@@ -177,9 +220,16 @@ def classifier_from(base: Path, n_labels: int, seed: int = 0):
     state = load_file(str(base / "model.safetensors"))
     missing = sorted(body - set(state))
     if missing:
-        raise ValueError(f"{base}/model.safetensors lacks {missing[:4]}: not the weights of its config.json")
+        raise ValueError(
+            f"{base}/model.safetensors lacks {missing[:4]}: not the weights of its config.json"
+        )
     model.load_state_dict({k: state[k] for k in body}, strict=False)
-    log.info("classifier: %s + a fresh %d-way head (%s)", base, n_labels, ", ".join(sorted(set(model.state_dict()) - body)))
+    log.info(
+        "classifier: %s + a fresh %d-way head (%s)",
+        base,
+        n_labels,
+        ", ".join(sorted(set(model.state_dict()) - body)),
+    )
     return model
 
 
@@ -215,8 +265,11 @@ def scores(probs: torch.Tensor, y: list[int]) -> dict:
         tp = float(((pred == c) & (target == c)).sum())
         denom = float((pred == c).sum() + (target == c).sum())
         f1s.append(2 * tp / denom if denom else 0.0)
-    return {"val_acc": float((pred == target).float().mean()), "val_macro_f1": sum(f1s) / len(f1s),
-            "val_loss": float(F.nll_loss(probs.clamp(min=1e-12).log(), target))}
+    return {
+        "val_acc": float((pred == target).float().mean()),
+        "val_macro_f1": sum(f1s) / len(f1s),
+        "val_loss": float(F.nll_loss(probs.clamp(min=1e-12).log(), target)),
+    }
 
 
 def evaluate(model, encoded: list, y: list[int], batch_size: int = 64) -> dict:
@@ -233,26 +286,42 @@ def finetune_classify(cfg: Config, progress: bool = True) -> dict:
 
     c = cfg.classify
     if not c.base_model:
-        raise ValueError("no base model: give --model DIR (config key classify.base_model), a bert model directory")
+        raise ValueError(
+            "no base model: give --model DIR (config key classify.base_model), a bert model directory"
+        )
     base, out = Path(c.base_model), Path(cfg.out_dir)
     mcfg = bert_config(base)
     if list_checkpoints(out) and not cfg.train.resume:
-        raise ValueError(f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out")
+        raise ValueError(
+            f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out"
+        )
     train_rows, val_rows, source = load_rows(cfg)
     counts = Counter(r.label for r in train_rows)
     labels = sorted(counts, key=lambda k: (-counts[k], k))  # most frequent first
     if len(labels) < 2:
-        raise ValueError(f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a classifier needs >= 2")
+        raise ValueError(
+            f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a classifier needs >= 2"
+        )
     train_y, val_y = label_ids(train_rows, labels), label_ids(val_rows, labels)
     tok = Tokenizer.load(base)
     window = min(c.max_seq_len or mcfg.max_seq_len, mcfg.max_seq_len)
-    (train_x, cut_t), (val_x, cut_v) = (encode(tok, rows, window, c.truncation) for rows in (train_rows, val_rows))
-    summary = {**source, "labels": len(labels), "train_rows": len(train_rows), "val_rows": len(val_rows),
-               "train_per_label": {k: counts[k] for k in labels}, "truncated": {"train": cut_t, "val": cut_v},
-               "window": window}
+    (train_x, cut_t), (val_x, cut_v) = (
+        encode(tok, rows, window, c.truncation) for rows in (train_rows, val_rows)
+    )
+    summary = {
+        **source,
+        "labels": len(labels),
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "train_per_label": {k: counts[k] for k in labels},
+        "truncated": {"train": cut_t, "val": cut_v},
+        "window": window,
+    }
     log.info("classification data: %s", json.dumps(summary, ensure_ascii=False))
     if c.epochs:
-        steps = max(1, math.ceil(c.epochs * len(train_x) / (cfg.train.batch_size * cfg.train.grad_accum)))
+        steps = max(
+            1, math.ceil(c.epochs * len(train_x) / (cfg.train.batch_size * cfg.train.grad_accum))
+        )
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
@@ -260,19 +329,36 @@ def finetune_classify(cfg: Config, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.train.threads)
     results: dict = {"majority_acc": None, "boc_lr_acc": None}
     if not val_y:
-        log.warning("no held-out rows: nothing to measure accuracy on (set classify.val_data or classify.val_fraction)")
+        log.warning(
+            "no held-out rows: nothing to measure accuracy on (set classify.val_data or classify.val_fraction)"
+        )
     else:
         from zerolm.eval.baselines import bag_of_chars_baseline, majority_baseline
 
         results["majority_acc"] = majority_baseline(train_y, val_y)["accuracy"]
         if c.baselines:
             t0 = time.perf_counter()
-            join = [r.text if r.pair is None else f"{r.text}\n{r.pair}" for r in (*train_rows, *val_rows)]
-            boc = bag_of_chars_baseline(join[: len(train_rows)], train_y, join[len(train_rows) :], val_y, len(labels))
-            results |= {"boc_lr_acc": boc["accuracy"], "boc_lr_l2": boc["l2"], "boc_lr_seconds": time.perf_counter() - t0}
-        log.info("baselines on %d held-out rows: majority class (%s) %.1f%%%s", len(val_y), labels[0],
-                 100 * results["majority_acc"],
-                 f", bag-of-characters logistic regression {100 * results['boc_lr_acc']:.1f}%" if c.baselines else "")
+            join = [
+                r.text if r.pair is None else f"{r.text}\n{r.pair}"
+                for r in (*train_rows, *val_rows)
+            ]
+            boc = bag_of_chars_baseline(
+                join[: len(train_rows)], train_y, join[len(train_rows) :], val_y, len(labels)
+            )
+            results |= {
+                "boc_lr_acc": boc["accuracy"],
+                "boc_lr_l2": boc["l2"],
+                "boc_lr_seconds": time.perf_counter() - t0,
+            }
+        log.info(
+            "baselines on %d held-out rows: majority class (%s) %.1f%%%s",
+            len(val_y),
+            labels[0],
+            100 * results["majority_acc"],
+            f", bag-of-characters logistic regression {100 * results['boc_lr_acc']:.1f}%"
+            if c.baselines
+            else "",
+        )
     torch.manual_seed(cfg.seed)  # dropout masks: the same run twice gives the same classifier
     model = classifier_from(base, len(labels), seed=cfg.seed)
     if c.freeze == "embeddings":
@@ -282,18 +368,36 @@ def finetune_classify(cfg: Config, progress: bool = True) -> dict:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(("classifier.", "pooler.")))
     t0 = time.perf_counter()
-    batches = LengthBatches(list(zip(train_x, train_y)), [len(x[0]) for x in train_x], cfg.train.batch_size,
-                            cfg.seed, collate=collate)
+    batches = LengthBatches(
+        list(zip(train_x, train_y)),
+        [len(x[0]) for x in train_x],
+        cfg.train.batch_size,
+        cfg.seed,
+        collate=collate,
+    )
     eval_fn = partial(evaluate, encoded=val_x, y=val_y) if val_y else None
-    trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=classify_loss, eval_fn=eval_fn, progress=progress,
-                      fingerprint=stage_fingerprint(cfg, tok, ("classify",)))
+    trainer = Trainer(
+        model,
+        cfg.train,
+        out,
+        batches=batches,
+        loss_fn=classify_loss,
+        eval_fn=eval_fn,
+        progress=progress,
+        fingerprint=stage_fingerprint(cfg, tok, ("classify",)),
+    )
     row = trainer.fit()
     final = evaluate(model, val_x, val_y) if val_y else {}
     save_model(model, out / "model", tok)
     atomic_write_text(out / "model" / LABELS_FILE, json.dumps(labels, ensure_ascii=False, indent=1))
     results |= {f"final_{k}": v for k, v in final.items()}
-    results |= {"finetune_seconds": time.perf_counter() - t0, "steps": cfg.train.steps, **summary,
-                "model_dir": str(out / "model"), "last_row": row}
+    results |= {
+        "finetune_seconds": time.perf_counter() - t0,
+        "steps": cfg.train.steps,
+        **summary,
+        "model_dir": str(out / "model"),
+        "last_row": row,
+    }
     atomic_write_text(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
     return results
 
@@ -302,31 +406,59 @@ def load_classifier(model_dir: str | Path):
     """(model, tokenizer, label names) of a finetune-classify output directory."""
     path = Path(model_dir) / LABELS_FILE
     if not path.is_file():
-        raise ValueError(f"{model_dir} is not a classifier (no {LABELS_FILE}); fine-tune one with "
-                         "`zerolm finetune-classify --model BERT_DIR`")
+        raise ValueError(
+            f"{model_dir} is not a classifier (no {LABELS_FILE}); fine-tune one with "
+            "`zerolm finetune-classify --model BERT_DIR`"
+        )
     labels = json.loads(path.read_text(encoding="utf-8"))
     model = load_model(model_dir)
     if model.cfg.n_labels != len(labels):
-        raise ValueError(f"{model_dir}: {LABELS_FILE} names {len(labels)} labels, the model has {model.cfg.n_labels}")
+        raise ValueError(
+            f"{model_dir}: {LABELS_FILE} names {len(labels)} labels, the model has {model.cfg.n_labels}"
+        )
     return model, Tokenizer.load(model_dir), labels
 
 
-def classify_file(model_dir: str | Path, input: str | Path, *, text_field: str = "text", pair_field: str = "",
-                  label_field: str = "label", truncation: str = "longest_first", batch_size: int = 64) -> dict:
+def classify_file(
+    model_dir: str | Path,
+    input: str | Path,
+    *,
+    text_field: str = "text",
+    pair_field: str = "",
+    label_field: str = "label",
+    truncation: str = "longest_first",
+    batch_size: int = 64,
+) -> dict:
     """Predictions for every row of `input` (JSONL or .txt); accuracy when every row has a label."""
     model, tok, labels = load_classifier(model_dir)
-    rows = read_rows(input, text_field=text_field, pair_field=pair_field, label_field=label_field, need_label=False)
+    rows = read_rows(
+        input,
+        text_field=text_field,
+        pair_field=pair_field,
+        label_field=label_field,
+        need_label=False,
+    )
     enc, cut = encode(tok, rows, model.cfg.max_seq_len, truncation)
     if cut:
-        log.warning("%d of %d rows longer than the %d-token window were truncated (longest first, from the end)",
-                    cut, len(rows), model.cfg.max_seq_len)
+        log.warning(
+            "%d of %d rows longer than the %d-token window were truncated (longest first, from the end)",
+            cut,
+            len(rows),
+            model.cfg.max_seq_len,
+        )
     probs = predict(model, enc, batch_size) if rows else torch.zeros(0, len(labels))
-    out = {"predictions": [labels[i] for i in probs.argmax(-1).tolist()], "probs": probs.max(-1).values.tolist(),
-           "rows": len(rows), "truncated": cut}
+    out = {
+        "predictions": [labels[i] for i in probs.argmax(-1).tolist()],
+        "probs": probs.max(-1).values.tolist(),
+        "rows": len(rows),
+        "truncated": cut,
+    }
     labelled = [r for r in rows if r.label is not None]
     if labelled:
         if len(labelled) != len(rows):
-            raise ValueError(f"{input}: {len(labelled)} of {len(rows)} rows have a {label_field!r} field; for accuracy "
-                             "every row needs one, for predictions alone none")
+            raise ValueError(
+                f"{input}: {len(labelled)} of {len(rows)} rows have a {label_field!r} field; for accuracy "
+                "every row needs one, for predictions alone none"
+            )
         out |= scores(probs, label_ids(rows, labels))
     return out

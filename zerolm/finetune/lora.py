@@ -3,6 +3,7 @@ the low-rank adapters, save them alone (with a fingerprint of their base), or me
 
 Legend: N any leading dims, I in_features, O out_features, r rank.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,14 @@ class LoRALinear(nn.Module):
     """y = base(x) + dropout(x) @ A.T @ B.T · alpha/rank around a frozen `base`. A is kaiming-uniform
     (a=sqrt(5), as PEFT), B zeros, so a fresh adapter changes nothing. `enabled=False` skips it."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         self.base, self.rank, self.scale, self.enabled = base, rank, alpha / rank, True
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
@@ -76,17 +83,26 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     """Replace every nn.Linear whose last name component is in cfg.targets by a LoRALinear (A drawn
     from a generator seeded with `seed`), freeze all other parameters; in place, returns `model`."""
-    cfg = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=tuple(cfg.targets))
+    cfg = LoRAConfig(
+        rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=tuple(cfg.targets)
+    )
     if cfg.rank < 1 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1 or not cfg.targets:
-        raise ValueError(f"invalid LoRA config {cfg}: needs rank >= 1, alpha > 0, 0 <= dropout < 1, some targets")
+        raise ValueError(
+            f"invalid LoRA config {cfg}: needs rank >= 1, alpha > 0, 0 <= dropout < 1, some targets"
+        )
     if getattr(model, "lora_config", None) is not None or _lora_modules(model):
-        raise ValueError("LoRA is already applied to this model (merge_lora it, or start from a fresh base)")
+        raise ValueError(
+            "LoRA is already applied to this model (merge_lora it, or start from a fresh base)"
+        )
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = [(n, m) for n, m in linears if _last(n) in cfg.targets]
     unmatched = [t for t in cfg.targets if t not in {_last(n) for n, _ in chosen}]
     if unmatched:
-        what = f"target {unmatched[0]!r} matches" if len(unmatched) == 1 else \
-            f"targets {', '.join(map(repr, unmatched))} match"
+        what = (
+            f"target {unmatched[0]!r} matches"
+            if len(unmatched) == 1
+            else f"targets {', '.join(map(repr, unmatched))} match"
+        )
         names = ", ".join(dict.fromkeys(_last(n) for n, _ in linears))
         tied = "lm_head" in unmatched and getattr(model, "lm_head", 0) is None
         tied = " (lm_head is tied to tok_emb here)" if tied else ""
@@ -95,7 +111,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     model.requires_grad_(False)
     gen = torch.Generator(device=chosen[0][1].weight.device).manual_seed(seed)
     for name, lin in chosen:
-        _replace(model, name, LoRALinear(lin, cfg.rank, cfg.alpha, cfg.dropout, gen).train(lin.training))
+        _replace(
+            model, name, LoRALinear(lin, cfg.rank, cfg.alpha, cfg.dropout, gen).train(lin.training)
+        )
     model.lora_config = cfg
     return model
 
@@ -126,8 +144,12 @@ def _config(model: nn.Module) -> LoRAConfig:
 
 def _file_bytes(model: nn.Module, sha: str) -> bytes:
     state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    meta = {"format": "pt", "zerolm_lora": json.dumps(dataclasses.asdict(_config(model))),
-            "base_model": json.dumps(dataclasses.asdict(model.cfg)), "base_sha256": sha}
+    meta = {
+        "format": "pt",
+        "zerolm_lora": json.dumps(dataclasses.asdict(_config(model))),
+        "base_model": json.dumps(dataclasses.asdict(model.cfg)),
+        "base_sha256": sha,
+    }
     return save(state, meta)
 
 
@@ -147,21 +169,35 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
         raise ValueError(f"{path} is not a zerolm LoRA adapter file (no zerolm_lora metadata)")
     raw = json.loads(meta["zerolm_lora"])
     cfg = LoRAConfig(**{**raw, "targets": tuple(raw["targets"])})
-    theirs, ours = json.loads(meta["base_model"]), json.loads(json.dumps(dataclasses.asdict(model.cfg)))
+    theirs, ours = (
+        json.loads(meta["base_model"]),
+        json.loads(json.dumps(dataclasses.asdict(model.cfg))),
+    )
     if theirs != ours:
-        diff = ", ".join(f"{k}={theirs.get(k)!r} vs {ours.get(k)!r}"
-                         for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k))
-        raise ValueError(f"{path}: the adapters were trained on another base model (theirs vs this one: {diff})")
+        diff = ", ".join(
+            f"{k}={theirs.get(k)!r} vs {ours.get(k)!r}"
+            for k in sorted(theirs.keys() | ours.keys())
+            if theirs.get(k) != ours.get(k)
+        )
+        raise ValueError(
+            f"{path}: the adapters were trained on another base model (theirs vs this one: {diff})"
+        )
     sha, want = base_fingerprint(model), meta.get("base_sha256", "?")
     if want != sha:
-        raise ValueError(f"{path}: the adapters were trained on base weights with sha256 {want[:16]}, this model's "
-                         f"are {sha[:16]} (same config, different weights): load the base they were trained on")
+        raise ValueError(
+            f"{path}: the adapters were trained on base weights with sha256 {want[:16]}, this model's "
+            f"are {sha[:16]} (same config, different weights): load the base they were trained on"
+        )
     if getattr(model, "lora_config", None) is None:
         apply_lora(model, cfg)
     elif model.lora_config != cfg:
-        raise ValueError(f"{path} holds adapters for {cfg}, but this model already has {model.lora_config}")
+        raise ValueError(
+            f"{path} holds adapters for {cfg}, but this model already has {model.lora_config}"
+        )
     params = {k: p for k, p in model.named_parameters() if _last(k) in ADAPTER_KEYS}
-    bad = sorted(set(params) ^ set(state)) + [k for k in params if k in state and params[k].shape != state[k].shape]
+    bad = sorted(set(params) ^ set(state)) + [
+        k for k in params if k in state and params[k].shape != state[k].shape
+    ]
     if bad:
         raise ValueError(f"{path}: adapter tensors do not fit this model: {bad[:4]}")
     with torch.no_grad():
@@ -216,8 +252,13 @@ def trainable_report(model: nn.Module, optimizer_bytes_per_param: int = 8) -> di
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     adapter = sum(v.numel() for v in lora_state_dict(model).values())
-    return {"total": total, "trainable": trainable, "trainable_share": trainable / total,
-            "base": total - adapter, "adapter": adapter,
-            "optimizer_bytes_lora": trainable * optimizer_bytes_per_param,
-            "optimizer_bytes_full": (total - adapter) * optimizer_bytes_per_param,
-            "adapter_file_bytes": len(_file_bytes(model, "0" * 64)) if adapter else 0}
+    return {
+        "total": total,
+        "trainable": trainable,
+        "trainable_share": trainable / total,
+        "base": total - adapter,
+        "adapter": adapter,
+        "optimizer_bytes_lora": trainable * optimizer_bytes_per_param,
+        "optimizer_bytes_full": (total - adapter) * optimizer_bytes_per_param,
+        "adapter_file_bytes": len(_file_bytes(model, "0" * 64)) if adapter else 0,
+    }

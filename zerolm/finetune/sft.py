@@ -3,6 +3,7 @@
 A stage on the one Trainer: its own batches (packed conversations, loss on assistant tokens
 only) and loss (optionally + lambda * the pretraining loss on the base model's shards).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ def _cap(items: list, n: int, seed: int) -> list:
 def poem_docs_dir(cfg: Config) -> Path:
     d = Path(cfg.sft.poem_docs) if cfg.sft.poem_docs else Path(cfg.sft.base_model).parent / "docs"
     if not (d / "train.jsonl").is_file() or not (d / "val.jsonl").is_file():
-        raise ValueError(f"the 'poems' set needs prepared documents with title/author metadata: {d}/train.jsonl "
-                         "and val.jsonl not found; set --sft.poem_docs=RUN/docs (a run prepared from --corpus tang)")
+        raise ValueError(
+            f"the 'poems' set needs prepared documents with title/author metadata: {d}/train.jsonl "
+            "and val.jsonl not found; set --sft.poem_docs=RUN/docs (a run prepared from --corpus tang)"
+        )
     return d
 
 
@@ -61,22 +64,34 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
     train, val, counts = [], [], {}
     sources = [(str(f), None) for f in s.data] + [(name, name) for name in s.builtin]
     if not sources:
-        raise ValueError("no SFT data: give --sft.data=FILE.jsonl and/or --sft.builtin=poems,chitchat,...")
+        raise ValueError(
+            "no SFT data: give --sft.data=FILE.jsonl and/or --sft.builtin=poems,chitchat,..."
+        )
     for label, builtin in sources:
         if builtin is None:
             tr, va = _split(read_conversations(label), s.val_fraction)
         elif builtin == "poems":
             from zerolm.data.poems import poem_instructions
 
-            docs = poem_docs_dir(cfg)  # held out: the poems the base model did not pretrain on either
-            tr = [x["messages"] for x in poem_instructions(read_docs(docs / "train.jsonl"), seed=cfg.seed)]
-            va = [x["messages"] for x in poem_instructions(read_docs(docs / "val.jsonl"), seed=cfg.seed)]
+            docs = poem_docs_dir(
+                cfg
+            )  # held out: the poems the base model did not pretrain on either
+            tr = [
+                x["messages"]
+                for x in poem_instructions(read_docs(docs / "train.jsonl"), seed=cfg.seed)
+            ]
+            va = [
+                x["messages"]
+                for x in poem_instructions(read_docs(docs / "val.jsonl"), seed=cfg.seed)
+            ]
         elif builtin in BUILTIN:
             from zerolm.data.chat_corpora import read_chat_corpus
 
             tr, va = _split([row["messages"] for row in read_chat_corpus(builtin)], s.val_fraction)
         else:
-            raise ValueError(f"unknown builtin SFT set {builtin!r}; choose from {', '.join(BUILTIN)}")
+            raise ValueError(
+                f"unknown builtin SFT set {builtin!r}; choose from {', '.join(BUILTIN)}"
+            )
         tr = _cap(tr, s.max_per_source, cfg.seed)
         va = _cap(va, max(1, s.max_per_source // 10) if s.max_per_source else 0, cfg.seed)
         counts[label] = {"train": len(tr), "val": len(va)}
@@ -135,8 +150,12 @@ def sft(cfg: Config, progress: bool = True) -> dict:
     out, base = Path(cfg.out_dir), Path(cfg.sft.base_model)
     model, tok = load_model(base), Tokenizer.load(base)
     if list_checkpoints(out) and not cfg.train.resume:
-        raise ValueError(f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out")
-    train_c, val_c, counts = load_sources(cfg)  # bad data or LoRA targets fail here, before anything is written
+        raise ValueError(
+            f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out"
+        )
+    train_c, val_c, counts = load_sources(
+        cfg
+    )  # bad data or LoRA targets fail here, before anything is written
     lora = None
     if cfg.lora.rank:
         from zerolm.finetune.lora import apply_lora, trainable_report
@@ -150,34 +169,65 @@ def sft(cfg: Config, progress: bool = True) -> dict:
     seq_len = model.cfg.max_seq_len
     train_ex, stats = encode_conversations(tok, train_c, seq_len)
     val_ex, _ = encode_conversations(tok, val_c, seq_len)
-    log.info("sft data: %s; train %d conversations (%d cut after their last assistant turn that fits "
-             "%d tokens, %d skipped: first answer too long), val %d", counts, len(train_ex), stats["truncated"],
-             seq_len + 1, stats["skipped_too_long"], len(val_ex))
-    log.info("row fill: packed %.1f%%, one per row %.1f%%", 100 * fill_rate(train_ex, seq_len, True),
-             100 * fill_rate(train_ex, seq_len, False))
+    log.info(
+        "sft data: %s; train %d conversations (%d cut after their last assistant turn that fits "
+        "%d tokens, %d skipped: first answer too long), val %d",
+        counts,
+        len(train_ex),
+        stats["truncated"],
+        seq_len + 1,
+        stats["skipped_too_long"],
+        len(val_ex),
+    )
+    log.info(
+        "row fill: packed %.1f%%, one per row %.1f%%",
+        100 * fill_rate(train_ex, seq_len, True),
+        100 * fill_rate(train_ex, seq_len, False),
+    )
     if lora:
         log.info("LoRA: %s", json.dumps(lora))
-    batches = SFTBatches(train_ex, batch_size=cfg.train.batch_size, seq_len=seq_len, seed=cfg.seed,
-                         packing=cfg.sft.packing)
+    batches = SFTBatches(
+        train_ex,
+        batch_size=cfg.train.batch_size,
+        seq_len=seq_len,
+        seed=cfg.seed,
+        packing=cfg.sft.packing,
+    )
     loss_fn = lm_loss
     if cfg.sft.pt_weight > 0:
         from zerolm.data.loader import TokenBatches
 
         shards = Path(cfg.sft.pt_shards) if cfg.sft.pt_shards else base.parent / "shards"
-        batches = MixedBatches(batches, TokenBatches(shards, "train", batch_size=cfg.train.batch_size,
-                                                     seq_len=seq_len, seed=cfg.seed))
+        batches = MixedBatches(
+            batches,
+            TokenBatches(
+                shards, "train", batch_size=cfg.train.batch_size, seq_len=seq_len, seed=cfg.seed
+            ),
+        )
         loss_fn = partial(mixed_loss, pt_weight=cfg.sft.pt_weight)
-    eval_fn = partial(sft_eval, examples=val_ex, batch_size=cfg.train.batch_size) if val_ex else None
+    eval_fn = (
+        partial(sft_eval, examples=val_ex, batch_size=cfg.train.batch_size) if val_ex else None
+    )
     samples = [c[:-1] for c in val_c[:2] if c[-1]["role"] == "assistant"]
     req = chat_request(tok, 96, SamplingParams(temperature=0.7, top_k=50), seed=cfg.seed)
 
     def sample_fn(m):
-        return [f"{c[-1]['content']!r} -> {r!r}" for c, r in zip(samples, replies(m, tok, samples, req))]
+        return [
+            f"{c[-1]['content']!r} -> {r!r}" for c, r in zip(samples, replies(m, tok, samples, req))
+        ]
 
-    trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=loss_fn, eval_fn=eval_fn,
-                      sample_fn=sample_fn if samples else None,
-                      flops_per_token=account(model)["train_flops_per_token"], progress=progress,
-                      fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora")))
+    trainer = Trainer(
+        model,
+        cfg.train,
+        out,
+        batches=batches,
+        loss_fn=loss_fn,
+        eval_fn=eval_fn,
+        sample_fn=sample_fn if samples else None,
+        flops_per_token=account(model)["train_flops_per_token"],
+        progress=progress,
+        fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora")),
+    )
     row = trainer.fit()
     final = sft_eval(model, val_ex) if val_ex else {}
     if lora:
@@ -187,5 +237,10 @@ def sft(cfg: Config, progress: bool = True) -> dict:
         merge_lora(model)
     save_model(model, out / "model", tok)
     log.info("final held-out SFT loss (assistant tokens): %s", final.get("val_loss"))
-    return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model"), "lora": lora,
-            "data": counts}
+    return {
+        **row,
+        **{f"final_{k}": v for k, v in final.items()},
+        "model_dir": str(out / "model"),
+        "lora": lora,
+        "data": counts,
+    }

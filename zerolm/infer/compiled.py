@@ -5,6 +5,7 @@ everything they depend on, so a later run on the same model loads its program in
 compiling again. A program is loaded only from a folder of the user's own that no one else can
 write, and only if the manifest beside it names its key and the sha256 of its bytes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,12 @@ log = logging.getLogger(__name__)
 # at 8; with no other backend nothing is autotuned, which halves the compile time); no pattern
 # matching, which would turn the step's explicit attention (model/attention.py) back into a
 # fused-kernel call per layer.
-COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
-                   "pattern_matcher": False}
+COMPILE_OPTIONS = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP",
+    "pattern_matcher": False,
+}
 
 
 class _StepCache:
@@ -69,7 +74,9 @@ class _DecodeStep(torch.nn.Module):
 def program_dir() -> str:
     """Where compiled decode programs are kept between runs: $ZEROLM_CACHE/decode, by default
     ~/.cache/zerolm/decode."""
-    return os.path.join(os.environ.get("ZEROLM_CACHE") or os.path.expanduser("~/.cache/zerolm"), "decode")
+    return os.path.join(
+        os.environ.get("ZEROLM_CACHE") or os.path.expanduser("~/.cache/zerolm"), "decode"
+    )
 
 
 PROGRAMS_KEPT = 4  # the most recently used programs kept on disk (each holds its model's weights)
@@ -81,11 +88,26 @@ def program_key(model, batch: int, cache: KVCache) -> str:
     shape, the thread count and vector ISA its kernels were built for, torch and the settings."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    h = hashlib.sha256(repr((torch.__version__, COMPILE_OPTIONS, batch, [tuple(t.shape) for t in cache.k],
-                             str(cache.k[0].dtype), str(cache.k[0].device), torch.get_num_threads(),
-                             str(pick_vec_isa()), model.cfg)).encode())
+    h = hashlib.sha256(
+        repr(
+            (
+                torch.__version__,
+                COMPILE_OPTIONS,
+                batch,
+                [tuple(t.shape) for t in cache.k],
+                str(cache.k[0].dtype),
+                str(cache.k[0].device),
+                torch.get_num_threads(),
+                str(pick_vec_isa()),
+                model.cfg,
+            )
+        ).encode()
+    )
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # zerolm/
-    for src in sorted(glob.glob(os.path.join(here, "model", "*.py"))) + [__file__, os.path.join(here, "infer", "kv_cache.py")]:
+    for src in sorted(glob.glob(os.path.join(here, "model", "*.py"))) + [
+        __file__,
+        os.path.join(here, "infer", "kv_cache.py"),
+    ]:
         with open(src, "rb") as f:
             h.update(f.read())
     for name, t in model.state_dict().items():
@@ -94,7 +116,9 @@ def program_key(model, batch: int, cache: KVCache) -> str:
     return h.hexdigest()[:32]
 
 
-_MEMORY: dict[tuple[str, str], object] = {}  # (path, key) -> a program that could not be kept on disk
+_MEMORY: dict[
+    tuple[str, str], object
+] = {}  # (path, key) -> a program that could not be kept on disk
 _WARNED: set[str] = set()
 
 
@@ -105,7 +129,7 @@ def _warn_once(message: str) -> None:
 
 
 def _manifest(path: str) -> str:
-    return path[:-len(".pt2")] + ".json"
+    return path[: -len(".pt2")] + ".json"
 
 
 def _sha256(path: str) -> str:
@@ -141,11 +165,15 @@ def untrusted_cache(folder: str) -> str | None:
     except OSError as e:
         return f"the compiled-decode cache {folder} cannot be created ({e.strerror}): set ZEROLM_CACHE=DIR to a folder of your own"
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        return (f"the compiled-decode cache {folder} belongs to another user, so it is not used: "
-                "set ZEROLM_CACHE=DIR to a folder of your own")
+        return (
+            f"the compiled-decode cache {folder} belongs to another user, so it is not used: "
+            "set ZEROLM_CACHE=DIR to a folder of your own"
+        )
     if st.st_mode & 0o022:
-        return (f"the compiled-decode cache {folder} is writable by other users, so it is not used: "
-                f"run `chmod go-w {folder}` or set ZEROLM_CACHE=DIR to a folder of your own")
+        return (
+            f"the compiled-decode cache {folder} is writable by other users, so it is not used: "
+            f"run `chmod go-w {folder}` or set ZEROLM_CACHE=DIR to a folder of your own"
+        )
     return None
 
 
@@ -168,30 +196,46 @@ def load_or_compile(model, ids: torch.Tensor, cache: KVCache, folder: str | None
                 program = torch._inductor.aoti_load_package(path)
                 with contextlib.suppress(OSError):
                     os.utime(path)  # recently used: kept
-                log.info("loaded the compiled decode step for batch size %d from %s", ids.shape[0], path)
+                log.info(
+                    "loaded the compiled decode step for batch size %d from %s", ids.shape[0], path
+                )
                 return program
         except Exception as e:  # a damaged file: compile afresh over it
             bad = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("could not load %s: %s; compiling again", path, bad)
     blocked = [p for p in (path, _manifest(path)) if os.path.lexists(p) and not os.path.isfile(p)]
-    if problem is None and blocked:  # e.g. a directory there: os.replace cannot put a file in its place
+    if (
+        problem is None and blocked
+    ):  # e.g. a directory there: os.replace cannot put a file in its place
         problem = f"the compiled-decode cache entry {blocked[0]} is not a file and cannot be replaced: remove it"
     elif problem is None and not os.access(folder, os.W_OK):
-        problem = (f"the compiled-decode cache {folder} is not writable, so compiled steps are not kept for later "
-                   "runs: set ZEROLM_CACHE=DIR to a writable folder")
+        problem = (
+            f"the compiled-decode cache {folder} is not writable, so compiled steps are not kept for later "
+            "runs: set ZEROLM_CACHE=DIR to a writable folder"
+        )
     if problem is not None:
         _warn_once(problem + " (meanwhile the decode step is compiled once per process)")
-    log.info("compiling the decode step for batch size %d (20-60 s; a C++ compiler is needed)", ids.shape[0])
+    log.info(
+        "compiling the decode step for batch size %d (20-60 s; a C++ compiler is needed)",
+        ids.shape[0],
+    )
     k, v = [torch.zeros_like(t) for t in cache.k], [torch.zeros_like(t) for t in cache.v]
     S = torch.export.Dim("S", min=2, max=cache.max_len - 1)
     pos, span = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device), torch.empty(2)
     with torch.no_grad():
-        exported = torch.export.export(_DecodeStep(model), (ids, pos, span, k, v),
-                                       dynamic_shapes=({}, {}, {0: S}, [{}] * len(k), [{}] * len(v)))
-    with tempfile.TemporaryDirectory(prefix=COMPILING, dir=None if problem else folder) as tmp:  # private (0700)
+        exported = torch.export.export(
+            _DecodeStep(model),
+            (ids, pos, span, k, v),
+            dynamic_shapes=({}, {}, {0: S}, [{}] * len(k), [{}] * len(v)),
+        )
+    with tempfile.TemporaryDirectory(
+        prefix=COMPILING, dir=None if problem else folder
+    ) as tmp:  # private (0700)
         step = os.path.join(tmp, "step.pt2")
         # a copy of the options: AOTInductor adds its own keys to the dict it is given (and so to the key)
-        torch._inductor.aoti_compile_and_package(exported, package_path=step, inductor_configs=dict(COMPILE_OPTIONS))
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=step, inductor_configs=dict(COMPILE_OPTIONS)
+        )
         if problem is None:
             try:
                 digest = _sha256(step)
@@ -201,9 +245,13 @@ def load_or_compile(model, ids: torch.Tensor, cache: KVCache, folder: str | None
                 _prune(folder)
                 return torch._inductor.aoti_load_package(path)
             except OSError as e:
-                _warn_once(f"the compiled-decode cache entry {path} cannot be written ({e.strerror}): remove it "
-                           "(meanwhile the decode step is compiled once per process)")
-        _MEMORY[path, key] = program = torch._inductor.aoti_load_package(step if os.path.exists(step) else path)
+                _warn_once(
+                    f"the compiled-decode cache entry {path} cannot be written ({e.strerror}): remove it "
+                    "(meanwhile the decode step is compiled once per process)"
+                )
+        _MEMORY[path, key] = program = torch._inductor.aoti_load_package(
+            step if os.path.exists(step) else path
+        )
         while len(_MEMORY) > PROGRAMS_KEPT:  # each holds its model's weights
             del _MEMORY[next(iter(_MEMORY))]
     return program

@@ -7,6 +7,7 @@ every row computes what it would alone (infer/kv_cache.py).
 Context policy: a prompt that leaves no room for max_new_tokens within max_seq_len is cut from
 the left (keeping its end) with a warning, or rejected (`context="error"`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,12 +32,15 @@ class GenerateRequest:
     context: str = "truncate"  # or "error"
 
 
-def fit_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int, max_new_tokens: int,
-                context: str) -> list[list[int]]:
+def fit_prompts(
+    prompts: Sequence[Sequence[int]], max_seq_len: int, max_new_tokens: int, context: str
+) -> list[list[int]]:
     if not prompts:
         raise ValueError("no prompts given")
     if not 1 <= max_new_tokens < max_seq_len:
-        raise ValueError(f"max_new_tokens must be in [1, {max_seq_len - 1}] for a model with max_seq_len={max_seq_len}")
+        raise ValueError(
+            f"max_new_tokens must be in [1, {max_seq_len - 1}] for a model with max_seq_len={max_seq_len}"
+        )
     room = max_seq_len - max_new_tokens
     out = []
     for i, p in enumerate(prompts):
@@ -45,10 +49,18 @@ def fit_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int, max_new_toke
             raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the bos token)")
         if len(p) > room:
             if context == "error":
-                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} only {room} "
-                                 f"fit in max_seq_len={max_seq_len}: shorten it or lower max_new_tokens")
-            log.warning("prompt %d: %d tokens; keeping the last %d to fit max_seq_len=%d with %d new tokens",
-                        i, len(p), room, max_seq_len, max_new_tokens)
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} only {room} "
+                    f"fit in max_seq_len={max_seq_len}: shorten it or lower max_new_tokens"
+                )
+            log.warning(
+                "prompt %d: %d tokens; keeping the last %d to fit max_seq_len=%d with %d new tokens",
+                i,
+                len(p),
+                room,
+                max_seq_len,
+                max_new_tokens,
+            )
             p = p[-room:]
         out.append(p)
     return out
@@ -110,7 +122,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.compiled = compile
         self.program_dir = program_dir
-        self._programs: dict[tuple, object] = {}  # (batch size, cache shape, dtype) -> compiled step
+        self._programs: dict[
+            tuple, object
+        ] = {}  # (batch size, cache shape, dtype) -> compiled step
 
     def _last_logits(self, ids, cache, rows):
         """Eager: (B, T) tokens into cache slots `rows` -> (B, V) logits of the last position only."""
@@ -124,10 +138,13 @@ class Engine:
             try:
                 self._programs[key] = load_or_compile(self.model, ids, cache, self.program_dir)
             except Exception as e:  # any failure leaves eager decoding, which is always right
-                log.warning("compiling the decode step failed, decoding eagerly instead (same tokens, about half "
-                            "the speed): %s: %s. Compiling needs a C++ compiler (g++ or clang++; CXX=... "
-                            "names one); without --compile this message goes away.", type(e).__name__,
-                            str(e).strip().splitlines()[0] if str(e).strip() else "")
+                log.warning(
+                    "compiling the decode step failed, decoding eagerly instead (same tokens, about half "
+                    "the speed): %s: %s. Compiling needs a C++ compiler (g++ or clang++; CXX=... "
+                    "names one); without --compile this message goes away.",
+                    type(e).__name__,
+                    str(e).strip().splitlines()[0] if str(e).strip() else "",
+                )
                 self.compiled = False
                 return None
         return self._programs[key]
@@ -148,21 +165,26 @@ class Engine:
         return out
 
     @torch.inference_mode()
-    def stream(self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()
-               ) -> Iterator[dict[int, int]]:
+    def stream(
+        self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()
+    ) -> Iterator[dict[int, int]]:
         """Yield {row: new token id} each step for the rows still generating."""
         cfg = self.model.cfg
         req.sampling.validate()
         prompts = fit_prompts(prompts, cfg.max_seq_len, req.max_new_tokens, req.context)
         B, dev = len(prompts), self.device
-        cache = KVCache.for_model(self.model, B, None if self.compiled else max(map(len, prompts)) + req.max_new_tokens)
+        cache = KVCache.for_model(
+            self.model, B, None if self.compiled else max(map(len, prompts)) + req.max_new_tokens
+        )
         logits = self.prefill(prompts, cache)  # (B, V)
         sp = req.sampling
         counts = None  # (B, V) token occurrences, kept only when a penalty needs them
         if (sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty) != (1.0, 0.0, 0.0):
             counts = torch.zeros(B, cfg.vocab_size, dtype=torch.long, device=dev)
             for r, p in enumerate(prompts):
-                counts[r].index_add_(0, torch.tensor(p, device=dev), torch.ones(len(p), dtype=torch.long, device=dev))
+                counts[r].index_add_(
+                    0, torch.tensor(p, device=dev), torch.ones(len(p), dtype=torch.long, device=dev)
+                )
         gen = torch.Generator(device=dev)
         if req.seed is not None:
             gen.manual_seed(req.seed)
@@ -175,13 +197,17 @@ class Engine:
             ids = nxt.tolist()
             yield {r: ids[r] for r in range(B) if active[r]}
             if counts is not None:
-                counts.scatter_add_(1, nxt[:, None], torch.tensor(active, device=dev)[:, None].long())
+                counts.scatter_add_(
+                    1, nxt[:, None], torch.tensor(active, device=dev)[:, None].long()
+                )
             active = [a and i not in stops for a, i in zip(active, ids)]
             if not any(active) or t == req.max_new_tokens - 1:
                 return
             logits = self.decode(nxt[:, None], cache)  # finished rows decode on, unseen
 
-    def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache, slots: Sequence[int] | None = None):
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], cache: KVCache, slots: Sequence[int] | None = None
+    ):
         """Run each prompt into its cache slot (default: slot i for prompt i), prompts of equal
         length in one call; return the (len(prompts), V) logits of their last tokens."""
         slots = list(range(len(prompts))) if slots is None else list(slots)
@@ -198,7 +224,9 @@ class Engine:
             out[group] = logits
         return out
 
-    def generate(self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()
+    ) -> list[list[int]]:
         """New token ids per prompt (a stop token, if hit, is included as the last id)."""
         out: list[list[int]] = [[] for _ in prompts]
         for step in self.stream(prompts, req):

@@ -10,6 +10,7 @@ slots masked out. A freed slot is reused after `reset(slot)`; nothing needs clea
 as a slice are read as views; rows given as a tensor of slot ids are gathered (a copy per layer),
 so a caller decoding many steps keeps its live sequences in slots 0..n-1 (`move`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,11 +27,28 @@ def decode_mask(positions: torch.Tensor, span, window: int = 0) -> torch.Tensor:
 
 
 class KVCache:
-    def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype=torch.float32, device=None):
-        shape = (slots, n_kv_heads, max_len, head_dim)  # a tensor per layer: the inputs a compiled step
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # writes in place
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # (infer/compiled.py)
+    def __init__(
+        self,
+        n_layers: int,
+        slots: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype=torch.float32,
+        device=None,
+    ):
+        shape = (
+            slots,
+            n_kv_heads,
+            max_len,
+            head_dim,
+        )  # a tensor per layer: the inputs a compiled step
+        self.k = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)
+        ]  # writes in place
+        self.v = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)
+        ]  # (infer/compiled.py)
         self.lengths = [0] * slots
         self.slots, self.max_len = slots, max_len
         self._call = None
@@ -39,10 +57,19 @@ class KVCache:
     def for_model(cls, model, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
         cfg = model.cfg
         if max_len is not None and max_len > cfg.max_seq_len:
-            raise ValueError(f"a cache of {max_len} positions exceeds the model's max_seq_len={cfg.max_seq_len}")
+            raise ValueError(
+                f"a cache of {max_len} positions exceeds the model's max_seq_len={cfg.max_seq_len}"
+            )
         param = next(model.parameters())
-        return cls(cfg.n_layers, slots, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads,
-                   dtype or param.dtype, param.device)
+        return cls(
+            cfg.n_layers,
+            slots,
+            cfg.n_kv_heads,
+            max_len or cfg.max_seq_len,
+            cfg.d_model // cfg.n_heads,
+            dtype or param.dtype,
+            param.device,
+        )
 
     def _slots(self, rows: torch.Tensor | slice) -> list[int]:
         return list(range(self.slots)[rows]) if isinstance(rows, slice) else rows.tolist()
@@ -55,8 +82,10 @@ class KVCache:
         lens = [self.lengths[s] for s in slots]
         first, last = min(lens), max(lens)
         if T > 1 and first != last:
-            raise ValueError(f"a {T}-token call needs its rows at one length; they are at {lens}: "
-                             "prefill sequences one at a time (or those of equal length together)")
+            raise ValueError(
+                f"a {T}-token call needs its rows at one length; they are at {lens}: "
+                "prefill sequences one at a time (or those of equal length together)"
+            )
         span = last + T  # S: keys attended
         if span > self.max_len:
             raise ValueError(f"KV cache full: {span} positions needed, {self.max_len} allocated")
@@ -64,9 +93,13 @@ class KVCache:
         start = None if first == last else torch.tensor(lens, device=dev)  # (B,) when rows differ
         self._call = (rows, slots, start, first, T, span)
         new = torch.arange(T, device=dev)
-        positions = (first + new).expand(len(slots), T) if start is None else start[:, None] + new  # (B, T)
+        positions = (
+            (first + new).expand(len(slots), T) if start is None else start[:, None] + new
+        )  # (B, T)
         if T == 1:  # row b sees its own keys 0..start[b]
-            return positions, None if start is None and not window else decode_mask(positions, span, window)
+            return positions, None if start is None and not window else decode_mask(
+                positions, span, window
+            )
         if first == 0 and not window:
             return positions, None  # plain causal
         k = torch.arange(span, device=dev)  # key slots

@@ -10,6 +10,7 @@ of overflowing (1 / 5e-324 is inf even in float64; inf - inf and 0 * inf are NaN
 temperature divides logits shifted so that the row's top one is 0, and temperatures below
 GREEDY_BELOW are greedy.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,14 @@ def _saturate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.clamp(-big, big)
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, *, repetition: float = 1.0,
-                    presence: float = 0.0, frequency: float = 0.0) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    repetition: float = 1.0,
+    presence: float = 0.0,
+    frequency: float = 0.0,
+) -> torch.Tensor:
     """Penalise tokens already seen; `counts` (B, V) = occurrences so far (prompt + generated).
 
     Repetition (HF/CTRL): for seen tokens, positive logits are divided by `repetition`,
@@ -42,7 +49,9 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, *, repetition: f
     beyond the dtype's range saturates at its largest finite value.
     """
     if counts.shape != logits.shape:
-        raise ValueError(f"counts shape {tuple(counts.shape)} must equal logits shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"counts shape {tuple(counts.shape)} must equal logits shape {tuple(logits.shape)}"
+        )
     if repetition == 1.0 and presence == 0.0 and frequency == 0.0:
         return logits.clone()
     seen = counts > 0  # (B, V)
@@ -63,7 +72,9 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     shifted so that its largest logit is 0 (softmax does not change), so nothing overflows to +inf
     and the top token always keeps a finite score."""
     if not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number > 0 to scale logits, got {temperature}")
+        raise ValueError(
+            f"temperature must be a finite number > 0 to scale logits, got {temperature}"
+        )
     shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)  # (B, V), <= 0
     return (shifted / temperature).to(logits.dtype)  # (B, V)
 
@@ -123,8 +134,10 @@ class SamplingParams:
         """Raise ValueError naming the bad field and its valid range; every value accepted here
         samples a valid id without NaN from finite logits."""
         if not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0 (below {GREEDY_BELOW} = greedy), "
-                             f"got {self.temperature}")
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (below {GREEDY_BELOW} = greedy), "
+                f"got {self.temperature}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -132,23 +145,35 @@ class SamplingParams:
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1) (0 = disabled), got {self.min_p}")
         if not 0 < self.repetition_penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = disabled), "
-                             f"got {self.repetition_penalty}")
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0 (1 = disabled), "
+                f"got {self.repetition_penalty}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number (0 = disabled), got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be a finite number (0 = disabled), got {getattr(self, name)}"
+                )
 
 
-def _penalised(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None) -> torch.Tensor:
+def _penalised(
+    logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None
+) -> torch.Tensor:
     out = logits.float()  # (B, V)
     if counts is None:
         return out
-    return apply_penalties(out, counts, repetition=params.repetition_penalty, presence=params.presence_penalty,
-                           frequency=params.frequency_penalty)
+    return apply_penalties(
+        out,
+        counts,
+        repetition=params.repetition_penalty,
+        presence=params.presence_penalty,
+        frequency=params.frequency_penalty,
+    )
 
 
-def filtered_logits(logits: torch.Tensor, params: SamplingParams,
-                    counts: torch.Tensor | None = None) -> torch.Tensor:
+def filtered_logits(
+    logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Float32 logits after, in this order: penalties (if `counts` given) -> temperature ->
     top-k -> top-p -> min-p. Penalties act on raw scores (as in HF and vLLM) and the
     filters see the tempered distribution. A greedy temperature skips the scaling."""
@@ -161,8 +186,12 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams,
     return min_p_filter(out, params.min_p)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           counts: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Next token per row, (B,) long. Greedy argmax when params.greedy (penalties still apply,
     the generator is untouched); otherwise a draw from softmax(filtered_logits)."""
     params.validate()

@@ -13,6 +13,7 @@ tokens, eos included), the best k that do not end in eos run on; a source stops 
 beam can beat its worst finished hypothesis at the current length; at max_new_tokens the running
 beams are finished as they are. Outputs are new token ids, with eos last when it was produced.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -29,18 +30,33 @@ class Seq2SeqCache:
 
     def __init__(self, self_attn: KVCache):
         self.self_attn = self_attn
-        self.cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (N, H, S, Dh) x 2
-        self.cross_mask: torch.Tensor | None = None  # (N, 1, 1, S) allowed source positions; None: all
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+            None  # per layer (N, H, S, Dh) x 2
+        )
+        self.cross_mask: torch.Tensor | None = (
+            None  # (N, 1, 1, S) allowed source positions; None: all
+        )
 
     @classmethod
     def for_model(cls, model, rows: int, max_len: int, dtype=None) -> Seq2SeqCache:
         cfg = model.cfg
         if max_len > cfg.max_seq_len:
-            raise ValueError(f"a target of {max_len} positions exceeds the model's max_seq_len={cfg.max_seq_len}: "
-                             "lower max_new_tokens")
+            raise ValueError(
+                f"a target of {max_len} positions exceeds the model's max_seq_len={cfg.max_seq_len}: "
+                "lower max_new_tokens"
+            )
         param = next(model.parameters())
-        return cls(KVCache(len(model.decoder.blocks), rows, cfg.n_kv_heads, max_len, cfg.d_model // cfg.n_heads,
-                           dtype or param.dtype, param.device))
+        return cls(
+            KVCache(
+                len(model.decoder.blocks),
+                rows,
+                cfg.n_kv_heads,
+                max_len,
+                cfg.d_model // cfg.n_heads,
+                dtype or param.dtype,
+                param.device,
+            )
+        )
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep rows idx (N',) in that order (dropping finished rows)."""
@@ -56,26 +72,40 @@ class Seq2SeqCache:
         self.self_attn.reorder(idx, n)
 
 
-def _check(model, sources: Sequence[Sequence[int]], max_new_tokens: int, bos: int, eos: int,
-           sampling: SamplingParams | None) -> None:
+def _check(
+    model,
+    sources: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    bos: int,
+    eos: int,
+    sampling: SamplingParams | None,
+) -> None:
     cfg = model.cfg
     if sampling is not None:
         sampling.validate()
     if cfg.arch != "encdec":
-        raise ValueError(f"seq2seq generation needs an encoder-decoder model (arch encdec), not {cfg.arch!r}; "
-                         "use infer.engine.Engine for decoders")
+        raise ValueError(
+            f"seq2seq generation needs an encoder-decoder model (arch encdec), not {cfg.arch!r}; "
+            "use infer.engine.Engine for decoders"
+        )
     if not sources:
         raise ValueError("no sources given")
     for i, s in enumerate(sources):
         if not s:
             raise ValueError(f"source {i} is empty: give at least one token (e.g. eos)")
         if len(s) > cfg.max_seq_len:
-            raise ValueError(f"source {i} has {len(s)} tokens; the model reads at most max_seq_len={cfg.max_seq_len}")
+            raise ValueError(
+                f"source {i} has {len(s)} tokens; the model reads at most max_seq_len={cfg.max_seq_len}"
+            )
     for name, tok in (("bos", bos), ("eos", eos)):
         if not 0 <= tok < cfg.vocab_size:
-            raise ValueError(f"{name}={tok} is not a token id of this model (vocabulary of {cfg.vocab_size})")
+            raise ValueError(
+                f"{name}={tok} is not a token id of this model (vocabulary of {cfg.vocab_size})"
+            )
     if not 1 <= max_new_tokens <= cfg.max_seq_len:
-        raise ValueError(f"max_new_tokens must be in [1, {cfg.max_seq_len}] (the model's max_seq_len)")
+        raise ValueError(
+            f"max_new_tokens must be in [1, {cfg.max_seq_len}] (the model's max_seq_len)"
+        )
 
 
 def pad_sources(sources: Sequence[Sequence[int]], device=None, pad: int = 0):
@@ -99,12 +129,22 @@ def _encode(model, sources, k: int = 1):
     return memory, mask
 
 
-def _steps(model, sources, bos: int, eos: int, max_new_tokens: int, sampling: SamplingParams | None,
-           seed: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _steps(
+    model,
+    sources,
+    bos: int,
+    eos: int,
+    max_new_tokens: int,
+    sampling: SamplingParams | None,
+    seed: int | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Greedy / sampled decoding: yield (rows (N',) source index, tokens (N',)) per step for the
     rows still generating."""
-    penalties = sampling is not None and (sampling.repetition_penalty, sampling.presence_penalty,
-                                          sampling.frequency_penalty) != (1.0, 0.0, 0.0)
+    penalties = sampling is not None and (
+        sampling.repetition_penalty,
+        sampling.presence_penalty,
+        sampling.frequency_penalty,
+    ) != (1.0, 0.0, 0.0)
     if sampling is not None and sampling.temperature == 0 and not penalties:
         sampling = None  # plain argmax
     memory, mask = _encode(model, sources)
@@ -123,7 +163,9 @@ def _steps(model, sources, bos: int, eos: int, max_new_tokens: int, sampling: Sa
     for step in range(max_new_tokens):
         logits = model.logits(model.decode(tok, memory, mask, cache=cache)[:, -1])  # (N, V)
         memory = None  # the cache holds its cross-attention keys/values now
-        nxt = logits.argmax(-1) if sampling is None else sample(logits, sampling, gen, counts)  # (N,)
+        nxt = (
+            logits.argmax(-1) if sampling is None else sample(logits, sampling, gen, counts)
+        )  # (N,)
         yield rows, nxt
         if step == max_new_tokens - 1:
             return
@@ -140,8 +182,16 @@ def _steps(model, sources, bos: int, eos: int, max_new_tokens: int, sampling: Sa
         tok = nxt[:, None]
 
 
-def stream(model, sources: Sequence[Sequence[int]], *, bos: int, eos: int, max_new_tokens: int,
-           sampling: SamplingParams | None = None, seed: int | None = None) -> Iterator[dict[int, int]]:
+def stream(
+    model,
+    sources: Sequence[Sequence[int]],
+    *,
+    bos: int,
+    eos: int,
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    seed: int | None = None,
+) -> Iterator[dict[int, int]]:
     """Greedy or sampled decoding, yielding {source index: new token id} each step for the sources
     still generating (a source's last token is eos, or its max_new_tokens-th)."""
     _check(model, sources, max_new_tokens, bos, eos, sampling)
@@ -150,7 +200,9 @@ def stream(model, sources: Sequence[Sequence[int]], *, bos: int, eos: int, max_n
         was_training = model.training
         try:
             with torch.inference_mode():
-                for rows, nxt in _steps(model.eval(), sources, bos, eos, max_new_tokens, sampling, seed):
+                for rows, nxt in _steps(
+                    model.eval(), sources, bos, eos, max_new_tokens, sampling, seed
+                ):
                     yield dict(zip(rows.tolist(), nxt.tolist()))
         finally:
             model.train(was_training)
@@ -159,9 +211,18 @@ def stream(model, sources: Sequence[Sequence[int]], *, bos: int, eos: int, max_n
 
 
 @torch.inference_mode()
-def generate(model, sources: Sequence[Sequence[int]], *, bos: int, eos: int, max_new_tokens: int,
-             beam: int = 1, length_penalty: float = 1.0, sampling: SamplingParams | None = None,
-             seed: int | None = None) -> list[list[int]]:
+def generate(
+    model,
+    sources: Sequence[Sequence[int]],
+    *,
+    bos: int,
+    eos: int,
+    max_new_tokens: int,
+    beam: int = 1,
+    length_penalty: float = 1.0,
+    sampling: SamplingParams | None = None,
+    seed: int | None = None,
+) -> list[list[int]]:
     """New token ids for each source (eos included as the last id when produced).
 
     bos: the decoder start token; beam >= 2: beam search (deterministic: sampling must be None or
@@ -170,7 +231,9 @@ def generate(model, sources: Sequence[Sequence[int]], *, bos: int, eos: int, max
     if beam < 1:
         raise ValueError(f"beam must be >= 1 (1: no beam search), got {beam}")
     if beam > 1 and sampling is not None and sampling.temperature != 0:
-        raise ValueError("beam search is deterministic: use sampling=None (or temperature 0) with beam >= 2")
+        raise ValueError(
+            "beam search is deterministic: use sampling=None (or temperature 0) with beam >= 2"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -178,14 +241,18 @@ def generate(model, sources: Sequence[Sequence[int]], *, bos: int, eos: int, max
             return _beam_search(model, sources, bos, eos, max_new_tokens, beam, length_penalty)
         dev = next(model.parameters()).device
         out = torch.full((len(sources), max_new_tokens), -1, dtype=torch.long, device=dev)
-        for step, (rows, nxt) in enumerate(_steps(model, sources, bos, eos, max_new_tokens, sampling, seed)):
+        for step, (rows, nxt) in enumerate(
+            _steps(model, sources, bos, eos, max_new_tokens, sampling, seed)
+        ):
             out[rows, step] = nxt
         return [[t for t in row if t >= 0] for row in out.tolist()]
     finally:
         model.train(was_training)
 
 
-def _beam_search(model, sources, bos: int, eos: int, max_new: int, k: int, lp: float) -> list[list[int]]:
+def _beam_search(
+    model, sources, bos: int, eos: int, max_new: int, k: int, lp: float
+) -> list[list[int]]:
     memory, mask = _encode(model, sources, k)
     B, dev, V = len(sources), memory.device, model.cfg.vocab_size
     cache = Seq2SeqCache.for_model(model, B * k, max_new)
@@ -204,7 +271,9 @@ def _beam_search(model, sources, bos: int, eos: int, max_new: int, k: int, lp: f
     for t in range(max_new):
         logits = model.logits(model.decode(tok, memory, mask, cache=cache)[:, -1])  # (N, V)
         memory = None
-        logp = torch.log_softmax(logits.float(), dim=-1).view(-1, k, V) + run_score[:, :, None]  # (B, k, V)
+        logp = (
+            torch.log_softmax(logits.float(), dim=-1).view(-1, k, V) + run_score[:, :, None]
+        )  # (B, k, V)
         top, index = logp.view(-1, k * V).topk(2 * k, dim=1)  # (B, 2k)
         origin, token = index // V, index % V  # (B, 2k) beam continued, token appended
         seq = run_seq.gather(1, origin[:, :, None].expand(-1, -1, max_new))  # (B, 2k, max_new)
@@ -213,10 +282,14 @@ def _beam_search(model, sources, bos: int, eos: int, max_new: int, k: int, lp: f
         # finished: the first k candidates that end, length-normalised, merged with the best so far
         ends = hits & first_k  # (B, 2k)
         if bool(ends.any()):  # most steps finish nothing
-            score = torch.cat([fin_score, top / (t + 1) ** lp - 1e9 * (~ends).float()], 1)  # (B, 3k)
+            score = torch.cat(
+                [fin_score, top / (t + 1) ** lp - 1e9 * (~ends).float()], 1
+            )  # (B, 3k)
             best = score.topk(k, dim=1).indices  # (B, k)
             fin_score = score.gather(1, best)
-            fin_seq = torch.cat([fin_seq, seq], 1).gather(1, best[:, :, None].expand(-1, -1, max_new))
+            fin_seq = torch.cat([fin_seq, seq], 1).gather(
+                1, best[:, :, None].expand(-1, -1, max_new)
+            )
             fin_len = torch.cat([fin_len, torch.full_like(token, t + 1)], 1).gather(1, best)
             fin_done = torch.cat([fin_done, ends], 1).gather(1, best)
         if t == max_new - 1:
@@ -225,11 +298,15 @@ def _beam_search(model, sources, bos: int, eos: int, max_new: int, k: int, lp: f
         live = (top - 1e9 * hits.float()).topk(k, dim=1)  # (B, k)
         run_score, pick = live.values, live.indices
         run_seq = seq.gather(1, pick[:, :, None].expand(-1, -1, max_new))
-        parent = origin.gather(1, pick) + torch.arange(ids.shape[0], device=dev)[:, None] * k  # (B, k) rows
+        parent = (
+            origin.gather(1, pick) + torch.arange(ids.shape[0], device=dev)[:, None] * k
+        )  # (B, k) rows
         cache.reorder(parent.view(-1), t + 1)
         tok = token.gather(1, pick).view(-1, 1)
         # a source stays open while a running beam, at its current length, beats its worst finished one
-        worst = torch.where(fin_done, fin_score, torch.full_like(fin_score, -1e9)).min(1).values  # (B,)
+        worst = (
+            torch.where(fin_done, fin_score, torch.full_like(fin_score, -1e9)).min(1).values
+        )  # (B,)
         open_ = run_score[:, 0] / (t + 1) ** lp > worst
         if not bool(open_.all()):  # drop closed sources: their best hypotheses are final
             done = (~open_).nonzero().squeeze(1)
@@ -241,7 +318,12 @@ def _beam_search(model, sources, bos: int, eos: int, max_new: int, k: int, lp: f
             cache.select(rows)
             mask, tok = mask[rows], tok[rows]
             ids, run_seq, run_score = ids[keep], run_seq[keep], run_score[keep]
-            fin_seq, fin_score, fin_len, fin_done = fin_seq[keep], fin_score[keep], fin_len[keep], fin_done[keep]
+            fin_seq, fin_score, fin_len, fin_done = (
+                fin_seq[keep],
+                fin_score[keep],
+                fin_len[keep],
+                fin_done[keep],
+            )
     out_seq[ids], out_len[ids] = fin_seq[:, 0], fin_len[:, 0]
     return _rows(out_seq, out_len)
 

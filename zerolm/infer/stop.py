@@ -1,4 +1,5 @@
 """Stop strings on streamed text. The engine speaks token ids; this lives at the text edge."""
+
 from __future__ import annotations
 
 

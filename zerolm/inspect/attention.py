@@ -1,4 +1,5 @@
 """Attention weights of one layer: what each token looks at (the web UI's heatmap)."""
+
 from __future__ import annotations
 
 import math
@@ -22,10 +23,18 @@ def attention_weights(model, ids: list[int], layer: int) -> torch.Tensor:
         raise ValueError(f"layer must be in [0, {cfg.n_layers - 1}], got {layer}")
     if not 1 <= len(ids) <= cfg.max_seq_len:
         raise ValueError(f"give 1 to {cfg.max_seq_len} tokens (the model's window), got {len(ids)}")
-    bad = next((j for j, t in enumerate(ids) if isinstance(t, bool) or not isinstance(t, int)
-                or not 0 <= t < cfg.vocab_size), None)
+    bad = next(
+        (
+            j
+            for j, t in enumerate(ids)
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size
+        ),
+        None,
+    )
     if bad is not None:
-        raise ValueError(f"token {bad} is {ids[bad]!r}: token ids must be integers in [0, {cfg.vocab_size})")
+        raise ValueError(
+            f"token {bad} is {ids[bad]!r}: token ids must be integers in [0, {cfg.vocab_size})"
+        )
     dev, T = next(model.parameters()).device, len(ids)
     pos = torch.arange(T, device=dev)
     x, rope = model.embed(torch.tensor([ids], device=dev), pos)  # (1, T, D)

@@ -4,6 +4,7 @@ A model directory holds `config.json` (the resolved model config), `model.safete
 tokenizer files. Models are built on the meta device, then initialised or loaded with
 `load_state_dict(assign=True)` from memory-mapped safetensors (never pickles).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,15 @@ from zerolm.files import atomic_save_tensors, atomic_write_text
 from zerolm.model.presets import PRESETS, resolve
 from zerolm.model.transformer import Transformer
 
-__all__ = ["PRESETS", "Transformer", "build_model", "load_model", "model_class", "resolve", "save_model"]
+__all__ = [
+    "PRESETS",
+    "Transformer",
+    "build_model",
+    "load_model",
+    "model_class",
+    "resolve",
+    "save_model",
+]
 
 
 def model_class(cfg: ModelConfig):
@@ -63,12 +72,16 @@ def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
 def read_model_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"no model at {str(model_dir)!r}: expected config.json + model.safetensors "
-                         "(train one with `zerolm pretrain`, or `zerolm import --from hf DIR`)")
+        raise ValueError(
+            f"no model at {str(model_dir)!r}: expected config.json + model.safetensors "
+            "(train one with `zerolm pretrain`, or `zerolm import --from hf DIR`)"
+        )
     raw = json.loads(path.read_text(encoding="utf-8"))
     if "zerolm_model" not in raw:
-        raise ValueError(f"{path} is not a zerolm model config; for a transformers checkpoint run "
-                         f"`zerolm import --from hf {model_dir}`")
+        raise ValueError(
+            f"{path} is not a zerolm model config; for a transformers checkpoint run "
+            f"`zerolm import --from hf {model_dir}`"
+        )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     return resolve(ModelConfig(**{k: v for k, v in raw["zerolm_model"].items() if k in fields}))
 
@@ -80,14 +93,26 @@ def load_state(model, state: dict, source: str = "checkpoint", assign: bool = Tr
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or extra or shapes:
-        detail = "; ".join(filter(None, [
-            f"missing {missing[:4]}" if missing else "", f"unexpected {extra[:4]}" if extra else "",
-            f"shape mismatch {shapes[:4]}" if shapes else ""]))
-        raise ValueError(f"{source} does not fit this model config ({detail}); "
-                         "use the config the checkpoint was trained with")
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"missing {missing[:4]}" if missing else "",
+                    f"unexpected {extra[:4]}" if extra else "",
+                    f"shape mismatch {shapes[:4]}" if shapes else "",
+                ],
+            )
+        )
+        raise ValueError(
+            f"{source} does not fit this model config ({detail}); "
+            "use the config the checkpoint was trained with"
+        )
     model.load_state_dict(state, strict=True, assign=assign)
 
 

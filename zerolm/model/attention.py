@@ -4,6 +4,7 @@ cross-attention to an encoder memory (keys/values given, projected once per sour
 Legend: B batch, T new tokens, S cached + new positions (or memory positions), H query heads,
 K kv heads, Dh head size.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,10 +44,13 @@ def attend(q, k, v, mask=None, dropout_p: float = 0.0):
     (T == 1), which Inductor then fuses into its own kernels: 8 % more tokens/s at 58 M than a
     call of the fused attention kernel per layer."""
     T, S = q.shape[2], k.shape[2]
-    explicit = (q.dtype == torch.bfloat16 and S <= EXPLICIT_MAX_S) or (T == 1 and torch.compiler.is_compiling())
+    explicit = (q.dtype == torch.bfloat16 and S <= EXPLICIT_MAX_S) or (
+        T == 1 and torch.compiler.is_compiling()
+    )
     if q.device.type != "cpu" or not explicit:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                              dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=dropout_p
+        )
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, T, S)
     if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -76,7 +80,10 @@ class Attention(nn.Module):
         k = self.k(memory).view(B, S, self.kv, self.dh).transpose(1, 2)  # (B, K, S, Dh)
         v = self.v(memory).view(B, S, self.kv, self.dh).transpose(1, 2)
         if self.kv != self.h:
-            k, v = k.repeat_interleave(self.h // self.kv, dim=1), v.repeat_interleave(self.h // self.kv, dim=1)
+            k, v = (
+                k.repeat_interleave(self.h // self.kv, dim=1),
+                v.repeat_interleave(self.h // self.kv, dim=1),
+            )
         return k.contiguous(), v.contiguous()
 
     def forward(self, x, *, rope=None, mask=None, cache=None, layer: int = 0, kv=None):
@@ -88,8 +95,15 @@ class Attention(nn.Module):
             q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
             k, v = kv  # (B, H, S, Dh)
         elif fused is not None and not torch.is_grad_enabled():
-            qkv = F.linear(x, fused[0], fused[1]).view(B, T, self.h + 2 * self.kv, self.dh).transpose(1, 2)
-            qk, v = qkv[:, : self.h + self.kv], qkv[:, self.h + self.kv :]  # (B, H+K, T, Dh), (B, K, T, Dh)
+            qkv = (
+                F.linear(x, fused[0], fused[1])
+                .view(B, T, self.h + 2 * self.kv, self.dh)
+                .transpose(1, 2)
+            )
+            qk, v = (
+                qkv[:, : self.h + self.kv],
+                qkv[:, self.h + self.kv :],
+            )  # (B, H+K, T, Dh), (B, K, T, Dh)
             if rope is not None:
                 qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
             q, k = qk[:, : self.h], qk[:, self.h :]

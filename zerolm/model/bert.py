@@ -5,6 +5,7 @@ Internal parameter names (HF names live in interop/hf_bert.py):
   tok_emb, pos_emb, seg_emb, emb_norm, blocks.{i}.{attn.{q,k,v,o},norm1,ffn.{up,down},norm2},
   norm_f (pre-norm only), mlm.{dense,norm,bias,out (untied only)}, pooler, nsp, classifier (n_labels > 0)
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,12 @@ from zerolm.model.layers import make_norm, position_buffers
 from zerolm.model.transformer import Block
 
 # the MLM head's activation for each FFN kind (SwiGLU has no single-matrix form: exact GELU, as BERT)
-ACTIVATIONS = {"relu": F.relu, "gelu": lambda x: F.gelu(x, approximate="tanh"), "gelu_erf": F.gelu, "swiglu": F.gelu}
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_erf": F.gelu,
+    "swiglu": F.gelu,
+}
 
 
 class MLMHead(nn.Module):
@@ -29,7 +35,9 @@ class MLMHead(nn.Module):
         self.act = ACTIVATIONS[cfg.ffn]
         self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.out = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.out = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x, tok_emb: torch.Tensor):  # (..., D) -> (..., V)
@@ -50,7 +58,9 @@ class Bert(nn.Module):
         self.emb_norm = make_norm(cfg.norm, d, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = make_norm(cfg.norm, d, cfg.norm_eps, cfg.bias) if cfg.norm_placement == "pre" else None
+        self.norm_f = (
+            make_norm(cfg.norm, d, cfg.norm_eps, cfg.bias) if cfg.norm_placement == "pre" else None
+        )
         self.mlm = MLMHead(cfg)
         self.pooler = nn.Linear(d, d, bias=cfg.bias)
         self.nsp = nn.Linear(d, 2, bias=cfg.bias)
@@ -78,13 +88,17 @@ class Bert(nn.Module):
         cfg = self.cfg
         T = ids.shape[1]
         if ids.shape[1] > cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}: truncate "
-                             f"inputs to {cfg.max_seq_len} tokens (including [CLS] and [SEP])")
+            raise ValueError(
+                f"sequence of {T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}: truncate "
+                f"inputs to {cfg.max_seq_len} tokens (including [CLS] and [SEP])"
+            )
         if attention_mask is None:
             keep = torch.ones(1, T, dtype=torch.bool, device=ids.device)
         else:
             keep = attention_mask.bool()  # (B, T)
-            keep = keep | ~keep.any(-1, keepdim=True)  # an all-padding row attends everywhere: finite, unused
+            keep = keep | ~keep.any(
+                -1, keepdim=True
+            )  # an all-padding row attends everywhere: finite, unused
         mask = keep[:, None, None, :]  # (B|1, 1, 1, T): allowed keys, in both directions
         x = self.tok_emb(ids)  # (B, T, D)
         if cfg.embed_scale:
@@ -100,7 +114,10 @@ class Bert(nn.Module):
         x = self.drop(x)
         rope = None
         if cfg.position == "rope":
-            rope = (self.rope_cos[None, None, :T].to(x.dtype), self.rope_sin[None, None, :T].to(x.dtype))  # (1, 1, T, Dh)
+            rope = (
+                self.rope_cos[None, None, :T].to(x.dtype),
+                self.rope_sin[None, None, :T].to(x.dtype),
+            )  # (1, 1, T, Dh)
         for block in self.blocks:
             x = block(x, rope=rope, mask=mask)
         return x if self.norm_f is None else self.norm_f(x)
@@ -121,7 +138,9 @@ class Bert(nn.Module):
     def classify_logits(self, hidden):
         """(B, T, D) -> (B, C) sequence-classification logits (dropout on the pooled output in training)."""
         if self.classifier is None:
-            raise ValueError("this bert model has no classification head: build it with --model.n_labels=C (C classes)")
+            raise ValueError(
+                "this bert model has no classification head: build it with --model.n_labels=C (C classes)"
+            )
         return self.classifier(self.drop(self.pooled(hidden)))
 
     def embed(self, hidden, attention_mask=None):

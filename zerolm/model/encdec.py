@@ -11,6 +11,7 @@ Internal parameter names (HF Marian names live in interop/hf_marian.py):
   final_logits_bias (a (V,) buffer, zeros unless imported: Marian checkpoints carry one)
 pos_emb exists for learned positions, emb_norm with embed_norm, norm_f with pre-norm.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,9 @@ class DecoderBlock(Block):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.norm_cross = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre)
+        self.norm_cross = make_norm(
+            cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre
+        )
         self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.bias, cfg.dropout)
 
     def forward(self, x, *, cross_kv, cross_mask, **attn_kw):  # (B, T, D)
@@ -48,11 +51,17 @@ class Stack(nn.Module):
 
     def __init__(self, cfg: ModelConfig, n_blocks: int, block: type[Block]):
         super().__init__()
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
-        self.emb_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
+        self.pos_emb = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        )
+        self.emb_norm = (
+            make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
+        )
         self.blocks = nn.ModuleList(block(cfg) for _ in range(n_blocks))
         pre = cfg.norm_placement == "pre"
-        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, True) if pre else None
+        self.norm_f = (
+            make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, True) if pre else None
+        )
 
 
 class EncoderDecoder(nn.Module):
@@ -64,7 +73,9 @@ class EncoderDecoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = Stack(cfg, cfg.n_layers, Block)
         self.decoder = Stack(cfg, cfg.n_decoder_layers or cfg.n_layers, DecoderBlock)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
         self.register_buffer("final_logits_bias", torch.zeros(cfg.vocab_size))
         self.reset_buffers()
 
@@ -86,14 +97,18 @@ class EncoderDecoder(nn.Module):
             if p.dim() == 1:
                 (p.fill_(1.0) if name.endswith("weight") else p.zero_())
             elif name == "tok_emb.weight":
-                p.normal_(0.0, cfg.d_model ** -0.5 if cfg.embed_scale else std, generator=generator)
+                p.normal_(0.0, cfg.d_model**-0.5 if cfg.embed_scale else std, generator=generator)
             elif name.endswith("pos_emb.weight"):
                 p.normal_(0.0, std, generator=generator)
             elif cfg.norm_placement == "post":
                 bound = math.sqrt(6.0 / (p.shape[0] + p.shape[1]))
                 p.uniform_(-bound, bound, generator=generator)
             elif name.endswith(("attn.o.weight", "ffn.down.weight")):  # incl. cross_attn.o
-                n = 2 * cfg.n_layers if name.startswith("encoder.") else 3 * len(self.decoder.blocks)
+                n = (
+                    2 * cfg.n_layers
+                    if name.startswith("encoder.")
+                    else 3 * len(self.decoder.blocks)
+                )
                 p.normal_(0.0, std / math.sqrt(n), generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)
@@ -122,8 +137,10 @@ class EncoderDecoder(nn.Module):
 
     def _check_len(self, n: int, what: str) -> None:
         if n > self.cfg.max_seq_len:
-            raise ValueError(f"{what} of {n} tokens exceeds the model's max_seq_len={self.cfg.max_seq_len}: "
-                             "shorten it (or train a model with a larger --model.max_seq_len)")
+            raise ValueError(
+                f"{what} of {n} tokens exceeds the model's max_seq_len={self.cfg.max_seq_len}: "
+                "shorten it (or train a model with a larger --model.max_seq_len)"
+            )
 
     @staticmethod
     def key_mask(src_mask, S: int, device):
@@ -131,10 +148,14 @@ class EncoderDecoder(nn.Module):
         if src_mask is None:
             return torch.ones(1, 1, 1, S, dtype=torch.bool, device=device)
         if src_mask.shape[-1] != S or src_mask.dim() != 2:
-            raise ValueError(f"src_mask must be (batch, {S}) like the source, got {tuple(src_mask.shape)}")
+            raise ValueError(
+                f"src_mask must be (batch, {S}) like the source, got {tuple(src_mask.shape)}"
+            )
         m = src_mask.bool()
         if not bool(m.any(1).all()):
-            raise ValueError("a source row has no real token (src_mask all 0): give each source at least one")
+            raise ValueError(
+                "a source row has no real token (src_mask all 0): give each source at least one"
+            )
         return m[:, None, None, :]
 
     # ------------------------------------------------------------------ API
@@ -172,16 +193,30 @@ class EncoderDecoder(nn.Module):
                 cache.cross = self.cross_kv(memory)
                 if src_mask is not None and bool(src_mask.bool().all()):
                     src_mask = None  # no padding: no mask to apply at each step
-                cache.cross_mask = None if src_mask is None else self.key_mask(src_mask, memory.shape[1], tgt.device)
+                cache.cross_mask = (
+                    None
+                    if src_mask is None
+                    else self.key_mask(src_mask, memory.shape[1], tgt.device)
+                )
             positions, self_mask = cache.self_attn.begin(None, T)
             cross, cross_mask = cache.cross, cache.cross_mask
             if cross_mask is None and T > 1:  # attend() reads mask None as causal for T > 1
-                cross_mask = torch.ones(1, 1, 1, cross[0][0].shape[2], dtype=torch.bool, device=tgt.device)
+                cross_mask = torch.ones(
+                    1, 1, 1, cross[0][0].shape[2], dtype=torch.bool, device=tgt.device
+                )
         x = self._embed(tgt, self.decoder, positions)
         rope = self._rope(positions, x.dtype)
         kv_cache = None if cache is None else cache.self_attn
         for i, block in enumerate(self.decoder.blocks):
-            x = block(x, rope=rope, mask=self_mask, cache=kv_cache, layer=i, cross_kv=cross[i], cross_mask=cross_mask)
+            x = block(
+                x,
+                rope=rope,
+                mask=self_mask,
+                cache=kv_cache,
+                layer=i,
+                cross_kv=cross[i],
+                cross_mask=cross_mask,
+            )
         if cache is not None:
             cache.self_attn.end()
         return x if self.decoder.norm_f is None else self.decoder.norm_f(x)

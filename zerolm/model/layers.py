@@ -2,6 +2,7 @@
 
 Legend: B batch, T sequence, D d_model, H heads, Dh head size, F d_ff.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):  # (B, T, D)
-        if x.dtype == torch.float32 and not torch.is_grad_enabled():  # inference: one fused op, same math
+        if (
+            x.dtype == torch.float32 and not torch.is_grad_enabled()
+        ):  # inference: one fused op, same math
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -114,4 +117,6 @@ def position_buffers(module: nn.Module, cfg) -> None:
         module.register_buffer("rope_cos", cos, persistent=False)
         module.register_buffer("rope_sin", sin, persistent=False)
     elif cfg.position == "sinusoidal":
-        module.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        module.register_buffer(
+            "pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False
+        )

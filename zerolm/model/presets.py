@@ -5,6 +5,7 @@ preset's choice and checks the shape, so the rest of the model code only ever se
 Presets and archs combine freely (an encoder-decoder with gpt2's pre-LN GELU blocks is
 `--model.arch=encdec --model.preset=gpt2`); each arch has a default preset.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,21 +14,63 @@ from zerolm.config import ModelConfig
 
 PRESETS: dict[str, dict] = {
     # the classic teaching GPT: learned positions, post-LN norm(x + f(x)), ReLU FFN, dropout
-    "simple": dict(norm="layernorm", norm_placement="post", position="learned", ffn="relu", bias=True,
-                   tie_embeddings=True, dropout=0.1, norm_eps=1e-5),
+    "simple": dict(
+        norm="layernorm",
+        norm_placement="post",
+        position="learned",
+        ffn="relu",
+        bias=True,
+        tie_embeddings=True,
+        dropout=0.1,
+        norm_eps=1e-5,
+    ),
     # GPT-2: pre-LN LayerNorm, GELU (tanh), learned positions, tied embeddings, biases
-    "gpt2": dict(norm="layernorm", norm_placement="pre", position="learned", ffn="gelu", bias=True,
-                 tie_embeddings=True, dropout=0.0, norm_eps=1e-5),
+    "gpt2": dict(
+        norm="layernorm",
+        norm_placement="pre",
+        position="learned",
+        ffn="gelu",
+        bias=True,
+        tie_embeddings=True,
+        dropout=0.0,
+        norm_eps=1e-5,
+    ),
     # LLaMA: pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases, untied head
-    "llama": dict(norm="rmsnorm", norm_placement="pre", position="rope", ffn="swiglu", bias=False,
-                  tie_embeddings=False, dropout=0.0, norm_eps=1e-5),
+    "llama": dict(
+        norm="rmsnorm",
+        norm_placement="pre",
+        position="rope",
+        ffn="swiglu",
+        bias=False,
+        tie_embeddings=False,
+        dropout=0.0,
+        norm_eps=1e-5,
+    ),
     # BERT: post-LN, exact GELU, learned positions, a LayerNorm on the embeddings, MLM head tied
-    "bert": dict(norm="layernorm", norm_placement="post", position="learned", ffn="gelu_erf", bias=True,
-                 tie_embeddings=True, dropout=0.1, norm_eps=1e-12, embed_norm=True),
+    "bert": dict(
+        norm="layernorm",
+        norm_placement="post",
+        position="learned",
+        ffn="gelu_erf",
+        bias=True,
+        tie_embeddings=True,
+        dropout=0.1,
+        norm_eps=1e-12,
+        embed_norm=True,
+    ),
     # the original Transformer (Vaswani et al. 2017): post-LN, ReLU, sinusoidal positions, embeddings
     # scaled by sqrt(d_model) and shared between encoder, decoder and output layer
-    "transformer": dict(norm="layernorm", norm_placement="post", position="sinusoidal", ffn="relu", bias=True,
-                        tie_embeddings=True, dropout=0.1, norm_eps=1e-5, embed_scale=True),
+    "transformer": dict(
+        norm="layernorm",
+        norm_placement="post",
+        position="sinusoidal",
+        ffn="relu",
+        bias=True,
+        tie_embeddings=True,
+        dropout=0.1,
+        norm_eps=1e-5,
+        embed_scale=True,
+    ),
 }
 ARCH_OF = {"bert": "bert", "transformer": "encdec"}  # a preset's arch when --model.arch is not set
 DEFAULT_PRESET = {"decoder": "llama", "bert": "bert", "encdec": "transformer"}
@@ -68,19 +111,39 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
 def check(cfg: ModelConfig) -> None:
     d, h, kv = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
     problems = [
-        (cfg.vocab_size > 0, "model.vocab_size is unset: build the model with a tokenizer or set --model.vocab_size"),
+        (
+            cfg.vocab_size > 0,
+            "model.vocab_size is unset: build the model with a tokenizer or set --model.vocab_size",
+        ),
         (min(d, cfg.n_layers, h, cfg.max_seq_len, cfg.d_ff) > 0, "model sizes must be positive"),
-        (d % h == 0, f"model.n_heads={h} does not divide model.d_model={d}; pick n_heads from "
-                     f"{[x for x in range(1, min(d, 64) + 1) if d % x == 0]}"),
-        (h % kv == 0, f"model.n_kv_heads={kv} must divide model.n_heads={h} (grouped-query attention)"),
-        (cfg.position != "rope" or (d // h) % 2 == 0, f"rope needs an even head size; d_model/n_heads = {d // h}"),
+        (
+            d % h == 0,
+            f"model.n_heads={h} does not divide model.d_model={d}; pick n_heads from "
+            f"{[x for x in range(1, min(d, 64) + 1) if d % x == 0]}",
+        ),
+        (
+            h % kv == 0,
+            f"model.n_kv_heads={kv} must divide model.n_heads={h} (grouped-query attention)",
+        ),
+        (
+            cfg.position != "rope" or (d // h) % 2 == 0,
+            f"rope needs an even head size; d_model/n_heads = {d // h}",
+        ),
         (cfg.position != "sinusoidal" or d % 2 == 0, "sinusoidal positions need an even d_model"),
         (0.0 <= cfg.dropout < 1.0, f"model.dropout must be in [0, 1), got {cfg.dropout}"),
         (cfg.sliding_window >= 0, "model.sliding_window must be >= 0"),
-        (cfg.arch == "decoder" or cfg.sliding_window == 0, f"model.sliding_window applies to decoders, not {cfg.arch}"),
-        (cfg.arch != "decoder" or not (cfg.embed_norm or cfg.embed_scale),
-         "model.embed_norm / model.embed_scale apply to bert and encdec models, not decoders"),
-        (cfg.arch != "bert" or cfg.type_vocab_size >= 1, "model.type_vocab_size must be >= 1 for bert"),
+        (
+            cfg.arch == "decoder" or cfg.sliding_window == 0,
+            f"model.sliding_window applies to decoders, not {cfg.arch}",
+        ),
+        (
+            cfg.arch != "decoder" or not (cfg.embed_norm or cfg.embed_scale),
+            "model.embed_norm / model.embed_scale apply to bert and encdec models, not decoders",
+        ),
+        (
+            cfg.arch != "bert" or cfg.type_vocab_size >= 1,
+            "model.type_vocab_size must be >= 1 for bert",
+        ),
         (cfg.n_decoder_layers >= 0, "model.n_decoder_layers must be >= 0 (0: n_layers)"),
     ]
     for ok, msg in problems:

@@ -4,6 +4,7 @@ Legend: B batch, T tokens in this call, S cached + new positions, D d_model, V v
 Internal parameter names (the only names zerolm uses; HF names live in interop/hf.py):
   tok_emb, pos_emb, blocks.{i}.{norm1,attn.{q,k,v,o},norm2,ffn.{up,gate,down}}, norm_f, lm_head
 """
+
 from __future__ import annotations
 
 import math
@@ -41,11 +42,19 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.pos_emb = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, True) if cfg.norm_placement == "pre" else None
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm_f = (
+            make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, True)
+            if cfg.norm_placement == "pre"
+            else None
+        )
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
         self.reset_buffers()
 
     def reset_buffers(self):
@@ -61,7 +70,11 @@ class Transformer(nn.Module):
             if p.dim() == 1:
                 (p.fill_(1.0) if name.endswith("weight") else p.zero_())
             else:
-                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.o.weight", "ffn.down.weight")) else std
+                s = (
+                    std / math.sqrt(2 * self.cfg.n_layers)
+                    if name.endswith(("attn.o.weight", "ffn.down.weight"))
+                    else std
+                )
                 p.normal_(0.0, s, generator=generator)
 
     def forward(self, ids, **kw):
@@ -85,7 +98,10 @@ class Transformer(nn.Module):
         rope = None
         if cfg.position == "rope":
             pos = positions if positions.dim() == 2 else positions[None]  # (B|1, T)
-            rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
+            rope = (
+                self.rope_cos[pos][:, None].to(x.dtype),
+                self.rope_sin[pos][:, None].to(x.dtype),
+            )
         return self.drop(x), rope
 
     def hidden(self, ids, *, positions=None, cache=None, rows=None, segments=None):
@@ -99,13 +115,17 @@ class Transformer(nn.Module):
         T = ids.shape[1]
         if cache is not None:
             if segments is not None:
-                raise ValueError("segments (packed training rows) cannot be combined with a KV cache")
+                raise ValueError(
+                    "segments (packed training rows) cannot be combined with a KV cache"
+                )
             cache_positions, mask = cache.begin(rows, T, cfg.sliding_window)
             if positions is None:
                 positions = cache_positions
         else:
             if ids.shape[1] > cfg.max_seq_len:
-                raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}")
+                raise ValueError(
+                    f"sequence of {T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}"
+                )
             if positions is None:
                 positions = torch.arange(T, device=ids.device)
             mask = attention_mask(T, ids.device, cfg.sliding_window, segments)

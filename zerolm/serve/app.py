@@ -10,6 +10,7 @@ so the event loop keeps every other stream flowing; a non-streaming request whos
 cancelled, as a stream is. Key, body size and time, header timeouts and the connection cap are in
 zerolm/serve/edge.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,13 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zerolm.inspect.attention import attention_weights
@@ -39,15 +46,24 @@ def sse(obj) -> str:
 
 def create_app(server: Server, api_key: str | None = None):
     """The ASGI app: the FastAPI endpoints behind the Edge guards (key, body size and time)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         server.scheduler.close()
 
-    app = FastAPI(title="zerolm", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible API of a zerolm model, with continuous batching.",
-                  responses={400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse},
-                             413: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}})
+    app = FastAPI(
+        title="zerolm",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible API of a zerolm model, with continuous batching.",
+        responses={
+            400: {"model": P.ErrorResponse},
+            401: {"model": P.ErrorResponse},
+            413: {"model": P.ErrorResponse},
+            503: {"model": P.ErrorResponse},
+        },
+    )
     app.state.server = server
     inspecting = 0  # inspector calls running (bounded by limits.max_inspect)
 
@@ -61,16 +77,24 @@ def create_app(server: Server, api_key: str | None = None):
         server.http_errors += 1
         err = e.errors()[0]
         if err.get("type") == "json_invalid":
-            return error_response(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
+            return error_response(
+                400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json"
+            )
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
-        return error_response(400, f"{param or 'body'}: {err.get('msg')}", param=param, code="invalid_value")
+        return error_response(
+            400, f"{param or 'body'}: {err.get('msg')}", param=param, code="invalid_value"
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         server.http_errors += 1
-        return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else
-                              "server_error", headers=e.headers)  # 405 keeps its Allow header
+        return error_response(
+            e.status_code,
+            str(e.detail),
+            "invalid_request_error" if e.status_code < 500 else "server_error",
+            headers=e.headers,
+        )  # 405 keeps its Allow header
 
     @app.exception_handler(_ClientGone)
     async def _gone(request, e):
@@ -85,12 +109,22 @@ def create_app(server: Server, api_key: str | None = None):
     async def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/health", responses={503: {"description": "the model is unhealthy (e.g. non-finite logits); "
-                                                       "the body says why"}})
+    @app.get(
+        "/health",
+        responses={
+            503: {
+                "description": "the model is unhealthy (e.g. non-finite logits); the body says why"
+            }
+        },
+    )
     async def health():
         state = server.scheduler.health()
-        body = {"status": "ok" if state["ok"] else "unhealthy", "model": server.name, "reason": state.get("reason"),
-                **server.scheduler.load()}
+        body = {
+            "status": "ok" if state["ok"] else "unhealthy",
+            "model": server.name,
+            "reason": state.get("reason"),
+            **server.scheduler.load(),
+        }
         return JSONResponse(body, status_code=200 if state["ok"] else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -99,12 +133,21 @@ def create_app(server: Server, api_key: str | None = None):
 
     @app.get("/v1/models", response_model=P.ModelList)
     async def models():
-        return P.ModelList(data=[P.ModelCard(id=server.name, created=server.created, max_model_len=server.window)])
+        return P.ModelList(
+            data=[P.ModelCard(id=server.name, created=server.created, max_model_len=server.window)]
+        )
 
-    @app.post("/v1/chat/completions", response_model=P.ChatCompletion,
-              responses={200: {"content": {"text/event-stream": {}},
-                               "description": "a chat.completion, or with stream=true a stream of "
-                                              "chat.completion.chunk events ending with data: [DONE]"}})
+    @app.post(
+        "/v1/chat/completions",
+        response_model=P.ChatCompletion,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "a chat.completion, or with stream=true a stream of "
+                "chat.completion.chunk events ending with data: [DONE]",
+            }
+        },
+    )
     async def chat(req: P.ChatCompletionRequest, request: Request):
         prompt = await asyncio.to_thread(server.chat_prompt, [m.model_dump() for m in req.messages])
         max_new, sampling, stops = server.prepare(req, prompt, "messages")
@@ -112,23 +155,47 @@ def create_app(server: Server, api_key: str | None = None):
         gen = server.start(prompt, req.n, max_new, sampling, stops, server.chat_stops, req.seed, k)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
-            return StreamingResponse(guarded(server, chat_stream(server, gen, req, rid, created, len(prompt))),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                guarded(server, chat_stream(server, gen, req, rid, created, len(prompt))),
+                media_type="text/event-stream",
+            )
         texts, toks, reasons, used = await collect(gen, request)
-        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=texts[i]), finish_reason=reasons[i],
-                                logprobs=P.ChoiceLogprobs(content=[server.logprob_entry(t) for t in toks[i]])
-                                if k is not None else None) for i in range(req.n)]
-        return P.ChatCompletion(id=rid, created=created, model=server.name, choices=choices,
-                                usage=usage(len(prompt), used))
+        choices = [
+            P.ChatChoice(
+                index=i,
+                message=P.AssistantMessage(content=texts[i]),
+                finish_reason=reasons[i],
+                logprobs=P.ChoiceLogprobs(content=[server.logprob_entry(t) for t in toks[i]])
+                if k is not None
+                else None,
+            )
+            for i in range(req.n)
+        ]
+        return P.ChatCompletion(
+            id=rid,
+            created=created,
+            model=server.name,
+            choices=choices,
+            usage=usage(len(prompt), used),
+        )
 
-    @app.post("/v1/completions", response_model=P.Completion,
-              responses={200: {"content": {"text/event-stream": {}},
-                               "description": "a text_completion, or with stream=true a stream of them ending "
-                                              "with data: [DONE]"}})
+    @app.post(
+        "/v1/completions",
+        response_model=P.Completion,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "a text_completion, or with stream=true a stream of them ending "
+                "with data: [DONE]",
+            }
+        },
+    )
     async def completions(req: P.CompletionRequest, request: Request):
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
-                raise ApiError(400, "give one prompt per request (a list of one string is accepted)", "prompt")
+                raise ApiError(
+                    400, "give one prompt per request (a list of one string is accepted)", "prompt"
+                )
             req.prompt = req.prompt[0]
         prompt = await asyncio.to_thread(server.completion_prompt, req.prompt)
         max_new, sampling, stops = server.prepare(req, prompt, "prompt")
@@ -136,14 +203,29 @@ def create_app(server: Server, api_key: str | None = None):
         gen = server.start(prompt, req.n, max_new, sampling, stops, eos, req.seed, req.logprobs)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
-            return StreamingResponse(guarded(server, completion_stream(server, gen, req, rid, created, len(prompt))),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                guarded(server, completion_stream(server, gen, req, rid, created, len(prompt))),
+                media_type="text/event-stream",
+            )
         texts, toks, reasons, used = await collect(gen, request)
-        choices = [P.CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i],
-                                      logprobs=legacy_logprobs(server, toks[i], req.logprobs)
-                                      if req.logprobs is not None else None) for i in range(req.n)]
-        return P.Completion(id=rid, created=created, model=server.name, choices=choices,
-                            usage=usage(len(prompt), used))
+        choices = [
+            P.CompletionChoice(
+                index=i,
+                text=texts[i],
+                finish_reason=reasons[i],
+                logprobs=legacy_logprobs(server, toks[i], req.logprobs)
+                if req.logprobs is not None
+                else None,
+            )
+            for i in range(req.n)
+        ]
+        return P.Completion(
+            id=rid,
+            created=created,
+            model=server.name,
+            choices=choices,
+            usage=usage(len(prompt), used),
+        )
 
     @app.post("/v1/inspect/attention", response_model=P.AttentionResponse)
     async def inspect_attention(req: P.AttentionRequest):
@@ -152,12 +234,20 @@ def create_app(server: Server, api_key: str | None = None):
         if (req.messages is None) == (req.prompt is None):
             raise ApiError(400, "give exactly one of 'messages' or 'prompt'", "messages")
         if inspecting >= server.limits.max_inspect:
-            raise ApiError(503, f"{inspecting} inspector calls are running (limit {server.limits.max_inspect}); retry "
-                                "shortly", None, "server_busy", "server_error",
-                           {"Retry-After": str(server.limits.retry_after_s)})
+            raise ApiError(
+                503,
+                f"{inspecting} inspector calls are running (limit {server.limits.max_inspect}); retry "
+                "shortly",
+                None,
+                "server_busy",
+                "server_error",
+                {"Retry-After": str(server.limits.retry_after_s)},
+            )
         inspecting += 1
         try:  # the whole call in a worker thread: tokenizing, the model pass and ~T*T numbers of JSON
-            return Response(await asyncio.to_thread(attention_json, server, req), media_type="application/json")
+            return Response(
+                await asyncio.to_thread(attention_json, server, req), media_type="application/json"
+            )
         finally:
             inspecting -= 1
 
@@ -170,6 +260,7 @@ class _ClientGone(Exception):
 
 async def collect(gen: Generation, request: Request):
     """gen.collect(), unless the client disconnects first: then its jobs are cancelled (slots freed)."""
+
     async def gone():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -193,8 +284,11 @@ async def guarded(server: Server, stream):
             yield chunk
     except ApiError as e:
         server.http_errors += 1
-        yield sse(P.ErrorResponse(error=P.ErrorDetail(message=e.message, type=e.kind, param=e.param,
-                                                      code=e.code)).model_dump())
+        yield sse(
+            P.ErrorResponse(
+                error=P.ErrorDetail(message=e.message, type=e.kind, param=e.param, code=e.code)
+            ).model_dump()
+        )
         yield "data: [DONE]\n\n"
 
 
@@ -204,29 +298,52 @@ def attention_json(server: Server, req: P.AttentionRequest) -> bytes:
     if req.layer >= cfg.n_layers or req.head >= cfg.n_heads:
         raise ApiError(400, f"layer must be < {cfg.n_layers} and head < {cfg.n_heads}", "layer")
     if req.messages:
-        ids = server.chat_prompt([m.model_dump() for m in req.messages], generation=req.continuation is not None)
+        ids = server.chat_prompt(
+            [m.model_dump() for m in req.messages], generation=req.continuation is not None
+        )
     else:
         ids = server.completion_prompt(req.prompt)
     offset, continuation = len(ids), req.continuation or []
     if offset + len(continuation) > server.window:
-        raise ApiError(400, f"{offset + len(continuation)} tokens are over the model window of {server.window}",
-                       "messages" if req.messages else "prompt", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"{offset + len(continuation)} tokens are over the model window of {server.window}",
+            "messages" if req.messages else "prompt",
+            "context_length_exceeded",
+        )
     for j, b in enumerate(continuation):
         if (tid := server.token_ids.get(bytes(b))) is None:
-            raise ApiError(400, f"continuation token {j} ({bytes(b)!r}) is no token of this model", "continuation")
+            raise ApiError(
+                400,
+                f"continuation token {j} ({bytes(b)!r}) is no token of this model",
+                "continuation",
+            )
         ids.append(tid)
-    w = (attention_weights(server.model, ids, req.layer)[req.head].double() * 1e5).round() / 1e5  # (T, T), 5 places
-    head = json.dumps({"tokens": [server.token_str(i) for i in ids],
-                       "token_bytes": [list(server.tok.token_bytes[i]) for i in ids], "offset": offset,
-                       "layer": req.layer, "head": req.head, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads},
-                      ensure_ascii=False)
+    w = (
+        attention_weights(server.model, ids, req.layer)[req.head].double() * 1e5
+    ).round() / 1e5  # (T, T), 5 places
+    head = json.dumps(
+        {
+            "tokens": [server.token_str(i) for i in ids],
+            "token_bytes": [list(server.tok.token_bytes[i]) for i in ids],
+            "offset": offset,
+            "layer": req.layer,
+            "head": req.head,
+            "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads,
+        },
+        ensure_ascii=False,
+    )
     rows = ",".join(json.dumps(w[t].tolist()) for t in range(len(ids)))
     return f'{head[:-1]}, "weights": [{rows}]}}'.encode()
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> P.Usage:
-    return P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+    return P.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
 
 
 def legacy_logprobs(server: Server, toks, k: int) -> P.CompletionLogprobs:
@@ -235,9 +352,12 @@ def legacy_logprobs(server: Server, toks, k: int) -> P.CompletionLogprobs:
     for s in strs:
         offsets.append(at)
         at += len(s)
-    return P.CompletionLogprobs(tokens=strs, token_logprobs=[t.logprob for t in toks],
-                                top_logprobs=[{server.token_str(a): lp for a, lp in t.top} for t in toks] if k else None,
-                                text_offset=offsets)
+    return P.CompletionLogprobs(
+        tokens=strs,
+        token_logprobs=[t.logprob for t in toks],
+        top_logprobs=[{server.token_str(a): lp for a, lp in t.top} for t in toks] if k else None,
+        text_offset=offsets,
+    )
 
 
 async def chat_stream(server: Server, gen: Generation, req, rid: str, created: int, n_prompt: int):
@@ -245,41 +365,97 @@ async def chat_stream(server: Server, gen: Generation, req, rid: str, created: i
     k = (req.top_logprobs or 0) if req.logprobs else None
     used = 0
     for i in range(req.n):
-        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
+        yield sse(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
     async for ev in gen.events():
         used += ev.generated
-        lp = {"content": [server.logprob_entry(t).model_dump() for t in ev.tokens]} if k is not None and ev.tokens else None
+        lp = (
+            {"content": [server.logprob_entry(t).model_dump() for t in ev.tokens]}
+            if k is not None and ev.tokens
+            else None
+        )
         if ev.text or lp or ev.finish:
-            yield sse({**base, "choices": [{"index": ev.choice, "delta": {"content": ev.text} if ev.text else {},
-                                            "logprobs": lp, "finish_reason": ev.finish}]})
+            yield sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": ev.choice,
+                            "delta": {"content": ev.text} if ev.text else {},
+                            "logprobs": lp,
+                            "finish_reason": ev.finish,
+                        }
+                    ],
+                }
+            )
     if req.stream_options and req.stream_options.include_usage:
         yield sse({**base, "choices": [], "usage": usage(n_prompt, used).model_dump()})
     yield "data: [DONE]\n\n"
 
 
-async def completion_stream(server: Server, gen: Generation, req, rid: str, created: int, n_prompt: int):
+async def completion_stream(
+    server: Server, gen: Generation, req, rid: str, created: int, n_prompt: int
+):
     base = {"id": rid, "object": "text_completion", "created": created, "model": server.name}
     used = 0
     async for ev in gen.events():
         used += ev.generated
-        lp = legacy_logprobs(server, ev.tokens, req.logprobs).model_dump() if req.logprobs is not None and ev.tokens else None
+        lp = (
+            legacy_logprobs(server, ev.tokens, req.logprobs).model_dump()
+            if req.logprobs is not None and ev.tokens
+            else None
+        )
         if ev.text or lp or ev.finish:
-            yield sse({**base, "choices": [{"index": ev.choice, "text": ev.text, "logprobs": lp,
-                                            "finish_reason": ev.finish}]})
+            yield sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": ev.choice,
+                            "text": ev.text,
+                            "logprobs": lp,
+                            "finish_reason": ev.finish,
+                        }
+                    ],
+                }
+            )
     if req.stream_options and req.stream_options.include_usage:
         yield sse({**base, "choices": [], "usage": usage(n_prompt, used).model_dump()})
     yield "data: [DONE]\n\n"
 
 
-def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 16, max_queue: int = 64, limits: Limits | None = None, log_level: str = "info",
-          name: str | None = None) -> None:
+def serve(
+    model_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    limits: Limits | None = None,
+    log_level: str = "info",
+    name: str | None = None,
+) -> None:
     """Load the model and serve it until interrupted (`zerolm serve`); SIGTERM stops it within
     limits.shutdown_timeout_s, cancelling what still runs."""
     import uvicorn
 
-    server = load_server(model_dir, max_batch=max_batch, max_queue=max_queue, limits=limits or Limits(), name=name)
-    config = uvicorn_config(create_app(server, api_key), server.limits, host=host, port=port, log_level=log_level)
+    server = load_server(
+        model_dir, max_batch=max_batch, max_queue=max_queue, limits=limits or Limits(), name=name
+    )
+    config = uvicorn_config(
+        create_app(server, api_key), server.limits, host=host, port=port, log_level=log_level
+    )
     rate_limit_logs()  # after uvicorn's logging setup
     uvicorn.Server(config).run()

@@ -12,9 +12,11 @@
 - `RateLimit` (logging filter): one identical message per interval, the rest counted.
 - `uvicorn_config`: uvicorn's settings from the server's Limits (keep-alive, graceful shutdown).
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import resource
@@ -28,8 +30,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from zerolm.serve import protocol as P
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
     body = P.ErrorResponse(error=P.ErrorDetail(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -47,12 +55,23 @@ class Edge:
         refused = None
         if self.api_key is not None and scope["path"].startswith("/v1"):
             got = headers.get(b"authorization", b"")
-            if not (got.startswith(b"Bearer ") and secrets.compare_digest(got[7:], self.api_key.encode())):
-                refused = error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer "
-                                              "<key>' with the key given to `zerolm serve --api-key`",
-                                         code="invalid_api_key")
-        too_big = error_response(413, f"request body over {lim.max_body_bytes} bytes; send less (a shorter prompt "
-                                      "or fewer messages)", code="request_too_large", headers={"Connection": "close"})
+            if not (
+                got.startswith(b"Bearer ")
+                and secrets.compare_digest(got[7:], self.api_key.encode())
+            ):
+                refused = error_response(
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer "
+                    "<key>' with the key given to `zerolm serve --api-key`",
+                    code="invalid_api_key",
+                )
+        too_big = error_response(
+            413,
+            f"request body over {lim.max_body_bytes} bytes; send less (a shorter prompt "
+            "or fewer messages)",
+            code="request_too_large",
+            headers={"Connection": "close"},
+        )
         declared = headers.get(b"content-length", b"")
         if refused is None and declared.isdigit() and int(declared) > lim.max_body_bytes:
             refused = too_big
@@ -62,8 +81,12 @@ class Edge:
             try:
                 msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                refused = error_response(408, f"the request body did not arrive within {lim.body_timeout_s:g} s",
-                                         code="request_timeout", headers={"Connection": "close"})
+                refused = error_response(
+                    408,
+                    f"the request body did not arrive within {lim.body_timeout_s:g} s",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                )
                 break
             if msg["type"] == "http.disconnect":
                 return
@@ -88,10 +111,19 @@ class Edge:
 
 
 def _busy() -> bytes:
-    body = json.dumps(P.ErrorResponse(error=P.ErrorDetail(
-        message="too many open connections; retry shortly", type="server_error", code="server_busy")).model_dump())
-    return (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-            f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n{body}").encode()
+    body = json.dumps(
+        P.ErrorResponse(
+            error=P.ErrorDetail(
+                message="too many open connections; retry shortly",
+                type="server_error",
+                code="server_busy",
+            )
+        ).model_dump()
+    )
+    return (
+        f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
 
 
 BUSY = _busy()
@@ -107,7 +139,9 @@ class GuardedH11(H11Protocol):
         super().connection_made(transport)
         self._head_timer = None
         self._arm()
-        open_ = [c for c in self.connections if not c.transport.is_closing()]  # closed ones leave a tick later
+        open_ = [
+            c for c in self.connections if not c.transport.is_closing()
+        ]  # closed ones leave a tick later
         if len(open_) > self.max_connections:
             idle = [c for c in open_ if c is not self and isinstance(c, GuardedH11) and c._idle()]
             if idle:
@@ -141,10 +175,8 @@ class GuardedH11(H11Protocol):
 
     def _close(self) -> None:
         if not self.transport.is_closing():
-            try:
+            with contextlib.suppress(h11.LocalProtocolError):  # mid-head: nothing to close cleanly
                 self.conn.send(h11.ConnectionClosed())
-            except h11.LocalProtocolError:
-                pass  # mid-head: h11 has nothing to close cleanly
             self.transport.close()
 
 
@@ -196,7 +228,18 @@ def uvicorn_config(app, limits, *, host: str, port: int, log_level: str = "info"
     import uvicorn
 
     cap, backlog = socket_budget(limits.max_connections)
-    protocol = type("ZerolmH11", (GuardedH11,), {"header_timeout_s": limits.header_timeout_s, "max_connections": cap})
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, backlog=backlog,
-                          timeout_keep_alive=limits.keep_alive_s,
-                          timeout_graceful_shutdown=limits.shutdown_timeout_s)
+    protocol = type(
+        "ZerolmH11",
+        (GuardedH11,),
+        {"header_timeout_s": limits.header_timeout_s, "max_connections": cap},
+    )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol,
+        backlog=backlog,
+        timeout_keep_alive=limits.keep_alive_s,
+        timeout_graceful_shutdown=limits.shutdown_timeout_s,
+    )

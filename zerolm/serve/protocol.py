@@ -8,6 +8,7 @@ change the answer but are not implemented are a 400 naming the field, never sile
 `suffix` (non-empty) and `best_of` (above 1); `model` must be the served name or absent (checked
 by the server). Every other unknown field (`user`, `metadata`, `store`, ...) is ignored.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -38,19 +39,33 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = Field(None, description="the served model's id (GET /v1/models), or absent")
-    max_tokens: int | None = Field(None, ge=1, description="new tokens at most (default: what the window leaves, "
-                                                           "capped by the server's --max-tokens)")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="new tokens at most (default: what the window leaves, "
+        "capped by the server's --max-tokens)",
+    )
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="extension: keep the k most likely tokens (0 = off)")
-    min_p: float = Field(0.0, ge=0, lt=1, description="extension: drop tokens below min_p x the top probability")
-    repetition_penalty: float = Field(1.0, gt=0, description="extension: HF/CTRL repetition penalty")
+    min_p: float = Field(
+        0.0, ge=0, lt=1, description="extension: drop tokens below min_p x the top probability"
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="extension: HF/CTRL repetition penalty"
+    )
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text (not included)")
+    stop: str | list[str] | None = Field(
+        None, description="up to 4 strings that end the text (not included)"
+    )
     n: int = Field(1, ge=1, description="choices to generate")
-    seed: int | None = Field(None, ge=0, lt=1 << 64,
-                             description="same seed + same request = same tokens (choice i uses seed + i < 2**64)")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=1 << 64,
+        description="same seed + same request = same tokens (choice i uses seed + i < 2**64)",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: absent or empty")
@@ -98,7 +113,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
-    logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives per token (legacy format)")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="top alternatives per token (legacy format)"
+    )
     echo: Literal[False] = Field(False, description="not supported: must be false")
     suffix: str | None = Field(None, description="not supported: absent or empty")
     best_of: int | None = Field(None, description="not supported: absent or 1")
@@ -198,17 +215,26 @@ class AttentionRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     continuation: list[list[Annotated[int, Field(ge=0, le=255)]]] | None = Field(
-        None, description="generated tokens, each as its bytes; they follow the generation prompt")
+        None, description="generated tokens, each as its bytes; they follow the generation prompt"
+    )
     layer: int = Field(0, ge=0)
     head: int = Field(0, ge=0)
 
 
 class AttentionResponse(BaseModel):
-    tokens: list[str] = Field(description="the context, one entry per token (special tokens by name)")
-    token_bytes: list[list[int]] = Field(description="the UTF-8 bytes of each token (empty for special tokens)")
-    offset: int = Field(description="index of the first continuation token (= number of tokens without it)")
+    tokens: list[str] = Field(
+        description="the context, one entry per token (special tokens by name)"
+    )
+    token_bytes: list[list[int]] = Field(
+        description="the UTF-8 bytes of each token (empty for special tokens)"
+    )
+    offset: int = Field(
+        description="index of the first continuation token (= number of tokens without it)"
+    )
     layer: int
     head: int
     n_layers: int
     n_heads: int
-    weights: list[list[float]] = Field(description="(T, T): row t = token t's attention over tokens 0..t")
+    weights: list[list[float]] = Field(
+        description="(T, T): row t = token t's attention over tokens 0..t"
+    )

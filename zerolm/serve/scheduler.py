@@ -18,6 +18,7 @@ an "error" is always a server-side fault: a row whose sampling or callback raise
 are not finite, ends alone while the others run on with the same tokens; a failed model pass ends
 the sequences in it and leaves slots and cache consistent. `health()` reports what went wrong.
 """
+
 from __future__ import annotations
 
 import collections
@@ -81,7 +82,9 @@ class Stats:
     ttft_sum: float = 0.0
     ttft_count: int = 0
     ttft_buckets: dict[float, int] = field(default_factory=lambda: dict.fromkeys(TTFT_BUCKETS, 0))
-    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))  # (time, tokens)
+    recent: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=4096)
+    )  # (time, tokens)
     nonfinite_logits: int = 0  # sequences ended because their logits were NaN or inf
     failed_rows: int = 0  # sequences ended because their own sampling or callback raised
     failed_passes: int = 0  # model passes (prefill or decode) that raised
@@ -89,12 +92,16 @@ class Stats:
 
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
-NONFINITE = ("the model produced non-finite logits (NaN or inf) for this request: its weights are not finite "
-             "or this input overflows them")
+NONFINITE = (
+    "the model produced non-finite logits (NaN or inf) for this request: its weights are not finite "
+    "or this input overflows them"
+)
 
 
 class Scheduler:
-    def __init__(self, model, *, max_batch: int = 16, max_queue: int = 64, prefill_budget: int = 512):
+    def __init__(
+        self, model, *, max_batch: int = 16, max_queue: int = 64, prefill_budget: int = 512
+    ):
         self.model = model.eval()
         self.engine = Engine(model)
         self.max_batch, self.max_queue, self.prefill_budget = max_batch, max_queue, prefill_budget
@@ -105,7 +112,9 @@ class Scheduler:
         self.stats = Stats()
         # the weights never change while serving: one look at load tells /health about a NaN checkpoint
         with torch.no_grad():
-            self._bad_weights = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+            self._bad_weights = next(
+                (n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None
+            )
         self._cv = threading.Condition()  # an RLock inside: submit may be called with it held
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="zerolm-scheduler", daemon=True)
@@ -121,7 +130,9 @@ class Scheduler:
             if self._closed:
                 raise RuntimeError("the scheduler is shut down")
             if len(self.waiting) + len(seqs) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} sequences are waiting (limit {self.max_queue})")
+                raise QueueFull(
+                    f"{len(self.waiting)} sequences are waiting (limit {self.max_queue})"
+                )
             now = time.perf_counter()
             for s in seqs:
                 s.submitted = now
@@ -136,12 +147,18 @@ class Scheduler:
         if not s.prompt:
             raise ValueError("the prompt is empty: give at least one token id (e.g. the bos token)")
         if len(s.prompt) + s.max_new_tokens > room:
-            raise ValueError(f"prompt of {len(s.prompt)} tokens + max_new_tokens={s.max_new_tokens} must fit in "
-                             f"the model's window of {room} tokens: shorten the prompt or lower max_new_tokens")
-        bad = next((j for j, t in enumerate(s.prompt) if not _is_int(t) or not 0 <= t < self.vocab), None)
+            raise ValueError(
+                f"prompt of {len(s.prompt)} tokens + max_new_tokens={s.max_new_tokens} must fit in "
+                f"the model's window of {room} tokens: shorten the prompt or lower max_new_tokens"
+            )
+        bad = next(
+            (j for j, t in enumerate(s.prompt) if not _is_int(t) or not 0 <= t < self.vocab), None
+        )
         if bad is not None:
-            raise ValueError(f"prompt token {bad} is {s.prompt[bad]!r}: token ids must be integers in "
-                             f"[0, {self.vocab}) (the vocabulary)")
+            raise ValueError(
+                f"prompt token {bad} is {s.prompt[bad]!r}: token ids must be integers in "
+                f"[0, {self.vocab}) (the vocabulary)"
+            )
         if s.seed is not None and (not _is_int(s.seed) or not 0 <= s.seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64), got {s.seed!r}")
         if s.logprobs is not None and (not _is_int(s.logprobs) or s.logprobs < 0):
@@ -158,18 +175,32 @@ class Scheduler:
             if self._closed or not self._thread.is_alive():
                 reason = "the scheduler is not running (shut down or crashed): restart the server"
             elif self._bad_weights is not None:
-                reason = (f"the model's weights are not finite ({self._bad_weights} has NaN or inf): "
-                          "load a good checkpoint")
+                reason = (
+                    f"the model's weights are not finite ({self._bad_weights} has NaN or inf): "
+                    "load a good checkpoint"
+                )
             elif st.nonfinite_logits:
-                reason = f"the model produced non-finite logits for {st.nonfinite_logits} request(s)"
+                reason = (
+                    f"the model produced non-finite logits for {st.nonfinite_logits} request(s)"
+                )
             else:
                 reason = None
-            return {"ok": reason is None, "reason": reason, "nonfinite_logits": st.nonfinite_logits,
-                    "failed_rows": st.failed_rows, "failed_passes": st.failed_passes, "last_error": st.last_error}
+            return {
+                "ok": reason is None,
+                "reason": reason,
+                "nonfinite_logits": st.nonfinite_logits,
+                "failed_rows": st.failed_rows,
+                "failed_passes": st.failed_passes,
+                "last_error": st.last_error,
+            }
 
     def load(self) -> dict:
         with self._cv:
-            return {"waiting": len(self.waiting), "running": len(self.running), "slots": self.max_batch}
+            return {
+                "waiting": len(self.waiting),
+                "running": len(self.running),
+                "slots": self.max_batch,
+            }
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         now = time.perf_counter()
@@ -203,7 +234,11 @@ class Scheduler:
                 with torch.inference_mode():
                     self._step(admitted)
             except Exception as e:  # a bug outside the guarded parts: fail what runs, keep serving
-                self._fail(list(self.running), f"generation failed: {type(e).__name__}: {e}", pass_failed=True)
+                self._fail(
+                    list(self.running),
+                    f"generation failed: {type(e).__name__}: {e}",
+                    pass_failed=True,
+                )
 
     def _admit(self) -> list[Job]:
         """Move waiting sequences into free slots (under the lock), within the prefill budget."""
@@ -253,20 +288,30 @@ class Scheduler:
                 s.gen = torch.Generator()
                 s.gen.manual_seed(s.seed) if s.seed is not None else s.gen.seed()
             try:  # writes only the admitted sequences' slots: the running ones are not involved
-                logits = self.engine.prefill([s.prompt for s in admitted], self.cache, [s.slot for s in admitted])
+                logits = self.engine.prefill(
+                    [s.prompt for s in admitted], self.cache, [s.slot for s in admitted]
+                )
             except Exception as e:
-                self._fail(admitted, f"generation failed in the model's prefill pass: {type(e).__name__}: {e}",
-                           pass_failed=True)
+                self._fail(
+                    admitted,
+                    f"generation failed in the model's prefill pass: {type(e).__name__}: {e}",
+                    pass_failed=True,
+                )
             else:
                 self._sample_rows(admitted, logits)
-        if self.running:  # every running sequence has its last token: one step for all, slots 0..n-1
+        if (
+            self.running
+        ):  # every running sequence has its last token: one step for all, slots 0..n-1
             seqs = list(self.running)
             last = torch.tensor([[s.last] for s in seqs])
             try:  # a failed step leaves the cache lengths as they were (they advance at its end)
                 logits = self.engine.decode(last, self.cache, slice(0, len(seqs)))  # (B, V)
             except Exception as e:
-                self._fail(seqs, f"generation failed in the model's decode pass: {type(e).__name__}: {e}",
-                           pass_failed=True)
+                self._fail(
+                    seqs,
+                    f"generation failed in the model's decode pass: {type(e).__name__}: {e}",
+                    pass_failed=True,
+                )
             else:
                 self._sample_rows(seqs, logits)
         self.stats.steps += 1
@@ -310,7 +355,9 @@ class Scheduler:
         self.stats.tokens += len(rows) - len(failed)
         self.stats.recent.append((now, len(rows) - len(failed)))
         with self._cv:
-            for s in nonfinite:  # before any removal moves a sequence (and its cache) to another slot
+            for (
+                s
+            ) in nonfinite:  # before any removal moves a sequence (and its cache) to another slot
                 self._scrub(s.slot)
             for s, reason in finished:
                 self._remove(s)
@@ -331,7 +378,9 @@ class Scheduler:
             v[slot, :, :n] = 0
 
     @staticmethod
-    def _choose(seqs: list[Job], logits: torch.Tensor, rows: list[int]) -> dict[int, int | Exception]:
+    def _choose(
+        seqs: list[Job], logits: torch.Tensor, rows: list[int]
+    ) -> dict[int, int | Exception]:
         """Next token of each row in `rows`, or the exception its sampling raised: greedy rows with
         equal parameters in one call (argmax needs no generator; one by one if that call raises),
         sampled rows one by one with their own generator."""
@@ -351,8 +400,11 @@ class Scheduler:
             else:
                 one(j, s.sampling, s.gen)
         for params, js in greedy.items():
-            penalised = (params.repetition_penalty, params.presence_penalty,
-                         params.frequency_penalty) != (1.0, 0.0, 0.0)
+            penalised = (
+                params.repetition_penalty,
+                params.presence_penalty,
+                params.frequency_penalty,
+            ) != (1.0, 0.0, 0.0)
             try:
                 counts = torch.stack([seqs[j].counts for j in js]) if penalised else None  # (G, V)
                 chosen.update(zip(js, sample(logits[js], params, None, counts).tolist()))

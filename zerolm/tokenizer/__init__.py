@@ -6,6 +6,7 @@ BERT, spares), so later stages never resize the vocabulary, and saves as a stand
 An imported BERT checkpoint's WordPiece tokenizer ([PAD] [UNK] [CLS] [SEP] [MASK] wherever its
 vocabulary puts them) loads as a foreign tokenizer: its specials are found by name.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,17 @@ PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS: tuple[str, ...] = (
-    PAD, BOS, EOS, UNK, SYSTEM, USER, ASSISTANT, END, CLS, SEP, MASK,
+    PAD,
+    BOS,
+    EOS,
+    UNK,
+    SYSTEM,
+    USER,
+    ASSISTANT,
+    END,
+    CLS,
+    SEP,
+    MASK,
     *(f"<|reserved_{i}|>" for i in range(5)),
 )  # ids 0..15, in this order, in every tokenizer
 # a foreign BERT vocabulary's names for zerolm's specials (token_id(PAD) finds [PAD]); no bos/eos/chat roles
@@ -42,7 +53,9 @@ class Tokenizer:
         self.aliases: dict[str, str] = {}  # zerolm special -> its name in a foreign vocabulary
         if not strict:
             if missing := [t for t in BERT_SPECIALS.values() if hf.token_to_id(t) is None]:
-                raise ValueError(f"not a BERT tokenizer: {', '.join(missing)} missing from its vocabulary")
+                raise ValueError(
+                    f"not a BERT tokenizer: {', '.join(missing)} missing from its vocabulary"
+                )
             self.aliases = {k: v for k, v in BERT_SPECIALS.items() if k != v}
             hf.no_truncation()
             hf.no_padding()
@@ -71,8 +84,9 @@ class Tokenizer:
         hf.encode_special_tokens = True
         return hf
 
-    def encode_stream(self, texts: Iterable[str], max_docs: int = 1024, max_chars: int = 1 << 18
-                      ) -> Iterator[tuple[str, np.ndarray]]:
+    def encode_stream(
+        self, texts: Iterable[str], max_docs: int = 1024, max_chars: int = 1 << 18
+    ) -> Iterator[tuple[str, np.ndarray]]:
         """(text, ids) for each text, encoded in parallel batches of bounded size: memory stays
         flat however long the stream (an Encoding costs ~110 bytes per token). A long text is
         encoded in pieces cut where a pre-token always starts (tokenizer.train.chunks: the same ids),
@@ -95,8 +109,10 @@ class Tokenizer:
         for text in texts:
             queue.append(entry := [text, [], False])
             for long in chunks(text, size):
-                for i in range(0, len(long), 4 * size):  # a run with no pre-token start (1 M spaces) is
-                    piece = long[i : i + 4 * size]      # cut anyway: its ids may differ at the cut
+                for i in range(
+                    0, len(long), 4 * size
+                ):  # a run with no pre-token start (1 M spaces) is
+                    piece = long[i : i + 4 * size]  # cut anyway: its ids may differ at the cut
                     batch.append((entry, piece))
                     chars += len(piece)
                     if len(batch) >= max_docs or chars >= max_chars:
@@ -138,7 +154,11 @@ class Tokenizer:
         kind, byte_tokens = self.kind, {t: i for i, t in enumerate(BYTE_TOKENS)}
         unicode_to_byte = {c: b for b, c in _byte_level_alphabet().items()}
         out = [b""] * self.vocab_size
-        specials = {self.token_id(t) for t in BERT_SPECIALS} if self.foreign else range(len(SPECIAL_TOKENS))
+        specials = (
+            {self.token_id(t) for t in BERT_SPECIALS}
+            if self.foreign
+            else range(len(SPECIAL_TOKENS))
+        )
         for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
             if i in specials:
                 continue
@@ -196,10 +216,19 @@ class Tokenizer:
             "model_max_length": 1_000_000_000,
         }
         if self.foreign:  # a BERT vocabulary: its own special names, no chat roles
-            names = zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), BERT_SPECIALS.values())
-            config = {"tokenizer_class": "PreTrainedTokenizerFast", **dict(names),
-                      "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
-        atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+            names = zip(
+                ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"),
+                BERT_SPECIALS.values(),
+            )
+            config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **dict(names),
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": 1_000_000_000,
+            }
+        atomic_write_text(
+            out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False)
+        )
         return out / "tokenizer.json"
 
     @classmethod
@@ -210,21 +239,28 @@ class Tokenizer:
         if p.is_dir():
             p = p / "tokenizer.json"
         if not p.is_file():
-            raise ValueError(f"no tokenizer at {str(path)!r}: expected tokenizer.json or a directory holding one")
+            raise ValueError(
+                f"no tokenizer at {str(path)!r}: expected tokenizer.json or a directory holding one"
+            )
         try:
             hf = _HFTokenizer.from_file(str(p))
         except Exception as e:  # the Rust side raises plain Exception on malformed files
             raise ValueError(f"{p}: not a valid tokenizer.json ({e})") from None
         if strict is None:
             strict = hf.token_to_id(SPECIAL_TOKENS[0]) == 0 or any(
-                hf.token_to_id(t) is None for t in BERT_SPECIALS.values())
+                hf.token_to_id(t) is None for t in BERT_SPECIALS.values()
+            )
         return cls(hf, strict)
 
 
 def _byte_level_alphabet() -> dict[int, str]:
     """byte -> character of the byte-level BPE alphabet (GPT-2's): printable Latin-1 bytes map to
     themselves, the other 68 to code points from 256 on, in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {b: chr(b) for b in keep}, 0
     for b in range(256):
         if b not in table:

@@ -11,6 +11,7 @@ Contents are encoded with special-token strings treated as plain text, so a user
 that `transformers`' `apply_chat_template` renders (saved in tokenizer_config.json); it gives the
 same ids for any content that does not spell a special token.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -34,20 +35,29 @@ def check_messages(messages: Sequence[dict], where: str = "conversation") -> Non
     """ValueError naming the problem unless messages is a list of {role, content} dicts with
     known roles, string contents, and a system message only first."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        raise ValueError(
+            f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects"
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"{where}: message {i} must be an object with 'role' and 'content', got {m!r:.80}")
+            raise ValueError(
+                f"{where}: message {i} must be an object with 'role' and 'content', got {m!r:.80}"
+            )
         if m["role"] not in ROLES:
-            raise ValueError(f"{where}: message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
+            raise ValueError(
+                f"{where}: message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}"
+            )
         if not isinstance(m["content"], str):
-            raise ValueError(f"{where}: message {i} content must be a string, got {type(m['content']).__name__}")
+            raise ValueError(
+                f"{where}: message {i} content must be a string, got {type(m['content']).__name__}"
+            )
         if m["role"] == "system" and i > 0:
             raise ValueError(f"{where}: a system message may only come first (message {i})")
 
 
-def render(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False
-           ) -> tuple[list[int], list[int], list[int]]:
+def render(
+    tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False
+) -> tuple[list[int], list[int], list[int]]:
     """(ids, loss_mask, ends): token ids, 1 on assistant content + its <|end|>, and the length of
     the rendering after each message (so a caller can cut a conversation at a turn boundary)."""
     check_messages(messages)

@@ -1,4 +1,5 @@
 """Compression of a tokenizer per language (by dominant script) on held-out text."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -12,7 +13,11 @@ def script_of(text: str) -> str:
     for ch in text[:4000]:
         if not ch.isalpha():
             continue
-        if "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" or "\U00020000" <= ch <= "\U0002ffff":
+        if (
+            "\u4e00" <= ch <= "\u9fff"
+            or "\u3400" <= ch <= "\u4dbf"
+            or "\U00020000" <= ch <= "\U0002ffff"
+        ):
             han += 1
         elif ch.isascii() or "\u00c0" <= ch <= "\u024f":
             latin += 1

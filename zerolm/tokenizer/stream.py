@@ -1,4 +1,5 @@
 """Incremental detokenisation for streaming: token ids in, text deltas out."""
+
 from __future__ import annotations
 
 from zerolm.tokenizer import Tokenizer
@@ -15,7 +16,9 @@ class StreamDecoder:
     def __init__(self, tok: Tokenizer, skip_ids: tuple[int, ...] = (), skip_special: bool = False):
         self.tok, self.skip, self.skip_special = tok, set(skip_ids), skip_special
         self.ids: list[int] = []
-        self.prefix = self.read = 0  # ids[prefix:read] is context already emitted; ids[read:] is pending
+        self.prefix = self.read = (
+            0  # ids[prefix:read] is context already emitted; ids[read:] is pending
+        )
 
     def _new_text(self) -> str:
         before = self.tok.decode(self.ids[self.prefix : self.read], self.skip_special)

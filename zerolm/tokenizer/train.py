@@ -7,6 +7,7 @@
 - char: one token per character seen in training, most frequent first, with byte fallback
   (<0x00>..<0xFF>) for unseen characters, so it too round-trips any string.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,8 +44,9 @@ def check_config(cfg: TokenizerConfig) -> None:
         )
 
 
-def train_tokenizer(cfg: TokenizerConfig, docs: Iterable[str], length: int | None = None,
-                    progress: bool = True) -> Tokenizer:
+def train_tokenizer(
+    cfg: TokenizerConfig, docs: Iterable[str], length: int | None = None, progress: bool = True
+) -> Tokenizer:
     """Train a tokenizer of `cfg.kind` on `docs` (an iterator of strings; streamed, not held)."""
     check_config(cfg)
     build = {"bpe": _train_bpe, "wordpiece": _train_wordpiece, "char": _train_char}[cfg.kind]
@@ -74,14 +76,19 @@ def chunks(text: str, size: int = 1 << 13) -> Iterator[str]:
 
 def _train_bpe(cfg, docs: Iterator[str], length, progress) -> _HFTokenizer:
     tok = _HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(BPE_PATTERN), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(BPE_PATTERN), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress,
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
     )
     tok.train_from_iterator(docs, trainer, length=length)
     return tok
@@ -92,18 +99,21 @@ def _train_wordpiece(cfg, docs: Iterator[str], length, progress) -> _HFTokenizer
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=cfg.lowercase
     )
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Digits(individual_digits=True)
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
         show_progress=progress,
     )
     tok.train_from_iterator(docs, trainer, length=length)
     cls_id, sep_id = SPECIAL_TOKENS.index(CLS), SPECIAL_TOKENS.index(SEP)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        single=f"{CLS} $A {SEP}",
+        pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
         special_tokens=[(CLS, cls_id), (SEP, sep_id)],
     )
     return tok
@@ -115,7 +125,11 @@ def _train_char(cfg, docs: Iterator[str], length, progress) -> _HFTokenizer:
         counts.update(doc)
     fixed = list(SPECIAL_TOKENS) + list(BYTE_TOKENS)
     room = cfg.vocab_size - len(fixed)
-    chars = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= cfg.min_frequency]
+    chars = [
+        c
+        for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n >= cfg.min_frequency
+    ]
     chars = [c for c in chars if c not in fixed][:room]
     vocab = {t: i for i, t in enumerate(fixed + chars)}
     tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))

@@ -5,6 +5,7 @@ inf are never written, so pruning to the newest `keep` never drops a good one fo
 
     OUT/checkpoints/step-0000200/{model.safetensors, state.pt, config.json}
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def last_good(out_dir: str | Path) -> str:
 
 
 def nonfinite_tensors(state: dict) -> list[str]:
-    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
 
 
 def remove_partial(out_dir: str | Path) -> None:
@@ -53,13 +56,21 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if _NAME.match(p.name) and (p / "state.pt").is_file() and (p / "model.safetensors").is_file())
+    return sorted(
+        p
+        for p in root.iterdir()
+        if _NAME.match(p.name)
+        and (p / "state.pt").is_file()
+        and (p / "model.safetensors").is_file()
+    )
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-            "python": random.getstate()[1]}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state()[1].tolist(),
+        "python": random.getstate()[1],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -70,32 +81,50 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(state["python"]), py[2]))
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, extra: dict, keep: int,
-                    run: dict | None = None) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model,
+    optimizer,
+    extra: dict,
+    keep: int,
+    run: dict | None = None,
+) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`. Non-finite weights
     raise NonFiniteError and write nothing; so does a full disk, as a ValueError naming the directory.
     `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py)."""
     path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if bad := nonfinite_tensors(state):
-        raise NonFiniteError(f"refusing to save checkpoint {path.name}: non-finite weights in {', '.join(bad[:3])}"
-                             f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; {last_good(out_dir)}")
+        raise NonFiniteError(
+            f"refusing to save checkpoint {path.name}: non-finite weights in {', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; {last_good(out_dir)}"
+        )
     try:
         with atomic_dir(path) as tmp:
             save_file(state, str(tmp / "model.safetensors"))
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra},
-                       tmp / "state.pt")
-            config = {"zerolm_model": model.cfg.__dict__, **({"run": run} if run is not None else {})}
+            torch.save(
+                {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra},
+                tmp / "state.pt",
+            )
+            config = {
+                "zerolm_model": model.cfg.__dict__,
+                **({"run": run} if run is not None else {}),
+            }
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
     except (OSError, SafetensorError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_write_error(e):
             raise
         full = disk_full(e)
-        raise ValueError(f"could not write checkpoint {path.name} into {path.parent}: "
-                         f"{'the disk is full' if full else str(e).strip().splitlines()[0][:200]}; "
-                         f"nothing partial was kept. Free space there (or lower --train.keep_checkpoints) and "
-                         f"resume with --train.resume=true; {last_good(out_dir)}") from None
-    for old in list_checkpoints(out_dir)[:-keep]:  # renamed first: a kill mid-delete leaves a partial, not a step
+        raise ValueError(
+            f"could not write checkpoint {path.name} into {path.parent}: "
+            f"{'the disk is full' if full else str(e).strip().splitlines()[0][:200]}; "
+            f"nothing partial was kept. Free space there (or lower --train.keep_checkpoints) and "
+            f"resume with --train.resume=true; {last_good(out_dir)}"
+        ) from None
+    for old in list_checkpoints(out_dir)[
+        :-keep
+    ]:  # renamed first: a kill mid-delete leaves a partial, not a step
         gone = old.with_name(f".{old.name}.old-{os.getpid()}")
         os.replace(old, gone)
         shutil.rmtree(gone, ignore_errors=True)
@@ -104,7 +133,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, extra: dic
 
 def _is_write_error(e: RuntimeError) -> bool:
     """torch.save reports a failed write as a RuntimeError from its zip writer."""
-    return any(s in str(e) for s in ("PytorchStreamWriter failed", "file write failed", "No space left"))
+    return any(
+        s in str(e) for s in ("PytorchStreamWriter failed", "file write failed", "No space left")
+    )
 
 
 def load_checkpoint(path: str | Path, model, optimizer) -> dict:

@@ -6,6 +6,7 @@ accumulation, lr and its schedule, optimizer), the tokenizer and data, and a sta
 Left out: `train.steps` (training longer is a legitimate resume), and logging, evaluation,
 checkpoint, thread, compile and non-finite-policy settings (they do not change the weights).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,19 +19,41 @@ from zerolm.train.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
 
-EXACT_TRAIN_KEYS = ("batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction",
-                    "weight_decay", "beta1", "beta2", "grad_clip")
-_HASHES = ("data.fingerprint", "data.shards", "tokenizer.sha256", "tokenizer.source")  # shown shortened
+EXACT_TRAIN_KEYS = (
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "schedule",
+    "decay_fraction",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+)
+_HASHES = (
+    "data.fingerprint",
+    "data.shards",
+    "tokenizer.sha256",
+    "tokenizer.source",
+)  # shown shortened
 
 
 def flat(prefix: str, section) -> dict:
     """{'prefix.key': value} for a config dataclass (tuples as lists, so they compare after JSON)."""
-    return {f"{prefix}.{k}": list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+    return {
+        f"{prefix}.{k}": list(v) if isinstance(v, tuple) else v
+        for k, v in dataclasses.asdict(section).items()
+    }
 
 
 def trainer_fingerprint(model_cfg, train_cfg) -> dict:
     """The model config and the training settings that decide the trajectory."""
-    return {**flat("model", model_cfg), **{f"train.{k}": getattr(train_cfg, k) for k in EXACT_TRAIN_KEYS}}
+    return {
+        **flat("model", model_cfg),
+        **{f"train.{k}": getattr(train_cfg, k) for k in EXACT_TRAIN_KEYS},
+    }
 
 
 def files_summary(paths) -> str:
@@ -38,7 +61,13 @@ def files_summary(paths) -> str:
     what a stage reads, compared by the rule `prepare` uses to decide to rebuild."""
     files = []
     for p in map(Path, paths):
-        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        files += (
+            sorted(f for f in p.rglob("*") if f.is_file())
+            if p.is_dir()
+            else [p]
+            if p.is_file()
+            else []
+        )
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:8]
     return f"{len(files)} file(s), {sum(s[1] for s in stats)} bytes, {digest}"
@@ -55,7 +84,9 @@ def stage_fingerprint(cfg, tok=None, sections: tuple[str, ...] = ()) -> dict:
         fp.update(flat(name, section))
         for key in ("data", "val_data", "source", "target"):
             if paths := getattr(section, key, None):
-                fp[f"{name}.{key}.files"] = files_summary([paths] if isinstance(paths, str) else paths)
+                fp[f"{name}.{key}.files"] = files_summary(
+                    [paths] if isinstance(paths, str) else paths
+                )
     return fp
 
 
@@ -67,9 +98,13 @@ def pretrain_data_fingerprint(cfg) -> dict:
     from zerolm.tokenizer import Tokenizer
 
     files = list_files(cfg.data.inputs)
-    fp = {"seed": cfg.seed, **flat("data", cfg.data), "data.fingerprint": _inputs_fingerprint(cfg.data),
-          "data.files": f"{len(files)} file(s), {sum(f.stat().st_size for f in files)} bytes",
-          **flat("tokenizer", cfg.tokenizer)}
+    fp = {
+        "seed": cfg.seed,
+        **flat("data", cfg.data),
+        "data.fingerprint": _inputs_fingerprint(cfg.data),
+        "data.files": f"{len(files)} file(s), {sum(f.stat().st_size for f in files)} bytes",
+        **flat("tokenizer", cfg.tokenizer),
+    }
     if cfg.tokenizer.path:
         fp["tokenizer.source"] = Tokenizer.load(cfg.tokenizer.path).sha256
     return fp
@@ -88,10 +123,21 @@ def _show(key: str, value) -> str:
 def changes(saved: dict, current: dict) -> list[str]:
     """'KEY changed A -> B' for every key both record with different values."""
     keys = [k for k in current if k in saved and saved[k] != current[k]]
-    if "data.fingerprint" in keys and any(k.startswith("data.") and k != "data.fingerprint" for k in keys):
-        keys.remove("data.fingerprint")  # hashes what the named data setting or file count says better
-    return [f"{k} changed {_show(k, saved[k])} -> {_show(k, current[k])}"
-            + (" (input files modified, or a bundled corpus changed)" if k == "data.fingerprint" else "") for k in keys]
+    if "data.fingerprint" in keys and any(
+        k.startswith("data.") and k != "data.fingerprint" for k in keys
+    ):
+        keys.remove(
+            "data.fingerprint"
+        )  # hashes what the named data setting or file count says better
+    return [
+        f"{k} changed {_show(k, saved[k])} -> {_show(k, current[k])}"
+        + (
+            " (input files modified, or a bundled corpus changed)"
+            if k == "data.fingerprint"
+            else ""
+        )
+        for k in keys
+    ]
 
 
 def check_resume(checkpoint: str | Path, current: dict, allow: bool) -> list[str]:
@@ -99,16 +145,23 @@ def check_resume(checkpoint: str | Path, current: dict, allow: bool) -> list[str
     unless `allow` (train.resume_changed): then it is logged and returned, to be recorded."""
     saved = read_fingerprint(checkpoint)
     if saved is None:
-        log.warning("%s records no run fingerprint (an older zerolm): resuming without checking that the data "
-                    "and settings are unchanged", checkpoint)
+        log.warning(
+            "%s records no run fingerprint (an older zerolm): resuming without checking that the data "
+            "and settings are unchanged",
+            checkpoint,
+        )
         return []
     found = changes(saved, current)
     if found and not allow:
-        raise ValueError(f"cannot resume from {checkpoint}: {'; '.join(found)}. Resume with the run's own data and "
-                         "settings, train into a new --out, or continue anyway with --resume-changed "
-                         "(--train.resume_changed=true)")
+        raise ValueError(
+            f"cannot resume from {checkpoint}: {'; '.join(found)}. Resume with the run's own data and "
+            "settings, train into a new --out, or continue anyway with --resume-changed "
+            "(--train.resume_changed=true)"
+        )
     if found:
-        log.warning("resuming from %s although %s (train.resume_changed)", checkpoint, "; ".join(found))
+        log.warning(
+            "resuming from %s although %s (train.resume_changed)", checkpoint, "; ".join(found)
+        )
     return found
 
 
@@ -117,7 +170,9 @@ def check_start(cfg, early: dict) -> None:
     and compare `early` (what can be known before data is rebuilt) with its newest checkpoint."""
     found = list_checkpoints(cfg.out_dir)
     if found and not cfg.train.resume:
-        raise ValueError(f"{cfg.out_dir} already holds checkpoints of a training run: continue it with "
-                         "--train.resume=true, or train into a new directory with --out")
+        raise ValueError(
+            f"{cfg.out_dir} already holds checkpoints of a training run: continue it with "
+            "--train.resume=true, or train into a new directory with --out"
+        )
     if found:
         check_resume(found[-1], early, cfg.train.resume_changed)

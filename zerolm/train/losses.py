@@ -1,5 +1,6 @@
 """Loss functions (pure): each returns (mean loss over counted tokens, number of counted tokens as
 an int or a 0-d tensor)."""
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,9 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
     losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
     if rest:
         mask = rest[0].to(device).flatten().float()
-        n = mask.sum()  # a tensor: an int() here would break a compiled graph; the Trainer converts it
+        n = (
+            mask.sum()
+        )  # a tensor: an int() here would break a compiled graph; the Trainer converts it
         return (losses * mask).sum() / n.clamp(min=1), n
     return losses.mean(), y.numel()
 
@@ -66,13 +69,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         c = _chunk_rows(V)
         gh = torch.empty_like(hc)
         gw = torch.zeros(wc.shape, dtype=torch.float32, device=wc.device)
-        gb = torch.zeros(V, dtype=torch.float32, device=wc.device) if ctx.needs_input_grad[2] else None
+        gb = (
+            torch.zeros(V, dtype=torch.float32, device=wc.device)
+            if ctx.needs_input_grad[2]
+            else None
+        )
         scale = grad.float() / max(n, 1)
         with torch.autocast(hc.device.type, enabled=False):
             for s in range(0, n, c):
                 hs = hc[s : s + c]
-                p = torch.exp(F.linear(hs, wc, bc).float() - lse[s : s + len(hs), None])  # softmax (C, V)
-                p.scatter_add_(1, y[s : s + len(hs), None], torch.full((len(hs), 1), eps - 1.0, device=p.device))
+                p = torch.exp(
+                    F.linear(hs, wc, bc).float() - lse[s : s + len(hs), None]
+                )  # softmax (C, V)
+                p.scatter_add_(
+                    1,
+                    y[s : s + len(hs), None],
+                    torch.full((len(hs), 1), eps - 1.0, device=p.device),
+                )
                 if eps:
                     p -= eps / V
                 gz = (p * scale).to(hc.dtype)  # d loss / d logits
@@ -80,10 +93,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 gw += (gz.T @ hs).float()
                 if gb is not None:
                     gb += gz.float().sum(0)
-        return (gh, gw.to(ctx.w_dtype), None if gb is None else gb.to(ctx.b_dtype), None, None, None)
+        return (
+            gh,
+            gw.to(ctx.w_dtype),
+            None if gb is None else gb.to(ctx.b_dtype),
+            None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(hidden, weight, bias, target, *, ignore_index: int = -100, label_smoothing: float = 0.0):
+def linear_cross_entropy(
+    hidden, weight, bias, target, *, ignore_index: int = -100, label_smoothing: float = 0.0
+):
     """F.cross_entropy(F.linear(hidden, weight, bias).float(), target, ignore_index=...,
     label_smoothing=...) for hidden (..., D), weight (V, D), target (...): the same mean loss and
     gradients, without materialising the (N, V) logits (and their float32 copy, softmax and

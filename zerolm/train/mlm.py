@@ -3,6 +3,7 @@ the prepared documents, on the one Trainer; the model lands in OUT/model like ev
 
 Legend: B sequences, T tokens, D d_model, V vocabulary, N predicted (selected) tokens.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,7 +69,10 @@ def evaluate_mlm(model, batches: list, nsp: bool = True) -> dict:
     model.train(was)
     out = {"val_mlm_loss": nats / max(n, 1), "val_mlm_acc": correct / max(n, 1)}
     if nsp:
-        out |= {"val_nsp_loss": nsp_nats / max(pairs, 1), "val_nsp_acc": nsp_correct / max(pairs, 1)}
+        out |= {
+            "val_nsp_loss": nsp_nats / max(pairs, 1),
+            "val_nsp_acc": nsp_correct / max(pairs, 1),
+        }
     return out
 
 
@@ -82,14 +86,18 @@ def fill_mask(model, tok: Tokenizer, texts: list[str], every: int = 5) -> list[s
     for text in texts:
         ids = tok.encode(text)[: model.cfg.max_seq_len - 2]
         x = torch.tensor([pair_ids(ids, [])[0]], device=device)  # [CLS] text [SEP]
-        where = torch.arange(1, x.shape[1] - 1, every, device=device)  # text tokens 0, every, 2*every, ...
+        where = torch.arange(
+            1, x.shape[1] - 1, every, device=device
+        )  # text tokens 0, every, 2*every, ...
         x_masked = x.clone()
         x_masked[0, where] = MASK_ID
         guess = model.mlm_logits(model.hidden(x_masked)[0, where]).argmax(-1).tolist()
         shown = [tok.decode([t]) for t in ids]
         for w, g in zip(where.tolist(), guess):
             shown[w - 1] = f"[{shown[w - 1]}→{tok.decode([g])}]"
-        out.append("".join(shown) if tok.kind != "wordpiece" or not text.isascii() else " ".join(shown))
+        out.append(
+            "".join(shown) if tok.kind != "wordpiece" or not text.isascii() else " ".join(shown)
+        )
     model.train(was)
     return out
 
@@ -120,27 +128,68 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(cfg.model, tok.vocab_size, seed=cfg.seed, device=device)
-    log.info("model: bert, %.2f M parameters (%s)", sum(p.numel() for p in model.parameters()) / 1e6,
-             ", ".join(f"{k}={getattr(model.cfg, k)}" for k in ("d_model", "n_layers", "n_heads", "max_seq_len")))
+    log.info(
+        "model: bert, %.2f M parameters (%s)",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        ", ".join(
+            f"{k}={getattr(model.cfg, k)}"
+            for k in ("d_model", "n_layers", "n_heads", "max_seq_len")
+        ),
+    )
     m, nsp = cfg.mlm, cfg.mlm.objective == "mlm+nsp"
-    corpora = {split: SentenceCorpus.from_texts((d["text"] for d in read_docs(out / "docs" / f"{split}.jsonl")), tok)
-               for split in ("train", "val")}
+    corpora = {
+        split: SentenceCorpus.from_texts(
+            (d["text"] for d in read_docs(out / "docs" / f"{split}.jsonl")), tok
+        )
+        for split in ("train", "val")
+    }
     seq_len = model.cfg.max_seq_len
-    batches = PairBatches(corpora["train"], batch_size=cfg.train.batch_size, max_seq_len=seq_len,
-                          vocab_size=tok.vocab_size, seed=cfg.seed, mask_prob=m.mask_prob, nsp=nsp,
-                          short_seq_prob=m.short_seq_prob)
-    val = fixed_batches(corpora["val"], batch_size=cfg.train.batch_size, max_seq_len=seq_len,
-                        vocab_size=tok.vocab_size, seed=cfg.seed, mask_prob=m.mask_prob, nsp=nsp)
-    log.info("sentence pairs: train %d documents -> %d pairs per epoch (%d batches); val %d documents -> %d pairs",
-             corpora["train"].n_docs, *batches.epoch_size(), corpora["val"].n_docs, sum(len(b[4]) for b in val))
+    batches = PairBatches(
+        corpora["train"],
+        batch_size=cfg.train.batch_size,
+        max_seq_len=seq_len,
+        vocab_size=tok.vocab_size,
+        seed=cfg.seed,
+        mask_prob=m.mask_prob,
+        nsp=nsp,
+        short_seq_prob=m.short_seq_prob,
+    )
+    val = fixed_batches(
+        corpora["val"],
+        batch_size=cfg.train.batch_size,
+        max_seq_len=seq_len,
+        vocab_size=tok.vocab_size,
+        seed=cfg.seed,
+        mask_prob=m.mask_prob,
+        nsp=nsp,
+    )
+    log.info(
+        "sentence pairs: train %d documents -> %d pairs per epoch (%d batches); val %d documents -> %d pairs",
+        corpora["train"].n_docs,
+        *batches.epoch_size(),
+        corpora["val"].n_docs,
+        sum(len(b[4]) for b in val),
+    )
     first_val = next(read_docs(out / "docs" / "val.jsonl"), None)
     sample_fn = partial(fill_mask, tok=tok, texts=[first_val["text"][:64]]) if first_val else None
-    trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=partial(mlm_nsp_loss, nsp=nsp),
-                      eval_fn=partial(evaluate_mlm, batches=val[: cfg.train.eval_batches], nsp=nsp) if val else None,
-                      sample_fn=sample_fn, flops_per_token=_flops_per_selected_token(model, m.mask_prob),
-                      progress=progress, fingerprint={**data_fp, **stage_fingerprint(cfg, tok, ("mlm",))})
+    trainer = Trainer(
+        model,
+        cfg.train,
+        out,
+        batches=batches,
+        loss_fn=partial(mlm_nsp_loss, nsp=nsp),
+        eval_fn=partial(evaluate_mlm, batches=val[: cfg.train.eval_batches], nsp=nsp)
+        if val
+        else None,
+        sample_fn=sample_fn,
+        flops_per_token=_flops_per_selected_token(model, m.mask_prob),
+        progress=progress,
+        fingerprint={**data_fp, **stage_fingerprint(cfg, tok, ("mlm",))},
+    )
     row = trainer.fit()
     final = evaluate_mlm(model, val, nsp) if val else {}
     save_model(model, out / "model", tok)
-    log.info("final held-out (whole val split): %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    log.info(
+        "final held-out (whole val split): %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items())
+    )
     return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model")}

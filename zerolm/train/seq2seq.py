@@ -9,6 +9,7 @@ to the copy-the-source baseline.
 
 Legend: B pairs, S source tokens (+ eos), T target tokens (+ the start or end token).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,13 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str]], window: int, too_long: str = "error",
-                 split: str = "train") -> tuple[list[tuple[list[int], list[int]]], int]:
+def encode_pairs(
+    tok: Tokenizer,
+    pairs: list[tuple[str, str]],
+    window: int,
+    too_long: str = "error",
+    split: str = "train",
+) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(source ids + eos, target ids) per pair; a pair whose source + eos or start + target exceeds
     the window is an error naming it, or is dropped (too_long="drop"). Returns (items, dropped)."""
     src = tok.encode_batch([s for s, _ in pairs], split_special=False)
@@ -48,9 +54,11 @@ def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str]], window: int, too_
     for i, (s, t) in enumerate(zip(src, tgt)):
         if len(s) + 1 > window or len(t) + 1 > window:
             if too_long == "error":
-                raise ValueError(f"{split} pair {i + 1} ({pairs[i][0][:40]!r}...) is {len(s) + 1} source / {len(t) + 1} "
-                                 f"target tokens, more than the model window of {window}: raise --model.max_seq_len, "
-                                 "or drop such pairs with --seq2seq.too_long=drop")
+                raise ValueError(
+                    f"{split} pair {i + 1} ({pairs[i][0][:40]!r}...) is {len(s) + 1} source / {len(t) + 1} "
+                    f"target tokens, more than the model window of {window}: raise --model.max_seq_len, "
+                    "or drop such pairs with --seq2seq.too_long=drop"
+                )
             dropped += 1
             continue
         items.append(([*s, eos], t))
@@ -76,23 +84,34 @@ def seq2seq_loss(model, batch, label_smoothing: float = 0.0):
     device = next(model.parameters()).device
     src, src_mask, tgt_in, tgt_out = (t.to(device) for t in batch)
     hidden = model.decode(tgt_in, model.encode(src, src_mask), src_mask)  # (B, T, D)
-    loss = linear_cross_entropy(hidden, model.head_weight, model.final_logits_bias, tgt_out, ignore_index=IGNORE,
-                                label_smoothing=label_smoothing)  # no (B, T, V) logits kept
+    loss = linear_cross_entropy(
+        hidden,
+        model.head_weight,
+        model.final_logits_bias,
+        tgt_out,
+        ignore_index=IGNORE,
+        label_smoothing=label_smoothing,
+    )  # no (B, T, V) logits kept
     return loss, (tgt_out != IGNORE).sum()
 
 
 @torch.no_grad()
-def evaluate_pairs(model, items, *, pad: int, bos: int, eos: int, batch_size: int, max_batches: int = 0) -> dict:
+def evaluate_pairs(
+    model, items, *, pad: int, bos: int, eos: int, batch_size: int, max_batches: int = 0
+) -> dict:
     """Token-weighted cross-entropy (no smoothing) and perplexity of the target tokens."""
     nats, n = 0.0, 0
     starts = range(0, len(items), batch_size)
     for k, start in enumerate(starts):
         if max_batches and k >= max_batches:
             break
-        src, src_mask, tgt_in, tgt_out = collate(items[start : start + batch_size], pad=pad, bos=bos, eos=eos)
+        src, src_mask, tgt_in, tgt_out = collate(
+            items[start : start + batch_size], pad=pad, bos=bos, eos=eos
+        )
         logits = model(src, tgt_in, src_mask)
-        nats += F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=IGNORE,
-                                reduction="sum").item()
+        nats += F.cross_entropy(
+            logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=IGNORE, reduction="sum"
+        ).item()
         n += int((tgt_out != IGNORE).sum())
     mean = nats / max(n, 1)
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0))}
@@ -104,9 +123,14 @@ def _write_docs(out: Path, pairs: dict, fingerprint: str) -> dict:
     splits = {}
     for split, rows in pairs.items():
         texts = [t for pair in rows for t in pair]
-        atomic_write_text(docs / f"{split}.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                                                            for t in texts))
-        splits[split] = {"documents": len(texts), "bytes": sum(len(t.encode("utf-8")) for t in texts)}
+        atomic_write_text(
+            docs / f"{split}.jsonl",
+            "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+        )
+        splits[split] = {
+            "documents": len(texts),
+            "bytes": sum(len(t.encode("utf-8")) for t in texts),
+        }
     return {"fingerprint": fingerprint, "splits": splits}
 
 
@@ -115,8 +139,12 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> dict:
     early = stage_fingerprint(cfg, None, ("seq2seq", "tokenizer"))
     check_start(cfg, early)  # before the docs and tokenizer of changed pairs are rebuilt
     pairs, info = load_pairs(cfg.seq2seq)
-    log.info("pairs: %d train, %d held out (%s)", info["train"], info["val"],
-             "; ".join(f"{k}: {v['train']}/{v['val']}" for k, v in info["sources"].items()))
+    log.info(
+        "pairs: %d train, %d held out (%s)",
+        info["train"],
+        info["val"],
+        "; ".join(f"{k}: {v['train']}/{v['val']}" for k, v in info["sources"].items()),
+    )
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     docs_info = _write_docs(out, pairs, _fingerprint(dataclasses.asdict(cfg.seq2seq), info))
@@ -125,60 +153,127 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(dataclasses.replace(cfg.model, arch="encdec"), tok.vocab_size, seed=cfg.seed, device=device)
+    model = build_model(
+        dataclasses.replace(cfg.model, arch="encdec"), tok.vocab_size, seed=cfg.seed, device=device
+    )
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: encdec (%s blocks), %.2f M parameters (d_model=%d, %d+%d layers, window %d)", model.cfg.preset,
-             n_params / 1e6, model.cfg.d_model, model.cfg.n_layers, model.cfg.n_decoder_layers, model.cfg.max_seq_len)
+    log.info(
+        "model: encdec (%s blocks), %.2f M parameters (d_model=%d, %d+%d layers, window %d)",
+        model.cfg.preset,
+        n_params / 1e6,
+        model.cfg.d_model,
+        model.cfg.n_layers,
+        model.cfg.n_decoder_layers,
+        model.cfg.max_seq_len,
+    )
     window, s2s = model.cfg.max_seq_len, cfg.seq2seq
     enc = {}
     for split in ("train", "val"):
         enc[split], dropped = encode_pairs(tok, pairs[split], window, s2s.too_long, split)
         if dropped:
-            log.warning("%s: dropped %d pairs longer than the window of %d tokens", split, dropped, window)
+            log.warning(
+                "%s: dropped %d pairs longer than the window of %d tokens", split, dropped, window
+            )
     ids = dict(pad=tok.token_id(PAD), bos=tok.token_id(BOS), eos=tok.token_id(EOS))
-    batches = Shuffled(enc["train"], cfg.train.batch_size, cfg.seed, collate=partial(collate, **ids),
-                       length=lambda item: len(item[0]) + len(item[1]))
+    batches = Shuffled(
+        enc["train"],
+        cfg.train.batch_size,
+        cfg.seed,
+        collate=partial(collate, **ids),
+        length=lambda item: len(item[0]) + len(item[1]),
+    )
     # training FLOPs per target token: 6 x the matrices each token passes through, the encoder's
     # counted once per source token (sources are about as long as targets here: their ratio is used)
-    src_per_tgt = sum(len(s) for s, _ in enc["train"]) / max(1, sum(len(t) + 1 for _, t in enc["train"]))
-    enc_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder") and p.dim() >= 2)
-    dec_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder") and p.dim() >= 2)
+    src_per_tgt = sum(len(s) for s, _ in enc["train"]) / max(
+        1, sum(len(t) + 1 for _, t in enc["train"])
+    )
+    enc_params = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("encoder") and p.dim() >= 2
+    )
+    dec_params = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("decoder") and p.dim() >= 2
+    )
     flops = 6 * (dec_params + model.cfg.d_model * model.cfg.vocab_size + src_per_tgt * enc_params)
     held = enc["val"]
-    eval_fn = partial(evaluate_pairs, items=held, batch_size=cfg.train.batch_size, max_batches=cfg.train.eval_batches,
-                      **ids) if held else None
+    eval_fn = (
+        partial(
+            evaluate_pairs,
+            items=held,
+            batch_size=cfg.train.batch_size,
+            max_batches=cfg.train.eval_batches,
+            **ids,
+        )
+        if held
+        else None
+    )
     shown = random.Random(cfg.seed).sample(pairs["val"], min(2, len(pairs["val"])))
 
     def sample_fn(m):
         hyps = translate_texts(m, tok, [s for s, _ in shown], beam=1)
         return [f"{s}\n-> {h}" for (s, _), h in zip(shown, hyps)]
 
-    trainer = Trainer(model, cfg.train, out, batches=batches, loss_fn=partial(seq2seq_loss, label_smoothing=s2s.label_smoothing),
-                      eval_fn=eval_fn, sample_fn=sample_fn if shown else None, flops_per_token=flops, progress=progress,
-                      fingerprint={**early, "tokenizer.sha256": tok.sha256, "data.pairs": str(info)})
+    trainer = Trainer(
+        model,
+        cfg.train,
+        out,
+        batches=batches,
+        loss_fn=partial(seq2seq_loss, label_smoothing=s2s.label_smoothing),
+        eval_fn=eval_fn,
+        sample_fn=sample_fn if shown else None,
+        flops_per_token=flops,
+        progress=progress,
+        fingerprint={**early, "tokenizer.sha256": tok.sha256, "data.pairs": str(info)},
+    )
     row = trainer.fit()
     save_model(model, out / "model", tok)
     result = {**row, "model_dir": str(out / "model"), "pairs": info}
     if held:
-        result.update({f"final_{k}": v for k, v in evaluate_pairs(model, held, batch_size=cfg.train.batch_size,
-                                                                  **ids).items()})
+        result.update(
+            {
+                f"final_{k}": v
+                for k, v in evaluate_pairs(
+                    model, held, batch_size=cfg.train.batch_size, **ids
+                ).items()
+            }
+        )
         chosen = [pairs["val"][i] for i in range(len(pairs["val"]))]
         if s2s.eval_pairs:
             chosen = random.Random(cfg.seed).sample(chosen, min(s2s.eval_pairs, len(chosen)))
         sources, refs = [s for s, _ in chosen], [t for _, t in chosen]
         log.info("translating %d held-out pairs (beam %d) for BLEU / chrF", len(chosen), s2s.beam)
-        scores = evaluate_translation(model, tok, sources, refs, beam=s2s.beam, length_penalty=s2s.length_penalty,
-                                      progress=progress, too_long="truncate")
+        scores = evaluate_translation(
+            model,
+            tok,
+            sources,
+            refs,
+            beam=s2s.beam,
+            length_penalty=s2s.length_penalty,
+            progress=progress,
+            too_long="truncate",
+        )
         hyps = scores.pop("translations")
         atomic_write_text(out / "eval" / "source.txt", "".join(s + "\n" for s in sources))
         atomic_write_text(out / "eval" / "reference.txt", "".join(r + "\n" for r in refs))
         atomic_write_text(out / "eval" / "translation.txt", "".join(h + "\n" for h in hyps))
         atomic_write_text(out / "eval" / "scores.json", json.dumps(scores, indent=2))
         result.update({f"final_{k}": v for k, v in scores.items()})
-        log.info("held-out (%d pairs): BLEU %.2f chrF %.2f | copy-the-source BLEU %.2f chrF %.2f | val loss %.4f",
-                 scores["pairs"], scores["bleu"], scores["chrf"], scores["copy_bleu"], scores["copy_chrf"],
-                 result["final_val_loss"])
+        log.info(
+            "held-out (%d pairs): BLEU %.2f chrF %.2f | copy-the-source BLEU %.2f chrF %.2f | val loss %.4f",
+            scores["pairs"],
+            scores["bleu"],
+            scores["chrf"],
+            scores["copy_bleu"],
+            scores["copy_chrf"],
+            result["final_val_loss"],
+        )
     return result
 
 
-__all__ = ["collate", "encode_pairs", "encode_source", "evaluate_pairs", "pretrain_seq2seq", "seq2seq_loss"]
+__all__ = [
+    "collate",
+    "encode_pairs",
+    "encode_source",
+    "evaluate_pairs",
+    "pretrain_seq2seq",
+    "seq2seq_loss",
+]

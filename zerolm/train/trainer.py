@@ -3,6 +3,7 @@ loss function; the loop owns precision, accumulation, clipping, schedule, loggin
 checkpoints, exact resume (of the same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite
 losses (skipped, stopped on, or rolled back from: train.nonfinite).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,14 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from zerolm.config import TrainConfig
-from zerolm.train.checkpoint import (NonFiniteError, last_good, list_checkpoints, load_checkpoint, remove_partial,
-                                     save_checkpoint)
+from zerolm.train.checkpoint import (
+    NonFiniteError,
+    last_good,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+)
 from zerolm.train.fingerprint import check_resume, trainer_fingerprint
 from zerolm.train.optim import build_optimizer, lr_at
 
@@ -38,11 +45,15 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def measure_peak_flops(precision: str, device: torch.device, n: int = 1024, trials: int = 5) -> float:
+def measure_peak_flops(
+    precision: str, device: torch.device, n: int = 1024, trials: int = 5
+) -> float:
     """Measured matmul FLOP/s of this device in this precision (the MFU denominator): the best of
     a few short trials, so a momentarily busy machine does not deflate it."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: resume must be exact
+    gen = torch.Generator(device=device).manual_seed(
+        0
+    )  # never touch the global RNG: resume must be exact
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     a @ b
@@ -64,7 +75,9 @@ class _Abort(KeyboardInterrupt):
 
 def _json_row(row: dict) -> str:
     """One strict-JSON log row: NaN and inf become null (json.dumps would write bare NaN)."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    clean = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
+    }
     return json.dumps(clean, allow_nan=False)
 
 
@@ -87,7 +100,9 @@ class _Signals:
         if self.requested:
             raise _Abort
         self.requested = name
-        log.warning("%s: finishing this step and saving a checkpoint (press again to abort at once)", name)
+        log.warning(
+            "%s: finishing this step and saving a checkpoint (press again to abort at once)", name
+        )
 
     @contextlib.contextmanager
     def hold(self):
@@ -99,7 +114,9 @@ class _Signals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+            self._old = {
+                sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
         return self
 
     def __exit__(self, *exc):
@@ -108,9 +125,20 @@ class _Signals:
 
 
 class Trainer:
-    def __init__(self, model, cfg: TrainConfig, out_dir: str | Path, *, batches: Iterator, loss_fn: LossFn,
-                 eval_fn: Callable | None = None, sample_fn: Callable | None = None,
-                 flops_per_token: float = 0.0, progress: bool = True, fingerprint: dict | None = None):
+    def __init__(
+        self,
+        model,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        *,
+        batches: Iterator,
+        loss_fn: LossFn,
+        eval_fn: Callable | None = None,
+        sample_fn: Callable | None = None,
+        flops_per_token: float = 0.0,
+        progress: bool = True,
+        fingerprint: dict | None = None,
+    ):
         """`fingerprint`: the stage's part of what a resume must match (seed, tokenizer, data; see
         fingerprint.py); the model config and the training settings are added here."""
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
@@ -126,7 +154,11 @@ class Trainer:
         self.step = 0
         self.precision = cfg.precision
         self.run = {**(fingerprint or {}), **trainer_fingerprint(model.cfg, cfg)}
-        self.lr_scale, self.bad_steps, self.rollbacks = 1.0, 0, 0  # non-finite handling (train.nonfinite)
+        self.lr_scale, self.bad_steps, self.rollbacks = (
+            1.0,
+            0,
+            0,
+        )  # non-finite handling (train.nonfinite)
         self.changed: list[str] = []  # resumes that train.resume_changed let through, as recorded
         self._saved_step, self._note = -1, {}  # _note: fields for the next log row
         self._signals = _Signals()
@@ -140,8 +172,11 @@ class Trainer:
         except Exception as e:
             if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise
-            log.warning("torch.compile failed, training continues in eager mode (install a C++ compiler "
-                        "such as g++, or set train.compile=false): %s", str(e).strip().splitlines()[0][:300])
+            log.warning(
+                "torch.compile failed, training continues in eager mode (install a C++ compiler "
+                "such as g++, or set train.compile=false): %s",
+                str(e).strip().splitlines()[0][:300],
+            )
             self.train_loss = self.loss_fn
             return self.loss_fn(self.model, batch)
         self._compiled_ok = True
@@ -168,9 +203,17 @@ class Trainer:
             for k, v in extra.items():
                 stats[k] = stats.get(k, 0.0) + v / self.cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
-        row = {"step": self.step + 1, "loss": sum(losses) / len(losses), **stats, "lr": lr, "grad_norm": gnorm.item(),
-               "tokens": tokens}
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        )
+        row = {
+            "step": self.step + 1,
+            "loss": sum(losses) / len(losses),
+            **stats,
+            "lr": lr,
+            "grad_norm": gnorm.item(),
+            "tokens": tokens,
+        }
         finite = math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
         if finite:
             self.optimizer.step()
@@ -184,30 +227,50 @@ class Trainer:
 
     def _nonfinite(self, row: dict) -> dict:
         """Apply train.nonfinite to a step whose update was skipped; returns fields for its log row."""
-        cfg, what = self.cfg, f"loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g} at lr {row['lr']:.3g}"
+        cfg, what = (
+            self.cfg,
+            f"loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g} at lr {row['lr']:.3g}",
+        )
         if cfg.nonfinite == "stop":
-            raise NonFiniteError(f"step {self.step}: non-finite {what} (train.nonfinite=stop); the update was skipped "
-                                 f"and {last_good(self.out)}. Lower --train.lr or set --train.nonfinite=skip")
+            raise NonFiniteError(
+                f"step {self.step}: non-finite {what} (train.nonfinite=stop); the update was skipped "
+                f"and {last_good(self.out)}. Lower --train.lr or set --train.nonfinite=skip"
+            )
         if cfg.nonfinite == "skip":
             if self.bad_steps >= cfg.nonfinite_limit:
                 raise NonFiniteError(
                     f"training diverged: non-finite loss or gradient norm at {self.bad_steps} consecutive steps "
                     f"(steps {self.step - self.bad_steps + 1}-{self.step}; last {what}); the updates were skipped and "
                     f"{last_good(self.out)}. Lower --train.lr (and resume with --resume-changed, or start a new --out), "
-                    "or set --train.nonfinite=rollback")
-            log.warning("step %d: non-finite %s: update skipped (%d in a row; train.nonfinite_limit=%d)",
-                        self.step, what, self.bad_steps, cfg.nonfinite_limit)
+                    "or set --train.nonfinite=rollback"
+                )
+            log.warning(
+                "step %d: non-finite %s: update skipped (%d in a row; train.nonfinite_limit=%d)",
+                self.step,
+                what,
+                self.bad_steps,
+                cfg.nonfinite_limit,
+            )
             return {"skipped": True}
         found = list_checkpoints(self.out)
         if self.rollbacks >= cfg.nonfinite_limit or not found:
-            raise NonFiniteError(f"step {self.step}: non-finite {what} after {self.rollbacks} rollback(s) "
-                                 f"(train.nonfinite_limit={cfg.nonfinite_limit}); {last_good(self.out)}. Lower "
-                                 "--train.lr and resume with --resume-changed")
+            raise NonFiniteError(
+                f"step {self.step}: non-finite {what} after {self.rollbacks} rollback(s) "
+                f"(train.nonfinite_limit={cfg.nonfinite_limit}); {last_good(self.out)}. Lower "
+                "--train.lr and resume with --resume-changed"
+            )
         scale, rollbacks = self.lr_scale * cfg.nonfinite_lr_factor, self.rollbacks + 1
         self._load(found[-1])
         self.lr_scale, self.rollbacks, self.bad_steps = scale, rollbacks, 0
-        log.warning("step %d: non-finite %s: rolled back to %s with lr x%.3g (rollback %d of at most %d)",
-                    row["step"], what, found[-1].name, scale, rollbacks, cfg.nonfinite_limit)
+        log.warning(
+            "step %d: non-finite %s: rolled back to %s with lr x%.3g (rollback %d of at most %d)",
+            row["step"],
+            what,
+            found[-1].name,
+            scale,
+            rollbacks,
+            cfg.nonfinite_limit,
+        )
         return {"skipped": True, "rolled_back_to": self.step, "lr_scale": scale}
 
     def _choose_precision(self) -> str:
@@ -231,20 +294,35 @@ class Trainer:
         if state is not None:
             self.batches.load_state_dict(state)
         choice = "bf16" if times["bf16"] < 0.9 * times["fp32"] else "fp32"
-        log.info("precision auto: fp32 %.0f ms, bf16 %.0f ms per micro-batch -> %s",
-                 1e3 * times["fp32"], 1e3 * times["bf16"], choice)
+        log.info(
+            "precision auto: fp32 %.0f ms, bf16 %.0f ms per micro-batch -> %s",
+            1e3 * times["fp32"],
+            1e3 * times["bf16"],
+            choice,
+        )
         return choice
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         """Write a checkpoint of this step; signals wait until it is complete."""
         with self._signals.hold():
-            extra = {"precision": self.precision, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
-                     "resume_changed": self.changed}
+            extra = {
+                "precision": self.precision,
+                "lr_scale": self.lr_scale,
+                "rollbacks": self.rollbacks,
+                "resume_changed": self.changed,
+            }
             if hasattr(self.batches, "state_dict"):
                 extra["data"] = self.batches.state_dict()
-            path = save_checkpoint(self.out, self.step, self.model, self.optimizer, extra, self.cfg.keep_checkpoints,
-                                   run=self.run)
+            path = save_checkpoint(
+                self.out,
+                self.step,
+                self.model,
+                self.optimizer,
+                extra,
+                self.cfg.keep_checkpoints,
+                run=self.run,
+            )
         self._saved_step = self.step
         return path
 
@@ -299,22 +377,36 @@ class Trainer:
             if cfg.nonfinite == "rollback" and not list_checkpoints(self.out):
                 self.save()  # a point to roll back to before the first checkpoint is due
         peak = measure_peak_flops(self.precision, self.device)
-        log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8", buffering=1)  # line-buffered: rows survive a kill
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        log_file = open(
+            self.out / "train_log.jsonl", "a", encoding="utf-8", buffering=1
+        )  # line-buffered: rows survive a kill
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         row: dict = {}
         t_start, step_start, tokens_seen = time.perf_counter(), self.step, 0
         stop = self._signals
         with logging_redirect_tqdm(), stop:  # log lines print above the progress bar
             try:
-                while self.step < cfg.steps and not stop.requested:  # signals land between steps: consistent
+                while (
+                    self.step < cfg.steps and not stop.requested
+                ):  # signals land between steps: consistent
                     t0 = time.perf_counter()
                     row = {**self.train_step(), **self._note}
                     self._note = {}
                     dt = time.perf_counter() - t0
                     tokens_seen += row["tokens"]
                     row["tok_per_s"] = row["tokens"] / dt
-                    row["mfu"] = self.flops_per_token * row["tokens"] / dt / peak if self.flops_per_token else 0.0
+                    row["mfu"] = (
+                        self.flops_per_token * row["tokens"] / dt / peak
+                        if self.flops_per_token
+                        else 0.0
+                    )
                     if "rolled_back_to" in row:
                         log_file.write(_json_row(row) + "\n")
                         bar.n = self.step
@@ -327,21 +419,32 @@ class Trainer:
                         elapsed = time.perf_counter() - t_start
                         eta = elapsed / max(1, self.step - step_start) * (cfg.steps - self.step)
                         extra = "".join(f"{k} {row[k]:.4g} | " for k in self.stat_keys)
-                        log.info(f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
-                                  f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
-                                  f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s")
-                    if self._due(cfg.ckpt_every) and self.bad_steps:  # a checkpoint must end on a finite step
-                        log.warning("step %d: no checkpoint while the loss is non-finite; %s", self.step,
-                                    last_good(self.out))
+                        log.info(
+                            f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
+                            f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
+                            f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s"
+                        )
+                    if (
+                        self._due(cfg.ckpt_every) and self.bad_steps
+                    ):  # a checkpoint must end on a finite step
+                        log.warning(
+                            "step %d: no checkpoint while the loss is non-finite; %s",
+                            self.step,
+                            last_good(self.out),
+                        )
                     elif self._due(cfg.ckpt_every):
                         self.save()
                 if stop.requested and self.step < cfg.steps:
                     if self.bad_steps:
-                        log.info(f"{stop.requested} at step {self.step}, whose loss is non-finite: no checkpoint saved; "
-                                 f"{last_good(self.out)} (resume with --train.resume=true)")
+                        log.info(
+                            f"{stop.requested} at step {self.step}, whose loss is non-finite: no checkpoint saved; "
+                            f"{last_good(self.out)} (resume with --train.resume=true)"
+                        )
                     else:
-                        log.info(f"{stop.requested} at step {self.step}: saving a checkpoint (resume with "
-                                 "--train.resume=true)")
+                        log.info(
+                            f"{stop.requested} at step {self.step}: saving a checkpoint (resume with "
+                            "--train.resume=true)"
+                        )
                         if self._saved_step != self.step:
                             self.save()
                     raise KeyboardInterrupt
