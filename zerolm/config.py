@@ -150,7 +150,7 @@ class SFTConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
-    """Low-rank adapters (zerolm/finetune/lora.py); rank 0 means full fine-tuning."""
+    """Low-rank adapters (zerolm/transforms/lora.py); rank 0 means full fine-tuning."""
 
     rank: int = 0
     alpha: float = 16.0

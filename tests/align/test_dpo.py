@@ -16,11 +16,11 @@ from zerolm.align.dpo import (
 from zerolm.align.losses import sequence_logprobs
 from zerolm.align.stage import Shuffled, reference_logits, response_batch
 from zerolm.config import LoRAConfig, ModelConfig, TokenizerConfig, TrainConfig, load_config
-from zerolm.finetune.lora import apply_lora
 from zerolm.model import build_model, load_model, save_model
 from zerolm.tokenizer.chat import render
 from zerolm.tokenizer.train import train_tokenizer
 from zerolm.train.trainer import Trainer
+from zerolm.transforms.lora import apply_lora
 
 POLITE, RUDE = "谢谢，很高兴帮你。", "走开，别烦我。"
 

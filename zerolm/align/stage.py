@@ -239,10 +239,10 @@ def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -
 def reference_logits(policy, ref_model=None):
     """x (B, T) -> the frozen reference's logits, without gradients: from `ref_model`, else from
     the policy itself with its LoRA adapters disabled (or as it is, before any training step)."""
-    from zerolm.finetune.lora import adapters_disabled
+    from zerolm.transforms.lora import adapters_disabled, lora_config_of
 
     model = policy if ref_model is None else ref_model
-    lora = ref_model is None and getattr(policy, "lora_config", None) is not None
+    lora = ref_model is None and lora_config_of(policy) is not None
 
     @torch.no_grad()
     def ref(x):
@@ -293,7 +293,7 @@ def load_policy(cfg, base: Path):
     model = load_model(base)
     if not cfg.lora.rank:
         return model, None
-    from zerolm.finetune.lora import apply_lora, trainable_report
+    from zerolm.transforms.lora import apply_lora, trainable_report
 
     apply_lora(model, cfg.lora, seed=cfg.seed)
     report = trainable_report(model)
@@ -303,9 +303,9 @@ def load_policy(cfg, base: Path):
 
 def save_policy(model, out: Path, tok: Tokenizer) -> Path:
     """OUT/model as a plain model (LoRA adapters saved to OUT/adapters.safetensors, then merged)."""
-    if getattr(model, "lora_config", None) is not None:
-        from zerolm.finetune.lora import merge_lora, save_adapters
+    from zerolm.transforms.lora import lora_config_of, merge_lora, save_adapters
 
+    if lora_config_of(model) is not None:
         save_adapters(model, out / "adapters.safetensors")
         merge_lora(model)
     return save_model(model, out / "model", tok)

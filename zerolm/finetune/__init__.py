@@ -1,1 +1,1 @@
-"""Fine-tuning transforms on built models (LoRA adapters)."""
+"""Fine-tuning stages: chat SFT and sequence classification."""

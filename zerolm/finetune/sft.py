@@ -158,7 +158,7 @@ def sft(cfg: Config, progress: bool = True) -> dict:
     )  # bad data or LoRA targets fail here, before anything is written
     lora = None
     if cfg.lora.rank:
-        from zerolm.finetune.lora import apply_lora, trainable_report
+        from zerolm.transforms.lora import apply_lora, trainable_report
 
         apply_lora(model, cfg.lora, seed=cfg.seed)
         lora = trainable_report(model)
@@ -231,7 +231,7 @@ def sft(cfg: Config, progress: bool = True) -> dict:
     row = trainer.fit()
     final = sft_eval(model, val_ex) if val_ex else {}
     if lora:
-        from zerolm.finetune.lora import merge_lora, save_adapters
+        from zerolm.transforms.lora import merge_lora, save_adapters
 
         save_adapters(model, out / "adapters.safetensors")
         merge_lora(model)

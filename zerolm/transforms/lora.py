@@ -35,9 +35,13 @@ class LoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         generator: torch.Generator | None = None,
+        config: LoRAConfig | None = None,
+        frozen_before: frozenset[str] = frozenset(),
     ):
         super().__init__()
         self.base, self.rank, self.scale, self.enabled = base, rank, alpha / rank, True
+        self.config = config or LoRAConfig(rank=rank, alpha=alpha, dropout=dropout)
+        self.frozen_before = frozen_before  # the model's frozen parameters before apply_lora
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))  # (r, I)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # (O, r)
@@ -90,7 +94,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
         raise ValueError(
             f"invalid LoRA config {cfg}: needs rank >= 1, alpha > 0, 0 <= dropout < 1, some targets"
         )
-    if getattr(model, "lora_config", None) is not None or _lora_modules(model):
+    if _lora_modules(model):
         raise ValueError(
             "LoRA is already applied to this model (merge_lora it, or start from a fresh base)"
         )
@@ -107,15 +111,20 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
         tied = "lm_head" in unmatched and getattr(model, "lm_head", 0) is None
         tied = " (lm_head is tied to tok_emb here)" if tied else ""
         raise ValueError(f"LoRA {what} no module; linear modules here: {names}{tied}")
-    model._lora_frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
     model.requires_grad_(False)
     gen = torch.Generator(device=chosen[0][1].weight.device).manual_seed(seed)
     for name, lin in chosen:
-        _replace(
-            model, name, LoRALinear(lin, cfg.rank, cfg.alpha, cfg.dropout, gen).train(lin.training)
-        )
-    model.lora_config = cfg
+        m = LoRALinear(lin, cfg.rank, cfg.alpha, cfg.dropout, gen, config=cfg, frozen_before=frozen)
+        _replace(model, name, m.train(lin.training))
     return model
+
+
+def lora_config_of(model: nn.Module) -> LoRAConfig | None:
+    """The LoRAConfig the model's adapters were applied with, or None for a plain model: read from
+    its LoRALinear modules, so there is no tag on the model to fall out of step with them."""
+    mods = _lora_modules(model)
+    return mods[0][1].config if mods else None
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -137,9 +146,10 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def _config(model: nn.Module) -> LoRAConfig:
-    if getattr(model, "lora_config", None) is None:
+    cfg = lora_config_of(model)
+    if cfg is None:
         raise ValueError("model has no LoRA adapters (apply_lora or load_adapters first)")
-    return model.lora_config
+    return cfg
 
 
 def _file_bytes(model: nn.Module, sha: str) -> bytes:
@@ -188,12 +198,11 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
             f"{path}: the adapters were trained on base weights with sha256 {want[:16]}, this model's "
             f"are {sha[:16]} (same config, different weights): load the base they were trained on"
         )
-    if getattr(model, "lora_config", None) is None:
+    have = lora_config_of(model)
+    if have is None:
         apply_lora(model, cfg)
-    elif model.lora_config != cfg:
-        raise ValueError(
-            f"{path} holds adapters for {cfg}, but this model already has {model.lora_config}"
-        )
+    elif have != cfg:
+        raise ValueError(f"{path} holds adapters for {cfg}, but this model already has {have}")
     params = {k: p for k, p in model.named_parameters() if _last(k) in ADAPTER_KEYS}
     bad = sorted(set(params) ^ set(state)) + [
         k for k in params if k in state and params[k].shape != state[k].shape
@@ -213,15 +222,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
     requires_grad to what it was before apply_lora (all trainable for a fresh model). The result has
     the plain model's state_dict: save_model, load_model and export_hf treat it like any other."""
     _config(model)
-    for name, m in _lora_modules(model):
+    mods = _lora_modules(model)
+    frozen = mods[0][1].frozen_before
+    for name, m in mods:
         w = m.base.weight  # (O, I), written in place: keeps its layout (decode_layout) and identity
         with torch.autocast(w.device.type, enabled=False):
             w.copy_((w.float() + m.scale * (m.lora_B.float() @ m.lora_A.float())).to(w.dtype))
         _replace(model, name, m.base)
-    frozen = model.__dict__.pop("_lora_frozen_before", set())
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
-    del model.lora_config
     return model
 
 
