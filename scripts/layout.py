@@ -55,8 +55,8 @@ def entry(path: Path, depth: int) -> str:
 def tree(pkg: Path, depth: int = 0) -> list[str]:
     """A package's line, then its modules, then its subfolders (packages and data)."""
     lines = [entry(pkg, depth)]
-    if not (pkg / "__init__.py").is_file():
-        return lines
+    if not (pkg / "__init__.py").is_file():  # data; recipes shipped in the package are listed
+        return lines + [entry(p, depth + 1) for p in sorted(pkg.glob("*.toml"))]
     children = sorted(pkg.iterdir(), key=lambda p: (p.is_dir(), p.name))
     for child in children:
         if child.name.startswith(("_", ".")):
