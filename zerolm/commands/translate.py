@@ -54,7 +54,13 @@ def setup_arg_parser(sub) -> None:
         "--show", action="store_true", help="with --reference: print the translations too"
     )
     alias(tr, "--beam", key="translate.beam", type=int, help="beam width (1: greedy)")
-    alias(tr, "--length-penalty", key="translate.length_penalty", type=float)
+    alias(
+        tr,
+        "--length-penalty",
+        key="translate.length_penalty",
+        type=float,
+        help="beam scores are log-prob / length**this",
+    )
     alias(tr, "--batch-size", key="translate.batch_size", type=int)
     alias(
         tr,
