@@ -4,7 +4,7 @@ state, peak memory and time per step, each run in its own `zerolm sft` process.
     .venv/bin/python bench/sft.py [--model runs/speedrun/model] [--docs runs/speedrun/docs]
         [--steps 150] [--rank 8] [--targets q,k,v,o,up,gate,down]
 
-Needs a pretrained model (the speedrun's). Both runs: the recipe recipes/speedrun-sft.toml (poem
+Needs a pretrained model (the speedrun's). Both runs: the bundled recipe speedrun-sft (poem
 instructions), the same steps, seed and precision; `lora` adds --lora.rank/--lora.targets and a
 10x learning rate (adapters start at zero and need larger steps, as is usual for LoRA).
 Peak memory = the child process's maximum resident set size. Time per step = the median over
@@ -37,7 +37,7 @@ def run(args, out: Path, extra: list[str]) -> dict:
         "zerolm",
         "sft",
         "--config",
-        str(ROOT / "recipes" / "speedrun-sft.toml"),
+        "speedrun-sft",
         "--model",
         args.model,
         "--out",

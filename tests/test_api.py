@@ -1,4 +1,4 @@
-"""The Python API (zerolm.load / zerolm.train) gives what the CLI and the engine give."""
+"""The Python API (zerolm.load / zerolm.fit) gives what the CLI and the engine give."""
 
 import json
 import subprocess
@@ -34,7 +34,7 @@ def decoder_dir(tmp_path_factory):
     (root / "p.jsonl").write_text(
         "".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in POEMS * 30)
     )
-    zerolm.train(
+    zerolm.fit(
         stage="pretrain",
         progress=False,
         out_dir=str(root / "run"),
@@ -124,7 +124,7 @@ def test_embed_equals_the_cli(tmp_path):
             "train": {"steps": 4, "batch_size": 8, "eval_every": 0, "precision": "fp32"},
         },
     )
-    zerolm.train(cfg, progress=False, **{"train.lr": 3e-3})  # a Config plus a dotted override
+    zerolm.fit(cfg, progress=False, **{"train.lr": 3e-3})  # a Config plus a dotted override
     assert "lr = 0.003" in (tmp_path / "bert" / "config.toml").read_text()
     texts = ["春风照江南。", "孤舟望远山。", "明月"]
     (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
@@ -150,7 +150,7 @@ def test_train_from_a_recipe_and_its_errors(tmp_path):
         '[data]\ntxt_unit = "paragraph"\nval_fraction = 0.3\n'
         '[tokenizer]\nkind = "char"\nmin_frequency = 1\n'
     )
-    zerolm.train(
+    zerolm.fit(
         tmp_path / "r.toml",
         stage="prepare",
         progress=False,
@@ -159,11 +159,11 @@ def test_train_from_a_recipe_and_its_errors(tmp_path):
     )
     assert Tokenizer.load(tmp_path / "run" / "tokenizer").encode("明月") != []
     with pytest.raises(ValueError, match="unknown stage 'pretrian'"):
-        zerolm.train(stage="pretrian")
+        zerolm.fit(stage="pretrian")
     with pytest.raises(ValueError, match="Did you mean 'steps'"):
-        zerolm.train(tmp_path / "r.toml", **{"train.stepz": 1})
+        zerolm.fit(tmp_path / "r.toml", **{"train.stepz": 1})
     with pytest.raises(ValueError, match="prepare starts from no model"):
-        zerolm.train(stage="prepare", base_model="runs/x")
+        zerolm.fit(stage="prepare", base_model="runs/x")
 
 
 def test_import_is_cheap_and_versioned():
@@ -171,13 +171,4 @@ def test_import_is_cheap_and_versioned():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert r.stdout.split() == ["False", pyproject["project"]["version"]], r.stderr
-    assert {"load", "train", "Model", "__version__"} <= set(zerolm.__all__)
-
-
-def test_train_stays_callable_beside_the_train_subpackage():
-    """zerolm.train is also the subpackage zerolm/train/: importing its modules keeps both working."""
-    import zerolm.train.trainer as trainer
-
-    assert zerolm.train.trainer is trainer
-    with pytest.raises(ValueError, match="unknown stage"):
-        zerolm.train(stage="nope")
+    assert {"load", "fit", "Model", "__version__"} <= set(zerolm.__all__)

@@ -100,3 +100,14 @@ def test_override_value_after_a_space_is_not_an_input_file():
     assert (
         'out_dir = "elsewhere"' in r.stdout and "seed = 7" in r.stdout and "inputs = []" in r.stdout
     )
+
+
+def test_config_prints_every_section_and_finds_recipes_by_name():
+    r = zerolm("config", "--config", "speedrun", "--sample.temperature=0", "--serve.port", "9")
+    assert r.returncode == 0, r.stderr
+    for section in ("data", "train", "sample", "serve", "inspect", "translate"):
+        assert f"\n[{section}]\n" in r.stdout
+    assert 'out_dir = "runs/speedrun"' in r.stdout  # the bundled recipe's
+    assert "temperature = 0.0" in r.stdout and "port = 9" in r.stdout
+    r = zerolm("config", "--config", "nope")
+    assert r.returncode == 2 and "bundled recipe: bert-tang" in r.stderr

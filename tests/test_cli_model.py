@@ -95,6 +95,16 @@ def test_generate_greedy_with_stop_string(model_dir):
     assert "。" not in r.stdout and r.stdout.startswith("床前")
 
 
+def test_short_flags_are_aliases_of_sample_keys(model_dir, tmp_path):
+    short = ["--temperature", "0", "--max-new-tokens", "10", "--stop", "。", "床前"]
+    dotted = ["--sample.temperature=0", "--sample.max_new_tokens", "10", "--sample.stop=。", "床前"]
+    (tmp_path / "greedy.toml").write_text("[sample]\ntemperature = 0.0\nmax_new_tokens = 10\n")
+    recipe = ["--config", tmp_path / "greedy.toml", "--stop", "。", "床前"]
+    outs = [zerolm("generate", "--model", model_dir, *a) for a in (short, dotted, recipe)]
+    assert all(r.returncode == 0 for r in outs), [r.stderr for r in outs]
+    assert outs[0].stdout == outs[1].stdout == outs[2].stdout
+
+
 def test_generate_errors(model_dir):
     r = zerolm("generate", "--model", model_dir, "ÆØÅ")
     assert r.returncode == 2 and "never saw in training" in r.stderr
@@ -110,6 +120,11 @@ def test_inspect(model_dir):
     assert a["estimate_12_d2_N"] == 12 * 32 * 32 * 2
     assert a["total"] == sum(a["parameters"].values())
     assert "12·d²·N" in zerolm("inspect", model_dir).stdout
+    short = json.loads(
+        zerolm("inspect", model_dir, "--json", "--context", "16", "--batch", "2").stdout
+    )
+    dotted = zerolm("inspect", model_dir, "--json", "--inspect.context=16", "--inspect.batch=2")
+    assert json.loads(dotted.stdout) == short != a
 
 
 def test_import_hf_checkpoint(tmp_path):

@@ -2,7 +2,15 @@ import dataclasses
 
 import pytest
 
-from zerolm.config import Config, DataConfig, load_config, parse_overrides, save_config
+from zerolm.config import (
+    RECIPES,
+    Config,
+    DataConfig,
+    load_config,
+    parse_overrides,
+    recipe_path,
+    save_config,
+)
 
 
 def write(tmp_path, text):
@@ -57,8 +65,8 @@ def test_types_are_converted():
         (["--data.val_fration=0.1"], "Did you mean 'val_fraction'"),
         (
             ["--dat.val_fraction=0.1"],
-            "Valid keys here: align, classify, data, lora, mlm, model, out_dir, seed, seq2seq, sft, "
-            "tokenizer, train",
+            "Valid keys here: align, classify, data, inspect, lora, mlm, model, out_dir, sample, seed, "
+            "seq2seq, serve, sft, tokenizer, train, translate",
         ),
         (["--data.min_chars=abc"], "data.min_chars: expected int"),
         (["--tokenizer.kind=sentencepiece"], "not one of 'bpe', 'wordpiece', 'char'"),
@@ -117,10 +125,20 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(path) == cfg
 
 
-def test_recipes_in_repo_load():
-    from pathlib import Path
-
-    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
-    assert recipes, "recipes/ is empty"
+def test_bundled_recipes_load():
+    recipes = sorted(RECIPES.glob("*.toml"))
+    assert recipes, "zerolm/recipes/ is empty"
     for r in recipes:
         load_config(r)
+
+
+def test_recipe_by_name_or_path(tmp_path, monkeypatch):
+    assert recipe_path("speedrun") == recipe_path("speedrun.toml") == RECIPES / "speedrun.toml"
+    assert load_config("speedrun") == load_config(RECIPES / "speedrun.toml")
+    own = write(tmp_path, "seed = 5\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("r.toml").seed == 5  # a file here wins over a bundled name
+    with pytest.raises(ValueError, match="does not exist; give a TOML path or a bundled recipe"):
+        load_config("speedrunn")
+    with pytest.raises(ValueError, match="does not exist"):  # a path is never a name
+        load_config(own.parent / "speedrun.toml")

@@ -1,23 +1,21 @@
 """zerolm: a complete small-LLM system built from zero on PyTorch.
 
-`zerolm.load(dir)` and `zerolm.train(config)` are the Python API (zerolm/api.py, imported on first
-use, so `import zerolm` stays cheap: no torch); the `zerolm` command is zerolm/cli.py.
+`zerolm.load(dir)` and `zerolm.fit(config)` are the Python API (zerolm/api.py, imported on first
+use, so `import zerolm` stays cheap: no torch); the `zerolm` command is zerolm/cli.py. (`fit`, not
+`train`: zerolm.train is the training subpackage.)
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
 import tomllib
-import types
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from zerolm.api import Model, load
+    from zerolm.api import Model, fit, load
 
-__all__ = ["Model", "__version__", "load", "train"]
+__all__ = ["Model", "__version__", "fit", "load"]
 
 
 def _version() -> str:
@@ -34,31 +32,9 @@ def _version() -> str:
 __version__ = _version()
 
 
-class _TrainPackage(types.ModuleType):
-    """`zerolm.train` names the training subpackage, so the API's train() cannot be a plain
-    attribute (importing zerolm.train.X rebinds it): the subpackage itself is made callable."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from zerolm.api import train
-
-        return train(*args, **kwargs)
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "train" and isinstance(value, types.ModuleType):  # the import system binds it
-            value.__class__ = _TrainPackage
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 def __getattr__(name: str) -> Any:
-    if name in ("Model", "load"):
+    if name in ("Model", "fit", "load"):
         from zerolm import api
 
         return getattr(api, name)
-    if name == "train":  # zerolm/train/__init__.py imports nothing: still cheap
-        return importlib.import_module("zerolm.train")
     raise AttributeError(f"module 'zerolm' has no attribute {name!r}")

@@ -3,7 +3,7 @@
     import zerolm
     m = zerolm.load("runs/speedrun/sft/model")
     m.chat("写一首李白风格的五言绝句", seed=0)
-    zerolm.train("recipes/tang.toml", stage="pretrain", out_dir="runs/tang", train={"steps": 100})
+    zerolm.fit("tang", stage="pretrain", out_dir="runs/tang", train={"steps": 100})
 
 Each call does what its command does (`zerolm generate`, `zerolm chat --prompt`, `zerolm embed`,
 `zerolm pretrain`, `zerolm sft`, ...) through the same library functions; docs/python-api.md.
@@ -164,7 +164,7 @@ def _nest(overrides: dict) -> dict:
     return out
 
 
-def train(
+def fit(
     config: Config | str | Path | None = None,
     *,
     stage: str = "pretrain",

@@ -1,6 +1,7 @@
 """One frozen, keyword-only dataclass tree for every zerolm run.
 
-Precedence: CLI (`--data.val_fraction=0.1`) > TOML recipe (`--config recipes/x.toml`) > defaults.
+Precedence: CLI (`--data.val_fraction=0.1`) > TOML recipe (`--config x.toml`, or a bundled one by
+name: `--config speedrun`) > defaults.
 Unknown keys and ill-typed values raise ValueError naming the valid keys or the expected type.
 Each stage receives only its own sub-config (`cfg.data`, `cfg.tokenizer`, ...).
 """
@@ -282,7 +283,71 @@ class ClassifyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """Decoding in `zerolm generate`, `chat`, `eval-poems` and `translate` (`--sample.temperature=0`,
+    or the short flags `--temperature 0`). Each command sets its own defaults: chat 0.7 and 96
+    tokens, eval-poems greedy and 96 tokens, translate greedy and the decoder window."""
+
+    max_new_tokens: int = 64  # translate: 0 = as many as the decoder window holds
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # fixes the sampling randomness; None: fresh each run
+    stop: tuple[str, ...] = ()  # generate: stop strings (not part of the output)
+    context: Literal["truncate", "error"] = "truncate"  # a prompt longer than the window
+    compile: bool = False  # decode with an ahead-of-time compiled step (generate, chat)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """`zerolm serve`: where it listens and the limits that protect it (serve/server.py Limits)."""
+
+    host: str = "127.0.0.1"  # this machine only
+    port: int = 8000
+    name: str = ""  # model id in the API; "": the directory's name (its parent's for .../model)
+    api_key: str = ""  # require 'Authorization: Bearer KEY' on /v1; "": $ZEROLM_API_KEY, else none
+    max_batch: int = 16  # sequences decoded together (KV-cache slots)
+    max_queue: int = 64  # waiting sequences before 503 + Retry-After
+    max_tokens: int = 512  # limit (and default) for max_tokens per choice
+    max_n: int = 8  # choices per request
+    max_messages: int = 256  # messages per chat request
+    max_prompt_tokens: int | None = None  # None: the window - 1
+    max_body_bytes: int = 1 << 20  # 413 above
+    max_inspect: int = 2  # inspector calls at once (503 above)
+    max_connections: int = 512  # open sockets, lowered to fit the fd limit
+    header_timeout: float = 10.0  # seconds for a request head to arrive whole
+    body_timeout: float = 30.0  # seconds for a request body to arrive (408)
+    keep_alive: int = 5  # seconds an idle keep-alive connection stays open
+    shutdown_timeout: int = 10  # on SIGTERM/Ctrl-C, seconds before running requests are cancelled
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # uvicorn's
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectConfig:
+    """`zerolm inspect`: the shape the FLOPs and memory figures are computed for."""
+
+    context: int = 0  # context length; 0: the model's window
+    batch: int = 1  # batch size of the KV-cache figure
+
+
+@dataclass(frozen=True, kw_only=True)
+class TranslateConfig:
+    """`zerolm translate` with an encdec model (sampling: the [sample] section, temperature > 0)."""
+
+    beam: int = 4  # beam width; 1: greedy
+    length_penalty: float = 1.0  # beam scores are log-prob / length**this
+    batch_size: int = 32
+    too_long: Literal["error", "truncate"] = "error"  # a source longer than the encoder window
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
+    """The stages' sections (data ... classify) and the commands' (sample ... translate)."""
+
     out_dir: str = "runs/default"
     seed: int = 1337
     data: DataConfig = field(default_factory=DataConfig)
@@ -295,6 +360,10 @@ class Config:
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -424,6 +493,23 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"  # package data, found by name
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A TOML file by path, or a bundled recipe by name (`speedrun` -> zerolm/recipes/speedrun.toml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = RECIPES / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if len(path.parts) == 1 and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.toml")))
+    raise ValueError(
+        f"config file {str(path)!r} does not exist; give a TOML path or a bundled recipe: {names}"
+    )
+
+
 def load_config(
     toml_path: str | Path | None = None, overrides: dict | None = None, base: dict | None = None
 ) -> Config:
@@ -431,11 +517,7 @@ def load_config(
     e.g. from parse_overrides)."""
     values: dict = {}
     if toml_path:
-        path = Path(toml_path)
-        if not path.is_file():
-            raise ValueError(
-                f"config file {str(path)!r} does not exist; recipes live in recipes/*.toml"
-            )
+        path = recipe_path(toml_path)
         try:
             values = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:

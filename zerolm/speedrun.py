@@ -11,9 +11,8 @@ from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 
-from zerolm.config import SFTConfig, load_config
+from zerolm.config import RECIPES, SFTConfig, load_config
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 POEM_CORPUS = "tang"  # the poem-form stages need its regulated verse and title/author metadata
 CHAT_BY_LANGUAGE = {
     "en": ("chitchat", "chatterbot-en"),

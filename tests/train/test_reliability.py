@@ -422,7 +422,8 @@ def test_cli_with_a_huge_lr_saves_no_nan_checkpoint_and_prints_one_line(tmp_path
     "command", ["pretrain", "speedrun", "sft", "reward", "dpo", "ppo", "finetune-classify"]
 )
 def test_resume_changed_flag_sets_the_config_keys(command):
-    from zerolm.cli import _config, build_parser
+    from zerolm.cli import build_parser
+    from zerolm.commands.common import resolve_config as _config
 
     args, extra = build_parser().parse_known_args([command, "--resume-changed", "--train.lr=0.1"])
     cfg = _config(args, extra)

@@ -1,0 +1,44 @@
+"""`zerolm chat`: an interactive REPL (or one --prompt) with a chat model."""
+
+from __future__ import annotations
+
+from zerolm.commands.common import add_recipe_args, compile_arg, resolve_config, sampling_args
+
+
+def main(args, extra) -> None:
+    from zerolm.infer.chat import repl
+    from zerolm.infer.engine import decode_layout
+    from zerolm.infer.text import sampling_params
+    from zerolm.model import load_model
+    from zerolm.tokenizer import Tokenizer
+
+    sample = resolve_config(args, extra, sample={"temperature": 0.7, "max_new_tokens": 96}).sample
+    model = decode_layout(load_model(args.model))
+    repl(
+        model,
+        Tokenizer.load(args.model),
+        sampling_params(sample),
+        max_new_tokens=sample.max_new_tokens,
+        system=args.system,
+        seed=sample.seed,
+        prompt=args.prompt,
+        name=args.model,
+        compile=sample.compile,
+    )
+
+
+def setup_arg_parser(sub) -> None:
+    c = sub.add_parser(
+        "chat",
+        help="talk to a chat model (interactive, streaming)",
+        description="talk to a chat model: an interactive REPL with streaming replies and the "
+        "conversation kept within the model window. Type /help in it for its commands. "
+        "Sampling: the [sample] config keys (defaults here: temperature 0.7, 96 tokens).",
+    )
+    c.add_argument("model", help="model directory (e.g. runs/speedrun/sft/model)")
+    c.add_argument("--prompt", help="one message: print the reply and exit")
+    c.add_argument("--system", default="", help="system message")
+    add_recipe_args(c)
+    sampling_args(c)
+    compile_arg(c)
+    c.set_defaults(run=main)
