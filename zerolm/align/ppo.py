@@ -100,7 +100,7 @@ def per_reply(fn: Callable) -> Callable:
 
 def load_reward(spec: str, policy_dir: Path) -> Callable[[list[dict], list[str]], list[float]]:
     """`align.reward` -> scores(prompts, replies) (see the module docstring)."""
-    from zerolm.align.stage import check_tokenizers
+    from zerolm.tokenizer import check_tokenizers
 
     if spec == "poem-form":
         return per_reply(poem_form_reward)

@@ -19,7 +19,7 @@ import torch
 from zerolm.align.data import Pair
 from zerolm.data.loader import Shuffled  # noqa: F401  (re-exported: the stages' batch iterator)
 from zerolm.model import load_model, save_model
-from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer import Tokenizer, check_tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -225,17 +225,6 @@ def kl_to_reference(
 
 
 # ---------------------------------------------------------------- models
-def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -> None:
-    """A reference or reward model must read the same token ids as the policy."""
-    a, b = Tokenizer.load(policy_dir), Tokenizer.load(other_dir)
-    if a.sha256 != b.sha256:
-        raise ValueError(
-            f"the {role} {other_dir} has a different tokenizer than the policy {policy_dir} "
-            f"(vocab {b.vocab_size} vs {a.vocab_size}; sha256 {b.sha256[:12]} vs {a.sha256[:12]}): "
-            f"use a {role} fine-tuned from the same base model"
-        )
-
-
 def reference_logits(policy, ref_model=None):
     """x (B, T) -> the frozen reference's logits, without gradients: from `ref_model`, else from
     the policy itself with its LoRA adapters disabled (or as it is, before any training step)."""

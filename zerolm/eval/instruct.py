@@ -64,7 +64,8 @@ def compare_models(
 
     ref = None
     if reference:
-        from zerolm.align.stage import check_tokenizers, kl_to_reference
+        from zerolm.align.stage import kl_to_reference
+        from zerolm.tokenizer import check_tokenizers
 
         ref = load_model(reference)
     out = {}
