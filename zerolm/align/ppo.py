@@ -136,9 +136,9 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
     """(train, val) prompts: poem requests (align.builtin=poems: the run's training / held-out
     documents), the conversations of the other bundled pair sets, and align.data rows (split by
     a hash, as the pairs are). Prompts leaving under 8 tokens of room to reply are dropped."""
-    from zerolm.align.data import BUILTIN_PAIRS, read_builtin_pairs, read_prompts
     from zerolm.align.stage import poem_requests
-    from zerolm.data.prepare import split_key
+    from zerolm.data.prefs import BUILTIN_PAIRS, read_builtin_pairs, read_prompts
+    from zerolm.data.split import split_key
     from zerolm.tokenizer.chat import prompt_ids
 
     a = cfg.align

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from zerolm.align.data import Pair
 from zerolm.data.loader import Shuffled  # noqa: F401  (re-exported: the stages' batch iterator)
+from zerolm.data.prefs import Preference
 from zerolm.model import load_model, save_model
 from zerolm.tokenizer import Tokenizer, check_tokenizers
 
@@ -51,13 +51,13 @@ def poem_requests(cfg, split: str) -> list[dict]:
     return eval_requests(read_docs(poem_docs_dir(cfg) / f"{split}.jsonl"), cfg.seed, limit)
 
 
-def load_pairs(cfg, model, tok) -> tuple[list[Pair], list[Pair], dict]:
+def load_pairs(cfg, model, tok) -> tuple[list[Preference], list[Preference], dict]:
     """(train, val) pairs from align.data files, align.builtin sets and counts per source.
     Files and hhh are split by a hash of the pair; poem pairs are sampled from `model` on
     requests from the training documents (train) and the held-out ones (val)."""
-    from zerolm.align.data import BUILTIN_PAIRS, keep_distinct, read_builtin_pairs, read_pairs
     from zerolm.align.poems import poem_pairs
-    from zerolm.data.prepare import split_key
+    from zerolm.data.prefs import BUILTIN_PAIRS, keep_distinct, read_builtin_pairs, read_pairs
+    from zerolm.data.split import split_key
 
     a = cfg.align
     for name in a.builtin:

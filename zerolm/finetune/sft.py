@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from zerolm.config import Config, save_config
-from zerolm.data.prepare import read_docs, split_key
+from zerolm.data.prepare import read_docs
 from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_conversations
+from zerolm.data.split import split_key
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
