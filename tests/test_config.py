@@ -57,7 +57,7 @@ def test_types_are_converted():
         (["--data.val_fration=0.1"], "Did you mean 'val_fraction'"),
         (
             ["--dat.val_fraction=0.1"],
-            "Valid keys here: align, classify, data, lora, mlm, model, out_dir, seed, seq2seq, sft, "
+            "Valid keys here: align, classify, data, lora, mlm, model, out_dir, poems, seed, seq2seq, sft, "
             "tokenizer, train",
         ),
         (["--data.min_chars=abc"], "data.min_chars: expected int"),

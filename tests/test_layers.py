@@ -32,8 +32,8 @@ LAYERS: dict[str, int] = {
     "inspect": 3,
     "eval": 4,
     "serve": 4,
-    "tasks": 4,  # a task builds on data/ and infer/; the stages above plug it in by name
     "train": 5,
+    "tasks": 5,  # a task builds on data/, infer/, eval/; the stages above plug it in by name
     "finetune": 6,
     "align": 6,
     "speedrun": 7,

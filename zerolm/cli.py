@@ -338,9 +338,9 @@ def cmd_serve(args, extra):
 
 
 def cmd_eval_poems(args, extra):
-    from zerolm.data.poems import eval_requests
     from zerolm.data.prepare import read_docs
     from zerolm.eval.instruct import compare_models
+    from zerolm.tasks.poems.requests import eval_requests
 
     docs = Path(args.docs) / "val.jsonl"
     if not docs.is_file():

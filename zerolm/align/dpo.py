@@ -154,7 +154,7 @@ def train_dpo(cfg, progress: bool = True) -> dict:
         eval_fn=eval_fn,
         flops_per_token=account(policy)["train_flops_per_token"],
         progress=progress,
-        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora")),
+        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora", "poems")),
     )
     row = trainer.fit()
     final = dpo_eval(policy, enc["val"], loss, cfg.train.batch_size) if enc["val"] else {}

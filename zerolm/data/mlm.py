@@ -121,6 +121,7 @@ class SentenceCorpus:
 # ---------------------------------------------------------------- sentence pairs
 SentencePair = tuple[np.ndarray, np.ndarray, int]  # (A ids, B ids, nsp label: 1 = B is random)
 
+
 def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Longest first: while the pair is too long, drop a token from the longer side, A from its
     start and B from its end, so the A|B boundary (what NSP reads) stays intact."""
