@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from zerolm.files import atomic_write_text
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -600,8 +602,6 @@ def to_toml(cfg, prefix: str = "") -> str:
 
 def save_config(cfg: Config, out_dir: str | Path) -> Path:
     """Write the resolved config as out_dir/config.toml (atomically)."""
-    from zerolm.files import atomic_write_text
-
     path = Path(out_dir) / "config.toml"
     atomic_write_text(path, to_toml(cfg))
     return path
