@@ -133,9 +133,8 @@ def main() -> None:
             f"{args.model} not found: run `zerolm speedrun` first (or give --model/--docs)"
         )
     sys.path.insert(0, str(ROOT))
-    from zerolm.data.poems import eval_requests
-
     from zerolm.data.prepare import read_docs
+    from zerolm.tasks.poems.requests import eval_requests
 
     with tempfile.TemporaryDirectory() as tmp:
         reqs = eval_requests(read_docs(Path(args.docs) / "val.jsonl"), seed=0, limit=256)

@@ -13,8 +13,8 @@ the clipped surrogate (+ value_coef * the clipped value loss); a rollout's remai
 are dropped once one's approximate KL to the rollout policy exceeds `target_kl`. Every Trainer
 step is one minibatch; checkpoints resume at the start of the rollout they were taken in.
 
-Rewards (`align.reward`): "poem-form" (the form judge's partial-credit score, zerolm/eval/
-poem_form.py, for poem requests), a reward model directory (`zerolm reward`), or "module:function" /
+Rewards (`align.reward`): "poem-form" (the form judge's partial-credit score, zerolm/tasks/
+poems/, for poem requests), a reward model directory (`zerolm reward`), or "module:function" /
 "path/file.py:function", a Python callable `fn(prompt: dict, reply: str) -> float` where prompt
 holds "messages" and the prompt row's other fields. A rollout whose reward raises, or returns a
 non-finite number, is reported and skipped; ten in a row stop the run.
