@@ -56,7 +56,7 @@ def configs(args, pairs: Path) -> dict[str, list[str]]:
         "ppo",
         "--align.builtin=poems",
         "--align.reward=poem-form",
-        "--align.poem_val_requests=0",
+        "--poems.val_requests=0",
         "--train.lr=5e-5",
     ]
     return {
@@ -87,7 +87,7 @@ def run(args, name: str, cmd: list[str], out: Path) -> dict:
         "--out",
         str(out),
         "--quiet",
-        f"--align.poem_docs={args.docs}",
+        f"--poems.docs={args.docs}",
         f"--train.steps={args.steps}",
         f"--train.batch_size={args.batch}",
         "--train.precision=fp32",
@@ -133,8 +133,8 @@ def main() -> None:
             f"{args.model} not found: run `zerolm speedrun` first (or give --model/--docs)"
         )
     sys.path.insert(0, str(ROOT))
-    from zerolm.data.poems import eval_requests
     from zerolm.data.prepare import read_docs
+    from zerolm.tasks.poems.requests import eval_requests
 
     with tempfile.TemporaryDirectory() as tmp:
         reqs = eval_requests(read_docs(Path(args.docs) / "val.jsonl"), seed=0, limit=256)

@@ -43,7 +43,7 @@ def run(args, out: Path, extra: list[str]) -> dict:
         "--out",
         str(out),
         "--quiet",
-        f"--sft.poem_docs={args.docs}",
+        f"--poems.docs={args.docs}",
         f"--train.steps={args.steps}",
         f"--train.eval_every={args.steps}",
         f"--train.ckpt_every={args.steps}",

@@ -27,8 +27,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from zerolm.config import TokenizerConfig
 from zerolm.data.clean import clean_text
-from zerolm.data.prepare import split_key
 from zerolm.data.sources import read_corpus
+from zerolm.data.split import split_key
 from zerolm.tokenizer import SPECIAL_TOKENS
 from zerolm.tokenizer.train import train_tokenizer
 

@@ -93,7 +93,7 @@ def main():
 `hhh.jsonl.xz` is built at packaging time by `scripts/build_pref_data.py` and committed; nothing is
 downloaded at run time. UTF-8 JSON Lines, xz-compressed; each line is
 `{{"prompt", "chosen", "rejected", "source", "id"}}`. Read it with
-`zerolm.align.data.read_builtin_pairs("hhh")`.
+`zerolm.data.prefs.read_builtin_pairs("hhh")`.
 
 ## `hhh.jsonl.xz`: human-written chosen/rejected pairs (English), {len(rows)} pairs
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from zerolm.files import atomic_write_text
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -140,9 +142,6 @@ class SFTConfig:
     ] = ()  # JSONL files: {"messages": [...]} or {"instruction", "input", "output"}
     builtin: tuple[str, ...] = ()  # bundled sets: poems, chitchat, chatterbot-en, chatterbot-zh
     max_per_source: int = 0  # cap on conversations taken from each builtin set (0: all)
-    poem_docs: str = (
-        ""  # prepared docs/ (train.jsonl, val.jsonl) for `poems`; "": next to base_model
-    )
     val_fraction: float = 0.05  # held-out share of each source (poems: the docs' own val split)
     packing: bool = True  # several conversations per row (attention kept within each)
     pt_weight: float = 0.0  # lambda in L = L_sft + lambda * L_pretrain (0: off)
@@ -177,10 +176,6 @@ class AlignConfig:
     builtin: tuple[
         str, ...
     ] = ()  # bundled: poems (pairs made here with the form judge), hhh (221 human pairs)
-    poem_docs: str = ""  # prepared docs/ for `poems`; "": found next to base_model's run
-    poem_requests: int = 512  # training poem requests to sample answers for
-    poem_val_requests: int = 128  # held-out poem requests (from the docs' val split)
-    samples: int = 2  # sampled answers per poem request
     val_fraction: float = 0.1  # held-out share of the files and of hhh
     reference: str = (
         ""  # the frozen reference of DPO and PPO's KL; "": base_model (must share its tokenizer)
@@ -209,6 +204,17 @@ class AlignConfig:
     value_coef: float = 0.5  # weight of the value loss
     gamma: float = 1.0
     lam: float = 1.0  # GAE lambda (1: Monte-Carlo returns minus the value baseline; measured better than 0.95 here)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoemsConfig:
+    """The Tang-poem task (zerolm/tasks/poems/): `--sft.builtin=poems`, `--align.builtin=poems`,
+    `--align.reward=poem-form`."""
+
+    docs: str = ""  # prepared docs/ (train.jsonl, val.jsonl); "": next to the stage's base_model
+    requests: int = 512  # align: training poem requests (to sample answers for, or to prompt)
+    val_requests: int = 128  # align: held-out poem requests (from the docs' val split)
+    samples: int = 2  # align pairs: sampled answers per poem request
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -360,6 +366,7 @@ class Config:
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    poems: PoemsConfig = field(default_factory=PoemsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
@@ -677,8 +684,6 @@ def to_toml(cfg, prefix: str = "") -> str:
 
 def save_config(cfg: Config, out_dir: str | Path) -> Path:
     """Write the resolved config as out_dir/config.toml (atomically)."""
-    from zerolm.files import atomic_write_text
-
     path = Path(out_dir) / "config.toml"
     atomic_write_text(path, to_toml(cfg))
     return path

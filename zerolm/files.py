@@ -98,7 +98,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
     """safetensors' save_file, atomically (streamed to a temp sibling, then renamed) and with the
     umask's mode rather than the 0600 save_file gives its files."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # here, not at the top: the CLI starts without torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

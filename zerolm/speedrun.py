@@ -108,8 +108,8 @@ def speedrun_sft(args, cfg, base_dir: str):
         "out_dir": str(out / "sft"),
         "seed": cfg.seed,
         "train": {"resume": True, "resume_changed": cfg.train.resume_changed},
+        "poems": {"docs": cfg.poems.docs or str(out / "docs")},
         "sft": {
-            "poem_docs": str(out / "docs"),
             "pt_shards": str(out / "shards"),
             **user_sft(cfg),
             **pick,
@@ -138,10 +138,10 @@ def speedrun_sft(args, cfg, base_dir: str):
 
 def _form_adherence(args, out: Path, base_dir: str, sft_dir: str) -> list:
     """Print base vs SFT form adherence on held-out poem requests; returns three requests to chat."""
-    from zerolm.data.poems import eval_requests
     from zerolm.data.prepare import read_docs
     from zerolm.eval.instruct import form_adherence
     from zerolm.model import load_model
+    from zerolm.tasks.poems.requests import eval_requests
     from zerolm.tokenizer import Tokenizer
 
     requests = eval_requests(
@@ -190,10 +190,10 @@ def speedrun_align(args, cfg, sft_dir: str):
     """The speedrun's optional third stage (--align dpo|ppo, recipes/speedrun-{dpo,ppo}.toml): the
     SFT model aligned, then SFT vs aligned on the same held-out requests: form adherence greedy and
     sampled (temperature 1, seeded), KL to the SFT model, validation bits per byte."""
-    from zerolm.data.poems import eval_requests
     from zerolm.data.prepare import read_docs
     from zerolm.eval.instruct import compare_models
     from zerolm.infer.sampling import SamplingParams
+    from zerolm.tasks.poems.requests import eval_requests
 
     out, stage = Path(cfg.out_dir), args.align
     recipe = RECIPES / f"speedrun-{stage}.toml"
@@ -201,7 +201,8 @@ def speedrun_align(args, cfg, sft_dir: str):
         "out_dir": str(out / stage),
         "seed": cfg.seed,
         "train": {"resume": True, "resume_changed": cfg.train.resume_changed},
-        "align": {"base_model": sft_dir, "poem_docs": str(out / "docs")},
+        "align": {"base_model": sft_dir},
+        "poems": {"docs": cfg.poems.docs or str(out / "docs")},
     }
     align_cfg = load_config(recipe, overrides=values)
     print(f"\nalignment: {recipe.name} -> {align_cfg.out_dir}")

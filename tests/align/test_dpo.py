@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from zerolm.align.data import Pair
 from zerolm.align.dpo import (
     DPOLoss,
     dpo_collate,
@@ -16,6 +15,7 @@ from zerolm.align.dpo import (
 from zerolm.align.losses import sequence_logprobs
 from zerolm.align.stage import Shuffled, reference_logits, response_batch
 from zerolm.config import LoRAConfig, ModelConfig, TokenizerConfig, TrainConfig, load_config
+from zerolm.data.prefs import Preference
 from zerolm.model import build_model, load_model, save_model
 from zerolm.tokenizer.chat import render
 from zerolm.tokenizer.train import train_tokenizer
@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
         f"问题{i}：{w}"
         for i, w in enumerate(["写诗", "天气", "help", "thanks", "你好", "再见"] * 5)
     ]
-    pairs = [Pair(({"role": "user", "content": p},), POLITE, RUDE) for p in prompts]
+    pairs = [Preference(({"role": "user", "content": p},), POLITE, RUDE) for p in prompts]
     rows = [
         {"prompt": p.messages[0]["content"], "chosen": p.chosen, "rejected": p.rejected}
         for p in pairs

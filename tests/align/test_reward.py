@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from zerolm.align.data import Pair
 from zerolm.align.reward import (
     RewardModel,
     encode_pair,
@@ -12,6 +11,7 @@ from zerolm.align.reward import (
 )
 from zerolm.align.stage import Shuffled
 from zerolm.config import ModelConfig, TokenizerConfig, TrainConfig
+from zerolm.data.prefs import Preference
 from zerolm.model import build_model
 from zerolm.tokenizer.train import train_tokenizer
 from zerolm.train.trainer import Trainer
@@ -42,7 +42,7 @@ def setup():
         for i, w in enumerate(["写诗", "天气", "help", "thanks", "你好", "再见"] * 4)
     ]
     pairs = [
-        Pair(
+        Preference(
             ({"role": "user", "content": p},),
             POLITE if i % 2 else POLITE + "！",
             RUDE if i % 3 else RUDE + "！",

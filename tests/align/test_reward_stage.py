@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from zerolm.align.poems import poem_pairs
 from zerolm.align.reward import RewardModel, train_reward
 from zerolm.config import ModelConfig, TokenizerConfig, load_config
-from zerolm.data.poems import poem_instructions
 from zerolm.model import build_model, save_model
+from zerolm.tasks.poems.pairs import poem_pairs
+from zerolm.tasks.poems.requests import poem_instructions
 from zerolm.tokenizer.train import train_tokenizer
 
 DOCS = [
@@ -84,10 +84,9 @@ def test_reward_stage_end_to_end(base, tmp_path):
                 "base_model": str(root / "sft" / "model"),
                 "data": [str(root / "pairs.jsonl")],
                 "builtin": ["poems"],
-                "poem_requests": 3,
-                "poem_val_requests": 3,
                 "val_fraction": 0.25,
             },
+            "poems": {"requests": 3, "val_requests": 3},
             "train": {
                 "steps": 30,
                 "batch_size": 8,
@@ -113,13 +112,14 @@ def test_reward_stage_end_to_end(base, tmp_path):
         ({}, "no base model"),
         ({"base_model": "BASE"}, "no preference pairs"),
         ({"base_model": "BASE", "builtin": ["nope"]}, "unknown preference set 'nope'"),
-        ({"base_model": "BASE", "builtin": ["poems"], "poem_docs": "/nowhere"}, "poem_docs"),
+        ({"base_model": "BASE", "builtin": ["poems"], "poems": {"docs": "/nowhere"}}, "poems.docs"),
     ],
 )
 def test_reward_stage_input_errors(base, tmp_path, align, match):
     root, _, _ = base
     align = {k: (str(root / "sft" / "model") if v == "BASE" else v) for k, v in align.items()}
-    cfg = load_config(None, {"out_dir": str(tmp_path / "x"), "align": align})
+    poems = align.pop("poems", {})  # the poem task's own section
+    cfg = load_config(None, {"out_dir": str(tmp_path / "x"), "align": align, "poems": poems})
     with pytest.raises(ValueError, match=match):
         train_reward(cfg, progress=False)
     assert not (tmp_path / "x").exists()  # nothing written

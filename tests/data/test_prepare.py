@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from zerolm.config import load_config
-from zerolm.data.prepare import prepare, read_docs, split_key
+from zerolm.data.prepare import prepare, read_docs
 from zerolm.data.shards import load_meta, open_split
+from zerolm.data.split import split_key
 from zerolm.tokenizer import Tokenizer
 
 _rng = random.Random(0)

@@ -173,7 +173,7 @@ def test_compression_report_by_language():
 def test_training_chunks_never_cut_a_pretoken(text, size):
     from tokenizers import Regex, pre_tokenizers
 
-    from zerolm.tokenizer.train import chunks
+    from zerolm.tokenizer.tokenizer import chunks
 
     split = pre_tokenizers.Split(Regex(BPE_PATTERN), "isolated")
     pieces = list(chunks(text, size))
@@ -203,3 +203,22 @@ def trained_wordpiece():
     return train_tokenizer(
         TokenizerConfig(kind="wordpiece", vocab_size=600, min_frequency=1), TRAIN, progress=False
     )
+
+
+def test_completion_ids_start_a_new_document(roundtrip_tokenizers):
+    tok = roundtrip_tokenizers["bpe"]
+    texts = ["床前明月光", "To be, or not"]
+    eos = tok.token_id("<|eos|>")
+    assert tok.completion_ids(texts) == [[eos, *tok.encode(t)] for t in texts]
+
+
+def test_check_tokenizers_refuses_another_vocabulary(roundtrip_tokenizers, tmp_path):
+    from zerolm.tokenizer import check_tokenizers
+
+    for kind, tok in roundtrip_tokenizers.items():
+        tok.save(tmp_path / kind)
+    tok = roundtrip_tokenizers["bpe"]
+    tok.save(tmp_path / "same")
+    check_tokenizers(tmp_path / "bpe", tmp_path / "same", "reference model")
+    with pytest.raises(ValueError, match="reference model .* has a different tokenizer"):
+        check_tokenizers(tmp_path / "bpe", tmp_path / "char", "reference model")

@@ -19,10 +19,10 @@ from functools import partial
 
 import torch
 
-from zerolm.align.data import Pair
 from zerolm.align.losses import dpo_loss, sequence_logprobs
 from zerolm.align.reward import encode_pair
 from zerolm.align.stage import reference_logits, response_batch
+from zerolm.data.prefs import Preference
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import prompt_ids
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def encode_dpo_pair(
-    tok: Tokenizer, pair: Pair, window: int
+    tok: Tokenizer, pair: Preference, window: int
 ) -> tuple[list[int], list[int], int] | None:
     """(chosen conversation ids, rejected conversation ids, prompt length) or None when either
     does not fit in the window."""
@@ -154,7 +154,7 @@ def train_dpo(cfg, progress: bool = True) -> dict:
         eval_fn=eval_fn,
         flops_per_token=account(policy)["train_flops_per_token"],
         progress=progress,
-        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora")),
+        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora", "poems")),
     )
     row = trainer.fit()
     final = dpo_eval(policy, enc["val"], loss, cfg.train.batch_size) if enc["val"] else {}

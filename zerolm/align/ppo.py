@@ -13,8 +13,8 @@ the clipped surrogate (+ value_coef * the clipped value loss); a rollout's remai
 are dropped once one's approximate KL to the rollout policy exceeds `target_kl`. Every Trainer
 step is one minibatch; checkpoints resume at the start of the rollout they were taken in.
 
-Rewards (`align.reward`): "poem-form" (the form judge's partial-credit score, zerolm/eval/
-poem_form.py, for poem requests), a reward model directory (`zerolm reward`), or "module:function" /
+Rewards (`align.reward`): "poem-form" (the form judge's partial-credit score, zerolm/tasks/
+poems/, for poem requests), a reward model directory (`zerolm reward`), or "module:function" /
 "path/file.py:function", a Python callable `fn(prompt: dict, reply: str) -> float` where prompt
 holds "messages" and the prompt row's other fields. A rollout whose reward raises, or returns a
 non-finite number, is reported and skipped; ten in a row stop the run.
@@ -36,6 +36,7 @@ from torch import nn
 
 from zerolm.align import losses as L
 from zerolm.align.stage import response_batch, sample_replies
+from zerolm.tasks import REWARDS, TASKS
 from zerolm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,6 @@ class PolicyValue(nn.Module):
 
 
 # ---------------------------------------------------------------- rewards
-def poem_form_reward(prompt: dict, reply: str) -> float:
-    """The judge's partial credit for the form the poem request asked for (1.0: exactly that form)."""
-    from zerolm.eval.poem_form import score
-
-    form = prompt["form"]
-    return score(reply, form["lines"], form["chars"])
-
-
 class ModelReward:
     """A trained reward model (zerolm/align/reward.py) scoring each conversation + reply."""
 
@@ -100,10 +93,10 @@ def per_reply(fn: Callable) -> Callable:
 
 def load_reward(spec: str, policy_dir: Path) -> Callable[[list[dict], list[str]], list[float]]:
     """`align.reward` -> scores(prompts, replies) (see the module docstring)."""
-    from zerolm.align.stage import check_tokenizers
+    from zerolm.tokenizer import check_tokenizers
 
-    if spec == "poem-form":
-        return per_reply(poem_form_reward)
+    if spec in REWARDS:
+        return per_reply(REWARDS[spec])
     path = Path(spec)
     if path.is_dir():
         check_tokenizers(policy_dir, path, "reward model")
@@ -136,9 +129,8 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
     """(train, val) prompts: poem requests (align.builtin=poems: the run's training / held-out
     documents), the conversations of the other bundled pair sets, and align.data rows (split by
     a hash, as the pairs are). Prompts leaving under 8 tokens of room to reply are dropped."""
-    from zerolm.align.data import BUILTIN_PAIRS, read_builtin_pairs, read_prompts
-    from zerolm.align.stage import poem_requests
-    from zerolm.data.prepare import split_key
+    from zerolm.data.prefs import BUILTIN_PAIRS, read_builtin_pairs, read_prompts
+    from zerolm.data.split import split_key
     from zerolm.tokenizer.chat import prompt_ids
 
     a = cfg.align
@@ -148,14 +140,14 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
         )
     train, val, counts = [], [], {}
     for name in a.builtin:
-        if name == "poems":
+        if name in TASKS:
             for split, out in (("train", train), ("val", val)):
                 got = [
                     {"messages": q["messages"][:-1], "form": q["form"], "kind": q["kind"]}
-                    for q in poem_requests(cfg, split)
+                    for q in TASKS[name].requests(cfg, split)
                 ]
                 out += got
-                counts[f"poems ({split})"] = len(got)
+                counts[f"{name} ({split})"] = len(got)
         elif name in BUILTIN_PAIRS:
             rows = [
                 {"messages": list(p.messages), "where": p.where} for p in read_builtin_pairs(name)
@@ -450,7 +442,7 @@ def train_ppo(cfg, progress: bool = True) -> dict:
         eval_fn=eval_fn,
         flops_per_token=account(body)["train_flops_per_token"],
         progress=progress,
-        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora")),
+        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora", "poems")),
     )
     row = trainer.fit()
     final = eval_fn(policy) if eval_fn else {}

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from zerolm.align.data import Pair
 from zerolm.align.losses import pairwise_loss
+from zerolm.data.prefs import Preference
 from zerolm.files import atomic_write_bytes
 from zerolm.model import load_model, save_model
 from zerolm.tokenizer import Tokenizer
@@ -68,7 +68,9 @@ class RewardModel(nn.Module):
         return rm.eval()
 
 
-def encode_pair(tok: Tokenizer, pair: Pair, max_len: int) -> tuple[list[int], list[int]] | None:
+def encode_pair(
+    tok: Tokenizer, pair: Preference, max_len: int
+) -> tuple[list[int], list[int]] | None:
     """Token ids of the conversation ending in the chosen reply and in the rejected one (each
     with its <|end|>); None when either does not fit in max_len tokens."""
     out = []
@@ -154,7 +156,7 @@ def train_reward(cfg, progress: bool = True) -> dict:
         eval_fn=eval_fn,
         flops_per_token=account(rm.body)["train_flops_per_token"],
         progress=progress,
-        fingerprint=stage_fingerprint(cfg, tok, ("align",)),
+        fingerprint=stage_fingerprint(cfg, tok, ("align", "poems")),
     )
     row = trainer.fit()
     final = reward_eval(rm, enc["val"]) if enc["val"] else {}

@@ -16,52 +16,26 @@ from pathlib import Path
 
 import torch
 
-from zerolm.align.data import Pair
 from zerolm.data.loader import Shuffled  # noqa: F401  (re-exported: the stages' batch iterator)
+from zerolm.data.prefs import Preference
 from zerolm.model import load_model, save_model
-from zerolm.tokenizer import Tokenizer
+from zerolm.tasks import TASKS
+from zerolm.tokenizer import Tokenizer, check_tokenizers
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- data
-def poem_docs_dir(cfg) -> Path:
-    """Prepared docs/ for the poem pairs and prompts: align.poem_docs, else next to the base model's run."""
-    base = Path(cfg.align.base_model)
-    candidates = (
-        [Path(cfg.align.poem_docs)]
-        if cfg.align.poem_docs
-        else [base.parent / "docs", base.parent.parent / "docs"]
-    )
-    for d in candidates:
-        if (d / "train.jsonl").is_file() and (d / "val.jsonl").is_file():
-            return d
-    raise ValueError(
-        f"the 'poems' pairs need prepared documents with title/author metadata; none at "
-        f"{', '.join(str(c) for c in candidates)}: set --align.poem_docs=RUN/docs"
-    )
-
-
-def poem_requests(cfg, split: str) -> list[dict]:
-    """Poem requests (zerolm.data.poems) from the run's training or held-out documents."""
-    from zerolm.data.poems import eval_requests
-    from zerolm.data.prepare import read_docs
-
-    limit = cfg.align.poem_requests if split == "train" else cfg.align.poem_val_requests
-    return eval_requests(read_docs(poem_docs_dir(cfg) / f"{split}.jsonl"), cfg.seed, limit)
-
-
-def load_pairs(cfg, model, tok) -> tuple[list[Pair], list[Pair], dict]:
+def load_pairs(cfg, model, tok) -> tuple[list[Preference], list[Preference], dict]:
     """(train, val) pairs from align.data files, align.builtin sets and counts per source.
     Files and hhh are split by a hash of the pair; poem pairs are sampled from `model` on
     requests from the training documents (train) and the held-out ones (val)."""
-    from zerolm.align.data import BUILTIN_PAIRS, keep_distinct, read_builtin_pairs, read_pairs
-    from zerolm.align.poems import poem_pairs
-    from zerolm.data.prepare import split_key
+    from zerolm.data.prefs import BUILTIN_PAIRS, keep_distinct, read_builtin_pairs, read_pairs
+    from zerolm.data.split import split_key
 
     a = cfg.align
     for name in a.builtin:
-        if name not in (*BUILTIN_PAIRS, "poems"):
+        if name not in (*BUILTIN_PAIRS, *TASKS):
             raise ValueError(
                 f"unknown preference set {name!r}; bundled: poems, {', '.join(BUILTIN_PAIRS)}"
             )
@@ -82,16 +56,14 @@ def load_pairs(cfg, model, tok) -> tuple[list[Pair], list[Pair], dict]:
     for path in a.data:
         add(str(path), *read_pairs(path))
     for name in a.builtin:
-        if name == "poems":
+        if name in TASKS:
             got = {
-                split: poem_pairs(
-                    model, tok, poem_requests(cfg, split), samples=a.samples, seed=cfg.seed
-                )
+                split: TASKS[name].preference_pairs(cfg, model, tok, split)
                 for split in ("train", "val")
             }
             train += got["train"][0]
             val += got["val"][0]
-            counts["poems"] = {split: c for split, (_, c) in got.items()}
+            counts[name] = {split: c for split, (_, c) in got.items()}
         else:
             add(name, *keep_distinct(read_builtin_pairs(name), name))
     return train, val, counts
@@ -225,17 +197,6 @@ def kl_to_reference(
 
 
 # ---------------------------------------------------------------- models
-def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -> None:
-    """A reference or reward model must read the same token ids as the policy."""
-    a, b = Tokenizer.load(policy_dir), Tokenizer.load(other_dir)
-    if a.sha256 != b.sha256:
-        raise ValueError(
-            f"the {role} {other_dir} has a different tokenizer than the policy {policy_dir} "
-            f"(vocab {b.vocab_size} vs {a.vocab_size}; sha256 {b.sha256[:12]} vs {a.sha256[:12]}): "
-            f"use a {role} fine-tuned from the same base model"
-        )
-
-
 def reference_logits(policy, ref_model=None):
     """x (B, T) -> the frozen reference's logits, without gradients: from `ref_model`, else from
     the policy itself with its LoRA adapters disabled (or as it is, before any training step)."""

@@ -10,7 +10,7 @@ from zerolm.commands.common import add_recipe_args, resolve_config, sampling_arg
 
 
 def cmd_eval_poems(args, extra):
-    from zerolm.data.poems import eval_requests
+    from zerolm.tasks.poems.requests import eval_requests
     from zerolm.data.prepare import read_docs
     from zerolm.eval.instruct import compare_models
     from zerolm.infer.text import sampling_params

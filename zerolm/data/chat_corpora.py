@@ -9,10 +9,9 @@ ending with the assistant.
 
 from __future__ import annotations
 
-import json
-import lzma
 from collections.abc import Iterator
-from importlib import resources
+
+from zerolm.data.sources import bundled_path, xz_rows
 
 CHAT_CORPORA = {
     "chitchat": "Open-domain human chit-chat (English), 4,017 two-person conversations; "
@@ -31,11 +30,9 @@ def chat_corpus_path(name: str):
             f"unknown chat corpus {name!r}; bundled chat corpora: {', '.join(CHAT_CORPORA)}"
         )
     # Names use '-' (like CLI values); file names use '_' (like Python modules).
-    return resources.files("zerolm.data") / "chat" / f"{name.replace('-', '_')}.jsonl.xz"
+    return bundled_path("chat", name.replace("-", "_"))
 
 
 def read_chat_corpus(name: str) -> Iterator[dict]:
     """Yield the conversations of chat corpus ``name`` one at a time, in file order."""
-    with chat_corpus_path(name).open("rb") as raw, lzma.open(raw, "rt", encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+    yield from xz_rows(chat_corpus_path(name))

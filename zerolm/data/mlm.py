@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zerolm.data.collate import IGNORE, length_mask, pad_right
 from zerolm.tokenizer import CLS, MASK, PAD, SEP, SPECIAL_TOKENS, Tokenizer
 
 N_SPECIAL = len(SPECIAL_TOKENS)  # ids below this are special tokens in every zerolm tokenizer
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = (SPECIAL_TOKENS.index(t) for t in (PAD, CLS, SEP, MASK))
-IGNORE = -100  # label of positions that are not predicted (F.cross_entropy's ignore_index)
 
 
 # ---------------------------------------------------------------- masking
@@ -119,6 +119,9 @@ class SentenceCorpus:
 
 
 # ---------------------------------------------------------------- sentence pairs
+SentencePair = tuple[np.ndarray, np.ndarray, int]  # (A ids, B ids, nsp label: 1 = B is random)
+
+
 def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Longest first: while the pair is too long, drop a token from the longer side, A from its
     start and B from its end, so the A|B boundary (what NSP reads) stays intact."""
@@ -138,7 +141,7 @@ def make_pairs(
     *,
     nsp: bool = True,
     short_seq_prob: float = 0.1,
-) -> list[tuple[np.ndarray, np.ndarray, int]]:
+) -> list[SentencePair]:
     """(A, B, nsp_label) for every chunk of every document (BERT's recipe): sentences are
     gathered into a chunk until it reaches the target length (max_seq_len - 3, or with
     probability short_seq_prob a random shorter one); A is the chunk's first 1..k-1 sentences; B
@@ -223,18 +226,12 @@ def pad_rows(
     T = -(-T // multiple) * multiple
     if max_len:
         T = min(T, max_len)
-    ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
-    seg = torch.zeros((len(rows), T), dtype=torch.long)
-    att = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (r_ids, r_seg) in enumerate(rows):
-        ids[i, : len(r_ids)] = torch.as_tensor(r_ids)
-        seg[i, : len(r_seg)] = torch.as_tensor(r_seg)
-        att[i, : len(r_ids)] = 1
-    return ids, seg, att
+    ids, seg = [r[0] for r in rows], [r[1] for r in rows]
+    return pad_right(ids, PAD_ID, T), pad_right(seg, 0, T), length_mask(ids, T).long()
 
 
 def collate_pairs(
-    pairs: Sequence[tuple[np.ndarray, np.ndarray, int]],
+    pairs: Sequence[SentencePair],
     *,
     vocab_size: int,
     generator: torch.Generator,

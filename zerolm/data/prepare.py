@@ -27,6 +27,7 @@ from zerolm.data.clean import clean_text, filter_reason
 from zerolm.data.dedup import NearDedup, content_hash
 from zerolm.data.shards import META, ShardWriter, token_dtype, write_meta
 from zerolm.data.sources import corpus_path, iter_docs, list_files
+from zerolm.data.split import split_key
 from zerolm.files import atomic_dir, atomic_write_text, writing_into
 from zerolm.tokenizer import EOS, Tokenizer
 from zerolm.tokenizer.report import compression_report
@@ -68,13 +69,6 @@ def read_docs(path: Path) -> Iterator[dict]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)
-
-
-def split_key(text: str) -> float:
-    """A uniform number in [0, 1) from the text: documents below val_fraction go to validation,
-    so the split is deterministic and independent of input order."""
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"zerolm-split").digest()
-    return int.from_bytes(h, "big") / 2**64
 
 
 def _move_to_val(tmp: Path, line: int, counts: dict) -> None:

@@ -29,10 +29,22 @@ class Doc:
     meta: dict = field(default_factory=dict)  # e.g. title/author; carried into docs/*.jsonl
 
 
+def bundled_path(folder: str, name: str):
+    """zerolm/data/{folder}/{name}.jsonl.xz, a bundled file (an importlib.resources Traversable)."""
+    return resources.files("zerolm.data") / folder / f"{name}.jsonl.xz"
+
+
+def xz_rows(path) -> Iterator[dict]:
+    """The rows of an xz-compressed JSONL file (a Path or a bundled Traversable), streamed."""
+    with path.open("rb") as raw, lzma.open(raw, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
 def corpus_path(name: str):
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; bundled corpora: {', '.join(CORPORA)}")
-    return resources.files("zerolm.data") / "corpora" / f"{name}.jsonl.xz"
+    return bundled_path("corpora", name)
 
 
 def list_files(inputs: tuple[str, ...]) -> list[Path]:
@@ -81,11 +93,9 @@ def iter_docs(cfg: DataConfig) -> Iterator[Doc]:
 
 
 def read_corpus(name: str) -> Iterator[Doc]:
-    with corpus_path(name).open("rb") as raw, lzma.open(raw, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            text = row.pop("text")
-            yield Doc(text, {"corpus": name, **row})
+    for row in xz_rows(corpus_path(name)):
+        text = row.pop("text")
+        yield Doc(text, {"corpus": name, **row})
 
 
 UTF8_FIX = "convert the file to UTF-8"

@@ -1,13 +1,14 @@
-"""Instruction following, measured: the share of held-out poem requests (zerolm.data.poems)
-answered in the requested form, judged by the rule-based judge (zerolm.eval.poem_form)."""
+"""Instruction following, measured: the share of held-out poem requests
+(zerolm.tasks.poems.requests) answered in the requested form, judged by the rule-based judge
+(zerolm.tasks.poems.form)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from zerolm.eval.poem_form import judge
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
+from zerolm.tasks.poems.form import judge
 
 
 def form_adherence(
@@ -64,7 +65,8 @@ def compare_models(
 
     ref = None
     if reference:
-        from zerolm.align.stage import check_tokenizers, kl_to_reference
+        from zerolm.align.stage import kl_to_reference
+        from zerolm.tokenizer import check_tokenizers
 
         ref = load_model(reference)
     out = {}

@@ -13,6 +13,7 @@ import sacrebleu
 import torch
 from tqdm import tqdm
 
+from zerolm.infer.seq2seq import generate
 from zerolm.tokenizer import BOS, EOS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,6 @@ def translate_texts(
     """Translate each text; batches are formed from texts of similar length, output keeps the input
     order. A source longer than the encoder window is an error (too_long="error") or is cut to the
     window with a warning ("truncate")."""
-    from zerolm.infer.seq2seq import generate
-
     window = model.cfg.max_seq_len
     sources = []
     for i, text in enumerate(texts):

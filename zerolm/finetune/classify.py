@@ -28,8 +28,9 @@ from safetensors.torch import load_file
 
 from zerolm.config import Config, save_config
 from zerolm.data.mlm import LengthBatches, pad_rows, pair_ids
-from zerolm.data.prepare import read_docs, split_key
+from zerolm.data.prepare import read_docs
 from zerolm.data.sources import decode_lines
+from zerolm.data.split import split_key
 from zerolm.files import atomic_write_text
 from zerolm.model import build_model, load_model, model_class, read_model_config, save_model
 from zerolm.model.presets import resolve

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from zerolm.config import Config, save_config
-from zerolm.data.prepare import read_docs, split_key
 from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_conversations
+from zerolm.data.split import split_key
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
 from zerolm.model import load_model, save_model
+from zerolm.tasks import TASKS
 from zerolm.tokenizer import Tokenizer
 from zerolm.train.checkpoint import list_checkpoints
 from zerolm.train.fingerprint import stage_fingerprint
@@ -48,16 +49,6 @@ def _cap(items: list, n: int, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def poem_docs_dir(cfg: Config) -> Path:
-    d = Path(cfg.sft.poem_docs) if cfg.sft.poem_docs else Path(cfg.sft.base_model).parent / "docs"
-    if not (d / "train.jsonl").is_file() or not (d / "val.jsonl").is_file():
-        raise ValueError(
-            f"the 'poems' set needs prepared documents with title/author metadata: {d}/train.jsonl "
-            "and val.jsonl not found; set --sft.poem_docs=RUN/docs (a run prepared from --corpus tang)"
-        )
-    return d
-
-
 def load_sources(cfg: Config) -> tuple[list, list, dict]:
     """(train, val) conversations from the data files and builtin sets, and counts per source."""
     s = cfg.sft
@@ -70,20 +61,8 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
     for label, builtin in sources:
         if builtin is None:
             tr, va = _split(read_conversations(label), s.val_fraction)
-        elif builtin == "poems":
-            from zerolm.data.poems import poem_instructions
-
-            docs = poem_docs_dir(
-                cfg
-            )  # held out: the poems the base model did not pretrain on either
-            tr = [
-                x["messages"]
-                for x in poem_instructions(read_docs(docs / "train.jsonl"), seed=cfg.seed)
-            ]
-            va = [
-                x["messages"]
-                for x in poem_instructions(read_docs(docs / "val.jsonl"), seed=cfg.seed)
-            ]
+        elif builtin in TASKS:
+            tr, va = TASKS[builtin].sft_conversations(cfg)
         elif builtin in BUILTIN:
             from zerolm.data.chat_corpora import read_chat_corpus
 
@@ -226,7 +205,7 @@ def sft(cfg: Config, progress: bool = True) -> dict:
         sample_fn=sample_fn if samples else None,
         flops_per_token=account(model)["train_flops_per_token"],
         progress=progress,
-        fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora")),
+        fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora", "poems")),
     )
     row = trainer.fit()
     final = sft_eval(model, val_ex) if val_ex else {}

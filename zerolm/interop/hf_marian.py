@@ -17,6 +17,7 @@ import torch
 from zerolm.config import ModelConfig
 from zerolm.interop.hf import _read_weights, _refuse, build_imported, write_hf_dir
 from zerolm.model import resolve
+from zerolm.model.encdec import EncoderDecoder
 from zerolm.model.layers import sinusoidal_table
 
 # zerolm module -> HF module, each with .weight and .bias; {e} an encoder layer, {d} a decoder layer
@@ -260,8 +261,6 @@ def _to_hf_state(model) -> dict:
 def import_hf(src: Path, raw: dict, out_dir=None, dtype: torch.dtype | None = torch.float32):
     """A MarianMTModel checkpoint directory (config.json `raw` + safetensors) as a zerolm EncoderDecoder;
     with out_dir, also written there as a zerolm model directory (with the source's tokenizer files)."""
-    from zerolm.model.encdec import EncoderDecoder
-
     cfg = resolve(config_from_hf(raw))
     return build_imported(
         EncoderDecoder, cfg, _from_hf_state(_read_weights(Path(src)), cfg), src, out_dir, dtype

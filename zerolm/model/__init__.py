@@ -1,21 +1,12 @@
-"""Models: build from a config, save and load a model directory.
+"""Models: presets and builders over shared blocks (build.py), and model directories (io.py).
 
 A model directory holds `config.json` (the resolved model config), `model.safetensors` and the
 tokenizer files. Models are built on the meta device, then initialised or loaded with
 `load_state_dict(assign=True)` from memory-mapped safetensors (never pickles).
 """
 
-from __future__ import annotations
-
-import dataclasses
-import json
-from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
-
-from zerolm.config import ModelConfig
-from zerolm.files import atomic_save_tensors, atomic_write_text
+from zerolm.model.build import build_model, model_class
+from zerolm.model.io import load_model, load_state, read_model_config, save_model
 from zerolm.model.presets import PRESETS, resolve
 from zerolm.model.transformer import Transformer
 
@@ -24,106 +15,9 @@ __all__ = [
     "Transformer",
     "build_model",
     "load_model",
+    "load_state",
     "model_class",
+    "read_model_config",
     "resolve",
     "save_model",
 ]
-
-
-def model_class(cfg: ModelConfig):
-    """The module class of a resolved config's arch: Transformer (decoder), Bert, EncoderDecoder."""
-    if cfg.arch == "bert":
-        from zerolm.model.bert import Bert
-
-        return Bert
-    if cfg.arch == "encdec":
-        from zerolm.model.encdec import EncoderDecoder
-
-        return EncoderDecoder
-    return Transformer
-
-
-def build_model(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0, device="cpu"):
-    """A freshly initialised model of cfg's arch (deterministic for a given seed)."""
-    cfg = resolve(cfg, vocab_size)
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)
-    model.to_empty(device=device)
-    model.reset_buffers()
-    model.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    model.init_weights(gen)
-    return model
-
-
-def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) into out_dir, atomically per file."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_save_tensors(out / "model.safetensors", state, metadata={"format": "pt"})
-    config = {"zerolm_model": dataclasses.asdict(model.cfg)}
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return out
-
-
-def read_model_config(model_dir: str | Path) -> ModelConfig:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ValueError(
-            f"no model at {str(model_dir)!r}: expected config.json + model.safetensors "
-            "(train one with `zerolm pretrain`, or `zerolm import --from hf DIR`)"
-        )
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    if "zerolm_model" not in raw:
-        raise ValueError(
-            f"{path} is not a zerolm model config; for a transformers checkpoint run "
-            f"`zerolm import --from hf {model_dir}`"
-        )
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    return resolve(ModelConfig(**{k: v for k, v in raw["zerolm_model"].items() if k in fields}))
-
-
-def load_state(model, state: dict, source: str = "checkpoint", assign: bool = True) -> None:
-    """load_state_dict with an error that names mismatched tensors. assign=True adopts the given
-    tensors (loading onto the meta device); assign=False copies into existing parameters (which
-    keeps an optimizer's references valid)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or extra or shapes:
-        detail = "; ".join(
-            filter(
-                None,
-                [
-                    f"missing {missing[:4]}" if missing else "",
-                    f"unexpected {extra[:4]}" if extra else "",
-                    f"shape mismatch {shapes[:4]}" if shapes else "",
-                ],
-            )
-        )
-        raise ValueError(
-            f"{source} does not fit this model config ({detail}); "
-            "use the config the checkpoint was trained with"
-        )
-    model.load_state_dict(state, strict=True, assign=assign)
-
-
-def load_model(model_dir: str | Path, device="cpu", dtype=None):
-    """Load a zerolm model directory (any arch)."""
-    cfg = read_model_config(model_dir)
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)
-    state = load_file(str(Path(model_dir) / "model.safetensors"), device=str(device))
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    load_state(model, state, f"{model_dir}/model.safetensors")
-    model.reset_buffers()
-    return model.to(device).eval()

@@ -15,8 +15,12 @@ same ids for any content that does not spell a special token.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from zerolm.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, Tokenizer
+from zerolm.tokenizer.specials import ASSISTANT, BOS, END, SYSTEM, USER
+
+if TYPE_CHECKING:  # tokenizer.py imports CHAT_TEMPLATE from here
+    from zerolm.tokenizer.tokenizer import Tokenizer
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 

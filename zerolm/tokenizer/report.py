@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer.tokenizer import Tokenizer
 
 
 def script_of(text: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer.tokenizer import Tokenizer
 
 
 class StreamDecoder:

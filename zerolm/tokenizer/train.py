@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -18,14 +17,14 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as _HFTokenizer
 
 from zerolm.config import TokenizerConfig
-from zerolm.tokenizer import CLS, SEP, SPECIAL_TOKENS, UNK, Tokenizer
+from zerolm.tokenizer.specials import BYTE_TOKENS, CLS, SEP, SPECIAL_TOKENS, UNK
+from zerolm.tokenizer.tokenizer import Tokenizer, chunks
 
 # GPT-2's pattern, with Han characters split out one by one and digits one by one.
 BPE_PATTERN = (
     r"'(?i:[sdmt]|ll|ve|re)|\p{Han}| ?[\p{L}\p{M}&&[^\p{Han}]]+|\p{N}"
     r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 
 
 def min_vocab_size(kind: str) -> int:
@@ -52,26 +51,6 @@ def train_tokenizer(
     build = {"bpe": _train_bpe, "wordpiece": _train_wordpiece, "char": _train_char}[cfg.kind]
     tok = build(cfg, (c for d in docs for c in chunks(d)), None, progress)
     return Tokenizer(tok)
-
-
-# Places where BPE_PATTERN always starts a new pre-token: after a line break before a non-space,
-# before a single space that begins " word", between a non-space and a Han character.
-_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)|(?<=\S)(?=[\u3400-\u9fff])")
-
-
-def chunks(text: str, size: int = 1 << 13) -> Iterator[str]:
-    """Cut a long document into pieces of about `size` characters at pre-token boundaries, so
-    training statistics are unchanged. The trainer buffers ~1000 items, so this bounds its
-    memory however long the documents are."""
-    start = 0
-    while len(text) - start > size:
-        m = _CUT.search(text, start + size)
-        if m is None or m.start() >= len(text):
-            break
-        yield text[start : m.start()]
-        start = m.start()
-    if start < len(text):
-        yield text[start:]
 
 
 def _train_bpe(cfg, docs: Iterator[str], length, progress) -> _HFTokenizer:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from zerolm.align.data import read_builtin_pairs, read_pairs
+from zerolm.data.prefs import read_builtin_pairs, read_pairs
 
 
 def write(tmp_path, rows):

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from zerolm.data.sources import corpus_path
-from zerolm.eval.poem_form import FORMS, form_of, is_cjk, judge, lines, score
+from zerolm.tasks.poems.form import FORMS, form_of, is_cjk, judge, lines, score
 
 JUEJU5 = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
 LUSHI7 = (

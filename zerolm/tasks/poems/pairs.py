@@ -1,9 +1,9 @@
 """Poem preference pairs from the bundled Tang corpus, judged by the rule-based form judge.
 
-For each poem request (zerolm/data/poems.py: title / author / continuation, in a named form) the
+For each poem request (zerolm/tasks/poems/requests.py: title / author / continuation, in a named form) the
 model under training samples `samples` answers. Then:
 
-- *reference* pairs: every sample the judge (zerolm/eval/poem_form.py) fails becomes
+- *reference* pairs: every sample the judge (zerolm/tasks/poems/form.py) fails becomes
   rejected, with the real poem as chosen;
 - *ranked* pairs: two samples with different partial-credit scores (`score`: line count,
   characters per line, final punctuation) become chosen (higher) and rejected (lower).
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from zerolm.align.data import Pair
-from zerolm.eval.poem_form import judge, score
+from zerolm.data.prefs import Preference
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
+from zerolm.tasks.poems.form import judge, score
 
 
 def poem_pairs(
@@ -32,8 +32,8 @@ def poem_pairs(
     seed: int = 0,
     max_new_tokens: int = 96,
     batch_size: int = 32,
-) -> tuple[list[Pair], dict]:
-    """(pairs, counts) for the request items (as made by zerolm.data.poems.poem_instructions)."""
+) -> tuple[list[Preference], dict]:
+    """(pairs, counts) for the request items (as made by requests.poem_instructions)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     req = chat_request(tok, max_new_tokens, SamplingParams(temperature=temperature), seed)
@@ -51,11 +51,11 @@ def poem_pairs(
             if not judge(a, form["lines"], form["chars"])["ok"]:
                 counts["failed"] += 1
                 if a.strip() != real.strip():
-                    pairs.append(Pair(msgs, real, a, "poems:reference"))
+                    pairs.append(Preference(msgs, real, a, "poems:reference"))
                     counts["reference"] += 1
         graded.sort(key=lambda g: g[0], reverse=True)
         (hi, best), (lo, worst) = graded[0], graded[-1]
         if hi > lo and best.strip() != worst.strip():
-            pairs.append(Pair(msgs, best, worst, "poems:ranked"))
+            pairs.append(Preference(msgs, best, worst, "poems:ranked"))
             counts["ranked"] += 1
     return pairs, dict(counts)

@@ -8,14 +8,11 @@ a pair whose replies are identical teaches nothing and is skipped and counted.
 
 from __future__ import annotations
 
-import json
 import logging
-import lzma
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from zerolm.data.sources import jsonl_rows
+from zerolm.data.sources import bundled_path, jsonl_rows, xz_rows
 from zerolm.tokenizer.chat import check_messages
 
 log = logging.getLogger(__name__)
@@ -27,7 +24,7 @@ BUILTIN_PAIRS = {
 
 
 @dataclass(frozen=True)
-class Pair:
+class Preference:
     messages: tuple  # the conversation so far: dicts with role/content, ending with the user
     chosen: str
     rejected: str
@@ -61,8 +58,8 @@ def _messages(row: dict, where: str) -> tuple:
     return tuple(dict(m) for m in messages)
 
 
-def to_pair(row, where: str) -> Pair:
-    """One row -> a Pair, or a ValueError naming the problem and the fix."""
+def to_pair(row, where: str) -> Preference:
+    """One row -> a Preference, or a ValueError naming the problem and the fix."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [k for k in ("chosen", "rejected") if k not in row]
@@ -71,7 +68,7 @@ def to_pair(row, where: str) -> Pair:
             f'{where}: expected {{"prompt" or "messages", "chosen", "rejected"}}, '
             f"got keys {sorted(row)}"
         )
-    return Pair(
+    return Preference(
         _messages(row, where),
         _reply(row["chosen"], "chosen", where),
         _reply(row["rejected"], "rejected", where),
@@ -101,7 +98,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     return out
 
 
-def keep_distinct(pairs, source: str) -> tuple[list[Pair], int]:
+def keep_distinct(pairs, source: str) -> tuple[list[Preference], int]:
     """Drop pairs whose chosen and rejected replies are the same text; (kept, number skipped)."""
     kept = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
     skipped = len(pairs) - len(kept)
@@ -114,7 +111,7 @@ def keep_distinct(pairs, source: str) -> tuple[list[Pair], int]:
     return kept, skipped
 
 
-def read_pairs(path: str | Path) -> tuple[list[Pair], int]:
+def read_pairs(path: str | Path) -> tuple[list[Preference], int]:
     """(pairs, identical pairs skipped) of a JSONL file."""
     p = Path(path)
     if not p.is_file():
@@ -125,10 +122,8 @@ def read_pairs(path: str | Path) -> tuple[list[Pair], int]:
     return pairs, skipped
 
 
-def read_builtin_pairs(name: str) -> list[Pair]:
+def read_builtin_pairs(name: str) -> list[Preference]:
     """A bundled set (BUILTIN_PAIRS); provenance in zerolm/data/prefs/LICENSES.md."""
     if name not in BUILTIN_PAIRS:
         raise ValueError(f"unknown preference set {name!r}; bundled: {', '.join(BUILTIN_PAIRS)}")
-    raw = (resources.files("zerolm.data") / "prefs" / f"{name}.jsonl.xz").read_bytes()
-    rows = [json.loads(line) for line in lzma.decompress(raw).decode("utf-8").splitlines()]
-    return [to_pair(r, f"builtin:{r['id']}") for r in rows]
+    return [to_pair(r, f"builtin:{r['id']}") for r in xz_rows(bundled_path("prefs", name))]

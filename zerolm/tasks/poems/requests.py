@@ -1,8 +1,8 @@
-"""Instruction data for chat fine-tuning, derived from real poems only (no generated text).
+"""Poem requests for chat fine-tuning and evaluation, derived from real poems only (no generated text).
 
 Every document (a dict with ``text`` and optionally ``title`` / ``author``, as in a run's
 ``docs/train.jsonl`` / ``docs/val.jsonl``) whose text is a regular 五言/七言 绝句/律诗 (see
-`zerolm.eval.poem_form.form_of` and `FORMS`; the text must also pass `judge` for that form, i.e.
+`zerolm.tasks.poems.form.form_of` and `FORMS`; the text must also pass `judge` for that form, i.e.
 end with 。！？) gives one chat example; every other document is skipped:
 
     {"messages": [{"role": "user", "content": request},
@@ -43,7 +43,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Iterator
 
-from zerolm.eval.poem_form import FINAL_PUNCT, FORMS, SEPARATORS, form_of, is_cjk_line, judge
+from zerolm.tasks.poems.form import FINAL_PUNCT, FORMS, SEPARATORS, form_of, is_cjk_line, judge
 
 KINDS = ("title", "author", "continue")
 

@@ -4,7 +4,9 @@ from collections import Counter
 
 import pytest
 
-from zerolm.data.poems import (
+from zerolm.data.sources import corpus_path
+from zerolm.tasks.poems.form import FORMS, form_of, judge
+from zerolm.tasks.poems.requests import (
     TEMPLATES,
     clean_author,
     clean_title,
@@ -13,8 +15,6 @@ from zerolm.data.poems import (
     poem_instructions,
     split_opening,
 )
-from zerolm.data.sources import corpus_path
-from zerolm.eval.poem_form import FORMS, form_of, judge
 
 JUEJU5 = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
 LUSHI5 = (

@@ -1,0 +1,288 @@
+"""Tokenizers on the HF `tokenizers` engine, behind one small zerolm interface.
+
+Every zerolm tokenizer reserves the same special tokens at ids 0..15 (documents, chat roles,
+BERT, spares), so later stages never resize the vocabulary, and saves as a standard
+`tokenizer.json` + `tokenizer_config.json` that `transformers.PreTrainedTokenizerFast` loads.
+An imported BERT checkpoint's WordPiece tokenizer ([PAD] [UNK] [CLS] [SEP] [MASK] wherever its
+vocabulary puts them) loads as a foreign tokenizer: its specials are found by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import deque
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as _HFTokenizer
+
+from zerolm.files import atomic_write_text
+from zerolm.tokenizer.chat import CHAT_TEMPLATE
+from zerolm.tokenizer.specials import (
+    BERT_SPECIALS,
+    BOS,
+    BYTE_TOKENS,
+    CLS,
+    EOS,
+    MASK,
+    PAD,
+    SEP,
+    SPECIAL_TOKENS,
+    UNK,
+)
+
+# Places where BPE_PATTERN (tokenizer/train.py) always starts a new pre-token: after a line break
+# before a non-space, before a single space that begins " word", between a non-space and a Han one.
+_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)|(?<=\S)(?=[\u3400-\u9fff])")
+
+
+def chunks(text: str, size: int = 1 << 13) -> Iterator[str]:
+    """Cut a long document into pieces of about `size` characters at pre-token boundaries, so
+    training statistics are unchanged. The trainer buffers ~1000 items, so this bounds its
+    memory however long the documents are."""
+    start = 0
+    while len(text) - start > size:
+        m = _CUT.search(text, start + size)
+        if m is None or m.start() >= len(text):
+            break
+        yield text[start : m.start()]
+        start = m.start()
+    if start < len(text):
+        yield text[start:]
+
+
+class Tokenizer:
+    """A trained tokenizer: text <-> ids. Wraps a `tokenizers.Tokenizer`."""
+
+    def __init__(self, hf: _HFTokenizer, strict: bool = True):
+        """strict: zerolm's own layout (SPECIAL_TOKENS at ids 0..15). strict=False: a foreign BERT
+        WordPiece tokenizer, whose BERT_SPECIALS are looked up by name; its file's own truncation and
+        padding are switched off, so encode() returns exactly the text's ids as for zerolm's own."""
+        self.hf = hf
+        self.aliases: dict[str, str] = {}  # zerolm special -> its name in a foreign vocabulary
+        if not strict:
+            if missing := [t for t in BERT_SPECIALS.values() if hf.token_to_id(t) is None]:
+                raise ValueError(
+                    f"not a BERT tokenizer: {', '.join(missing)} missing from its vocabulary"
+                )
+            self.aliases = {k: v for k, v in BERT_SPECIALS.items() if k != v}
+            hf.no_truncation()
+            hf.no_padding()
+            return
+        for i, tok in enumerate(SPECIAL_TOKENS):
+            if hf.token_to_id(tok) != i:
+                raise ValueError(
+                    f"tokenizer does not reserve {tok!r} at id {i}; train it with `zerolm tokenizer train`"
+                )
+
+    # -------------------------------------------------------------- encode / decode
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` exactly as written (no added bos/eos/CLS)."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], split_special: bool = True) -> list[list[int]]:
+        """Like encode, in parallel across cores (Rust threads). split_special=False encodes text
+        that spells a special token ("<|end|>") as ordinary characters (for untrusted content)."""
+        hf = self.hf if split_special else self._plain
+        return [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+
+    def completion_ids(self, texts: list[str]) -> list[list[int]]:
+        """Ids of completion prompts: eos first (the model starts a new document), then the text."""
+        eos = self.token_id(EOS)
+        return [[eos, *ids] for ids in self.encode_batch(texts)]
+
+    @cached_property
+    def _plain(self) -> _HFTokenizer:
+        """A copy that never matches special tokens in text (a separate object: thread-safe)."""
+        hf = _HFTokenizer.from_str(self.hf.to_str())
+        hf.encode_special_tokens = True
+        return hf
+
+    def encode_stream(
+        self, texts: Iterable[str], max_docs: int = 1024, max_chars: int = 1 << 18
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """(text, ids) for each text, encoded in parallel batches of bounded size: memory stays
+        flat however long the stream (an Encoding costs ~110 bytes per token). A long text is
+        encoded in pieces cut where a pre-token always starts (`chunks`: the same ids),
+        so one huge document costs 4 bytes per token (ids are int32 arrays), not an Encoding's 110.
+        Only a run of over 4 * max_chars / 8 characters without such a place is cut inside."""
+        queue: deque = deque()  # [text, ids per encoded piece, all pieces batched], in input order
+        batch: list[tuple[list, str]] = []  # (queue entry, piece)
+
+        def flush():
+            for (entry, _), ids in zip(batch, self.encode_batch([p for _, p in batch])):
+                entry[1].append(np.array(ids, dtype=np.int32))
+            batch.clear()
+
+        def ready(entry) -> bool:  # every piece batched, and none still waiting in `batch`
+            return entry[2] and not (batch and batch[0][0] is entry)
+
+        chars, size = 0, max(max_chars // 8, 1)
+        for text in texts:
+            queue.append(entry := [text, [], False])
+            for long in chunks(text, size):
+                for i in range(
+                    0, len(long), 4 * size
+                ):  # a run with no pre-token start (1 M spaces) is
+                    piece = long[i : i + 4 * size]  # cut anyway: its ids may differ at the cut
+                    batch.append((entry, piece))
+                    chars += len(piece)
+                    if len(batch) >= max_docs or chars >= max_chars:
+                        flush()
+                        chars = 0
+            entry[2] = True
+            while queue and ready(queue[0]):
+                done, parts, _ = queue.popleft()
+                yield done, np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        flush()
+        for done, parts, _ in queue:
+            yield done, np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.hf.decode(list(map(int, ids)), skip_special_tokens=skip_special)
+
+    # -------------------------------------------------------------- vocabulary
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def foreign(self) -> bool:
+        """A foreign BERT tokenizer (strict=False) rather than one zerolm trained."""
+        return bool(self.aliases)
+
+    def token_id(self, token: str) -> int:
+        i = self.hf.token_to_id(self.aliases.get(token, token))
+        if i is None:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each token id stands for (b"" for special tokens): a token may be part
+        of a character (byte-level BPE, byte fallback), so bytes, not text, are exact."""
+        kind, byte_tokens = self.kind, {t: i for i, t in enumerate(BYTE_TOKENS)}
+        unicode_to_byte = {c: b for b, c in _byte_level_alphabet().items()}
+        out = [b""] * self.vocab_size
+        specials = (
+            {self.token_id(t) for t in BERT_SPECIALS}
+            if self.foreign
+            else range(len(SPECIAL_TOKENS))
+        )
+        for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
+            if i in specials:
+                continue
+            if kind == "bpe":  # byte-level alphabet: one character per byte
+                out[i] = bytes(unicode_to_byte[c] for c in tok)
+            elif kind == "char":
+                out[i] = bytes([byte_tokens[tok]]) if tok in byte_tokens else tok.encode("utf-8")
+            else:  # wordpiece: continuation pieces carry a '##' prefix
+                out[i] = tok.removeprefix("##").encode("utf-8")
+        return out
+
+    def token_byte_lengths(self):
+        """(V,) int64 numpy array: UTF-8 bytes each token stands for (0 for special tokens), so
+        bits per byte = total nats / ln 2 / sum of byte lengths of the predicted tokens."""
+        return np.array([len(b) for b in self.token_bytes], dtype=np.int64)
+
+    def unknown_ids(self) -> set[int]:
+        """Ids that stand for text unseen in training: <|unk|>, and byte fallbacks of `char`."""
+        out = {self.token_id(UNK)}
+        if self.kind == "char":
+            out |= {self.token_id(t) for t in BYTE_TOKENS}
+        return out
+
+    @cached_property  # the wrapped tokenizer never changes: serialise it once, not per call
+    def kind(self) -> str:
+        model = json.loads(self.hf.to_str())["model"]
+        if model["type"] == "WordPiece":
+            return "wordpiece"
+        return "char" if model.get("byte_fallback") else "bpe"
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
+
+    # -------------------------------------------------------------- files
+    def save(self, out_dir: str | Path) -> Path:
+        """Write tokenizer.json + tokenizer_config.json (the transformers layout) into out_dir."""
+        out = Path(out_dir)
+        atomic_write_text(out / "tokenizer.json", self.hf.to_str(pretty=True))
+        specials = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+        if self.kind == "wordpiece":
+            specials.update(cls_token=CLS, sep_token=SEP, mask_token=MASK)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **specials,
+            "chat_template": CHAT_TEMPLATE,
+            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in specials.values()],
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+        }
+        if self.foreign:  # a BERT vocabulary: its own special names, no chat roles
+            names = zip(
+                ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"),
+                BERT_SPECIALS.values(),
+            )
+            config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **dict(names),
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": 1_000_000_000,
+            }
+        atomic_write_text(
+            out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False)
+        )
+        return out / "tokenizer.json"
+
+    @classmethod
+    def load(cls, path: str | Path, strict: bool | None = None) -> Tokenizer:
+        """Load from a tokenizer.json file or a directory holding one. strict=None: zerolm's own
+        layout, or a foreign BERT tokenizer if that is what the file holds (see __init__)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise ValueError(
+                f"no tokenizer at {str(path)!r}: expected tokenizer.json or a directory holding one"
+            )
+        try:
+            hf = _HFTokenizer.from_file(str(p))
+        except Exception as e:  # the Rust side raises plain Exception on malformed files
+            raise ValueError(f"{p}: not a valid tokenizer.json ({e})") from None
+        if strict is None:
+            strict = hf.token_to_id(SPECIAL_TOKENS[0]) == 0 or any(
+                hf.token_to_id(t) is None for t in BERT_SPECIALS.values()
+            )
+        return cls(hf, strict)
+
+
+def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -> None:
+    """A reference or reward model must read the same token ids as the policy."""
+    a, b = Tokenizer.load(policy_dir), Tokenizer.load(other_dir)
+    if a.sha256 != b.sha256:
+        raise ValueError(
+            f"the {role} {other_dir} has a different tokenizer than the policy {policy_dir} "
+            f"(vocab {b.vocab_size} vs {a.vocab_size}; sha256 {b.sha256[:12]} vs {a.sha256[:12]}): "
+            f"use a {role} fine-tuned from the same base model"
+        )
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """byte -> character of the byte-level BPE alphabet (GPT-2's): printable Latin-1 bytes map to
+    themselves, the other 68 to code points from 256 on, in byte order."""
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
