@@ -294,68 +294,91 @@ def finetune_classify(cfg: Config, progress: bool = True) -> StageResult:
     base = Path(c.base_model)
     mcfg = bert_config(base)
     out = begin(cfg)
-    train_rows, val_rows, source = load_rows(cfg)
-    counts = Counter(r.label for r in train_rows)
-    labels = sorted(counts, key=lambda k: (-counts[k], k))  # most frequent first
-    if len(labels) < 2:
-        raise ValueError(
-            f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a classifier needs >= 2"
-        )
-    train_y, val_y = label_ids(train_rows, labels), label_ids(val_rows, labels)
-    tok = Tokenizer.load(base)
-    window = min(c.max_seq_len or mcfg.max_seq_len, mcfg.max_seq_len)
-    (train_x, cut_t), (val_x, cut_v) = (
-        encode(tok, rows, window, c.truncation) for rows in (train_rows, val_rows)
-    )
-    summary = {
-        **source,
-        "labels": len(labels),
-        "train_rows": len(train_rows),
-        "val_rows": len(val_rows),
-        "train_per_label": {k: counts[k] for k in labels},
-        "truncated": {"train": cut_t, "val": cut_v},
-        "window": window,
-    }
-    log.info("classification data: %s", json.dumps(summary, ensure_ascii=False))
+    d = _Data.load(cfg, base, mcfg.max_seq_len)
     if c.epochs:
-        steps = max(
-            1, math.ceil(c.epochs * len(train_x) / (cfg.train.batch_size * cfg.train.grad_accum))
-        )
+        per_step = cfg.train.batch_size * cfg.train.grad_accum
+        steps = max(1, math.ceil(c.epochs * len(d.train_x) / per_step))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     open_out(cfg)
-    info = _baselines(c, train_rows, val_rows, train_y, val_y, labels)
+    info = _baselines(c, d.train_rows, d.val_rows, d.train_y, d.val_y, d.labels)
     torch.manual_seed(cfg.seed)  # dropout masks: the same run twice gives the same classifier
-    model = _frozen(classifier_from(base, len(labels), seed=cfg.seed), c.freeze)
+    model = _frozen(classifier_from(base, len(d.labels), seed=cfg.seed), c.freeze)
     t0 = time.perf_counter()
+    lengths = [len(x[0]) for x in d.train_x]
     batches = LengthBatches(
-        list(zip(train_x, train_y)),
-        [len(x[0]) for x in train_x],
-        cfg.train.batch_size,
-        cfg.seed,
-        collate=collate,
+        list(zip(d.train_x, d.train_y)), lengths, cfg.train.batch_size, cfg.seed, collate=collate
     )
-    evaluate_fn = partial(evaluate, encoded=val_x, y=val_y) if val_y else None
+    evaluate_fn = partial(evaluate, encoded=d.val_x, y=d.val_y) if d.val_y else None
     stage = Stage(
         model,
         batches,
         classify_loss,
-        save=partial(_save, model, tok=tok, labels=labels),
+        save=partial(_save, model, tok=d.tok, labels=d.labels),
         evaluate=evaluate_fn,
         final=evaluate_fn,
-        fingerprint=stage_fingerprint(cfg, tok, ("classify",)),
+        fingerprint=stage_fingerprint(cfg, d.tok, ("classify",)),
         info=info,
     )
     result = run(cfg, stage, progress)
-    info |= {"finetune_seconds": time.perf_counter() - t0, "steps": cfg.train.steps, **summary}
+    info |= {"finetune_seconds": time.perf_counter() - t0, "steps": cfg.train.steps, **d.summary}
+    _write_results(out, result)
+    return result
+
+
+@dataclasses.dataclass
+class _Data:
+    """The rows of a fine-tune, their class ids and their encoding for the model's window."""
+
+    tok: Tokenizer
+    labels: list[str]
+    train_rows: list[Row]
+    val_rows: list[Row]
+    train_x: list
+    val_x: list
+    train_y: list[int]
+    val_y: list[int]
+    summary: dict
+
+    @classmethod
+    def load(cls, cfg: Config, base: Path, max_seq_len: int) -> _Data:
+        c = cfg.classify
+        train_rows, val_rows, source = load_rows(cfg)
+        counts = Counter(r.label for r in train_rows)
+        labels = sorted(counts, key=lambda k: (-counts[k], k))  # most frequent first
+        if len(labels) < 2:
+            raise ValueError(
+                f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a classifier needs >= 2"
+            )
+        train_y, val_y = label_ids(train_rows, labels), label_ids(val_rows, labels)
+        tok = Tokenizer.load(base)
+        window = min(c.max_seq_len or max_seq_len, max_seq_len)
+        (train_x, cut_t), (val_x, cut_v) = (
+            encode(tok, rows, window, c.truncation) for rows in (train_rows, val_rows)
+        )
+        summary = {
+            **source,
+            "labels": len(labels),
+            "train_rows": len(train_rows),
+            "val_rows": len(val_rows),
+            "train_per_label": {k: counts[k] for k in labels},
+            "truncated": {"train": cut_t, "val": cut_v},
+            "window": window,
+        }
+        log.info("classification data: %s", json.dumps(summary, ensure_ascii=False))
+        return cls(tok, labels, train_rows, val_rows, train_x, val_x, train_y, val_y, summary)
+
+
+def _write_results(out: Path, result: StageResult) -> None:
+    """OUT/results.json: the baselines, the final held-out figures, the data summary, the last row."""
+    baseline = ("majority_", "boc_")
     results = {
-        **{k: v for k, v in info.items() if k.startswith(("majority_", "boc_"))},
+        **{k: v for k, v in result.info.items() if k.startswith(baseline)},
         **{f"final_{k}": v for k, v in result.final.items()},
-        **{k: v for k, v in info.items() if not k.startswith(("majority_", "boc_"))},
+        **{k: v for k, v in result.info.items() if not k.startswith(baseline)},
         "model_dir": result.model_dir,
         "last_row": result.last,
     }
     atomic_write_text(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
-    return result
 
 
 def _save(model, model_dir: Path, *, tok: Tokenizer, labels: list[str]) -> None:
