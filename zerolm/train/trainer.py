@@ -1,5 +1,5 @@
-"""The one training loop. Stages (pretrain, sft, reward, dpo, ppo) plug in a batch iterator and a
-loss function; the loop owns precision, accumulation, clipping, schedule, logging, evaluation,
+"""The one training loop. Stages plug in their Batches (next, state_dict, load_state_dict) and a
+loss function returning a LossResult (zerolm/train/run.py builds them into a stage); the loop owns precision, accumulation, clipping, schedule, logging, evaluation,
 checkpoints, exact resume (of the same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite
 losses (skipped, stopped on, or rolled back from: train.nonfinite).
 """
