@@ -61,7 +61,7 @@ CPU = torch.device("cpu")
 
 
 def zerolm_loss(model, batch):
-    return lm_loss(model, batch)[0]
+    return lm_loss(model, batch).loss
 
 
 def hf_loss(model, batch):

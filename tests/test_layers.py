@@ -18,8 +18,8 @@ import zerolm
 ROOT = Path(zerolm.__file__).parent
 
 # rank: the units a module of that rank may import are those of its rank or lower.
-# files.py (atomic writes) is below everything, config.py right above it; speedrun.py and cli.py
-# are the programs on top, and the package root (__init__, __main__) exports / runs them.
+# files.py (atomic writes) is below everything, config.py right above it; speedrun.py, api.py,
+# commands/ and cli.py are the programs on top, and the package root (__init__, __main__) exports / runs them.
 LAYERS: dict[str, int] = {
     "files": 0,
     "config": 1,
@@ -37,6 +37,8 @@ LAYERS: dict[str, int] = {
     "finetune": 6,
     "align": 6,
     "speedrun": 7,
+    "api": 7,  # zerolm.load / zerolm.fit: the stages and the engine for notebooks
+    "commands": 8,  # one module per command group, dispatched by cli.py
     "cli": 8,
     "__init__": 9,
     "__main__": 9,

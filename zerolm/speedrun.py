@@ -79,7 +79,7 @@ def speedrun_samples(cfg, result: dict) -> list[str]:
     from zerolm.train.pretrain import sample_texts
 
     prompts = sample_prompts(read_docs(Path(cfg.out_dir) / "docs" / "val.jsonl"))
-    model, tok = load_model(result["model_dir"]), Tokenizer.load(result["model_dir"])
+    model, tok = load_model(result.model_dir), Tokenizer.load(result.model_dir)
     print(f"\nsamples ({len(prompts) - 2} prompted with the opening of a held-out document):")
     for text in sample_texts(model, tok, prompts, max_new_tokens=64, seed=cfg.seed):
         print("  " + text.replace("\n", "\n  ") + "\n")
@@ -124,23 +124,23 @@ def speedrun_sft(args, cfg, base_dir: str):
 
     result = sft(sft_cfg, progress=not args.quiet)
     if "poems" in sft_cfg.sft.builtin:
-        asks = _form_adherence(args, out, base_dir, result["model_dir"])
+        asks = _form_adherence(args, out, base_dir, result.model_dir)
     else:
         train, val, _ = load_sources(sft_cfg)
         asks = [
             c[: next(i for i, m in enumerate(c) if m["role"] == "assistant")]
             for c in (val or train)[:3]
         ]
-    _transcript(result["model_dir"], asks, cfg.seed)
-    print(f"chat model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
-    return result["model_dir"]
+    _transcript(result.model_dir, asks, cfg.seed)
+    print(f"chat model saved to {result.model_dir}; try: zerolm chat {result.model_dir}")
+    return result.model_dir
 
 
 def _form_adherence(args, out: Path, base_dir: str, sft_dir: str) -> list:
     """Print base vs SFT form adherence on held-out poem requests; returns three requests to chat."""
     from zerolm.data.prepare import read_docs
-    from zerolm.eval.instruct import form_adherence
     from zerolm.model import load_model
+    from zerolm.tasks.poems.instruct import form_adherence
     from zerolm.tasks.poems.requests import eval_requests
     from zerolm.tokenizer import Tokenizer
 
@@ -191,8 +191,8 @@ def speedrun_align(args, cfg, sft_dir: str):
     SFT model aligned, then SFT vs aligned on the same held-out requests: form adherence greedy and
     sampled (temperature 1, seeded), KL to the SFT model, validation bits per byte."""
     from zerolm.data.prepare import read_docs
-    from zerolm.eval.instruct import compare_models
     from zerolm.infer.sampling import SamplingParams
+    from zerolm.tasks.poems.instruct import compare_models
     from zerolm.tasks.poems.requests import eval_requests
 
     out, stage = Path(cfg.out_dir), args.align
@@ -214,7 +214,7 @@ def speedrun_align(args, cfg, sft_dir: str):
     requests = eval_requests(
         read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests
     )
-    models = {"SFT": sft_dir, stage.upper(): result["model_dir"]}
+    models = {"SFT": sft_dir, stage.upper(): result.model_dir}
     greedy = compare_models(
         models.values(), requests, reference=sft_dir, shards=str(out / "shards")
     )
@@ -231,4 +231,4 @@ def speedrun_align(args, cfg, sft_dir: str):
             f"  {name:>4}: greedy {g['form_ok']:6.1%} | sampled (T=1) {t['form_ok']:6.1%} | KL {g['kl']:5.2f} | "
             f"{g['val_bpb']:.4f} bits/byte"
         )
-    print(f"aligned model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
+    print(f"aligned model saved to {result.model_dir}; try: zerolm chat {result.model_dir}")

@@ -13,9 +13,11 @@ from zerolm.align.dpo import (
     with_reference,
 )
 from zerolm.align.losses import sequence_logprobs
-from zerolm.align.stage import Shuffled, reference_logits, response_batch
+from zerolm.align.stage import reference_logits
 from zerolm.config import LoRAConfig, ModelConfig, TokenizerConfig, TrainConfig, load_config
+from zerolm.data.loader import Shuffled
 from zerolm.data.prefs import Preference
+from zerolm.eval.replies import response_batch
 from zerolm.model import build_model, load_model, save_model
 from zerolm.tokenizer.chat import render
 from zerolm.tokenizer.train import train_tokenizer
@@ -165,13 +167,13 @@ def test_dpo_stage_learns_the_preference_with_lora_and_keeps_the_base(setup, tmp
     )
     result = train_dpo(cfg, progress=False)
     assert (
-        result["val_pairs"] > 0
-        and result["final_val_accuracy"] == 1.0
-        and result["final_val_margin"] > 1
+        result.info["val_pairs"] > 0
+        and result.final["val_accuracy"] == 1.0
+        and result.final["val_margin"] > 1
     )
     assert (tmp_path / "dpo" / "adapters.safetensors").is_file()
     # the saved model prefers the chosen reply more than the base does
-    base, aligned = load_model(root / "sft" / "model"), load_model(result["model_dir"])
+    base, aligned = load_model(root / "sft" / "model"), load_model(result.model_dir)
     x, y, mask, _ = dpo_collate(items[:4])
     with torch.no_grad():
         gap = [

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from zerolm.align.ppo import PolicyValue, load_reward, train_ppo
-from zerolm.align.stage import reference_logits, sample_replies
+from zerolm.align.stage import reference_logits
 from zerolm.config import LoRAConfig, ModelConfig, TokenizerConfig, load_config
+from zerolm.eval.replies import sample_replies
 from zerolm.infer.sampling import SamplingParams, sample
 from zerolm.model import build_model, load_model, save_model
 from zerolm.tokenizer import END, EOS
@@ -133,9 +134,9 @@ def _cfg(root, out, steps=24, **align):
 def test_ppo_raises_a_rule_based_reward(base, tmp_path, align):
     root, _, _ = base
     result = train_ppo(_cfg(root, tmp_path / "run", steps=48, **align), progress=False)
-    assert result["skipped_rollouts"] == 0 and result["rollouts"] >= 4
-    assert result["reward_last"] > result["reward_first"] + 0.1, result
-    assert result["final_val_kl"] > 0
+    assert result.info["skipped_rollouts"] == 0 and result.info["rollouts"] >= 4
+    assert result.info["reward_last"] > result.info["reward_first"] + 0.1, result
+    assert result.final["val_kl"] > 0
 
 
 def test_ppo_with_lora_starts_at_the_base_and_keeps_it(base, tmp_path, caplog):
@@ -147,9 +148,9 @@ def test_ppo_with_lora_starts_at_the_base_and_keeps_it(base, tmp_path, caplog):
     cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=4, alpha=8, targets=("q", "v", "lm_head")))
     result = train_ppo(cfg, progress=False)
     assert re.search(r"rollout 0: reward [\d.]+ \| KL to reference 0\.000 \|", caplog.text)
-    assert result["final_val_kl"] != 0
-    assert result["lora"]["trainable"] < result["lora"]["total"] / 5
-    base_model, tuned = load_model(root / "sft" / "model"), load_model(result["model_dir"])
+    assert result.final["val_kl"] != 0
+    assert result.info["lora"]["trainable"] < result.info["lora"]["total"] / 5
+    base_model, tuned = load_model(root / "sft" / "model"), load_model(result.model_dir)
     changed = {
         k for k, v in tuned.state_dict().items() if not torch.equal(v, base_model.state_dict()[k])
     }
@@ -177,7 +178,7 @@ def test_a_raising_reward_skips_its_rollout_and_training_goes_on(base, tmp_path,
     root, _, _ = base
     cfg = _cfg(root, tmp_path / "run", reward=f"{root / 'rewards.py'}:flaky")
     result = train_ppo(cfg, progress=False)
-    assert result["skipped_rollouts"] == 2 and result["step"] == 24
+    assert result.info["skipped_rollouts"] == 2 and result.last["step"] == 24
     assert (
         "rollout 0 skipped: the reward function failed (RuntimeError: scoring service unavailable)"
         in caplog.text
@@ -311,7 +312,7 @@ def test_ppo_resumes_from_its_checkpoint(base, tmp_path, caplog):
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ckpt_every=4)), progress=False
     )
     assert (
-        first["step"] == 8 and first["rollouts"] == 2
+        first.last["step"] == 8 and first.info["rollouts"] == 2
     )  # 16 replies = 2 minibatches x 2 epochs per rollout
     cfg = _cfg(root, tmp_path / "run", steps=12, target_kl=0)
     with pytest.raises(ValueError, match="already holds checkpoints"):
@@ -322,7 +323,7 @@ def test_ppo_resumes_from_its_checkpoint(base, tmp_path, caplog):
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True)), progress=False
     )
     assert (
-        again["step"] == 12 and "(step 8)" in caplog.text and "rollout 2:" in caplog.text
+        again.last["step"] == 12 and "(step 8)" in caplog.text and "rollout 2:" in caplog.text
     )  # the next one
 
 

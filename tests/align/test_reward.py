@@ -9,8 +9,8 @@ from zerolm.align.reward import (
     reward_eval,
     reward_loss,
 )
-from zerolm.align.stage import Shuffled
 from zerolm.config import ModelConfig, TokenizerConfig, TrainConfig
+from zerolm.data.loader import Shuffled
 from zerolm.data.prefs import Preference
 from zerolm.model import build_model
 from zerolm.tokenizer.train import train_tokenizer

@@ -100,9 +100,9 @@ def test_reward_stage_end_to_end(base, tmp_path):
         },
     )
     result = train_reward(cfg, progress=False)
-    assert result["pairs"]["poems"]["train"]["reference"] >= 3
-    assert result["val_pairs"] > 0 and result["final_val_accuracy"] > 0.9, result
-    rm = RewardModel.load(result["model_dir"])
+    assert result.info["pairs"]["poems"]["train"]["reference"] >= 3
+    assert result.info["val_pairs"] > 0 and result.final["val_accuracy"] > 0.9, result
+    rm = RewardModel.load(result.model_dir)
     assert rm.head.weight.abs().sum() > 0
 
 

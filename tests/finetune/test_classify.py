@@ -100,16 +100,16 @@ def trained(bert_dir):
 
 def test_finetune_learns_a_separable_task_above_the_majority(bert_dir, trained):
     r = trained
-    assert r["labels"] == 2 and r["train_rows"] == 300 and r["val_rows"] == 100
-    assert 0.5 < r["majority_acc"] < 0.75 and r["boc_lr_acc"] == 1.0
-    assert r["final_val_acc"] >= 0.95 > r["majority_acc"] + 0.2
+    assert r.info["labels"] == 2 and r.info["train_rows"] == 300 and r.info["val_rows"] == 100
+    assert 0.5 < r.info["majority_acc"] < 0.75 and r.info["boc_lr_acc"] == 1.0
+    assert r.final["val_acc"] >= 0.95 > r.info["majority_acc"] + 0.2
     model_dir = bert_dir / "out" / "model"
     assert json.loads((model_dir / "labels.json").read_text()) == [
         "sea",
         "hill",
     ]  # most frequent first
     got = classify_file(model_dir, bert_dir / "val.jsonl")
-    assert got["rows"] == 100 and got["val_acc"] == pytest.approx(r["final_val_acc"])
+    assert got["rows"] == 100 and got["val_acc"] == pytest.approx(r.final["val_acc"])
     assert set(got["predictions"]) <= {"sea", "hill"}
     (bert_dir / "plain.txt").write_text("海浪鱼舟\n山峰松云\n", encoding="utf-8")
     assert classify_file(model_dir, bert_dir / "plain.txt")["predictions"] == ["sea", "hill"]

@@ -82,7 +82,7 @@ def test_sft_memorises_a_tiny_set_and_answers_it(base, full):
     result = full
     rows = [json.loads(x) for x in (base / "full" / "train_log.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] > 3.0 and rows[-1]["loss"] < 0.05, (rows[0]["loss"], rows[-1]["loss"])
-    model, tok = load_model(result["model_dir"]), Tokenizer.load(result["model_dir"])
+    model, tok = load_model(result.model_dir), Tokenizer.load(result.model_dir)
     got = replies(
         model,
         tok,
@@ -102,11 +102,11 @@ def test_lora_sft_trains_only_adapters_and_saves_them(base):
             "targets": ["q", "k", "v", "o", "up", "gate", "down", "lm_head"],
         },
     )
-    assert result["lora"]["trainable"] < result["lora"]["total"] / 5
+    assert result.info["lora"]["trainable"] < result.info["lora"]["total"] / 5
     assert (base / "lora" / "adapters.safetensors").is_file()
     rows = [json.loads(x) for x in (base / "lora" / "train_log.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"] / 3
-    merged = load_model(result["model_dir"])  # adapters merged: a plain model directory
+    merged = load_model(result.model_dir)  # adapters merged: a plain model directory
     assert not any("lora" in k for k in merged.state_dict())
 
 
@@ -123,7 +123,7 @@ def test_sft_input_errors(base, tmp_path):
 
 
 def test_chat_cli_one_shot_and_repl(full):
-    model = full["model_dir"]
+    model = full.model_dir
     one = subprocess.run(
         [sys.executable, "-m", "zerolm", "chat", model, "--prompt", "写诗", "--temperature", "0"],
         capture_output=True,
@@ -174,8 +174,10 @@ def test_pretraining_mix_adds_lambda_times_the_lm_loss(tiny_corpus):
         TokenBatches(tiny_corpus / "run" / "shards", batch_size=2, seq_len=32),
     )
     batch = next(mixed)
-    (ft, n), (pt, _) = lm_loss(model, batch[0]), lm_loss(model, batch[1])
-    total, n_mixed = mixed_loss(model, batch, pt_weight=0.3)
+    ft, pt = lm_loss(model, batch[0]), lm_loss(model, batch[1])
+    (ft, n), pt = (ft.loss, ft.n), pt.loss
+    mixed_out = mixed_loss(model, batch, pt_weight=0.3)
+    total, n_mixed = mixed_out.loss, mixed_out.n
     assert n_mixed == n and torch.allclose(total, ft + 0.3 * pt)
     state = mixed.state_dict()
     after = next(mixed)

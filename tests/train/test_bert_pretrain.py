@@ -67,7 +67,8 @@ class Spy(torch.nn.Module):
 def test_loss_equals_the_full_reference_and_counts_selected_tokens():
     model, batch = _model(), _batch()
     ids, seg, att, labels, nsp = batch
-    loss, n, stats = mlm_nsp_loss(model, batch)
+    out = mlm_nsp_loss(model, batch)
+    loss, n, stats = out.loss, out.n, out.stats
     mlm_logits, nsp_logits = model(ids, seg, att)  # logits at every position: the naive reference
     ref_mlm = F.cross_entropy(mlm_logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
     ref_nsp = F.cross_entropy(nsp_logits, nsp)
@@ -77,7 +78,8 @@ def test_loss_equals_the_full_reference_and_counts_selected_tokens():
     )
     assert torch.allclose(loss, ref_mlm + ref_nsp, atol=1e-5)
     assert stats["nsp_acc"] == (nsp_logits.argmax(-1) == nsp).float().mean()
-    mlm_only, n2, stats2 = mlm_nsp_loss(model, batch, nsp=False)
+    out2 = mlm_nsp_loss(model, batch, nsp=False)
+    mlm_only, n2, stats2 = out2.loss, out2.n, out2.stats
     assert (
         torch.allclose(mlm_only, ref_mlm, atol=1e-5)
         and set(stats2) == {"mlm"}
@@ -89,13 +91,13 @@ def test_unselected_positions_change_nothing_and_get_no_gradient():
     batch = _batch(seed=1)
     selected = batch[3] != IGNORE
     spy = Spy(_model())
-    loss, _, _ = mlm_nsp_loss(spy, batch, nsp=False)
+    loss = mlm_nsp_loss(spy, batch, nsp=False).loss
     loss.backward()
     g = spy.h.grad.abs().sum(-1)  # (B, T): gradient reaching each final hidden state
     assert (g[selected] > 0).all() and (g[~selected] == 0).all()
     # NSP reads the [CLS] state only: with it, position 0 gets gradient too, and nothing else new
     spy = Spy(_model())
-    mlm_nsp_loss(spy, batch)[0].backward()
+    mlm_nsp_loss(spy, batch).loss.backward()
     g = spy.h.grad.abs().sum(-1)
     rest = ~selected
     rest[:, 0] = False
@@ -104,13 +106,13 @@ def test_unselected_positions_change_nothing_and_get_no_gradient():
     torch.manual_seed(0)
     perturb = (~selected).float()
     perturb[:, 0] = 0
-    base = mlm_nsp_loss(Spy(_model()), batch)[0]
-    noisy = mlm_nsp_loss(Spy(_model(), perturb), batch)[0]
+    base = mlm_nsp_loss(Spy(_model()), batch).loss
+    noisy = mlm_nsp_loss(Spy(_model(), perturb), batch).loss
     assert torch.allclose(base, noisy, atol=1e-6)
     # and the labels of unselected positions are not read: any value there gives the same loss
     ids, seg, att, labels, nsp = batch
     other = torch.where(selected, labels, IGNORE)
-    assert torch.equal(mlm_nsp_loss(_model(), (ids, seg, att, other, nsp))[0], base)
+    assert torch.equal(mlm_nsp_loss(_model(), (ids, seg, att, other, nsp)).loss, base)
 
 
 def test_evaluate_mlm_figures():
@@ -123,7 +125,7 @@ def test_evaluate_mlm_figures():
     with torch.no_grad():
         by_hand = (
             sum(
-                float(mlm_nsp_loss(model, b, nsp=False)[0]) * int((b[3] != IGNORE).sum())
+                float(mlm_nsp_loss(model, b, nsp=False).loss) * int((b[3] != IGNORE).sum())
                 for b in batches
             )
             / n

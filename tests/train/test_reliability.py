@@ -18,8 +18,8 @@ from zerolm.config import ModelConfig, TrainConfig, load_config
 from zerolm.model import build_model
 from zerolm.train import checkpoint
 from zerolm.train.checkpoint import NonFiniteError, list_checkpoints, save_checkpoint
-from zerolm.train.losses import lm_loss
-from zerolm.train.trainer import Trainer
+from zerolm.train.losses import LossResult, lm_loss
+from zerolm.train.trainer import Stream, Trainer
 
 
 def _model():
@@ -41,8 +41,8 @@ def _poisoned(bad_calls):
 
     def loss(model, batch):
         calls[0] += 1
-        value, n = lm_loss(model, batch)
-        return (value * math.nan if calls[0] in bad_calls else value), n
+        out = lm_loss(model, batch)
+        return LossResult(out.loss * math.nan if calls[0] in bad_calls else out.loss, out.n)
 
     return loss
 
@@ -81,7 +81,7 @@ def test_nan_once_is_skipped_and_every_checkpoint_stays_finite(tmp_path):
         _model(),
         _cfg(),
         tmp_path,
-        batches=iter(_batches(30)),
+        batches=Stream(_batches(30)),
         loss_fn=_poisoned({8}),
         eval_fn=lambda m: {"val_loss": math.nan},
         progress=False,
@@ -105,7 +105,7 @@ def test_skipped_step_under_grad_accumulation_changes_nothing(tmp_path):
         model,
         _cfg(grad_accum=2),
         tmp_path,
-        batches=iter(_batches(4)),
+        batches=Stream(_batches(4)),
         loss_fn=_poisoned({2}),
         progress=False,
     )
@@ -124,7 +124,7 @@ def test_nan_that_persists_stops_within_the_limit_naming_the_last_good_checkpoin
         _model(),
         _cfg(nonfinite_limit=5),
         tmp_path,
-        batches=iter(_batches(30)),
+        batches=Stream(_batches(30)),
         loss_fn=_poisoned(set(range(8, 31))),
         progress=False,
     )
@@ -147,7 +147,7 @@ def test_nonfinite_stop_policy_stops_at_the_first_bad_step(tmp_path):
         _model(),
         _cfg(nonfinite="stop"),
         tmp_path,
-        batches=iter(_batches(30)),
+        batches=Stream(_batches(30)),
         loss_fn=_poisoned({3}),
         progress=False,
     )
@@ -160,7 +160,12 @@ def test_nonfinite_stop_policy_stops_at_the_first_bad_step(tmp_path):
 def test_rollback_reloads_the_last_checkpoint_at_a_lower_lr(tmp_path):
     cfg = _cfg(nonfinite="rollback", steps=12, schedule="constant", lr=1e-3)
     trainer = Trainer(
-        _model(), cfg, tmp_path, batches=iter(_batches(20)), loss_fn=_poisoned({8}), progress=False
+        _model(),
+        cfg,
+        tmp_path,
+        batches=Stream(_batches(20)),
+        loss_fn=_poisoned({8}),
+        progress=False,
     )
     trainer.fit()
     rows = _strict_rows(tmp_path / "train_log.jsonl")
@@ -211,7 +216,7 @@ def test_disk_full_at_a_checkpoint_is_one_clear_line_and_leaves_nothing_partial(
         _model(),
         _cfg(steps=6, ckpt_every=2),
         tmp_path,
-        batches=iter(_batches(6)),
+        batches=Stream(_batches(6)),
         loss_fn=lm_loss,
         progress=False,
     )
@@ -237,7 +242,7 @@ def test_a_partial_save_left_by_kill_9_is_removed_at_the_next_start(tmp_path):
         _model(),
         _cfg(steps=2, ckpt_every=2),
         tmp_path,
-        batches=iter(_batches(2)),
+        batches=Stream(_batches(2)),
         loss_fn=lm_loss,
         progress=False,
     )
@@ -245,15 +250,13 @@ def test_a_partial_save_left_by_kill_9_is_removed_at_the_next_start(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["notes", "step-0000002"]
 
 
-class _SignalsDuringSave:
+class _SignalsDuringSave(Stream):
     """Batches whose state_dict (read inside the checkpoint save) sends this process two SIGINTs:
     the double Ctrl-C landing mid-save, for real."""
 
     def __init__(self, batches, at_save):
-        self.it, self.saves, self.at_save = iter(batches), 0, at_save
-
-    def __next__(self):
-        return next(self.it)
+        super().__init__(batches)
+        self.saves, self.at_save = 0, at_save
 
     def state_dict(self):
         self.saves += 1

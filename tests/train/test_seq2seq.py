@@ -34,7 +34,8 @@ def test_loss_is_label_smoothed_cross_entropy_over_real_target_tokens():
         40,
     )
     batch = collate([([20, 21, 2], [30]), ([22, 2], [31, 32, 33])], **IDS)
-    loss, n = seq2seq_loss(model, batch, label_smoothing=0.1)
+    out = seq2seq_loss(model, batch, label_smoothing=0.1)
+    loss, n = out.loss, out.n
     assert int(n) == 6
     with torch.no_grad():
         logp = model(batch[0], batch[2], batch[1]).log_softmax(-1)
@@ -46,8 +47,10 @@ def test_loss_is_label_smoothed_cross_entropy_over_real_target_tokens():
     # the padded target positions do not count: changing what is fed there changes nothing
     batch2 = (batch[0], batch[1], batch[2].clone(), y)
     batch2[2][0, 2:] = 35
-    assert torch.allclose(seq2seq_loss(model, batch2, 0.1)[0], loss, atol=1e-6)
-    assert math.isclose(seq2seq_loss(model, batch, 0.0)[0].item(), nll.mean().item(), rel_tol=1e-5)
+    assert torch.allclose(seq2seq_loss(model, batch2, 0.1).loss, loss, atol=1e-6)
+    assert math.isclose(
+        seq2seq_loss(model, batch, 0.0).loss.item(), nll.mean().item(), rel_tol=1e-5
+    )
 
 
 def test_too_long_pairs_are_an_error_or_dropped(tok):

@@ -13,7 +13,7 @@ from zerolm.config import ModelConfig, TrainConfig
 from zerolm.model import build_model
 from zerolm.train.losses import lm_loss
 from zerolm.train.optim import lr_at, param_groups
-from zerolm.train.trainer import Trainer
+from zerolm.train.trainer import Stream, Trainer
 
 
 def test_schedules_by_hand():
@@ -62,7 +62,7 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
             model,
             cfg,
             tmp_path / str(accum),
-            batches=iter(batches),
+            batches=Stream(batches),
             loss_fn=lm_loss,
             progress=False,
         ).train_step()
@@ -85,7 +85,7 @@ def test_compiled_training_matches_eager(tmp_path, precision):
             model,
             cfg,
             tmp_path / str(compiled),
-            batches=iter(batches),
+            batches=Stream(batches),
             loss_fn=lm_loss,
             progress=False,
         )
@@ -106,7 +106,7 @@ def test_failed_compile_falls_back_to_eager(tmp_path, caplog):
         _model(),
         cfg,
         tmp_path,
-        batches=iter([(data[:, :-1], data[:, 1:])] * 2),
+        batches=Stream([(data[:, :-1], data[:, 1:])] * 2),
         loss_fn=lm_loss,
         progress=False,
     )
@@ -256,7 +256,7 @@ def test_every_zero_means_only_at_the_last_step(tmp_path):
         _model(),
         cfg,
         tmp_path,
-        batches=iter([(d[:, :-1], d[:, 1:]) for d in data]),
+        batches=Stream([(d[:, :-1], d[:, 1:]) for d in data]),
         loss_fn=lm_loss,
         eval_fn=lambda m: evals.append(1) or {"val_loss": 1.0},
         progress=False,

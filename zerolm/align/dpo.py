@@ -21,10 +21,18 @@ import torch
 
 from zerolm.align.losses import dpo_loss, sequence_logprobs
 from zerolm.align.reward import encode_pair
-from zerolm.align.stage import reference_logits, response_batch
+from zerolm.align.stage import encoded_pairs, reference_dir, reference_logits, start_stage
+from zerolm.data.loader import Shuffled
 from zerolm.data.prefs import Preference
+from zerolm.eval.mode import eval_mode
+from zerolm.eval.replies import response_batch
+from zerolm.inspect.accounting import account
+from zerolm.model import load_model
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import prompt_ids
+from zerolm.train.fingerprint import stage_fingerprint
+from zerolm.train.losses import LossResult
+from zerolm.train.run import Stage, StageResult, load_trainable, open_out, run, save_trainable
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +77,9 @@ def with_reference(items: list[tuple], ref, batch_size: int = 32) -> list[tuple]
 
 
 class DPOLoss:
-    """The Trainer's loss: (model, batch) -> (DPO loss, reply tokens, {margin, accuracy, rewards}); the
-    reference log-probs come with the batch (cached) or from the `reference` logits (live)."""
+    """The Trainer's loss: (model, batch) -> the DPO loss over the reply tokens, with margin,
+    accuracy and rewards; the reference log-probs come with the batch (cached) or from the
+    `reference` logits (live)."""
 
     def __init__(self, beta: float, reference=None):
         self.beta, self.reference = beta, reference
@@ -83,47 +92,31 @@ class DPOLoss:
         ref = ref.to(lp.device, lp.dtype)
         B = len(lp) // 2
         loss, stats = dpo_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.beta)
-        return loss, mask.sum(), stats  # counted: the reply tokens (the Trainer's tokens/s)
+        return LossResult(loss, mask.sum(), stats)  # counted: the reply tokens (tokens/s)
 
 
 @torch.no_grad()
 def dpo_eval(model, items: list[tuple], loss: DPOLoss, batch_size: int = 16) -> dict:
     """Held-out DPO loss, accuracy (chosen's implicit reward above rejected's), margin and rewards."""
-    was = model.training
-    model.eval()
     sums = defaultdict(float)
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        value, _, stats = loss(model, dpo_collate(chunk))
-        sums["loss"] += value.item() * len(chunk)
-        for k, v in stats.items():
-            sums[k] += v.item() * len(chunk)
-    model.train(was)
+    with eval_mode(model):
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            out = loss(model, dpo_collate(chunk))
+            sums["loss"] += out.loss.item() * len(chunk)
+            for k, v in out.stats.items():
+                sums[k] += v.item() * len(chunk)
     return {f"val_{k}": v / len(items) for k, v in sums.items()}
 
 
-def train_dpo(cfg, progress: bool = True) -> dict:
+def train_dpo(cfg, progress: bool = True) -> StageResult:
     """`zerolm dpo`: the base (SFT) model aligned on preference pairs; OUT/model (+ adapters)."""
-    from zerolm.align.stage import (
-        Shuffled,
-        encoded_pairs,
-        load_policy,
-        reference_dir,
-        save_policy,
-        start_stage,
-    )
-    from zerolm.config import save_config
-    from zerolm.inspect.accounting import account
-    from zerolm.model import load_model
-    from zerolm.train.fingerprint import stage_fingerprint
-    from zerolm.train.trainer import Trainer
-
-    out, base, tok = start_stage(
+    _, base, tok = start_stage(
         cfg, "the SFT model: the policy's start and, by default, the reference"
     )
     ref_dir = reference_dir(cfg)
     enc, summary = encoded_pairs(cfg, base, tok, encode_dpo_pair)
-    policy, lora = load_policy(cfg, base)
+    policy, lora = load_trainable(cfg, base)
     live = cfg.align.reference_logprobs == "live"
     # a second copy only where the policy cannot stand in: another reference, or live with all weights training
     ref_model = (
@@ -137,34 +130,19 @@ def train_dpo(cfg, progress: bool = True) -> dict:
             split: with_reference(items, ref, cfg.train.batch_size) for split, items in enc.items()
         }
         ref = ref_model = None
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    loss = DPOLoss(cfg.align.beta, ref)
-    eval_fn = (
-        partial(dpo_eval, items=enc["val"], loss=loss, batch_size=cfg.train.batch_size)
-        if enc["val"]
-        else None
-    )
-    trainer = Trainer(
+    open_out(cfg)
+    loss, val, bs = DPOLoss(cfg.align.beta, ref), enc["val"], cfg.train.batch_size
+    stage = Stage(
         policy,
-        cfg.train,
-        out,
-        batches=Shuffled(enc["train"], cfg.train.batch_size, cfg.seed, collate=dpo_collate),
-        loss_fn=loss,
-        eval_fn=eval_fn,
+        Shuffled(enc["train"], bs, cfg.seed, collate=dpo_collate),
+        loss,
+        save=partial(save_trainable, policy, tok=tok),
+        evaluate=partial(dpo_eval, items=val, loss=loss, batch_size=bs) if val else None,
+        final=partial(dpo_eval, items=val, loss=loss, batch_size=bs) if val else None,
         flops_per_token=account(policy)["train_flops_per_token"],
-        progress=progress,
         fingerprint=stage_fingerprint(cfg, tok, ("align", "lora", "poems")),
+        info={"lora": lora, "reference": str(ref_dir), **summary},
     )
-    row = trainer.fit()
-    final = dpo_eval(policy, enc["val"], loss, cfg.train.batch_size) if enc["val"] else {}
-    save_policy(policy, out, tok)
-    log.info("held-out pairs: %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
-    return {
-        **row,
-        **{f"final_{k}": v for k, v in final.items()},
-        "model_dir": str(out / "model"),
-        "lora": lora,
-        "reference": str(ref_dir),
-        **summary,
-    }
+    result = run(cfg, stage, progress)
+    log.info("held-out pairs: %s", " | ".join(f"{k} {v:.4f}" for k, v in result.final.items()))
+    return result

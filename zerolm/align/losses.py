@@ -3,8 +3,8 @@
 Legend: B batch of pairs or sequences, T response tokens, G group size (GRPO).
 
 - pairwise_loss: reward model, Bradley-Terry: -log sigmoid(r_chosen - r_rejected).
-- token_logprobs / sequence_logprobs: log-probabilities of the given tokens, and their sums over
-  each sequence's response tokens.
+- sequence_logprobs: the sums of token_logprobs (zerolm/eval/replies.py) over each sequence's
+  response tokens.
 - dpo_loss: Rafailov et al. 2023, -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).
 - kl_penalty / kl_rewards: per-token KL estimate to the reference, folded into PPO's rewards.
 - gae: generalised advantage estimation (Schulman et al. 2016) over response tokens.
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from zerolm.eval.replies import token_logprobs
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -33,11 +35,6 @@ def pairwise_loss(
     """(mean -log sigmoid(r_c - r_r), accuracy: share of pairs with r_c > r_r); inputs (B,)."""
     margin = r_chosen - r_rejected
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, T) log p(targets[t] | logits[t]) in float32; logits (B, T, V) aligned with targets (B, T)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 def sequence_logprobs(

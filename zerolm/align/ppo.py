@@ -22,12 +22,14 @@ non-finite number, is reported and skipped; ten in a row stop the run.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import logging
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +37,21 @@ import torch
 from torch import nn
 
 from zerolm.align import losses as L
-from zerolm.align.stage import response_batch, sample_replies
+from zerolm.align.reward import RewardModel, pad_batch
+from zerolm.align.stage import reference_dir, reference_logits, start_stage
+from zerolm.data.prefs import BUILTIN_PAIRS, read_builtin_pairs, read_prompts
+from zerolm.data.split import split_key
+from zerolm.eval.mode import eval_mode
+from zerolm.eval.replies import reply_kl, response_batch, sample_replies, token_logprobs
+from zerolm.inspect.accounting import account
+from zerolm.model import load_model, read_model_config
 from zerolm.tasks import REWARDS, TASKS
-from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer import Tokenizer, check_tokenizers
+from zerolm.tokenizer.chat import prompt_ids, render
+from zerolm.train.fingerprint import stage_fingerprint
+from zerolm.train.losses import LossResult
+from zerolm.train.run import Stage, StageResult, load_trainable, open_out, run, save_trainable
+from zerolm.train.trainer import autocast
 
 log = logging.getLogger(__name__)
 MAX_FAILED_ROLLOUTS = 10
@@ -67,15 +81,10 @@ class ModelReward:
     """A trained reward model (zerolm/align/reward.py) scoring each conversation + reply."""
 
     def __init__(self, model_dir: str | Path):
-        from zerolm.align.reward import RewardModel
-
         self.rm, self.tok = RewardModel.load(model_dir), Tokenizer.load(model_dir)
 
     @torch.no_grad()
     def __call__(self, prompts: list[dict], replies: list[str]) -> list[float]:
-        from zerolm.align.reward import pad_batch
-        from zerolm.tokenizer.chat import render
-
         window = self.rm.cfg.max_seq_len
         seqs = [
             render(self.tok, [*p["messages"], {"role": "assistant", "content": r}])[0][-window:]
@@ -93,8 +102,6 @@ def per_reply(fn: Callable) -> Callable:
 
 def load_reward(spec: str, policy_dir: Path) -> Callable[[list[dict], list[str]], list[float]]:
     """`align.reward` -> scores(prompts, replies) (see the module docstring)."""
-    from zerolm.tokenizer import check_tokenizers
-
     if spec in REWARDS:
         return per_reply(REWARDS[spec])
     path = Path(spec)
@@ -129,9 +136,6 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
     """(train, val) prompts: poem requests (align.builtin=poems: the run's training / held-out
     documents), the conversations of the other bundled pair sets, and align.data rows (split by
     a hash, as the pairs are). Prompts leaving under 8 tokens of room to reply are dropped."""
-    from zerolm.data.prefs import BUILTIN_PAIRS, read_builtin_pairs, read_prompts
-    from zerolm.data.split import split_key
-    from zerolm.tokenizer.chat import prompt_ids
 
     a = cfg.align
     if not a.data and not a.builtin:
@@ -279,10 +283,23 @@ class Rollouts:
     def rollout(self, k: int) -> list[tuple]:
         """Rollout k (its prompts and samples depend only on the seed and k): its minibatches,
         `ppo_epochs` shuffled passes; [] when the reward failed."""
-        from zerolm.train.trainer import autocast
-
-        a, t0, was = self.a, time.perf_counter(), self.policy.training
         rng = np.random.default_rng([self.seed, k])
+        with eval_mode(self.policy):  # the engine and the scoring pass run in eval mode
+            tensors = self._scored(k, rng)
+        if tensors is None:
+            return []
+        out, device = [], tensors[0].device
+        for _ in range(self.a.ppo_epochs):
+            order = torch.from_numpy(rng.permutation(len(tensors[0]))).to(device)
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i : i + self.batch_size]
+                out.append(tuple(t[idx] for t in tensors))
+        return out
+
+    def _scored(self, k: int, rng: np.random.Generator) -> tuple | None:
+        """Rollout k's replies, scored, with the policy's log-probs and values, the reference's
+        log-probs and the advantages; None when the reward failed."""
+        a, t0 = self.a, time.perf_counter()
         pick = rng.choice(
             len(self.prompts), size=min(a.rollout_prompts, len(self.prompts)), replace=False
         )
@@ -298,36 +315,41 @@ class Rollouts:
         )
         scores = self._scores(k, prompts, replies)
         if scores is None:
-            return []
-        x, y, mask = response_batch(seqs, lens)
+            return None
         device = next(self.policy.parameters()).device
-        x, y, mask, scores = x.to(device), y.to(device), mask.to(device), scores.to(device)
-        self.policy.eval()
+        x, y, mask = (t.to(device) for t in response_batch(seqs, lens))
+        scores = scores.to(device)
         with autocast(self.precision, device):
             logits, values = self.policy(x)
-            logp = L.token_logprobs(logits / a.temperature, y)
-            ref_logp = L.token_logprobs(self.ref(x) / a.temperature, y)
+            logp = token_logprobs(logits / a.temperature, y)
+            ref_logp = token_logprobs(self.ref(x) / a.temperature, y)
         values = values * mask
         kl = ((logp - ref_logp) * mask).sum(-1)  # (B,) per reply
+        adv, returns = self._advantages(scores, logp, ref_logp, values, mask, kl)
+        self._record(k, scores, kl, mask, time.perf_counter() - t0)
+        return x, y, mask, logp, values, adv, returns, scores, kl
+
+    def _advantages(self, scores, logp, ref_logp, values, mask, kl):
+        a = self.a
         if a.advantage == "gae":
             adv, returns = L.gae(
                 L.kl_rewards(scores, logp, ref_logp, mask, a.kl_coef), values, mask, a.gamma, a.lam
             )
             mean = L.masked_mean(adv, mask)
             std = L.masked_mean((adv - mean) ** 2, mask).sqrt()
-            adv = (adv - mean) / (std + 1e-8) * mask
-        else:
-            adv = L.group_advantages(scores - a.kl_coef * kl, a.group)[:, None] * mask
-            returns = torch.zeros_like(values)
+            return (adv - mean) / (std + 1e-8) * mask, returns
+        adv = L.group_advantages(scores - a.kl_coef * kl, a.group)[:, None] * mask
+        return adv, torch.zeros_like(values)
+
+    def _record(self, k: int, scores, kl, mask, seconds: float) -> None:
         row = {
             "rollout": k,
             "reward": scores.mean().item(),
             "kl": kl.mean().item(),
             "reply_tokens": mask.sum(-1).mean().item(),
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds,
         }
         self.history.append(row)
-        self.policy.train(was)  # the engine and the scoring pass ran in eval mode
         log.info(
             "rollout %d: reward %.3f | KL to reference %.3f | reply %.1f tokens | %.1fs",
             k,
@@ -336,27 +358,19 @@ class Rollouts:
             row["reply_tokens"],
             row["seconds"],
         )
-        tensors = (x, y, mask, logp, values, adv, returns, scores, kl)
-        out = []
-        for _ in range(a.ppo_epochs):
-            order = torch.from_numpy(rng.permutation(len(x))).to(device)
-            for i in range(0, len(x), self.batch_size):
-                idx = order[i : i + self.batch_size]
-                out.append(tuple(t[idx] for t in tensors))
-        return out
 
     def loss(self, model: PolicyValue, batch):
         """The Trainer's loss on one minibatch: clipped surrogate (+ value loss); n = reply tokens."""
         x, y, mask, old_logp, old_values, adv, returns, scores, kl = batch
         logits, values = model(x)
-        logp = L.token_logprobs(logits / self.a.temperature, y)
+        logp = token_logprobs(logits / self.a.temperature, y)
         loss, stats = L.ppo_policy_loss(logp, old_logp, adv, mask, self.a.clip)
         if self.a.advantage == "gae":
             value_loss = L.ppo_value_loss(values, old_values, returns, mask, self.a.value_clip)
             loss = loss + self.a.value_coef * value_loss
             stats["value_loss"] = value_loss.detach()
         self.last_approx_kl = stats["approx_kl"]
-        return loss, mask.sum(), {"reward": scores.mean(), "kl_ref": kl.mean(), **stats}
+        return LossResult(loss, mask.sum(), {"reward": scores.mean(), "kl_ref": kl.mean(), **stats})
 
 
 def ppo_eval(
@@ -370,8 +384,6 @@ def ppo_eval(
 ) -> dict:
     """Held-out prompts: the mean reward of replies sampled at temperature 1 and, on those same
     replies, the KL to the reference."""
-    from zerolm.align.stage import reply_kl
-
     seqs, lens, replies = sample_replies(
         model.body, tok, [p["messages"] for p in prompts], max_new_tokens=max_new_tokens, seed=seed
     )
@@ -386,32 +398,16 @@ def ppo_eval(
     }  # the same replies
 
 
-def train_ppo(cfg, progress: bool = True) -> dict:
+def train_ppo(cfg, progress: bool = True) -> StageResult:
     """`zerolm ppo`: the base (SFT) model trained against a reward with PPO or GRPO; OUT/model."""
-    import dataclasses
-    from functools import partial
-
-    from zerolm.align.stage import (
-        load_policy,
-        reference_dir,
-        reference_logits,
-        save_policy,
-        start_stage,
-    )
-    from zerolm.config import save_config
-    from zerolm.inspect.accounting import account
-    from zerolm.model import load_model, read_model_config
-    from zerolm.train.fingerprint import stage_fingerprint
-    from zerolm.train.trainer import Trainer
-
-    out, base, tok = start_stage(
+    _, base, tok = start_stage(
         cfg, "the SFT model: the policy's start and, by default, the reference"
     )
     ref_dir = reference_dir(cfg)
     reward = load_reward(cfg.align.reward, base)
     train_p, val_p, counts = load_prompts(cfg, tok, read_model_config(base).max_seq_len)
     log.info("prompts: %s; train %d, val %d", counts, len(train_p), len(val_p))
-    body, lora = load_policy(cfg, base)
+    body, lora = load_trainable(cfg, base)
     policy = PolicyValue(body)
     ref_model = (
         load_model(ref_dir).requires_grad_(False) if ref_dir != base or lora is None else None
@@ -419,44 +415,39 @@ def train_ppo(cfg, progress: bool = True) -> dict:
     ref = reference_logits(body, ref_model)
     if cfg.train.precision == "auto":  # rollout and training log-probs must share one precision
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    open_out(cfg)
     rollouts = Rollouts(policy, ref, tok, train_p, reward, cfg, cfg.train.precision)
-    eval_fn = None
-    if val_p:
-        eval_fn = partial(
+    a = cfg.align
+    evaluate = (
+        partial(
             ppo_eval,
             prompts=val_p,
             reward=reward,
             ref=ref,
             tok=tok,
-            max_new_tokens=cfg.align.max_new_tokens,
+            max_new_tokens=a.max_new_tokens,
             seed=cfg.seed,
         )
-    trainer = Trainer(
-        policy,
-        cfg.train,
-        out,
-        batches=rollouts,
-        loss_fn=rollouts.loss,
-        eval_fn=eval_fn,
-        flops_per_token=account(body)["train_flops_per_token"],
-        progress=progress,
-        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora", "poems")),
+        if val_p
+        else None
     )
-    row = trainer.fit()
-    final = eval_fn(policy) if eval_fn else {}
-    save_policy(body, out, tok)
+    stage = Stage(
+        policy,
+        rollouts,
+        rollouts.loss,
+        save=partial(save_trainable, body, tok=tok),
+        evaluate=evaluate,
+        final=evaluate,
+        flops_per_token=account(body)["train_flops_per_token"],
+        fingerprint=stage_fingerprint(cfg, tok, ("align", "lora", "poems")),
+        info={"lora": lora, "reference": str(ref_dir), "prompts": counts},
+    )
+    result = run(cfg, stage, progress)
     first, last = rollouts.history[:3], rollouts.history[-3:]
-    return {
-        **row,
-        **{f"final_{k}": v for k, v in final.items()},
-        "model_dir": str(out / "model"),
-        "lora": lora,
-        "reference": str(ref_dir),
-        "prompts": counts,
+    result.info |= {
         "rollouts": len(rollouts.history),
         "skipped_rollouts": rollouts.skipped,
         "reward_first": sum(r["reward"] for r in first) / max(len(first), 1),
         "reward_last": sum(r["reward"] for r in last) / max(len(last), 1),
     }
+    return result

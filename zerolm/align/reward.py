@@ -18,11 +18,18 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from zerolm.align.losses import pairwise_loss
+from zerolm.align.stage import encoded_pairs, start_stage
+from zerolm.data.loader import Shuffled
 from zerolm.data.prefs import Preference
+from zerolm.eval.mode import eval_mode
 from zerolm.files import atomic_write_bytes
+from zerolm.inspect.accounting import account
 from zerolm.model import load_model, save_model
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import render
+from zerolm.train.fingerprint import stage_fingerprint
+from zerolm.train.losses import LossResult
+from zerolm.train.run import Stage, StageResult, open_out, run
 
 HEAD_FILE = "reward_head.safetensors"
 log = logging.getLogger(__name__)
@@ -104,10 +111,10 @@ def _pair_rewards(model: RewardModel, batch) -> tuple[torch.Tensor, torch.Tensor
     return r[: len(r) // 2], r[len(r) // 2 :]
 
 
-def reward_loss(model: RewardModel, batch) -> tuple[torch.Tensor, int]:
-    """The Trainer's loss: pairwise loss over the batch's pairs; n = number of pairs."""
+def reward_loss(model: RewardModel, batch) -> LossResult:
+    """The Trainer's loss: pairwise loss over the batch's pairs; counted: the pairs."""
     r_c, r_r = _pair_rewards(model, batch)
-    return pairwise_loss(r_c, r_r)[0], len(r_c)
+    return LossResult(pairwise_loss(r_c, r_r)[0], len(r_c))
 
 
 @torch.no_grad()
@@ -115,56 +122,35 @@ def reward_eval(
     model: RewardModel, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16
 ) -> dict:
     """Held-out pairwise loss and accuracy (share of pairs where the chosen reply scores higher)."""
-    was = model.training
-    model.eval()
     loss_sum, acc_sum = 0.0, 0.0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        loss, acc = pairwise_loss(*_pair_rewards(model, pair_collate(chunk)))
-        loss_sum += loss.item() * len(chunk)
-        acc_sum += acc.item() * len(chunk)
-    model.train(was)
+    with eval_mode(model):
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            loss, acc = pairwise_loss(*_pair_rewards(model, pair_collate(chunk)))
+            loss_sum += loss.item() * len(chunk)
+            acc_sum += acc.item() * len(chunk)
     return {"val_loss": loss_sum / len(pairs), "val_accuracy": acc_sum / len(pairs)}
 
 
 # ---------------------------------------------------------------- the `zerolm reward` stage
-def train_reward(cfg, progress: bool = True) -> dict:
+def train_reward(cfg, progress: bool = True) -> StageResult:
     """`zerolm reward`: the SFT model + a scalar head, trained on preference pairs; OUT/model."""
-    from zerolm.align.stage import Shuffled, encoded_pairs, start_stage
-    from zerolm.config import save_config
-    from zerolm.inspect.accounting import account
-    from zerolm.train.fingerprint import stage_fingerprint
-    from zerolm.train.trainer import Trainer
-
-    out, base, tok = start_stage(cfg, "the SFT model to start from")
+    _, base, tok = start_stage(cfg, "the SFT model to start from")
     enc, summary = encoded_pairs(cfg, base, tok, encode_pair)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    open_out(cfg)
     rm = RewardModel(load_model(base))
-    eval_fn = (
-        partial(reward_eval, pairs=enc["val"], batch_size=cfg.train.batch_size)
-        if enc["val"]
-        else None
-    )
-    batches = Shuffled(enc["train"], cfg.train.batch_size, cfg.seed, collate=pair_collate)
-    trainer = Trainer(
+    val, bs = enc["val"], cfg.train.batch_size
+    stage = Stage(
         rm,
-        cfg.train,
-        out,
-        batches=batches,
-        loss_fn=reward_loss,
-        eval_fn=eval_fn,
+        Shuffled(enc["train"], bs, cfg.seed, collate=pair_collate),
+        reward_loss,
+        save=partial(rm.save, tok=tok),
+        evaluate=partial(reward_eval, pairs=val, batch_size=bs) if val else None,
+        final=partial(reward_eval, pairs=val) if val else None,
         flops_per_token=account(rm.body)["train_flops_per_token"],
-        progress=progress,
         fingerprint=stage_fingerprint(cfg, tok, ("align", "poems")),
+        info=summary,
     )
-    row = trainer.fit()
-    final = reward_eval(rm, enc["val"]) if enc["val"] else {}
-    rm.save(out / "model", tok)
-    log.info("held-out pairwise accuracy: %s", final.get("val_accuracy"))
-    return {
-        **row,
-        **{f"final_{k}": v for k, v in final.items()},
-        "model_dir": str(out / "model"),
-        **summary,
-    }
+    result = run(cfg, stage, progress)
+    log.info("held-out pairwise accuracy: %s", result.final.get("val_accuracy"))
+    return result

@@ -11,8 +11,8 @@ from zerolm.commands.common import add_recipe_args, resolve_config, sampling_arg
 
 def cmd_eval_poems(args, extra):
     from zerolm.data.prepare import read_docs
-    from zerolm.eval.instruct import compare_models
     from zerolm.infer.text import sampling_params
+    from zerolm.tasks.poems.instruct import compare_models
     from zerolm.tasks.poems.requests import eval_requests
 
     sample = resolve_config(args, extra, sample={"temperature": 0.0, "max_new_tokens": 96}).sample

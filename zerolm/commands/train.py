@@ -41,17 +41,17 @@ def cmd_speedrun(args, extra):
     cfg, result = cmd_pretrain(args, extra, **defaults)
     prompts = speedrun_samples(cfg, result)
     print(
-        f"final validation bits per byte: {result['final_val_bpb']:.4f} (loss {result['final_val_loss']:.4f})"
+        f"final validation bits per byte: {result.final['val_bpb']:.4f} (loss {result.final['val_loss']:.4f})"
     )
     if args.no_sft:
         import shlex
 
         print(
-            f"model saved to {result['model_dir']}; try: zerolm generate --model {result['model_dir']} "
+            f"model saved to {result.model_dir}; try: zerolm generate --model {result.model_dir} "
             f"{shlex.quote(prompts[-1] or 'Once')}"
         )
         return
-    sft_dir = speedrun_sft(args, cfg, result["model_dir"])
+    sft_dir = speedrun_sft(args, cfg, result.model_dir)
     if args.align and sft_dir:
         speedrun_align(args, cfg, sft_dir)
 
@@ -62,7 +62,7 @@ def cmd_sft(args, extra, **defaults):
     short = {"sft": {"base_model": args.model}} if args.model else {}
     cfg = resolve_config(args, extra, **merge_dicts(defaults, short))
     result = sft(cfg, progress=not args.quiet)
-    print(f"model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
+    print(f"model saved to {result.model_dir}; try: zerolm chat {result.model_dir}")
     return cfg, result
 
 
@@ -76,10 +76,10 @@ def cmd_reward(args, extra, **defaults):
 
     cfg = _align_config(args, extra, defaults)
     result = train_reward(cfg, progress=not args.quiet)
-    acc = result.get("final_val_accuracy")
+    acc = result.final.get("val_accuracy")
     print(
-        f"reward model saved to {result['model_dir']}; held-out pairwise accuracy "
-        f"{'n/a (no held-out pairs)' if acc is None else f'{acc:.1%}'} on {result['val_pairs']} pairs"
+        f"reward model saved to {result.model_dir}; held-out pairwise accuracy "
+        f"{'n/a (no held-out pairs)' if acc is None else f'{acc:.1%}'} on {result.info['val_pairs']} pairs"
     )
     return cfg, result
 
@@ -89,12 +89,12 @@ def cmd_dpo(args, extra, **defaults):
 
     cfg = _align_config(args, extra, defaults)
     result = train_dpo(cfg, progress=not args.quiet)
-    if "final_val_accuracy" in result:
+    if "val_accuracy" in (final := result.final):
         print(
-            f"held-out pairs ({result['val_pairs']}): accuracy {result['final_val_accuracy']:.1%}, "
-            f"margin {result['final_val_margin']:.3f}, loss {result['final_val_loss']:.4f}"
+            f"held-out pairs ({result.info['val_pairs']}): accuracy {final['val_accuracy']:.1%}, "
+            f"margin {final['val_margin']:.3f}, loss {final['val_loss']:.4f}"
         )
-    print(f"model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
+    print(f"model saved to {result.model_dir}; try: zerolm chat {result.model_dir}")
     return cfg, result
 
 
@@ -103,16 +103,17 @@ def cmd_ppo(args, extra, **defaults):
 
     cfg = _align_config(args, extra, defaults)
     result = train_ppo(cfg, progress=not args.quiet)
+    info, final = result.info, result.final
     print(
-        f"{result['rollouts']} rollouts ({result['skipped_rollouts']} skipped): mean reward "
-        f"{result['reward_first']:.3f} (first 3) -> {result['reward_last']:.3f} (last 3)"
+        f"{info['rollouts']} rollouts ({info['skipped_rollouts']} skipped): mean reward "
+        f"{info['reward_first']:.3f} (first 3) -> {info['reward_last']:.3f} (last 3)"
     )
-    if "final_val_reward" in result:
+    if "val_reward" in final:
         print(
-            f"held-out prompts: reward {result['final_val_reward']:.3f}, KL to the reference "
-            f"{result['final_val_kl']:.3f} nats per reply"
+            f"held-out prompts: reward {final['val_reward']:.3f}, KL to the reference "
+            f"{final['val_kl']:.3f} nats per reply"
         )
-    print(f"model saved to {result['model_dir']}; try: zerolm chat {result['model_dir']}")
+    print(f"model saved to {result.model_dir}; try: zerolm chat {result.model_dir}")
     return cfg, result
 
 
@@ -121,19 +122,20 @@ def cmd_finetune_classify(args, extra, **defaults):
 
     short = {"classify": {"base_model": args.model}} if args.model else {}
     cfg = resolve_config(args, extra, **merge_dicts(defaults, short))
-    r = finetune_classify(cfg, progress=not args.quiet)
-    if r.get("final_val_acc") is not None:
+    result = finetune_classify(cfg, progress=not args.quiet)
+    r, final = result.info, result.final
+    if final.get("val_acc") is not None:
         boc = "" if r["boc_lr_acc"] is None else f" | bag-of-characters LR {r['boc_lr_acc']:.1%}"
         boc += f" ({r['boc_lr_seconds']:.0f} s)" if boc else ""
         print(
-            f"held-out accuracy on {r['val_rows']} rows: fine-tuned bert {r['final_val_acc']:.1%} "
-            f"(macro-F1 {r['final_val_macro_f1']:.3f}; {r['steps']} steps, {r['finetune_seconds']:.0f} s) | "
+            f"held-out accuracy on {r['val_rows']} rows: fine-tuned bert {final['val_acc']:.1%} "
+            f"(macro-F1 {final['val_macro_f1']:.3f}; {r['steps']} steps, {r['finetune_seconds']:.0f} s) | "
             f"majority class {r['majority_acc']:.1%}{boc}"
         )
     print(
-        f"classifier saved to {r['model_dir']}; try: zerolm classify {r['model_dir']} --input FILE.jsonl"
+        f"classifier saved to {result.model_dir}; try: zerolm classify {result.model_dir} --input FILE.jsonl"
     )
-    return cfg, r
+    return cfg, result
 
 
 def _setup_pretrain(sub) -> None:

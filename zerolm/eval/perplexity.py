@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from zerolm.data.loader import eval_batches
+from zerolm.eval.mode import eval_mode
 
 
 @torch.no_grad()
@@ -27,23 +28,22 @@ def evaluate_lm(
 
     Bits per byte = sum of per-token losses / ln 2 / UTF-8 bytes of the predicted tokens: it
     compares models with different tokenizers on equal terms."""
-    was_training = model.training
-    model.eval()
     seq_len = seq_len or model.cfg.max_seq_len
     device = next(model.parameters()).device
     tb = torch.from_numpy(token_bytes)
     nats, tokens, nbytes = 0.0, 0, 0
-    for x, y in eval_batches(
+    batches = eval_batches(
         shard_dir, split, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches
-    ):
-        logits = model(x.to(device))  # (B, T, V)
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"
-        )
-        nats += loss.item()
-        tokens += y.numel()
-        nbytes += int(tb[y].sum())
-    model.train(was_training)
+    )
+    with eval_mode(model):
+        for x, y in batches:
+            logits = model(x.to(device))  # (B, T, V)
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"
+            )
+            nats += loss.item()
+            tokens += y.numel()
+            nbytes += int(tb[y].sum())
     if tokens == 0:
         raise ValueError(f"split {split!r} of {shard_dir} has no tokens to evaluate")
     mean = nats / tokens

@@ -13,6 +13,7 @@ import sacrebleu
 import torch
 from tqdm import tqdm
 
+from zerolm.eval.mode import eval_mode
 from zerolm.infer.seq2seq import generate
 from zerolm.tokenizer import BOS, EOS, Tokenizer
 
@@ -64,10 +65,9 @@ def translate_texts(
     max_new = min(max_new_tokens or room, room)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     out: list[str] = [""] * len(sources)
-    was_training = model.training
-    model.eval()
     bos, eos = tok.token_id(BOS), tok.token_id(EOS)
-    with tqdm(total=len(order), desc="translate", unit="text", disable=not progress) as bar:
+    bar = tqdm(total=len(order), desc="translate", unit="text", disable=not progress)
+    with eval_mode(model), bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             outs = generate(
@@ -84,7 +84,6 @@ def translate_texts(
             for i, ids in zip(idx, outs):
                 out[i] = tok.decode([t for t in ids if t != eos], skip_special=True).strip()
             bar.update(len(idx))
-    model.train(was_training)
     return out
 
 

@@ -26,15 +26,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from zerolm.config import Config, save_config
+from zerolm.config import Config
 from zerolm.data.mlm import LengthBatches, pad_rows, pair_ids
 from zerolm.data.prepare import read_docs
 from zerolm.data.sources import decode_lines
 from zerolm.data.split import split_key
+from zerolm.eval.baselines import bag_of_chars_baseline, majority_baseline
+from zerolm.eval.mode import eval_mode
 from zerolm.files import atomic_write_text
 from zerolm.model import build_model, load_model, model_class, read_model_config, save_model
 from zerolm.model.presets import resolve
 from zerolm.tokenizer import Tokenizer
+from zerolm.train.fingerprint import stage_fingerprint
+from zerolm.train.losses import LossResult
+from zerolm.train.run import Stage, StageResult, begin, open_out, run
 
 log = logging.getLogger(__name__)
 LABELS_FILE = "labels.json"
@@ -234,27 +239,27 @@ def classifier_from(base: Path, n_labels: int, seed: int = 0):
     return model
 
 
-def classify_loss(model, batch) -> tuple:
-    """Cross entropy of the pooled-[CLS] head; (loss, rows, {acc})."""
+def classify_loss(model, batch) -> LossResult:
+    """Cross entropy of the pooled-[CLS] head; counted: the rows; stats: acc."""
     device = next(model.parameters()).device
     ids, seg, att, y = (t.to(device) for t in batch)
     logits = model.classify_logits(model.hidden(ids, seg, att)).float()  # (B, C)
-    return F.cross_entropy(logits, y), len(y), {"acc": (logits.argmax(-1) == y).float().mean()}
+    acc = (logits.argmax(-1) == y).float().mean()
+    return LossResult(F.cross_entropy(logits, y), len(y), {"acc": acc})
 
 
 @torch.no_grad()
 def predict(model, encoded: list, batch_size: int = 64) -> torch.Tensor:
     """(N, C) class probabilities, rows batched by length (little padding), in input order."""
-    was = model.training
-    model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     probs = torch.zeros(len(encoded), model.cfg.n_labels)
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        ids, seg, att = (t.to(device) for t in pad_rows([encoded[j] for j in idx]))
-        probs[idx] = model.classify_logits(model.hidden(ids, seg, att)).float().softmax(-1).cpu()
-    model.train(was)
+    with eval_mode(model):
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            ids, seg, att = (t.to(device) for t in pad_rows([encoded[j] for j in idx]))
+            logits = model.classify_logits(model.hidden(ids, seg, att))
+            probs[idx] = logits.float().softmax(-1).cpu()
     return probs
 
 
@@ -278,128 +283,156 @@ def evaluate(model, encoded: list, y: list[int], batch_size: int = 64) -> dict:
 
 
 # ---------------------------------------------------------------- the stages
-def finetune_classify(cfg: Config, progress: bool = True) -> dict:
+def finetune_classify(cfg: Config, progress: bool = True) -> StageResult:
     """`zerolm finetune-classify`: fine-tune classify.base_model on labelled texts; OUT/model +
-    labels.json; returns held-out figures next to the majority and bag-of-characters baselines."""
-    from zerolm.train.checkpoint import list_checkpoints
-    from zerolm.train.fingerprint import stage_fingerprint
-    from zerolm.train.trainer import Trainer
-
+    labels.json; the result's info holds the held-out figures' baselines (majority class,
+    bag-of-characters) and the data summary, also written to OUT/results.json."""
     c = cfg.classify
     if not c.base_model:
         raise ValueError(
             "no base model: give --model DIR (config key classify.base_model), a bert model directory"
         )
-    base, out = Path(c.base_model), Path(cfg.out_dir)
+    base = Path(c.base_model)
     mcfg = bert_config(base)
-    if list_checkpoints(out) and not cfg.train.resume:
-        raise ValueError(
-            f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out"
-        )
-    train_rows, val_rows, source = load_rows(cfg)
-    counts = Counter(r.label for r in train_rows)
-    labels = sorted(counts, key=lambda k: (-counts[k], k))  # most frequent first
-    if len(labels) < 2:
-        raise ValueError(
-            f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a classifier needs >= 2"
-        )
-    train_y, val_y = label_ids(train_rows, labels), label_ids(val_rows, labels)
-    tok = Tokenizer.load(base)
-    window = min(c.max_seq_len or mcfg.max_seq_len, mcfg.max_seq_len)
-    (train_x, cut_t), (val_x, cut_v) = (
-        encode(tok, rows, window, c.truncation) for rows in (train_rows, val_rows)
-    )
-    summary = {
-        **source,
-        "labels": len(labels),
-        "train_rows": len(train_rows),
-        "val_rows": len(val_rows),
-        "train_per_label": {k: counts[k] for k in labels},
-        "truncated": {"train": cut_t, "val": cut_v},
-        "window": window,
-    }
-    log.info("classification data: %s", json.dumps(summary, ensure_ascii=False))
+    out = begin(cfg)
+    d = _Data.load(cfg, base, mcfg.max_seq_len)
     if c.epochs:
-        steps = max(
-            1, math.ceil(c.epochs * len(train_x) / (cfg.train.batch_size * cfg.train.grad_accum))
-        )
+        per_step = cfg.train.batch_size * cfg.train.grad_accum
+        steps = max(1, math.ceil(c.epochs * len(d.train_x) / per_step))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    open_out(cfg)
+    info = _baselines(c, d.train_rows, d.val_rows, d.train_y, d.val_y, d.labels)
+    torch.manual_seed(cfg.seed)  # dropout masks: the same run twice gives the same classifier
+    model = _frozen(classifier_from(base, len(d.labels), seed=cfg.seed), c.freeze)
+    t0 = time.perf_counter()
+    lengths = [len(x[0]) for x in d.train_x]
+    batches = LengthBatches(
+        list(zip(d.train_x, d.train_y)), lengths, cfg.train.batch_size, cfg.seed, collate=collate
+    )
+    evaluate_fn = partial(evaluate, encoded=d.val_x, y=d.val_y) if d.val_y else None
+    stage = Stage(
+        model,
+        batches,
+        classify_loss,
+        save=partial(_save, model, tok=d.tok, labels=d.labels),
+        evaluate=evaluate_fn,
+        final=evaluate_fn,
+        fingerprint=stage_fingerprint(cfg, d.tok, ("classify",)),
+        info=info,
+    )
+    result = run(cfg, stage, progress)
+    info |= {"finetune_seconds": time.perf_counter() - t0, "steps": cfg.train.steps, **d.summary}
+    _write_results(out, result)
+    return result
+
+
+@dataclasses.dataclass
+class _Data:
+    """The rows of a fine-tune, their class ids and their encoding for the model's window."""
+
+    tok: Tokenizer
+    labels: list[str]
+    train_rows: list[Row]
+    val_rows: list[Row]
+    train_x: list
+    val_x: list
+    train_y: list[int]
+    val_y: list[int]
+    summary: dict
+
+    @classmethod
+    def load(cls, cfg: Config, base: Path, max_seq_len: int) -> _Data:
+        c = cfg.classify
+        train_rows, val_rows, source = load_rows(cfg)
+        counts = Counter(r.label for r in train_rows)
+        labels = sorted(counts, key=lambda k: (-counts[k], k))  # most frequent first
+        if len(labels) < 2:
+            raise ValueError(
+                f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a classifier needs >= 2"
+            )
+        train_y, val_y = label_ids(train_rows, labels), label_ids(val_rows, labels)
+        tok = Tokenizer.load(base)
+        window = min(c.max_seq_len or max_seq_len, max_seq_len)
+        (train_x, cut_t), (val_x, cut_v) = (
+            encode(tok, rows, window, c.truncation) for rows in (train_rows, val_rows)
+        )
+        summary = {
+            **source,
+            "labels": len(labels),
+            "train_rows": len(train_rows),
+            "val_rows": len(val_rows),
+            "train_per_label": {k: counts[k] for k in labels},
+            "truncated": {"train": cut_t, "val": cut_v},
+            "window": window,
+        }
+        log.info("classification data: %s", json.dumps(summary, ensure_ascii=False))
+        return cls(tok, labels, train_rows, val_rows, train_x, val_x, train_y, val_y, summary)
+
+
+def _write_results(out: Path, result: StageResult) -> None:
+    """OUT/results.json: the baselines, the final held-out figures, the data summary, the last row."""
+    baseline = ("majority_", "boc_")
+    results = {
+        **{k: v for k, v in result.info.items() if k.startswith(baseline)},
+        **{f"final_{k}": v for k, v in result.final.items()},
+        **{k: v for k, v in result.info.items() if not k.startswith(baseline)},
+        "model_dir": result.model_dir,
+        "last_row": result.last,
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
+
+
+def _save(model, model_dir: Path, *, tok: Tokenizer, labels: list[str]) -> None:
+    save_model(model, model_dir, tok)
+    atomic_write_text(model_dir / LABELS_FILE, json.dumps(labels, ensure_ascii=False, indent=1))
+
+
+def _frozen(model, freeze: str):
+    """classify.freeze: "embeddings" trains all but the embeddings; "encoder" is a linear probe
+    on the pooled [CLS] (pooler + head trained)."""
+    if freeze == "embeddings":
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(("tok_emb.", "pos_emb.", "seg_emb.", "emb_norm.")))
+    elif freeze == "encoder":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("classifier.", "pooler.")))
+    return model
+
+
+def _baselines(
+    c, train_rows: list, val_rows: list, train_y: list, val_y: list, labels: list
+) -> dict:
+    """The held-out accuracy of the majority class and (classify.baselines) of a bag-of-characters
+    logistic regression: what the fine-tuned classifier has to beat."""
     results: dict = {"majority_acc": None, "boc_lr_acc": None}
     if not val_y:
         log.warning(
             "no held-out rows: nothing to measure accuracy on (set classify.val_data or classify.val_fraction)"
         )
-    else:
-        from zerolm.eval.baselines import bag_of_chars_baseline, majority_baseline
-
-        results["majority_acc"] = majority_baseline(train_y, val_y)["accuracy"]
-        if c.baselines:
-            t0 = time.perf_counter()
-            join = [
-                r.text if r.pair is None else f"{r.text}\n{r.pair}"
-                for r in (*train_rows, *val_rows)
-            ]
-            boc = bag_of_chars_baseline(
-                join[: len(train_rows)], train_y, join[len(train_rows) :], val_y, len(labels)
-            )
-            results |= {
-                "boc_lr_acc": boc["accuracy"],
-                "boc_lr_l2": boc["l2"],
-                "boc_lr_seconds": time.perf_counter() - t0,
-            }
-        log.info(
-            "baselines on %d held-out rows: majority class (%s) %.1f%%%s",
-            len(val_y),
-            labels[0],
-            100 * results["majority_acc"],
-            f", bag-of-characters logistic regression {100 * results['boc_lr_acc']:.1f}%"
-            if c.baselines
-            else "",
+        return results
+    results["majority_acc"] = majority_baseline(train_y, val_y)["accuracy"]
+    if c.baselines:
+        t0 = time.perf_counter()
+        join = [
+            r.text if r.pair is None else f"{r.text}\n{r.pair}" for r in (*train_rows, *val_rows)
+        ]
+        boc = bag_of_chars_baseline(
+            join[: len(train_rows)], train_y, join[len(train_rows) :], val_y, len(labels)
         )
-    torch.manual_seed(cfg.seed)  # dropout masks: the same run twice gives the same classifier
-    model = classifier_from(base, len(labels), seed=cfg.seed)
-    if c.freeze == "embeddings":
-        for name, p in model.named_parameters():
-            p.requires_grad_(not name.startswith(("tok_emb.", "pos_emb.", "seg_emb.", "emb_norm.")))
-    elif c.freeze == "encoder":  # a linear probe on the pooled [CLS] (pooler + head trained)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(("classifier.", "pooler.")))
-    t0 = time.perf_counter()
-    batches = LengthBatches(
-        list(zip(train_x, train_y)),
-        [len(x[0]) for x in train_x],
-        cfg.train.batch_size,
-        cfg.seed,
-        collate=collate,
+        results |= {
+            "boc_lr_acc": boc["accuracy"],
+            "boc_lr_l2": boc["l2"],
+            "boc_lr_seconds": time.perf_counter() - t0,
+        }
+    log.info(
+        "baselines on %d held-out rows: majority class (%s) %.1f%%%s",
+        len(val_y),
+        labels[0],
+        100 * results["majority_acc"],
+        f", bag-of-characters logistic regression {100 * results['boc_lr_acc']:.1f}%"
+        if c.baselines
+        else "",
     )
-    eval_fn = partial(evaluate, encoded=val_x, y=val_y) if val_y else None
-    trainer = Trainer(
-        model,
-        cfg.train,
-        out,
-        batches=batches,
-        loss_fn=classify_loss,
-        eval_fn=eval_fn,
-        progress=progress,
-        fingerprint=stage_fingerprint(cfg, tok, ("classify",)),
-    )
-    row = trainer.fit()
-    final = evaluate(model, val_x, val_y) if val_y else {}
-    save_model(model, out / "model", tok)
-    atomic_write_text(out / "model" / LABELS_FILE, json.dumps(labels, ensure_ascii=False, indent=1))
-    results |= {f"final_{k}": v for k, v in final.items()}
-    results |= {
-        "finetune_seconds": time.perf_counter() - t0,
-        "steps": cfg.train.steps,
-        **summary,
-        "model_dir": str(out / "model"),
-        "last_row": row,
-    }
-    atomic_write_text(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
     return results
 
 

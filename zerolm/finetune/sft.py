@@ -15,19 +15,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zerolm.config import Config, save_config
+from zerolm.config import Config
+from zerolm.data.loader import TokenBatches
 from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_conversations
-from zerolm.data.split import split_key
+from zerolm.data.split import split_by_hash
+from zerolm.eval.mode import eval_mode
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
-from zerolm.model import load_model, save_model
 from zerolm.tasks import TASKS
 from zerolm.tokenizer import Tokenizer
-from zerolm.train.checkpoint import list_checkpoints
 from zerolm.train.fingerprint import stage_fingerprint
-from zerolm.train.losses import lm_loss
-from zerolm.train.trainer import Trainer
+from zerolm.train.losses import LossResult, lm_loss
+from zerolm.train.run import (
+    Stage,
+    StageResult,
+    begin,
+    load_trainable,
+    open_out,
+    run,
+    save_trainable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +44,7 @@ BUILTIN = ("poems", "chitchat", "chatterbot-en", "chatterbot-zh")
 
 def _split(conversations, val_fraction: float) -> tuple[list, list]:
     """By a hash of the conversation: deterministic and independent of order."""
-    train, val = [], []
-    for c in conversations:
-        (val if split_key(json.dumps(c, ensure_ascii=False)) < val_fraction else train).append(c)
-    return train, val
+    return split_by_hash(conversations, lambda c: json.dumps(c, ensure_ascii=False), val_fraction)
 
 
 def _cap(items: list, n: int, seed: int) -> list:
@@ -82,18 +87,16 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
 @torch.no_grad()
 def sft_eval(model, examples, batch_size: int = 16) -> dict:
     """Mean loss over assistant tokens of held-out conversations (packed, in order)."""
-    was_training = model.training
-    model.eval()
     rows = pack(examples, range(len(examples)), model.cfg.max_seq_len, packing=True)
     nats, n = 0.0, 0
     device = next(model.parameters()).device
-    for i in range(0, len(rows), batch_size):
-        x, y, mask, pos, seg = (t.to(device) for t in torch.stack(rows[i : i + batch_size], 1))
-        logits = model(x, positions=pos, segments=seg)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        nats += float((losses * mask.flatten()).sum())
-        n += int(mask.sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(rows), batch_size):
+            x, y, mask, pos, seg = (t.to(device) for t in torch.stack(rows[i : i + batch_size], 1))
+            logits = model(x, positions=pos, segments=seg)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nats += float((losses * mask.flatten()).sum())
+            n += int(mask.sum())
     return {"val_loss": nats / max(n, 1)}
 
 
@@ -117,35 +120,43 @@ class MixedBatches:
         self.pt.load_state_dict(state["pt"])
 
 
-def mixed_loss(model, batch, pt_weight: float):
-    (ft, n), (pt, _) = lm_loss(model, batch[0]), lm_loss(model, batch[1])
-    return ft + pt_weight * pt, n
+def mixed_loss(model, batch, pt_weight: float) -> LossResult:
+    ft, pt = lm_loss(model, batch[0]), lm_loss(model, batch[1])
+    return LossResult(ft.loss + pt_weight * pt.loss, ft.n)
 
 
-def sft(cfg: Config, progress: bool = True) -> dict:
+def sft(cfg: Config, progress: bool = True) -> StageResult:
     """Fine-tune cfg.sft.base_model on the conversations; save OUT/model (+ OUT/adapters.safetensors)."""
     if not cfg.sft.base_model:
         raise ValueError("no base model: give --sft.base_model=DIR (e.g. runs/speedrun/model)")
-    out, base = Path(cfg.out_dir), Path(cfg.sft.base_model)
-    model, tok = load_model(base), Tokenizer.load(base)
-    if list_checkpoints(out) and not cfg.train.resume:
-        raise ValueError(
-            f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out"
-        )
-    train_c, val_c, counts = load_sources(
-        cfg
-    )  # bad data or LoRA targets fail here, before anything is written
-    lora = None
-    if cfg.lora.rank:
-        from zerolm.transforms.lora import apply_lora, trainable_report
-
-        apply_lora(model, cfg.lora, seed=cfg.seed)
-        lora = trainable_report(model)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    base, tok = Path(cfg.sft.base_model), Tokenizer.load(cfg.sft.base_model)
+    begin(cfg)
+    train_c, val_c, counts = load_sources(cfg)  # bad data or LoRA targets fail before any write
+    model, lora = load_trainable(cfg, base)
+    open_out(cfg)
     seq_len = model.cfg.max_seq_len
+    train_ex, val_ex = _encode(tok, train_c, val_c, seq_len, counts)
+    batches, loss_fn = _batches_and_loss(cfg, base, train_ex, seq_len)
+    bs = cfg.train.batch_size
+    stage = Stage(
+        model,
+        batches,
+        loss_fn,
+        save=partial(save_trainable, model, tok=tok),
+        evaluate=partial(sft_eval, examples=val_ex, batch_size=bs) if val_ex else None,
+        final=partial(sft_eval, examples=val_ex) if val_ex else None,
+        samples=_sampler(tok, val_c, cfg.seed),
+        flops_per_token=account(model)["train_flops_per_token"],
+        fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora", "poems")),
+        info={"lora": lora, "data": counts},
+    )
+    result = run(cfg, stage, progress)
+    log.info("final held-out SFT loss (assistant tokens): %s", result.final.get("val_loss"))
+    return result
+
+
+def _encode(tok: Tokenizer, train_c: list, val_c: list, seq_len: int, counts: dict):
+    """(train, val) examples of the conversations, with what the window cut logged."""
     train_ex, stats = encode_conversations(tok, train_c, seq_len)
     val_ex, _ = encode_conversations(tok, val_c, seq_len)
     log.info(
@@ -163,63 +174,30 @@ def sft(cfg: Config, progress: bool = True) -> dict:
         100 * fill_rate(train_ex, seq_len, True),
         100 * fill_rate(train_ex, seq_len, False),
     )
-    if lora:
-        log.info("LoRA: %s", json.dumps(lora))
-    batches = SFTBatches(
-        train_ex,
-        batch_size=cfg.train.batch_size,
-        seq_len=seq_len,
-        seed=cfg.seed,
-        packing=cfg.sft.packing,
-    )
-    loss_fn = lm_loss
-    if cfg.sft.pt_weight > 0:
-        from zerolm.data.loader import TokenBatches
+    return train_ex, val_ex
 
-        shards = Path(cfg.sft.pt_shards) if cfg.sft.pt_shards else base.parent / "shards"
-        batches = MixedBatches(
-            batches,
-            TokenBatches(
-                shards, "train", batch_size=cfg.train.batch_size, seq_len=seq_len, seed=cfg.seed
-            ),
-        )
-        loss_fn = partial(mixed_loss, pt_weight=cfg.sft.pt_weight)
-    eval_fn = (
-        partial(sft_eval, examples=val_ex, batch_size=cfg.train.batch_size) if val_ex else None
+
+def _batches_and_loss(cfg: Config, base: Path, train_ex: list, seq_len: int):
+    """SFT batches and lm_loss, or (sft.pt_weight > 0) mixed with the base model's pretraining shards."""
+    bs = cfg.train.batch_size
+    batches = SFTBatches(
+        train_ex, batch_size=bs, seq_len=seq_len, seed=cfg.seed, packing=cfg.sft.packing
     )
+    if cfg.sft.pt_weight <= 0:
+        return batches, lm_loss
+    shards = Path(cfg.sft.pt_shards) if cfg.sft.pt_shards else base.parent / "shards"
+    pt = TokenBatches(shards, "train", batch_size=bs, seq_len=seq_len, seed=cfg.seed)
+    return MixedBatches(batches, pt), partial(mixed_loss, pt_weight=cfg.sft.pt_weight)
+
+
+def _sampler(tok: Tokenizer, val_c: list, seed: int):
+    """Replies to the first two held-out conversations' last questions (None: there are none)."""
     samples = [c[:-1] for c in val_c[:2] if c[-1]["role"] == "assistant"]
-    req = chat_request(tok, 96, SamplingParams(temperature=0.7, top_k=50), seed=cfg.seed)
+    req = chat_request(tok, 96, SamplingParams(temperature=0.7, top_k=50), seed=seed)
 
     def sample_fn(m):
         return [
             f"{c[-1]['content']!r} -> {r!r}" for c, r in zip(samples, replies(m, tok, samples, req))
         ]
 
-    trainer = Trainer(
-        model,
-        cfg.train,
-        out,
-        batches=batches,
-        loss_fn=loss_fn,
-        eval_fn=eval_fn,
-        sample_fn=sample_fn if samples else None,
-        flops_per_token=account(model)["train_flops_per_token"],
-        progress=progress,
-        fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora", "poems")),
-    )
-    row = trainer.fit()
-    final = sft_eval(model, val_ex) if val_ex else {}
-    if lora:
-        from zerolm.transforms.lora import merge_lora, save_adapters
-
-        save_adapters(model, out / "adapters.safetensors")
-        merge_lora(model)
-    save_model(model, out / "model", tok)
-    log.info("final held-out SFT loss (assistant tokens): %s", final.get("val_loss"))
-    return {
-        **row,
-        **{f"final_{k}": v for k, v in final.items()},
-        "model_dir": str(out / "model"),
-        "lora": lora,
-        "data": counts,
-    }
+    return sample_fn if samples else None

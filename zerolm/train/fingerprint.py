@@ -15,7 +15,9 @@ import json
 import logging
 from pathlib import Path
 
-from zerolm.train.checkpoint import list_checkpoints
+from zerolm.data.prepare import _inputs_fingerprint
+from zerolm.data.sources import list_files
+from zerolm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +95,6 @@ def stage_fingerprint(cfg, tok=None, sections: tuple[str, ...] = ()) -> dict:
 def pretrain_data_fingerprint(cfg) -> dict:
     """The inputs of `prepare`, computable before it runs: prepare rebuilds the tokenizer and shards
     when these change, so a resume must compare them first."""
-    from zerolm.data.prepare import _inputs_fingerprint
-    from zerolm.data.sources import list_files
-    from zerolm.tokenizer import Tokenizer
-
     files = list_files(cfg.data.inputs)
     fp = {
         "seed": cfg.seed,
@@ -163,16 +161,3 @@ def check_resume(checkpoint: str | Path, current: dict, allow: bool) -> list[str
             "resuming from %s although %s (train.resume_changed)", checkpoint, "; ".join(found)
         )
     return found
-
-
-def check_start(cfg, early: dict) -> None:
-    """Before a stage writes anything: refuse a run directory that holds checkpoints unless resuming,
-    and compare `early` (what can be known before data is rebuilt) with its newest checkpoint."""
-    found = list_checkpoints(cfg.out_dir)
-    if found and not cfg.train.resume:
-        raise ValueError(
-            f"{cfg.out_dir} already holds checkpoints of a training run: continue it with "
-            "--train.resume=true, or train into a new directory with --out"
-        )
-    if found:
-        check_resume(found[-1], early, cfg.train.resume_changed)

@@ -1,7 +1,9 @@
-"""Loss functions (pure): each returns (mean loss over counted tokens, number of counted tokens as
-an int or a 0-d tensor)."""
+"""Loss functions (pure): each returns a LossResult (mean loss over the counted tokens, their
+number, and the loss's own figures to log)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,18 @@ import torch.nn.functional as F
 from zerolm.model.layers import matmul_dtype
 
 
-def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
+@dataclasses.dataclass
+class LossResult:
+    """What a stage's loss returns to the Trainer: `loss` (the mean over the batch's counted
+    tokens), `n` (their number: an int, or a 0-d tensor inside a compiled graph) and `stats`
+    (0-d tensors, e.g. DPO's margin, logged as their mean over the step)."""
+
+    loss: torch.Tensor
+    n: torch.Tensor | int
+    stats: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def lm_loss(model, batch) -> LossResult:
     """Next-token cross entropy; batch = (x, y) of (B, T) ids, or (x, y, mask) with mask (B, T)
     selecting the target positions that count (e.g. assistant tokens in SFT), or (x, y, mask,
     positions, segments) for packed rows (zerolm.data.sft)."""
@@ -26,8 +39,8 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
         n = (
             mask.sum()
         )  # a tensor: an int() here would break a compiled graph; the Trainer converts it
-        return (losses * mask).sum() / n.clamp(min=1), n
-    return losses.mean(), y.numel()
+        return LossResult((losses * mask).sum() / n.clamp(min=1), n)
+    return LossResult(losses.mean(), y.numel())
 
 
 def _chunk_rows(vocab: int) -> int:

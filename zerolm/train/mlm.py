@@ -13,14 +13,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zerolm.config import Config, save_config
+from zerolm.config import Config
 from zerolm.data.mlm import IGNORE, MASK_ID, PairBatches, SentenceCorpus, fixed_batches, pair_ids
 from zerolm.data.prepare import prepare, read_docs
+from zerolm.eval.mode import eval_mode
 from zerolm.inspect.accounting import account
-from zerolm.model import build_model, save_model
+from zerolm.model import save_model
 from zerolm.tokenizer import Tokenizer
-from zerolm.train.fingerprint import check_start, pretrain_data_fingerprint, stage_fingerprint
-from zerolm.train.trainer import Trainer
+from zerolm.train.fingerprint import pretrain_data_fingerprint, stage_fingerprint
+from zerolm.train.losses import LossResult
+from zerolm.train.run import Stage, StageResult, begin, log_model, new_model, open_out, run
 
 log = logging.getLogger(__name__)
 
@@ -36,37 +38,36 @@ def _mlm_nsp(model, batch):
     return model.mlm_logits(h[selected]), labels[selected], model.nsp_logits(h), nsp_labels
 
 
-def mlm_nsp_loss(model, batch, nsp: bool = True):
+def mlm_nsp_loss(model, batch, nsp: bool = True) -> LossResult:
     """The Trainer's loss: mean cross entropy over the selected (masked) tokens + NSP cross
-    entropy over the pairs (nsp=False: MLM only). Returns (loss, N selected tokens, {mlm, nsp,
-    nsp_acc})."""
+    entropy over the pairs (nsp=False: MLM only); counted: the N selected tokens; stats: mlm,
+    nsp, nsp_acc."""
     mlm_logits, mlm_labels, nsp_logits, nsp_labels = _mlm_nsp(model, batch)
     n = mlm_labels.new_tensor(mlm_labels.numel())
     mlm = F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum") / n.clamp(min=1)
     if not nsp:
-        return mlm, n, {"mlm": mlm.detach()}
+        return LossResult(mlm, n, {"mlm": mlm.detach()})
     nsp_logits = nsp_logits.float()
     nsp_loss = F.cross_entropy(nsp_logits, nsp_labels)
     acc = (nsp_logits.argmax(-1) == nsp_labels).float().mean()
-    return mlm + nsp_loss, n, {"mlm": mlm.detach(), "nsp": nsp_loss.detach(), "nsp_acc": acc}
+    stats = {"mlm": mlm.detach(), "nsp": nsp_loss.detach(), "nsp_acc": acc}
+    return LossResult(mlm + nsp_loss, n, stats)
 
 
 @torch.no_grad()
 def evaluate_mlm(model, batches: list, nsp: bool = True) -> dict:
     """Held-out MLM loss (nats per selected token), MLM accuracy (argmax == original token, over
     the selected tokens, [MASK]ed or not), NSP loss and accuracy over the pairs."""
-    was = model.training
-    model.eval()
     nats = correct = n = nsp_nats = nsp_correct = pairs = 0.0
-    for batch in batches:
-        mlm_logits, mlm_labels, nsp_logits, nsp_labels = _mlm_nsp(model, batch)
-        nats += float(F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum"))
-        correct += float((mlm_logits.argmax(-1) == mlm_labels).sum())
-        n += mlm_labels.numel()
-        nsp_nats += float(F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="sum"))
-        nsp_correct += float((nsp_logits.argmax(-1) == nsp_labels).sum())
-        pairs += len(nsp_labels)
-    model.train(was)
+    with eval_mode(model):
+        for batch in batches:
+            mlm_logits, mlm_labels, nsp_logits, nsp_labels = _mlm_nsp(model, batch)
+            nats += float(F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum"))
+            correct += float((mlm_logits.argmax(-1) == mlm_labels).sum())
+            n += mlm_labels.numel()
+            nsp_nats += float(F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="sum"))
+            nsp_correct += float((nsp_logits.argmax(-1) == nsp_labels).sum())
+            pairs += len(nsp_labels)
     out = {"val_mlm_loss": nats / max(n, 1), "val_mlm_acc": correct / max(n, 1)}
     if nsp:
         out |= {
@@ -79,27 +80,22 @@ def evaluate_mlm(model, batches: list, nsp: bool = True) -> dict:
 @torch.no_grad()
 def fill_mask(model, tok: Tokenizer, texts: list[str], every: int = 5) -> list[str]:
     """Mask every `every`-th token of each text and show the model's guesses: 床前[明→明]月光."""
-    was = model.training
-    model.eval()
+    with eval_mode(model):
+        return [_fill_one(model, tok, text, every) for text in texts]
+
+
+def _fill_one(model, tok: Tokenizer, text: str, every: int) -> str:
     device = next(model.parameters()).device
-    out = []
-    for text in texts:
-        ids = tok.encode(text)[: model.cfg.max_seq_len - 2]
-        x = torch.tensor([pair_ids(ids, [])[0]], device=device)  # [CLS] text [SEP]
-        where = torch.arange(
-            1, x.shape[1] - 1, every, device=device
-        )  # text tokens 0, every, 2*every, ...
-        x_masked = x.clone()
-        x_masked[0, where] = MASK_ID
-        guess = model.mlm_logits(model.hidden(x_masked)[0, where]).argmax(-1).tolist()
-        shown = [tok.decode([t]) for t in ids]
-        for w, g in zip(where.tolist(), guess):
-            shown[w - 1] = f"[{shown[w - 1]}→{tok.decode([g])}]"
-        out.append(
-            "".join(shown) if tok.kind != "wordpiece" or not text.isascii() else " ".join(shown)
-        )
-    model.train(was)
-    return out
+    ids = tok.encode(text)[: model.cfg.max_seq_len - 2]
+    x = torch.tensor([pair_ids(ids, [])[0]], device=device)  # [CLS] text [SEP]
+    where = torch.arange(1, x.shape[1] - 1, every, device=device)  # text tokens 0, every, ...
+    x_masked = x.clone()
+    x_masked[0, where] = MASK_ID
+    guess = model.mlm_logits(model.hidden(x_masked)[0, where]).argmax(-1).tolist()
+    shown = [tok.decode([t]) for t in ids]
+    for w, g in zip(where.tolist(), guess):
+        shown[w - 1] = f"[{shown[w - 1]}→{tok.decode([g])}]"
+    return "".join(shown) if tok.kind != "wordpiece" or not text.isascii() else " ".join(shown)
 
 
 def _flops_per_selected_token(model, mask_prob: float) -> float:
@@ -112,30 +108,49 @@ def _flops_per_selected_token(model, mask_prob: float) -> float:
     return (per_token - head) / mask_prob + head
 
 
-def pretrain_bert(cfg: Config, progress: bool = True) -> dict:
+def pretrain_bert(cfg: Config, progress: bool = True) -> StageResult:
     """Prepare documents and tokenizer (no shards), pretrain a bert model with MLM (+ NSP), save
     OUT/model; returns the last training row and the final held-out metrics (whole val split)."""
-    out = Path(cfg.out_dir)
     data_fp = pretrain_data_fingerprint(cfg)
-    check_start(cfg, data_fp)  # before prepare rebuilds the docs and tokenizer of changed inputs
+    out = begin(cfg, data_fp)  # before prepare rebuilds the docs and tokenizer of changed inputs
     prepare(cfg, stages=("docs", "tokenizer"), progress=progress)
-    save_config(cfg, out)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    open_out(cfg)
     tok = Tokenizer.load(out / "tokenizer")
     if tok.kind != "wordpiece":
         log.info("bert with a %s tokenizer (BERT's own is --tokenizer.kind=wordpiece)", tok.kind)
-    torch.manual_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(cfg.model, tok.vocab_size, seed=cfg.seed, device=device)
-    log.info(
-        "model: bert, %.2f M parameters (%s)",
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        ", ".join(
-            f"{k}={getattr(model.cfg, k)}"
-            for k in ("d_model", "n_layers", "n_heads", "max_seq_len")
+    model = new_model(cfg, cfg.model, tok.vocab_size)
+    log_model(model, "bert")
+    batches, val = _pair_batches(cfg, out, tok, model.cfg.max_seq_len)
+    nsp = cfg.mlm.objective == "mlm+nsp"
+    first_val = next(read_docs(out / "docs" / "val.jsonl"), None)
+    result = run(
+        cfg,
+        Stage(
+            model,
+            batches,
+            partial(mlm_nsp_loss, nsp=nsp),
+            save=partial(save_model, model, tokenizer=tok),
+            evaluate=partial(evaluate_mlm, batches=val[: cfg.train.eval_batches], nsp=nsp)
+            if val
+            else None,
+            final=partial(evaluate_mlm, batches=val, nsp=nsp) if val else None,
+            samples=partial(fill_mask, tok=tok, texts=[first_val["text"][:64]])
+            if first_val
+            else None,
+            flops_per_token=_flops_per_selected_token(model, cfg.mlm.mask_prob),
+            fingerprint={**data_fp, **stage_fingerprint(cfg, tok, ("mlm",))},
         ),
+        progress,
     )
+    log.info(
+        "final held-out (whole val split): %s",
+        " | ".join(f"{k} {v:.4f}" for k, v in result.final.items()),
+    )
+    return result
+
+
+def _pair_batches(cfg: Config, out: Path, tok: Tokenizer, seq_len: int) -> tuple[PairBatches, list]:
+    """The training pairs (fresh each epoch) and the fixed held-out batches, of the prepared docs."""
     m, nsp = cfg.mlm, cfg.mlm.objective == "mlm+nsp"
     corpora = {
         split: SentenceCorpus.from_texts(
@@ -143,19 +158,7 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> dict:
         )
         for split in ("train", "val")
     }
-    seq_len = model.cfg.max_seq_len
-    batches = PairBatches(
-        corpora["train"],
-        batch_size=cfg.train.batch_size,
-        max_seq_len=seq_len,
-        vocab_size=tok.vocab_size,
-        seed=cfg.seed,
-        mask_prob=m.mask_prob,
-        nsp=nsp,
-        short_seq_prob=m.short_seq_prob,
-    )
-    val = fixed_batches(
-        corpora["val"],
+    common = dict(
         batch_size=cfg.train.batch_size,
         max_seq_len=seq_len,
         vocab_size=tok.vocab_size,
@@ -163,6 +166,8 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> dict:
         mask_prob=m.mask_prob,
         nsp=nsp,
     )
+    batches = PairBatches(corpora["train"], **common, short_seq_prob=m.short_seq_prob)
+    val = fixed_batches(corpora["val"], **common)
     log.info(
         "sentence pairs: train %d documents -> %d pairs per epoch (%d batches); val %d documents -> %d pairs",
         corpora["train"].n_docs,
@@ -170,26 +175,4 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> dict:
         corpora["val"].n_docs,
         sum(len(b[4]) for b in val),
     )
-    first_val = next(read_docs(out / "docs" / "val.jsonl"), None)
-    sample_fn = partial(fill_mask, tok=tok, texts=[first_val["text"][:64]]) if first_val else None
-    trainer = Trainer(
-        model,
-        cfg.train,
-        out,
-        batches=batches,
-        loss_fn=partial(mlm_nsp_loss, nsp=nsp),
-        eval_fn=partial(evaluate_mlm, batches=val[: cfg.train.eval_batches], nsp=nsp)
-        if val
-        else None,
-        sample_fn=sample_fn,
-        flops_per_token=_flops_per_selected_token(model, m.mask_prob),
-        progress=progress,
-        fingerprint={**data_fp, **stage_fingerprint(cfg, tok, ("mlm",))},
-    )
-    row = trainer.fit()
-    final = evaluate_mlm(model, val, nsp) if val else {}
-    save_model(model, out / "model", tok)
-    log.info(
-        "final held-out (whole val split): %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items())
-    )
-    return {**row, **{f"final_{k}": v for k, v in final.items()}, "model_dir": str(out / "model")}
+    return batches, val

@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zerolm.config import Config, save_config
+from zerolm.config import Config
 from zerolm.data.loader import Shuffled
 from zerolm.data.pairs import load_pairs
 from zerolm.data.prepare import _fingerprint, build_tokenizer
 from zerolm.eval.translation import encode_source, evaluate_translation, translate_texts
 from zerolm.files import atomic_write_text
-from zerolm.model import build_model, save_model
+from zerolm.model import save_model
 from zerolm.tokenizer import BOS, EOS, PAD, Tokenizer
-from zerolm.train.fingerprint import check_start, stage_fingerprint
-from zerolm.train.losses import linear_cross_entropy
-from zerolm.train.trainer import Trainer
+from zerolm.train.fingerprint import stage_fingerprint
+from zerolm.train.losses import LossResult, linear_cross_entropy
+from zerolm.train.run import Stage, StageResult, begin, new_model, open_out, run
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -79,7 +79,7 @@ def collate(items, *, pad: int, bos: int, eos: int):
     return src, src != pad, tgt_in, tgt_out
 
 
-def seq2seq_loss(model, batch, label_smoothing: float = 0.0):
+def seq2seq_loss(model, batch, label_smoothing: float = 0.0) -> LossResult:
     """Teacher-forced cross-entropy (with label smoothing) over the real target tokens."""
     device = next(model.parameters()).device
     src, src_mask, tgt_in, tgt_out = (t.to(device) for t in batch)
@@ -92,7 +92,7 @@ def seq2seq_loss(model, batch, label_smoothing: float = 0.0):
         ignore_index=IGNORE,
         label_smoothing=label_smoothing,
     )  # no (B, T, V) logits kept
-    return loss, (tgt_out != IGNORE).sum()
+    return LossResult(loss, (tgt_out != IGNORE).sum())
 
 
 @torch.no_grad()
@@ -134,10 +134,9 @@ def _write_docs(out: Path, pairs: dict, fingerprint: str) -> dict:
     return {"fingerprint": fingerprint, "splits": splits}
 
 
-def pretrain_seq2seq(cfg: Config, progress: bool = True) -> dict:
-    out = Path(cfg.out_dir)
+def pretrain_seq2seq(cfg: Config, progress: bool = True) -> StageResult:
     early = stage_fingerprint(cfg, None, ("seq2seq", "tokenizer"))
-    check_start(cfg, early)  # before the docs and tokenizer of changed pairs are rebuilt
+    out = begin(cfg, early)  # before the docs and tokenizer of changed pairs are rebuilt
     pairs, info = load_pairs(cfg.seq2seq)
     log.info(
         "pairs: %d train, %d held out (%s)",
@@ -145,128 +144,120 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> dict:
         info["val"],
         "; ".join(f"{k}: {v['train']}/{v['val']}" for k, v in info["sources"].items()),
     )
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    open_out(cfg)
     docs_info = _write_docs(out, pairs, _fingerprint(dataclasses.asdict(cfg.seq2seq), info))
     tok, _ = build_tokenizer(cfg, out, docs_info, progress=progress)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(
-        dataclasses.replace(cfg.model, arch="encdec"), tok.vocab_size, seed=cfg.seed, device=device
-    )
-    n_params = sum(p.numel() for p in model.parameters())
+    model = new_model(cfg, dataclasses.replace(cfg.model, arch="encdec"), tok.vocab_size)
     log.info(
         "model: encdec (%s blocks), %.2f M parameters (d_model=%d, %d+%d layers, window %d)",
         model.cfg.preset,
-        n_params / 1e6,
+        sum(p.numel() for p in model.parameters()) / 1e6,
         model.cfg.d_model,
         model.cfg.n_layers,
         model.cfg.n_decoder_layers,
         model.cfg.max_seq_len,
     )
-    window, s2s = model.cfg.max_seq_len, cfg.seq2seq
-    enc = {}
-    for split in ("train", "val"):
-        enc[split], dropped = encode_pairs(tok, pairs[split], window, s2s.too_long, split)
-        if dropped:
-            log.warning(
-                "%s: dropped %d pairs longer than the window of %d tokens", split, dropped, window
-            )
+    enc = _encode_splits(tok, pairs, model.cfg.max_seq_len, cfg.seq2seq.too_long)
     ids = dict(pad=tok.token_id(PAD), bos=tok.token_id(BOS), eos=tok.token_id(EOS))
-    batches = Shuffled(
-        enc["train"],
-        cfg.train.batch_size,
-        cfg.seed,
-        collate=partial(collate, **ids),
-        length=lambda item: len(item[0]) + len(item[1]),
-    )
-    # training FLOPs per target token: 6 x the matrices each token passes through, the encoder's
-    # counted once per source token (sources are about as long as targets here: their ratio is used)
-    src_per_tgt = sum(len(s) for s, _ in enc["train"]) / max(
-        1, sum(len(t) + 1 for _, t in enc["train"])
-    )
-    enc_params = sum(
-        p.numel() for n, p in model.named_parameters() if n.startswith("encoder") and p.dim() >= 2
-    )
-    dec_params = sum(
-        p.numel() for n, p in model.named_parameters() if n.startswith("decoder") and p.dim() >= 2
-    )
-    flops = 6 * (dec_params + model.cfg.d_model * model.cfg.vocab_size + src_per_tgt * enc_params)
-    held = enc["val"]
-    eval_fn = (
-        partial(
-            evaluate_pairs,
-            items=held,
-            batch_size=cfg.train.batch_size,
-            max_batches=cfg.train.eval_batches,
-            **ids,
-        )
-        if held
-        else None
-    )
+    held, bs = enc["val"], cfg.train.batch_size
     shown = random.Random(cfg.seed).sample(pairs["val"], min(2, len(pairs["val"])))
 
     def sample_fn(m):
         hyps = translate_texts(m, tok, [s for s, _ in shown], beam=1)
         return [f"{s}\n-> {h}" for (s, _), h in zip(shown, hyps)]
 
-    trainer = Trainer(
+    stage = Stage(
         model,
-        cfg.train,
-        out,
-        batches=batches,
-        loss_fn=partial(seq2seq_loss, label_smoothing=s2s.label_smoothing),
-        eval_fn=eval_fn,
-        sample_fn=sample_fn if shown else None,
-        flops_per_token=flops,
-        progress=progress,
+        Shuffled(
+            enc["train"],
+            bs,
+            cfg.seed,
+            collate=partial(collate, **ids),
+            length=lambda item: len(item[0]) + len(item[1]),
+        ),
+        partial(seq2seq_loss, label_smoothing=cfg.seq2seq.label_smoothing),
+        save=partial(save_model, model, tokenizer=tok),
+        evaluate=partial(
+            evaluate_pairs, items=held, batch_size=bs, max_batches=cfg.train.eval_batches, **ids
+        )
+        if held
+        else None,
+        final=partial(
+            _final_eval, cfg=cfg, tok=tok, val=pairs["val"], held=held, ids=ids, progress=progress
+        )
+        if held
+        else None,
+        samples=sample_fn if shown else None,
+        flops_per_token=_flops_per_target_token(model, enc["train"]),
         fingerprint={**early, "tokenizer.sha256": tok.sha256, "data.pairs": str(info)},
+        info={"pairs": info},
     )
-    row = trainer.fit()
-    save_model(model, out / "model", tok)
-    result = {**row, "model_dir": str(out / "model"), "pairs": info}
-    if held:
-        result.update(
-            {
-                f"final_{k}": v
-                for k, v in evaluate_pairs(
-                    model, held, batch_size=cfg.train.batch_size, **ids
-                ).items()
-            }
+    return run(cfg, stage, progress)
+
+
+def _encode_splits(tok: Tokenizer, pairs: dict, window: int, too_long: str) -> dict:
+    enc = {}
+    for split in ("train", "val"):
+        enc[split], dropped = encode_pairs(tok, pairs[split], window, too_long, split)
+        if dropped:
+            log.warning(
+                "%s: dropped %d pairs longer than the window of %d tokens", split, dropped, window
+            )
+    return enc
+
+
+def _flops_per_target_token(model, train: list) -> float:
+    """Training FLOPs per target token: 6 x the matrices each token passes through, the encoder's
+    counted once per source token (sources are about as long as targets here: their ratio is used)."""
+    src_per_tgt = sum(len(s) for s, _ in train) / max(1, sum(len(t) + 1 for _, t in train))
+
+    def matrices(prefix: str) -> int:
+        return sum(
+            p.numel() for n, p in model.named_parameters() if n.startswith(prefix) and p.dim() >= 2
         )
-        chosen = [pairs["val"][i] for i in range(len(pairs["val"]))]
-        if s2s.eval_pairs:
-            chosen = random.Random(cfg.seed).sample(chosen, min(s2s.eval_pairs, len(chosen)))
-        sources, refs = [s for s, _ in chosen], [t for _, t in chosen]
-        log.info("translating %d held-out pairs (beam %d) for BLEU / chrF", len(chosen), s2s.beam)
-        scores = evaluate_translation(
-            model,
-            tok,
-            sources,
-            refs,
-            beam=s2s.beam,
-            length_penalty=s2s.length_penalty,
-            progress=progress,
-            too_long="truncate",
-        )
-        hyps = scores.pop("translations")
-        atomic_write_text(out / "eval" / "source.txt", "".join(s + "\n" for s in sources))
-        atomic_write_text(out / "eval" / "reference.txt", "".join(r + "\n" for r in refs))
-        atomic_write_text(out / "eval" / "translation.txt", "".join(h + "\n" for h in hyps))
-        atomic_write_text(out / "eval" / "scores.json", json.dumps(scores, indent=2))
-        result.update({f"final_{k}": v for k, v in scores.items()})
-        log.info(
-            "held-out (%d pairs): BLEU %.2f chrF %.2f | copy-the-source BLEU %.2f chrF %.2f | val loss %.4f",
-            scores["pairs"],
-            scores["bleu"],
-            scores["chrf"],
-            scores["copy_bleu"],
-            scores["copy_chrf"],
-            result["final_val_loss"],
-        )
-    return result
+
+    cfg = model.cfg
+    return 6 * (
+        matrices("decoder") + cfg.d_model * cfg.vocab_size + src_per_tgt * matrices("encoder")
+    )
+
+
+def _final_eval(
+    model, *, cfg: Config, tok: Tokenizer, val: list, held: list, ids: dict, progress: bool
+) -> dict:
+    """The held-out loss over all pairs, then BLEU / chrF of beam-search translations (written
+    to OUT/eval/) next to the copy-the-source baseline."""
+    s2s, out = cfg.seq2seq, Path(cfg.out_dir)
+    final = evaluate_pairs(model, held, batch_size=cfg.train.batch_size, **ids)
+    chosen = list(val)
+    if s2s.eval_pairs:
+        chosen = random.Random(cfg.seed).sample(chosen, min(s2s.eval_pairs, len(chosen)))
+    sources, refs = [s for s, _ in chosen], [t for _, t in chosen]
+    log.info("translating %d held-out pairs (beam %d) for BLEU / chrF", len(chosen), s2s.beam)
+    scores = evaluate_translation(
+        model,
+        tok,
+        sources,
+        refs,
+        beam=s2s.beam,
+        length_penalty=s2s.length_penalty,
+        progress=progress,
+        too_long="truncate",
+    )
+    hyps = scores.pop("translations")
+    for name, lines in (("source", sources), ("reference", refs), ("translation", hyps)):
+        atomic_write_text(out / "eval" / f"{name}.txt", "".join(line + "\n" for line in lines))
+    atomic_write_text(out / "eval" / "scores.json", json.dumps(scores, indent=2))
+    log.info(
+        "held-out (%d pairs): BLEU %.2f chrF %.2f | copy-the-source BLEU %.2f chrF %.2f | val loss %.4f",
+        scores["pairs"],
+        scores["bleu"],
+        scores["chrf"],
+        scores["copy_bleu"],
+        scores["copy_chrf"],
+        final["val_loss"],
+    )
+    return {**final, **scores}
 
 
 __all__ = [

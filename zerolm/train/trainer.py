@@ -1,5 +1,5 @@
-"""The one training loop. Stages (pretrain, sft, reward, dpo, ppo) plug in a batch iterator and a
-loss function; the loop owns precision, accumulation, clipping, schedule, logging, evaluation,
+"""The one training loop. Stages plug in their Batches (next, state_dict, load_state_dict) and a
+loss function returning a LossResult (zerolm/train/run.py builds them into a stage); the loop owns precision, accumulation, clipping, schedule, logging, evaluation,
 checkpoints, exact resume (of the same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite
 losses (skipped, stopped on, or rolled back from: train.nonfinite).
 """
@@ -13,8 +13,9 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -30,13 +31,44 @@ from zerolm.train.checkpoint import (
     save_checkpoint,
 )
 from zerolm.train.fingerprint import check_resume, trainer_fingerprint
+from zerolm.train.losses import LossResult
 from zerolm.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 
-# loss_fn(model, batch) -> (mean loss over the batch's counted tokens, number of counted tokens: int or 0-d
-# tensor) or (loss, n, stats): a dict of 0-d tensors (e.g. DPO's margin) logged as their mean over the step
-LossFn = Callable[[torch.nn.Module, object], tuple]
+LossFn = Callable[[torch.nn.Module, object], LossResult]
+
+
+@runtime_checkable
+class Batches(Protocol):
+    """A stage's batch iterator: next(batches) is one micro-batch; its state_dict is saved in each
+    checkpoint and loaded on resume and rollback, so the data continues where it was."""
+
+    def __next__(self): ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Stream:
+    """Batches without a position to resume from (a plain iterator, e.g. a list in a test): its
+    state is empty, and a resume or rollback does not rewind it."""
+
+    def __init__(self, batches: Iterable):
+        self.it = iter(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.it)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def autocast(precision: str, device: torch.device):
@@ -51,9 +83,7 @@ def measure_peak_flops(
     """Measured matmul FLOP/s of this device in this precision (the MFU denominator): the best of
     a few short trials, so a momentarily busy machine does not deflate it."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(
-        0
-    )  # never touch the global RNG: resume must be exact
+    gen = torch.Generator(device=device).manual_seed(0)  # not the global RNG: resume is exact
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     a @ b
@@ -131,7 +161,7 @@ class Trainer:
         cfg: TrainConfig,
         out_dir: str | Path,
         *,
-        batches: Iterator,
+        batches: Batches,
         loss_fn: LossFn,
         eval_fn: Callable | None = None,
         sample_fn: Callable | None = None,
@@ -141,6 +171,11 @@ class Trainer:
     ):
         """`fingerprint`: the stage's part of what a resume must match (seed, tokenizer, data; see
         fingerprint.py); the model config and the training settings are added here."""
+        if not isinstance(batches, Batches):
+            raise TypeError(
+                f"batches must be Batches (next, state_dict, load_state_dict), not "
+                f"{type(batches).__name__}: wrap a plain iterator in zerolm.train.trainer.Stream"
+            )
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
         self.batches, self.loss_fn = batches, loss_fn
         self.eval_fn, self.sample_fn = eval_fn, sample_fn
@@ -154,11 +189,7 @@ class Trainer:
         self.step = 0
         self.precision = cfg.precision
         self.run = {**(fingerprint or {}), **trainer_fingerprint(model.cfg, cfg)}
-        self.lr_scale, self.bad_steps, self.rollbacks = (
-            1.0,
-            0,
-            0,
-        )  # non-finite handling (train.nonfinite)
+        self.lr_scale, self.bad_steps, self.rollbacks = 1.0, 0, 0  # train.nonfinite handling
         self.changed: list[str] = []  # resumes that train.resume_changed let through, as recorded
         self._saved_step, self._note = -1, {}  # _note: fields for the next log row
         self._signals = _Signals()
@@ -184,9 +215,9 @@ class Trainer:
 
     def _micro_step(self, batch) -> tuple[float, int, dict]:
         with autocast(self.precision, self.device):
-            loss, n, *stats = self._loss(batch)
-        (loss / self.cfg.grad_accum).backward()
-        return loss.item(), int(n), {k: float(v) for k, v in (stats[0] if stats else {}).items()}
+            out = self._loss(batch)
+        (out.loss / self.cfg.grad_accum).backward()
+        return out.loss.item(), int(out.n), {k: float(v) for k, v in out.stats.items()}
 
     def train_step(self) -> dict:
         """One optimizer step. A non-finite loss or gradient norm (checked once the micro-batches are
@@ -280,19 +311,18 @@ class Trainer:
         if self.device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         rng = torch.get_rng_state()
-        state = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+        state = self.batches.state_dict()
         batch = next(self.batches)
         times = {}
         for precision in ("fp32", "bf16", "fp32", "bf16"):
             t0 = time.perf_counter()
             with autocast(precision, self.device):
-                loss, *_ = self.loss_fn(self.model, batch)
+                loss = self.loss_fn(self.model, batch).loss
             loss.backward()
             times[precision] = min(times.get(precision, math.inf), time.perf_counter() - t0)
         self.optimizer.zero_grad(set_to_none=True)
         torch.set_rng_state(rng)
-        if state is not None:
-            self.batches.load_state_dict(state)
+        self.batches.load_state_dict(state)
         choice = "bf16" if times["bf16"] < 0.9 * times["fp32"] else "fp32"
         log.info(
             "precision auto: fp32 %.0f ms, bf16 %.0f ms per micro-batch -> %s",
@@ -311,9 +341,8 @@ class Trainer:
                 "lr_scale": self.lr_scale,
                 "rollbacks": self.rollbacks,
                 "resume_changed": self.changed,
+                "data": self.batches.state_dict(),
             }
-            if hasattr(self.batches, "state_dict"):
-                extra["data"] = self.batches.state_dict()
             path = save_checkpoint(
                 self.out,
                 self.step,
@@ -331,7 +360,7 @@ class Trainer:
         self.step, self.precision = saved["step"], saved["precision"]
         self.lr_scale, self.rollbacks = saved.get("lr_scale", 1.0), saved.get("rollbacks", 0)
         self.changed = list(saved.get("resume_changed", []))
-        if "data" in saved and hasattr(self.batches, "load_state_dict"):
+        if "data" in saved:
             self.batches.load_state_dict(saved["data"])
         self._saved_step = self.step
 
@@ -376,10 +405,9 @@ class Trainer:
             self.precision = self._choose_precision()
             if cfg.nonfinite == "rollback" and not list_checkpoints(self.out):
                 self.save()  # a point to roll back to before the first checkpoint is due
-        peak = measure_peak_flops(self.precision, self.device)
-        log_file = open(
-            self.out / "train_log.jsonl", "a", encoding="utf-8", buffering=1
-        )  # line-buffered: rows survive a kill
+        self._peak = measure_peak_flops(self.precision, self.device)
+        # line-buffered: rows survive a kill
+        log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8", buffering=1)
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -389,65 +417,15 @@ class Trainer:
             dynamic_ncols=True,
         )
         row: dict = {}
-        t_start, step_start, tokens_seen = time.perf_counter(), self.step, 0
+        self._t_start, self._step_start, self._tokens_seen = time.perf_counter(), self.step, 0
         stop = self._signals
         with logging_redirect_tqdm(), stop:  # log lines print above the progress bar
             try:
-                while (
-                    self.step < cfg.steps and not stop.requested
-                ):  # signals land between steps: consistent
-                    t0 = time.perf_counter()
-                    row = {**self.train_step(), **self._note}
-                    self._note = {}
-                    dt = time.perf_counter() - t0
-                    tokens_seen += row["tokens"]
-                    row["tok_per_s"] = row["tokens"] / dt
-                    row["mfu"] = (
-                        self.flops_per_token * row["tokens"] / dt / peak
-                        if self.flops_per_token
-                        else 0.0
-                    )
-                    if "rolled_back_to" in row:
-                        log_file.write(_json_row(row) + "\n")
-                        bar.n = self.step
-                        continue
-                    if self._due(cfg.eval_every):
-                        row.update(self._evaluate())
-                    log_file.write(_json_row(row) + "\n")
-                    bar.update(1)
-                    if self._due(cfg.log_every):
-                        elapsed = time.perf_counter() - t_start
-                        eta = elapsed / max(1, self.step - step_start) * (cfg.steps - self.step)
-                        extra = "".join(f"{k} {row[k]:.4g} | " for k in self.stat_keys)
-                        log.info(
-                            f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
-                            f"gnorm {row['grad_norm']:.2f} | {tokens_seen / elapsed:,.0f} tok/s | "
-                            f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s"
-                        )
-                    if (
-                        self._due(cfg.ckpt_every) and self.bad_steps
-                    ):  # a checkpoint must end on a finite step
-                        log.warning(
-                            "step %d: no checkpoint while the loss is non-finite; %s",
-                            self.step,
-                            last_good(self.out),
-                        )
-                    elif self._due(cfg.ckpt_every):
-                        self.save()
+                # signals land between steps: consistent
+                while self.step < cfg.steps and not stop.requested:
+                    row = self._logged_step(log_file, bar)
                 if stop.requested and self.step < cfg.steps:
-                    if self.bad_steps:
-                        log.info(
-                            f"{stop.requested} at step {self.step}, whose loss is non-finite: no checkpoint saved; "
-                            f"{last_good(self.out)} (resume with --train.resume=true)"
-                        )
-                    else:
-                        log.info(
-                            f"{stop.requested} at step {self.step}: saving a checkpoint (resume with "
-                            "--train.resume=true)"
-                        )
-                        if self._saved_step != self.step:
-                            self.save()
-                    raise KeyboardInterrupt
+                    self._stop_requested(stop.requested)
             except _Abort:
                 log.warning(f"aborted at step {self.step}, nothing saved: {last_good(self.out)}")
                 raise
@@ -455,3 +433,61 @@ class Trainer:
                 bar.close()
                 log_file.close()
         return row
+
+    def _logged_step(self, log_file, bar) -> dict:
+        """One step with its log row, evaluation, log line and checkpoint; returns the row."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        row = {**self.train_step(), **self._note}
+        self._note = {}
+        dt = time.perf_counter() - t0
+        self._tokens_seen += row["tokens"]
+        row["tok_per_s"] = row["tokens"] / dt
+        row["mfu"] = (
+            self.flops_per_token * row["tokens"] / dt / self._peak if self.flops_per_token else 0.0
+        )
+        if "rolled_back_to" in row:
+            log_file.write(_json_row(row) + "\n")
+            bar.n = self.step
+            return row
+        if self._due(cfg.eval_every):
+            row.update(self._evaluate())
+        log_file.write(_json_row(row) + "\n")
+        bar.update(1)
+        if self._due(cfg.log_every):
+            self._log_line(row)
+        if self._due(cfg.ckpt_every) and self.bad_steps:  # a checkpoint must end on a finite step
+            log.warning(
+                "step %d: no checkpoint while the loss is non-finite; %s",
+                self.step,
+                last_good(self.out),
+            )
+        elif self._due(cfg.ckpt_every):
+            self.save()
+        return row
+
+    def _log_line(self, row: dict) -> None:
+        cfg = self.cfg
+        elapsed = time.perf_counter() - self._t_start
+        eta = elapsed / max(1, self.step - self._step_start) * (cfg.steps - self.step)
+        extra = "".join(f"{k} {row[k]:.4g} | " for k in self.stat_keys)
+        log.info(
+            f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
+            f"gnorm {row['grad_norm']:.2f} | {self._tokens_seen / elapsed:,.0f} tok/s | "
+            f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s"
+        )
+
+    def _stop_requested(self, what: str) -> None:
+        """A signal stopped the loop before cfg.steps: save a checkpoint (on a finite step), stop."""
+        if self.bad_steps:
+            log.info(
+                f"{what} at step {self.step}, whose loss is non-finite: no checkpoint saved; "
+                f"{last_good(self.out)} (resume with --train.resume=true)"
+            )
+        else:
+            log.info(
+                f"{what} at step {self.step}: saving a checkpoint (resume with --train.resume=true)"
+            )
+            if self._saved_step != self.step:
+                self.save()
+        raise KeyboardInterrupt

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from zerolm.eval.perplexity import evaluate_lm
+from zerolm.eval.replies import kl_to_reference
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
+from zerolm.model import load_model
 from zerolm.tasks.poems.form import judge
+from zerolm.tokenizer import Tokenizer, check_tokenizers
 
 
 def form_adherence(
@@ -58,17 +62,9 @@ def compare_models(
     say=None,
 ) -> dict:
     """form_adherence of each model directory on the same requests, with the same sampling; with
-    `reference`, each model's KL to it (zerolm.align.stage.kl_to_reference: replies sampled at
+    `reference`, each model's KL to it (zerolm.eval.replies.kl_to_reference: replies sampled at
     temperature 1); with `shards`, its validation bits per byte there. say(line) reports each."""
-    from zerolm.model import load_model
-    from zerolm.tokenizer import Tokenizer
-
-    ref = None
-    if reference:
-        from zerolm.align.stage import kl_to_reference
-        from zerolm.tokenizer import check_tokenizers
-
-        ref = load_model(reference)
+    ref = load_model(reference) if reference else None
     out = {}
     for m in model_dirs:
         model, tok = load_model(m), Tokenizer.load(m)
@@ -92,8 +88,6 @@ def compare_models(
             )
             line += f", KL to the reference {r['kl']:.2f} nats per reply"
         if shards:
-            from zerolm.eval.perplexity import evaluate_lm
-
             r["val_bpb"] = evaluate_lm(model, shards, tok.token_byte_lengths())["val_bpb"]
             line += f", validation {r['val_bpb']:.4f} bits per byte"
         if say:

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from zerolm.config import ModelConfig, TrainConfig
+from zerolm.eval.mode import eval_mode
+from zerolm.model import build_model
+from zerolm.train.losses import lm_loss
+from zerolm.train.trainer import Stream, Trainer
+
+
+def _model():
+    return build_model(
+        ModelConfig(preset="llama", d_model=16, n_layers=1, n_heads=2, max_seq_len=8), 50
+    )
+
+
+def test_eval_mode_restores_the_mode_it_found_even_on_an_error():
+    model = _model().train()
+    with eval_mode(model):
+        assert not model.training and not any(m.training for m in model.modules())
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError
+    assert not model.training
+
+
+def test_the_trainer_takes_batches_with_a_state_and_says_how_to_wrap_an_iterator(tmp_path):
+    data = torch.randint(0, 50, (2, 9))
+    batches = [(data[:, :-1], data[:, 1:])]
+    with pytest.raises(TypeError, match="wrap a plain iterator in zerolm.train.trainer.Stream"):
+        Trainer(_model(), TrainConfig(steps=1), tmp_path, batches=iter(batches), loss_fn=lm_loss)
+    stream = Stream(batches)
+    assert stream.state_dict() == {} and next(stream) is batches[0]
