@@ -14,14 +14,14 @@ from zerolm.model import build_model
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.train import train_tokenizer
 
-# Base shapes of the shared tiny models, by name (a ModelConfig preset; "encdec" is the
-# transformer preset's encoder-decoder). Tests override any field: tiny_model("llama", n_layers=1).
+# Base shapes of the shared tiny models, by ModelConfig preset (bert: the encoder, transformer: the
+# encoder-decoder); dropout is the preset's. Tests override any field: tiny_model("llama", n_layers=1).
 TINY_MODELS: dict[str, dict] = {
     "llama": dict(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
     "gpt2": dict(preset="gpt2", d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
     "simple": dict(preset="simple", d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
     "bert": dict(preset="bert", d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
-    "encdec": dict(arch="encdec", d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
+    "transformer": dict(preset="transformer", d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
 }
 # Chinese verse and English prose: the default text of tiny_tokenizer (both scripts, so chat and
 # poem prompts encode to short ids).
