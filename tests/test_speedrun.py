@@ -119,6 +119,7 @@ def test_speedrun_on_a_path_trains_on_that_text_only(english, tmp_path, capsys):
     assert "明月" not in printed and "form adherence" not in printed and "poem" not in printed
 
 
+@pytest.mark.slow
 def test_speedrun_chat_stage_on_english_text_uses_english_conversations(english, tmp_path, capsys):
     out, recipe = tmp_path / "run", tmp_path / "tiny-sft.toml"
     recipe.write_text(TINY_SFT, encoding="utf-8")
