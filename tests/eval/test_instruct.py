@@ -78,7 +78,6 @@ def test_form_adherence_is_the_judged_share_of_greedy_answers(poet):
     assert form_adherence(model, tok, [])["n"] == 0
 
 
-@pytest.mark.slow
 def test_compare_models_on_the_same_requests_with_kl_to_the_reference(poet, tiny_model, tmp_path):
     model, tok = poet
     poet_dir, other_dir = tmp_path / "poet", tmp_path / "other"
