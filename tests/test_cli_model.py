@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs the CLI in subprocesses
+
 
 def zerolm(*args, cwd=None):
     return subprocess.run(

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 
 def run_under_umask(umask: int, script: str, cwd: Path) -> None:
     r = subprocess.run(
@@ -42,6 +44,7 @@ def assert_modes(root: Path, file_mode: int, dir_mode: int) -> None:
     assert found and not wrong, wrong
 
 
+@pytest.mark.slow
 def test_a_whole_job_under_umask_022_writes_0644_files_and_0755_directories(tmp_path):
     """prepare -> 2-step pretrain (checkpoint, model, tokenizer, log, config) -> HF export -> import."""
     rng = random.Random(0)

@@ -1,14 +1,21 @@
 """`zerolm speedrun PATH` on the user's own text: nothing of the bundled Tang poems gets in, the
 samples start from the user's held-out documents, and the chat stage picks data that fits."""
 
+import json
+import lzma
+import math
 import random
 import re
+from itertools import islice
 
 import pytest
 
 from zerolm.cli import main
 from zerolm.data.prepare import read_docs
 from zerolm.data.shards import load_meta, open_split
+from zerolm.eval.perplexity import evaluate_lm
+from zerolm.infer.chat import chat_request, replies
+from zerolm.model import load_model
 from zerolm.speedrun import chat_data, sample_prompts, text_language
 from zerolm.tokenizer import Tokenizer
 
@@ -112,6 +119,7 @@ def test_speedrun_on_a_path_trains_on_that_text_only(english, tmp_path, capsys):
     assert "明月" not in printed and "form adherence" not in printed and "poem" not in printed
 
 
+@pytest.mark.slow
 def test_speedrun_chat_stage_on_english_text_uses_english_conversations(english, tmp_path, capsys):
     out, recipe = tmp_path / "run", tmp_path / "tiny-sft.toml"
     recipe.write_text(TINY_SFT, encoding="utf-8")
@@ -183,22 +191,12 @@ def test_language_and_prompts_come_from_the_documents():
     assert sample_prompts([]) == ["", ""]
 
 
-def test_a_chat_reply_after_a_conversation_longer_than_the_window_still_comes(caplog):
+def test_a_chat_reply_after_a_conversation_longer_than_the_window_still_comes(
+    caplog, tiny_model, tiny_tokenizer
+):
     # the SFT stage's samples on English chit-chat: multi-turn openers overflow a small window
-    from zerolm.config import ModelConfig, TokenizerConfig
-    from zerolm.infer.chat import chat_request, replies
-    from zerolm.model import build_model
-    from zerolm.tokenizer.train import train_tokenizer
-
-    tok = train_tokenizer(
-        TokenizerConfig(vocab_size=300, min_frequency=1),
-        ["hello there, friend " * 50],
-        progress=False,
-    )
-    model = build_model(
-        ModelConfig(preset="llama", d_model=32, n_layers=1, n_heads=2, max_seq_len=32),
-        vocab_size=tok.vocab_size,
-    )
+    tok = tiny_tokenizer("bpe", ["hello there, friend " * 50])
+    model = tiny_model("llama", vocab_size=tok.vocab_size, n_layers=1, n_heads=2, max_seq_len=32)
     long = [{"role": "user", "content": "hello there, friend " * 20}]
     reply, _ = replies(
         model, tok, [long, [{"role": "user", "content": "hi"}]], chat_request(tok, 96, seed=0)
@@ -206,3 +204,62 @@ def test_a_chat_reply_after_a_conversation_longer_than_the_window_still_comes(ca
     assert (
         isinstance(reply, str) and "keeping the last" in caplog.text
     )  # the prompt's end kept, with a warning
+
+
+TINY_POEM_SFT = TINY_SFT.replace("[train]", '[sft]\nbuiltin = ["poems"]\n\n[train]')
+TINY_POEMS = [
+    *(a for a in TINY if not a.startswith(("--tokenizer", "--model.max_seq_len"))),
+    "--model.max_seq_len=128",  # a poem request and its answer fit
+    "--tokenizer.kind=char",  # one token per character: the 200 poems use ~1,800 characters
+    "--tokenizer.vocab_size=2000",
+    "--data.dedup=none",
+]
+
+
+@pytest.fixture
+def tang_200(tmp_path, monkeypatch):
+    """The bundled Tang corpus cut to its first 200 poems (the whole one takes ~40 s to prepare)."""
+    import zerolm.data.prepare
+    import zerolm.data.sources
+
+    with lzma.open(zerolm.data.sources.corpus_path("tang"), "rt", encoding="utf-8") as f:
+        head = "".join(islice(f, 200))
+    path = tmp_path / "tang.jsonl.xz"
+    with lzma.open(path, "wt", encoding="utf-8") as f:
+        f.write(head)
+    for module in (zerolm.data.sources, zerolm.data.prepare):
+        monkeypatch.setattr(module, "corpus_path", lambda name: path)
+    return [json.loads(line) for line in head.splitlines()]
+
+
+@pytest.mark.slow
+def test_speedrun_on_the_poems_pretrains_then_fine_tunes_for_the_requested_form(
+    tang_200, tmp_path, capsys
+):
+    out, recipe = tmp_path / "run", tmp_path / "tiny-sft.toml"
+    recipe.write_text(TINY_POEM_SFT, encoding="utf-8")
+    argv = ["speedrun", "--out", str(out), "--sft-config", str(recipe), "--eval-requests", "4"]
+    assert main([*argv, *TINY_POEMS]) == 0
+    printed = capsys.readouterr().out
+    for d in ("docs", "shards", "tokenizer", "model", "sft/model"):
+        assert (out / d).is_dir(), d
+    docs = _docs(out)
+    assert len(docs) == 200 and {d["text"] for d in docs} == {d["text"] for d in tang_200}
+    # the figure printed is the saved model's bits per byte on the whole held-out split
+    bpb = float(re.search(r"final validation bits per byte: (\S+)", printed).group(1))
+    model, tok = load_model(out / "model"), Tokenizer.load(out / "model")
+    assert math.isfinite(bpb) and bpb == pytest.approx(
+        evaluate_lm(model, out / "shards", tok.token_byte_lengths())["val_bpb"], abs=1e-4
+    )
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 3 and math.isfinite(log[-1]["val_bpb"])
+    samples = printed.split("samples")[1].split("final validation")[0]
+    val = list(read_docs(out / "docs" / "val.jsonl"))  # prompted with two poems' first 2 characters
+    assert len(val) >= 2 and all("\n  " + d["text"][:2] in samples for d in val[:2])
+    # the SFT stage: the given recipe on poem requests made from the pretraining run's documents
+    cfg = (out / "sft" / "config.toml").read_text(encoding="utf-8")
+    assert 'builtin = ["poems"]' in cfg and "steps = 2" in cfg and str(out / "docs") in cfg
+    sft_log = [json.loads(x) for x in (out / "sft" / "train_log.jsonl").read_text().splitlines()]
+    assert sft_log[-1]["step"] == 2
+    assert re.search(r"requested form \(4, greedy\): base \d+\.\d% -> SFT \d+\.\d%", printed)
+    assert printed.count("  user: ") == 3 and "zerolm chat " + str(out / "sft" / "model") in printed

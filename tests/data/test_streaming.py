@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def _peak_rss_mb(tmp_path, name, n_docs, doc_words):
     src = tmp_path / f"{name}.jsonl"
@@ -33,6 +35,7 @@ def _peak_rss_mb(tmp_path, name, n_docs, doc_words):
     return float(r.stdout.strip()), src.stat().st_size / 2**20
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_text_size(tmp_path):
     # same documents, 4x as many: every per-document working set is the same, only the total differs
     small, small_mb = _peak_rss_mb(tmp_path, "small", 100, 5000)  # ~3 MB of text

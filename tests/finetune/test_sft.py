@@ -122,6 +122,7 @@ def test_sft_input_errors(base, tmp_path):
     assert not any((base / d).exists() for d in ("bad", "badlora", "badset"))  # nothing written
 
 
+@pytest.mark.slow
 def test_chat_cli_one_shot_and_repl(full):
     model = full.model_dir
     one = subprocess.run(

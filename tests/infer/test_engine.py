@@ -181,6 +181,7 @@ def test_cache_slots_join_and_leave_like_continuous_batching(preset, over):
 @pytest.mark.parametrize(
     "preset, over", [("llama", {"n_kv_heads": 2, "sliding_window": 6}), ("gpt2", {})]
 )
+@pytest.mark.slow
 def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(
     preset, over, tmp_path, caplog
 ):
@@ -229,6 +230,7 @@ def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(
     assert "loaded the compiled decode step" in caplog.text and "compiling" not in caplog.text
 
 
+@pytest.mark.slow
 def test_compiled_engine_without_a_cpp_compiler_warns_and_decodes_eagerly(caplog, tmp_path):
     model = make("llama")
     req = GenerateRequest(max_new_tokens=8, sampling=GREEDY)
@@ -247,6 +249,7 @@ def test_compiled_engine_without_a_cpp_compiler_warns_and_decodes_eagerly(caplog
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
+@pytest.mark.slow
 def test_a_damaged_saved_program_is_compiled_again(tmp_path, caplog):
     from zerolm.infer.compiled import program_key
     from zerolm.infer.kv_cache import KVCache

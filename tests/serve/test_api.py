@@ -275,6 +275,7 @@ def test_attention_of_generated_tokens_lines_up_with_the_reply(live, client, mod
     assert bad[0] == 400 and bad[2]["error"]["param"] == "continuation"
 
 
+@pytest.mark.slow
 def test_zerolm_serve_command(model_dir):
     """`zerolm serve` as a user runs it: a process on 127.0.0.1 that answers, and stops on SIGTERM."""
     import socket

@@ -7,7 +7,7 @@ import pytest
 
 from zerolm.serve.app import Limits
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

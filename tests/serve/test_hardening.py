@@ -462,6 +462,7 @@ def test_a_flood_of_identical_errors_logs_one_line_per_interval():
     assert "999 more like this" in records[-1].getMessage()
 
 
+@pytest.mark.slow
 def test_serve_process_at_its_fd_limit_answers_and_sigterm_ends_it_in_time(model_dir):
     """`zerolm serve` with 256 file descriptors: 300 idle sockets leave it answering, with a short log;
     a client that never reads its stream does not keep it alive past --shutdown-timeout."""

@@ -134,6 +134,7 @@ def test_evaluate_mlm_figures():
     assert set(evaluate_mlm(model, batches, nsp=False)) == {"val_mlm_loss", "val_mlm_acc"}
 
 
+@pytest.mark.slow
 def test_tiny_bert_pretrain_via_cli_loss_decreases(tmp_path):
     """A few hundred documents of a tiny grammar; MLM falls from ~log(V) to well below it."""
     rng = random.Random(0)

@@ -72,6 +72,7 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, precision):
     """train.compile compiles the whole loss function: same losses and updates as eager mode."""
     data = torch.randint(0, 50, (3, 4, 17), generator=torch.Generator().manual_seed(0))
@@ -96,6 +97,7 @@ def test_compiled_training_matches_eager(tmp_path, precision):
         assert torch.allclose(runs[1][1][k], v, atol=10 * tol), k
 
 
+@pytest.mark.slow
 def test_failed_compile_falls_back_to_eager(tmp_path, caplog):
     import torch._inductor.config as inductor_config
 
@@ -208,6 +210,7 @@ def _wait_for(path, proc, timeout=300):
 
 
 @pytest.mark.parametrize("how", ["kill", "ctrl-c", "sigterm", "double-ctrl-c"])
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_corpus, uninterrupted, how):
     out = tiny_corpus / f"resume-{how}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
