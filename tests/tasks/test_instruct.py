@@ -5,11 +5,11 @@ on the same requests, with KL to a reference (0 to itself)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from zerolm.eval.poem_form import judge
 
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model import save_model
+from zerolm.tasks.poems.form import judge
 from zerolm.tasks.poems.instruct import compare_models, form_adherence
 from zerolm.tokenizer.chat import render
 
