@@ -282,9 +282,9 @@ def _sampling(args):
 
 def cmd_chat(args, extra):
     from zerolm.infer.chat import repl
-    from zerolm.infer.engine import decode_layout
     from zerolm.model import load_model
     from zerolm.tokenizer import Tokenizer
+    from zerolm.transforms.layout import decode_layout
 
     model = decode_layout(load_model(args.model))
     repl(
@@ -363,11 +363,12 @@ def cmd_eval_poems(args, extra):
 
 
 def cmd_generate(args, extra):
-    from zerolm.infer.engine import Engine, GenerateRequest, decode_layout
+    from zerolm.infer.engine import Engine, GenerateRequest
     from zerolm.infer.stop import StopStrings
     from zerolm.model import load_model
     from zerolm.tokenizer import EOS, Tokenizer
     from zerolm.tokenizer.stream import StreamDecoder
+    from zerolm.transforms.layout import decode_layout
 
     model = decode_layout(load_model(args.model))
     tok = Tokenizer.load(args.model)

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from zerolm.config import ModelConfig
-from zerolm.infer.engine import decode_layout
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.attention import attention_weights
 from zerolm.model import build_model, load_model
 from zerolm.model.layers import apply_rope
 from zerolm.serve.scheduler import Job, Scheduler
+from zerolm.transforms.layout import decode_layout
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9)
