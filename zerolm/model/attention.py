@@ -160,10 +160,8 @@ class FusedQKVAttention(Attention):
     def project(self, x, rope=None):
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.h + 2 * self.kv, self.dh).transpose(1, 2)
-        qk, v = (
-            qkv[:, : self.h + self.kv],
-            qkv[:, self.h + self.kv :],
-        )  # (B, H+K, T, Dh), (B, K, T, Dh)
+        n = self.h + self.kv
+        qk, v = qkv[:, :n], qkv[:, n:]  # (B, H+K, T, Dh), (B, K, T, Dh)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
         return qk[:, : self.h], qk[:, self.h :], v
