@@ -58,13 +58,14 @@ import transformers
 from common import cpu_info  # bench/common.py (scripts run from bench/)
 
 from zerolm.config import ModelConfig
-from zerolm.infer.engine import Engine, GenerateRequest, decode_layout
+from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
 from zerolm.interop.hf import export_hf
 from zerolm.model import build_model
-from zerolm.model.attention import Attention
-from zerolm.model.layers import FFN
+from zerolm.model.attention import Attention, FusedQKVAttention
+from zerolm.model.layers import FFN, FusedGateUpFFN
+from zerolm.transforms.layout import decode_layout
 
 SIZES = {
     "10M": dict(d_model=384, n_layers=6, n_heads=6, vocab_size=8192),
@@ -136,16 +137,14 @@ def matvec_seconds(model, repeats: int = 20) -> tuple[float, int]:
     q/k/v and gate/up matrices where decode_layout made them, every other linear, the head."""
     mats = []
     for mod in model.modules():
-        if isinstance(mod, Attention):
-            mats += (
-                [mod.fused_qkv[0]]
-                if hasattr(mod, "fused_qkv")
-                else [mod.q.weight, mod.k.weight, mod.v.weight]
-            )
-            mats.append(mod.o.weight)
+        if isinstance(mod, FusedQKVAttention):
+            mats += [mod.wqkv.weight, mod.o.weight]
+        elif isinstance(mod, Attention):
+            mats += [mod.q.weight, mod.k.weight, mod.v.weight, mod.o.weight]
+        elif isinstance(mod, FusedGateUpFFN):
+            mats += [mod.gate_up.weight, mod.down.weight]
         elif isinstance(mod, FFN):
-            mats += [mod.fused_gate_up[0]] if hasattr(mod, "fused_gate_up") else [mod.up.weight]
-            mats.append(mod.down.weight)
+            mats += [mod.up.weight, mod.down.weight]
     mats.append(model.tok_emb.weight if model.lm_head is None else model.lm_head.weight)
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
     times = []

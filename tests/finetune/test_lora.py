@@ -3,10 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from zerolm.config import ModelConfig
-from zerolm.infer.engine import Engine, GenerateRequest, decode_layout
+from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.interop.hf import export_hf
 from zerolm.model import build_model, load_model, save_model
+from zerolm.transforms.layout import decode_layout
 from zerolm.transforms.lora import (
     LoRAConfig,
     LoRALinear,

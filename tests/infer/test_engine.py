@@ -107,32 +107,6 @@ def test_context_policy(caplog):
         engine.generate([[1]], GenerateRequest(max_new_tokens=40))
 
 
-@pytest.mark.parametrize("preset, kw", [("llama", {"n_kv_heads": 2}), ("gpt2", {})])
-def test_decode_layout_keeps_values_and_outputs(tmp_path, preset, kw):
-    from zerolm.infer.engine import decode_layout
-    from zerolm.model import load_model, save_model
-
-    model = make(preset, **kw)
-    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
-    req = GenerateRequest(max_new_tokens=10, sampling=GREEDY)
-    with torch.no_grad():
-        before_logits, before = model(ids), Engine(model).generate(PROMPTS, req)
-    decode_layout(model)
-    attn = model.blocks[0].attn
-    assert not attn.q.weight.is_contiguous()  # the layout really changed
-    assert (
-        attn.fused_qkv[0].data_ptr() == attn.q.weight.data_ptr()
-    )  # q is a view of the fused matrix
-    assert hasattr(model.blocks[0].ffn, "fused_gate_up") == (preset == "llama")  # SwiGLU only
-    with torch.no_grad():  # the fused path
-        assert torch.allclose(model(ids), before_logits, atol=1e-5)
-    assert Engine(model).generate(PROMPTS, req) == before
-    model(ids).sum().backward()  # with autograd the per-matrix path runs: gradients reach q, k, v
-    assert attn.q.weight.grad is not None and attn.v.weight.grad.abs().sum() > 0
-    save_model(model, tmp_path / "m")  # still saves (contiguous copies) and reloads the same values
-    assert torch.allclose(load_model(tmp_path / "m")(ids), before_logits, atol=1e-5)
-
-
 @pytest.mark.parametrize(
     "preset, over", [("llama", {"n_kv_heads": 2, "sliding_window": 6}), ("gpt2", {})]
 )
@@ -190,8 +164,8 @@ def test_compiled_decode_matches_eager_and_compiles_once_per_batch_size(
     lengths, up to the whole window, reuse the program of their batch size (positions and the
     attended span are inputs of the exported step); a later engine on the same model loads the
     saved programs instead of compiling."""
-    from zerolm.infer.engine import decode_layout
     from zerolm.infer.kv_cache import KVCache
+    from zerolm.transforms.layout import decode_layout
 
     model = decode_layout(make(preset, **over))
     eager, compiled = Engine(model), Engine(model, compile=True, program_dir=str(tmp_path))

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from zerolm.config import ModelConfig
-from zerolm.infer.engine import decode_layout
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.attention import attention_weights
 from zerolm.model import build_model, load_model
 from zerolm.model.layers import apply_rope
 from zerolm.serve.scheduler import Job, Scheduler
+from zerolm.transforms.layout import decode_layout
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9)
@@ -316,8 +316,9 @@ def hooked_attention_weights(model, ids, layer):
         handle.remove()
     x, T = seen["x"].float(), len(ids)
     with torch.inference_mode():
-        q = attn.q(x).view(1, T, attn.h, attn.dh).transpose(1, 2)
-        k = attn.k(x).view(1, T, attn.kv, attn.dh).transpose(1, 2)
+        w = attn.state_dict()  # the split q, k weights, also of a decode-laid-out model
+        q = (x @ w["q.weight"].T).view(1, T, attn.h, attn.dh).transpose(1, 2)
+        k = (x @ w["k.weight"].T).view(1, T, attn.kv, attn.dh).transpose(1, 2)
         q, k = apply_rope(q, *seen["rope"]), apply_rope(k, *seen["rope"])
         k = k.repeat_interleave(attn.h // attn.kv, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.dh)

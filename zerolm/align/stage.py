@@ -73,7 +73,7 @@ def encoded_pairs(
 ) -> tuple[dict[str, list], dict]:
     """{"train": [...], "val": [...]} of encode(tok, pair, window) for every pair that fits the
     window (None: it does not), and a summary of where the pairs came from."""
-    from zerolm.infer.engine import decode_layout
+    from zerolm.transforms.layout import decode_layout
 
     sampler = decode_layout(
         load_model(base)

@@ -7,10 +7,10 @@ from zerolm.commands.common import add_recipe_args, compile_arg, resolve_config,
 
 def main(args, extra) -> None:
     from zerolm.infer.chat import repl
-    from zerolm.infer.engine import decode_layout
     from zerolm.infer.text import sampling_params
     from zerolm.model import load_model
     from zerolm.tokenizer import Tokenizer
+    from zerolm.transforms.layout import decode_layout
 
     sample = resolve_config(args, extra, sample={"temperature": 0.7, "max_new_tokens": 96}).sample
     model = decode_layout(load_model(args.model))

@@ -66,48 +66,6 @@ def fit_prompts(
     return out
 
 
-def _fuse(owner, names: tuple[str, ...], attr: str) -> None:
-    """Lay the weights of owner's linears `names` side by side in one contiguous (in, sum out)
-    matrix; each linear's weight (and bias) becomes a view into it, and owner.<attr> holds the
-    fused (weight, bias, sizes) for one matrix-vector product instead of several."""
-    lins = [getattr(owner, n) for n in names]
-    if any(type(lin) is not torch.nn.Linear for lin in lins):  # e.g. LoRA-wrapped: leave as is
-        return
-    wt = torch.cat([lin.weight for lin in lins]).t().contiguous()  # (in, sum out)
-    bias = torch.cat([lin.bias for lin in lins]) if lins[0].bias is not None else None
-    start = 0
-    for lin in lins:
-        end = start + lin.out_features
-        lin.weight.data = wt[:, start:end].t()  # same values, now a view of the fused matrix
-        if bias is not None:
-            lin.bias.data = bias[start:end]
-        start = end
-    setattr(owner, attr, (wt.t(), bias, [lin.out_features for lin in lins]))
-
-
-@torch.no_grad()
-def decode_layout(model):
-    """Inference layout, same values, shapes and state_dict: q/k/v (and SwiGLU gate/up) weights
-    become views of one fused matrix, so a decode step makes one matrix-vector product where it
-    made three (two), measured +10 % batch-1 tokens/s at 10 M; and every linear weight (out, in) is
-    stored as the transpose of a contiguous (in, out) matrix, so x @ W.T streams W row by row
-    (measured ~1.3x for batch-1 fp32 decode here). The fused path runs only without autograd; the
-    trainer keeps the plain layout so its kernels, and its resumed losses, never change. Apply to
-    a model whose parameters will not be replaced afterwards (load_state_dict(assign=True))."""
-    from zerolm.model.attention import Attention
-    from zerolm.model.layers import FFN
-
-    for mod in model.modules():
-        if isinstance(mod, Attention):
-            _fuse(mod, ("q", "k", "v"), "fused_qkv")
-        elif isinstance(mod, FFN) and mod.gate is not None:
-            _fuse(mod, ("gate", "up"), "fused_gate_up")
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear) and mod.weight.is_contiguous():
-            mod.weight.data = mod.weight.data.t().contiguous().t()
-    return model
-
-
 class Engine:
     """compile=True: decode steps of all of a cache's slots run as one ahead-of-time compiled
     program per batch size (torch.export + AOTInductor, COMPILE_OPTIONS): C++ kernels and a C++

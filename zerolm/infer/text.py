@@ -10,12 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from zerolm.config import SampleConfig
-from zerolm.infer.engine import Engine, GenerateRequest, decode_layout
+from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.infer.stop import StopStrings, find_stop
 from zerolm.model import load_model
 from zerolm.tokenizer import EOS, Tokenizer
 from zerolm.tokenizer.stream import StreamDecoder
+from zerolm.transforms.layout import decode_layout
 
 
 def sampling_params(cfg: SampleConfig) -> SamplingParams:

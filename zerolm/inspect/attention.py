@@ -7,7 +7,6 @@ import math
 import torch
 
 from zerolm.model.attention import attention_mask
-from zerolm.model.layers import apply_rope
 
 
 @torch.inference_mode()
@@ -44,11 +43,8 @@ def attention_weights(model, ids: list[int], layer: int) -> torch.Tensor:
     block = model.blocks[layer]
     attn = block.attn
     x = (block.norm1(x) if block.pre else x).float()  # the attention's input
-    q = attn.q(x).view(1, T, attn.h, attn.dh).transpose(1, 2)  # (1, H, T, Dh)
-    k = attn.k(x).view(1, T, attn.kv, attn.dh).transpose(1, 2)  # (1, K, T, Dh)
-    if rope is not None:
-        cos, sin = (t.float() for t in rope)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rope = None if rope is None else (rope[0].float(), rope[1].float())
+    q, k, _ = attn.project(x, rope)  # (1, H, T, Dh), (1, K, T, Dh), rotated; split or fused
     k = k.repeat_interleave(attn.h // attn.kv, dim=1)  # (1, H, T, Dh)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.dh)  # (1, H, T, T)
     allowed = pos[None, :] <= pos[:, None]

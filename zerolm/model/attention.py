@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerolm.model.layers import apply_rope
+from zerolm.model.layers import apply_rope, split_keys
 
 
 def attention_mask(T: int, device=None, window: int = 0, segments=None):
@@ -63,22 +63,45 @@ def attend(q, k, v, mask=None, dropout_p: float = 0.0):
 
 
 class Attention(nn.Module):
+    """Self- or cross-attention with q, k, v as three linears: the layout training and LoRA use.
+    FusedQKVAttention (transforms.layout.decode_layout) is the same math stored as one matrix."""
+
     def __init__(self, d: int, n_heads: int, n_kv_heads: int, bias: bool, dropout: float):
         super().__init__()
         self.h, self.kv, self.dh = n_heads, n_kv_heads, d // n_heads
-        self.q = nn.Linear(d, n_heads * self.dh, bias=bias)
-        self.k = nn.Linear(d, n_kv_heads * self.dh, bias=bias)
-        self.v = nn.Linear(d, n_kv_heads * self.dh, bias=bias)
+        self.init_projections(d, bias)  # registered before `o`: init_weights draws in this order
         self.o = nn.Linear(n_heads * self.dh, d, bias=bias)
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
 
+    def init_projections(self, d: int, bias: bool) -> None:
+        self.q = nn.Linear(d, self.h * self.dh, bias=bias)
+        self.k = nn.Linear(d, self.kv * self.dh, bias=bias)
+        self.v = nn.Linear(d, self.kv * self.dh, bias=bias)
+
+    def project_q(self, x):
+        """Queries (B, H, T, Dh) of x (B, T, D), not rotated."""
+        B, T, _ = x.shape
+        return self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)
+
+    def project_kv_heads(self, x):
+        """Keys and values (B, K, T, Dh) of x (B, T, D), not rotated."""
+        B, T, _ = x.shape
+        k = self.k(x).view(B, T, self.kv, self.dh).transpose(1, 2)
+        v = self.v(x).view(B, T, self.kv, self.dh).transpose(1, 2)
+        return k, v
+
+    def project(self, x, rope=None):
+        """Self-attention q (B, H, T, Dh), k, v (B, K, T, Dh) of x (B, T, D), q and k rotated."""
+        q, (k, v) = self.project_q(x), self.project_kv_heads(x)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
     def project_kv(self, memory):
         """Cross-attention keys and values (B, H, S, Dh) of an encoder memory (B, S, D): computed once
         per source and passed to every call as `kv` (already repeated to H heads, contiguous)."""
-        B, S, _ = memory.shape
-        k = self.k(memory).view(B, S, self.kv, self.dh).transpose(1, 2)  # (B, K, S, Dh)
-        v = self.v(memory).view(B, S, self.kv, self.dh).transpose(1, 2)
+        k, v = self.project_kv_heads(memory)  # (B, K, S, Dh)
         if self.kv != self.h:
             k, v = (
                 k.repeat_interleave(self.h // self.kv, dim=1),
@@ -90,29 +113,10 @@ class Attention(nn.Module):
         """x (B, T, D) -> (B, T, D). kv: cross-attention keys/values from project_kv (then `mask` is
         the (B|1, 1, 1|T, S) allowed memory positions; None only when T == 1)."""
         B, T, _ = x.shape
-        fused = getattr(self, "fused_qkv", None)  # set by infer.engine.decode_layout
         if kv is not None:
-            q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
-            k, v = kv  # (B, H, S, Dh)
-        elif fused is not None and not torch.is_grad_enabled():
-            qkv = (
-                F.linear(x, fused[0], fused[1])
-                .view(B, T, self.h + 2 * self.kv, self.dh)
-                .transpose(1, 2)
-            )
-            qk, v = (
-                qkv[:, : self.h + self.kv],
-                qkv[:, self.h + self.kv :],
-            )  # (B, H+K, T, Dh), (B, K, T, Dh)
-            if rope is not None:
-                qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
-            q, k = qk[:, : self.h], qk[:, self.h :]
+            q, (k, v) = self.project_q(x), kv  # (B, H, T, Dh), (B, H, S, Dh)
         else:
-            q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
-            k = self.k(x).view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
-            v = self.v(x).view(B, T, self.kv, self.dh).transpose(1, 2)  # (B, K, T, Dh)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k, v = self.project(x, rope)  # (B, H, T, Dh), (B, K, T, Dh)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh)
         if self.kv != self.h and kv is None:
@@ -121,3 +125,43 @@ class Attention(nn.Module):
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.h * self.dh)
         return self.resid_drop(self.o(y))
+
+
+class FusedQKVAttention(Attention):
+    """Attention with q, k, v stored once, as the rows of one linear `wqkv` ((H+2K)·Dh, D), as in
+    gpt-fast: a decode step makes one matrix-vector product where Attention makes three (+10 %
+    batch-1 tokens/s at 10 M), and rotates queries and keys in one go. Its state_dict holds the
+    split q/k/v keys and loading accepts them, so checkpoints never see this layout. Exact under
+    autograd as well (gradients reach wqkv), but only decode_layout builds it: training keeps the
+    split layout, so its kernels and resumed losses do not change."""
+
+    def init_projections(self, d: int, bias: bool) -> None:
+        self.wqkv = nn.Linear(d, (self.h + 2 * self.kv) * self.dh, bias=bias)
+        split_keys(
+            self, "wqkv", {"q": self.h * self.dh, "k": self.kv * self.dh, "v": self.kv * self.dh}
+        )
+
+    def _rows(self, start: int, end: int | None = None):
+        """(weight, bias) of rows start:end of wqkv: the q rows, or the k and v rows."""
+        w, b = self.wqkv.weight, self.wqkv.bias
+        return w[start:end], None if b is None else b[start:end]
+
+    def project_q(self, x):
+        B, T, _ = x.shape
+        q = F.linear(x, *self._rows(0, self.h * self.dh))
+        return q.view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+
+    def project_kv_heads(self, x):
+        B, T, _ = x.shape
+        kv = F.linear(x, *self._rows(self.h * self.dh))
+        kv = kv.view(B, T, 2 * self.kv, self.dh).transpose(1, 2)  # (B, 2K, T, Dh)
+        return kv[:, : self.kv], kv[:, self.kv :]
+
+    def project(self, x, rope=None):
+        B, T, _ = x.shape
+        qkv = self.wqkv(x).view(B, T, self.h + 2 * self.kv, self.dh).transpose(1, 2)
+        n = self.h + self.kv
+        qk, v = qkv[:, :n], qkv[:, n:]  # (B, H+K, T, Dh), (B, K, T, Dh)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
+        return qk[:, : self.h], qk[:, self.h :], v

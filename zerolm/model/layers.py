@@ -27,14 +27,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):  # (B, T, D)
-        if (
-            x.dtype == torch.float32 and not torch.is_grad_enabled()
-        ):  # inference: one fused op, same math
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         y = self.weight * xf.to(x.dtype)
         return y.to(matmul_dtype(x)) if self.feeds_matmul else y
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm as one F.rms_norm call for float32 inputs (decode_layout): the same values as
+    RMSNorm's float32 ops, bit for bit on this CPU, in one kernel instead of five. Training keeps
+    RMSNorm, whose backward (and bf16 rounding) the trainer's losses were measured with."""
+
+    def forward(self, x):  # (B, T, D)
+        if x.dtype != torch.float32:
+            return super().forward(x)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -62,26 +69,77 @@ class FFN(nn.Module):
 
     def __init__(self, d: int, d_ff: int, kind: str, bias: bool, dropout: float):
         super().__init__()
-        self.kind = kind
-        self.up = nn.Linear(d, d_ff, bias=bias)
-        self.gate = nn.Linear(d, d_ff, bias=bias) if kind == "swiglu" else None
+        self.kind, self.d_ff = kind, d_ff
+        self.init_inputs(d, d_ff, bias)  # registered before `down`: init_weights draws in order
         self.down = nn.Linear(d_ff, d, bias=bias)
         self.drop = nn.Dropout(dropout)
 
+    def init_inputs(self, d: int, d_ff: int, bias: bool) -> None:
+        self.up = nn.Linear(d, d_ff, bias=bias)
+        self.gate = nn.Linear(d, d_ff, bias=bias) if self.kind == "swiglu" else None
+
+    def inner(self, x):  # (B, T, D) -> (B, T, F)
+        if self.kind == "swiglu":
+            return F.silu(self.gate(x)) * self.up(x)
+        if self.kind == "gelu":
+            return F.gelu(self.up(x), approximate="tanh")
+        if self.kind == "gelu_erf":
+            return F.gelu(self.up(x))
+        return F.relu(self.up(x))
+
     def forward(self, x):  # (B, T, D)
-        fused = getattr(self, "fused_gate_up", None)  # set by infer.engine.decode_layout
-        if fused is not None and not torch.is_grad_enabled():
-            g, u = F.linear(x, fused[0], fused[1]).split(fused[2], dim=-1)
-            h = F.silu(g) * u  # (B, T, F)
-        elif self.kind == "swiglu":
-            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, F)
-        elif self.kind == "gelu":
-            h = F.gelu(self.up(x), approximate="tanh")
-        elif self.kind == "gelu_erf":
-            h = F.gelu(self.up(x))
-        else:
-            h = F.relu(self.up(x))
-        return self.drop(self.down(h))
+        return self.drop(self.down(self.inner(x)))
+
+
+class FusedGateUpFFN(FFN):
+    """SwiGLU FFN with gate and up stored once, as the rows of one linear `gate_up` (2F, D): one
+    matrix-vector product per decode step instead of two (decode_layout). Its state_dict holds the
+    split up/gate keys and loading accepts them; exact under autograd, used only for inference."""
+
+    def init_inputs(self, d: int, d_ff: int, bias: bool) -> None:
+        if self.kind != "swiglu":
+            raise ValueError(f"FusedGateUpFFN needs ffn='swiglu' (got {self.kind!r}): use FFN")
+        self.gate_up = nn.Linear(d, 2 * d_ff, bias=bias)
+        split_keys(self, "gate_up", {"gate": d_ff, "up": d_ff}, order=("up", "gate"))
+
+    def inner(self, x):  # (B, T, D) -> (B, T, F)
+        g, u = self.gate_up(x).split(self.d_ff, dim=-1)
+        return F.silu(g) * u
+
+
+def split_keys(
+    module: nn.Module, fused: str, parts: dict[str, int], order: tuple[str, ...] | None = None
+) -> None:
+    """State-dict hooks for a module whose linears `parts` (name -> out features, in row order)
+    are stored as the rows of one linear `fused` (gpt-fast's load hook, both ways): state_dict
+    gives the split keys (views), in the split module's order (`order` of parts, default as
+    given), and load_state_dict accepts them, so checkpoints keep their keys and shapes."""
+    names, sizes = list(parts), list(parts.values())
+    rank = {n: i for i, n in enumerate(order or names)}
+
+    def save(mod, state, prefix, _meta):
+        own = {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        for kind in ("weight", "bias"):
+            t = own.pop(f"{fused}.{kind}", None)
+            if t is not None:
+                own.update({f"{n}.{kind}": s for n, s in zip(names, t.split(sizes))})
+        # the parts first, where `fused` stood (registered before the other children); stable
+        # sort: each part's weight before its bias
+        first = sorted(
+            (k for k in own if k.split(".")[0] in rank), key=lambda k: rank[k.split(".")[0]]
+        )
+        rest = [k for k in own if k.split(".")[0] not in rank]
+        for k in first + rest:
+            state[prefix + k] = own[k]
+
+    def load(mod, state, prefix, *_):
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{n}.{kind}" for n in names]
+            if all(k in state for k in keys):
+                state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+
+    module.register_state_dict_post_hook(save)
+    module.register_load_state_dict_pre_hook(load)
 
 
 def sinusoidal_table(n: int, d: int) -> torch.Tensor:

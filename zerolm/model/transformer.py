@@ -15,6 +15,7 @@ from torch import nn
 from zerolm.config import ModelConfig
 from zerolm.model.attention import Attention, attention_mask
 from zerolm.model.layers import FFN, make_norm, position_buffers
+from zerolm.model.protocol import Rope
 
 
 class Block(nn.Module):
@@ -57,7 +58,7 @@ class Transformer(nn.Module):
         )
         self.reset_buffers()
 
-    def reset_buffers(self):
+    def reset_buffers(self) -> None:
         """(Re)compute the non-learned tables; call after moving off the meta device."""
         position_buffers(self, self.cfg)
 
@@ -77,16 +78,16 @@ class Transformer(nn.Module):
                 )
                 p.normal_(0.0, s, generator=generator)
 
-    def forward(self, ids, **kw):
+    def forward(self, ids: torch.Tensor, **kw) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V); keyword arguments as for `hidden`."""
         return self.logits(self.hidden(ids, **kw))
 
-    def logits(self, hidden):
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, T, D) -> logits (B, T, V)."""
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return hidden @ head.T
 
-    def embed(self, ids, positions):
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Rope]:
         """ids (B, T) at positions (B, T) or (T,) -> the first block's input (B, T, D) and the RoPE
         (cos, sin) tables the blocks take (None without RoPE)."""
         cfg = self.cfg
@@ -104,7 +105,15 @@ class Transformer(nn.Module):
             )
         return self.drop(x), rope
 
-    def hidden(self, ids, *, positions=None, cache=None, rows=None, segments=None):
+    def hidden(
+        self,
+        ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        rows: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """ids (B, T) -> the final hidden states (B, T, D) that the LM head (or a reward head) reads.
 
         positions: (B, T) or (T,) position of each token (default: arange(T), or each row's cache

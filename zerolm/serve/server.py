@@ -438,8 +438,8 @@ def load_server(
     limits: Limits = Limits(),
     name: str | None = None,
 ) -> Server:
-    from zerolm.infer.engine import decode_layout
     from zerolm.model import load_model
+    from zerolm.transforms.layout import decode_layout
 
     model = decode_layout(load_model(model_dir))
     path = Path(model_dir).resolve()
