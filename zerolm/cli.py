@@ -334,6 +334,7 @@ def cmd_serve(args, extra):
         limits=limits,
         log_level=args.log_level,
         name=args.name,
+        compile=args.compile,
     )
 
 
@@ -805,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="uvicorn's log level (info logs every request)",
     )
+    _compile_arg(sv)
     sv.set_defaults(fn=cmd_serve)
     ev = sub.add_parser(
         "eval-poems", help="share of held-out poem requests answered in the requested form"

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.engine import Engine
 from zerolm.infer.kv_cache import KVCache
-from zerolm.infer.sampling import SamplingParams, sample
+from zerolm.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,18 @@ class Job:
     emit: Callable[[str, object], None] = lambda kind, value: None
     # state
     slot: int = -1
-    generated: int = 0
-    last: int = -1
     cancelled: bool = False
     submitted: float = 0.0
-    counts: torch.Tensor | None = None  # (V,) occurrences of each token so far
-    gen: torch.Generator | None = None
+    row: Row | None = None  # its decode state (infer/decode.py), from its admission on
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this sequence at its next step (thread-safe: one flag)."""
         self.cancelled = True
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far."""
+        return 0 if self.row is None else self.row.generated
 
 
 @dataclass
@@ -99,13 +102,30 @@ NONFINITE = (
 
 
 class Scheduler:
+    """compile=True: decode steps run the compiled step over all max_batch slots (infer/compiled.py),
+    empty slots masked; it is compiled (or loaded) here, before the first request. Prefill stays
+    eager; if compiling fails, decoding is eager, with a warning (infer/engine.py)."""
+
     def __init__(
-        self, model, *, max_batch: int = 16, max_queue: int = 64, prefill_budget: int = 512
+        self,
+        model,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        prefill_budget: int = 512,
+        compile: bool = False,
+        program_dir: str | None = None,
     ):
         self.model = model.eval()
-        self.engine = Engine(model)
+        self.engine = Engine(model, compile=compile, program_dir=program_dir)
         self.max_batch, self.max_queue, self.prefill_budget = max_batch, max_queue, prefill_budget
         self.cache = KVCache.for_model(model, max_batch)
+        if compile:
+            with torch.inference_mode():  # slots at length 1: the exported span starts at 2
+                self.cache.lengths = [1] * max_batch
+                ids = torch.zeros(max_batch, 1, dtype=torch.long, device=self.engine.device)
+                self.engine.decode(ids, self.cache)
+            self.cache.reset()
         self.vocab = model.cfg.vocab_size
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # running[i].slot == i
@@ -284,9 +304,14 @@ class Scheduler:
         if admitted:
             for s in admitted:
                 self.cache.reset(s.slot)
-                s.counts = torch.bincount(torch.tensor(s.prompt), minlength=self.vocab)
-                s.gen = torch.Generator()
-                s.gen.manual_seed(s.seed) if s.seed is not None else s.gen.seed()
+                s.row = Row.start(
+                    s.sampling,
+                    s.max_new_tokens,
+                    self.vocab,
+                    generator=seeded_generator(s.seed),  # its own: the same draws in any crowd
+                    prompt=s.prompt,
+                    stop_ids=s.stop_token_ids,
+                )
             try:  # writes only the admitted sequences' slots: the running ones are not involved
                 logits = self.engine.prefill(
                     [s.prompt for s in admitted], self.cache, [s.slot for s in admitted]
@@ -299,13 +324,10 @@ class Scheduler:
                 )
             else:
                 self._sample_rows(admitted, logits)
-        if (
-            self.running
-        ):  # every running sequence has its last token: one step for all, slots 0..n-1
+        if self.running:  # every running sequence has its last token: one step for all
             seqs = list(self.running)
-            last = torch.tensor([[s.last] for s in seqs])
             try:  # a failed step leaves the cache lengths as they were (they advance at its end)
-                logits = self.engine.decode(last, self.cache, slice(0, len(seqs)))  # (B, V)
+                logits = self.engine.decode_first([s.row.last for s in seqs], self.cache)  # (B, V)
             except Exception as e:
                 self._fail(
                     seqs,
@@ -319,45 +341,28 @@ class Scheduler:
     def _sample_rows(self, seqs: list[Job], logits: torch.Tensor) -> None:
         now = time.perf_counter()
         finished, failed, nonfinite = [], [], []
-        rows = list(range(len(seqs)))
         if not torch.isfinite(logits).all():  # one check per step; per row only when it fails
             ok = torch.isfinite(logits).all(-1).tolist()
-            nonfinite = [seqs[j] for j in rows if not ok[j]]
-            rows = [j for j in rows if ok[j]]
-        chosen = self._choose(seqs, logits, rows)
-        want_lps = any(seqs[j].logprobs is not None for j in rows)
+            nonfinite = [s for s, good in zip(seqs, ok) if not good]
+            seqs, logits = [s for s, good in zip(seqs, ok) if good], logits[torch.tensor(ok)]
+        chosen = advance([s.row for s in seqs], logits)
+        want_lps = any(s.logprobs is not None for s in seqs)
         lps = torch.log_softmax(logits.float(), -1) if want_lps else None  # (B, V)
-        for j in rows:
-            s, tid = seqs[j], chosen[j]
+        for j, (s, tid) in enumerate(zip(seqs, chosen)):
             try:
                 if isinstance(tid, Exception):
                     raise tid
-                tok = Token(tid)
-                if s.logprobs is not None:
-                    tok.logprob = float(lps[j, tid])
-                    if s.logprobs:
-                        vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
-                        tok.top = list(zip(ids.tolist(), vals.tolist()))
-                s.counts[tid] += 1
-                s.generated += 1
-                s.last = tid
-                if s.generated == 1:
-                    self._record_ttft(now - s.submitted)
-                s.emit("token", tok)
+                s.emit("token", self._token(s, tid, lps, j, now))
             except Exception as e:  # this row's own fault (its sampling, or its caller's callback)
                 log.exception("a sequence failed while sampling")
                 failed.append((s, f"generation failed: {type(e).__name__}: {e}"))
                 continue
-            if tid in s.stop_token_ids:
-                finished.append((s, "stop"))
-            elif s.generated >= s.max_new_tokens:
-                finished.append((s, "length"))
-        self.stats.tokens += len(rows) - len(failed)
-        self.stats.recent.append((now, len(rows) - len(failed)))
+            if s.row.finish:
+                finished.append((s, s.row.finish))
+        self.stats.tokens += len(seqs) - len(failed)
+        self.stats.recent.append((now, len(seqs) - len(failed)))
         with self._cv:
-            for (
-                s
-            ) in nonfinite:  # before any removal moves a sequence (and its cache) to another slot
+            for s in nonfinite:  # before any removal moves a sequence (and its cache) elsewhere
                 self._scrub(s.slot)
             for s, reason in finished:
                 self._remove(s)
@@ -369,6 +374,18 @@ class Scheduler:
         if nonfinite:
             self._fail(nonfinite, NONFINITE)
 
+    def _token(self, s: Job, tid: int, lps: torch.Tensor | None, j: int, now: float) -> Token:
+        """The Token event of s's new token `tid` (row j of the step's log-probabilities)."""
+        tok = Token(tid)
+        if s.logprobs is not None:
+            tok.logprob = float(lps[j, tid])
+            if s.logprobs:
+                vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
+                tok.top = list(zip(ids.tolist(), vals.tolist()))
+        if s.row.generated == 1:
+            self._record_ttft(now - s.submitted)
+        return tok
+
     def _scrub(self, slot: int) -> None:
         """Zero a slot a non-finite sequence wrote: its next owner's masked positions would give
         0 * NaN = NaN in the attention-weighted sum of values."""
@@ -376,42 +393,6 @@ class Scheduler:
         for k, v in zip(self.cache.k, self.cache.v):
             k[slot, :, :n] = 0
             v[slot, :, :n] = 0
-
-    @staticmethod
-    def _choose(
-        seqs: list[Job], logits: torch.Tensor, rows: list[int]
-    ) -> dict[int, int | Exception]:
-        """Next token of each row in `rows`, or the exception its sampling raised: greedy rows with
-        equal parameters in one call (argmax needs no generator; one by one if that call raises),
-        sampled rows one by one with their own generator."""
-        chosen: dict[int, int | Exception] = {}
-        greedy: dict[SamplingParams, list[int]] = {}
-
-        def one(j: int, params: SamplingParams, gen) -> None:
-            try:
-                chosen[j] = int(sample(logits[j : j + 1], params, gen, seqs[j].counts[None])[0])
-            except Exception as e:
-                chosen[j] = e
-
-        for j in rows:
-            s = seqs[j]
-            if s.sampling.greedy:
-                greedy.setdefault(s.sampling, []).append(j)
-            else:
-                one(j, s.sampling, s.gen)
-        for params, js in greedy.items():
-            penalised = (
-                params.repetition_penalty,
-                params.presence_penalty,
-                params.frequency_penalty,
-            ) != (1.0, 0.0, 0.0)
-            try:
-                counts = torch.stack([seqs[j].counts for j in js]) if penalised else None  # (G, V)
-                chosen.update(zip(js, sample(logits[js], params, None, counts).tolist()))
-            except Exception:
-                for j in js:
-                    one(j, params, None)
-        return chosen
 
     def _record_ttft(self, dt: float) -> None:
         st = self.stats
