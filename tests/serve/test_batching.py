@@ -14,7 +14,8 @@ from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model import load_model
 from zerolm.serve.app import Limits
-from zerolm.serve.scheduler import Job, Scheduler
+from zerolm.serve.jobs import Job
+from zerolm.serve.scheduler import Scheduler
 
 API_KEY = "sk-test-123"  # as in conftest.py
 

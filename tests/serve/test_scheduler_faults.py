@@ -15,7 +15,8 @@ from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.attention import attention_weights
 from zerolm.model import build_model, load_model
 from zerolm.model.layers import apply_rope
-from zerolm.serve.scheduler import Job, Scheduler
+from zerolm.serve.jobs import Job
+from zerolm.serve.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9)

@@ -5,9 +5,10 @@ slots, (2) admits waiting sequences into free slots and prefills them, up to a p
 budget per step so that long prompts do not stall the streams already running, then (3) runs one
 decode step for every running sequence, each at its own length in its own slot
 (zerolm/infer/kv_cache.py), and samples each row with that sequence's own parameters, token
-counts and random generator, so a seeded request draws the same tokens alone or in a crowd.
-Running sequences always hold slots 0..n-1 (a finished one's slot takes the last sequence's
-cache), so the decode step reads the cache as views, never gathers it.
+counts and random generator (infer/decode.py, the step Engine.stream and seq2seq take too), so a
+seeded request draws the same tokens alone or in a crowd. Running sequences always hold slots
+0..n-1 (a finished one's slot takes the last sequence's cache), so the eager decode step reads the
+cache as views, never gathers it; the compiled one runs all slots, the empty ones masked.
 
 The scheduler speaks token ids only; results leave through each sequence's `emit` callback
 (called on the scheduler thread): ("token", Token) per new token, then ("done", reason) with
@@ -23,78 +24,20 @@ from __future__ import annotations
 
 import collections
 import logging
-import operator
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
 from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.engine import Engine
 from zerolm.infer.kv_cache import KVCache
-from zerolm.infer.sampling import SamplingParams
+from zerolm.serve.jobs import Job, QueueFull, Stats, Token
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
-    """The waiting queue is at its bound; the caller should retry later (HTTP 503 + Retry-After)."""
-
-
-@dataclass
-class Token:
-    id: int
-    logprob: float | None = None  # log-probability under the model (before sampling filters)
-    top: list[tuple[int, float]] = field(default_factory=list)  # the top_logprobs alternatives
-
-
-@dataclass(eq=False)
-class Job:
-    """One generation: a prompt, its limits and sampling, and its state once running."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k alternatives
-    emit: Callable[[str, object], None] = lambda kind, value: None
-    # state
-    slot: int = -1
-    cancelled: bool = False
-    submitted: float = 0.0
-    row: Row | None = None  # its decode state (infer/decode.py), from its admission on
-
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this sequence at its next step (thread-safe: one flag)."""
-        self.cancelled = True
-
-    @property
-    def generated(self) -> int:
-        """Tokens generated so far."""
-        return 0 if self.row is None else self.row.generated
-
-
-@dataclass
-class Stats:
-    requests: int = 0
-    tokens: int = 0
-    steps: int = 0
-    ttft_sum: float = 0.0
-    ttft_count: int = 0
-    ttft_buckets: dict[float, int] = field(default_factory=lambda: dict.fromkeys(TTFT_BUCKETS, 0))
-    recent: collections.deque = field(
-        default_factory=lambda: collections.deque(maxlen=4096)
-    )  # (time, tokens)
-    nonfinite_logits: int = 0  # sequences ended because their logits were NaN or inf
-    failed_rows: int = 0  # sequences ended because their own sampling or callback raised
-    failed_passes: int = 0  # model passes (prefill or decode) that raised
-    last_error: str | None = None
-
-
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 NONFINITE = (
     "the model produced non-finite logits (NaN or inf) for this request: its weights are not finite "
     "or this input overflows them"
@@ -144,8 +87,9 @@ class Scheduler:
     def submit(self, seqs: Sequence[Job]) -> None:
         """Queue the sequences (all of them or, raising QueueFull, none). A job that could fail once
         running (bad ids, seed, sampling, or no room in the window and cache) is a ValueError here."""
+        room = min(self.model.cfg.max_seq_len, self.cache.max_len)
         for s in seqs:
-            self._check(s)
+            s.check(room, self.vocab)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the scheduler is shut down")
@@ -159,31 +103,6 @@ class Scheduler:
                 self.waiting.append(s)
             self.stats.requests += 1
             self._cv.notify()
-
-    def _check(self, s: Job) -> None:
-        room = min(self.model.cfg.max_seq_len, self.cache.max_len)
-        if not _is_int(s.max_new_tokens) or s.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {s.max_new_tokens!r}")
-        if not s.prompt:
-            raise ValueError("the prompt is empty: give at least one token id (e.g. the bos token)")
-        if len(s.prompt) + s.max_new_tokens > room:
-            raise ValueError(
-                f"prompt of {len(s.prompt)} tokens + max_new_tokens={s.max_new_tokens} must fit in "
-                f"the model's window of {room} tokens: shorten the prompt or lower max_new_tokens"
-            )
-        bad = next(
-            (j for j, t in enumerate(s.prompt) if not _is_int(t) or not 0 <= t < self.vocab), None
-        )
-        if bad is not None:
-            raise ValueError(
-                f"prompt token {bad} is {s.prompt[bad]!r}: token ids must be integers in "
-                f"[0, {self.vocab}) (the vocabulary)"
-            )
-        if s.seed is not None and (not _is_int(s.seed) or not 0 <= s.seed < 2**64):
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {s.seed!r}")
-        if s.logprobs is not None and (not _is_int(s.logprobs) or s.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {s.logprobs!r}")
-        s.sampling.validate()
 
     def health(self) -> dict:
         """{"ok", "reason" (None when ok), "nonfinite_logits", "failed_rows", "failed_passes", "last_error"}.
@@ -383,7 +302,7 @@ class Scheduler:
                 vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
                 tok.top = list(zip(ids.tolist(), vals.tolist()))
         if s.row.generated == 1:
-            self._record_ttft(now - s.submitted)
+            self.stats.record_ttft(now - s.submitted)
         return tok
 
     def _scrub(self, slot: int) -> None:
@@ -393,25 +312,6 @@ class Scheduler:
         for k, v in zip(self.cache.k, self.cache.v):
             k[slot, :, :n] = 0
             v[slot, :, :n] = 0
-
-    def _record_ttft(self, dt: float) -> None:
-        st = self.stats
-        st.ttft_sum += dt
-        st.ttft_count += 1
-        for b in TTFT_BUCKETS:
-            if dt <= b:
-                st.ttft_buckets[b] += 1
-
-
-def _is_int(x) -> bool:
-    """An integer (int, numpy or 0-d tensor integer), not a bool or a float."""
-    if isinstance(x, bool):
-        return False
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return True
 
 
 def _emit(s: Job, kind: str, value) -> None:

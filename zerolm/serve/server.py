@@ -18,7 +18,8 @@ from pathlib import Path
 from zerolm.infer.sampling import SamplingParams
 from zerolm.infer.stop import StopStrings
 from zerolm.serve import protocol as P
-from zerolm.serve.scheduler import TTFT_BUCKETS, Job, QueueFull, Scheduler
+from zerolm.serve.jobs import TTFT_BUCKETS, Job, QueueFull
+from zerolm.serve.scheduler import Scheduler
 from zerolm.tokenizer import END, EOS, SPECIAL_TOKENS, Tokenizer
 from zerolm.tokenizer.chat import prompt_ids, render
 from zerolm.tokenizer.stream import StreamDecoder
