@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -124,10 +125,16 @@ def _alone(rows: Sequence[Row], logits: torch.Tensor, j: int) -> int | Exception
         return e
 
 
-def advance(rows: Sequence[Row], logits: torch.Tensor) -> list[int | Exception]:
+def advance(
+    rows: Sequence[Row], logits: torch.Tensor, errors: Literal["raise", "return"] = "raise"
+) -> list[int | Exception]:
     """Choose every row's next token from its (B, V) logits and record it on the rows not yet
-    finished; a row whose sampling raised gets the exception in its place and records nothing."""
+    finished. A row whose sampling raised records nothing: errors="raise" raises the first such
+    exception (one request's rows), "return" puts it in that row's place (the server's rows)."""
     chosen = choose(rows, logits)
+    failed = [t for t in chosen if isinstance(t, Exception)]
+    if failed and errors == "raise":
+        raise failed[0]
     for row, tok in zip(rows, chosen):
         if row.finish is None and not isinstance(tok, Exception):
             row.record(tok)

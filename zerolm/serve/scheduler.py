@@ -264,7 +264,7 @@ class Scheduler:
             ok = torch.isfinite(logits).all(-1).tolist()
             nonfinite = [s for s, good in zip(seqs, ok) if not good]
             seqs, logits = [s for s, good in zip(seqs, ok) if good], logits[torch.tensor(ok)]
-        chosen = advance([s.row for s in seqs], logits)
+        chosen = advance([s.row for s in seqs], logits, errors="return")
         want_lps = any(s.logprobs is not None for s in seqs)
         lps = torch.log_softmax(logits.float(), -1) if want_lps else None  # (B, V)
         for j, (s, tid) in enumerate(zip(seqs, chosen)):
