@@ -56,7 +56,7 @@ class Row:
     counts: torch.Tensor | None = None  # (V,) occurrences so far, only when a penalty reads them
     generated: int = 0
     last: int = -1
-    finish: str | None = None
+    finish: Literal["stop", "length"] | None = None
 
     @classmethod
     def start(
