@@ -1,5 +1,5 @@
 """Serving benchmark: aggregate generated tokens/s and time to first token of `zerolm serve` under
-1, 4 and 16 concurrent streaming clients, in one run.
+1, 4 and 16 concurrent streaming clients, eager and `--compile`d, in one run.
 
 The server is the real one (`python -m zerolm.cli serve MODEL`) in its own process on 127.0.0.1,
 with `--server-threads` torch threads (default 1, leaving the other core to the clients, DESIGN §4).
@@ -12,8 +12,15 @@ so tokens are counted from `usage`.
   tokens_per_s   all completion tokens ÷ wall time from the first request to the last reply
   ttft_p50/p95   seconds from sending a request to its first streamed chunk with text
   ratio_16_vs_1  tokens_per_s at 16 clients ÷ at 1 client (target: >= 4)
+  ratio          {clients: compiled tokens_per_s ÷ eager tokens_per_s}
 
-    .venv/bin/python bench/serve.py [--model DIR] [--clients 1,4,16] [--requests 4] [--max-tokens 64] [--quick]
+Each mode is its own server (eager first): `runs` and `ratio_16_vs_1` are eager's,
+`compiled_runs` and `compiled_ratio_16_vs_1` those of `zerolm serve --compile`, which decodes all
+--max-batch slots in one compiled step each time (compiled into a fresh ZEROLM_CACHE at start-up;
+`ready_s` is each server's start-up time, compiling included).
+
+    .venv/bin/python bench/serve.py [--model DIR] [--clients 1,4,16] [--requests 4] [--max-tokens 64]
+        [--modes eager,compiled] [--quick]
 
 Prints progress to stderr and, as its last line, one JSON object.
 """
@@ -71,7 +78,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc, timeout: float = 120) -> None:
+def wait_ready(url: str, proc, timeout: float = 600) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
@@ -141,64 +148,36 @@ async def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
     }
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="model directory (default: a random speedrun-shaped llama)")
-    ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
-    ap.add_argument(
-        "--requests", type=int, default=4, help="requests per client, sent one after another"
-    )
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument(
-        "--server-threads", type=int, default=1, help="torch threads of the server process"
-    )
-    ap.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 request per client, 8 tokens"
-    )
-    args = ap.parse_args()
-    if args.quick:
-        args.requests, args.max_tokens = 1, 8
-    levels = [int(c) for c in args.clients.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(random_model(Path(tmp) / "speedrun-shape"))
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": str(args.server_threads),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-        }
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "zerolm.cli",
-                "serve",
-                model,
-                "--port",
-                str(port),
-                "--max-batch",
-                str(max(levels)),
-                "--max-queue",
-                str(4 * max(levels)),
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_ready(url, proc)
-            asyncio.run(load(port, 1, 1, 8))  # warm-up
-            runs = []
-            for c in levels:
-                r = asyncio.run(load(port, c, args.requests, args.max_tokens))
-                print(f"  {json.dumps(r)}", file=sys.stderr)
-                runs.append(r)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    by = {r["clients"]: r for r in runs}
+def measure(model: str, mode: str, levels: list[int], args, env: dict) -> dict:
+    """Start a server (`--compile` for mode "compiled"), warm it up, run each client level."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "zerolm.cli", "serve", model, "--port", str(port)]
+    cmd += ["--max-batch", str(max(levels)), "--max-queue", str(4 * max(levels))]
+    cmd += ["--log-level", "warning"] + (["--compile"] if mode == "compiled" else [])
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(url, proc)
+        ready = time.perf_counter() - t0
+        asyncio.run(load(port, 1, 1, 8))  # warm-up
+        runs = []
+        for c in levels:
+            r = asyncio.run(load(port, c, args.requests, args.max_tokens))
+            print(f"  {mode} {json.dumps(r)}", file=sys.stderr)
+            runs.append(r)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    by = {r["clients"]: r["tokens_per_s"] for r in runs}
+    out = {"ready_s": round(ready, 1), "runs": runs}
+    if 1 in by and 16 in by:
+        out["ratio_16_vs_1"] = round(by[16] / by[1], 2)
+    return out
+
+
+def report(results: dict, levels: list[int], args, env: dict) -> dict:
+    """The JSON line: eager's figures under the original keys, compiled ones under compiled_*."""
     import torch
 
     result = {
@@ -216,11 +195,55 @@ def main():
         "model": args.model or "random llama d256 L4 window 128 (speedrun shape)",
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests,
-        "runs": runs,
     }
-    if 1 in by and 16 in by:
-        result["ratio_16_vs_1"] = round(by[16]["tokens_per_s"] / by[1]["tokens_per_s"], 2)
-    print(json.dumps(result))
+    for mode, r in results.items():
+        prefix = "" if mode == "eager" else "compiled_"
+        result[f"{prefix}ready_s"] = r["ready_s"]
+        result[f"{prefix}runs"] = r["runs"]
+        if "ratio_16_vs_1" in r:
+            result[f"{prefix}ratio_16_vs_1"] = r["ratio_16_vs_1"]
+    if len(results) == 2:
+        eager, comp = ({x["clients"]: x for x in results[m]["runs"]} for m in ("eager", "compiled"))
+        result["ratio"] = {
+            str(c): round(comp[c]["tokens_per_s"] / eager[c]["tokens_per_s"], 2) for c in levels
+        }
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="model directory (default: a random speedrun-shaped llama)")
+    ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    ap.add_argument(
+        "--requests", type=int, default=4, help="requests per client, sent one after another"
+    )
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument(
+        "--server-threads", type=int, default=1, help="torch threads of the server process"
+    )
+    ap.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 request per client, 8 tokens"
+    )
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.max_tokens = 1, 8
+    levels = [int(c) for c in args.clients.split(",")]
+    modes = args.modes.split(",")
+    if not set(modes) <= {"eager", "compiled"}:
+        ap.error(f"--modes takes eager and/or compiled, not {args.modes!r}")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(random_model(Path(tmp) / "speedrun-shape"))
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.server_threads),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            "ZEROLM_CACHE": str(Path(tmp) / "cache"),  # a fresh compile, never an earlier run's
+        }
+        for mode in modes:
+            results[mode] = measure(model, mode, levels, args, env)
+    print(json.dumps(report(results, levels, args, env)))
 
 
 if __name__ == "__main__":

@@ -330,6 +330,7 @@ class ServeConfig:
     keep_alive: int = 5  # seconds an idle keep-alive connection stays open
     shutdown_timeout: int = 10  # on SIGTERM/Ctrl-C, seconds before running requests are cancelled
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # uvicorn's
+    compile: bool = False  # decode through the compiled all-slot step (fastest at many clients)
 
 
 @dataclass(frozen=True, kw_only=True)

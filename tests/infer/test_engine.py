@@ -152,6 +152,7 @@ def test_cache_slots_join_and_leave_like_continuous_batching(preset, over):
             model(torch.tensor([[1, 2], [3, 4]]), cache=cache, rows=torch.tensor([0, 1]))
 
 
+@pytest.mark.slow  # two compiles per case
 @pytest.mark.parametrize(
     "preset, over", [("llama", {"n_kv_heads": 2, "sliding_window": 6}), ("gpt2", {})]
 )
@@ -223,7 +224,7 @@ def test_compiled_engine_without_a_cpp_compiler_warns_and_decodes_eagerly(caplog
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a compile
 def test_a_damaged_saved_program_is_compiled_again(tmp_path, caplog):
     from zerolm.infer.compiled import program_key
     from zerolm.infer.kv_cache import KVCache

@@ -1,3 +1,4 @@
+import os
 import socket
 import threading
 import time
@@ -92,6 +93,28 @@ def launch(model_dir):
 def live(model_dir):
     """The real server on 127.0.0.1 (uvicorn in a thread), with an API key."""
     srv = start(model_dir, API_KEY, max_batch=8, max_queue=64)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def program_cache(tmp_path_factory):
+    """A private compiled-decode cache (ZEROLM_CACHE) for the compiled servers and schedulers: the
+    tiny model's step over 8 slots is compiled once (20-60 s) and loaded by every later one."""
+    old = os.environ.get("ZEROLM_CACHE")
+    os.environ["ZEROLM_CACHE"] = str(tmp_path_factory.mktemp("zerolm-cache"))
+    yield os.environ["ZEROLM_CACHE"]
+    if old is None:
+        del os.environ["ZEROLM_CACHE"]
+    else:
+        os.environ["ZEROLM_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def live_compiled(model_dir, program_cache):
+    """The real server as `zerolm serve --compile` runs it: decode steps over all 8 slots compiled."""
+    srv = start(model_dir, API_KEY, max_batch=8, max_queue=64, compile=True)
+    assert srv.server.scheduler.engine.compiled  # the step compiled (not fallen back to eager)
     yield srv
     srv.stop()
 

@@ -7,13 +7,15 @@ import json
 import socket
 import time
 
+import pytest
 from openai import AsyncOpenAI
 
 from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model import load_model
 from zerolm.serve.app import Limits
-from zerolm.serve.scheduler import Job, Scheduler
+from zerolm.serve.jobs import Job
+from zerolm.serve.scheduler import Scheduler
 
 API_KEY = "sk-test-123"  # as in conftest.py
 
@@ -54,7 +56,10 @@ async def one(client, kw):
     return text, reason
 
 
-def test_32_concurrent_streams_equal_each_request_alone(live):
+@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_32_concurrent_streams_equal_each_request_alone(mode, request):
+    live = request.getfixturevalue("live" if mode == "eager" else "live_compiled")
+
     async def main():
         client = AsyncOpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
         reqs = requests()
@@ -188,3 +193,70 @@ def test_scheduler_rows_joining_and_leaving_mid_flight_equal_the_engine_alone(mo
         sched.close()
     assert [got[i] for i in range(len(prompts))] == want
     assert set(done.values()) == {"length"}
+
+
+def run_jobs(sched, specs, stagger=0.002):
+    """Submit the jobs one by one, `stagger` seconds apart (they join at different steps, and wait
+    for slots); each one's (token ids, logprobs, end)."""
+    got = [([], [], None) for _ in specs]
+    ended = [False] * len(specs)
+    for i, spec in enumerate(specs):
+
+        def emit(kind, value, i=i):
+            if kind == "token":
+                got[i][0].append(value.id)
+                got[i][1].append(value.logprob)
+            else:
+                got[i] = (*got[i][:2], (kind, value))
+                ended[i] = True
+
+        sched.submit([Job(**spec, emit=emit)])
+        time.sleep(stagger)
+    t0 = time.time()
+    while not all(ended):
+        assert time.time() - t0 < 120, "a job never ended"
+        time.sleep(0.01)
+    return got
+
+
+@pytest.mark.slow  # a compile of the 8-slot step (20-60 s), shared with the compiled server's tests
+def test_a_compiled_scheduler_gives_the_eager_tokens(model_dir, program_cache):
+    """Scheduler(compile=True) decodes all 8 slots in one compiled step, empty slots masked: seeded
+    and greedy jobs (penalties, stop ids, logprobs) that join, wait and leave at different steps
+    draw the very tokens the eager scheduler draws, with the same log-probabilities."""
+    from zerolm.transforms.layout import decode_layout
+
+    model = decode_layout(load_model(model_dir))  # as the server loads it
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.3),
+        SamplingParams(temperature=0, frequency_penalty=0.5),
+    ]
+    specs = [
+        dict(
+            prompt=[1, 20 + i, 30 + 2 * i, 40 + i, 50][: 1 + i % 5],
+            max_new_tokens=10 + 7 * (i % 6),
+            sampling=params[i % 4],
+            seed=200 + i,
+            logprobs=1 if i % 2 else None,
+        )
+        for i in range(14)
+    ]
+    results = []
+    for compile in (False, False, True):
+        sched = Scheduler(model, max_batch=8, max_queue=32, compile=compile)
+        try:
+            assert sched.engine.compiled == compile
+            results.append(run_jobs(sched, specs))
+        finally:
+            sched.close()
+        if not results[1:]:  # stop every third job at its 5th token of the free run
+            for i in range(0, len(specs), 3):
+                specs[i]["stop_token_ids"] = (results[0][i][0][4],)
+    _, eager, compiled = results
+    assert [(t, end) for t, _, end in compiled] == [(t, end) for t, _, end in eager]
+    assert any(end == ("done", "stop") for _, _, end in eager)  # stop ids really hit
+    for (_, lp_c, _), (_, lp_e, _) in zip(compiled, eager):
+        assert [x is None for x in lp_c] == [x is None for x in lp_e]
+        assert all(c is None or abs(c - e) < 1e-4 for c, e in zip(lp_c, lp_e))

@@ -95,8 +95,11 @@ HEALTHY = [
 ]
 
 
-def test_poison_values_get_4xx_and_every_other_generation_finishes(launch):
-    srv = launch(limits=LONG, max_batch=8)
+@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_poison_values_get_4xx_and_every_other_generation_finishes(launch, mode, request):
+    if mode == "compiled":  # `zerolm serve --compile`: the 8-slot step, compiled once per session
+        request.getfixturevalue("program_cache")
+    srv = launch(limits=LONG, max_batch=8, compile=mode == "compiled")
     alone = [text_of(stream(srv.port, kw)[1]) for kw in HEALTHY]
     times = []
     runs = [in_thread(stream, srv.port, kw, times=times) for kw in HEALTHY]

@@ -14,7 +14,8 @@ from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.attention import attention_weights
 from zerolm.model import build_model, load_model
 from zerolm.model.layers import apply_rope
-from zerolm.serve.scheduler import Job, Scheduler
+from zerolm.serve.jobs import Job
+from zerolm.serve.scheduler import Scheduler
 from zerolm.transforms.layout import decode_layout
 
 GREEDY = SamplingParams(temperature=0)
@@ -78,10 +79,21 @@ def model(model_dir):
 
 
 @pytest.fixture
-def sched(model):
-    s = Scheduler(model, max_batch=8, max_queue=32)
+def sched(model, request):
+    """An eager scheduler, or (parametrized indirectly with "compiled") one that decodes all 8
+    slots in the compiled step."""
+    compiled = getattr(request, "param", "eager") == "compiled"
+    if compiled:
+        request.getfixturevalue("program_cache")
+    s = Scheduler(model, max_batch=8, max_queue=32, compile=compiled)
+    assert s.engine.compiled == compiled
     yield s
     s.close()
+
+
+BOTH = pytest.mark.parametrize(
+    "sched", ["eager", pytest.param("compiled", marks=pytest.mark.slow)], indirect=True
+)
 
 
 @pytest.mark.parametrize(
@@ -112,6 +124,7 @@ def test_a_job_that_would_fail_later_is_refused_at_submit(sched, change, field):
     assert sched.load() == {"waiting": 0, "running": 0, "slots": 8}
 
 
+@BOTH
 def test_the_issues_poisons_leave_running_streams_intact(sched):
     healthy = [spec(i) for i in range(6)]
     want = solo(sched, healthy)
@@ -145,6 +158,7 @@ def test_the_issues_poisons_leave_running_streams_intact(sched):
     )
 
 
+@BOTH
 def test_a_row_whose_sampling_raises_ends_alone(sched):
     healthy = [spec(i) for i in range(6)]
     want = solo(sched, healthy)
@@ -170,6 +184,7 @@ def test_a_row_whose_sampling_raises_ends_alone(sched):
     assert sched.health()["ok"]  # client-side or sampling faults do not make the model unhealthy
 
 
+@BOTH
 def test_a_failed_model_pass_fails_its_rows_and_the_scheduler_carries_on(sched):
     healthy = [spec(i, 120) for i in range(4)]
     want = solo(sched, healthy)

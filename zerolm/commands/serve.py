@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from zerolm.commands.common import add_recipe_args, alias, resolve_config
+from zerolm.commands.common import add_recipe_args, alias, flag, resolve_config
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
 
@@ -44,6 +44,7 @@ def main(args, extra) -> None:
         limits=limits,
         log_level=s.log_level,
         name=s.name or None,
+        compile=s.compile,
     )
 
 
@@ -86,5 +87,12 @@ def setup_arg_parser(sub) -> None:
         key="serve.log_level",
         choices=["debug", "info", "warning", "error"],
         help="uvicorn's log level (info logs every request)",
+    )
+    flag(
+        sv,
+        "--compile",
+        "serve.compile",
+        "decode through an ahead-of-time compiled step of all --max-batch slots (empty ones "
+        "masked): faster with many clients, slower with one; 20-60 s compiling the first time",
     )
     sv.set_defaults(run=main)

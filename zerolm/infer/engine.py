@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from zerolm.infer.compiled import load_or_compile
+from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.kv_cache import KVCache
-from zerolm.infer.sampling import SamplingParams, sample
+from zerolm.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,24 @@ class Engine:
         cache.lengths = [n + 1 for n in lens]
         return out
 
+    def decode_first(self, last: Sequence[int], cache: KVCache) -> torch.Tensor:
+        """One step for the sequences in slots 0..n-1 of `cache` (n = len(last) >= 1), whose next
+        tokens are `last` -> their (n, V) logits. Compiled: the fixed step over all slots, the empty
+        ones run as masked rows at position 0 and are dropped (one program for any n); eager: the
+        n slots only."""
+        n, dev = len(last), self.device
+        if not self.compiled:
+            return self.decode(torch.tensor(last, device=dev)[:, None], cache, slice(0, n))
+        ids = torch.zeros(cache.slots, 1, dtype=torch.long, device=dev)  # (slots, 1)
+        ids[:n, 0] = torch.tensor(last, device=dev)
+        empty = range(n, cache.slots)
+        for s in empty:
+            cache.reset(s)  # empty slots attend only to their position 0, which they overwrite
+        logits = self.decode(ids, cache)  # (slots, V)
+        for s in empty:
+            cache.reset(s)
+        return logits[:n]
+
     @torch.inference_mode()
     def stream(
         self, prompts: Sequence[Sequence[int]], req: GenerateRequest = GenerateRequest()
@@ -135,33 +154,27 @@ class Engine:
             self.model, B, None if self.compiled else max(map(len, prompts)) + req.max_new_tokens
         )
         logits = self.prefill(prompts, cache)  # (B, V)
-        sp = req.sampling
-        counts = None  # (B, V) token occurrences, kept only when a penalty needs them
-        if (sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty) != (1.0, 0.0, 0.0):
-            counts = torch.zeros(B, cfg.vocab_size, dtype=torch.long, device=dev)
-            for r, p in enumerate(prompts):
-                counts[r].index_add_(
-                    0, torch.tensor(p, device=dev), torch.ones(len(p), dtype=torch.long, device=dev)
-                )
-        gen = torch.Generator(device=dev)
-        if req.seed is not None:
-            gen.manual_seed(req.seed)
-        else:
-            gen.seed()
-        active = [True] * B
-        stops = set(req.stop_token_ids)
-        for t in range(req.max_new_tokens):
-            nxt = sample(logits, sp, gen, counts)  # (B,)
-            ids = nxt.tolist()
-            yield {r: ids[r] for r in range(B) if active[r]}
-            if counts is not None:
-                counts.scatter_add_(
-                    1, nxt[:, None], torch.tensor(active, device=dev)[:, None].long()
-                )
-            active = [a and i not in stops for a, i in zip(active, ids)]
-            if not any(active) or t == req.max_new_tokens - 1:
+        gen = seeded_generator(req.seed, dev)  # one for the request: its rows draw as one batch
+        rows = [
+            Row.start(
+                req.sampling,
+                req.max_new_tokens,
+                cfg.vocab_size,
+                generator=gen,
+                prompt=p,
+                stop_ids=req.stop_token_ids,
+                device=dev,
+            )
+            for p in prompts
+        ]
+        while True:
+            running = [r.finish is None for r in rows]
+            # finished rows are drawn too: the others keep their places in the draw
+            ids = advance(rows, logits)
+            yield {r: ids[r] for r in range(B) if running[r]}
+            if all(r.finish for r in rows):
                 return
-            logits = self.decode(nxt[:, None], cache)  # finished rows decode on, unseen
+            logits = self.decode(torch.tensor(ids, device=dev)[:, None], cache)  # (B, V)
 
     def prefill(
         self, prompts: Sequence[Sequence[int]], cache: KVCache, slots: Sequence[int] | None = None

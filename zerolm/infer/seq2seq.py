@@ -20,8 +20,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.kv_cache import KVCache
-from zerolm.infer.sampling import SamplingParams, sample
+from zerolm.infer.sampling import SamplingParams
 
 
 class Seq2SeqCache:
@@ -137,49 +138,33 @@ def _steps(
     max_new_tokens: int,
     sampling: SamplingParams | None,
     seed: int | None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Greedy / sampled decoding: yield (rows (N',) source index, tokens (N',)) per step for the
-    rows still generating."""
-    penalties = sampling is not None and (
-        sampling.repetition_penalty,
-        sampling.presence_penalty,
-        sampling.frequency_penalty,
-    ) != (1.0, 0.0, 0.0)
-    if sampling is not None and sampling.temperature == 0 and not penalties:
-        sampling = None  # plain argmax
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Greedy / sampled decoding: yield (source index, token) lists per step for the rows still
+    generating; a row that ends (eos, or its max_new_tokens-th token) leaves the batch."""
     memory, mask = _encode(model, sources)
-    B, dev = len(sources), memory.device
-    cache = Seq2SeqCache.for_model(model, B, max_new_tokens)
-    gen = torch.Generator(device=dev)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
-    counts = None  # (N, V) generated-token counts, only for penalties
-    if penalties:
-        counts = torch.zeros(B, model.cfg.vocab_size, dtype=torch.long, device=dev)
-    rows = torch.arange(B, device=dev)
-    tok = torch.full((B, 1), bos, dtype=torch.long, device=dev)
-    for step in range(max_new_tokens):
+    dev = memory.device
+    cache = Seq2SeqCache.for_model(model, len(sources), max_new_tokens)
+    gen = seeded_generator(seed, dev)  # one for the call: its rows draw as one batch
+    params = sampling or SamplingParams(temperature=0.0)  # None: greedy
+    V = model.cfg.vocab_size
+    rows = [
+        Row.start(params, max_new_tokens, V, generator=gen, stop_ids=(eos,), device=dev)
+        for _ in sources
+    ]  # the penalties count generated tokens only: the source is not the decoder's text
+    src = list(range(len(sources)))
+    tok = torch.full((len(sources), 1), bos, dtype=torch.long, device=dev)
+    while True:
         logits = model.logits(model.decode(tok, memory, mask, cache=cache)[:, -1])  # (N, V)
         memory = None  # the cache holds its cross-attention keys/values now
-        nxt = (
-            logits.argmax(-1) if sampling is None else sample(logits, sampling, gen, counts)
-        )  # (N,)
-        yield rows, nxt
-        if step == max_new_tokens - 1:
+        ids = advance(rows, logits)
+        yield src, ids
+        keep = [j for j, r in enumerate(rows) if r.finish is None]
+        if not keep:
             return
-        if counts is not None:
-            counts[torch.arange(nxt.shape[0], device=dev), nxt] += 1
-        done = nxt == eos
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                return
-            cache.select(keep)
-            rows, nxt = rows[keep], nxt[keep]
-            counts = None if counts is None else counts[keep]
-        tok = nxt[:, None]
+        if len(keep) < len(rows):
+            cache.select(torch.tensor(keep, device=dev))
+            rows, src, ids = [rows[j] for j in keep], [src[j] for j in keep], [ids[j] for j in keep]
+        tok = torch.tensor(ids, device=dev)[:, None]  # (N', 1)
 
 
 def stream(
@@ -200,10 +185,10 @@ def stream(
         was_training = model.training
         try:
             with torch.inference_mode():
-                for rows, nxt in _steps(
+                for src, ids in _steps(
                     model.eval(), sources, bos, eos, max_new_tokens, sampling, seed
                 ):
-                    yield dict(zip(rows.tolist(), nxt.tolist()))
+                    yield dict(zip(src, ids))
         finally:
             model.train(was_training)
 
@@ -239,13 +224,11 @@ def generate(
     try:
         if beam > 1:
             return _beam_search(model, sources, bos, eos, max_new_tokens, beam, length_penalty)
-        dev = next(model.parameters()).device
-        out = torch.full((len(sources), max_new_tokens), -1, dtype=torch.long, device=dev)
-        for step, (rows, nxt) in enumerate(
-            _steps(model, sources, bos, eos, max_new_tokens, sampling, seed)
-        ):
-            out[rows, step] = nxt
-        return [[t for t in row if t >= 0] for row in out.tolist()]
+        out: list[list[int]] = [[] for _ in sources]
+        for src, ids in _steps(model, sources, bos, eos, max_new_tokens, sampling, seed):
+            for i, t in zip(src, ids):
+                out[i].append(t)
+        return out
     finally:
         model.train(was_training)
 

@@ -446,13 +446,19 @@ def serve(
     limits: Limits | None = None,
     log_level: str = "info",
     name: str | None = None,
+    compile: bool = False,
 ) -> None:
     """Load the model and serve it until interrupted (`zerolm serve`); SIGTERM stops it within
     limits.shutdown_timeout_s, cancelling what still runs."""
     import uvicorn
 
     server = load_server(
-        model_dir, max_batch=max_batch, max_queue=max_queue, limits=limits or Limits(), name=name
+        model_dir,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        limits=limits or Limits(),
+        name=name,
+        compile=compile,
     )
     config = uvicorn_config(
         create_app(server, api_key), server.limits, host=host, port=port, log_level=log_level

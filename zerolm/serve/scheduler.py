@@ -5,9 +5,10 @@ slots, (2) admits waiting sequences into free slots and prefills them, up to a p
 budget per step so that long prompts do not stall the streams already running, then (3) runs one
 decode step for every running sequence, each at its own length in its own slot
 (zerolm/infer/kv_cache.py), and samples each row with that sequence's own parameters, token
-counts and random generator, so a seeded request draws the same tokens alone or in a crowd.
-Running sequences always hold slots 0..n-1 (a finished one's slot takes the last sequence's
-cache), so the decode step reads the cache as views, never gathers it.
+counts and random generator (infer/decode.py, the step Engine.stream and seq2seq take too), so a
+seeded request draws the same tokens alone or in a crowd. Running sequences always hold slots
+0..n-1 (a finished one's slot takes the last sequence's cache), so the eager decode step reads the
+cache as views, never gathers it; the compiled one runs all slots, the empty ones masked.
 
 The scheduler speaks token ids only; results leave through each sequence's `emit` callback
 (called on the scheduler thread): ("token", Token) per new token, then ("done", reason) with
@@ -23,75 +24,20 @@ from __future__ import annotations
 
 import collections
 import logging
-import operator
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
+from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.engine import Engine
 from zerolm.infer.kv_cache import KVCache
-from zerolm.infer.sampling import SamplingParams, sample
+from zerolm.serve.jobs import Job, QueueFull, Stats, Token
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
-    """The waiting queue is at its bound; the caller should retry later (HTTP 503 + Retry-After)."""
-
-
-@dataclass
-class Token:
-    id: int
-    logprob: float | None = None  # log-probability under the model (before sampling filters)
-    top: list[tuple[int, float]] = field(default_factory=list)  # the top_logprobs alternatives
-
-
-@dataclass(eq=False)
-class Job:
-    """One generation: a prompt, its limits and sampling, and its state once running."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k alternatives
-    emit: Callable[[str, object], None] = lambda kind, value: None
-    # state
-    slot: int = -1
-    generated: int = 0
-    last: int = -1
-    cancelled: bool = False
-    submitted: float = 0.0
-    counts: torch.Tensor | None = None  # (V,) occurrences of each token so far
-    gen: torch.Generator | None = None
-
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this sequence at its next step (thread-safe: one flag)."""
-        self.cancelled = True
-
-
-@dataclass
-class Stats:
-    requests: int = 0
-    tokens: int = 0
-    steps: int = 0
-    ttft_sum: float = 0.0
-    ttft_count: int = 0
-    ttft_buckets: dict[float, int] = field(default_factory=lambda: dict.fromkeys(TTFT_BUCKETS, 0))
-    recent: collections.deque = field(
-        default_factory=lambda: collections.deque(maxlen=4096)
-    )  # (time, tokens)
-    nonfinite_logits: int = 0  # sequences ended because their logits were NaN or inf
-    failed_rows: int = 0  # sequences ended because their own sampling or callback raised
-    failed_passes: int = 0  # model passes (prefill or decode) that raised
-    last_error: str | None = None
-
-
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 NONFINITE = (
     "the model produced non-finite logits (NaN or inf) for this request: its weights are not finite "
     "or this input overflows them"
@@ -99,13 +45,30 @@ NONFINITE = (
 
 
 class Scheduler:
+    """compile=True: decode steps run the compiled step over all max_batch slots (infer/compiled.py),
+    empty slots masked; it is compiled (or loaded) here, before the first request. Prefill stays
+    eager; if compiling fails, decoding is eager, with a warning (infer/engine.py)."""
+
     def __init__(
-        self, model, *, max_batch: int = 16, max_queue: int = 64, prefill_budget: int = 512
+        self,
+        model,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        prefill_budget: int = 512,
+        compile: bool = False,
+        program_dir: str | None = None,
     ):
         self.model = model.eval()
-        self.engine = Engine(model)
+        self.engine = Engine(model, compile=compile, program_dir=program_dir)
         self.max_batch, self.max_queue, self.prefill_budget = max_batch, max_queue, prefill_budget
         self.cache = KVCache.for_model(model, max_batch)
+        if compile:
+            with torch.inference_mode():  # slots at length 1: the exported span starts at 2
+                self.cache.lengths = [1] * max_batch
+                ids = torch.zeros(max_batch, 1, dtype=torch.long, device=self.engine.device)
+                self.engine.decode(ids, self.cache)
+            self.cache.reset()
         self.vocab = model.cfg.vocab_size
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # running[i].slot == i
@@ -124,8 +87,9 @@ class Scheduler:
     def submit(self, seqs: Sequence[Job]) -> None:
         """Queue the sequences (all of them or, raising QueueFull, none). A job that could fail once
         running (bad ids, seed, sampling, or no room in the window and cache) is a ValueError here."""
+        room = min(self.model.cfg.max_seq_len, self.cache.max_len)
         for s in seqs:
-            self._check(s)
+            s.check(room, self.vocab)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the scheduler is shut down")
@@ -139,31 +103,6 @@ class Scheduler:
                 self.waiting.append(s)
             self.stats.requests += 1
             self._cv.notify()
-
-    def _check(self, s: Job) -> None:
-        room = min(self.model.cfg.max_seq_len, self.cache.max_len)
-        if not _is_int(s.max_new_tokens) or s.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {s.max_new_tokens!r}")
-        if not s.prompt:
-            raise ValueError("the prompt is empty: give at least one token id (e.g. the bos token)")
-        if len(s.prompt) + s.max_new_tokens > room:
-            raise ValueError(
-                f"prompt of {len(s.prompt)} tokens + max_new_tokens={s.max_new_tokens} must fit in "
-                f"the model's window of {room} tokens: shorten the prompt or lower max_new_tokens"
-            )
-        bad = next(
-            (j for j, t in enumerate(s.prompt) if not _is_int(t) or not 0 <= t < self.vocab), None
-        )
-        if bad is not None:
-            raise ValueError(
-                f"prompt token {bad} is {s.prompt[bad]!r}: token ids must be integers in "
-                f"[0, {self.vocab}) (the vocabulary)"
-            )
-        if s.seed is not None and (not _is_int(s.seed) or not 0 <= s.seed < 2**64):
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {s.seed!r}")
-        if s.logprobs is not None and (not _is_int(s.logprobs) or s.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {s.logprobs!r}")
-        s.sampling.validate()
 
     def health(self) -> dict:
         """{"ok", "reason" (None when ok), "nonfinite_logits", "failed_rows", "failed_passes", "last_error"}.
@@ -284,9 +223,14 @@ class Scheduler:
         if admitted:
             for s in admitted:
                 self.cache.reset(s.slot)
-                s.counts = torch.bincount(torch.tensor(s.prompt), minlength=self.vocab)
-                s.gen = torch.Generator()
-                s.gen.manual_seed(s.seed) if s.seed is not None else s.gen.seed()
+                s.row = Row.start(
+                    s.sampling,
+                    s.max_new_tokens,
+                    self.vocab,
+                    generator=seeded_generator(s.seed),  # its own: the same draws in any crowd
+                    prompt=s.prompt,
+                    stop_ids=s.stop_token_ids,
+                )
             try:  # writes only the admitted sequences' slots: the running ones are not involved
                 logits = self.engine.prefill(
                     [s.prompt for s in admitted], self.cache, [s.slot for s in admitted]
@@ -299,13 +243,10 @@ class Scheduler:
                 )
             else:
                 self._sample_rows(admitted, logits)
-        if (
-            self.running
-        ):  # every running sequence has its last token: one step for all, slots 0..n-1
+        if self.running:  # every running sequence has its last token: one step for all
             seqs = list(self.running)
-            last = torch.tensor([[s.last] for s in seqs])
             try:  # a failed step leaves the cache lengths as they were (they advance at its end)
-                logits = self.engine.decode(last, self.cache, slice(0, len(seqs)))  # (B, V)
+                logits = self.engine.decode_first([s.row.last for s in seqs], self.cache)  # (B, V)
             except Exception as e:
                 self._fail(
                     seqs,
@@ -319,45 +260,28 @@ class Scheduler:
     def _sample_rows(self, seqs: list[Job], logits: torch.Tensor) -> None:
         now = time.perf_counter()
         finished, failed, nonfinite = [], [], []
-        rows = list(range(len(seqs)))
         if not torch.isfinite(logits).all():  # one check per step; per row only when it fails
             ok = torch.isfinite(logits).all(-1).tolist()
-            nonfinite = [seqs[j] for j in rows if not ok[j]]
-            rows = [j for j in rows if ok[j]]
-        chosen = self._choose(seqs, logits, rows)
-        want_lps = any(seqs[j].logprobs is not None for j in rows)
+            nonfinite = [s for s, good in zip(seqs, ok) if not good]
+            seqs, logits = [s for s, good in zip(seqs, ok) if good], logits[torch.tensor(ok)]
+        chosen = advance([s.row for s in seqs], logits, errors="return")
+        want_lps = any(s.logprobs is not None for s in seqs)
         lps = torch.log_softmax(logits.float(), -1) if want_lps else None  # (B, V)
-        for j in rows:
-            s, tid = seqs[j], chosen[j]
+        for j, (s, tid) in enumerate(zip(seqs, chosen)):
             try:
                 if isinstance(tid, Exception):
                     raise tid
-                tok = Token(tid)
-                if s.logprobs is not None:
-                    tok.logprob = float(lps[j, tid])
-                    if s.logprobs:
-                        vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
-                        tok.top = list(zip(ids.tolist(), vals.tolist()))
-                s.counts[tid] += 1
-                s.generated += 1
-                s.last = tid
-                if s.generated == 1:
-                    self._record_ttft(now - s.submitted)
-                s.emit("token", tok)
+                s.emit("token", self._token(s, tid, lps, j, now))
             except Exception as e:  # this row's own fault (its sampling, or its caller's callback)
                 log.exception("a sequence failed while sampling")
                 failed.append((s, f"generation failed: {type(e).__name__}: {e}"))
                 continue
-            if tid in s.stop_token_ids:
-                finished.append((s, "stop"))
-            elif s.generated >= s.max_new_tokens:
-                finished.append((s, "length"))
-        self.stats.tokens += len(rows) - len(failed)
-        self.stats.recent.append((now, len(rows) - len(failed)))
+            if s.row.finish:
+                finished.append((s, s.row.finish))
+        self.stats.tokens += len(seqs) - len(failed)
+        self.stats.recent.append((now, len(seqs) - len(failed)))
         with self._cv:
-            for (
-                s
-            ) in nonfinite:  # before any removal moves a sequence (and its cache) to another slot
+            for s in nonfinite:  # before any removal moves a sequence (and its cache) elsewhere
                 self._scrub(s.slot)
             for s, reason in finished:
                 self._remove(s)
@@ -369,6 +293,18 @@ class Scheduler:
         if nonfinite:
             self._fail(nonfinite, NONFINITE)
 
+    def _token(self, s: Job, tid: int, lps: torch.Tensor | None, j: int, now: float) -> Token:
+        """The Token event of s's new token `tid` (row j of the step's log-probabilities)."""
+        tok = Token(tid)
+        if s.logprobs is not None:
+            tok.logprob = float(lps[j, tid])
+            if s.logprobs:
+                vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
+                tok.top = list(zip(ids.tolist(), vals.tolist()))
+        if s.row.generated == 1:
+            self.stats.record_ttft(now - s.submitted)
+        return tok
+
     def _scrub(self, slot: int) -> None:
         """Zero a slot a non-finite sequence wrote: its next owner's masked positions would give
         0 * NaN = NaN in the attention-weighted sum of values."""
@@ -376,61 +312,6 @@ class Scheduler:
         for k, v in zip(self.cache.k, self.cache.v):
             k[slot, :, :n] = 0
             v[slot, :, :n] = 0
-
-    @staticmethod
-    def _choose(
-        seqs: list[Job], logits: torch.Tensor, rows: list[int]
-    ) -> dict[int, int | Exception]:
-        """Next token of each row in `rows`, or the exception its sampling raised: greedy rows with
-        equal parameters in one call (argmax needs no generator; one by one if that call raises),
-        sampled rows one by one with their own generator."""
-        chosen: dict[int, int | Exception] = {}
-        greedy: dict[SamplingParams, list[int]] = {}
-
-        def one(j: int, params: SamplingParams, gen) -> None:
-            try:
-                chosen[j] = int(sample(logits[j : j + 1], params, gen, seqs[j].counts[None])[0])
-            except Exception as e:
-                chosen[j] = e
-
-        for j in rows:
-            s = seqs[j]
-            if s.sampling.greedy:
-                greedy.setdefault(s.sampling, []).append(j)
-            else:
-                one(j, s.sampling, s.gen)
-        for params, js in greedy.items():
-            penalised = (
-                params.repetition_penalty,
-                params.presence_penalty,
-                params.frequency_penalty,
-            ) != (1.0, 0.0, 0.0)
-            try:
-                counts = torch.stack([seqs[j].counts for j in js]) if penalised else None  # (G, V)
-                chosen.update(zip(js, sample(logits[js], params, None, counts).tolist()))
-            except Exception:
-                for j in js:
-                    one(j, params, None)
-        return chosen
-
-    def _record_ttft(self, dt: float) -> None:
-        st = self.stats
-        st.ttft_sum += dt
-        st.ttft_count += 1
-        for b in TTFT_BUCKETS:
-            if dt <= b:
-                st.ttft_buckets[b] += 1
-
-
-def _is_int(x) -> bool:
-    """An integer (int, numpy or 0-d tensor integer), not a bool or a float."""
-    if isinstance(x, bool):
-        return False
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return True
 
 
 def _emit(s: Job, kind: str, value) -> None:

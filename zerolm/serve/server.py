@@ -18,7 +18,8 @@ from pathlib import Path
 from zerolm.infer.sampling import SamplingParams
 from zerolm.infer.stop import StopStrings
 from zerolm.serve import protocol as P
-from zerolm.serve.scheduler import TTFT_BUCKETS, Job, QueueFull, Scheduler
+from zerolm.serve.jobs import TTFT_BUCKETS, Job, QueueFull
+from zerolm.serve.scheduler import Scheduler
 from zerolm.tokenizer import END, EOS, SPECIAL_TOKENS, Tokenizer
 from zerolm.tokenizer.chat import prompt_ids, render
 from zerolm.tokenizer.stream import StreamDecoder
@@ -109,6 +110,7 @@ class Server:
         max_batch: int = 16,
         max_queue: int = 64,
         limits: Limits = Limits(),
+        compile: bool = False,
     ):
         self.model, self.tok, self.name, self.limits = model, tok, name, limits
         self.window = model.cfg.max_seq_len
@@ -122,7 +124,7 @@ class Server:
         longest = max(len(b) for b in tok.token_bytes)
         slack = 1 if tok.hf.normalizer is None else 4
         self.max_text_bytes = (limits.max_prompt_tokens or self.window - 1) * longest * slack
-        self.scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue)
+        self.scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, compile=compile)
         self.created = int(time.time())
         self.chat_stops = (tok.token_id(END), tok.token_id(EOS))
         self.token_ids = {
@@ -437,6 +439,7 @@ def load_server(
     max_queue: int = 64,
     limits: Limits = Limits(),
     name: str | None = None,
+    compile: bool = False,
 ) -> Server:
     from zerolm.model import load_model
     from zerolm.transforms.layout import decode_layout
@@ -453,4 +456,5 @@ def load_server(
         max_batch=max_batch,
         max_queue=max_queue,
         limits=limits,
+        compile=compile,
     )
