@@ -93,7 +93,7 @@ class Model:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         tok = self.tokenizer
         eos = tok.token_id(EOS)
-        ids = [[eos, *tok.encode(p)] for p in prompts]  # eos first: the model starts a document
+        ids = tok.completion_ids(prompts)  # eos first: the model starts a document
         unknown = tok.unknown_ids()
         for p, text in zip(ids, prompts):
             if len(p) > 1 and set(p[1:]) <= unknown:

@@ -40,7 +40,7 @@ from zerolm.align import losses as L
 from zerolm.align.reward import RewardModel, pad_batch
 from zerolm.align.stage import reference_dir, reference_logits, start_stage
 from zerolm.data.prefs import BUILTIN_PAIRS, read_builtin_pairs, read_prompts
-from zerolm.data.split import split_key
+from zerolm.data.split import split_by_hash
 from zerolm.eval.mode import eval_mode
 from zerolm.eval.replies import reply_kl, response_batch, sample_replies, token_logprobs
 from zerolm.inspect.accounting import account
@@ -132,6 +132,11 @@ def load_reward(spec: str, policy_dir: Path) -> Callable[[list[dict], list[str]]
 
 
 # ---------------------------------------------------------------- prompts
+def _conversation(row: dict) -> str:
+    """The text a prompt row is split by (its messages, as the pairs' hash includes them)."""
+    return str(row["messages"])
+
+
 def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dict], dict]:
     """(train, val) prompts: poem requests (align.builtin=poems: the run's training / held-out
     documents), the conversations of the other bundled pair sets, and align.data rows (split by
@@ -156,11 +161,10 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
             rows = [
                 {"messages": list(p.messages), "where": p.where} for p in read_builtin_pairs(name)
             ]
-            rows = list(
-                {str(r["messages"]): r for r in rows}.values()
-            )  # one per distinct conversation
-            for r in rows:
-                (val if split_key(str(r["messages"])) < a.val_fraction else train).append(r)
+            rows = list({_conversation(r): r for r in rows}.values())  # one per conversation
+            t, v = split_by_hash(rows, _conversation, a.val_fraction)
+            train += t
+            val += v
             counts[name] = len(rows)
         else:
             raise ValueError(
@@ -168,8 +172,9 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
             )
     for path in a.data:
         rows = read_prompts(path)
-        for r in rows:
-            (val if split_key(str(r["messages"])) < a.val_fraction else train).append(r)
+        t, v = split_by_hash(rows, _conversation, a.val_fraction)
+        train += t
+        val += v
         counts[str(path)] = len(rows)
 
     def fits(p):

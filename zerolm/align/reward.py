@@ -19,6 +19,7 @@ from torch import nn
 
 from zerolm.align.losses import pairwise_loss
 from zerolm.align.stage import encoded_pairs, start_stage
+from zerolm.data.collate import pad_right
 from zerolm.data.loader import Shuffled
 from zerolm.data.prefs import Preference
 from zerolm.eval.mode import eval_mode
@@ -91,11 +92,7 @@ def encode_pair(
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, T) right-padded, lengths (B,))."""
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-    return ids, torch.tensor([len(s) for s in seqs])
+    return pad_right(seqs, pad_id), torch.tensor([len(s) for s in seqs])
 
 
 def pair_collate(picked: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:

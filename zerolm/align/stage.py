@@ -13,8 +13,16 @@ from pathlib import Path
 
 import torch
 
-from zerolm.data.prefs import Preference
+from zerolm.data.prefs import (
+    BUILTIN_PAIRS,
+    Preference,
+    keep_distinct,
+    read_builtin_pairs,
+    read_pairs,
+)
+from zerolm.data.split import split_by_hash
 from zerolm.eval.mode import eval_mode
+from zerolm.infer.engine import decode_layout
 from zerolm.model import load_model
 from zerolm.tasks import TASKS
 from zerolm.tokenizer import Tokenizer, check_tokenizers
@@ -29,9 +37,6 @@ def load_pairs(cfg, model, tok) -> tuple[list[Preference], list[Preference], dic
     """(train, val) pairs from align.data files, align.builtin sets and counts per source.
     Files and hhh are split by a hash of the pair; poem pairs are sampled from `model` on
     requests from the training documents (train) and the held-out ones (val)."""
-    from zerolm.data.prefs import BUILTIN_PAIRS, keep_distinct, read_builtin_pairs, read_pairs
-    from zerolm.data.split import split_key
-
     a = cfg.align
     for name in a.builtin:
         if name not in (*BUILTIN_PAIRS, *TASKS):
@@ -45,9 +50,13 @@ def load_pairs(cfg, model, tok) -> tuple[list[Preference], list[Preference], dic
     train, val, counts = [], [], {}
 
     def add(name, pairs, skipped):
-        for p in pairs:
-            key = json.dumps([p.messages, p.chosen, p.rejected], ensure_ascii=False)
-            (val if split_key(key) < a.val_fraction else train).append(p)
+        t, v = split_by_hash(
+            pairs,
+            lambda p: json.dumps([p.messages, p.chosen, p.rejected], ensure_ascii=False),
+            a.val_fraction,
+        )
+        train.extend(t)
+        val.extend(v)
         counts[name] = len(pairs)
         if skipped:
             counts[f"{name} (identical, skipped)"] = skipped
@@ -73,8 +82,6 @@ def encoded_pairs(
 ) -> tuple[dict[str, list], dict]:
     """{"train": [...], "val": [...]} of encode(tok, pair, window) for every pair that fits the
     window (None: it does not), and a summary of where the pairs came from."""
-    from zerolm.infer.engine import decode_layout
-
     sampler = decode_layout(
         load_model(base)
     )  # samples the poem answers; the stage trains its own copy

@@ -205,7 +205,9 @@ def _random_span(
     return np.concatenate(span)
 
 
-def pair_ids(a: Sequence[int], b: Sequence[int]) -> tuple[list[int], list[int]]:
+def pair_ids(
+    a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray
+) -> tuple[list[int], list[int]]:
     """`[CLS] a [SEP] b [SEP]` (or `[CLS] a [SEP]` when b is empty) and its segment ids."""
     ids = [CLS_ID, *a, SEP_ID]
     segments = [0] * len(ids)

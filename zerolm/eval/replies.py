@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from zerolm.data.collate import pad_right
 from zerolm.infer.chat import chat_request
 from zerolm.infer.engine import Engine
 from zerolm.infer.sampling import SamplingParams
@@ -29,17 +30,15 @@ def response_batch(
     padded: x[t] predicts y[t] = seq[t + 1], and mask is 1 where y is a response token (the
     tokens from prompt_lens[i] on)."""
     T = max(map(len, seqs)) - 1
-    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    y = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T)
     for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
         if not 1 <= p < len(s):
             raise ValueError(
                 f"sequence {i}: prompt of {p} tokens leaves no response in {len(s)} tokens"
             )
-        s = torch.as_tensor(s)
-        x[i, : len(s) - 1], y[i, : len(s) - 1] = s[:-1], s[1:]
         mask[i, p - 1 : len(s) - 1] = 1
+    x = pad_right([s[:-1] for s in seqs], pad_id, T)
+    y = pad_right([s[1:] for s in seqs], pad_id, T)
     return x, y, mask
 
 

@@ -30,7 +30,7 @@ from zerolm.config import Config
 from zerolm.data.mlm import LengthBatches, pad_rows, pair_ids
 from zerolm.data.prepare import read_docs
 from zerolm.data.sources import decode_lines
-from zerolm.data.split import split_key
+from zerolm.data.split import split_by_hash
 from zerolm.eval.baselines import bag_of_chars_baseline, majority_baseline
 from zerolm.eval.mode import eval_mode
 from zerolm.files import atomic_write_text
@@ -155,10 +155,12 @@ def load_rows(cfg: Config) -> tuple[list[Row], list[Row], dict]:
             [r for p in c.val_data for r in read_rows(p, **fields)],
             {"files": list(c.data)},
         )
-    key = [split_key(json.dumps([r.text, r.pair], ensure_ascii=False)) for r in rows]
+    train, val = split_by_hash(
+        rows, lambda r: json.dumps([r.text, r.pair], ensure_ascii=False), c.val_fraction
+    )
     return (
-        [r for r, k in zip(rows, key) if k >= c.val_fraction],
-        [r for r, k in zip(rows, key) if k < c.val_fraction],
+        train,
+        val,
         {"files": list(c.data), "split": f"by a hash of the text, {c.val_fraction:.0%} held out"},
     )
 

@@ -36,7 +36,7 @@ def sample_texts(
         stop_token_ids=(eos,),
         seed=seed,
     )
-    ids = [[eos, *tok.encode(p)] for p in prompts]
+    ids = tok.completion_ids(prompts)
     with eval_mode(model):
         outs = Engine(model).generate(ids, req)
     return [p + tok.decode([t for t in o if t != eos]) for p, o in zip(prompts, outs)]

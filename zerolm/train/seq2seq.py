@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from zerolm.config import Config
+from zerolm.data.collate import IGNORE, pad_right
 from zerolm.data.loader import Shuffled
 from zerolm.data.pairs import load_pairs
 from zerolm.data.prepare import _fingerprint, build_tokenizer
@@ -36,7 +37,6 @@ from zerolm.train.losses import LossResult, linear_cross_entropy
 from zerolm.train.run import Stage, StageResult, begin, new_model, open_out, run
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 def encode_pairs(
@@ -68,14 +68,9 @@ def encode_pairs(
 def collate(items, *, pad: int, bos: int, eos: int):
     """-> (src (B, S), src_mask (B, S) bool, tgt_in (B, T) = start + target, tgt_out (B, T) = target +
     eos, IGNORE at padding)."""
-    B, S, T = len(items), max(len(s) for s, _ in items), max(len(t) for _, t in items) + 1
-    src = torch.full((B, S), pad, dtype=torch.long)
-    tgt_in = torch.full((B, T), pad, dtype=torch.long)
-    tgt_out = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, (s, t) in enumerate(items):
-        src[i, : len(s)] = torch.tensor(s)
-        tgt_in[i, : len(t) + 1] = torch.tensor([bos, *t])
-        tgt_out[i, : len(t) + 1] = torch.tensor([*t, eos])
+    src = pad_right([s for s, _ in items], pad)
+    tgt_in = pad_right([[bos, *t] for _, t in items], pad)
+    tgt_out = pad_right([[*t, eos] for _, t in items], IGNORE)
     return src, src != pad, tgt_in, tgt_out
 
 
