@@ -11,7 +11,20 @@ from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 
+from zerolm.align.dpo import train_dpo
+from zerolm.align.ppo import train_ppo
 from zerolm.config import RECIPES, SFTConfig, load_config
+from zerolm.data.prepare import read_docs
+from zerolm.finetune.sft import load_sources, sft
+from zerolm.infer.chat import chat_request, replies
+from zerolm.infer.sampling import SamplingParams
+from zerolm.model import load_model
+from zerolm.tasks.poems.instruct import compare_models, form_adherence
+from zerolm.tasks.poems.requests import eval_requests
+from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer.report import script_of
+from zerolm.train.pretrain import sample_texts
+from zerolm.train.run import StageResult
 
 POEM_CORPUS = "tang"  # the poem-form stages need its regulated verse and title/author metadata
 CHAT_BY_LANGUAGE = {
@@ -26,16 +39,12 @@ def is_poem_data(data_cfg) -> bool:
 
 def text_language(docs: Iterable[dict], limit: int = 200) -> str:
     """'zh', 'en' or 'other': the script most of the first `limit` documents are written in."""
-    from zerolm.tokenizer.report import script_of
-
     votes = Counter(script_of(d["text"]) for d in islice(docs, limit))
     return votes.most_common(1)[0][0] if votes else "other"
 
 
 def opening(text: str) -> str:
     """A document's first 2 characters (Chinese) or first 3 words, as a sample prompt."""
-    from zerolm.tokenizer.report import script_of
-
     text = text.lstrip()
     if script_of(text) == "zh":
         return text[:2]
@@ -71,13 +80,8 @@ def chat_data(poems: bool, lang: str, user: dict, recipe: dict | None = None) ->
     return {"builtin": list(builtin)} if builtin else None
 
 
-def speedrun_samples(cfg, result: dict) -> list[str]:
+def speedrun_samples(cfg, result: StageResult) -> list[str]:
     """Print samples of the pretrained model; returns the prompts (the held-out openings last)."""
-    from zerolm.data.prepare import read_docs
-    from zerolm.model import load_model
-    from zerolm.tokenizer import Tokenizer
-    from zerolm.train.pretrain import sample_texts
-
     prompts = sample_prompts(read_docs(Path(cfg.out_dir) / "docs" / "val.jsonl"))
     model, tok = load_model(result.model_dir), Tokenizer.load(result.model_dir)
     print(f"\nsamples ({len(prompts) - 2} prompted with the opening of a held-out document):")
@@ -91,8 +95,6 @@ def speedrun_sft(args, cfg, base_dir: str):
     --sft-config) on chat data that fits the text (see chat_data), then a short chat transcript;
     on poem requests also the held-out form adherence of base vs SFT model. Returns the SFT model
     directory, or None when no bundled chat data fits and the user gave none."""
-    from zerolm.data.prepare import read_docs
-
     out = Path(cfg.out_dir)
     recipe = Path(args.sft_config) if args.sft_config else RECIPES / "speedrun-sft.toml"
     own = dataclasses.asdict(load_config(recipe).sft) if args.sft_config else None
@@ -120,7 +122,6 @@ def speedrun_sft(args, cfg, base_dir: str):
     print(
         f"\nSFT: {recipe.name} on {', '.join([*sft_cfg.sft.data, *sft_cfg.sft.builtin])} -> {sft_cfg.out_dir}"
     )
-    from zerolm.finetune.sft import load_sources, sft
 
     result = sft(sft_cfg, progress=not args.quiet)
     if "poems" in sft_cfg.sft.builtin:
@@ -138,12 +139,6 @@ def speedrun_sft(args, cfg, base_dir: str):
 
 def _form_adherence(args, out: Path, base_dir: str, sft_dir: str) -> list:
     """Print base vs SFT form adherence on held-out poem requests; returns three requests to chat."""
-    from zerolm.data.prepare import read_docs
-    from zerolm.model import load_model
-    from zerolm.tasks.poems.instruct import form_adherence
-    from zerolm.tasks.poems.requests import eval_requests
-    from zerolm.tokenizer import Tokenizer
-
     requests = eval_requests(
         read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests
     )
@@ -158,11 +153,6 @@ def _form_adherence(args, out: Path, base_dir: str, sft_dir: str) -> list:
 
 
 def _transcript(model_dir: str, asks: list, seed: int) -> None:
-    from zerolm.infer.chat import chat_request, replies
-    from zerolm.infer.sampling import SamplingParams
-    from zerolm.model import load_model
-    from zerolm.tokenizer import Tokenizer
-
     if not asks:
         return
     model, tok = load_model(model_dir), Tokenizer.load(model_dir)
@@ -190,11 +180,6 @@ def speedrun_align(args, cfg, sft_dir: str):
     """The speedrun's optional third stage (--align dpo|ppo, recipes/speedrun-{dpo,ppo}.toml): the
     SFT model aligned, then SFT vs aligned on the same held-out requests: form adherence greedy and
     sampled (temperature 1, seeded), KL to the SFT model, validation bits per byte."""
-    from zerolm.data.prepare import read_docs
-    from zerolm.infer.sampling import SamplingParams
-    from zerolm.tasks.poems.instruct import compare_models
-    from zerolm.tasks.poems.requests import eval_requests
-
     out, stage = Path(cfg.out_dir), args.align
     recipe = RECIPES / f"speedrun-{stage}.toml"
     values = {
@@ -206,10 +191,7 @@ def speedrun_align(args, cfg, sft_dir: str):
     }
     align_cfg = load_config(recipe, overrides=values)
     print(f"\nalignment: {recipe.name} -> {align_cfg.out_dir}")
-    if stage == "dpo":
-        from zerolm.align.dpo import train_dpo as train
-    else:
-        from zerolm.align.ppo import train_ppo as train
+    train = train_dpo if stage == "dpo" else train_ppo
     result = train(align_cfg, progress=not args.quiet)
     requests = eval_requests(
         read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests

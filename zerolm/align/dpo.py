@@ -98,7 +98,7 @@ class DPOLoss:
 @torch.no_grad()
 def dpo_eval(model, items: list[tuple], loss: DPOLoss, batch_size: int = 16) -> dict:
     """Held-out DPO loss, accuracy (chosen's implicit reward above rejected's), margin and rewards."""
-    sums = defaultdict(float)
+    sums: defaultdict[str, float] = defaultdict(float)
     with eval_mode(model):
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]

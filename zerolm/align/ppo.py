@@ -117,7 +117,7 @@ def load_reward(spec: str, policy_dir: Path) -> Callable[[list[dict], list[str]]
     try:
         if module.endswith(".py"):
             loaded = importlib.util.spec_from_file_location(Path(module).stem, module)
-            if loaded is None or not Path(module).is_file():
+            if loaded is None or loaded.loader is None or not Path(module).is_file():
                 raise ImportError(f"no file {module}")
             mod = importlib.util.module_from_spec(loaded)
             loaded.loader.exec_module(mod)
@@ -147,7 +147,9 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
         raise ValueError(
             "no prompts: give --align.builtin=poems and/or --align.data=FILE.jsonl (rows with 'prompt')"
         )
-    train, val, counts = [], [], {}
+    train: list[dict] = []
+    val: list[dict] = []
+    counts: dict[str, int] = {}
     for name in a.builtin:
         if name in TASKS:
             for split, out in (("train", train), ("val", val)):

@@ -83,7 +83,10 @@ class SentenceCorpus:
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], tok: Tokenizer, chunk: int = 4096) -> SentenceCorpus:
-        sent_lens, doc_lens, pieces, batch = [], [], [], []
+        sent_lens: list[int] = []
+        doc_lens: list[int] = []
+        pieces: list[np.ndarray] = []
+        batch: list[str] = []
 
         def flush():
             for ids in tok.encode_batch(
@@ -286,7 +289,8 @@ class LengthBatches:
             )
         self.items, self.lengths, self.batch_size = items, np.asarray(lengths), batch_size
         self.seed, self.collate, self.bucket = seed, collate, bucket
-        self.epoch, self.pos, self._cached = 0, 0, (-1, [])
+        self.epoch, self.pos = 0, 0
+        self._cached: tuple[int, list[np.ndarray]] = (-1, [])  # (epoch, its batches)
 
     def _batches(self) -> list[np.ndarray]:
         if self._cached[0] != self.epoch:

@@ -58,17 +58,14 @@ def _jsonl(path: Path, cfg: Seq2SeqConfig) -> list[SourceTarget]:
         raise ValueError(f"seq2seq.data: {str(path)!r} does not exist")
     out = []
     for where, row in jsonl_rows(path):
-        missing = [
-            k
-            for k in (cfg.source_field, cfg.target_field)
-            if not isinstance(row, dict) or k not in row
-        ]
+        fields = row if isinstance(row, dict) else {}
+        missing = [k for k in (cfg.source_field, cfg.target_field) if k not in fields]
         if missing:
             raise ValueError(
                 f"{where}: no field {missing[0]!r}; set seq2seq.source_field / target_field "
                 f"to the row's field names"
             )
-        out.append(_check(row[cfg.source_field], row[cfg.target_field], where))
+        out.append(_check(fields[cfg.source_field], fields[cfg.target_field], where))
     return out
 
 
@@ -111,7 +108,7 @@ def load_pairs(cfg: Seq2SeqConfig) -> tuple[dict[str, list[SourceTarget]], dict]
     if cfg.source:
         files.append((f"{cfg.source} | {cfg.target}", _aligned(Path(cfg.source), Path(cfg.target))))
     for name, pairs in files:
-        split = {"train": [], "val": []}
+        split: dict[str, list[SourceTarget]] = {"train": [], "val": []}
         for p in pairs:
             split["val" if split_key(p[0], person=b"") < cfg.val_fraction else "train"].append(p)
         sources[name] = {k: len(v) for k, v in split.items()}

@@ -155,7 +155,8 @@ class SFTBatches:
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.seed, self.packing = seed, packing
         self.epoch, self.step = 0, 0
-        self._rows_epoch, self._rows = -1, []
+        self._rows_epoch = -1
+        self._rows: list[torch.Tensor] = []
 
     def _epoch_rows(self) -> list[torch.Tensor]:
         if self._rows_epoch != self.epoch:

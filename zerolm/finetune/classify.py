@@ -137,7 +137,9 @@ def tang_authors(docs: Path, n: int) -> tuple[list[Row], list[Row], dict]:
 def load_rows(cfg: Config) -> tuple[list[Row], list[Row], dict]:
     """(train rows, held-out rows, where they came from) for classify.builtin or classify.data."""
     c = cfg.classify
-    fields = dict(text_field=c.text_field, pair_field=c.text_pair_field, label_field=c.label_field)
+    read = partial(
+        read_rows, text_field=c.text_field, pair_field=c.text_pair_field, label_field=c.label_field
+    )
     if c.builtin and c.data:
         raise ValueError("give either --classify.builtin or --classify.data, not both")
     if c.builtin == "tang-authors":
@@ -148,11 +150,11 @@ def load_rows(cfg: Config) -> tuple[list[Row], list[Row], dict]:
             "no classification data: give --classify.data=FILE.jsonl (rows with text and label) "
             "or --classify.builtin=tang-authors"
         )
-    rows = [r for p in c.data for r in read_rows(p, **fields)]
+    rows = [r for p in c.data for r in read(p)]
     if c.val_data:
         return (
             rows,
-            [r for p in c.val_data for r in read_rows(p, **fields)],
+            [r for p in c.val_data for r in read(p)],
             {"files": list(c.data)},
         )
     train, val = split_by_hash(
@@ -346,7 +348,8 @@ class _Data:
     def load(cls, cfg: Config, base: Path, max_seq_len: int) -> _Data:
         c = cfg.classify
         train_rows, val_rows, source = load_rows(cfg)
-        counts = Counter(r.label for r in train_rows)
+        # every training row has a label (read_rows needs one)
+        counts = Counter(r.label for r in train_rows if r.label is not None)
         labels = sorted(counts, key=lambda k: (-counts[k], k))  # most frequent first
         if len(labels) < 2:
             raise ValueError(

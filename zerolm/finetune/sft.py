@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from zerolm.config import Config
+from zerolm.data.chat_corpora import read_chat_corpus
 from zerolm.data.loader import TokenBatches
 from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_conversations
 from zerolm.data.split import split_by_hash
@@ -69,8 +70,6 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
         elif builtin in TASKS:
             tr, va = TASKS[builtin].sft_conversations(cfg)
         elif builtin in BUILTIN:
-            from zerolm.data.chat_corpora import read_chat_corpus
-
             tr, va = _split([row["messages"] for row in read_chat_corpus(builtin)], s.val_fraction)
         else:
             raise ValueError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -59,7 +60,7 @@ IGNORED = {
 }  # HF buffers
 
 # what an HF architecture fixes: a zerolm model must take one of these values to be exported
-REQUIRED = {
+REQUIRED: dict[str, dict[str, tuple]] = {
     "gpt2": dict(
         norm=("layernorm",),
         norm_placement=("pre",),
@@ -108,7 +109,11 @@ LLAMA_DEFAULTS = dict(
     attention_dropout=0.0,
     rope_theta=10000.0,
 )
-GPT2_ACT = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+GPT2_ACT: dict[str, Literal["gelu", "relu"]] = {
+    "gelu_new": "gelu",
+    "gelu_pytorch_tanh": "gelu",
+    "relu": "relu",
+}
 
 
 def _refuse(arch: str, problems: list[tuple[bool, str]]) -> None:
@@ -140,7 +145,7 @@ def _gpt2_from_hf(raw: dict) -> ModelConfig:
         n_heads=c["n_head"],
         d_ff=c["n_inner"] or 4 * c["n_embd"],
         max_seq_len=c["n_positions"],
-        ffn=GPT2_ACT.get(act),
+        ffn=GPT2_ACT[act],  # _refuse checked it
         norm_eps=float(c["layer_norm_epsilon"]),
         tie_embeddings=bool(c["tie_word_embeddings"]),
         dropout=float(c["resid_pdrop"]),

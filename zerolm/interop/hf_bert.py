@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -77,7 +78,7 @@ DEFAULTS = dict(
     is_decoder=False,
     add_cross_attention=False,
 )
-ACT = {
+ACT: dict[str, Literal["relu", "gelu", "gelu_erf"]] = {
     "gelu": "gelu_erf",
     "relu": "relu",
     "gelu_new": "gelu",
@@ -129,7 +130,8 @@ def _from_hf(raw: dict, n_labels: int) -> ModelConfig:
 
 
 def _to_hf(cfg: ModelConfig, pad_id: int) -> dict:
-    act = {v: k for k, v in reversed(ACT.items())}[cfg.ffn]  # gelu_erf -> gelu, gelu -> gelu_new
+    to_hf: dict[str, str] = {v: k for k, v in reversed(ACT.items())}
+    act = to_hf[cfg.ffn]  # gelu_erf -> gelu, gelu -> gelu_new  # gelu_erf -> gelu, gelu -> gelu_new
     out = dict(
         architectures=["BertForPreTraining"],
         model_type="bert",

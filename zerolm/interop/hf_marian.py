@@ -11,6 +11,7 @@ read from safetensors only (hf.py's helpers), and what zerolm cannot express is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -75,7 +76,7 @@ DEFAULTS = dict(
     normalize_embedding=False,
     add_final_layer_norm=False,
 )
-ACT = {
+ACT: dict[str, Literal["relu", "gelu", "gelu_erf"]] = {
     "relu": "relu",
     "gelu": "gelu_erf",
     "gelu_new": "gelu",
@@ -219,9 +220,11 @@ def _from_hf_state(hf_state: dict, cfg: ModelConfig) -> dict:
     shared = hf_state.get("model.shared.weight")
     for name in EMBED_COPIES:
         emb = hf_state.pop(name, None)
-        if emb is not None and shared is None:
+        if emb is None:
+            continue
+        if shared is None:
             hf_state["model.shared.weight"] = shared = emb
-        elif emb is not None and not torch.equal(emb, shared):
+        elif not torch.equal(emb, shared):
             raise ValueError(
                 f"unsupported HF marian checkpoint: {name} differs from model.shared.weight "
                 "(zerolm shares one embedding)"

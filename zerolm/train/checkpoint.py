@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from zerolm.files import atomic_dir, disk_full
+from zerolm.model import load_state
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7})$")
@@ -65,10 +66,14 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     )
 
 
+# numpy's stub types np.random.get_state() as legacy=False's dict; it returns the legacy tuple
+# (name, key, pos, has_gauss, gauss), hence the ignores on its indexing below.
+
+
 def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
+        "numpy": np.random.get_state()[1].tolist(),  # type: ignore[index]
         "python": random.getstate()[1],
     }
 
@@ -76,7 +81,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np_state = np.random.get_state()
-    np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), *np_state[2:]))
+    key = np.array(state["numpy"], dtype=np.uint32)
+    np.random.set_state((np_state[0], key, *np_state[2:]))  # type: ignore[index]
     py = random.getstate()
     random.setstate((py[0], tuple(state["python"]), py[2]))
 
@@ -140,8 +146,6 @@ def _is_write_error(e: RuntimeError) -> bool:
 
 def load_checkpoint(path: str | Path, model, optimizer) -> dict:
     """Restore model + optimizer + RNG from `path`; returns the saved extras (step, loader, ...)."""
-    from zerolm.model import load_state
-
     path = Path(path)
     state = load_file(str(path / "model.safetensors"))
     load_state(model, state, str(path), assign=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +159,7 @@ def _pair_batches(cfg: Config, out: Path, tok: Tokenizer, seq_len: int) -> tuple
         )
         for split in ("train", "val")
     }
-    common = dict(
+    common: dict[str, Any] = dict(  # the keyword arguments both batchings take
         batch_size=cfg.train.batch_size,
         max_seq_len=seq_len,
         vocab_size=tok.vocab_size,

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +36,8 @@ from zerolm.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.nn.Module, object], LossResult]
+# (model, batch) -> LossResult; the model is the stage's own class (train/run.py's Stage types it)
+LossFn = Callable[[Any, Any], LossResult]
 
 
 @runtime_checkable
@@ -187,7 +188,7 @@ class Trainer:
         self.train_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
         self._compiled_ok = False
         self.step = 0
-        self.precision = cfg.precision
+        self.precision: str = cfg.precision  # "auto" until fit() measures the choice
         self.run = {**(fingerprint or {}), **trainer_fingerprint(model.cfg, cfg)}
         self.lr_scale, self.bad_steps, self.rollbacks = 1.0, 0, 0  # train.nonfinite handling
         self.changed: list[str] = []  # resumes that train.resume_changed let through, as recorded
@@ -226,7 +227,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        losses, tokens, stats = [], 0, {}
+        losses, tokens = [], 0
+        stats: dict[str, float] = {}
         for _ in range(self.cfg.grad_accum):
             loss, n, extra = self._micro_step(next(self.batches))
             losses.append(loss)
@@ -313,7 +315,7 @@ class Trainer:
         rng = torch.get_rng_state()
         state = self.batches.state_dict()
         batch = next(self.batches)
-        times = {}
+        times: dict[str, float] = {}
         for precision in ("fp32", "bf16", "fp32", "bf16"):
             t0 = time.perf_counter()
             with autocast(precision, self.device):

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from zerolm.config import LoRAConfig
+from zerolm.config import LoRAConfig, ModelConfig
 from zerolm.files import atomic_write_bytes
 
 ADAPTER_KEYS = ("lora_A", "lora_B")
@@ -42,9 +42,9 @@ class LoRALinear(nn.Module):
         self.base, self.rank, self.scale, self.enabled = base, rank, alpha / rank, True
         self.config = config or LoRAConfig(rank=rank, alpha=alpha, dropout=dropout)
         self.frozen_before = frozen_before  # the model's frozen parameters before apply_lora
-        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))  # (r, I)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # (O, r)
+        dtype, device = base.weight.dtype, base.weight.device  # A (r, I), B (O, r)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # U(±1/sqrt(I))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
@@ -108,8 +108,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
             else f"targets {', '.join(map(repr, unmatched))} match"
         )
         names = ", ".join(dict.fromkeys(_last(n) for n, _ in linears))
-        tied = "lm_head" in unmatched and getattr(model, "lm_head", 0) is None
-        tied = " (lm_head is tied to tok_emb here)" if tied else ""
+        is_tied = "lm_head" in unmatched and getattr(model, "lm_head", 0) is None
+        tied = " (lm_head is tied to tok_emb here)" if is_tied else ""
         raise ValueError(f"LoRA {what} no module; linear modules here: {names}{tied}")
     frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
     model.requires_grad_(False)
@@ -152,12 +152,19 @@ def _config(model: nn.Module) -> LoRAConfig:
     return cfg
 
 
+def _base_config(model: nn.Module) -> dict:
+    """The base model's config as a dict: every zerolm model keeps its ModelConfig as `.cfg`."""
+    cfg = model.cfg
+    assert isinstance(cfg, ModelConfig), f"not a zerolm model: {type(model).__name__}"
+    return dataclasses.asdict(cfg)
+
+
 def _file_bytes(model: nn.Module, sha: str) -> bytes:
     state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     meta = {
         "format": "pt",
         "zerolm_lora": json.dumps(dataclasses.asdict(_config(model))),
-        "base_model": json.dumps(dataclasses.asdict(model.cfg)),
+        "base_model": json.dumps(_base_config(model)),
         "base_sha256": sha,
     }
     return save(state, meta)
@@ -181,7 +188,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     cfg = LoRAConfig(**{**raw, "targets": tuple(raw["targets"])})
     theirs, ours = (
         json.loads(meta["base_model"]),
-        json.loads(json.dumps(dataclasses.asdict(model.cfg))),
+        json.loads(json.dumps(_base_config(model))),
     )
     if theirs != ours:
         diff = ", ".join(

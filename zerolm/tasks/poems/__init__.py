@@ -42,10 +42,11 @@ def sft_conversations(cfg: Config) -> tuple[list, list]:
     """(train, val) chat examples: one per qualifying poem of the docs' train / val split (held
     out: the poems the base model did not pretrain on either)."""
     docs = docs_dir(cfg.poems, cfg.sft.base_model)
-    return tuple(
+    train, val = (
         [x["messages"] for x in poem_instructions(read_docs(docs / f"{s}.jsonl"), seed=cfg.seed)]
         for s in SPLITS
     )
+    return train, val
 
 
 def requests(cfg: Config, split: str) -> list[dict]:

@@ -74,7 +74,7 @@ def compare_models(
         line = (
             f"{m}: {r['form_ok']:.1%} of {r['n']} held-out requests answered in the requested form"
         )
-        if ref is not None:
+        if reference and ref is not None:  # ref is loaded exactly when reference is given
             check_tokenizers(m, reference, "reference model")
             r.update(
                 kl_to_reference(

@@ -41,7 +41,8 @@ def poem_pairs(
     answers: list[str] = []
     for i in range(0, len(asks), batch_size):
         answers += replies(model, tok, asks[i : i + batch_size], req)
-    pairs, counts = [], Counter()
+    pairs: list[Preference] = []
+    counts: Counter[str] = Counter()
     for j, it in enumerate(items):
         msgs, real, form = tuple(it["messages"][:-1]), it["messages"][-1]["content"], it["form"]
         mine = answers[j * samples : (j + 1) * samples]
