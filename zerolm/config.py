@@ -124,7 +124,8 @@ class TrainConfig:
         False  # resume even if the data, tokenizer, model or settings changed (recorded)
     )
     threads: int = 0  # torch intra-op threads; 0: torch's default
-    # a NaN/inf loss or grad norm: skip the update, stop at once, or reload the last checkpoint at a lower lr
+    # a NaN/inf loss or grad norm: skip the update, stop at once, or reload the last checkpoint at a
+    # lower lr
     nonfinite: Literal["skip", "stop", "rollback"] = "skip"
     nonfinite_limit: int = (
         5  # skip: consecutive bad steps before stopping; rollback: rollbacks before stopping
@@ -186,7 +187,8 @@ class AlignConfig:
         "cached"  # computed once before training, or at every step
     )
     # PPO / GRPO (`zerolm ppo`)
-    reward: str = "poem-form"  # a reward model directory, "poem-form" (the form judge's score), or module:function
+    # a reward model directory, "poem-form" (the form judge's score), or module:function
+    reward: str = "poem-form"
     advantage: Literal["gae", "group"] = (
         "gae"  # PPO with a value head, or GRPO's group-relative (no critic)
     )
@@ -203,7 +205,8 @@ class AlignConfig:
     value_clip: float = 0.2  # value clip (around the rollout's values)
     value_coef: float = 0.5  # weight of the value loss
     gamma: float = 1.0
-    lam: float = 1.0  # GAE lambda (1: Monte-Carlo returns minus the value baseline; measured better than 0.95 here)
+    # GAE lambda (1: Monte-Carlo returns minus the value baseline; measured better than 0.95 here)
+    lam: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,7 +247,8 @@ class Seq2SeqConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MLMConfig:
-    """BERT pretraining (`zerolm pretrain --model.arch=bert`): masked-token corruption and sentence pairs."""
+    """BERT pretraining (`zerolm pretrain --model.arch=bert`): masked-token corruption and sentence
+    pairs."""
 
     objective: Literal["mlm+nsp", "mlm"] = (
         "mlm+nsp"  # mlm: no next-sentence loss, B always the real continuation
@@ -259,7 +263,8 @@ class MLMConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ClassifyConfig:
-    """Sequence classification with a bert model (`zerolm finetune-classify`): a head on the pooled [CLS]."""
+    """Sequence classification with a bert model (`zerolm finetune-classify`): a head on the pooled
+    [CLS]."""
 
     base_model: str = ""  # a bert model directory (e.g. runs/bert-tang/model)
     data: tuple[str, ...] = ()  # JSONL files of {text_field, label_field} rows (+ text_pair_field)
@@ -290,9 +295,10 @@ class ClassifyConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
-    """Decoding in `zerolm generate`, `chat`, `eval-poems` and `translate` (`--sample.temperature=0`,
-    or the short flags `--temperature 0`). Each command sets its own defaults: chat 0.7 and 96
-    tokens, eval-poems greedy and 96 tokens, translate greedy and the decoder window."""
+    """Decoding in `zerolm generate`, `chat`, `eval-poems` and `translate`
+    (`--sample.temperature=0`, or the short flags `--temperature 0`). Each command sets its own
+    defaults: chat 0.7 and 96 tokens, eval-poems greedy and 96 tokens, translate greedy and the
+    decoder window."""
 
     max_new_tokens: int = 64  # translate: 0 = as many as the decoder window holds
     temperature: float = 0.8  # 0: greedy
@@ -474,7 +480,8 @@ def merge_dicts(base: dict, over: dict) -> dict:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """['--data.val_fraction=0.1', '--seed', '3'] -> {'data': {'val_fraction': '0.1'}, 'seed': '3'}."""
+    """['--data.val_fraction=0.1', '--seed', '3'] ->
+    {'data': {'val_fraction': '0.1'}, 'seed': '3'}."""
     out: dict = {}
     i = 0
     while i < len(args):
@@ -504,7 +511,8 @@ RECIPES = Path(__file__).resolve().parent / "recipes"  # package data, found by 
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """A TOML file by path, or a bundled recipe by name (`speedrun` -> zerolm/recipes/speedrun.toml)."""
+    """A TOML file by path, or a bundled recipe by name (`speedrun` ->
+    zerolm/recipes/speedrun.toml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path

@@ -53,7 +53,8 @@ def opening(text: str) -> str:
 
 
 def sample_prompts(val_docs: Iterable[dict], n: int = 2) -> list[str]:
-    """Two unconditional samples (at a document start), then the openings of n held-out documents."""
+    """Two unconditional samples (at a document start), then the openings of n held-out
+    documents."""
     return ["", ""] + [opening(d["text"]) for d in islice(val_docs, n)]
 
 
@@ -102,8 +103,8 @@ def speedrun_sft(args, cfg, base_dir: str):
     pick = chat_data(is_poem_data(cfg.data), lang, user_sft(cfg), own)
     if pick is None:
         print(
-            f"\nno chat stage: no bundled conversations fit this text (language: {lang}); add your own "
-            'with --sft.data FILE.jsonl (one {"messages": [...]} per line)'
+            f"\nno chat stage: no bundled conversations fit this text (language: {lang}); "
+            'add your own with --sft.data FILE.jsonl (one {"messages": [...]} per line)'
         )
         return None
     values = {
@@ -120,7 +121,8 @@ def speedrun_sft(args, cfg, base_dir: str):
     }
     sft_cfg = load_config(recipe, overrides=values)  # paths follow the pretraining run
     print(
-        f"\nSFT: {recipe.name} on {', '.join([*sft_cfg.sft.data, *sft_cfg.sft.builtin])} -> {sft_cfg.out_dir}"
+        f"\nSFT: {recipe.name} on {', '.join([*sft_cfg.sft.data, *sft_cfg.sft.builtin])} -> "
+        f"{sft_cfg.out_dir}"
     )
 
     result = sft(sft_cfg, progress=not args.quiet)
@@ -138,7 +140,8 @@ def speedrun_sft(args, cfg, base_dir: str):
 
 
 def _form_adherence(args, out: Path, base_dir: str, sft_dir: str) -> list:
-    """Print base vs SFT form adherence on held-out poem requests; returns three requests to chat."""
+    """Print base vs SFT form adherence on held-out poem requests; returns three requests to
+    chat."""
     requests = eval_requests(
         read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests
     )
@@ -171,8 +174,8 @@ def check_align(args, cfg) -> None:
     if args.align and not is_poem_data(cfg.data):
         raise ValueError(
             f"--align {args.align} trains and measures on poem requests, which need the bundled "
-            f"'{POEM_CORPUS}' corpus (no paths, or --corpus {POEM_CORPUS}); align your own chat model "
-            f"with `zerolm {args.align} --model RUN/sft/model --align.data=PAIRS.jsonl`"
+            f"'{POEM_CORPUS}' corpus (no paths, or --corpus {POEM_CORPUS}); align your own chat "
+            f"model with `zerolm {args.align} --model RUN/sft/model --align.data=PAIRS.jsonl`"
         )
 
 
@@ -204,13 +207,13 @@ def speedrun_align(args, cfg, sft_dir: str):
         models.values(), requests, sampling=SamplingParams(temperature=1.0), seed=0
     )
     print(
-        f"\nheld-out poem requests ({len(requests)}) answered in the requested form, KL to the SFT model "
-        "(nats per reply) and validation bits per byte:"
+        f"\nheld-out poem requests ({len(requests)}) answered in the requested form, KL to the SFT "
+        "model (nats per reply) and validation bits per byte:"
     )
     for name, d in models.items():
         g, t = greedy[str(d)], sampled[str(d)]
         print(
-            f"  {name:>4}: greedy {g['form_ok']:6.1%} | sampled (T=1) {t['form_ok']:6.1%} | KL {g['kl']:5.2f} | "
-            f"{g['val_bpb']:.4f} bits/byte"
+            f"  {name:>4}: greedy {g['form_ok']:6.1%} | sampled (T=1) {t['form_ok']:6.1%} | KL "
+            f"{g['kl']:5.2f} | {g['val_bpb']:.4f} bits/byte"
         )
     print(f"aligned model saved to {result.model_dir}; try: zerolm chat {result.model_dir}")

@@ -97,7 +97,8 @@ class DPOLoss:
 
 @torch.no_grad()
 def dpo_eval(model, items: list[tuple], loss: DPOLoss, batch_size: int = 16) -> dict:
-    """Held-out DPO loss, accuracy (chosen's implicit reward above rejected's), margin and rewards."""
+    """Held-out DPO loss, accuracy (chosen's implicit reward above rejected's), margin and
+    rewards."""
     sums: defaultdict[str, float] = defaultdict(float)
     with eval_mode(model):
         for i in range(0, len(items), batch_size):
@@ -118,7 +119,8 @@ def train_dpo(cfg, progress: bool = True) -> StageResult:
     enc, summary = encoded_pairs(cfg, base, tok, encode_dpo_pair)
     policy, lora = load_trainable(cfg, base)
     live = cfg.align.reference_logprobs == "live"
-    # a second copy only where the policy cannot stand in: another reference, or live with all weights training
+    # a second copy only where the policy cannot stand in: another reference, or live with all
+    # weights training
     ref_model = (
         load_model(ref_dir).requires_grad_(False)
         if ref_dir != base or (live and lora is None)

@@ -111,8 +111,9 @@ def load_reward(spec: str, policy_dir: Path) -> Callable[[list[dict], list[str]]
     module, _, name = spec.rpartition(":")
     if not module or not name:
         raise ValueError(
-            f"align.reward={spec!r}: give 'poem-form', a reward model directory (zerolm reward), or "
-            "module:function / path/file.py:function for a Python callable fn(prompt, reply) -> float"
+            f"align.reward={spec!r}: give 'poem-form', a reward model directory (zerolm reward), "
+            "or module:function / path/file.py:function for a Python callable fn(prompt, reply) "
+            "-> float"
         )
     try:
         if module.endswith(".py"):
@@ -145,7 +146,8 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
     a = cfg.align
     if not a.data and not a.builtin:
         raise ValueError(
-            "no prompts: give --align.builtin=poems and/or --align.data=FILE.jsonl (rows with 'prompt')"
+            "no prompts: give --align.builtin=poems and/or --align.data=FILE.jsonl (rows with "
+            "'prompt')"
         )
     train: list[dict] = []
     val: list[dict] = []
@@ -190,8 +192,9 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
         raise ValueError(f"no training prompts fit the {window}-token window with room to reply")
     if a.reward == "poem-form" and (bad := next((p for p in train + val if "form" not in p), None)):
         raise ValueError(
-            f"align.reward='poem-form' scores poem requests, but {bad.get('where', 'a prompt')} is not "
-            "one: use --align.builtin=poems alone, or another reward (a reward model, module:function)"
+            f"align.reward='poem-form' scores poem requests, but {bad.get('where', 'a prompt')} is "
+            "not one: use --align.builtin=poems alone, or another reward (a reward model, "
+            "module:function)"
         )
     return train, val, counts
 
@@ -271,7 +274,8 @@ class Rollouts:
             self.skipped += 1
             self.failed_in_row += 1
             log.warning(
-                "rollout %d skipped: the reward function failed (%s: %s); %d rollout(s) skipped so far",
+                "rollout %d skipped: the reward function failed (%s: %s); %d rollout(s) skipped "
+                "so far",
                 k,
                 type(e).__name__,
                 e,
@@ -279,8 +283,8 @@ class Rollouts:
             )
             if self.failed_in_row >= MAX_FAILED_ROLLOUTS:
                 raise ValueError(
-                    f"the reward function failed on {MAX_FAILED_ROLLOUTS} rollouts in a row; the last "
-                    f"error: {type(e).__name__}: {e}"
+                    f"the reward function failed on {MAX_FAILED_ROLLOUTS} rollouts in a row; the "
+                    f"last error: {type(e).__name__}: {e}"
                 ) from e
             return None
         self.failed_in_row = 0
@@ -367,7 +371,8 @@ class Rollouts:
         )
 
     def loss(self, model: PolicyValue, batch):
-        """The Trainer's loss on one minibatch: clipped surrogate (+ value loss); n = reply tokens."""
+        """The Trainer's loss on one minibatch: clipped surrogate (+ value loss); n = reply
+        tokens."""
         x, y, mask, old_logp, old_values, adv, returns, scores, kl = batch
         logits, values = model(x)
         logp = token_logprobs(logits / self.a.temperature, y)

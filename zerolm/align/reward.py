@@ -67,7 +67,8 @@ class RewardModel(nn.Module):
         path = Path(model_dir) / HEAD_FILE
         if not path.is_file():
             raise ValueError(
-                f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `zerolm reward`"
+                f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `zerolm "
+                "reward`"
             )
         rm = cls(load_model(model_dir))
         head = load_file(str(path))
@@ -96,7 +97,8 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Ten
 
 
 def pair_collate(picked: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded pairs -> (ids, lengths) with the B chosen conversations first, the B rejected after."""
+    """Encoded pairs -> (ids, lengths) with the B chosen conversations first, the B rejected
+    after."""
     return pad_batch([c for c, _ in picked] + [r for _, r in picked])
 
 

@@ -1,4 +1,5 @@
-"""`zerolm prepare`: raw text -> cleaned, de-duplicated, split documents -> tokenizer -> token shards.
+"""`zerolm prepare`: raw text -> cleaned, de-duplicated, split documents -> tokenizer -> token
+shards.
 
 Three stages, each written atomically into the run directory and skipped when its inputs are
 unchanged (a fingerprint of config, input files and upstream stages is kept in stage.json):

@@ -19,7 +19,8 @@ from zerolm.tokenizer.chat import prompt_ids
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, T) log p(targets[t] | logits[t]) in float32; logits (B, T, V) aligned with targets (B, T)."""
+    """(B, T) log p(targets[t] | logits[t]) in float32; logits (B, T, V) aligned with
+    targets (B, T)."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
@@ -61,7 +62,8 @@ def sample_replies(
         room = window - max(map(len, prompts))
         if room < 1:
             raise ValueError(
-                f"a prompt of {window - room} tokens leaves no room to reply in the {window}-token window"
+                f"a prompt of {window - room} tokens leaves no room to reply in the {window}-token "
+                "window"
             )
         req = chat_request(
             tok, min(max_new_tokens, room), SamplingParams(temperature=temperature), seed + i
@@ -98,7 +100,8 @@ def kl_to_reference(
     seed: int = 0,
     batch_size: int = 32,
 ) -> dict:
-    """Monte-Carlo KL(model || ref) per reply: replies sampled from `model` at temperature 1, then reply_kl."""
+    """Monte-Carlo KL(model || ref) per reply: replies sampled from `model` at temperature 1, then
+    reply_kl."""
     seqs, lens, _ = sample_replies(
         model, tok, conversations, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
     )

@@ -50,8 +50,8 @@ def translate_texts(
         if len(ids) > window:
             if too_long == "error":
                 raise ValueError(
-                    f"text {i + 1} ({text[:40]!r}...) is {len(ids)} tokens, more than the encoder window "
-                    f"of {window}: split it into shorter sentences"
+                    f"text {i + 1} ({text[:40]!r}...) is {len(ids)} tokens, more than the encoder "
+                    f"window of {window}: split it into shorter sentences"
                 )
             log.warning(
                 "text %d is %d tokens: keeping its first %d (the encoder window)",
@@ -91,7 +91,8 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
     """Corpus BLEU and chrF of the hypotheses against one reference each."""
     if len(hypotheses) != len(references):
         raise ValueError(
-            f"{len(hypotheses)} translations but {len(references)} references: they must be line-aligned"
+            f"{len(hypotheses)} translations but {len(references)} references: they must be "
+            "line-aligned"
         )
     if not references:
         raise ValueError("no references to score against")

@@ -63,7 +63,8 @@ def read_rows(
     label_field: str = "label",
     need_label: bool = True,
 ) -> list[Row]:
-    """Rows of a JSONL file (or a .txt file: one text per line, no labels). Errors name file and line."""
+    """Rows of a JSONL file (or a .txt file: one text per line, no labels). Errors name file and
+    line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(
@@ -120,7 +121,8 @@ def tang_authors(docs: Path, n: int) -> tuple[list[Row], list[Row], dict]:
     ][:n]
     if len(top) < 2:
         raise ValueError(
-            f"{docs}: documents carry no 'author' metadata; tang-authors needs the bundled tang corpus"
+            f"{docs}: documents carry no 'author' metadata; tang-authors needs the bundled tang "
+            "corpus"
         )
     keep = set(top)
     out = [
@@ -193,8 +195,9 @@ def encode(
         if len(a) + len(b) > room:
             if truncation == "error":
                 raise ValueError(
-                    f"{r.where}: {len(a) + len(b) + window - room} tokens with [CLS]/[SEP] exceed the "
-                    f"{window}-token window; shorten it, or set --classify.truncation=longest_first"
+                    f"{r.where}: {len(a) + len(b) + window - room} tokens with [CLS]/[SEP] exceed "
+                    f"the {window}-token window; shorten it, or set "
+                    "--classify.truncation=longest_first"
                 )
             cut += 1
             while len(a) + len(b) > room:  # longest first, from the end
@@ -214,8 +217,8 @@ def bert_config(base: Path):
     cfg = read_model_config(base)
     if cfg.arch != "bert":
         raise ValueError(
-            f"{base} is a {cfg.arch} model: finetune-classify needs a bert encoder (pretrain one with "
-            "`zerolm pretrain --model.arch=bert`, e.g. --config recipes/bert-tang.toml)"
+            f"{base} is a {cfg.arch} model: finetune-classify needs a bert encoder (pretrain one "
+            "with `zerolm pretrain --model.arch=bert`, e.g. --config recipes/bert-tang.toml)"
         )
     return cfg
 
@@ -294,7 +297,8 @@ def finetune_classify(cfg: Config, progress: bool = True) -> StageResult:
     c = cfg.classify
     if not c.base_model:
         raise ValueError(
-            "no base model: give --model DIR (config key classify.base_model), a bert model directory"
+            "no base model: give --model DIR (config key classify.base_model), a bert model "
+            "directory"
         )
     base = Path(c.base_model)
     mcfg = bert_config(base)
@@ -353,7 +357,8 @@ class _Data:
         labels = sorted(counts, key=lambda k: (-counts[k], k))  # most frequent first
         if len(labels) < 2:
             raise ValueError(
-                f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a classifier needs >= 2"
+                f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a "
+                "classifier needs >= 2"
             )
         train_y, val_y = label_ids(train_rows, labels), label_ids(val_rows, labels)
         tok = Tokenizer.load(base)
@@ -375,7 +380,8 @@ class _Data:
 
 
 def _write_results(out: Path, result: StageResult) -> None:
-    """OUT/results.json: the baselines, the final held-out figures, the data summary, the last row."""
+    """OUT/results.json: the baselines, the final held-out figures, the data summary, the last
+    row."""
     baseline = ("majority_", "boc_")
     results = {
         **{k: v for k, v in result.info.items() if k.startswith(baseline)},
@@ -412,7 +418,8 @@ def _baselines(
     results: dict = {"majority_acc": None, "boc_lr_acc": None}
     if not val_y:
         log.warning(
-            "no held-out rows: nothing to measure accuracy on (set classify.val_data or classify.val_fraction)"
+            "no held-out rows: nothing to measure accuracy on (set classify.val_data or "
+            "classify.val_fraction)"
         )
         return results
     results["majority_acc"] = majority_baseline(train_y, val_y)["accuracy"]
@@ -453,7 +460,8 @@ def load_classifier(model_dir: str | Path):
     model = load_model(model_dir)
     if model.cfg.n_labels != len(labels):
         raise ValueError(
-            f"{model_dir}: {LABELS_FILE} names {len(labels)} labels, the model has {model.cfg.n_labels}"
+            f"{model_dir}: {LABELS_FILE} names {len(labels)} labels, the model has "
+            f"{model.cfg.n_labels}"
         )
     return model, Tokenizer.load(model_dir), labels
 
@@ -480,7 +488,8 @@ def classify_file(
     enc, cut = encode(tok, rows, model.cfg.max_seq_len, truncation)
     if cut:
         log.warning(
-            "%d of %d rows longer than the %d-token window were truncated (longest first, from the end)",
+            "%d of %d rows longer than the %d-token window were truncated (longest first, from "
+            "the end)",
             cut,
             len(rows),
             model.cfg.max_seq_len,
@@ -496,8 +505,8 @@ def classify_file(
     if labelled:
         if len(labelled) != len(rows):
             raise ValueError(
-                f"{input}: {len(labelled)} of {len(rows)} rows have a {label_field!r} field; for accuracy "
-                "every row needs one, for predictions alone none"
+                f"{input}: {len(labelled)} of {len(rows)} rows have a {label_field!r} field; for "
+                "accuracy every row needs one, for predictions alone none"
             )
         out |= scores(probs, label_ids(rows, labels))
     return out

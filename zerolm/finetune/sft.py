@@ -125,7 +125,8 @@ def mixed_loss(model, batch, pt_weight: float) -> LossResult:
 
 
 def sft(cfg: Config, progress: bool = True) -> StageResult:
-    """Fine-tune cfg.sft.base_model on the conversations; save OUT/model (+ OUT/adapters.safetensors)."""
+    """Fine-tune cfg.sft.base_model on the conversations; save OUT/model (+
+    OUT/adapters.safetensors)."""
     if not cfg.sft.base_model:
         raise ValueError("no base model: give --sft.base_model=DIR (e.g. runs/speedrun/model)")
     base, tok = Path(cfg.sft.base_model), Tokenizer.load(cfg.sft.base_model)
@@ -177,7 +178,8 @@ def _encode(tok: Tokenizer, train_c: list, val_c: list, seq_len: int, counts: di
 
 
 def _batches_and_loss(cfg: Config, base: Path, train_ex: list, seq_len: int):
-    """SFT batches and lm_loss, or (sft.pt_weight > 0) mixed with the base model's pretraining shards."""
+    """SFT batches and lm_loss, or (sft.pt_weight > 0) mixed with the base model's pretraining
+    shards."""
     bs = cfg.train.batch_size
     batches = SFTBatches(
         train_ex, batch_size=bs, seq_len=seq_len, seed=cfg.seed, packing=cfg.sft.packing

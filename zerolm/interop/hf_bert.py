@@ -1,10 +1,11 @@
 """Import and export HF transformers BERT checkpoints (model_type "bert") as zerolm Bert models.
 
-Imports BertForPreTraining (`bert.` + `cls.predictions` / `cls.seq_relationship`), headless BertModel
-(no prefix: sentence-transformers models such as all-MiniLM-L6-v2) and BertForSequenceClassification
-(`classifier`) checkpoints; heads a checkpoint lacks are initialised fresh with a warning, as
-transformers does. Exports BertForPreTraining (+ `classifier` when the model has one). HF names live
-only here; reached through zerolm.interop.hf's import_hf / export_hf, which dispatch on model_type.
+Imports BertForPreTraining (`bert.` + `cls.predictions` / `cls.seq_relationship`), headless
+BertModel (no prefix: sentence-transformers models such as all-MiniLM-L6-v2) and
+BertForSequenceClassification (`classifier`) checkpoints; heads a checkpoint lacks are initialised
+fresh with a warning, as transformers does. Exports BertForPreTraining (+ `classifier` when the
+model has one). HF names live only here; reached through zerolm.interop.hf's import_hf / export_hf,
+which dispatch on model_type.
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ def _fill_missing_heads(state: dict, cfg: ModelConfig, src: Path) -> dict:
     if not missing:
         return state
     log.warning(
-        "%s has no %s weights: initialised fresh (BERT init); train them before using their outputs",
+        "%s has no %s weights: initialised fresh (BERT init); train them before using their "
+        "outputs",
         src,
         ", ".join(sorted({k.split(".")[0] for k in missing})),
     )
@@ -239,8 +241,9 @@ def import_hf(
 
 
 def export_hf(model: Bert, out_dir, tokenizer=None) -> Path:
-    """Write `model` as an HF BertForPreTraining checkpoint directory (config.json + model.safetensors
-    [+ tokenizer]); a model whose choices BERT cannot express raises ValueError."""
+    """Write `model` as an HF BertForPreTraining checkpoint directory (config.json +
+    model.safetensors [+ tokenizer]); a model whose choices BERT cannot express raises
+    ValueError."""
     cfg = model.cfg
     bad = [
         f"{k}={getattr(cfg, k)!r} (needs {' or '.join(map(repr, ok))})"
@@ -249,11 +252,13 @@ def export_hf(model: Bert, out_dir, tokenizer=None) -> Path:
     ]
     if cfg.n_kv_heads != cfg.n_heads:
         bad.append(
-            f"n_kv_heads={cfg.n_kv_heads} (BERT has no grouped-query attention: needs {cfg.n_heads})"
+            f"n_kv_heads={cfg.n_kv_heads} (BERT has no grouped-query attention: needs "
+            f"{cfg.n_heads})"
         )
     if bad:
         raise ValueError(
-            f"cannot export this {cfg.preset!r} bert model as HF BertForPreTraining: {'; '.join(bad)}"
+            f"cannot export this {cfg.preset!r} bert model as HF BertForPreTraining: "
+            f"{'; '.join(bad)}"
         )
     names = _names(cfg.n_layers)
     state = {k: v.detach() for k, v in model.state_dict().items()}

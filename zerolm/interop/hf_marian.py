@@ -109,17 +109,18 @@ def config_from_hf(raw: dict) -> ModelConfig:
         [
             (
                 act in ACT,
-                f"activation_function={act!r} (zerolm's FFN has {', '.join(ACT)}; swish exists only gated, "
-                "as swiglu)",
+                f"activation_function={act!r} (zerolm's FFN has {', '.join(ACT)}; swish exists "
+                "only gated, as swiglu)",
             ),
             (
                 c["encoder_ffn_dim"] == c["decoder_ffn_dim"],
-                f"encoder_ffn_dim={c['encoder_ffn_dim']} != decoder_ffn_dim={c['decoder_ffn_dim']} (zerolm has one d_ff)",
+                f"encoder_ffn_dim={c['encoder_ffn_dim']} != decoder_ffn_dim={c['decoder_ffn_dim']} "
+                "(zerolm has one d_ff)",
             ),
             (
                 c["encoder_attention_heads"] == c["decoder_attention_heads"],
-                f"encoder_attention_heads={c['encoder_attention_heads']} != decoder_attention_heads="
-                f"{c['decoder_attention_heads']} (zerolm has one n_heads)",
+                f"encoder_attention_heads={c['encoder_attention_heads']} != "
+                f"decoder_attention_heads={c['decoder_attention_heads']} (zerolm has one n_heads)",
             ),
             (
                 c["decoder_vocab_size"] in (None, c["vocab_size"])
@@ -262,8 +263,9 @@ def _to_hf_state(model) -> dict:
 
 
 def import_hf(src: Path, raw: dict, out_dir=None, dtype: torch.dtype | None = torch.float32):
-    """A MarianMTModel checkpoint directory (config.json `raw` + safetensors) as a zerolm EncoderDecoder;
-    with out_dir, also written there as a zerolm model directory (with the source's tokenizer files)."""
+    """A MarianMTModel checkpoint directory (config.json `raw` + safetensors) as a zerolm
+    EncoderDecoder; with out_dir, also written there as a zerolm model directory (with the source's
+    tokenizer files)."""
     cfg = resolve(config_from_hf(raw))
     return build_imported(
         EncoderDecoder, cfg, _from_hf_state(_read_weights(Path(src)), cfg), src, out_dir, dtype
@@ -283,7 +285,8 @@ def export_hf(model, out_dir, tokenizer=None) -> Path:
     ]
     if cfg.n_kv_heads != cfg.n_heads:
         bad.append(
-            f"n_kv_heads={cfg.n_kv_heads} (Marian has no grouped-query attention: needs {cfg.n_heads})"
+            f"n_kv_heads={cfg.n_kv_heads} (Marian has no grouped-query attention: needs "
+            f"{cfg.n_heads})"
         )
     if bad:
         raise ValueError(

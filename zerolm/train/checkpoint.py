@@ -30,7 +30,8 @@ _PARTIAL = re.compile(r"^\.step-\d{7}\.(.+\.tmp|old-\d+)$")  # atomic_dir's temp
 
 
 class NonFiniteError(ValueError):
-    """Training produced NaN/inf (loss, gradients or weights); a ValueError, so the CLI prints one line."""
+    """Training produced NaN/inf (loss, gradients or weights); a ValueError, so the CLI prints one
+    line."""
 
 
 def last_good(out_dir: str | Path) -> str:
@@ -97,8 +98,8 @@ def save_checkpoint(
     run: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`. Non-finite weights
-    raise NonFiniteError and write nothing; so does a full disk, as a ValueError naming the directory.
-    `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py)."""
+    raise NonFiniteError and write nothing; so does a full disk, as a ValueError naming the
+    directory. `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py)."""
     path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if bad := nonfinite_tensors(state):

@@ -151,7 +151,8 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> StageResult:
 
 
 def _pair_batches(cfg: Config, out: Path, tok: Tokenizer, seq_len: int) -> tuple[PairBatches, list]:
-    """The training pairs (fresh each epoch) and the fixed held-out batches, of the prepared docs."""
+    """The training pairs (fresh each epoch) and the fixed held-out batches, of the prepared
+    docs."""
     m, nsp = cfg.mlm, cfg.mlm.objective == "mlm+nsp"
     corpora = {
         split: SentenceCorpus.from_texts(
@@ -170,7 +171,8 @@ def _pair_batches(cfg: Config, out: Path, tok: Tokenizer, seq_len: int) -> tuple
     batches = PairBatches(corpora["train"], **common, short_seq_prob=m.short_seq_prob)
     val = fixed_batches(corpora["val"], **common)
     log.info(
-        "sentence pairs: train %d documents -> %d pairs per epoch (%d batches); val %d documents -> %d pairs",
+        "sentence pairs: train %d documents -> %d pairs per epoch (%d batches); val %d documents "
+        "-> %d pairs",
         corpora["train"].n_docs,
         *batches.epoch_size(),
         corpora["val"].n_docs,

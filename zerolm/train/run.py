@@ -80,7 +80,8 @@ def begin(cfg: Config, early: dict | None = None) -> Path:
     found = list_checkpoints(out)
     if found and not cfg.train.resume:
         raise ValueError(
-            f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out"
+            f"{out} already holds checkpoints: continue with --train.resume=true, or use a new "
+            "--out"
         )
     if found and early is not None:
         check_resume(found[-1], early, cfg.train.resume_changed)
@@ -98,7 +99,8 @@ def open_out(cfg: Config) -> Path:
 
 
 def new_model(cfg: Config, model_cfg: ModelConfig, vocab_size: int) -> AnyModel:
-    """A freshly initialised model of `model_cfg` (seeded by cfg.seed), on the GPU when there is one."""
+    """A freshly initialised model of `model_cfg` (seeded by cfg.seed), on the GPU when there is
+    one."""
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return build_model(model_cfg, vocab_size, seed=cfg.seed, device=device)

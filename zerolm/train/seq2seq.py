@@ -55,9 +55,9 @@ def encode_pairs(
         if len(s) + 1 > window or len(t) + 1 > window:
             if too_long == "error":
                 raise ValueError(
-                    f"{split} pair {i + 1} ({pairs[i][0][:40]!r}...) is {len(s) + 1} source / {len(t) + 1} "
-                    f"target tokens, more than the model window of {window}: raise --model.max_seq_len, "
-                    "or drop such pairs with --seq2seq.too_long=drop"
+                    f"{split} pair {i + 1} ({pairs[i][0][:40]!r}...) is {len(s) + 1} source / "
+                    f"{len(t) + 1} target tokens, more than the model window of {window}: raise "
+                    "--model.max_seq_len, or drop such pairs with --seq2seq.too_long=drop"
                 )
             dropped += 1
             continue
@@ -66,8 +66,8 @@ def encode_pairs(
 
 
 def collate(items, *, pad: int, bos: int, eos: int):
-    """-> (src (B, S), src_mask (B, S) bool, tgt_in (B, T) = start + target, tgt_out (B, T) = target +
-    eos, IGNORE at padding)."""
+    """-> (src (B, S), src_mask (B, S) bool, tgt_in (B, T) = start + target, tgt_out (B, T) =
+    target + eos, IGNORE at padding)."""
     src = pad_right([s for s, _ in items], pad)
     tgt_in = pad_right([[bos, *t] for _, t in items], pad)
     tgt_out = pad_right([[*t, eos] for _, t in items], IGNORE)
@@ -203,7 +203,8 @@ def _encode_splits(tok: Tokenizer, pairs: dict, window: int, too_long: str) -> d
 
 def _flops_per_target_token(model, train: list) -> float:
     """Training FLOPs per target token: 6 x the matrices each token passes through, the encoder's
-    counted once per source token (sources are about as long as targets here: their ratio is used)."""
+    counted once per source token (sources are about as long as targets here: their ratio is
+    used)."""
     src_per_tgt = sum(len(s) for s, _ in train) / max(1, sum(len(t) + 1 for _, t in train))
 
     def matrices(prefix: str) -> int:
@@ -244,7 +245,8 @@ def _final_eval(
         atomic_write_text(out / "eval" / f"{name}.txt", "".join(line + "\n" for line in lines))
     atomic_write_text(out / "eval" / "scores.json", json.dumps(scores, indent=2))
     log.info(
-        "held-out (%d pairs): BLEU %.2f chrF %.2f | copy-the-source BLEU %.2f chrF %.2f | val loss %.4f",
+        "held-out (%d pairs): BLEU %.2f chrF %.2f | copy-the-source BLEU %.2f chrF %.2f | val "
+        "loss %.4f",
         scores["pairs"],
         scores["bleu"],
         scores["chrf"],

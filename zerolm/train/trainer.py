@@ -1,7 +1,8 @@
 """The one training loop. Stages plug in their Batches (next, state_dict, load_state_dict) and a
-loss function returning a LossResult (zerolm/train/run.py builds them into a stage); the loop owns precision, accumulation, clipping, schedule, logging, evaluation,
-checkpoints, exact resume (of the same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite
-losses (skipped, stopped on, or rolled back from: train.nonfinite).
+loss function returning a LossResult (zerolm/train/run.py builds them into a stage); the loop owns
+precision, accumulation, clipping, schedule, logging, evaluation, checkpoints, exact resume (of the
+same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite losses (skipped, stopped on, or
+rolled back from: train.nonfinite).
 """
 
 from __future__ import annotations
@@ -221,8 +222,9 @@ class Trainer:
         return out.loss.item(), int(out.n), {k: float(v) for k, v in out.stats.items()}
 
     def train_step(self) -> dict:
-        """One optimizer step. A non-finite loss or gradient norm (checked once the micro-batches are
-        accumulated) skips the update; the step still counts toward train.steps and the data moves on."""
+        """One optimizer step. A non-finite loss or gradient norm (checked once the micro-batches
+        are accumulated) skips the update; the step still counts toward train.steps and the data
+        moves on."""
         lr = lr_at(self.step, self.cfg) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -259,23 +261,25 @@ class Trainer:
         return row
 
     def _nonfinite(self, row: dict) -> dict:
-        """Apply train.nonfinite to a step whose update was skipped; returns fields for its log row."""
+        """Apply train.nonfinite to a step whose update was skipped; returns fields for its log
+        row."""
         cfg, what = (
             self.cfg,
             f"loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g} at lr {row['lr']:.3g}",
         )
         if cfg.nonfinite == "stop":
             raise NonFiniteError(
-                f"step {self.step}: non-finite {what} (train.nonfinite=stop); the update was skipped "
-                f"and {last_good(self.out)}. Lower --train.lr or set --train.nonfinite=skip"
+                f"step {self.step}: non-finite {what} (train.nonfinite=stop); the update was "
+                f"skipped and {last_good(self.out)}. Lower --train.lr or set --train.nonfinite=skip"
             )
         if cfg.nonfinite == "skip":
             if self.bad_steps >= cfg.nonfinite_limit:
                 raise NonFiniteError(
-                    f"training diverged: non-finite loss or gradient norm at {self.bad_steps} consecutive steps "
-                    f"(steps {self.step - self.bad_steps + 1}-{self.step}; last {what}); the updates were skipped and "
-                    f"{last_good(self.out)}. Lower --train.lr (and resume with --resume-changed, or start a new --out), "
-                    "or set --train.nonfinite=rollback"
+                    f"training diverged: non-finite loss or gradient norm at {self.bad_steps} "
+                    f"consecutive steps (steps {self.step - self.bad_steps + 1}-{self.step}; last "
+                    f"{what}); the updates were skipped and {last_good(self.out)}. Lower "
+                    "--train.lr (and resume with --resume-changed, or start a new --out), or set "
+                    "--train.nonfinite=rollback"
                 )
             log.warning(
                 "step %d: non-finite %s: update skipped (%d in a row; train.nonfinite_limit=%d)",
@@ -367,7 +371,8 @@ class Trainer:
         self._saved_step = self.step
 
     def resume(self) -> bool:
-        """Continue from the newest checkpoint, if it was taken by the same run (or train.resume_changed)."""
+        """Continue from the newest checkpoint, if it was taken by the same run (or
+        train.resume_changed)."""
         found = list_checkpoints(self.out)
         if not found:
             return False
@@ -474,13 +479,14 @@ class Trainer:
         eta = elapsed / max(1, self.step - self._step_start) * (cfg.steps - self.step)
         extra = "".join(f"{k} {row[k]:.4g} | " for k in self.stat_keys)
         log.info(
-            f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
-            f"gnorm {row['grad_norm']:.2f} | {self._tokens_seen / elapsed:,.0f} tok/s | "
-            f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s"
+            f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} "
+            f"| gnorm {row['grad_norm']:.2f} | {self._tokens_seen / elapsed:,.0f} tok/s | MFU "
+            f"{100 * row['mfu']:.1f}% | ETA {eta:,.0f}s"
         )
 
     def _stop_requested(self, what: str) -> None:
-        """A signal stopped the loop before cfg.steps: save a checkpoint (on a finite step), stop."""
+        """A signal stopped the loop before cfg.steps: save a checkpoint (on a finite step),
+        stop."""
         if self.bad_steps:
             log.info(
                 f"{what} at step {self.step}, whose loss is non-finite: no checkpoint saved; "

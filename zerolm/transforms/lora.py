@@ -25,8 +25,9 @@ ADAPTER_KEYS = ("lora_A", "lora_B")
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + dropout(x) @ A.T @ B.T · alpha/rank around a frozen `base`. A is kaiming-uniform
-    (a=sqrt(5), as PEFT), B zeros, so a fresh adapter changes nothing. `enabled=False` skips it."""
+    """y = base(x) + dropout(x) @ A.T @ B.T · alpha/rank around a frozen `base`. A is
+    kaiming-uniform (a=sqrt(5), as PEFT), B zeros, so a fresh adapter changes nothing.
+    `enabled=False` skips it."""
 
     def __init__(
         self,
@@ -171,7 +172,8 @@ def _file_bytes(model: nn.Module, sha: str) -> bytes:
 
 
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
-    """Write the adapters (+ LoRA config, base config and base fingerprint) as one safetensors file."""
+    """Write the adapters (+ LoRA config, base config and base fingerprint) as one safetensors
+    file."""
     atomic_write_bytes(path, _file_bytes(model, base_fingerprint(model)))
     return Path(path)
 
@@ -202,8 +204,9 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     sha, want = base_fingerprint(model), meta.get("base_sha256", "?")
     if want != sha:
         raise ValueError(
-            f"{path}: the adapters were trained on base weights with sha256 {want[:16]}, this model's "
-            f"are {sha[:16]} (same config, different weights): load the base they were trained on"
+            f"{path}: the adapters were trained on base weights with sha256 {want[:16]}, this "
+            f"model's are {sha[:16]} (same config, different weights): load the base they were "
+            "trained on"
         )
     have = lora_config_of(model)
     if have is None:
@@ -224,8 +227,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold scale·B·A into each base weight (in float32, rounded once to the weight's dtype; whether or
-    not adapters are enabled), put the plain nn.Linear back and restore every parameter's
+    """Fold scale·B·A into each base weight (in float32, rounded once to the weight's dtype;
+    whether or not adapters are enabled), put the plain nn.Linear back and restore every parameter's
     requires_grad to what it was before apply_lora (all trainable for a fresh model). The result has
     the plain model's state_dict: save_model, load_model and export_hf treat it like any other."""
     _config(model)
@@ -261,9 +264,9 @@ def adapters_disabled(model: nn.Module):
 
 
 def trainable_report(model: nn.Module, optimizer_bytes_per_param: int = 8) -> dict:
-    """Parameter counts (total, trainable, base, adapter), AdamW state in bytes (two float32 moments =
-    8 per trainable parameter) for the model as it is (LoRA) versus full fine-tuning of its base, and
-    the adapter file's exact size."""
+    """Parameter counts (total, trainable, base, adapter), AdamW state in bytes (two float32
+    moments = 8 per trainable parameter) for the model as it is (LoRA) versus full fine-tuning of
+    its base, and the adapter file's exact size."""
     params = list(model.parameters())  # tied parameters once
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)

@@ -62,6 +62,7 @@ def preference_pairs(cfg: Config, model, tok, split: str) -> tuple[list[Preferen
 
 
 def form_reward(prompt: dict, reply: str) -> float:
-    """The judge's partial credit for the form the poem request asked for (1.0: exactly that form)."""
+    """The judge's partial credit for the form the poem request asked for (1.0: exactly that
+    form)."""
     form = prompt["form"]
     return score(reply, form["lines"], form["chars"])

@@ -1,7 +1,7 @@
 """Poem preference pairs from the bundled Tang corpus, judged by the rule-based form judge.
 
-For each poem request (zerolm/tasks/poems/requests.py: title / author / continuation, in a named form) the
-model under training samples `samples` answers. Then:
+For each poem request (zerolm/tasks/poems/requests.py: title / author / continuation, in a named
+form) the model under training samples `samples` answers. Then:
 
 - *reference* pairs: every sample the judge (zerolm/tasks/poems/form.py) fails becomes
   rejected, with the real poem as chosen;
