@@ -22,7 +22,6 @@ from zerolm.data.prefs import (
 )
 from zerolm.data.split import split_by_hash
 from zerolm.eval.mode import eval_mode
-from zerolm.infer.engine import decode_layout
 from zerolm.model import load_model
 from zerolm.tasks import TASKS
 from zerolm.tokenizer import Tokenizer, check_tokenizers
@@ -82,6 +81,8 @@ def encoded_pairs(
 ) -> tuple[dict[str, list], dict]:
     """{"train": [...], "val": [...]} of encode(tok, pair, window) for every pair that fits the
     window (None: it does not), and a summary of where the pairs came from."""
+    from zerolm.infer.engine import decode_layout
+
     sampler = decode_layout(
         load_model(base)
     )  # samples the poem answers; the stage trains its own copy
