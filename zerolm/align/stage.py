@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from zerolm.data.prefs import (
     BUILTIN_PAIRS,
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- data
-def load_pairs(cfg, model, tok) -> tuple[list[Preference], list[Preference], dict]:
+def load_pairs(cfg, model: nn.Module, tok) -> tuple[list[Preference], list[Preference], dict]:
     """(train, val) pairs from align.data files, align.builtin sets and counts per source.
     Files and hhh are split by a hash of the pair; poem pairs are sampled from `model` on
     requests from the training documents (train) and the held-out ones (val)."""
@@ -111,7 +112,9 @@ def encoded_pairs(
 
 
 # ---------------------------------------------------------------- models
-def reference_logits(policy, ref_model=None):
+def reference_logits(
+    policy: nn.Module, ref_model: nn.Module | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """x (B, T) -> the frozen reference's logits, without gradients: from `ref_model`, else from
     the policy itself with its LoRA adapters disabled (or as it is, before any training step)."""
     model = policy if ref_model is None else ref_model

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from zerolm.eval.mode import eval_mode
 from zerolm.infer.seq2seq import generate
+from zerolm.model.encdec import EncoderDecoder
 from zerolm.tokenizer import BOS, EOS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def encode_source(tok: Tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def translate_texts(
-    model,
+    model: EncoderDecoder,
     tok: Tokenizer,
     texts: list[str],
     *,
@@ -103,7 +104,7 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
 
 
 def evaluate_translation(
-    model, tok: Tokenizer, sources: list[str], references: list[str], **kw
+    model: EncoderDecoder, tok: Tokenizer, sources: list[str], references: list[str], **kw
 ) -> dict:
     """BLEU / chrF of the model's translations and of copying the source, on the same references."""
     hyps = translate_texts(model, tok, sources, **kw)

@@ -35,6 +35,7 @@ from zerolm.eval.baselines import bag_of_chars_baseline, majority_baseline
 from zerolm.eval.mode import eval_mode
 from zerolm.files import atomic_write_text
 from zerolm.model import build_model, load_model, model_class, read_model_config, save_model
+from zerolm.model.bert import Bert
 from zerolm.model.presets import resolve
 from zerolm.tokenizer import Tokenizer
 from zerolm.train.fingerprint import stage_fingerprint
@@ -246,7 +247,7 @@ def classifier_from(base: Path, n_labels: int, seed: int = 0):
     return model
 
 
-def classify_loss(model, batch) -> LossResult:
+def classify_loss(model: Bert, batch) -> LossResult:
     """Cross entropy of the pooled-[CLS] head; counted: the rows; stats: acc."""
     device = next(model.parameters()).device
     ids, seg, att, y = (t.to(device) for t in batch)
@@ -256,7 +257,7 @@ def classify_loss(model, batch) -> LossResult:
 
 
 @torch.no_grad()
-def predict(model, encoded: list, batch_size: int = 64) -> torch.Tensor:
+def predict(model: Bert, encoded: list, batch_size: int = 64) -> torch.Tensor:
     """(N, C) class probabilities, rows batched by length (little padding), in input order."""
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
@@ -285,7 +286,7 @@ def scores(probs: torch.Tensor, y: list[int]) -> dict:
     }
 
 
-def evaluate(model, encoded: list, y: list[int], batch_size: int = 64) -> dict:
+def evaluate(model: Bert, encoded: list, y: list[int], batch_size: int = 64) -> dict:
     return scores(predict(model, encoded, batch_size), y)
 
 
@@ -393,12 +394,12 @@ def _write_results(out: Path, result: StageResult) -> None:
     atomic_write_text(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
 
 
-def _save(model, model_dir: Path, *, tok: Tokenizer, labels: list[str]) -> None:
+def _save(model: Bert, model_dir: Path, *, tok: Tokenizer, labels: list[str]) -> None:
     save_model(model, model_dir, tok)
     atomic_write_text(model_dir / LABELS_FILE, json.dumps(labels, ensure_ascii=False, indent=1))
 
 
-def _frozen(model, freeze: str):
+def _frozen(model: Bert, freeze: str):
     """classify.freeze: "embeddings" trains all but the embeddings; "encoder" is a linear probe
     on the pooled [CLS] (pooler + head trained)."""
     if freeze == "embeddings":

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from zerolm.config import Config
 from zerolm.data.chat_corpora import read_chat_corpus
@@ -119,7 +120,7 @@ class MixedBatches:
         self.pt.load_state_dict(state["pt"])
 
 
-def mixed_loss(model, batch, pt_weight: float) -> LossResult:
+def mixed_loss(model: nn.Module, batch, pt_weight: float) -> LossResult:
     ft, pt = lm_loss(model, batch[0]), lm_loss(model, batch[1])
     return LossResult(ft.loss + pt_weight * pt.loss, ft.n)
 

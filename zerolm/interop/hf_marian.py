@@ -242,7 +242,7 @@ def _from_hf_state(hf_state: dict, cfg: ModelConfig) -> dict:
     return state
 
 
-def _to_hf_state(model) -> dict:
+def _to_hf_state(model: EncoderDecoder) -> dict:
     names = _names(model.cfg)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if stray := sorted(set(state) - set(names)):
@@ -272,7 +272,7 @@ def import_hf(src: Path, raw: dict, out_dir=None, dtype: torch.dtype | None = to
     )
 
 
-def export_hf(model, out_dir, tokenizer=None) -> Path:
+def export_hf(model: EncoderDecoder, out_dir, tokenizer=None) -> Path:
     """Write an encdec `model` as an HF MarianMTModel directory (config.json + model.safetensors
     [+ tokenizer]); ids follow zerolm's tokenizer: pad 0, bos 1 (also the decoder start), eos 2.
     Choices Marian cannot express (pre-LN, learned or rotary positions, RMSNorm, SwiGLU, ...) raise

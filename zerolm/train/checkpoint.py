@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from zerolm.files import atomic_dir, disk_full
 from zerolm.model import load_state
@@ -91,7 +92,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
-    model,
+    model: nn.Module,
     optimizer,
     extra: dict,
     keep: int,
@@ -145,7 +146,7 @@ def _is_write_error(e: RuntimeError) -> bool:
     )
 
 
-def load_checkpoint(path: str | Path, model, optimizer) -> dict:
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer) -> dict:
     """Restore model + optimizer + RNG from `path`; returns the saved extras (step, loader, ...)."""
     path = Path(path)
     state = load_file(str(path / "model.safetensors"))

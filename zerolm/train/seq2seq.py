@@ -19,6 +19,7 @@ import math
 import random
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from zerolm.data.prepare import _fingerprint, build_tokenizer
 from zerolm.eval.translation import encode_source, evaluate_translation, translate_texts
 from zerolm.files import atomic_write_text
 from zerolm.model import save_model
+from zerolm.model.encdec import EncoderDecoder
 from zerolm.tokenizer import BOS, EOS, PAD, Tokenizer
 from zerolm.train.fingerprint import stage_fingerprint
 from zerolm.train.losses import LossResult, linear_cross_entropy
@@ -74,7 +76,7 @@ def collate(items, *, pad: int, bos: int, eos: int):
     return src, src != pad, tgt_in, tgt_out
 
 
-def seq2seq_loss(model, batch, label_smoothing: float = 0.0) -> LossResult:
+def seq2seq_loss(model: EncoderDecoder, batch, label_smoothing: float = 0.0) -> LossResult:
     """Teacher-forced cross-entropy (with label smoothing) over the real target tokens."""
     device = next(model.parameters()).device
     src, src_mask, tgt_in, tgt_out = (t.to(device) for t in batch)
@@ -92,7 +94,14 @@ def seq2seq_loss(model, batch, label_smoothing: float = 0.0) -> LossResult:
 
 @torch.no_grad()
 def evaluate_pairs(
-    model, items, *, pad: int, bos: int, eos: int, batch_size: int, max_batches: int = 0
+    model: EncoderDecoder,
+    items,
+    *,
+    pad: int,
+    bos: int,
+    eos: int,
+    batch_size: int,
+    max_batches: int = 0,
 ) -> dict:
     """Token-weighted cross-entropy (no smoothing) and perplexity of the target tokens."""
     nats, n = 0.0, 0
@@ -143,6 +152,7 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> StageResult:
     docs_info = _write_docs(out, pairs, _fingerprint(dataclasses.asdict(cfg.seq2seq), info))
     tok, _ = build_tokenizer(cfg, out, docs_info, progress=progress)
     model = new_model(cfg, dataclasses.replace(cfg.model, arch="encdec"), tok.vocab_size)
+    assert isinstance(model, EncoderDecoder)
     log.info(
         "model: encdec (%s blocks), %.2f M parameters (d_model=%d, %d+%d layers, window %d)",
         model.cfg.preset,
@@ -153,7 +163,7 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> StageResult:
         model.cfg.max_seq_len,
     )
     enc = _encode_splits(tok, pairs, model.cfg.max_seq_len, cfg.seq2seq.too_long)
-    ids = dict(pad=tok.token_id(PAD), bos=tok.token_id(BOS), eos=tok.token_id(EOS))
+    ids: dict[str, Any] = dict(pad=tok.token_id(PAD), bos=tok.token_id(BOS), eos=tok.token_id(EOS))
     held, bs = enc["val"], cfg.train.batch_size
     shown = random.Random(cfg.seed).sample(pairs["val"], min(2, len(pairs["val"])))
 
@@ -201,7 +211,7 @@ def _encode_splits(tok: Tokenizer, pairs: dict, window: int, too_long: str) -> d
     return enc
 
 
-def _flops_per_target_token(model, train: list) -> float:
+def _flops_per_target_token(model: EncoderDecoder, train: list) -> float:
     """Training FLOPs per target token: 6 x the matrices each token passes through, the encoder's
     counted once per source token (sources are about as long as targets here: their ratio is
     used)."""
@@ -219,7 +229,14 @@ def _flops_per_target_token(model, train: list) -> float:
 
 
 def _final_eval(
-    model, *, cfg: Config, tok: Tokenizer, val: list, held: list, ids: dict, progress: bool
+    model: EncoderDecoder,
+    *,
+    cfg: Config,
+    tok: Tokenizer,
+    val: list,
+    held: list,
+    ids: dict,
+    progress: bool,
 ) -> dict:
     """The held-out loss over all pairs, then BLEU / chrF of beam-search translations (written
     to OUT/eval/) next to the copy-the-source baseline."""

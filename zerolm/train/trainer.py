@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -159,7 +160,7 @@ class _Signals:
 class Trainer:
     def __init__(
         self,
-        model,
+        model: nn.Module,
         cfg: TrainConfig,
         out_dir: str | Path,
         *,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from zerolm.config import Config, PoemsConfig
 from zerolm.data.prefs import Preference
 from zerolm.data.prepare import read_docs
@@ -56,7 +58,9 @@ def requests(cfg: Config, split: str) -> list[dict]:
     return eval_requests(read_docs(docs / f"{split}.jsonl"), cfg.seed, limit)
 
 
-def preference_pairs(cfg: Config, model, tok, split: str) -> tuple[list[Preference], dict]:
+def preference_pairs(
+    cfg: Config, model: nn.Module, tok, split: str
+) -> tuple[list[Preference], dict]:
     """(pairs, counts) sampled from `model` on the requests of `split` and judged (pairs.py)."""
     return poem_pairs(model, tok, requests(cfg, split), samples=cfg.poems.samples, seed=cfg.seed)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from torch import nn
+
 from zerolm.data.prefs import Preference
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
@@ -23,7 +25,7 @@ from zerolm.tasks.poems.form import judge, score
 
 
 def poem_pairs(
-    model,
+    model: nn.Module,
     tok,
     items: list[dict],
     *,
