@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from zerolm.config import Config
-from zerolm.data.mlm import IGNORE, MASK_ID, PairBatches, SentenceCorpus, fixed_batches, pair_ids
+from zerolm.data.collate import IGNORE
+from zerolm.data.mlm import MASK_ID, PairBatches, SentenceCorpus, fixed_batches, pair_ids
 from zerolm.data.prepare import prepare, read_docs
 from zerolm.eval.mode import eval_mode
 from zerolm.inspect.accounting import account
