@@ -194,7 +194,8 @@ class Trainer:
         self.run = {**(fingerprint or {}), **trainer_fingerprint(model.cfg, cfg)}
         self.lr_scale, self.bad_steps, self.rollbacks = 1.0, 0, 0  # train.nonfinite handling
         self.changed: list[str] = []  # resumes that train.resume_changed let through, as recorded
-        self._saved_step, self._note = -1, {}  # _note: fields for the next log row
+        self._saved_step = -1
+        self._note: dict[str, object] = {}  # fields for the next log row
         self._signals = _Signals()
 
     # ---------------------------------------------------------------- one optimizer step
