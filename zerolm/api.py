@@ -93,7 +93,7 @@ class Model:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         tok = self.tokenizer
         eos = tok.token_id(EOS)
-        ids = [[eos, *tok.encode(p)] for p in prompts]  # eos first: the model starts a document
+        ids = tok.completion_ids(prompts)  # eos first: the model starts a document
         unknown = tok.unknown_ids()
         for p, text in zip(ids, prompts):
             if len(p) > 1 and set(p[1:]) <= unknown:
@@ -142,11 +142,9 @@ class Model:
     ) -> np.ndarray:
         """L2-normalised mean-pooled embeddings of a bert model, as `zerolm embed` writes them:
         (N, D) float32 for a list of texts, (D,) for one. max_tokens: 0 is the model window."""
-        one = isinstance(texts, str)
-        vectors = embed_texts(
-            self.model, self.tokenizer, [texts] if one else list(texts), batch_size, max_tokens
-        )
-        return vectors[0] if one else vectors
+        rows = [texts] if isinstance(texts, str) else list(texts)
+        vectors = embed_texts(self.model, self.tokenizer, rows, batch_size, max_tokens)
+        return vectors[0] if isinstance(texts, str) else vectors
 
 
 def load(path: str | Path, *, compile: bool = False) -> Model:

@@ -124,7 +124,8 @@ class TrainConfig:
         False  # resume even if the data, tokenizer, model or settings changed (recorded)
     )
     threads: int = 0  # torch intra-op threads; 0: torch's default
-    # a NaN/inf loss or grad norm: skip the update, stop at once, or reload the last checkpoint at a lower lr
+    # a NaN/inf loss or grad norm: skip the update, stop at once, or reload the last checkpoint at a
+    # lower lr
     nonfinite: Literal["skip", "stop", "rollback"] = "skip"
     nonfinite_limit: int = (
         5  # skip: consecutive bad steps before stopping; rollback: rollbacks before stopping
@@ -186,7 +187,8 @@ class AlignConfig:
         "cached"  # computed once before training, or at every step
     )
     # PPO / GRPO (`zerolm ppo`)
-    reward: str = "poem-form"  # a reward model directory, "poem-form" (the form judge's score), or module:function
+    # a reward model directory, "poem-form" (the form judge's score), or module:function
+    reward: str = "poem-form"
     advantage: Literal["gae", "group"] = (
         "gae"  # PPO with a value head, or GRPO's group-relative (no critic)
     )
@@ -203,7 +205,8 @@ class AlignConfig:
     value_clip: float = 0.2  # value clip (around the rollout's values)
     value_coef: float = 0.5  # weight of the value loss
     gamma: float = 1.0
-    lam: float = 1.0  # GAE lambda (1: Monte-Carlo returns minus the value baseline; measured better than 0.95 here)
+    # GAE lambda (1: Monte-Carlo returns minus the value baseline; measured better than 0.95 here)
+    lam: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,7 +247,8 @@ class Seq2SeqConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MLMConfig:
-    """BERT pretraining (`zerolm pretrain --model.arch=bert`): masked-token corruption and sentence pairs."""
+    """BERT pretraining (`zerolm pretrain --model.arch=bert`): masked-token corruption and sentence
+    pairs."""
 
     objective: Literal["mlm+nsp", "mlm"] = (
         "mlm+nsp"  # mlm: no next-sentence loss, B always the real continuation
@@ -259,7 +263,8 @@ class MLMConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ClassifyConfig:
-    """Sequence classification with a bert model (`zerolm finetune-classify`): a head on the pooled [CLS]."""
+    """Sequence classification with a bert model (`zerolm finetune-classify`): a head on the pooled
+    [CLS]."""
 
     base_model: str = ""  # a bert model directory (e.g. runs/bert-tang/model)
     data: tuple[str, ...] = ()  # JSONL files of {text_field, label_field} rows (+ text_pair_field)
@@ -290,9 +295,10 @@ class ClassifyConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
-    """Decoding in `zerolm generate`, `chat`, `eval-poems` and `translate` (`--sample.temperature=0`,
-    or the short flags `--temperature 0`). Each command sets its own defaults: chat 0.7 and 96
-    tokens, eval-poems greedy and 96 tokens, translate greedy and the decoder window."""
+    """Decoding in `zerolm generate`, `chat`, `eval-poems` and `translate`
+    (`--sample.temperature=0`, or the short flags `--temperature 0`). Each command sets its own
+    defaults: chat 0.7 and 96 tokens, eval-poems greedy and 96 tokens, translate greedy and the
+    decoder window."""
 
     max_new_tokens: int = 64  # translate: 0 = as many as the decoder window holds
     temperature: float = 0.8  # 0: greedy
@@ -475,7 +481,8 @@ def merge_dicts(base: dict, over: dict) -> dict:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """['--data.val_fraction=0.1', '--seed', '3'] -> {'data': {'val_fraction': '0.1'}, 'seed': '3'}."""
+    """['--data.val_fraction=0.1', '--seed', '3'] ->
+    {'data': {'val_fraction': '0.1'}, 'seed': '3'}."""
     out: dict = {}
     i = 0
     while i < len(args):
@@ -505,7 +512,8 @@ RECIPES = Path(__file__).resolve().parent / "recipes"  # package data, found by 
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """A TOML file by path, or a bundled recipe by name (`speedrun` -> zerolm/recipes/speedrun.toml)."""
+    """A TOML file by path, or a bundled recipe by name (`speedrun` ->
+    zerolm/recipes/speedrun.toml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
@@ -536,10 +544,11 @@ def load_config(
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Range checks that the types alone do not express."""
-    d, t = cfg.data, cfg.tokenizer
-    checks = [
+_Check = tuple[bool, str]  # (holds, the error message when it does not)
+
+
+def _data_checks(d: DataConfig, t: TokenizerConfig) -> list[_Check]:
+    return [
         (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (
             0.0 < d.near_threshold <= 1.0,
@@ -561,93 +570,96 @@ def validate(cfg: Config) -> None:
         ),
         (d.shard_tokens >= 1, "data.shard_tokens must be >= 1"),
         (t.min_frequency >= 1, "tokenizer.min_frequency must be >= 1"),
+    ]
+
+
+def _train_checks(tr: TrainConfig, sft: SFTConfig, lora: LoRAConfig) -> list[_Check]:
+    return [
         (
-            cfg.train.steps >= 1 and cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1,
+            tr.steps >= 1 and tr.batch_size >= 1 and tr.grad_accum >= 1,
             "train.steps, train.batch_size and train.grad_accum must be >= 1",
         ),
         (
-            cfg.train.lr > 0 and 0 <= cfg.train.min_lr_ratio <= 1,
+            tr.lr > 0 and 0 <= tr.min_lr_ratio <= 1,
             "train.lr must be > 0, train.min_lr_ratio in [0, 1]",
         ),
-        (0 < cfg.train.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]"),
-        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (0 < tr.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]"),
+        (tr.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (
-            cfg.train.nonfinite_limit >= 1 and 0 < cfg.train.nonfinite_lr_factor < 1,
+            tr.nonfinite_limit >= 1 and 0 < tr.nonfinite_lr_factor < 1,
             "train.nonfinite_limit must be >= 1 and train.nonfinite_lr_factor in (0, 1)",
         ),
         (
-            min(
-                cfg.train.eval_every,
-                cfg.train.ckpt_every,
-                cfg.train.log_every,
-                cfg.train.sample_every,
-            )
-            >= 0,
+            min(tr.eval_every, tr.ckpt_every, tr.log_every, tr.sample_every) >= 0,
             "train.eval_every, ckpt_every, log_every and sample_every must be >= 0",
         ),
         (
-            0.0 <= cfg.sft.val_fraction < 1.0
-            and cfg.sft.pt_weight >= 0
-            and cfg.sft.max_per_source >= 0,
+            0.0 <= sft.val_fraction < 1.0 and sft.pt_weight >= 0 and sft.max_per_source >= 0,
             "sft.val_fraction must be in [0, 1), sft.pt_weight and sft.max_per_source >= 0",
         ),
         (
-            cfg.lora.rank >= 0 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,
+            lora.rank >= 0 and lora.alpha > 0 and 0 <= lora.dropout < 1,
             "lora.rank must be >= 0 (0: full fine-tuning), lora.alpha > 0, lora.dropout in [0, 1)",
         ),
-        (cfg.align.beta > 0, f"align.beta must be > 0 (typical 0.05-0.5), got {cfg.align.beta}"),
+    ]
+
+
+def _align_checks(a: AlignConfig) -> list[_Check]:
+    return [
+        (a.beta > 0, f"align.beta must be > 0 (typical 0.05-0.5), got {a.beta}"),
         (
-            cfg.align.rollout_prompts >= 1
-            and cfg.align.group >= 1
-            and cfg.align.ppo_epochs >= 1
-            and cfg.align.max_new_tokens >= 1,
+            a.rollout_prompts >= 1 and a.group >= 1 and a.ppo_epochs >= 1 and a.max_new_tokens >= 1,
             "align.rollout_prompts, group, ppo_epochs and max_new_tokens must be >= 1",
         ),
         (
-            cfg.align.advantage != "group" or cfg.align.group >= 2,
-            f"align.advantage='group' compares samples of one prompt: set align.group >= 2 (got {cfg.align.group})",
+            a.advantage != "group" or a.group >= 2,
+            "align.advantage='group' compares samples of one prompt: "
+            f"set align.group >= 2 (got {a.group})",
         ),
+        (a.temperature > 0, "align.temperature must be > 0 (rollouts sample from the policy)"),
         (
-            cfg.align.temperature > 0,
-            "align.temperature must be > 0 (rollouts sample from the policy)",
+            min(a.kl_coef, a.target_kl, a.clip, a.value_clip, a.value_coef) >= 0
+            and 0 <= a.gamma <= 1
+            and 0 <= a.lam <= 1,
+            "align.kl_coef, target_kl, clip, value_clip, value_coef must be >= 0, "
+            "gamma and lam in [0, 1]",
         ),
+    ]
+
+
+def _encoder_checks(s2s: Seq2SeqConfig, mlm: MLMConfig, c: ClassifyConfig) -> list[_Check]:
+    return [
         (
-            min(
-                cfg.align.kl_coef,
-                cfg.align.target_kl,
-                cfg.align.clip,
-                cfg.align.value_clip,
-                cfg.align.value_coef,
-            )
-            >= 0
-            and 0 <= cfg.align.gamma <= 1
-            and 0 <= cfg.align.lam <= 1,
-            "align.kl_coef, target_kl, clip, value_clip, value_coef must be >= 0, gamma and lam in [0, 1]",
-        ),
-        (
-            0 <= cfg.seq2seq.label_smoothing < 1 and 0 <= cfg.seq2seq.val_fraction < 1,
+            0 <= s2s.label_smoothing < 1 and 0 <= s2s.val_fraction < 1,
             "seq2seq.label_smoothing and seq2seq.val_fraction must be in [0, 1)",
         ),
         (
-            cfg.seq2seq.beam >= 1 and cfg.seq2seq.eval_pairs >= 0,
+            s2s.beam >= 1 and s2s.eval_pairs >= 0,
             "seq2seq.beam must be >= 1, seq2seq.eval_pairs >= 0",
         ),
         (
-            bool(cfg.seq2seq.source) == bool(cfg.seq2seq.target),
+            bool(s2s.source) == bool(s2s.target),
             "seq2seq.source and seq2seq.target are line-aligned files and come together: set both",
         ),
         (
-            0 < cfg.mlm.mask_prob < 1 and 0 <= cfg.mlm.short_seq_prob <= 1,
+            0 < mlm.mask_prob < 1 and 0 <= mlm.short_seq_prob <= 1,
             "mlm.mask_prob must be in (0, 1) (BERT: 0.15), mlm.short_seq_prob in [0, 1]",
         ),
         (
-            cfg.classify.authors >= 2
-            and 0 <= cfg.classify.val_fraction < 1
-            and cfg.classify.epochs >= 0
-            and cfg.classify.max_seq_len >= 0,
+            c.authors >= 2 and 0 <= c.val_fraction < 1 and c.epochs >= 0 and c.max_seq_len >= 0,
             "classify.authors must be >= 2, classify.val_fraction in [0, 1), "
             "classify.epochs and classify.max_seq_len >= 0",
         ),
+    ]
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that the types alone do not express; the first that fails is the error."""
+    checks = [
+        *_data_checks(cfg.data, cfg.tokenizer),
+        *_train_checks(cfg.train, cfg.sft, cfg.lora),
+        *_align_checks(cfg.align),
+        *_encoder_checks(cfg.seq2seq, cfg.mlm, cfg.classify),
     ]
     for ok, msg in checks:
         if not ok:

@@ -54,7 +54,8 @@ def publish_tree(root: str | Path) -> None:
 
 
 def disk_full(e: BaseException) -> bool:
-    """Is `e` a write that failed for want of space (a full disk or quota), whatever library raised it?"""
+    """Is `e` a write that failed for want of space (a full disk or quota), whatever library raised
+    it?"""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)

@@ -11,7 +11,20 @@ from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 
+from zerolm.align.dpo import train_dpo
+from zerolm.align.ppo import train_ppo
 from zerolm.config import RECIPES, SFTConfig, load_config
+from zerolm.data.prepare import read_docs
+from zerolm.finetune.sft import load_sources, sft
+from zerolm.infer.chat import chat_request, replies
+from zerolm.infer.sampling import SamplingParams
+from zerolm.model import load_model
+from zerolm.tasks.poems.instruct import compare_models, form_adherence
+from zerolm.tasks.poems.requests import eval_requests
+from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer.report import script_of
+from zerolm.train.pretrain import sample_texts
+from zerolm.train.run import StageResult
 
 POEM_CORPUS = "tang"  # the poem-form stages need its regulated verse and title/author metadata
 CHAT_BY_LANGUAGE = {
@@ -26,16 +39,12 @@ def is_poem_data(data_cfg) -> bool:
 
 def text_language(docs: Iterable[dict], limit: int = 200) -> str:
     """'zh', 'en' or 'other': the script most of the first `limit` documents are written in."""
-    from zerolm.tokenizer.report import script_of
-
     votes = Counter(script_of(d["text"]) for d in islice(docs, limit))
     return votes.most_common(1)[0][0] if votes else "other"
 
 
 def opening(text: str) -> str:
     """A document's first 2 characters (Chinese) or first 3 words, as a sample prompt."""
-    from zerolm.tokenizer.report import script_of
-
     text = text.lstrip()
     if script_of(text) == "zh":
         return text[:2]
@@ -44,7 +53,8 @@ def opening(text: str) -> str:
 
 
 def sample_prompts(val_docs: Iterable[dict], n: int = 2) -> list[str]:
-    """Two unconditional samples (at a document start), then the openings of n held-out documents."""
+    """Two unconditional samples (at a document start), then the openings of n held-out
+    documents."""
     return ["", ""] + [opening(d["text"]) for d in islice(val_docs, n)]
 
 
@@ -71,13 +81,8 @@ def chat_data(poems: bool, lang: str, user: dict, recipe: dict | None = None) ->
     return {"builtin": list(builtin)} if builtin else None
 
 
-def speedrun_samples(cfg, result: dict) -> list[str]:
+def speedrun_samples(cfg, result: StageResult) -> list[str]:
     """Print samples of the pretrained model; returns the prompts (the held-out openings last)."""
-    from zerolm.data.prepare import read_docs
-    from zerolm.model import load_model
-    from zerolm.tokenizer import Tokenizer
-    from zerolm.train.pretrain import sample_texts
-
     prompts = sample_prompts(read_docs(Path(cfg.out_dir) / "docs" / "val.jsonl"))
     model, tok = load_model(result.model_dir), Tokenizer.load(result.model_dir)
     print(f"\nsamples ({len(prompts) - 2} prompted with the opening of a held-out document):")
@@ -91,8 +96,6 @@ def speedrun_sft(args, cfg, base_dir: str):
     --sft-config) on chat data that fits the text (see chat_data), then a short chat transcript;
     on poem requests also the held-out form adherence of base vs SFT model. Returns the SFT model
     directory, or None when no bundled chat data fits and the user gave none."""
-    from zerolm.data.prepare import read_docs
-
     out = Path(cfg.out_dir)
     recipe = Path(args.sft_config) if args.sft_config else RECIPES / "speedrun-sft.toml"
     own = dataclasses.asdict(load_config(recipe).sft) if args.sft_config else None
@@ -100,8 +103,8 @@ def speedrun_sft(args, cfg, base_dir: str):
     pick = chat_data(is_poem_data(cfg.data), lang, user_sft(cfg), own)
     if pick is None:
         print(
-            f"\nno chat stage: no bundled conversations fit this text (language: {lang}); add your own "
-            'with --sft.data FILE.jsonl (one {"messages": [...]} per line)'
+            f"\nno chat stage: no bundled conversations fit this text (language: {lang}); "
+            'add your own with --sft.data FILE.jsonl (one {"messages": [...]} per line)'
         )
         return None
     values = {
@@ -118,9 +121,9 @@ def speedrun_sft(args, cfg, base_dir: str):
     }
     sft_cfg = load_config(recipe, overrides=values)  # paths follow the pretraining run
     print(
-        f"\nSFT: {recipe.name} on {', '.join([*sft_cfg.sft.data, *sft_cfg.sft.builtin])} -> {sft_cfg.out_dir}"
+        f"\nSFT: {recipe.name} on {', '.join([*sft_cfg.sft.data, *sft_cfg.sft.builtin])} -> "
+        f"{sft_cfg.out_dir}"
     )
-    from zerolm.finetune.sft import load_sources, sft
 
     result = sft(sft_cfg, progress=not args.quiet)
     if "poems" in sft_cfg.sft.builtin:
@@ -137,13 +140,8 @@ def speedrun_sft(args, cfg, base_dir: str):
 
 
 def _form_adherence(args, out: Path, base_dir: str, sft_dir: str) -> list:
-    """Print base vs SFT form adherence on held-out poem requests; returns three requests to chat."""
-    from zerolm.data.prepare import read_docs
-    from zerolm.model import load_model
-    from zerolm.tasks.poems.instruct import form_adherence
-    from zerolm.tasks.poems.requests import eval_requests
-    from zerolm.tokenizer import Tokenizer
-
+    """Print base vs SFT form adherence on held-out poem requests; returns three requests to
+    chat."""
     requests = eval_requests(
         read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests
     )
@@ -158,11 +156,6 @@ def _form_adherence(args, out: Path, base_dir: str, sft_dir: str) -> list:
 
 
 def _transcript(model_dir: str, asks: list, seed: int) -> None:
-    from zerolm.infer.chat import chat_request, replies
-    from zerolm.infer.sampling import SamplingParams
-    from zerolm.model import load_model
-    from zerolm.tokenizer import Tokenizer
-
     if not asks:
         return
     model, tok = load_model(model_dir), Tokenizer.load(model_dir)
@@ -181,8 +174,8 @@ def check_align(args, cfg) -> None:
     if args.align and not is_poem_data(cfg.data):
         raise ValueError(
             f"--align {args.align} trains and measures on poem requests, which need the bundled "
-            f"'{POEM_CORPUS}' corpus (no paths, or --corpus {POEM_CORPUS}); align your own chat model "
-            f"with `zerolm {args.align} --model RUN/sft/model --align.data=PAIRS.jsonl`"
+            f"'{POEM_CORPUS}' corpus (no paths, or --corpus {POEM_CORPUS}); align your own chat "
+            f"model with `zerolm {args.align} --model RUN/sft/model --align.data=PAIRS.jsonl`"
         )
 
 
@@ -190,11 +183,6 @@ def speedrun_align(args, cfg, sft_dir: str):
     """The speedrun's optional third stage (--align dpo|ppo, recipes/speedrun-{dpo,ppo}.toml): the
     SFT model aligned, then SFT vs aligned on the same held-out requests: form adherence greedy and
     sampled (temperature 1, seeded), KL to the SFT model, validation bits per byte."""
-    from zerolm.data.prepare import read_docs
-    from zerolm.infer.sampling import SamplingParams
-    from zerolm.tasks.poems.instruct import compare_models
-    from zerolm.tasks.poems.requests import eval_requests
-
     out, stage = Path(cfg.out_dir), args.align
     recipe = RECIPES / f"speedrun-{stage}.toml"
     values = {
@@ -206,10 +194,7 @@ def speedrun_align(args, cfg, sft_dir: str):
     }
     align_cfg = load_config(recipe, overrides=values)
     print(f"\nalignment: {recipe.name} -> {align_cfg.out_dir}")
-    if stage == "dpo":
-        from zerolm.align.dpo import train_dpo as train
-    else:
-        from zerolm.align.ppo import train_ppo as train
+    train = train_dpo if stage == "dpo" else train_ppo
     result = train(align_cfg, progress=not args.quiet)
     requests = eval_requests(
         read_docs(out / "docs" / "val.jsonl"), seed=0, limit=args.eval_requests
@@ -222,13 +207,13 @@ def speedrun_align(args, cfg, sft_dir: str):
         models.values(), requests, sampling=SamplingParams(temperature=1.0), seed=0
     )
     print(
-        f"\nheld-out poem requests ({len(requests)}) answered in the requested form, KL to the SFT model "
-        "(nats per reply) and validation bits per byte:"
+        f"\nheld-out poem requests ({len(requests)}) answered in the requested form, KL to the SFT "
+        "model (nats per reply) and validation bits per byte:"
     )
     for name, d in models.items():
         g, t = greedy[str(d)], sampled[str(d)]
         print(
-            f"  {name:>4}: greedy {g['form_ok']:6.1%} | sampled (T=1) {t['form_ok']:6.1%} | KL {g['kl']:5.2f} | "
-            f"{g['val_bpb']:.4f} bits/byte"
+            f"  {name:>4}: greedy {g['form_ok']:6.1%} | sampled (T=1) {t['form_ok']:6.1%} | KL "
+            f"{g['kl']:5.2f} | {g['val_bpb']:.4f} bits/byte"
         )
     print(f"aligned model saved to {result.model_dir}; try: zerolm chat {result.model_dir}")

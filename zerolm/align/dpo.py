@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
 
 import torch
+from torch import nn
 
 from zerolm.align.losses import dpo_loss, sequence_logprobs
 from zerolm.align.reward import encode_pair
@@ -59,13 +61,17 @@ def dpo_collate(picked: list[tuple]) -> tuple:
     return x, y, mask, ref
 
 
-def response_logprobs(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def response_logprobs(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """(B,) summed log-probs of each row's response tokens."""
     device = next(model.parameters()).device
     return sequence_logprobs(model(x.to(device)), y.to(device), mask.to(device))
 
 
-def with_reference(items: list[tuple], ref, batch_size: int = 32) -> list[tuple]:
+def with_reference(
+    items: list[tuple], ref: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 32
+) -> list[tuple]:
     """Each item + its reference log-probs (chosen, rejected), computed once."""
     out = []
     for i in range(0, len(items), batch_size):
@@ -84,7 +90,7 @@ class DPOLoss:
     def __init__(self, beta: float, reference=None):
         self.beta, self.reference = beta, reference
 
-    def __call__(self, model, batch):
+    def __call__(self, model: nn.Module, batch):
         x, y, mask, ref = batch
         lp = response_logprobs(model, x, y, mask)  # (2B,)
         if ref is None:
@@ -96,9 +102,10 @@ class DPOLoss:
 
 
 @torch.no_grad()
-def dpo_eval(model, items: list[tuple], loss: DPOLoss, batch_size: int = 16) -> dict:
-    """Held-out DPO loss, accuracy (chosen's implicit reward above rejected's), margin and rewards."""
-    sums = defaultdict(float)
+def dpo_eval(model: nn.Module, items: list[tuple], loss: DPOLoss, batch_size: int = 16) -> dict:
+    """Held-out DPO loss, accuracy (chosen's implicit reward above rejected's), margin and
+    rewards."""
+    sums: defaultdict[str, float] = defaultdict(float)
     with eval_mode(model):
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
@@ -118,20 +125,23 @@ def train_dpo(cfg, progress: bool = True) -> StageResult:
     enc, summary = encoded_pairs(cfg, base, tok, encode_dpo_pair)
     policy, lora = load_trainable(cfg, base)
     live = cfg.align.reference_logprobs == "live"
-    # a second copy only where the policy cannot stand in: another reference, or live with all weights training
+    # a second copy only where the policy cannot stand in: another reference, or live with all
+    # weights training
     ref_model = (
         load_model(ref_dir).requires_grad_(False)
         if ref_dir != base or (live and lora is None)
         else None
     )
     ref = reference_logits(policy, ref_model)
+    del ref_model  # held by `ref` while it is needed
     if not live:  # before training: the policy is still the base (LoRA: B = 0)
         enc = {
             split: with_reference(items, ref, cfg.train.batch_size) for split, items in enc.items()
         }
-        ref = ref_model = None
+    loss = DPOLoss(cfg.align.beta, ref if live else None)
+    del ref  # not live: the cached log-probs stand in, so a reference copy is freed here
     open_out(cfg)
-    loss, val, bs = DPOLoss(cfg.align.beta, ref), enc["val"], cfg.train.batch_size
+    val, bs = enc["val"], cfg.train.batch_size
     stage = Stage(
         policy,
         Shuffled(enc["train"], bs, cfg.seed, collate=dpo_collate),

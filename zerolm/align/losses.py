@@ -8,7 +8,8 @@ Legend: B batch of pairs or sequences, T response tokens, G group size (GRPO).
 - dpo_loss: Rafailov et al. 2023, -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).
 - kl_penalty / kl_rewards: per-token KL estimate to the reference, folded into PPO's rewards.
 - gae: generalised advantage estimation (Schulman et al. 2016) over response tokens.
-- ppo_policy_loss / ppo_value_loss: clipped surrogate and clipped value losses (Schulman et al. 2017).
+- ppo_policy_loss / ppo_value_loss: clipped surrogate and clipped value losses
+  (Schulman et al. 2017).
 - group_advantages: GRPO's critic-free advantages, reward standardised within each prompt's group.
 - masked_mean: the mean over real (mask = 1) tokens only.
 """
@@ -144,7 +145,8 @@ def ppo_value_loss(
     mask: torch.Tensor,
     clip: float = 0.2,
 ) -> torch.Tensor:
-    """0.5 * mean over real tokens of max((V - R)^2, (V_clipped - R)^2), V_clipped = old + clip(V - old, +-eps)."""
+    """0.5 * mean over real tokens of max((V - R)^2, (V_clipped - R)^2), with
+    V_clipped = old + clip(V - old, +-eps)."""
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     return 0.5 * masked_mean(
         torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask

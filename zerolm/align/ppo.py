@@ -40,7 +40,7 @@ from zerolm.align import losses as L
 from zerolm.align.reward import RewardModel, pad_batch
 from zerolm.align.stage import reference_dir, reference_logits, start_stage
 from zerolm.data.prefs import BUILTIN_PAIRS, read_builtin_pairs, read_prompts
-from zerolm.data.split import split_key
+from zerolm.data.split import split_by_hash
 from zerolm.eval.mode import eval_mode
 from zerolm.eval.replies import reply_kl, response_batch, sample_replies, token_logprobs
 from zerolm.inspect.accounting import account
@@ -111,13 +111,14 @@ def load_reward(spec: str, policy_dir: Path) -> Callable[[list[dict], list[str]]
     module, _, name = spec.rpartition(":")
     if not module or not name:
         raise ValueError(
-            f"align.reward={spec!r}: give 'poem-form', a reward model directory (zerolm reward), or "
-            "module:function / path/file.py:function for a Python callable fn(prompt, reply) -> float"
+            f"align.reward={spec!r}: give 'poem-form', a reward model directory (zerolm reward), "
+            "or module:function / path/file.py:function for a Python callable fn(prompt, reply) "
+            "-> float"
         )
     try:
         if module.endswith(".py"):
             loaded = importlib.util.spec_from_file_location(Path(module).stem, module)
-            if loaded is None or not Path(module).is_file():
+            if loaded is None or loaded.loader is None or not Path(module).is_file():
                 raise ImportError(f"no file {module}")
             mod = importlib.util.module_from_spec(loaded)
             loaded.loader.exec_module(mod)
@@ -132,6 +133,11 @@ def load_reward(spec: str, policy_dir: Path) -> Callable[[list[dict], list[str]]
 
 
 # ---------------------------------------------------------------- prompts
+def _conversation(row: dict) -> str:
+    """The text a prompt row is split by (its messages, as the pairs' hash includes them)."""
+    return str(row["messages"])
+
+
 def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dict], dict]:
     """(train, val) prompts: poem requests (align.builtin=poems: the run's training / held-out
     documents), the conversations of the other bundled pair sets, and align.data rows (split by
@@ -140,9 +146,12 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
     a = cfg.align
     if not a.data and not a.builtin:
         raise ValueError(
-            "no prompts: give --align.builtin=poems and/or --align.data=FILE.jsonl (rows with 'prompt')"
+            "no prompts: give --align.builtin=poems and/or --align.data=FILE.jsonl (rows with "
+            "'prompt')"
         )
-    train, val, counts = [], [], {}
+    train: list[dict] = []
+    val: list[dict] = []
+    counts: dict[str, int] = {}
     for name in a.builtin:
         if name in TASKS:
             for split, out in (("train", train), ("val", val)):
@@ -156,11 +165,10 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
             rows = [
                 {"messages": list(p.messages), "where": p.where} for p in read_builtin_pairs(name)
             ]
-            rows = list(
-                {str(r["messages"]): r for r in rows}.values()
-            )  # one per distinct conversation
-            for r in rows:
-                (val if split_key(str(r["messages"])) < a.val_fraction else train).append(r)
+            rows = list({_conversation(r): r for r in rows}.values())  # one per conversation
+            t, v = split_by_hash(rows, _conversation, a.val_fraction)
+            train += t
+            val += v
             counts[name] = len(rows)
         else:
             raise ValueError(
@@ -168,8 +176,9 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
             )
     for path in a.data:
         rows = read_prompts(path)
-        for r in rows:
-            (val if split_key(str(r["messages"])) < a.val_fraction else train).append(r)
+        t, v = split_by_hash(rows, _conversation, a.val_fraction)
+        train += t
+        val += v
         counts[str(path)] = len(rows)
 
     def fits(p):
@@ -183,8 +192,9 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
         raise ValueError(f"no training prompts fit the {window}-token window with room to reply")
     if a.reward == "poem-form" and (bad := next((p for p in train + val if "form" not in p), None)):
         raise ValueError(
-            f"align.reward='poem-form' scores poem requests, but {bad.get('where', 'a prompt')} is not "
-            "one: use --align.builtin=poems alone, or another reward (a reward model, module:function)"
+            f"align.reward='poem-form' scores poem requests, but {bad.get('where', 'a prompt')} is "
+            "not one: use --align.builtin=poems alone, or another reward (a reward model, "
+            "module:function)"
         )
     return train, val, counts
 
@@ -264,7 +274,8 @@ class Rollouts:
             self.skipped += 1
             self.failed_in_row += 1
             log.warning(
-                "rollout %d skipped: the reward function failed (%s: %s); %d rollout(s) skipped so far",
+                "rollout %d skipped: the reward function failed (%s: %s); %d rollout(s) skipped "
+                "so far",
                 k,
                 type(e).__name__,
                 e,
@@ -272,8 +283,8 @@ class Rollouts:
             )
             if self.failed_in_row >= MAX_FAILED_ROLLOUTS:
                 raise ValueError(
-                    f"the reward function failed on {MAX_FAILED_ROLLOUTS} rollouts in a row; the last "
-                    f"error: {type(e).__name__}: {e}"
+                    f"the reward function failed on {MAX_FAILED_ROLLOUTS} rollouts in a row; the "
+                    f"last error: {type(e).__name__}: {e}"
                 ) from e
             return None
         self.failed_in_row = 0
@@ -360,7 +371,8 @@ class Rollouts:
         )
 
     def loss(self, model: PolicyValue, batch):
-        """The Trainer's loss on one minibatch: clipped surrogate (+ value loss); n = reply tokens."""
+        """The Trainer's loss on one minibatch: clipped surrogate (+ value loss); n = reply
+        tokens."""
         x, y, mask, old_logp, old_values, adv, returns, scores, kl = batch
         logits, values = model(x)
         logp = token_logprobs(logits / self.a.temperature, y)

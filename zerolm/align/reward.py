@@ -19,6 +19,7 @@ from torch import nn
 
 from zerolm.align.losses import pairwise_loss
 from zerolm.align.stage import encoded_pairs, start_stage
+from zerolm.data.collate import pad_right
 from zerolm.data.loader import Shuffled
 from zerolm.data.prefs import Preference
 from zerolm.eval.mode import eval_mode
@@ -66,7 +67,8 @@ class RewardModel(nn.Module):
         path = Path(model_dir) / HEAD_FILE
         if not path.is_file():
             raise ValueError(
-                f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `zerolm reward`"
+                f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `zerolm "
+                "reward`"
             )
         rm = cls(load_model(model_dir))
         head = load_file(str(path))
@@ -91,15 +93,12 @@ def encode_pair(
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, T) right-padded, lengths (B,))."""
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-    return ids, torch.tensor([len(s) for s in seqs])
+    return pad_right(seqs, pad_id), torch.tensor([len(s) for s in seqs])
 
 
 def pair_collate(picked: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded pairs -> (ids, lengths) with the B chosen conversations first, the B rejected after."""
+    """Encoded pairs -> (ids, lengths) with the B chosen conversations first, the B rejected
+    after."""
     return pad_batch([c for c, _ in picked] + [r for _, r in picked])
 
 

@@ -12,8 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from zerolm.data.prefs import Preference
+from zerolm.data.prefs import (
+    BUILTIN_PAIRS,
+    Preference,
+    keep_distinct,
+    read_builtin_pairs,
+    read_pairs,
+)
+from zerolm.data.split import split_by_hash
 from zerolm.eval.mode import eval_mode
 from zerolm.model import load_model
 from zerolm.tasks import TASKS
@@ -25,13 +33,10 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- data
-def load_pairs(cfg, model, tok) -> tuple[list[Preference], list[Preference], dict]:
+def load_pairs(cfg, model: nn.Module, tok) -> tuple[list[Preference], list[Preference], dict]:
     """(train, val) pairs from align.data files, align.builtin sets and counts per source.
     Files and hhh are split by a hash of the pair; poem pairs are sampled from `model` on
     requests from the training documents (train) and the held-out ones (val)."""
-    from zerolm.data.prefs import BUILTIN_PAIRS, keep_distinct, read_builtin_pairs, read_pairs
-    from zerolm.data.split import split_key
-
     a = cfg.align
     for name in a.builtin:
         if name not in (*BUILTIN_PAIRS, *TASKS):
@@ -45,9 +50,13 @@ def load_pairs(cfg, model, tok) -> tuple[list[Preference], list[Preference], dic
     train, val, counts = [], [], {}
 
     def add(name, pairs, skipped):
-        for p in pairs:
-            key = json.dumps([p.messages, p.chosen, p.rejected], ensure_ascii=False)
-            (val if split_key(key) < a.val_fraction else train).append(p)
+        t, v = split_by_hash(
+            pairs,
+            lambda p: json.dumps([p.messages, p.chosen, p.rejected], ensure_ascii=False),
+            a.val_fraction,
+        )
+        train.extend(t)
+        val.extend(v)
         counts[name] = len(pairs)
         if skipped:
             counts[f"{name} (identical, skipped)"] = skipped
@@ -103,7 +112,9 @@ def encoded_pairs(
 
 
 # ---------------------------------------------------------------- models
-def reference_logits(policy, ref_model=None):
+def reference_logits(
+    policy: nn.Module, ref_model: nn.Module | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """x (B, T) -> the frozen reference's logits, without gradients: from `ref_model`, else from
     the policy itself with its LoRA adapters disabled (or as it is, before any training step)."""
     model = policy if ref_model is None else ref_model

@@ -1,8 +1,8 @@
 """What the command modules share: recipe flags, short-flag aliases, and resolving the config tree.
 
 One option grammar: every setting is a config key (`--sample.temperature=0`); a familiar short flag
-(`--temperature 0`) is an alias that writes the same key. Precedence: config defaults < the command's
-defaults < TOML (--config) < short flags (aliases, positional inputs) < dotted overrides.
+(`--temperature 0`) is an alias that writes the same key. Precedence: config defaults < the
+command's defaults < TOML (--config) < short flags (aliases, positional inputs) < dotted overrides.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def stage_parser(sub, name: str, run, help: str, inputs: bool = True) -> argparse.ArgumentParser:
-    """A command that runs a pipeline stage: --config, --out, --quiet and (optionally) the inputs."""
+    """A command that runs a pipeline stage: --config, --out, --quiet and (optionally) the
+    inputs."""
     p = sub.add_parser(name, help=help, description=help)
     add_recipe_args(p)
     alias(p, "--out", key="out_dir", help="output directory")

@@ -41,7 +41,8 @@ def cmd_speedrun(args, extra):
     cfg, result = cmd_pretrain(args, extra, **defaults)
     prompts = speedrun_samples(cfg, result)
     print(
-        f"final validation bits per byte: {result.final['val_bpb']:.4f} (loss {result.final['val_loss']:.4f})"
+        f"final validation bits per byte: {result.final['val_bpb']:.4f} (loss "
+        f"{result.final['val_loss']:.4f})"
     )
     if args.no_sft:
         import shlex
@@ -79,7 +80,8 @@ def cmd_reward(args, extra, **defaults):
     acc = result.final.get("val_accuracy")
     print(
         f"reward model saved to {result.model_dir}; held-out pairwise accuracy "
-        f"{'n/a (no held-out pairs)' if acc is None else f'{acc:.1%}'} on {result.info['val_pairs']} pairs"
+        f"{'n/a (no held-out pairs)' if acc is None else f'{acc:.1%}'} on "
+        f"{result.info['val_pairs']} pairs"
     )
     return cfg, result
 
@@ -129,11 +131,12 @@ def cmd_finetune_classify(args, extra, **defaults):
         boc += f" ({r['boc_lr_seconds']:.0f} s)" if boc else ""
         print(
             f"held-out accuracy on {r['val_rows']} rows: fine-tuned bert {final['val_acc']:.1%} "
-            f"(macro-F1 {final['val_macro_f1']:.3f}; {r['steps']} steps, {r['finetune_seconds']:.0f} s) | "
-            f"majority class {r['majority_acc']:.1%}{boc}"
+            f"(macro-F1 {final['val_macro_f1']:.3f}; {r['steps']} steps, "
+            f"{r['finetune_seconds']:.0f} s) | majority class {r['majority_acc']:.1%}{boc}"
         )
     print(
-        f"classifier saved to {result.model_dir}; try: zerolm classify {result.model_dir} --input FILE.jsonl"
+        f"classifier saved to {result.model_dir}; try: zerolm classify {result.model_dir} --input "
+        "FILE.jsonl"
     )
     return cfg, result
 

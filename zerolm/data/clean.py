@@ -25,7 +25,8 @@ def clean_text(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _DROP.sub("", text)
     text = _SPACES.sub(" ", text)
-    # per-line rstrip, not a `[ \t]+\n` regex: that one rescans a run of spaces from each start (quadratic)
+    # per-line rstrip, not a `[ \t]+\n` regex: that one rescans a run of spaces from each start
+    # (quadratic)
     text = "\n".join(line.rstrip(" \t\u3000") for line in text.split("\n"))
     text = _BLANKS.sub("\n\n", text)
     return text.strip()

@@ -88,9 +88,9 @@ class TokenBatches:
             need = batch_size * world_size * seq_len + 1
             ranks = f" x world_size {world_size}" if world_size > 1 else ""
             raise ValueError(
-                f"split {split!r} in {str(shard_dir)!r} has {self.stream.num_tokens} tokens, but one batch needs "
-                f"{need} (batch_size {batch_size} x seq_len {seq_len}{ranks} + 1); use a smaller "
-                "--train.batch_size or --model.max_seq_len, or add more data"
+                f"split {split!r} in {str(shard_dir)!r} has {self.stream.num_tokens} tokens, but "
+                f"one batch needs {need} (batch_size {batch_size} x seq_len {seq_len}{ranks} + 1); "
+                "use a smaller --train.batch_size or --model.max_seq_len, or add more data"
             )
         self.epoch, self.step = 0, 0  # step: batches this rank has taken in the current epoch
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)

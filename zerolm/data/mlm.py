@@ -58,9 +58,11 @@ def mask_tokens(
 _ENDS = "。！？；"  # Chinese sentence ends: always a boundary
 _CLOSE = "”’」』）》\"')"
 _SPLIT = re.compile(
-    rf"(?<=[{_ENDS}])(?![{_CLOSE}{_ENDS}])"  # after 。！？； unless a closing quote or more punctuation follows
+    # after 。！？； unless a closing quote or more punctuation follows
+    rf"(?<=[{_ENDS}])(?![{_CLOSE}{_ENDS}])"
     rf"|(?<=[{_ENDS}][{_CLOSE}])"  # after the closing quote of such a sentence
-    r"|(?<=[.!?])(?=\s)|(?<=[.!?][\"')’”])(?=\s)"  # English: a sentence end (and its quote) before a space
+    # English: a sentence end (and its quote) before a space
+    r"|(?<=[.!?])(?=\s)|(?<=[.!?][\"')’”])(?=\s)"
     r"|\n"  # line breaks (a verse line, a paragraph)
 )
 
@@ -83,7 +85,10 @@ class SentenceCorpus:
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], tok: Tokenizer, chunk: int = 4096) -> SentenceCorpus:
-        sent_lens, doc_lens, pieces, batch = [], [], [], []
+        sent_lens: list[int] = []
+        doc_lens: list[int] = []
+        pieces: list[np.ndarray] = []
+        batch: list[str] = []
 
         def flush():
             for ids in tok.encode_batch(
@@ -205,7 +210,9 @@ def _random_span(
     return np.concatenate(span)
 
 
-def pair_ids(a: Sequence[int], b: Sequence[int]) -> tuple[list[int], list[int]]:
+def pair_ids(
+    a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray
+) -> tuple[list[int], list[int]]:
     """`[CLS] a [SEP] b [SEP]` (or `[CLS] a [SEP]` when b is empty) and its segment ids."""
     ids = [CLS_ID, *a, SEP_ID]
     segments = [0] * len(ids)
@@ -238,7 +245,8 @@ def collate_pairs(
     prob: float = 0.15,
     max_len: int | None = None,
 ) -> tuple:
-    """Pairs -> (ids, segments, attention_mask, labels) each (B, T), nsp_labels (B,): padded and masked."""
+    """Pairs -> (ids, segments, attention_mask, labels) each (B, T), nsp_labels (B,): padded and
+    masked."""
     ids, seg, att = pad_rows([pair_ids(a, b) for a, b, _ in pairs], max_len=max_len)
     maskable = (att == 1) & (ids >= N_SPECIAL)  # never [CLS], [SEP], padding or <|unk|>
     inputs, labels = mask_tokens(
@@ -280,11 +288,13 @@ class LengthBatches:
     ):
         if len(items) < batch_size:
             raise ValueError(
-                f"{len(items)} training rows, fewer than one batch of {batch_size}: lower train.batch_size"
+                f"{len(items)} training rows, fewer than one batch of {batch_size}: lower "
+                "train.batch_size"
             )
         self.items, self.lengths, self.batch_size = items, np.asarray(lengths), batch_size
         self.seed, self.collate, self.bucket = seed, collate, bucket
-        self.epoch, self.pos, self._cached = 0, 0, (-1, [])
+        self.epoch, self.pos = 0, 0
+        self._cached: tuple[int, list[np.ndarray]] = (-1, [])  # (epoch, its batches)
 
     def _batches(self) -> list[np.ndarray]:
         if self._cached[0] != self.epoch:
@@ -346,8 +356,8 @@ class PairBatches:
         if not self._epoch()[1]:
             n = len(self._epoch()[0])
             raise ValueError(
-                f"{n} sentence pair(s), fewer than one batch of {batch_size}: documents need at least "
-                "two sentences (NSP pairs a sentence with the next); add documents or lower "
+                f"{n} sentence pair(s), fewer than one batch of {batch_size}: documents need at "
+                "least two sentences (NSP pairs a sentence with the next); add documents or lower "
                 "train.batch_size"
             )
 

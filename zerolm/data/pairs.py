@@ -1,5 +1,5 @@
-"""Parallel text for sequence-to-sequence models: the bundled King James -> World English Bible verse
-pairs, JSONL files of {source, target} rows, or two line-aligned text files.
+"""Parallel text for sequence-to-sequence models: the bundled King James -> World English Bible
+verse pairs, JSONL files of {source, target} rows, or two line-aligned text files.
 
 Every reader returns {"train": [(source, target), ...], "val": [...]} and a summary; a malformed
 row, an empty side or files of different lengths is an error naming the file and line.
@@ -31,11 +31,13 @@ def _bible(cfg: Seq2SeqConfig) -> dict[str, list[SourceTarget]]:
     unknown = [b for b in cfg.val_books if b not in books]
     if unknown:
         raise ValueError(
-            f"seq2seq.val_books: {unknown} are not books of the bundled Bible; books: {', '.join(books)}"
+            f"seq2seq.val_books: {unknown} are not books of the bundled Bible; books: "
+            f"{', '.join(books)}"
         )
     if not cfg.val_books:
         raise ValueError(
-            "seq2seq.val_books is empty: name the books to hold out, e.g. --seq2seq.val_books=Ruth,Mark"
+            "seq2seq.val_books is empty: name the books to hold out, e.g. "
+            "--seq2seq.val_books=Ruth,Mark"
         )
     held = set(cfg.val_books)
     out: dict[str, list[SourceTarget]] = {"train": [], "val": []}
@@ -58,17 +60,14 @@ def _jsonl(path: Path, cfg: Seq2SeqConfig) -> list[SourceTarget]:
         raise ValueError(f"seq2seq.data: {str(path)!r} does not exist")
     out = []
     for where, row in jsonl_rows(path):
-        missing = [
-            k
-            for k in (cfg.source_field, cfg.target_field)
-            if not isinstance(row, dict) or k not in row
-        ]
+        fields = row if isinstance(row, dict) else {}
+        missing = [k for k in (cfg.source_field, cfg.target_field) if k not in fields]
         if missing:
             raise ValueError(
                 f"{where}: no field {missing[0]!r}; set seq2seq.source_field / target_field "
                 f"to the row's field names"
             )
-        out.append(_check(row[cfg.source_field], row[cfg.target_field], where))
+        out.append(_check(fields[cfg.source_field], fields[cfg.target_field], where))
     return out
 
 
@@ -76,7 +75,8 @@ def _aligned(source: Path, target: Path) -> list[SourceTarget]:
     for p in (source, target):
         if not p.is_file():
             raise ValueError(f"{str(p)!r} does not exist")
-    # only \n (or \r\n) ends a line, as in the JSONL readers: str.splitlines would also split at U+2028
+    # only \n (or \r\n) ends a line, as in the JSONL readers: str.splitlines would also split at
+    # U+2028
     src, tgt = ([line.rstrip("\r\n") for _, _, line in decode_lines(p)] for p in (source, target))
     for lines in (src, tgt):  # trailing blank lines are not pairs
         while lines and not lines[-1].strip():
@@ -111,7 +111,7 @@ def load_pairs(cfg: Seq2SeqConfig) -> tuple[dict[str, list[SourceTarget]], dict]
     if cfg.source:
         files.append((f"{cfg.source} | {cfg.target}", _aligned(Path(cfg.source), Path(cfg.target))))
     for name, pairs in files:
-        split = {"train": [], "val": []}
+        split: dict[str, list[SourceTarget]] = {"train": [], "val": []}
         for p in pairs:
             split["val" if split_key(p[0], person=b"") < cfg.val_fraction else "train"].append(p)
         sources[name] = {k: len(v) for k, v in split.items()}

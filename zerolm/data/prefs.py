@@ -36,7 +36,8 @@ def _reply(value, key: str, where: str) -> str:
         value = value.get("content")
     if not isinstance(value, str):
         raise ValueError(
-            f"{where}: '{key}' must be a string (or an assistant message), got {type(value).__name__}"
+            f"{where}: '{key}' must be a string (or an assistant message), got "
+            f"{type(value).__name__}"
         )
     if not value.strip():
         raise ValueError(f"{where}: '{key}' is empty: a preference needs two real replies")

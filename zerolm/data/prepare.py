@@ -1,4 +1,5 @@
-"""`zerolm prepare`: raw text -> cleaned, de-duplicated, split documents -> tokenizer -> token shards.
+"""`zerolm prepare`: raw text -> cleaned, de-duplicated, split documents -> tokenizer -> token
+shards.
 
 Three stages, each written atomically into the run directory and skipped when its inputs are
 unchanged (a fingerprint of config, input files and upstream stages is kept in stage.json):
@@ -96,16 +97,106 @@ def _move_to_val(tmp: Path, line: int, counts: dict) -> None:
 # ---------------------------------------------------------------- stage 1: documents
 
 
+@dataclasses.dataclass
+class _DocCounts:
+    """What stage 1 counts while it writes the splits."""
+
+    read: int = 0
+    bytes_in: int = 0
+    dropped: Counter[str] = dataclasses.field(default_factory=Counter)
+    splits: dict[str, dict[str, int]] = dataclasses.field(
+        default_factory=lambda: {s: {"documents": 0, "chars": 0, "bytes": 0} for s in SPLITS}
+    )
+    # the train document with the smallest split key, in case val ends up empty
+    lowest: tuple[float, int] = (1.0, -1)
+
+
+def _drop_reason(
+    text: str, cfg: DataConfig, seen: set[bytes], near: NearDedup | None
+) -> str | None:
+    """Why a cleaned document is dropped (a filter, or a duplicate of an earlier one), else None;
+    the exact hash of a document that passes the filters joins `seen`."""
+    reason = filter_reason(text, cfg)
+    if reason is None and cfg.dedup != "none":
+        key = content_hash(text)
+        if key in seen:
+            return "exact_duplicate"
+        seen.add(key)
+        if near is not None and near.is_duplicate(text):
+            return "near_duplicate"
+    return reason
+
+
+def _write_docs(cfg: DataConfig, tmp: Path, near: NearDedup | None, progress: bool) -> _DocCounts:
+    """Clean, filter and de-duplicate the inputs into tmp/{train,val}.jsonl, split by hash."""
+    n = _DocCounts()
+    seen: set[bytes] = set()
+    files = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
+    try:
+        bar = tqdm(
+            iter_docs(cfg),
+            desc="prepare docs",
+            unit=" doc",
+            disable=not progress,
+            mininterval=0.5,
+        )
+        for doc in bar:
+            n.read += 1
+            n.bytes_in += len(doc.text.encode("utf-8"))
+            text = clean_text(doc.text)
+            if reason := _drop_reason(text, cfg, seen, near):
+                n.dropped[reason] += 1
+                continue
+            key = split_key(text)
+            split = "val" if key < cfg.val_fraction else "train"
+            if split == "train" and key < n.lowest[0]:
+                n.lowest = (key, n.splits["train"]["documents"])
+            files[split].write(json.dumps({"text": text, **doc.meta}, ensure_ascii=False) + "\n")
+            c = n.splits[split]
+            c["documents"] += 1
+            c["chars"] += len(text)
+            c["bytes"] += len(text.encode("utf-8"))
+    finally:
+        for f in files.values():
+            f.close()
+    return n
+
+
+def _check_splits(cfg: DataConfig, tmp: Path, n: _DocCounts) -> int:
+    """The number of documents kept, after making sure both splits the config asks for have
+    documents (moving one to an empty validation split)."""
+    counts = n.splits
+    kept = sum(c["documents"] for c in counts.values())
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(n.dropped.items())) or "none"
+    if kept == 0:
+        raise ValueError(
+            f"empty corpus: {n.read} document(s) read, none kept (dropped: {why}); "
+            "check the inputs and the filters (--data.min_chars, --data.min_letter_frac)"
+        )
+    if cfg.val_fraction > 0 and counts["val"]["documents"] == 0:
+        if kept < 2:
+            raise ValueError(
+                f"only {kept} document kept: nothing left for a validation split. "
+                "Split .txt files into more documents (--data.txt_unit=paragraph or line), "
+                "add documents, or set --data.val_fraction=0"
+            )
+        log.warning(
+            "no document fell in the %.0f%% validation share; moving one (by lowest hash)",
+            100 * cfg.val_fraction,
+        )
+        _move_to_val(tmp, n.lowest[1], counts)
+    if counts["train"]["documents"] == 0:
+        raise ValueError(
+            f"the training split is empty ({kept} document(s) kept); lower --data.val_fraction"
+        )
+    return kept
+
+
 def build_docs(cfg: DataConfig, out: Path, progress: bool = True) -> dict:
     fingerprint = _inputs_fingerprint(cfg)
     if info := _up_to_date(out / "docs", fingerprint):
         log.info("docs: up to date (%s)", out / "docs")
         return info
-    dropped: Counter[str] = Counter()
-    counts = {s: {"documents": 0, "chars": 0, "bytes": 0} for s in SPLITS}
-    read = bytes_in = 0
-    seen: set[bytes] = set()
-    lowest = (1.0, -1)  # the train document with the smallest split key, in case val ends up empty
     near = (
         NearDedup(cfg.num_perm, cfg.near_threshold, cfg.shingle_chars)
         if cfg.dedup == "near"
@@ -113,75 +204,15 @@ def build_docs(cfg: DataConfig, out: Path, progress: bool = True) -> dict:
     )
     t0 = time.time()
     with atomic_dir(out / "docs") as tmp:
-        files = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
-        try:
-            bar = tqdm(
-                iter_docs(cfg),
-                desc="prepare docs",
-                unit=" doc",
-                disable=not progress,
-                mininterval=0.5,
-            )
-            for doc in bar:
-                read += 1
-                bytes_in += len(doc.text.encode("utf-8"))
-                text = clean_text(doc.text)
-                reason = filter_reason(text, cfg)
-                if reason is None and cfg.dedup != "none":
-                    key = content_hash(text)
-                    if key in seen:
-                        reason = "exact_duplicate"
-                    else:
-                        seen.add(key)
-                        if near is not None and near.is_duplicate(text):
-                            reason = "near_duplicate"
-                if reason:
-                    dropped[reason] += 1
-                    continue
-                key = split_key(text)
-                split = "val" if key < cfg.val_fraction else "train"
-                if split == "train" and key < lowest[0]:
-                    lowest = (key, counts["train"]["documents"])
-                files[split].write(
-                    json.dumps({"text": text, **doc.meta}, ensure_ascii=False) + "\n"
-                )
-                c = counts[split]
-                c["documents"] += 1
-                c["chars"] += len(text)
-                c["bytes"] += len(text.encode("utf-8"))
-        finally:
-            for f in files.values():
-                f.close()
-        kept = sum(c["documents"] for c in counts.values())
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())) or "none"
-        if kept == 0:
-            raise ValueError(
-                f"empty corpus: {read} document(s) read, none kept (dropped: {why}); "
-                "check the inputs and the filters (--data.min_chars, --data.min_letter_frac)"
-            )
-        if cfg.val_fraction > 0 and counts["val"]["documents"] == 0:
-            if kept < 2:
-                raise ValueError(
-                    f"only {kept} document kept: nothing left for a validation split. Split .txt files into "
-                    "more documents (--data.txt_unit=paragraph or line), add documents, or set "
-                    "--data.val_fraction=0"
-                )
-            log.warning(
-                "no document fell in the %.0f%% validation share; moving one (by lowest hash)",
-                100 * cfg.val_fraction,
-            )
-            _move_to_val(tmp, lowest[1], counts)
-        if counts["train"]["documents"] == 0:
-            raise ValueError(
-                f"the training split is empty ({kept} document(s) kept); lower --data.val_fraction"
-            )
+        n = _write_docs(cfg, tmp, near, progress)
+        kept = _check_splits(cfg, tmp, n)
         info = {
             "fingerprint": fingerprint,
-            "documents_read": read,
-            "bytes_read": bytes_in,
+            "documents_read": n.read,
+            "bytes_read": n.bytes_in,
             "documents_kept": kept,
-            "dropped": dict(sorted(dropped.items())),
-            "splits": counts,
+            "dropped": dict(sorted(n.dropped.items())),
+            "splits": n.splits,
             "seconds": round(time.time() - t0, 2),
         }
         atomic_write_text(tmp / STAGE, json.dumps(info, indent=2))

@@ -149,13 +149,15 @@ class SFTBatches:
     ):
         if not examples:
             raise ValueError(
-                "no SFT examples to train on: none given, or every first answer is longer than the "
-                f"window ({seq_len} tokens); use shorter conversations or a longer --model.max_seq_len"
+                "no SFT examples to train on: none given, or every first answer is longer than "
+                f"the window ({seq_len} tokens); use shorter conversations or a longer "
+                "--model.max_seq_len"
             )
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.seed, self.packing = seed, packing
         self.epoch, self.step = 0, 0
-        self._rows_epoch, self._rows = -1, []
+        self._rows_epoch = -1
+        self._rows: list[torch.Tensor] = []
 
     def _epoch_rows(self) -> list[torch.Tensor]:
         if self._rows_epoch != self.epoch:

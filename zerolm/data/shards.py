@@ -7,8 +7,10 @@ Readers memory-map the `.bin` files, so a corpus larger than RAM trains with bou
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -28,7 +30,7 @@ class ShardWriter:
         self.out_dir, self.split, self.dtype, self.eos = out_dir, split, dtype, eos_id
         self.shard_tokens = shard_tokens
         self.files: list[dict] = []
-        self._f = None
+        self._f: BinaryIO | None = None
         self._starts: list[int] = []
         self._pos = 0
 
@@ -50,9 +52,10 @@ class ShardWriter:
         entry["tokens"], entry["documents"] = self._pos, len(self._starts)
         self._f = None
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids: Sequence[int] | np.ndarray) -> None:
         if self._f is None or (self._pos and self._pos + len(ids) + 1 > self.shard_tokens):
             self._roll()
+        assert self._f is not None  # _roll opened the next file
         arr = np.empty(len(ids) + 1, dtype=self.dtype)
         arr[:-1] = ids
         arr[-1] = self.eos

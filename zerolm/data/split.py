@@ -21,7 +21,8 @@ def split_by_hash(
     items: Iterable[T], key: Callable[[T], str], val_fraction: float
 ) -> tuple[list[T], list[T]]:
     """(train, val) in input order: an item is held out when split_key(key(item)) < val_fraction."""
-    train, val = [], []
+    train: list[T] = []
+    val: list[T] = []
     for item in items:
         (val if split_key(key(item)) < val_fraction else train).append(item)
     return train, val

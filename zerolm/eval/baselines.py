@@ -22,7 +22,8 @@ def majority_baseline(train_y: Sequence[int], val_y: Sequence[int]) -> dict:
 
 
 class CharFeatures:
-    """Characters seen in training (whitespace excluded) -> (1 + log count) * idf, rows L2-normalised."""
+    """Characters seen in training (whitespace excluded) -> (1 + log count) * idf, rows
+    L2-normalised."""
 
     def __init__(self, texts: Sequence[str], min_df: int = 1):
         df = Counter(c for t in texts for c in set(t) if not c.isspace())

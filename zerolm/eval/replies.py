@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from zerolm.data.collate import pad_right
 from zerolm.infer.chat import chat_request
 from zerolm.infer.engine import Engine
 from zerolm.infer.sampling import SamplingParams
@@ -18,7 +19,8 @@ from zerolm.tokenizer.chat import prompt_ids
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, T) log p(targets[t] | logits[t]) in float32; logits (B, T, V) aligned with targets (B, T)."""
+    """(B, T) log p(targets[t] | logits[t]) in float32; logits (B, T, V) aligned with
+    targets (B, T)."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
@@ -29,17 +31,15 @@ def response_batch(
     padded: x[t] predicts y[t] = seq[t + 1], and mask is 1 where y is a response token (the
     tokens from prompt_lens[i] on)."""
     T = max(map(len, seqs)) - 1
-    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    y = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T)
     for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
         if not 1 <= p < len(s):
             raise ValueError(
                 f"sequence {i}: prompt of {p} tokens leaves no response in {len(s)} tokens"
             )
-        s = torch.as_tensor(s)
-        x[i, : len(s) - 1], y[i, : len(s) - 1] = s[:-1], s[1:]
         mask[i, p - 1 : len(s) - 1] = 1
+    x = pad_right([s[:-1] for s in seqs], pad_id, T)
+    y = pad_right([s[1:] for s in seqs], pad_id, T)
     return x, y, mask
 
 
@@ -62,7 +62,8 @@ def sample_replies(
         room = window - max(map(len, prompts))
         if room < 1:
             raise ValueError(
-                f"a prompt of {window - room} tokens leaves no room to reply in the {window}-token window"
+                f"a prompt of {window - room} tokens leaves no room to reply in the {window}-token "
+                "window"
             )
         req = chat_request(
             tok, min(max_new_tokens, room), SamplingParams(temperature=temperature), seed + i
@@ -99,7 +100,8 @@ def kl_to_reference(
     seed: int = 0,
     batch_size: int = 32,
 ) -> dict:
-    """Monte-Carlo KL(model || ref) per reply: replies sampled from `model` at temperature 1, then reply_kl."""
+    """Monte-Carlo KL(model || ref) per reply: replies sampled from `model` at temperature 1, then
+    reply_kl."""
     seqs, lens, _ = sample_replies(
         model, tok, conversations, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
     )

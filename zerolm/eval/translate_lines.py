@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -52,7 +53,7 @@ def translate_lines(
     cfg: TranslateConfig,
     sample: SampleConfig,
     *,
-    texts: list[str] = (),
+    texts: Sequence[str] = (),
     input: str | None = None,
     reference: str | None = None,
     progress: bool = True,

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from zerolm.eval.mode import eval_mode
 from zerolm.infer.seq2seq import generate
+from zerolm.model.encdec import EncoderDecoder
 from zerolm.tokenizer import BOS, EOS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def encode_source(tok: Tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def translate_texts(
-    model,
+    model: EncoderDecoder,
     tok: Tokenizer,
     texts: list[str],
     *,
@@ -50,8 +51,8 @@ def translate_texts(
         if len(ids) > window:
             if too_long == "error":
                 raise ValueError(
-                    f"text {i + 1} ({text[:40]!r}...) is {len(ids)} tokens, more than the encoder window "
-                    f"of {window}: split it into shorter sentences"
+                    f"text {i + 1} ({text[:40]!r}...) is {len(ids)} tokens, more than the encoder "
+                    f"window of {window}: split it into shorter sentences"
                 )
             log.warning(
                 "text %d is %d tokens: keeping its first %d (the encoder window)",
@@ -91,7 +92,8 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
     """Corpus BLEU and chrF of the hypotheses against one reference each."""
     if len(hypotheses) != len(references):
         raise ValueError(
-            f"{len(hypotheses)} translations but {len(references)} references: they must be line-aligned"
+            f"{len(hypotheses)} translations but {len(references)} references: they must be "
+            "line-aligned"
         )
     if not references:
         raise ValueError("no references to score against")
@@ -102,7 +104,7 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
 
 
 def evaluate_translation(
-    model, tok: Tokenizer, sources: list[str], references: list[str], **kw
+    model: EncoderDecoder, tok: Tokenizer, sources: list[str], references: list[str], **kw
 ) -> dict:
     """BLEU / chrF of the model's translations and of copying the source, on the same references."""
     hyps = translate_texts(model, tok, sources, **kw)

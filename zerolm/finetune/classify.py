@@ -30,11 +30,12 @@ from zerolm.config import Config
 from zerolm.data.mlm import LengthBatches, pad_rows, pair_ids
 from zerolm.data.prepare import read_docs
 from zerolm.data.sources import decode_lines
-from zerolm.data.split import split_key
+from zerolm.data.split import split_by_hash
 from zerolm.eval.baselines import bag_of_chars_baseline, majority_baseline
 from zerolm.eval.mode import eval_mode
 from zerolm.files import atomic_write_text
 from zerolm.model import build_model, load_model, model_class, read_model_config, save_model
+from zerolm.model.bert import Bert
 from zerolm.model.presets import resolve
 from zerolm.tokenizer import Tokenizer
 from zerolm.train.fingerprint import stage_fingerprint
@@ -63,7 +64,8 @@ def read_rows(
     label_field: str = "label",
     need_label: bool = True,
 ) -> list[Row]:
-    """Rows of a JSONL file (or a .txt file: one text per line, no labels). Errors name file and line."""
+    """Rows of a JSONL file (or a .txt file: one text per line, no labels). Errors name file and
+    line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(
@@ -120,7 +122,8 @@ def tang_authors(docs: Path, n: int) -> tuple[list[Row], list[Row], dict]:
     ][:n]
     if len(top) < 2:
         raise ValueError(
-            f"{docs}: documents carry no 'author' metadata; tang-authors needs the bundled tang corpus"
+            f"{docs}: documents carry no 'author' metadata; tang-authors needs the bundled tang "
+            "corpus"
         )
     keep = set(top)
     out = [
@@ -137,7 +140,9 @@ def tang_authors(docs: Path, n: int) -> tuple[list[Row], list[Row], dict]:
 def load_rows(cfg: Config) -> tuple[list[Row], list[Row], dict]:
     """(train rows, held-out rows, where they came from) for classify.builtin or classify.data."""
     c = cfg.classify
-    fields = dict(text_field=c.text_field, pair_field=c.text_pair_field, label_field=c.label_field)
+    read = partial(
+        read_rows, text_field=c.text_field, pair_field=c.text_pair_field, label_field=c.label_field
+    )
     if c.builtin and c.data:
         raise ValueError("give either --classify.builtin or --classify.data, not both")
     if c.builtin == "tang-authors":
@@ -148,17 +153,19 @@ def load_rows(cfg: Config) -> tuple[list[Row], list[Row], dict]:
             "no classification data: give --classify.data=FILE.jsonl (rows with text and label) "
             "or --classify.builtin=tang-authors"
         )
-    rows = [r for p in c.data for r in read_rows(p, **fields)]
+    rows = [r for p in c.data for r in read(p)]
     if c.val_data:
         return (
             rows,
-            [r for p in c.val_data for r in read_rows(p, **fields)],
+            [r for p in c.val_data for r in read(p)],
             {"files": list(c.data)},
         )
-    key = [split_key(json.dumps([r.text, r.pair], ensure_ascii=False)) for r in rows]
+    train, val = split_by_hash(
+        rows, lambda r: json.dumps([r.text, r.pair], ensure_ascii=False), c.val_fraction
+    )
     return (
-        [r for r, k in zip(rows, key) if k >= c.val_fraction],
-        [r for r, k in zip(rows, key) if k < c.val_fraction],
+        train,
+        val,
         {"files": list(c.data), "split": f"by a hash of the text, {c.val_fraction:.0%} held out"},
     )
 
@@ -189,8 +196,9 @@ def encode(
         if len(a) + len(b) > room:
             if truncation == "error":
                 raise ValueError(
-                    f"{r.where}: {len(a) + len(b) + window - room} tokens with [CLS]/[SEP] exceed the "
-                    f"{window}-token window; shorten it, or set --classify.truncation=longest_first"
+                    f"{r.where}: {len(a) + len(b) + window - room} tokens with [CLS]/[SEP] exceed "
+                    f"the {window}-token window; shorten it, or set "
+                    "--classify.truncation=longest_first"
                 )
             cut += 1
             while len(a) + len(b) > room:  # longest first, from the end
@@ -210,8 +218,8 @@ def bert_config(base: Path):
     cfg = read_model_config(base)
     if cfg.arch != "bert":
         raise ValueError(
-            f"{base} is a {cfg.arch} model: finetune-classify needs a bert encoder (pretrain one with "
-            "`zerolm pretrain --model.arch=bert`, e.g. --config recipes/bert-tang.toml)"
+            f"{base} is a {cfg.arch} model: finetune-classify needs a bert encoder (pretrain one "
+            "with `zerolm pretrain --model.arch=bert`, e.g. --config recipes/bert-tang.toml)"
         )
     return cfg
 
@@ -239,7 +247,7 @@ def classifier_from(base: Path, n_labels: int, seed: int = 0):
     return model
 
 
-def classify_loss(model, batch) -> LossResult:
+def classify_loss(model: Bert, batch) -> LossResult:
     """Cross entropy of the pooled-[CLS] head; counted: the rows; stats: acc."""
     device = next(model.parameters()).device
     ids, seg, att, y = (t.to(device) for t in batch)
@@ -249,7 +257,7 @@ def classify_loss(model, batch) -> LossResult:
 
 
 @torch.no_grad()
-def predict(model, encoded: list, batch_size: int = 64) -> torch.Tensor:
+def predict(model: Bert, encoded: list, batch_size: int = 64) -> torch.Tensor:
     """(N, C) class probabilities, rows batched by length (little padding), in input order."""
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
@@ -278,7 +286,7 @@ def scores(probs: torch.Tensor, y: list[int]) -> dict:
     }
 
 
-def evaluate(model, encoded: list, y: list[int], batch_size: int = 64) -> dict:
+def evaluate(model: Bert, encoded: list, y: list[int], batch_size: int = 64) -> dict:
     return scores(predict(model, encoded, batch_size), y)
 
 
@@ -290,7 +298,8 @@ def finetune_classify(cfg: Config, progress: bool = True) -> StageResult:
     c = cfg.classify
     if not c.base_model:
         raise ValueError(
-            "no base model: give --model DIR (config key classify.base_model), a bert model directory"
+            "no base model: give --model DIR (config key classify.base_model), a bert model "
+            "directory"
         )
     base = Path(c.base_model)
     mcfg = bert_config(base)
@@ -344,11 +353,13 @@ class _Data:
     def load(cls, cfg: Config, base: Path, max_seq_len: int) -> _Data:
         c = cfg.classify
         train_rows, val_rows, source = load_rows(cfg)
-        counts = Counter(r.label for r in train_rows)
+        # every training row has a label (read_rows needs one)
+        counts = Counter(r.label for r in train_rows if r.label is not None)
         labels = sorted(counts, key=lambda k: (-counts[k], k))  # most frequent first
         if len(labels) < 2:
             raise ValueError(
-                f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a classifier needs >= 2"
+                f"{len(train_rows)} training rows carry {len(labels)} distinct label(s); a "
+                "classifier needs >= 2"
             )
         train_y, val_y = label_ids(train_rows, labels), label_ids(val_rows, labels)
         tok = Tokenizer.load(base)
@@ -370,7 +381,8 @@ class _Data:
 
 
 def _write_results(out: Path, result: StageResult) -> None:
-    """OUT/results.json: the baselines, the final held-out figures, the data summary, the last row."""
+    """OUT/results.json: the baselines, the final held-out figures, the data summary, the last
+    row."""
     baseline = ("majority_", "boc_")
     results = {
         **{k: v for k, v in result.info.items() if k.startswith(baseline)},
@@ -382,12 +394,12 @@ def _write_results(out: Path, result: StageResult) -> None:
     atomic_write_text(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
 
 
-def _save(model, model_dir: Path, *, tok: Tokenizer, labels: list[str]) -> None:
+def _save(model: Bert, model_dir: Path, *, tok: Tokenizer, labels: list[str]) -> None:
     save_model(model, model_dir, tok)
     atomic_write_text(model_dir / LABELS_FILE, json.dumps(labels, ensure_ascii=False, indent=1))
 
 
-def _frozen(model, freeze: str):
+def _frozen(model: Bert, freeze: str):
     """classify.freeze: "embeddings" trains all but the embeddings; "encoder" is a linear probe
     on the pooled [CLS] (pooler + head trained)."""
     if freeze == "embeddings":
@@ -407,7 +419,8 @@ def _baselines(
     results: dict = {"majority_acc": None, "boc_lr_acc": None}
     if not val_y:
         log.warning(
-            "no held-out rows: nothing to measure accuracy on (set classify.val_data or classify.val_fraction)"
+            "no held-out rows: nothing to measure accuracy on (set classify.val_data or "
+            "classify.val_fraction)"
         )
         return results
     results["majority_acc"] = majority_baseline(train_y, val_y)["accuracy"]
@@ -448,7 +461,8 @@ def load_classifier(model_dir: str | Path):
     model = load_model(model_dir)
     if model.cfg.n_labels != len(labels):
         raise ValueError(
-            f"{model_dir}: {LABELS_FILE} names {len(labels)} labels, the model has {model.cfg.n_labels}"
+            f"{model_dir}: {LABELS_FILE} names {len(labels)} labels, the model has "
+            f"{model.cfg.n_labels}"
         )
     return model, Tokenizer.load(model_dir), labels
 
@@ -475,7 +489,8 @@ def classify_file(
     enc, cut = encode(tok, rows, model.cfg.max_seq_len, truncation)
     if cut:
         log.warning(
-            "%d of %d rows longer than the %d-token window were truncated (longest first, from the end)",
+            "%d of %d rows longer than the %d-token window were truncated (longest first, from "
+            "the end)",
             cut,
             len(rows),
             model.cfg.max_seq_len,
@@ -491,8 +506,8 @@ def classify_file(
     if labelled:
         if len(labelled) != len(rows):
             raise ValueError(
-                f"{input}: {len(labelled)} of {len(rows)} rows have a {label_field!r} field; for accuracy "
-                "every row needs one, for predictions alone none"
+                f"{input}: {len(labelled)} of {len(rows)} rows have a {label_field!r} field; for "
+                "accuracy every row needs one, for predictions alone none"
             )
         out |= scores(probs, label_ids(rows, labels))
     return out

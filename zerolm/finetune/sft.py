@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from zerolm.config import Config
+from zerolm.data.chat_corpora import read_chat_corpus
 from zerolm.data.loader import TokenBatches
 from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_conversations
 from zerolm.data.split import split_by_hash
@@ -69,8 +71,6 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
         elif builtin in TASKS:
             tr, va = TASKS[builtin].sft_conversations(cfg)
         elif builtin in BUILTIN:
-            from zerolm.data.chat_corpora import read_chat_corpus
-
             tr, va = _split([row["messages"] for row in read_chat_corpus(builtin)], s.val_fraction)
         else:
             raise ValueError(
@@ -120,13 +120,14 @@ class MixedBatches:
         self.pt.load_state_dict(state["pt"])
 
 
-def mixed_loss(model, batch, pt_weight: float) -> LossResult:
+def mixed_loss(model: nn.Module, batch, pt_weight: float) -> LossResult:
     ft, pt = lm_loss(model, batch[0]), lm_loss(model, batch[1])
     return LossResult(ft.loss + pt_weight * pt.loss, ft.n)
 
 
 def sft(cfg: Config, progress: bool = True) -> StageResult:
-    """Fine-tune cfg.sft.base_model on the conversations; save OUT/model (+ OUT/adapters.safetensors)."""
+    """Fine-tune cfg.sft.base_model on the conversations; save OUT/model (+
+    OUT/adapters.safetensors)."""
     if not cfg.sft.base_model:
         raise ValueError("no base model: give --sft.base_model=DIR (e.g. runs/speedrun/model)")
     base, tok = Path(cfg.sft.base_model), Tokenizer.load(cfg.sft.base_model)
@@ -178,7 +179,8 @@ def _encode(tok: Tokenizer, train_c: list, val_c: list, seq_len: int, counts: di
 
 
 def _batches_and_loss(cfg: Config, base: Path, train_ex: list, seq_len: int):
-    """SFT batches and lm_loss, or (sft.pt_weight > 0) mixed with the base model's pretraining shards."""
+    """SFT batches and lm_loss, or (sft.pt_weight > 0) mixed with the base model's pretraining
+    shards."""
     bs = cfg.train.batch_size
     batches = SFTBatches(
         train_ex, batch_size=bs, seq_len=seq_len, seed=cfg.seed, packing=cfg.sft.packing

@@ -52,7 +52,8 @@ def account(
     )  # QK^T and AV, forward (PaLM, appendix B)
     bpp = bytes_per_param or next(model.parameters()).element_size()
     head_dim = cfg.d_model // cfg.n_heads
-    # keys and values per cached layer; encdec caches its decoder's self-attention and cross-attention
+    # keys and values per cached layer; encdec caches its decoder's self-attention and
+    # cross-attention
     kv_layers = 2 * dec if cfg.arch == "encdec" else cfg.n_layers
     kv_bytes = 2 * kv_layers * batch * cfg.n_kv_heads * context * head_dim * bpp
     if cfg.arch == "bert":  # an encoder reads its input in one pass: no KV cache
@@ -76,8 +77,9 @@ def format_account(a: dict, cfg) -> str:
     mb = 1 / 2**20
     arch = "" if cfg.arch in ("", "decoder") else f"{cfg.arch} "
     lines = [
-        f"{arch}preset {cfg.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
-        f"n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len}"
+        f"{arch}preset {cfg.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} "
+        f"n_heads={cfg.n_heads} n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff} vocab={cfg.vocab_size} "
+        f"max_seq_len={cfg.max_seq_len}"
         + (f" n_decoder_layers={cfg.n_decoder_layers}" if cfg.arch == "encdec" else ""),
         "parameters by component:",
     ]
@@ -85,14 +87,17 @@ def format_account(a: dict, cfg) -> str:
         lines.append(f"  {k:<10} {v:>12,}  {100 * v / a['total']:5.1f}%")
     lines += [
         f"  {'total':<10} {a['total']:>12,}",
-        f"non-embedding {a['non_embedding']:,} vs 12·d²·N = {a['estimate_12_d2_N']:,} "
-        f"(ratio {a['non_embedding'] / a['estimate_12_d2_N']:.3f}; the estimate assumes a 4·d two-matrix FFN, MHA"
+        f"non-embedding {a['non_embedding']:,} vs 12·d²·N = {a['estimate_12_d2_N']:,} (ratio "
+        f"{a['non_embedding'] / a['estimate_12_d2_N']:.3f}; the estimate assumes a 4·d two-matrix "
+        "FFN, MHA"
         + ("; 16·d² per decoder block: + cross-attention)" if cfg.arch == "encdec" else ")"),
-        f"FLOPs per token at context {a['context']}: forward {a['forward_flops_per_token'] / 1e6:,.1f} M, "
-        f"training {a['train_flops_per_token'] / 1e6:,.1f} M",
+        f"FLOPs per token at context {a['context']}: forward "
+        f"{a['forward_flops_per_token'] / 1e6:,.1f} M, training "
+        f"{a['train_flops_per_token'] / 1e6:,.1f} M",
         f"memory: weights {a['weights_bytes'] * mb:,.1f} MiB, "
         + (
-            f"KV cache {a['kv_cache_bytes'] * mb:,.2f} MiB (batch {a['batch']} x {a['context']} tokens)"
+            f"KV cache {a['kv_cache_bytes'] * mb:,.2f} MiB (batch {a['batch']} x {a['context']} "
+            "tokens)"
             if cfg.arch != "bert"
             else "no KV cache (an encoder)"
         ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -59,7 +60,7 @@ IGNORED = {
 }  # HF buffers
 
 # what an HF architecture fixes: a zerolm model must take one of these values to be exported
-REQUIRED = {
+REQUIRED: dict[str, dict[str, tuple]] = {
     "gpt2": dict(
         norm=("layernorm",),
         norm_placement=("pre",),
@@ -108,7 +109,11 @@ LLAMA_DEFAULTS = dict(
     attention_dropout=0.0,
     rope_theta=10000.0,
 )
-GPT2_ACT = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+GPT2_ACT: dict[str, Literal["gelu", "relu"]] = {
+    "gelu_new": "gelu",
+    "gelu_pytorch_tanh": "gelu",
+    "relu": "relu",
+}
 
 
 def _refuse(arch: str, problems: list[tuple[bool, str]]) -> None:
@@ -140,7 +145,7 @@ def _gpt2_from_hf(raw: dict) -> ModelConfig:
         n_heads=c["n_head"],
         d_ff=c["n_inner"] or 4 * c["n_embd"],
         max_seq_len=c["n_positions"],
-        ffn=GPT2_ACT.get(act),
+        ffn=GPT2_ACT[act],  # _refuse checked it
         norm_eps=float(c["layer_norm_epsilon"]),
         tie_embeddings=bool(c["tie_word_embeddings"]),
         dropout=float(c["resid_pdrop"]),
@@ -327,7 +332,8 @@ def _read_weights(src: Path) -> dict:
         raise ValueError(
             f"{src} holds only pickled weights (pytorch_model.bin), which zerolm never loads "
             "(unpickling can run code); convert them to safetensors with transformers: "
-            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+            "safe_serialization=True)"
         )
     raise ValueError(f"no model.safetensors or model.safetensors.index.json in {src}")
 
@@ -369,8 +375,8 @@ def import_hf(
 def build_imported(
     cls, cfg: ModelConfig, state: dict, src: Path, out_dir=None, dtype: torch.dtype | None = None
 ):
-    """The model of class `cls` holding an imported state (cast to dtype), in eval mode; with out_dir,
-    also written there as a zerolm model directory with the source's tokenizer files."""
+    """The model of class `cls` holding an imported state (cast to dtype), in eval mode; with
+    out_dir, also written there as a zerolm model directory with the source's tokenizer files."""
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):
@@ -387,9 +393,10 @@ def build_imported(
 
 
 def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write `model` as an HF checkpoint directory (config.json + model.safetensors [+ tokenizer]) that
-    `AutoModelForCausalLM.from_pretrained` loads. Preset llama exports as LlamaForCausalLM, any other
-    as GPT2LMHeadModel; a model whose choices the HF architecture cannot express raises ValueError."""
+    """Write `model` as an HF checkpoint directory (config.json + model.safetensors [+ tokenizer])
+    that `AutoModelForCausalLM.from_pretrained` loads. Preset llama exports as LlamaForCausalLM,
+    any other as GPT2LMHeadModel; a model whose choices the HF architecture cannot express raises
+    ValueError."""
     cfg = model.cfg
     if cfg.arch != "decoder":  # bert -> BertForPreTraining, encdec -> MarianMTModel
         module = importlib.import_module(ENCODERS[{"bert": "bert", "encdec": "marian"}[cfg.arch]])
@@ -402,7 +409,8 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     ]
     if arch == "gpt2" and cfg.n_kv_heads != cfg.n_heads:
         bad.append(
-            f"n_kv_heads={cfg.n_kv_heads} (GPT-2 has no grouped-query attention: needs {cfg.n_heads})"
+            f"n_kv_heads={cfg.n_kv_heads} (GPT-2 has no grouped-query attention: needs "
+            f"{cfg.n_heads})"
         )
     if bad:
         raise ValueError(f"cannot export this {cfg.preset!r} model as HF {arch}: {'; '.join(bad)}")

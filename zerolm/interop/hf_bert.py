@@ -1,10 +1,11 @@
 """Import and export HF transformers BERT checkpoints (model_type "bert") as zerolm Bert models.
 
-Imports BertForPreTraining (`bert.` + `cls.predictions` / `cls.seq_relationship`), headless BertModel
-(no prefix: sentence-transformers models such as all-MiniLM-L6-v2) and BertForSequenceClassification
-(`classifier`) checkpoints; heads a checkpoint lacks are initialised fresh with a warning, as
-transformers does. Exports BertForPreTraining (+ `classifier` when the model has one). HF names live
-only here; reached through zerolm.interop.hf's import_hf / export_hf, which dispatch on model_type.
+Imports BertForPreTraining (`bert.` + `cls.predictions` / `cls.seq_relationship`), headless
+BertModel (no prefix: sentence-transformers models such as all-MiniLM-L6-v2) and
+BertForSequenceClassification (`classifier`) checkpoints; heads a checkpoint lacks are initialised
+fresh with a warning, as transformers does. Exports BertForPreTraining (+ `classifier` when the
+model has one). HF names live only here; reached through zerolm.interop.hf's import_hf / export_hf,
+which dispatch on model_type.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -77,7 +79,7 @@ DEFAULTS = dict(
     is_decoder=False,
     add_cross_attention=False,
 )
-ACT = {
+ACT: dict[str, Literal["relu", "gelu", "gelu_erf"]] = {
     "gelu": "gelu_erf",
     "relu": "relu",
     "gelu_new": "gelu",
@@ -129,7 +131,8 @@ def _from_hf(raw: dict, n_labels: int) -> ModelConfig:
 
 
 def _to_hf(cfg: ModelConfig, pad_id: int) -> dict:
-    act = {v: k for k, v in reversed(ACT.items())}[cfg.ffn]  # gelu_erf -> gelu, gelu -> gelu_new
+    to_hf: dict[str, str] = {v: k for k, v in reversed(ACT.items())}
+    act = to_hf[cfg.ffn]  # gelu_erf -> gelu, gelu -> gelu_new  # gelu_erf -> gelu, gelu -> gelu_new
     out = dict(
         architectures=["BertForPreTraining"],
         model_type="bert",
@@ -207,7 +210,8 @@ def _fill_missing_heads(state: dict, cfg: ModelConfig, src: Path) -> dict:
     if not missing:
         return state
     log.warning(
-        "%s has no %s weights: initialised fresh (BERT init); train them before using their outputs",
+        "%s has no %s weights: initialised fresh (BERT init); train them before using their "
+        "outputs",
         src,
         ", ".join(sorted({k.split(".")[0] for k in missing})),
     )
@@ -237,8 +241,9 @@ def import_hf(
 
 
 def export_hf(model: Bert, out_dir, tokenizer=None) -> Path:
-    """Write `model` as an HF BertForPreTraining checkpoint directory (config.json + model.safetensors
-    [+ tokenizer]); a model whose choices BERT cannot express raises ValueError."""
+    """Write `model` as an HF BertForPreTraining checkpoint directory (config.json +
+    model.safetensors [+ tokenizer]); a model whose choices BERT cannot express raises
+    ValueError."""
     cfg = model.cfg
     bad = [
         f"{k}={getattr(cfg, k)!r} (needs {' or '.join(map(repr, ok))})"
@@ -247,11 +252,13 @@ def export_hf(model: Bert, out_dir, tokenizer=None) -> Path:
     ]
     if cfg.n_kv_heads != cfg.n_heads:
         bad.append(
-            f"n_kv_heads={cfg.n_kv_heads} (BERT has no grouped-query attention: needs {cfg.n_heads})"
+            f"n_kv_heads={cfg.n_kv_heads} (BERT has no grouped-query attention: needs "
+            f"{cfg.n_heads})"
         )
     if bad:
         raise ValueError(
-            f"cannot export this {cfg.preset!r} bert model as HF BertForPreTraining: {'; '.join(bad)}"
+            f"cannot export this {cfg.preset!r} bert model as HF BertForPreTraining: "
+            f"{'; '.join(bad)}"
         )
     names = _names(cfg.n_layers)
     state = {k: v.detach() for k, v in model.state_dict().items()}

@@ -11,6 +11,7 @@ read from safetensors only (hf.py's helpers), and what zerolm cannot express is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -75,7 +76,7 @@ DEFAULTS = dict(
     normalize_embedding=False,
     add_final_layer_norm=False,
 )
-ACT = {
+ACT: dict[str, Literal["relu", "gelu", "gelu_erf"]] = {
     "relu": "relu",
     "gelu": "gelu_erf",
     "gelu_new": "gelu",
@@ -108,17 +109,18 @@ def config_from_hf(raw: dict) -> ModelConfig:
         [
             (
                 act in ACT,
-                f"activation_function={act!r} (zerolm's FFN has {', '.join(ACT)}; swish exists only gated, "
-                "as swiglu)",
+                f"activation_function={act!r} (zerolm's FFN has {', '.join(ACT)}; swish exists "
+                "only gated, as swiglu)",
             ),
             (
                 c["encoder_ffn_dim"] == c["decoder_ffn_dim"],
-                f"encoder_ffn_dim={c['encoder_ffn_dim']} != decoder_ffn_dim={c['decoder_ffn_dim']} (zerolm has one d_ff)",
+                f"encoder_ffn_dim={c['encoder_ffn_dim']} != decoder_ffn_dim={c['decoder_ffn_dim']} "
+                "(zerolm has one d_ff)",
             ),
             (
                 c["encoder_attention_heads"] == c["decoder_attention_heads"],
-                f"encoder_attention_heads={c['encoder_attention_heads']} != decoder_attention_heads="
-                f"{c['decoder_attention_heads']} (zerolm has one n_heads)",
+                f"encoder_attention_heads={c['encoder_attention_heads']} != "
+                f"decoder_attention_heads={c['decoder_attention_heads']} (zerolm has one n_heads)",
             ),
             (
                 c["decoder_vocab_size"] in (None, c["vocab_size"])
@@ -219,9 +221,11 @@ def _from_hf_state(hf_state: dict, cfg: ModelConfig) -> dict:
     shared = hf_state.get("model.shared.weight")
     for name in EMBED_COPIES:
         emb = hf_state.pop(name, None)
-        if emb is not None and shared is None:
+        if emb is None:
+            continue
+        if shared is None:
             hf_state["model.shared.weight"] = shared = emb
-        elif emb is not None and not torch.equal(emb, shared):
+        elif not torch.equal(emb, shared):
             raise ValueError(
                 f"unsupported HF marian checkpoint: {name} differs from model.shared.weight "
                 "(zerolm shares one embedding)"
@@ -238,7 +242,7 @@ def _from_hf_state(hf_state: dict, cfg: ModelConfig) -> dict:
     return state
 
 
-def _to_hf_state(model) -> dict:
+def _to_hf_state(model: EncoderDecoder) -> dict:
     names = _names(model.cfg)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if stray := sorted(set(state) - set(names)):
@@ -259,15 +263,16 @@ def _to_hf_state(model) -> dict:
 
 
 def import_hf(src: Path, raw: dict, out_dir=None, dtype: torch.dtype | None = torch.float32):
-    """A MarianMTModel checkpoint directory (config.json `raw` + safetensors) as a zerolm EncoderDecoder;
-    with out_dir, also written there as a zerolm model directory (with the source's tokenizer files)."""
+    """A MarianMTModel checkpoint directory (config.json `raw` + safetensors) as a zerolm
+    EncoderDecoder; with out_dir, also written there as a zerolm model directory (with the source's
+    tokenizer files)."""
     cfg = resolve(config_from_hf(raw))
     return build_imported(
         EncoderDecoder, cfg, _from_hf_state(_read_weights(Path(src)), cfg), src, out_dir, dtype
     )
 
 
-def export_hf(model, out_dir, tokenizer=None) -> Path:
+def export_hf(model: EncoderDecoder, out_dir, tokenizer=None) -> Path:
     """Write an encdec `model` as an HF MarianMTModel directory (config.json + model.safetensors
     [+ tokenizer]); ids follow zerolm's tokenizer: pad 0, bos 1 (also the decoder start), eos 2.
     Choices Marian cannot express (pre-LN, learned or rotary positions, RMSNorm, SwiGLU, ...) raise
@@ -280,7 +285,8 @@ def export_hf(model, out_dir, tokenizer=None) -> Path:
     ]
     if cfg.n_kv_heads != cfg.n_heads:
         bad.append(
-            f"n_kv_heads={cfg.n_kv_heads} (Marian has no grouped-query attention: needs {cfg.n_heads})"
+            f"n_kv_heads={cfg.n_kv_heads} (Marian has no grouped-query attention: needs "
+            f"{cfg.n_heads})"
         )
     if bad:
         raise ValueError(

@@ -20,7 +20,8 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     MASK,
     *(f"<|reserved_{i}|>" for i in range(5)),
 )  # ids 0..15, in this order, in every tokenizer
-# a foreign BERT vocabulary's names for zerolm's specials (token_id(PAD) finds [PAD]); no bos/eos/chat roles
+# a foreign BERT vocabulary's names for zerolm's specials (token_id(PAD) finds [PAD]); no
+# bos/eos/chat roles
 BERT_SPECIALS = {PAD: "[PAD]", UNK: "[UNK]", CLS: CLS, SEP: SEP, MASK: MASK}
 
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))  # `char`: a byte it has no character for

@@ -60,8 +60,9 @@ class Tokenizer:
 
     def __init__(self, hf: _HFTokenizer, strict: bool = True):
         """strict: zerolm's own layout (SPECIAL_TOKENS at ids 0..15). strict=False: a foreign BERT
-        WordPiece tokenizer, whose BERT_SPECIALS are looked up by name; its file's own truncation and
-        padding are switched off, so encode() returns exactly the text's ids as for zerolm's own."""
+        WordPiece tokenizer, whose BERT_SPECIALS are looked up by name; its file's own truncation
+        and padding are switched off, so encode() returns exactly the text's ids as for zerolm's
+        own."""
         self.hf = hf
         self.aliases: dict[str, str] = {}  # zerolm special -> its name in a foreign vocabulary
         if not strict:
@@ -76,7 +77,8 @@ class Tokenizer:
         for i, tok in enumerate(SPECIAL_TOKENS):
             if hf.token_to_id(tok) != i:
                 raise ValueError(
-                    f"tokenizer does not reserve {tok!r} at id {i}; train it with `zerolm tokenizer train`"
+                    f"tokenizer does not reserve {tok!r} at id {i}; train it with `zerolm "
+                    "tokenizer train`"
                 )
 
     # -------------------------------------------------------------- encode / decode

@@ -38,8 +38,9 @@ def check_config(cfg: TokenizerConfig) -> None:
     need = min_vocab_size(cfg.kind)
     if not cfg.path and cfg.vocab_size < need:
         raise ValueError(
-            f"tokenizer.vocab_size={cfg.vocab_size} is too small for a {cfg.kind} tokenizer: it needs at least "
-            f"{need} ({len(SPECIAL_TOKENS)} special tokens + the base alphabet); try --tokenizer.vocab_size=8192"
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small for a {cfg.kind} tokenizer: it "
+            f"needs at least {need} ({len(SPECIAL_TOKENS)} special tokens + the base alphabet); "
+            "try --tokenizer.vocab_size=8192"
         )
 
 

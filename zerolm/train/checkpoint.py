@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from zerolm.files import atomic_dir, disk_full
+from zerolm.model import load_state
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7})$")
@@ -29,7 +31,8 @@ _PARTIAL = re.compile(r"^\.step-\d{7}\.(.+\.tmp|old-\d+)$")  # atomic_dir's temp
 
 
 class NonFiniteError(ValueError):
-    """Training produced NaN/inf (loss, gradients or weights); a ValueError, so the CLI prints one line."""
+    """Training produced NaN/inf (loss, gradients or weights); a ValueError, so the CLI prints one
+    line."""
 
 
 def last_good(out_dir: str | Path) -> str:
@@ -65,10 +68,14 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     )
 
 
+# numpy's stub types np.random.get_state() as legacy=False's dict; it returns the legacy tuple
+# (name, key, pos, has_gauss, gauss), hence the ignores on its indexing below.
+
+
 def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
+        "numpy": np.random.get_state()[1].tolist(),  # type: ignore[index]
         "python": random.getstate()[1],
     }
 
@@ -76,7 +83,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np_state = np.random.get_state()
-    np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), *np_state[2:]))
+    key = np.array(state["numpy"], dtype=np.uint32)
+    np.random.set_state((np_state[0], key, *np_state[2:]))  # type: ignore[index]
     py = random.getstate()
     random.setstate((py[0], tuple(state["python"]), py[2]))
 
@@ -84,15 +92,15 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
-    model,
+    model: nn.Module,
     optimizer,
     extra: dict,
     keep: int,
     run: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`. Non-finite weights
-    raise NonFiniteError and write nothing; so does a full disk, as a ValueError naming the directory.
-    `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py)."""
+    raise NonFiniteError and write nothing; so does a full disk, as a ValueError naming the
+    directory. `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py)."""
     path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if bad := nonfinite_tensors(state):
@@ -138,10 +146,8 @@ def _is_write_error(e: RuntimeError) -> bool:
     )
 
 
-def load_checkpoint(path: str | Path, model, optimizer) -> dict:
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer) -> dict:
     """Restore model + optimizer + RNG from `path`; returns the saved extras (step, loader, ...)."""
-    from zerolm.model import load_state
-
     path = Path(path)
     state = load_file(str(path / "model.safetensors"))
     load_state(model, state, str(path), assign=False)

@@ -43,7 +43,8 @@ _HASHES = (
 
 
 def flat(prefix: str, section) -> dict:
-    """{'prefix.key': value} for a config dataclass (tuples as lists, so they compare after JSON)."""
+    """{'prefix.key': value} for a config dataclass (tuples as lists, so they compare after
+    JSON)."""
     return {
         f"{prefix}.{k}": list(v) if isinstance(v, tuple) else v
         for k, v in dataclasses.asdict(section).items()
@@ -144,16 +145,16 @@ def check_resume(checkpoint: str | Path, current: dict, allow: bool) -> list[str
     saved = read_fingerprint(checkpoint)
     if saved is None:
         log.warning(
-            "%s records no run fingerprint (an older zerolm): resuming without checking that the data "
-            "and settings are unchanged",
+            "%s records no run fingerprint (an older zerolm): resuming without checking that the "
+            "data and settings are unchanged",
             checkpoint,
         )
         return []
     found = changes(saved, current)
     if found and not allow:
         raise ValueError(
-            f"cannot resume from {checkpoint}: {'; '.join(found)}. Resume with the run's own data and "
-            "settings, train into a new --out, or continue anyway with --resume-changed "
+            f"cannot resume from {checkpoint}: {'; '.join(found)}. Resume with the run's own data "
+            "and settings, train into a new --out, or continue anyway with --resume-changed "
             "(--train.resume_changed=true)"
         )
     if found:

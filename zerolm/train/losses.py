@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from zerolm.model.layers import matmul_dtype
 
@@ -22,7 +23,7 @@ class LossResult:
     stats: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
-def lm_loss(model, batch) -> LossResult:
+def lm_loss(model: nn.Module, batch) -> LossResult:
     """Next-token cross entropy; batch = (x, y) of (B, T) ids, or (x, y, mask) with mask (B, T)
     selecting the target positions that count (e.g. assistant tokens in SFT), or (x, y, mask,
     positions, segments) for packed rows (zerolm.data.sft)."""

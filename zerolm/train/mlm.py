@@ -9,16 +9,19 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from zerolm.config import Config
-from zerolm.data.mlm import IGNORE, MASK_ID, PairBatches, SentenceCorpus, fixed_batches, pair_ids
+from zerolm.data.collate import IGNORE
+from zerolm.data.mlm import MASK_ID, PairBatches, SentenceCorpus, fixed_batches, pair_ids
 from zerolm.data.prepare import prepare, read_docs
 from zerolm.eval.mode import eval_mode
 from zerolm.inspect.accounting import account
 from zerolm.model import save_model
+from zerolm.model.bert import Bert
 from zerolm.tokenizer import Tokenizer
 from zerolm.train.fingerprint import pretrain_data_fingerprint, stage_fingerprint
 from zerolm.train.losses import LossResult
@@ -27,7 +30,7 @@ from zerolm.train.run import Stage, StageResult, begin, log_model, new_model, op
 log = logging.getLogger(__name__)
 
 
-def _mlm_nsp(model, batch):
+def _mlm_nsp(model: Bert, batch):
     """(MLM logits (N, V), MLM labels (N,), NSP logits (B, 2), NSP labels (B,)) of a batch from
     zerolm.data.mlm: the vocabulary projection runs only at the N selected positions (over all
     B*T positions it would be the most expensive matmul of the step)."""
@@ -38,7 +41,7 @@ def _mlm_nsp(model, batch):
     return model.mlm_logits(h[selected]), labels[selected], model.nsp_logits(h), nsp_labels
 
 
-def mlm_nsp_loss(model, batch, nsp: bool = True) -> LossResult:
+def mlm_nsp_loss(model: Bert, batch, nsp: bool = True) -> LossResult:
     """The Trainer's loss: mean cross entropy over the selected (masked) tokens + NSP cross
     entropy over the pairs (nsp=False: MLM only); counted: the N selected tokens; stats: mlm,
     nsp, nsp_acc."""
@@ -55,7 +58,7 @@ def mlm_nsp_loss(model, batch, nsp: bool = True) -> LossResult:
 
 
 @torch.no_grad()
-def evaluate_mlm(model, batches: list, nsp: bool = True) -> dict:
+def evaluate_mlm(model: Bert, batches: list, nsp: bool = True) -> dict:
     """Held-out MLM loss (nats per selected token), MLM accuracy (argmax == original token, over
     the selected tokens, [MASK]ed or not), NSP loss and accuracy over the pairs."""
     nats = correct = n = nsp_nats = nsp_correct = pairs = 0.0
@@ -78,13 +81,13 @@ def evaluate_mlm(model, batches: list, nsp: bool = True) -> dict:
 
 
 @torch.no_grad()
-def fill_mask(model, tok: Tokenizer, texts: list[str], every: int = 5) -> list[str]:
+def fill_mask(model: Bert, tok: Tokenizer, texts: list[str], every: int = 5) -> list[str]:
     """Mask every `every`-th token of each text and show the model's guesses: 床前[明→明]月光."""
     with eval_mode(model):
         return [_fill_one(model, tok, text, every) for text in texts]
 
 
-def _fill_one(model, tok: Tokenizer, text: str, every: int) -> str:
+def _fill_one(model: Bert, tok: Tokenizer, text: str, every: int) -> str:
     device = next(model.parameters()).device
     ids = tok.encode(text)[: model.cfg.max_seq_len - 2]
     x = torch.tensor([pair_ids(ids, [])[0]], device=device)  # [CLS] text [SEP]
@@ -98,7 +101,7 @@ def _fill_one(model, tok: Tokenizer, text: str, every: int) -> str:
     return "".join(shown) if tok.kind != "wordpiece" or not text.isascii() else " ".join(shown)
 
 
-def _flops_per_selected_token(model, mask_prob: float) -> float:
+def _flops_per_selected_token(model: Bert, mask_prob: float) -> float:
     """Training FLOPs per predicted token (the Trainer's token count here): the encoder's per
     input token / mask_prob (inputs per predicted token) + the MLM head, which runs only at
     predicted positions."""
@@ -119,6 +122,7 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> StageResult:
     if tok.kind != "wordpiece":
         log.info("bert with a %s tokenizer (BERT's own is --tokenizer.kind=wordpiece)", tok.kind)
     model = new_model(cfg, cfg.model, tok.vocab_size)
+    assert isinstance(model, Bert)  # pretrain dispatches here on arch=bert
     log_model(model, "bert")
     batches, val = _pair_batches(cfg, out, tok, model.cfg.max_seq_len)
     nsp = cfg.mlm.objective == "mlm+nsp"
@@ -150,7 +154,8 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> StageResult:
 
 
 def _pair_batches(cfg: Config, out: Path, tok: Tokenizer, seq_len: int) -> tuple[PairBatches, list]:
-    """The training pairs (fresh each epoch) and the fixed held-out batches, of the prepared docs."""
+    """The training pairs (fresh each epoch) and the fixed held-out batches, of the prepared
+    docs."""
     m, nsp = cfg.mlm, cfg.mlm.objective == "mlm+nsp"
     corpora = {
         split: SentenceCorpus.from_texts(
@@ -158,7 +163,7 @@ def _pair_batches(cfg: Config, out: Path, tok: Tokenizer, seq_len: int) -> tuple
         )
         for split in ("train", "val")
     }
-    common = dict(
+    common: dict[str, Any] = dict(  # the keyword arguments both batchings take
         batch_size=cfg.train.batch_size,
         max_seq_len=seq_len,
         vocab_size=tok.vocab_size,
@@ -169,7 +174,8 @@ def _pair_batches(cfg: Config, out: Path, tok: Tokenizer, seq_len: int) -> tuple
     batches = PairBatches(corpora["train"], **common, short_seq_prob=m.short_seq_prob)
     val = fixed_batches(corpora["val"], **common)
     log.info(
-        "sentence pairs: train %d documents -> %d pairs per epoch (%d batches); val %d documents -> %d pairs",
+        "sentence pairs: train %d documents -> %d pairs per epoch (%d batches); val %d documents "
+        "-> %d pairs",
         corpora["train"].n_docs,
         *batches.epoch_size(),
         corpora["val"].n_docs,

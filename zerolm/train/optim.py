@@ -31,7 +31,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Matrices (linear weights, embeddings) decay; vectors (biases, norm gains) do not."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def sample_texts(
     model, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 48, seed: int = 0
 ) -> list[str]:
-    """Continue each prompt (after an eos, i.e. at a document start) and decode up to the next eos."""
+    """Continue each prompt (after an eos, i.e. at a document start) and decode up to the next
+    eos."""
     eos = tok.token_id(EOS)
     req = GenerateRequest(
         max_new_tokens=min(max_new_tokens, model.cfg.max_seq_len - 16),
@@ -36,7 +37,7 @@ def sample_texts(
         stop_token_ids=(eos,),
         seed=seed,
     )
-    ids = [[eos, *tok.encode(p)] for p in prompts]
+    ids = tok.completion_ids(prompts)
     with eval_mode(model):
         outs = Engine(model).generate(ids, req)
     return [p + tok.decode([t for t in o if t != eos]) for p, o in zip(prompts, outs)]

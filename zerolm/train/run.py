@@ -13,16 +13,20 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
 from zerolm.config import Config, ModelConfig, save_config
-from zerolm.model import build_model, load_model, save_model
+from zerolm.model import Transformer, build_model, load_model, save_model
+from zerolm.model.bert import Bert
+from zerolm.model.encdec import EncoderDecoder
 from zerolm.tokenizer import Tokenizer
 from zerolm.train.checkpoint import list_checkpoints
 from zerolm.train.fingerprint import check_resume
-from zerolm.train.trainer import Batches, LossFn, Trainer
+from zerolm.train.losses import LossResult
+from zerolm.train.trainer import Batches, Trainer
 from zerolm.transforms.lora import (
     apply_lora,
     lora_config_of,
@@ -33,18 +37,24 @@ from zerolm.transforms.lora import (
 
 log = logging.getLogger(__name__)
 
+# a model of any zerolm arch (decoder, bert, encdec), as built or loaded; transforms keep its class
+AnyModel = Transformer | Bert | EncoderDecoder
+
+
+M = TypeVar("M", bound=nn.Module)  # the stage's model class (a zerolm model, RewardModel, ...)
+
 
 @dataclasses.dataclass
-class Stage:
+class Stage(Generic[M]):
     """What a stage declares; the Trainer and the runner do the rest."""
 
-    model: nn.Module
+    model: M
     batches: Batches
-    loss: LossFn
+    loss: Callable[[M, Any], LossResult]  # (model, batch) -> LossResult
     save: Callable[[Path], object]  # writes the trained model to the directory given (OUT/model)
-    evaluate: Callable[[nn.Module], dict] | None = None  # periodic, during training
-    final: Callable[[nn.Module], dict] | None = None  # once at the end (e.g. the whole split)
-    samples: Callable[[nn.Module], list[str]] | None = None  # texts shown at the eval steps
+    evaluate: Callable[[M], dict] | None = None  # periodic, during training
+    final: Callable[[M], dict] | None = None  # once at the end (e.g. the whole split)
+    samples: Callable[[M], list[str]] | None = None  # texts shown at the eval steps
     flops_per_token: float = 0.0
     fingerprint: dict = dataclasses.field(default_factory=dict)  # what a resume must match
     info: dict = dataclasses.field(default_factory=dict)  # the stage's own summary (data, LoRA)
@@ -70,7 +80,8 @@ def begin(cfg: Config, early: dict | None = None) -> Path:
     found = list_checkpoints(out)
     if found and not cfg.train.resume:
         raise ValueError(
-            f"{out} already holds checkpoints: continue with --train.resume=true, or use a new --out"
+            f"{out} already holds checkpoints: continue with --train.resume=true, or use a new "
+            "--out"
         )
     if found and early is not None:
         check_resume(found[-1], early, cfg.train.resume_changed)
@@ -87,14 +98,15 @@ def open_out(cfg: Config) -> Path:
     return out
 
 
-def new_model(cfg: Config, model_cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """A freshly initialised model of `model_cfg` (seeded by cfg.seed), on the GPU when there is one."""
+def new_model(cfg: Config, model_cfg: ModelConfig, vocab_size: int) -> AnyModel:
+    """A freshly initialised model of `model_cfg` (seeded by cfg.seed), on the GPU when there is
+    one."""
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return build_model(model_cfg, vocab_size, seed=cfg.seed, device=device)
 
 
-def log_model(model: nn.Module, name: str) -> None:
+def log_model(model: AnyModel, name: str) -> None:
     cfg = model.cfg
     shape = ", ".join(
         f"{k}={getattr(cfg, k)}" for k in ("d_model", "n_layers", "n_heads", "max_seq_len")
@@ -103,7 +115,7 @@ def log_model(model: nn.Module, name: str) -> None:
     log.info("model: %s, %.2f M parameters (%s)", name, n_params / 1e6, shape)
 
 
-def load_trainable(cfg: Config, base: Path) -> tuple[nn.Module, dict | None]:
+def load_trainable(cfg: Config, base: Path) -> tuple[AnyModel, dict | None]:
     """The base model to train: all of it, or LoRA adapters on it (lora.rank > 0); (model, the
     LoRA report or None)."""
     torch.manual_seed(cfg.seed)
@@ -125,7 +137,7 @@ def save_trainable(model: nn.Module, model_dir: Path, tok: Tokenizer) -> Path:
     return save_model(model, model_dir, tok)
 
 
-def run(cfg: Config, stage: Stage, progress: bool = True) -> StageResult:
+def run(cfg: Config, stage: Stage[Any], progress: bool = True) -> StageResult:
     """Train `stage` on the Trainer to cfg.train.steps (resuming when asked), evaluate it once
     more, and save it to OUT/model."""
     out = Path(cfg.out_dir)

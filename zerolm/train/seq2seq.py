@@ -19,24 +19,26 @@ import math
 import random
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from zerolm.config import Config
+from zerolm.data.collate import IGNORE, pad_right
 from zerolm.data.loader import Shuffled
 from zerolm.data.pairs import load_pairs
 from zerolm.data.prepare import _fingerprint, build_tokenizer
 from zerolm.eval.translation import encode_source, evaluate_translation, translate_texts
 from zerolm.files import atomic_write_text
 from zerolm.model import save_model
+from zerolm.model.encdec import EncoderDecoder
 from zerolm.tokenizer import BOS, EOS, PAD, Tokenizer
 from zerolm.train.fingerprint import stage_fingerprint
 from zerolm.train.losses import LossResult, linear_cross_entropy
 from zerolm.train.run import Stage, StageResult, begin, new_model, open_out, run
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 def encode_pairs(
@@ -55,9 +57,9 @@ def encode_pairs(
         if len(s) + 1 > window or len(t) + 1 > window:
             if too_long == "error":
                 raise ValueError(
-                    f"{split} pair {i + 1} ({pairs[i][0][:40]!r}...) is {len(s) + 1} source / {len(t) + 1} "
-                    f"target tokens, more than the model window of {window}: raise --model.max_seq_len, "
-                    "or drop such pairs with --seq2seq.too_long=drop"
+                    f"{split} pair {i + 1} ({pairs[i][0][:40]!r}...) is {len(s) + 1} source / "
+                    f"{len(t) + 1} target tokens, more than the model window of {window}: raise "
+                    "--model.max_seq_len, or drop such pairs with --seq2seq.too_long=drop"
                 )
             dropped += 1
             continue
@@ -66,20 +68,15 @@ def encode_pairs(
 
 
 def collate(items, *, pad: int, bos: int, eos: int):
-    """-> (src (B, S), src_mask (B, S) bool, tgt_in (B, T) = start + target, tgt_out (B, T) = target +
-    eos, IGNORE at padding)."""
-    B, S, T = len(items), max(len(s) for s, _ in items), max(len(t) for _, t in items) + 1
-    src = torch.full((B, S), pad, dtype=torch.long)
-    tgt_in = torch.full((B, T), pad, dtype=torch.long)
-    tgt_out = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, (s, t) in enumerate(items):
-        src[i, : len(s)] = torch.tensor(s)
-        tgt_in[i, : len(t) + 1] = torch.tensor([bos, *t])
-        tgt_out[i, : len(t) + 1] = torch.tensor([*t, eos])
+    """-> (src (B, S), src_mask (B, S) bool, tgt_in (B, T) = start + target, tgt_out (B, T) =
+    target + eos, IGNORE at padding)."""
+    src = pad_right([s for s, _ in items], pad)
+    tgt_in = pad_right([[bos, *t] for _, t in items], pad)
+    tgt_out = pad_right([[*t, eos] for _, t in items], IGNORE)
     return src, src != pad, tgt_in, tgt_out
 
 
-def seq2seq_loss(model, batch, label_smoothing: float = 0.0) -> LossResult:
+def seq2seq_loss(model: EncoderDecoder, batch, label_smoothing: float = 0.0) -> LossResult:
     """Teacher-forced cross-entropy (with label smoothing) over the real target tokens."""
     device = next(model.parameters()).device
     src, src_mask, tgt_in, tgt_out = (t.to(device) for t in batch)
@@ -97,7 +94,14 @@ def seq2seq_loss(model, batch, label_smoothing: float = 0.0) -> LossResult:
 
 @torch.no_grad()
 def evaluate_pairs(
-    model, items, *, pad: int, bos: int, eos: int, batch_size: int, max_batches: int = 0
+    model: EncoderDecoder,
+    items,
+    *,
+    pad: int,
+    bos: int,
+    eos: int,
+    batch_size: int,
+    max_batches: int = 0,
 ) -> dict:
     """Token-weighted cross-entropy (no smoothing) and perplexity of the target tokens."""
     nats, n = 0.0, 0
@@ -148,6 +152,7 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> StageResult:
     docs_info = _write_docs(out, pairs, _fingerprint(dataclasses.asdict(cfg.seq2seq), info))
     tok, _ = build_tokenizer(cfg, out, docs_info, progress=progress)
     model = new_model(cfg, dataclasses.replace(cfg.model, arch="encdec"), tok.vocab_size)
+    assert isinstance(model, EncoderDecoder)
     log.info(
         "model: encdec (%s blocks), %.2f M parameters (d_model=%d, %d+%d layers, window %d)",
         model.cfg.preset,
@@ -158,7 +163,7 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> StageResult:
         model.cfg.max_seq_len,
     )
     enc = _encode_splits(tok, pairs, model.cfg.max_seq_len, cfg.seq2seq.too_long)
-    ids = dict(pad=tok.token_id(PAD), bos=tok.token_id(BOS), eos=tok.token_id(EOS))
+    ids: dict[str, Any] = dict(pad=tok.token_id(PAD), bos=tok.token_id(BOS), eos=tok.token_id(EOS))
     held, bs = enc["val"], cfg.train.batch_size
     shown = random.Random(cfg.seed).sample(pairs["val"], min(2, len(pairs["val"])))
 
@@ -206,9 +211,10 @@ def _encode_splits(tok: Tokenizer, pairs: dict, window: int, too_long: str) -> d
     return enc
 
 
-def _flops_per_target_token(model, train: list) -> float:
+def _flops_per_target_token(model: EncoderDecoder, train: list) -> float:
     """Training FLOPs per target token: 6 x the matrices each token passes through, the encoder's
-    counted once per source token (sources are about as long as targets here: their ratio is used)."""
+    counted once per source token (sources are about as long as targets here: their ratio is
+    used)."""
     src_per_tgt = sum(len(s) for s, _ in train) / max(1, sum(len(t) + 1 for _, t in train))
 
     def matrices(prefix: str) -> int:
@@ -223,7 +229,14 @@ def _flops_per_target_token(model, train: list) -> float:
 
 
 def _final_eval(
-    model, *, cfg: Config, tok: Tokenizer, val: list, held: list, ids: dict, progress: bool
+    model: EncoderDecoder,
+    *,
+    cfg: Config,
+    tok: Tokenizer,
+    val: list,
+    held: list,
+    ids: dict,
+    progress: bool,
 ) -> dict:
     """The held-out loss over all pairs, then BLEU / chrF of beam-search translations (written
     to OUT/eval/) next to the copy-the-source baseline."""
@@ -249,7 +262,8 @@ def _final_eval(
         atomic_write_text(out / "eval" / f"{name}.txt", "".join(line + "\n" for line in lines))
     atomic_write_text(out / "eval" / "scores.json", json.dumps(scores, indent=2))
     log.info(
-        "held-out (%d pairs): BLEU %.2f chrF %.2f | copy-the-source BLEU %.2f chrF %.2f | val loss %.4f",
+        "held-out (%d pairs): BLEU %.2f chrF %.2f | copy-the-source BLEU %.2f chrF %.2f | val "
+        "loss %.4f",
         scores["pairs"],
         scores["bleu"],
         scores["chrf"],

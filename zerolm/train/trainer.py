@@ -1,7 +1,8 @@
 """The one training loop. Stages plug in their Batches (next, state_dict, load_state_dict) and a
-loss function returning a LossResult (zerolm/train/run.py builds them into a stage); the loop owns precision, accumulation, clipping, schedule, logging, evaluation,
-checkpoints, exact resume (of the same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite
-losses (skipped, stopped on, or rolled back from: train.nonfinite).
+loss function returning a LossResult (zerolm/train/run.py builds them into a stage); the loop owns
+precision, accumulation, clipping, schedule, logging, evaluation, checkpoints, exact resume (of the
+same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite losses (skipped, stopped on, or
+rolled back from: train.nonfinite).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -36,7 +38,8 @@ from zerolm.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.nn.Module, object], LossResult]
+# (model, batch) -> LossResult; the model is the stage's own class (train/run.py's Stage types it)
+LossFn = Callable[[Any, Any], LossResult]
 
 
 @runtime_checkable
@@ -157,7 +160,7 @@ class _Signals:
 class Trainer:
     def __init__(
         self,
-        model,
+        model: nn.Module,
         cfg: TrainConfig,
         out_dir: str | Path,
         *,
@@ -187,11 +190,12 @@ class Trainer:
         self.train_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
         self._compiled_ok = False
         self.step = 0
-        self.precision = cfg.precision
+        self.precision: str = cfg.precision  # "auto" until fit() measures the choice
         self.run = {**(fingerprint or {}), **trainer_fingerprint(model.cfg, cfg)}
         self.lr_scale, self.bad_steps, self.rollbacks = 1.0, 0, 0  # train.nonfinite handling
         self.changed: list[str] = []  # resumes that train.resume_changed let through, as recorded
-        self._saved_step, self._note = -1, {}  # _note: fields for the next log row
+        self._saved_step = -1
+        self._note: dict[str, object] = {}  # fields for the next log row
         self._signals = _Signals()
 
     # ---------------------------------------------------------------- one optimizer step
@@ -220,13 +224,15 @@ class Trainer:
         return out.loss.item(), int(out.n), {k: float(v) for k, v in out.stats.items()}
 
     def train_step(self) -> dict:
-        """One optimizer step. A non-finite loss or gradient norm (checked once the micro-batches are
-        accumulated) skips the update; the step still counts toward train.steps and the data moves on."""
+        """One optimizer step. A non-finite loss or gradient norm (checked once the micro-batches
+        are accumulated) skips the update; the step still counts toward train.steps and the data
+        moves on."""
         lr = lr_at(self.step, self.cfg) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        losses, tokens, stats = [], 0, {}
+        losses, tokens = [], 0
+        stats: dict[str, float] = {}
         for _ in range(self.cfg.grad_accum):
             loss, n, extra = self._micro_step(next(self.batches))
             losses.append(loss)
@@ -257,23 +263,25 @@ class Trainer:
         return row
 
     def _nonfinite(self, row: dict) -> dict:
-        """Apply train.nonfinite to a step whose update was skipped; returns fields for its log row."""
+        """Apply train.nonfinite to a step whose update was skipped; returns fields for its log
+        row."""
         cfg, what = (
             self.cfg,
             f"loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g} at lr {row['lr']:.3g}",
         )
         if cfg.nonfinite == "stop":
             raise NonFiniteError(
-                f"step {self.step}: non-finite {what} (train.nonfinite=stop); the update was skipped "
-                f"and {last_good(self.out)}. Lower --train.lr or set --train.nonfinite=skip"
+                f"step {self.step}: non-finite {what} (train.nonfinite=stop); the update was "
+                f"skipped and {last_good(self.out)}. Lower --train.lr or set --train.nonfinite=skip"
             )
         if cfg.nonfinite == "skip":
             if self.bad_steps >= cfg.nonfinite_limit:
                 raise NonFiniteError(
-                    f"training diverged: non-finite loss or gradient norm at {self.bad_steps} consecutive steps "
-                    f"(steps {self.step - self.bad_steps + 1}-{self.step}; last {what}); the updates were skipped and "
-                    f"{last_good(self.out)}. Lower --train.lr (and resume with --resume-changed, or start a new --out), "
-                    "or set --train.nonfinite=rollback"
+                    f"training diverged: non-finite loss or gradient norm at {self.bad_steps} "
+                    f"consecutive steps (steps {self.step - self.bad_steps + 1}-{self.step}; last "
+                    f"{what}); the updates were skipped and {last_good(self.out)}. Lower "
+                    "--train.lr (and resume with --resume-changed, or start a new --out), or set "
+                    "--train.nonfinite=rollback"
                 )
             log.warning(
                 "step %d: non-finite %s: update skipped (%d in a row; train.nonfinite_limit=%d)",
@@ -313,7 +321,7 @@ class Trainer:
         rng = torch.get_rng_state()
         state = self.batches.state_dict()
         batch = next(self.batches)
-        times = {}
+        times: dict[str, float] = {}
         for precision in ("fp32", "bf16", "fp32", "bf16"):
             t0 = time.perf_counter()
             with autocast(precision, self.device):
@@ -365,7 +373,8 @@ class Trainer:
         self._saved_step = self.step
 
     def resume(self) -> bool:
-        """Continue from the newest checkpoint, if it was taken by the same run (or train.resume_changed)."""
+        """Continue from the newest checkpoint, if it was taken by the same run (or
+        train.resume_changed)."""
         found = list_checkpoints(self.out)
         if not found:
             return False
@@ -472,13 +481,14 @@ class Trainer:
         eta = elapsed / max(1, self.step - self._step_start) * (cfg.steps - self.step)
         extra = "".join(f"{k} {row[k]:.4g} | " for k in self.stat_keys)
         log.info(
-            f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} | "
-            f"gnorm {row['grad_norm']:.2f} | {self._tokens_seen / elapsed:,.0f} tok/s | "
-            f"MFU {100 * row['mfu']:.1f}% | ETA {eta:,.0f}s"
+            f"step {self.step:>6}/{cfg.steps} | loss {row['loss']:.4f} | {extra}lr {row['lr']:.2e} "
+            f"| gnorm {row['grad_norm']:.2f} | {self._tokens_seen / elapsed:,.0f} tok/s | MFU "
+            f"{100 * row['mfu']:.1f}% | ETA {eta:,.0f}s"
         )
 
     def _stop_requested(self, what: str) -> None:
-        """A signal stopped the loop before cfg.steps: save a checkpoint (on a finite step), stop."""
+        """A signal stopped the loop before cfg.steps: save a checkpoint (on a finite step),
+        stop."""
         if self.bad_steps:
             log.info(
                 f"{what} at step {self.step}, whose loss is non-finite: no checkpoint saved; "

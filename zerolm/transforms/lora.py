@@ -18,15 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from zerolm.config import LoRAConfig
+from zerolm.config import LoRAConfig, ModelConfig
 from zerolm.files import atomic_write_bytes
 
 ADAPTER_KEYS = ("lora_A", "lora_B")
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + dropout(x) @ A.T @ B.T · alpha/rank around a frozen `base`. A is kaiming-uniform
-    (a=sqrt(5), as PEFT), B zeros, so a fresh adapter changes nothing. `enabled=False` skips it."""
+    """y = base(x) + dropout(x) @ A.T @ B.T · alpha/rank around a frozen `base`. A is
+    kaiming-uniform (a=sqrt(5), as PEFT), B zeros, so a fresh adapter changes nothing.
+    `enabled=False` skips it."""
 
     def __init__(
         self,
@@ -42,9 +43,9 @@ class LoRALinear(nn.Module):
         self.base, self.rank, self.scale, self.enabled = base, rank, alpha / rank, True
         self.config = config or LoRAConfig(rank=rank, alpha=alpha, dropout=dropout)
         self.frozen_before = frozen_before  # the model's frozen parameters before apply_lora
-        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))  # (r, I)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # (O, r)
+        dtype, device = base.weight.dtype, base.weight.device  # A (r, I), B (O, r)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # U(±1/sqrt(I))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
@@ -108,8 +109,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
             else f"targets {', '.join(map(repr, unmatched))} match"
         )
         names = ", ".join(dict.fromkeys(_last(n) for n, _ in linears))
-        tied = "lm_head" in unmatched and getattr(model, "lm_head", 0) is None
-        tied = " (lm_head is tied to tok_emb here)" if tied else ""
+        is_tied = "lm_head" in unmatched and getattr(model, "lm_head", 0) is None
+        tied = " (lm_head is tied to tok_emb here)" if is_tied else ""
         raise ValueError(f"LoRA {what} no module; linear modules here: {names}{tied}")
     frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
     model.requires_grad_(False)
@@ -152,19 +153,27 @@ def _config(model: nn.Module) -> LoRAConfig:
     return cfg
 
 
+def _base_config(model: nn.Module) -> dict:
+    """The base model's config as a dict: every zerolm model keeps its ModelConfig as `.cfg`."""
+    cfg = model.cfg
+    assert isinstance(cfg, ModelConfig), f"not a zerolm model: {type(model).__name__}"
+    return dataclasses.asdict(cfg)
+
+
 def _file_bytes(model: nn.Module, sha: str) -> bytes:
     state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     meta = {
         "format": "pt",
         "zerolm_lora": json.dumps(dataclasses.asdict(_config(model))),
-        "base_model": json.dumps(dataclasses.asdict(model.cfg)),
+        "base_model": json.dumps(_base_config(model)),
         "base_sha256": sha,
     }
     return save(state, meta)
 
 
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
-    """Write the adapters (+ LoRA config, base config and base fingerprint) as one safetensors file."""
+    """Write the adapters (+ LoRA config, base config and base fingerprint) as one safetensors
+    file."""
     atomic_write_bytes(path, _file_bytes(model, base_fingerprint(model)))
     return Path(path)
 
@@ -181,7 +190,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     cfg = LoRAConfig(**{**raw, "targets": tuple(raw["targets"])})
     theirs, ours = (
         json.loads(meta["base_model"]),
-        json.loads(json.dumps(dataclasses.asdict(model.cfg))),
+        json.loads(json.dumps(_base_config(model))),
     )
     if theirs != ours:
         diff = ", ".join(
@@ -195,8 +204,9 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     sha, want = base_fingerprint(model), meta.get("base_sha256", "?")
     if want != sha:
         raise ValueError(
-            f"{path}: the adapters were trained on base weights with sha256 {want[:16]}, this model's "
-            f"are {sha[:16]} (same config, different weights): load the base they were trained on"
+            f"{path}: the adapters were trained on base weights with sha256 {want[:16]}, this "
+            f"model's are {sha[:16]} (same config, different weights): load the base they were "
+            "trained on"
         )
     have = lora_config_of(model)
     if have is None:
@@ -217,8 +227,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold scale·B·A into each base weight (in float32, rounded once to the weight's dtype; whether or
-    not adapters are enabled), put the plain nn.Linear back and restore every parameter's
+    """Fold scale·B·A into each base weight (in float32, rounded once to the weight's dtype;
+    whether or not adapters are enabled), put the plain nn.Linear back and restore every parameter's
     requires_grad to what it was before apply_lora (all trainable for a fresh model). The result has
     the plain model's state_dict: save_model, load_model and export_hf treat it like any other."""
     _config(model)
@@ -254,9 +264,9 @@ def adapters_disabled(model: nn.Module):
 
 
 def trainable_report(model: nn.Module, optimizer_bytes_per_param: int = 8) -> dict:
-    """Parameter counts (total, trainable, base, adapter), AdamW state in bytes (two float32 moments =
-    8 per trainable parameter) for the model as it is (LoRA) versus full fine-tuning of its base, and
-    the adapter file's exact size."""
+    """Parameter counts (total, trainable, base, adapter), AdamW state in bytes (two float32
+    moments = 8 per trainable parameter) for the model as it is (LoRA) versus full fine-tuning of
+    its base, and the adapter file's exact size."""
     params = list(model.parameters())  # tied parameters once
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)

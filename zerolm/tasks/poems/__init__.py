@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from zerolm.config import Config, PoemsConfig
 from zerolm.data.prefs import Preference
 from zerolm.data.prepare import read_docs
@@ -42,10 +44,11 @@ def sft_conversations(cfg: Config) -> tuple[list, list]:
     """(train, val) chat examples: one per qualifying poem of the docs' train / val split (held
     out: the poems the base model did not pretrain on either)."""
     docs = docs_dir(cfg.poems, cfg.sft.base_model)
-    return tuple(
+    train, val = (
         [x["messages"] for x in poem_instructions(read_docs(docs / f"{s}.jsonl"), seed=cfg.seed)]
         for s in SPLITS
     )
+    return train, val
 
 
 def requests(cfg: Config, split: str) -> list[dict]:
@@ -55,12 +58,15 @@ def requests(cfg: Config, split: str) -> list[dict]:
     return eval_requests(read_docs(docs / f"{split}.jsonl"), cfg.seed, limit)
 
 
-def preference_pairs(cfg: Config, model, tok, split: str) -> tuple[list[Preference], dict]:
+def preference_pairs(
+    cfg: Config, model: nn.Module, tok, split: str
+) -> tuple[list[Preference], dict]:
     """(pairs, counts) sampled from `model` on the requests of `split` and judged (pairs.py)."""
     return poem_pairs(model, tok, requests(cfg, split), samples=cfg.poems.samples, seed=cfg.seed)
 
 
 def form_reward(prompt: dict, reply: str) -> float:
-    """The judge's partial credit for the form the poem request asked for (1.0: exactly that form)."""
+    """The judge's partial credit for the form the poem request asked for (1.0: exactly that
+    form)."""
     form = prompt["form"]
     return score(reply, form["lines"], form["chars"])

@@ -63,7 +63,8 @@ def is_cjk_line(line: str) -> bool:
 
 
 def lines(text: str) -> list[str]:
-    """The verse lines of `text`: split on ，。！？；、 , . ! ? ; and newlines, stripped, empties dropped."""
+    """The verse lines of `text`: split on ，。！？；、 , . ! ? ; and newlines, stripped, empties
+    dropped."""
     return [s for part in _SPLIT.split(text or "") if (s := part.strip())]
 
 

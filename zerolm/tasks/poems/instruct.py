@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from torch import nn
+
 from zerolm.eval.perplexity import evaluate_lm
 from zerolm.eval.replies import kl_to_reference
 from zerolm.infer.chat import chat_request, replies
@@ -16,7 +18,7 @@ from zerolm.tokenizer import Tokenizer, check_tokenizers
 
 
 def form_adherence(
-    model,
+    model: nn.Module,
     tok,
     requests: list[dict],
     *,
@@ -74,7 +76,7 @@ def compare_models(
         line = (
             f"{m}: {r['form_ok']:.1%} of {r['n']} held-out requests answered in the requested form"
         )
-        if ref is not None:
+        if reference and ref is not None:  # ref is loaded exactly when reference is given
             check_tokenizers(m, reference, "reference model")
             r.update(
                 kl_to_reference(

@@ -1,7 +1,7 @@
 """Poem preference pairs from the bundled Tang corpus, judged by the rule-based form judge.
 
-For each poem request (zerolm/tasks/poems/requests.py: title / author / continuation, in a named form) the
-model under training samples `samples` answers. Then:
+For each poem request (zerolm/tasks/poems/requests.py: title / author / continuation, in a named
+form) the model under training samples `samples` answers. Then:
 
 - *reference* pairs: every sample the judge (zerolm/tasks/poems/form.py) fails becomes
   rejected, with the real poem as chosen;
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from torch import nn
+
 from zerolm.data.prefs import Preference
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
@@ -23,7 +25,7 @@ from zerolm.tasks.poems.form import judge, score
 
 
 def poem_pairs(
-    model,
+    model: nn.Module,
     tok,
     items: list[dict],
     *,
@@ -41,7 +43,8 @@ def poem_pairs(
     answers: list[str] = []
     for i in range(0, len(asks), batch_size):
         answers += replies(model, tok, asks[i : i + batch_size], req)
-    pairs, counts = [], Counter()
+    pairs: list[Preference] = []
+    counts: Counter[str] = Counter()
     for j, it in enumerate(items):
         msgs, real, form = tuple(it["messages"][:-1]), it["messages"][-1]["content"], it["form"]
         mine = answers[j * samples : (j + 1) * samples]

@@ -1,4 +1,5 @@
-"""Poem requests for chat fine-tuning and evaluation, derived from real poems only (no generated text).
+"""Poem requests for chat fine-tuning and evaluation, derived from real poems only (no generated
+text).
 
 Every document (a dict with ``text`` and optionally ``title`` / ``author``, as in a run's
 ``docs/train.jsonl`` / ``docs/val.jsonl``) whose text is a regular 五言/七言 绝句/律诗 (see
@@ -22,9 +23,9 @@ and a hash of the text - no global RNG, independent of the order of the document
   "秦川雄帝宅，函谷壮皇居。") are given and the answer is the rest of the text (without that opening
   couplet and its line break). ``form`` describes the answer: ``lines`` = the poem's verse lines
   - 2, ``chars`` = c, ``name`` = None (2 or 6 lines are not a complete named form); the full
-  poem's form is in ``poem``. The request names the form ("续写这首五言律诗：...") because without it
-  the answer length (绝句 or 律诗) would be undetermined. Only when the opening couplet ends with
-  。！？ (so the answer starts at a sentence boundary).
+  poem's form is in ``poem``. The request names the form ("续写这首五言律诗：...") because
+  without it the answer length (绝句 or 律诗) would be undetermined. Only when the opening
+  couplet ends with 。！？ (so the answer starts at a sentence boundary).
 
 Usable titles: the title is cleaned by dropping editors' notes in full-width parentheses
 ("骊山怀古（五首） 一", "……（题拟）"), a leading music-bureau category ("杂曲歌辞 长干行"
