@@ -161,14 +161,9 @@ def test_export_loads_in_hf_and_round_trips(preset, kw, tmp_path):
     assert diff <= TOL
 
 
-def test_export_writes_tokenizer_ids_and_rope_theta(tmp_path):
-    from zerolm.config import TokenizerConfig
-    from zerolm.tokenizer.train import train_tokenizer
-
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=V, min_frequency=1),
-        ["the quick brown fox jumps over the lazy dog. " * 20],
-        progress=False,
+def test_export_writes_tokenizer_ids_and_rope_theta(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer(
+        "bpe", ["the quick brown fox jumps over the lazy dog. " * 20], vocab_size=V
     )
     model = _zerolm_model("llama", rope_theta=5000.0)
     export_hf(model, tmp_path, tokenizer=tok)

@@ -40,21 +40,19 @@ def test_weight_decay_only_on_matrices():
     assert no_decay["weight_decay"] == 0.0
 
 
-def _model():
-    return build_model(
-        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=16, dropout=0.0),
-        vocab_size=50,
-        seed=3,
-    )
+@pytest.fixture
+def new_model(tiny_model):
+    """A fresh model per call (the tests train it): llama, vocab 50, window 16, seed 3."""
+    return lambda: tiny_model("llama", 50, seed=3, max_seq_len=16)
 
 
-def test_grad_accumulation_equals_big_batch(tmp_path):
+def test_grad_accumulation_equals_big_batch(tmp_path, new_model):
     data = torch.randint(0, 50, (8, 17), generator=torch.Generator().manual_seed(0))
     big = [(data[:, :-1], data[:, 1:])]
     small = [(data[:4, :-1], data[:4, 1:]), (data[4:, :-1], data[4:, 1:])]
     results = []
     for batches, accum in ((big, 1), (small, 2)):
-        model = _model()
+        model = new_model()
         cfg = TrainConfig(
             steps=1, grad_accum=accum, batch_size=8 // accum, precision="fp32", warmup_steps=1
         )
@@ -73,14 +71,14 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path, precision):
+def test_compiled_training_matches_eager(tmp_path, precision, new_model):
     """train.compile compiles the whole loss function: same losses and updates as eager mode."""
     data = torch.randint(0, 50, (3, 4, 17), generator=torch.Generator().manual_seed(0))
     batches = [(d[:, :-1], d[:, 1:]) for d in data]
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = _model()
+        model = new_model()
         cfg = TrainConfig(steps=3, precision=precision, warmup_steps=1, compile=compiled)
         trainer = Trainer(
             model,
@@ -98,14 +96,14 @@ def test_compiled_training_matches_eager(tmp_path, precision):
 
 
 @pytest.mark.slow
-def test_failed_compile_falls_back_to_eager(tmp_path, caplog):
+def test_failed_compile_falls_back_to_eager(tmp_path, caplog, new_model):
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
     data = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(steps=1, precision="fp32", warmup_steps=1, compile=True)
     trainer = Trainer(
-        _model(),
+        new_model(),
         cfg,
         tmp_path,
         batches=Stream([(data[:, :-1], data[:, 1:])] * 2),
@@ -249,14 +247,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_corpus, uninterrupted
     assert _losses(out) == uninterrupted  # bit-identical, step by step
 
 
-def test_every_zero_means_only_at_the_last_step(tmp_path):
+def test_every_zero_means_only_at_the_last_step(tmp_path, new_model):
     data = torch.randint(0, 50, (5, 4, 17), generator=torch.Generator().manual_seed(0))
     evals = []
     cfg = TrainConfig(
         steps=5, precision="fp32", warmup_steps=1, eval_every=0, ckpt_every=0, log_every=0
     )
     trainer = Trainer(
-        _model(),
+        new_model(),
         cfg,
         tmp_path,
         batches=Stream([(d[:, :-1], d[:, 1:]) for d in data]),
