@@ -1,4 +1,5 @@
-"""One huge document (a single-line .txt of many MB): same tokens as a whole encode, bounded memory."""
+"""One huge document (a single-line .txt of many MB): same tokens as a whole encode, bounded
+memory."""
 
 import json
 import os
@@ -16,7 +17,8 @@ _WORDS = ["".join(_rng.choice("abcdefghij") for _ in range(_rng.randint(1, 7))) 
 
 
 def _long_text(n_words: int) -> str:
-    """Words, punctuation, digits, Han characters, line breaks, runs of spaces and special-token spellings."""
+    """Words, punctuation, digits, Han characters, line breaks, runs of spaces and special-token
+    spellings."""
     extras = [",", ".", " 2024", "\n", "\n\n", "   ", "床前明月光，", "<|eos|>", "it's", "\t"]
     rng = random.Random(n_words)  # the same text whatever the test order
     return " ".join(
@@ -61,7 +63,8 @@ import json, resource, sys
 from zerolm.config import load_config
 from zerolm.data.prepare import prepare
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-cfg = load_config(None, {"out_dir": sys.argv[2], "data": {"inputs": [sys.argv[1]], "val_fraction": 0.0},
+cfg = load_config(None, {"out_dir": sys.argv[2],
+                         "data": {"inputs": [sys.argv[1]], "val_fraction": 0.0},
                          "tokenizer": {"vocab_size": 300}})
 summary = prepare(cfg, progress=False)
 grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before

@@ -127,10 +127,16 @@ def test_save_load_reproduces_logits_and_refuses_other_bases(tmp_path, make):
 
 
 def test_bad_targets_and_configs(make):
-    msg = r"LoRA target 'qkv' matches no module; linear modules here: q, k, v, o, up, gate, down, lm_head$"
+    msg = (
+        r"LoRA target 'qkv' matches no module; linear modules here: "
+        r"q, k, v, o, up, gate, down, lm_head$"
+    )
     with pytest.raises(ValueError, match=msg):
         apply_lora(make(), LoRAConfig(rank=8, targets=("q", "qkv")))
-    msg = r"targets 'gate', 'lm_head' match no module; .*: q, k, v, o, up, down \(lm_head is tied to tok_emb"
+    msg = (
+        r"targets 'gate', 'lm_head' match no module; .*: q, k, v, o, up, down "
+        r"\(lm_head is tied to tok_emb"
+    )
     with pytest.raises(ValueError, match=msg):
         apply_lora(make("gpt2"), LoRAConfig(rank=8, targets=("gate", "lm_head")))
     for bad in [dict(rank=0), dict(alpha=0.0), dict(dropout=1.0), dict(targets=())]:

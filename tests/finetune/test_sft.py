@@ -126,7 +126,10 @@ def test_chat_cli_one_shot_and_repl(full):
     )
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip() == CONVS[0][1]["content"]
-    script = "/temperature 0\n/top_p 2\nHello there!\n/history\n/reset\n/system Be brief.\n举头\n低头\n/quit\n"
+    script = (
+        "/temperature 0\n/top_p 2\nHello there!\n/history\n/reset\n"
+        "/system Be brief.\n举头\n低头\n/quit\n"
+    )
     repl = subprocess.run(
         [sys.executable, "-m", "zerolm", "chat", model],
         input=script,

@@ -86,7 +86,8 @@ def test_import_matches_hf_logits(kind, tmp_path):
 
 
 def test_import_sharded_and_headless(tmp_path):
-    """A sharded llama (model.safetensors.index.json) and a headless GPT2Model (no `transformer.` prefix)."""
+    """A sharded llama (model.safetensors.index.json) and a headless GPT2Model (no `transformer.`
+    prefix)."""
     llama = _hf_model("llama")
     llama.save_pretrained(tmp_path / "llama", safe_serialization=True, max_shard_size="50KB")
     assert (tmp_path / "llama" / "model.safetensors.index.json").is_file()

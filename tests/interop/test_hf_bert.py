@@ -1,5 +1,6 @@
-"""HF transformers BERT as the reference: imported / exported encoders give the same hidden states and
-head logits; imported BERT tokenizers work; all-MiniLM-L6-v2 (when installed) embeds like transformers."""
+"""HF transformers BERT as the reference: imported / exported encoders give the same hidden states
+and head logits; imported BERT tokenizers work; all-MiniLM-L6-v2 (when installed) embeds like
+transformers."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def test_import_pretraining_matches_hf(act, tied, tmp_path):
             _diff(model.nsp_logits(h), ref.seq_relationship_logits),
         )
     print(
-        f"import bert {act} tied={tied}: max |diff| hidden {diffs[0]:.1e} mlm {diffs[1]:.1e} nsp {diffs[2]:.1e}"
+        f"import bert {act} tied={tied}: max |diff| hidden {diffs[0]:.1e} "
+        f"mlm {diffs[1]:.1e} nsp {diffs[2]:.1e}"
     )
     assert max(diffs) <= TOL
 

@@ -39,7 +39,8 @@ def _batch(seed=0, prob=0.15):
 
 
 class Spy(torch.nn.Module):
-    """The model with its final hidden states kept (and optionally perturbed at chosen positions)."""
+    """The model with its final hidden states kept (and optionally perturbed at chosen
+    positions)."""
 
     def __init__(self, model, perturb=None):
         super().__init__()

@@ -33,7 +33,8 @@ def _batches(n, seed=0):
 
 
 def _poisoned(bad_calls):
-    """lm_loss, made NaN at the given (1-based) calls: fault injection standing in for an overflow."""
+    """lm_loss, made NaN at the given (1-based) calls: fault injection standing in for an
+    overflow."""
     calls = [0]
 
     def loss(model, batch):
@@ -96,7 +97,8 @@ def test_nan_once_is_skipped_and_every_checkpoint_stays_finite(tmp_path, new_mod
 
 
 def test_skipped_step_under_grad_accumulation_changes_nothing(tmp_path, new_model):
-    """The check runs once the micro-batches are accumulated: one bad micro-batch skips the whole update."""
+    """The check runs once the micro-batches are accumulated: one bad micro-batch skips the whole
+    update."""
     model = new_model()
     trainer = Trainer(
         model,
@@ -135,7 +137,8 @@ def test_nan_that_persists_stops_within_the_limit_naming_the_last_good_checkpoin
         "5 consecutive steps (steps 8-12" in msg
         and str(tmp_path / "checkpoints" / "step-0000005") in msg
     )
-    # step 10's checkpoint was due inside the streak: not written, so the last good one is the last finite step's
+    # step 10's checkpoint was due inside the streak: not written, so the last good one is the last
+    # finite step's
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005"] and _all_finite(
         tmp_path
     )
@@ -435,20 +438,23 @@ def test_resume_changed_flag_sets_the_config_keys(command):
 
 
 def test_a_stages_own_data_files_are_part_of_its_fingerprint(tmp_path):
-    """sft/dpo/reward/classify/seq2seq read files named in their own section: a resume compares them too."""
+    """sft/dpo/reward/classify/seq2seq read files named in their own section: a resume compares them
+    too."""
     from zerolm.config import load_config
     from zerolm.train.fingerprint import changes, stage_fingerprint
 
     data = tmp_path / "chats.jsonl"
     data.write_text(
-        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, '
+        '{"role": "assistant", "content": "hello"}]}\n'
     )
     cfg = load_config(None, {"sft": {"data": [str(data)]}})
     before = stage_fingerprint(cfg, None, ("sft", "lora"))
     assert changes(before, stage_fingerprint(cfg, None, ("sft", "lora"))) == []
     with open(data, "a") as f:
         f.write(
-            '{"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]}\n'
+            '{"messages": [{"role": "user", "content": "bye"}, '
+            '{"role": "assistant", "content": "ok"}]}\n'
         )
     found = changes(before, stage_fingerprint(cfg, None, ("sft", "lora")))
     assert len(found) == 1 and found[0].startswith("sft.data.files changed '1 file(s), 93 bytes, ")

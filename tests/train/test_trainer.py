@@ -110,7 +110,8 @@ def test_failed_compile_falls_back_to_eager(tmp_path, caplog, new_model):
         loss_fn=lm_loss,
         progress=False,
     )
-    # config.patch restores both settings as they were (monkeypatch's undo deleted the cache key: issue 18)
+    # config.patch restores both settings as they were (monkeypatch's undo deleted the cache key:
+    # issue 18)
     with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": ("no-such-c++-compiler",)}):
         assert math.isfinite(trainer.train_step()["loss"])
     assert trainer.train_loss is lm_loss and "training continues in eager mode" in caplog.text
