@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-from zerolm.config import ModelConfig, TrainConfig
-from zerolm.model import build_model
+from zerolm.config import TrainConfig
 from zerolm.train.losses import lm_loss
 from zerolm.train.optim import lr_at, param_groups
 from zerolm.train.trainer import Stream, Trainer
@@ -29,10 +28,8 @@ def test_schedules_by_hand():
     assert lr_at(50, TrainConfig(schedule="constant", lr=0.3, warmup_steps=5)) == 0.3
 
 
-def test_weight_decay_only_on_matrices():
-    model = build_model(
-        ModelConfig(preset="gpt2", d_model=16, n_layers=1, n_heads=2, max_seq_len=8), vocab_size=20
-    )
+def test_weight_decay_only_on_matrices(tiny_model):
+    model = tiny_model("gpt2", 20, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
     decay, no_decay = param_groups(model, 0.1)
     assert all(p.dim() == 2 for p in decay["params"]) and all(
         p.dim() == 1 for p in no_decay["params"]
@@ -118,14 +115,10 @@ def test_failed_compile_falls_back_to_eager(tmp_path, caplog, new_model):
     torch._dynamo.reset()  # no graph compiled under the broken compiler setting outlives the test
 
 
-def test_loss_decreases(tiny_corpus):
+def test_loss_decreases(tiny_corpus, tiny_model):
     from zerolm.data.loader import TokenBatches
 
-    model = build_model(
-        ModelConfig(preset="gpt2", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
-        vocab_size=300,
-        seed=0,
-    )
+    model = tiny_model("gpt2", 300, max_seq_len=32)
     batches = TokenBatches(tiny_corpus / "run" / "shards", batch_size=8, seq_len=32)
     cfg = TrainConfig(
         steps=60,
