@@ -15,8 +15,8 @@ Measured in one run on the same weights, for each thread count in --threads:
 tokens/s = new tokens ÷ wall time of the whole call (prefill of the prompt included); median over
 --repeats, methods interleaved within each repeat; one untimed warm-up call of each first.
 `ratio` = zerolm_cached ÷ hf_cached, `ratio_compiled` = zerolm_compiled ÷ hf_cached.
-`tokens_match`: zerolm cached and HF cached produced the same greedy tokens (`compiled_tokens_match`:
-zerolm compiled and HF cached).
+`tokens_match`: zerolm cached and HF cached produced the same greedy tokens
+(`compiled_tokens_match`: zerolm compiled and HF cached).
 
 Memory-bandwidth bound: fp32 weight bytes read per decoded token (every parameter, except that the
 untied input embedding reads one row; the head matrix is read whole; KV-cache reads not counted)
@@ -34,7 +34,8 @@ and `fraction_of_matvec` = zerolm_cached ÷ matvec_tok_per_s. It separates the t
 its matrix-vector products (overhead of everything else), and those products vs the bound (how
 fast the fp32 matrix-vector kernel streams weights on this CPU).
 
-    .venv/bin/python bench/decode.py [--new 128] [--prompt 16] [--repeats 3] [--threads 1,2] [--quick]
+    .venv/bin/python bench/decode.py [--new 128] [--prompt 16] [--repeats 3] [--threads 1,2]
+        [--quick]
 
 On a busy machine run with OMP_WAIT_POLICY=PASSIVE (see DESIGN §4); it is recorded either way.
 Prints progress to stderr and, as its last line, one JSON object.
@@ -103,7 +104,8 @@ def hf_generate(hf, prompt, new, use_cache):
 
 
 def bandwidth(mb: int, repeats: int = 5) -> tuple[float, float]:
-    """(copy GB/s counting read + write bytes, read-only GB/s of a sum) over a `mb` MB fp32 buffer."""
+    """(copy GB/s counting read + write bytes, read-only GB/s of a sum) over a `mb` MB fp32
+    buffer."""
     src = torch.ones(mb * 2**20 // 4)
     dst = torch.empty_like(src)
     copy, read = [], []
@@ -286,7 +288,8 @@ def main():
         "new_tokens": args.new,
         "repeats": args.repeats,
         "bandwidth_convention": "copy_gb_s = (read + written bytes) / time of dst.copy_(src), "
-        f"{args.copy_mb} MB fp32, median of 5, once per repeat, median over repeats; read_gb_s = bytes / time of src.sum()",
+        f"{args.copy_mb} MB fp32, median of 5, once per repeat, median over repeats; "
+        "read_gb_s = bytes / time of src.sum()",
         "models": {},
     }
     for size in args.sizes.split(","):

@@ -1,14 +1,15 @@
 """Hostile clients against a real `zerolm serve` on 127.0.0.1 (issue 18's acceptance), in one run:
 
   poison        requests torch cannot take (seed 2**64, temperature 1e-300, ...) sent while 8 seeded
-                generations run (6 streamed, 2 not): each poison gets a 4xx or a well-defined 200, and
-                the 8 finish intact (finish_reason, [DONE], the tokens of a solo run)
-  fuzz          a raw table of malformed or extreme requests, each followed by a canary that must succeed
+                generations run (6 streamed, 2 not): each poison gets a 4xx or a well-defined 200,
+                and the 8 finish intact (finish_reason, [DONE], the tokens of a solo run)
+  fuzz          a raw table of malformed or extreme requests, each followed by a canary that must
+                succeed
   schemathesis  property-based requests from /openapi.json (no 5xx)
   streams64     64 concurrent seeded streams, each equal to its solo run
   big_prompt    a 1 MiB prompt sent while streams run: their largest inter-chunk gap (want < 50 ms)
-  slow_clients  slow-header and slow-body sockets past the server's fd limit (256): probes still answered,
-                the log stays small
+  slow_clients  slow-header and slow-body sockets past the server's fd limit (256): probes still
+                answered, the log stays small
   shutdown      SIGTERM with clients that never read: seconds until the server exits
 
 Without --model it serves a tiny random llama (d 64, 2 layers, window 1024) with a BPE tokenizer
@@ -199,7 +200,7 @@ class Hostile:
         ]
         return await asyncio.gather(*tasks)
 
-    # -- sections ----------------------------------------------------------------------------------------
+    # -- sections ----------------------------------------------------------------------------------
     async def poison(self) -> dict:
         m = min(120 if self.quick else 300, self.window // 3)
         live, refs = [], []
@@ -278,7 +279,8 @@ class Hostile:
         n5 = sum(r["status"] is not None and r["status"] >= 500 for r in rows)
         can = sum(r["canary"] for r in rows)
         failed = [
-            f"{r['case']}: {r['status']}{' without Allow' if r['status'] == 405 else ''} (want {r['expect']})"
+            f"{r['case']}: {r['status']}{' without Allow' if r['status'] == 405 else ''} "
+            f"(want {r['expect']})"
             for r in rows
             if not r["met"]
         ]
@@ -320,8 +322,9 @@ class Hostile:
         }
 
     async def big_prompt(self) -> dict:
-        """Three trials (fresh streams each); the verdict is on the median of their largest gaps, so that one
-        scheduling hiccup of a loaded machine is no stall, while a stall the prompt causes shows every time."""
+        """Three trials (fresh streams each); the verdict is on the median of their largest gaps, so
+        that one scheduling hiccup of a loaded machine is no stall, while a stall the prompt causes
+        shows every time."""
         k, m = (4, 400) if self.quick else (8, 960)
         m = min(m, self.window - 64)
         unit = "明月光 moonlight, "
@@ -525,7 +528,8 @@ class Hostile:
         }
 
     async def shutdown(self) -> dict:
-        """SIGTERM while clients hold streams they never read (tiny receive buffers, so sends block)."""
+        """SIGTERM while clients hold streams they never read (tiny receive buffers, so sends
+        block)."""
         cap = 15.0 if self.quick else 40.0
         body = json.dumps(
             {

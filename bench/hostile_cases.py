@@ -31,7 +31,8 @@ class Reply:
             return None
 
     def events(self) -> list[tuple[float, object]]:
-        """SSE `data:` events as (arrival time, parsed JSON or "[DONE]"; None where it is no JSON)."""
+        """SSE `data:` events as (arrival time, parsed JSON or "[DONE]"; None where it is no
+        JSON)."""
         out, buf = [], b""
         for t, c in self.chunks:
             buf += c
@@ -66,7 +67,8 @@ def request(
     chunked: bool = False,
     length: str | None = None,
 ) -> bytes:
-    """Raw request bytes; a dict body is JSON, `length` overrides Content-Length (a lie, or junk)."""
+    """Raw request bytes; a dict body is JSON, `length` overrides Content-Length (a lie, or
+    junk)."""
     if isinstance(body, dict | list):
         body = json.dumps(body, ensure_ascii=False).encode()
     elif isinstance(body, str):
@@ -99,9 +101,9 @@ def post(path: str, payload, **kw) -> bytes:
 async def send(
     port: int, raw: bytes, timeout: float = 20.0, started: asyncio.Event | None = None
 ) -> Reply:
-    """Send `raw` and read one response (the body is written while the answer is read, so an early 413
-    is seen even though the rest of the body then meets a closed socket); `started` is set at the first
-    body chunk."""
+    """Send `raw` and read one response (the body is written while the answer is read, so an early
+    413 is seen even though the rest of the body then meets a closed socket); `started` is set at
+    the first body chunk."""
     try:
         return await asyncio.wait_for(_exchange(port, raw, started), timeout)
     except TimeoutError:
@@ -157,9 +159,10 @@ async def _exchange(port: int, raw: bytes, started: asyncio.Event | None) -> Rep
         writer.close()
 
 
-# -- reading replies --------------------------------------------------------------------------------
+# -- reading replies -------------------------------------------------------------------------------
 def outcome(rep, stream: bool) -> dict:
-    """A completion reply (choice 0) as status, tokens, text, finish_reason, [DONE] seen, error events."""
+    """A completion reply (choice 0) as status, tokens, text, finish_reason, [DONE] seen, error
+    events."""
     out = {"status": rep.status}
     if rep.status != 200:
         out["error"] = rep.error or rep.body[:200].decode("utf-8", "replace")
@@ -209,7 +212,8 @@ def intact(o: dict, ref: dict) -> bool:
 
 
 def well_defined(rep, stream: bool) -> bool:
-    """A poison's own answer: a 4xx error body, or a 200 whose JSON is strict and every choice finished."""
+    """A poison's own answer: a 4xx error body, or a 200 whose JSON is strict and every choice
+    finished."""
     if rep.status is not None and 400 <= rep.status < 500:
         return isinstance(rep.json(), dict) and "error" in rep.json()
     if rep.status != 200:
@@ -227,7 +231,7 @@ def well_defined(rep, stream: bool) -> bool:
     )
 
 
-# -- poison: sent while 8 seeded generations run; each must get a 4xx or a well-defined 200 ------------
+# -- poison: sent while 8 seeded generations run; each must get a 4xx or a well-defined 200
 def poison_variants(quick: bool) -> list[tuple[str, str, dict]]:
     """(name, path, body)."""
     C, H = "/v1/completions", "/v1/chat/completions"
@@ -270,10 +274,10 @@ def poison_variants(quick: bool) -> list[tuple[str, str, dict]]:
     return [x for x in v if x[0] in keep] if quick else v
 
 
-# -- fuzz: malformed or extreme requests, each followed by a canary ------------------------------------
+# -- fuzz: malformed or extreme requests, each followed by a canary --------------------------------
 def fuzz_cases(max_body: int) -> list[tuple[str, bytes, str]]:
-    """(name, raw request, expectation): "400", "401", "405" (with Allow), "413", "4xx", or "ok" (any non-5xx
-    answer). The expectations beyond "no 5xx" are the ones issue 18 states."""
+    """(name, raw request, expectation): "400", "401", "405" (with Allow), "413", "4xx", or "ok"
+    (any non-5xx answer). The expectations beyond "no 5xx" are the ones issue 18 states."""
     C, H, INS = "/v1/completions", "/v1/chat/completions", "/v1/inspect/attention"
     msg = [{"role": "user", "content": "Hi"}]
 
@@ -433,7 +437,8 @@ def fuzz_cases(max_body: int) -> list[tuple[str, bytes, str]]:
         ("PATCH /v1/inspect/attention", request("PATCH", INS, {}), "405"),
         ("OPTIONS /v1/completions", request("OPTIONS", C), "4xx"),
         ("HEAD /health", request("HEAD", "/health"), "ok"),
-        # declared: only 4 KB follow the headers, so the 413 must come from the declared length, not a read
+        # declared: only 4 KB follow the headers, so the 413 must come from the declared length,
+        # not a read
         (
             "body over the limit, declared",
             raw(big, length=str(len(big)))[: -(len(big) - 4096)],

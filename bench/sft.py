@@ -53,7 +53,8 @@ def run(args, out: Path, extra: list[str]) -> dict:
     code = (
         "import resource, runpy, sys; sys.argv = ['zerolm'] + sys.argv[1:]\n"
         "try:\n    runpy.run_module('zerolm', run_name='__main__')\nfinally:\n"
-        "    print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+        "    print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "file=sys.stderr)"
     )
     t0 = time.perf_counter()
     p = subprocess.run(

@@ -11,10 +11,10 @@ LlamaForCausalLM loaded with from_pretrained from `export_hf` of the very same z
 trained with the same torch.optim.AdamW settings. `simple` has no HF counterpart ("reference":
 null). `ratio` = zerolm tokens/s in its fastest mode ÷ HF tokens/s in its fastest eager precision
 (HF as it is usually run); `ratio_fp32` / `ratio_bf16` / `ratio_bf16+compile` compare one mode, the
-last against HF compiled the same way (torch.compile of its loss function). MFU = train FLOPs per token (zerolm.inspect
-`account` at context --seq) × tokens/s ÷ the matmul peak measured in this run for that precision
-(account counts an untied input embedding as a matmul too, so llama's MFU includes 6·V·D per token
-of lookup "FLOPs" that no one computes).
+last against HF compiled the same way (torch.compile of its loss function). MFU = train FLOPs per
+token (zerolm.inspect `account` at context --seq) × tokens/s ÷ the matmul peak measured in this run
+for that precision (account counts an untied input embedding as a matmul too, so llama's MFU
+includes 6·V·D per token of lookup "FLOPs" that no one computes).
 
     .venv/bin/python bench/train.py [--steps 8] [--warmup 2] [--batch 16] [--seq 128] [--threads N]
         [--presets simple,gpt2,llama] [--sizes 1M,10M] [--quick]
@@ -74,8 +74,9 @@ def hf_loss(model, batch):
 
 def median_step_s(model, loss_fn, precision, batches, steps, warmup) -> float:
     """Median time of one optimizer step; the compile (if any) happens in the warm-up steps."""
-    # build_optimizer is plain torch.optim.AdamW over generic decay/no-decay groups (dim >= 2 decays),
-    # so using it for the HF model too gives both sides the very same optimizer and settings
+    # build_optimizer is plain torch.optim.AdamW over generic decay/no-decay groups (dim >= 2
+    # decays), so using it for the HF model too gives both sides the very same optimizer and
+    # settings
     opt = build_optimizer(model, OPTIM)
     model.train()
     times = []
@@ -165,7 +166,8 @@ def bench_one(preset, size, args, peaks) -> dict:
             )
     init = {k: v.clone() for k, v in model.state_dict().items()}
     print(
-        f"{preset}-{size}: {acc['non_embedding']:,} non-embedding, {acc['total']:,} total parameters",
+        f"{preset}-{size}: {acc['non_embedding']:,} non-embedding, "
+        f"{acc['total']:,} total parameters",
         file=sys.stderr,
     )
     z, r = row["zerolm"], {}

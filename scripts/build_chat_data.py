@@ -283,7 +283,8 @@ compressed with xz (`lzma` preset 9 | extreme); rebuilding gives byte-identical
 files. Each line is one conversation in the OpenAI chat form:
 
 ```
-{{"messages": [{{"role": "user", "content": "..."}}, {{"role": "assistant", "content": "..."}}, ...],
+{{"messages": [{{"role": "user", "content": "..."}}, \
+{{"role": "assistant", "content": "..."}}, ...],
  "source": "...", "id": "..."}}
 ```
 
@@ -319,7 +320,8 @@ Source archives (sha256):
   {n(s["source_conversations"])} → {n(cc["conversations"])} conversations. Sorted by `id`.
 - **Record fields:** `source` = `"chitchat"`, `id` = the conversation's key in
   `dataset.json`.
-- **Counts:** {n(cc["conversations"])} conversations, {n(cc["messages"])} messages ({n(cc["characters"])} characters of content).
+- **Counts:** {n(cc["conversations"])} conversations, {n(cc["messages"])} messages \
+({n(cc["characters"])} characters of content).
 - **Licence:** MIT, reproduced in full from the wheel's
   `chitchat_dataset-0.9.0.dist-info/LICENSE`:
 
@@ -329,7 +331,8 @@ Source archives (sha256):
 
 ---
 
-## `chatterbot_en.jsonl.xz` and `chatterbot_zh.jsonl.xz`: ChatterBot dialog corpus (English, Chinese)
+## `chatterbot_en.jsonl.xz` and `chatterbot_zh.jsonl.xz`: ChatterBot dialog corpus \
+(English, Chinese)
 
 - **Source package:** `chatterbot-corpus`, version **1.3.3**, wheel from PyPI
   (obtained with `pip download --no-deps chatterbot-corpus==1.3.3`). The wheel
@@ -345,13 +348,17 @@ Source archives (sha256):
   keeps its source text (non-string scalars are coerced to str verbatim). Each
   entry `[q, a, ...]` became alternating user/assistant messages, each stripped
   of leading and trailing whitespace; an unanswered trailing user message was
-  dropped (English {n(sen["trailing_user_turns_dropped"])}, Chinese {n(szh["trailing_user_turns_dropped"])}). Malformed entries (not a
+  dropped (English {n(sen["trailing_user_turns_dropped"])}, \
+Chinese {n(szh["trailing_user_turns_dropped"])}). Malformed entries (not a
   list, fewer than two items, a non-scalar or empty item) were skipped: English
-  {n(sen["malformed_skipped"])} of {n(sen["source_entries"])}, Chinese {n(szh["malformed_skipped"])} of {n(szh["source_entries"])}. Duplicates were kept.
+  {n(sen["malformed_skipped"])} of {n(sen["source_entries"])}, \
+Chinese {n(szh["malformed_skipped"])} of {n(szh["source_entries"])}. Duplicates were kept.
 - **Record fields:** `source` = `"chatterbot-<lang>/<file stem>"` (`en` or
   `zh`), `id` = `"<file stem>/<index of the entry in the file>"`.
-- **Counts (`chatterbot_en.jsonl.xz`):** {n(en["conversations"])} conversations, {n(en["messages"])} messages ({n(en["characters"])} characters of content).
-- **Counts (`chatterbot_zh.jsonl.xz`):** {n(zh["conversations"])} conversations, {n(zh["messages"])} messages ({n(zh["characters"])} characters of content).
+- **Counts (`chatterbot_en.jsonl.xz`):** {n(en["conversations"])} conversations, \
+{n(en["messages"])} messages ({n(en["characters"])} characters of content).
+- **Counts (`chatterbot_zh.jsonl.xz`):** {n(zh["conversations"])} conversations, \
+{n(zh["messages"])} messages ({n(zh["characters"])} characters of content).
 - **Licence:** BSD 3-Clause, reproduced in full from the sdist's `license.md`:
 
 ```

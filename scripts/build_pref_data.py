@@ -38,7 +38,8 @@ def convert(task: dict, subset: str) -> list[dict]:
         bad = [r for r, s in scores.items() if s == 0]
         if len(good) != 1 or len(bad) != 1 or len(scores) != 2:
             raise ValueError(
-                f"{subset} example {i}: expected one response scored 1 and one scored 0, got {scores}"
+                f"{subset} example {i}: expected one response scored 1 and one scored 0, "
+                f"got {scores}"
             )
         rows.append(
             {
@@ -99,10 +100,12 @@ downloaded at run time. UTF-8 JSON Lines, xz-compressed; each line is
 
 - **Source:** the `hhh_alignment` task of BIG-bench (helpful, honest and harmless responses,
   written by Anthropic; Askell et al. 2021, "A General Language Assistant as a Laboratory for
-  Alignment"), files `bigbench/benchmark_tasks/hhh_alignment/{{harmless,helpful,honest,other}}/task.json`
+  Alignment"), files \
+`bigbench/benchmark_tasks/hhh_alignment/{{harmless,helpful,honest,other}}/task.json`
   of the PyPI sdist `bigbench==1.0.0` (sha256 `{digest}`). Only those four files are used.
 - **Counts:** {", ".join(f"{k} {v}" for k, v in counts.items())}.
-- **Conversion:** prompt = `input`; chosen / rejected = the response scored 1 / 0 in `target_scores`;
+- **Conversion:** prompt = `input`; chosen / rejected = the response scored 1 / 0 in \
+`target_scores`;
   whitespace around each text stripped, nothing else changed.
 - **Licence:** Apache License 2.0 (the licence of the BIG-bench repository, google/BIG-bench); its
   text is in `LICENSE-APACHE-2.0.txt` beside this file. Copyright the BIG-bench authors.

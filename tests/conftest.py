@@ -15,7 +15,8 @@ from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.train import train_tokenizer
 
 # Base shapes of the shared tiny models, by ModelConfig preset (bert: the encoder, transformer: the
-# encoder-decoder); dropout is the preset's. Tests override any field: tiny_model("llama", n_layers=1).
+# encoder-decoder); dropout is the preset's. Tests override any field:
+# tiny_model("llama", n_layers=1).
 TINY_MODELS: dict[str, dict] = {
     "llama": dict(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
     "gpt2": dict(preset="gpt2", d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
@@ -92,7 +93,8 @@ def pytest_addoption(parser):
     parser.addoption(
         "--reverse",
         action="store_true",
-        help="run the tests in reverse order (with -p no:randomly): the suite must not depend on its order",
+        help="run the tests in reverse order (with -p no:randomly): the suite must not depend on "
+        "its order",
     )
 
 
@@ -103,7 +105,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Name the shuffled order's seed even under -q, so a failure that depends on the order can be replayed."""
+    """Name the shuffled order's seed even under -q, so a failure that depends on the order can be
+    replayed."""
     if config.pluginmanager.has_plugin("randomly") and not config.getoption("--reverse"):
         seed = config.getoption("randomly_seed", None)
         terminalreporter.write_line(f"test order: shuffled; replay it with --randomly-seed={seed}")

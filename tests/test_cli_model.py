@@ -1,4 +1,5 @@
-"""The model commands as a user runs them: pretrain -> generate / inspect / import, real processes."""
+"""The model commands as a user runs them: pretrain -> generate / inspect / import, real
+processes."""
 
 import json
 import subprocess

@@ -1,4 +1,5 @@
-"""The docs stay in step with the tree: the front pages' commands, relative links, the layout page."""
+"""The docs stay in step with the tree: the front pages' commands, relative links, the layout
+page."""
 
 import re
 import subprocess

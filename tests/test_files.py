@@ -46,7 +46,8 @@ def assert_modes(root: Path, file_mode: int, dir_mode: int) -> None:
 
 @pytest.mark.slow
 def test_a_whole_job_under_umask_022_writes_0644_files_and_0755_directories(tmp_path):
-    """prepare -> 2-step pretrain (checkpoint, model, tokenizer, log, config) -> HF export -> import."""
+    """prepare -> 2-step pretrain (checkpoint, model, tokenizer, log, config) -> HF export ->
+    import."""
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 5))) for _ in range(40)]
     (tmp_path / "docs.jsonl").write_text(
@@ -63,8 +64,9 @@ def test_a_whole_job_under_umask_022_writes_0644_files_and_0755_directories(tmp_
         out = {str(out)!r}
         tiny = ["--tokenizer.vocab_size=300", "--tokenizer.min_frequency=1", "--data.dedup=none"]
         assert main(["prepare", "docs.jsonl", "--out", out + "/prep", "--quiet", *tiny]) == 0
-        assert main(["pretrain", "docs.jsonl", "--out", out + "/run", "--quiet", *tiny, "--model.preset=llama",
-                     "--model.d_model=16", "--model.n_layers=1", "--model.n_heads=2", "--model.max_seq_len=64",
+        assert main(["pretrain", "docs.jsonl", "--out", out + "/run", "--quiet", *tiny,
+                     "--model.preset=llama", "--model.d_model=16", "--model.n_layers=1",
+                     "--model.n_heads=2", "--model.max_seq_len=64",
                      "--train.steps=2", "--train.batch_size=2", "--train.eval_batches=1"]) == 0
         tok = Tokenizer.load(out + "/run/model")
         export_hf(load_model(out + "/run/model"), out + "/hf", tok)
@@ -102,7 +104,8 @@ def test_atomic_writes_follow_a_umask_of_027(tmp_path):
         atomic_write_text("out/a/b.txt", "x")
         atomic_write_text("out/a/b.txt", "y")  # replacing keeps the mode too
         with atomic_dir("out/d") as tmp:
-            save_file({"w": torch.zeros(2)}, str(tmp / "w.safetensors"))  # safetensors writes 0600 itself
+            # safetensors writes 0600 itself
+            save_file({"w": torch.zeros(2)}, str(tmp / "w.safetensors"))
             (tmp / "sub").mkdir(mode=0o700)
             (tmp / "sub" / "c.json").write_text("{}")
     """,

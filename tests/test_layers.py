@@ -19,7 +19,8 @@ ROOT = Path(zerolm.__file__).parent
 
 # rank: the units a module of that rank may import are those of its rank or lower.
 # files.py (atomic writes) is below everything, config.py right above it; speedrun.py, api.py,
-# commands/ and cli.py are the programs on top, and the package root (__init__, __main__) exports / runs them.
+# commands/ and cli.py are the programs on top, and the package root (__init__, __main__) exports /
+# runs them.
 LAYERS: dict[str, int] = {
     "files": 0,
     "config": 1,

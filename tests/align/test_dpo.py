@@ -14,13 +14,12 @@ from zerolm.align.dpo import (
 )
 from zerolm.align.losses import sequence_logprobs
 from zerolm.align.stage import reference_logits
-from zerolm.config import LoRAConfig, ModelConfig, TokenizerConfig, TrainConfig, load_config
+from zerolm.config import LoRAConfig, TrainConfig, load_config
 from zerolm.data.loader import Shuffled
 from zerolm.data.prefs import Preference
 from zerolm.eval.replies import response_batch
-from zerolm.model import build_model, load_model, save_model
+from zerolm.model import load_model, save_model
 from zerolm.tokenizer.chat import render
-from zerolm.tokenizer.train import train_tokenizer
 from zerolm.train.trainer import Trainer
 from zerolm.transforms.lora import apply_lora
 
@@ -28,7 +27,7 @@ POLITE, RUDE = "谢谢，很高兴帮你。", "走开，别烦我。"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model, tiny_tokenizer):
     text = [
         "请帮我写一首诗",
         "Please help me",
@@ -37,14 +36,8 @@ def setup(tmp_path_factory):
         "今天天气很好",
         "Thank you very much",
     ] * 20
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), text, progress=False
-    )
-    model = build_model(
-        ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=48),
-        vocab_size=tok.vocab_size,
-        seed=0,
-    )
+    tok = tiny_tokenizer("bpe", text)
+    model = tiny_model("llama", tok.vocab_size, d_model=48, max_seq_len=48)
     root = tmp_path_factory.mktemp("dpo")
     save_model(model, root / "sft" / "model", tok)
     prompts = [
@@ -183,18 +176,13 @@ def test_dpo_stage_learns_the_preference_with_lora_and_keeps_the_base(setup, tmp
     assert gap[1] > gap[0] + 2  # margin > 1 at beta 0.5: the log-prob gap grew by > 2 nats
 
 
-def test_reference_with_another_tokenizer_is_a_clear_error(setup, tmp_path):
+def test_reference_with_another_tokenizer_is_a_clear_error(
+    setup, tmp_path, tiny_model, tiny_tokenizer
+):
     _tok, root, _ = setup
-    other = train_tokenizer(
-        TokenizerConfig(kind="char", vocab_size=300, min_frequency=1),
-        [POLITE, RUDE] * 5,
-        progress=False,
-    )
+    other = tiny_tokenizer("char", [POLITE, RUDE] * 5)
     save_model(
-        build_model(
-            ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=48),
-            vocab_size=other.vocab_size,
-        ),
+        tiny_model("llama", other.vocab_size, d_model=48, max_seq_len=48),
         tmp_path / "ref",
         other,
     )

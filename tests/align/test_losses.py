@@ -98,7 +98,8 @@ def test_ppo_clipping_at_the_boundaries(ratio, adv, clipped, want):
 
 
 def test_ppo_value_loss_clips_around_the_old_value():
-    # V moved from 0 to 1 with clip 0.2: clipped value 0.2; return 2 -> max((1-2)^2, (0.2-2)^2) = 3.24
+    # V moved from 0 to 1 with clip 0.2: clipped value 0.2; return 2
+    # -> max((1-2)^2, (0.2-2)^2) = 3.24
     assert ppo_value_loss(t([1.0]), t([0.0]), t([2.0]), t([1])).item() == pytest.approx(0.5 * 3.24)
     # return 0.5: max(0.25, 0.09) = 0.25
     assert ppo_value_loss(t([1.0]), t([0.0]), t([0.5]), t([1])).item() == pytest.approx(0.125)

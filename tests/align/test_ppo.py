@@ -8,13 +8,12 @@ import torch
 
 from zerolm.align.ppo import PolicyValue, load_reward, train_ppo
 from zerolm.align.stage import reference_logits
-from zerolm.config import LoRAConfig, ModelConfig, TokenizerConfig, load_config
+from zerolm.config import LoRAConfig, load_config
 from zerolm.eval.replies import sample_replies
 from zerolm.infer.sampling import SamplingParams, sample
-from zerolm.model import build_model, load_model, save_model
+from zerolm.model import load_model, save_model
 from zerolm.tokenizer import END, EOS
 from zerolm.tokenizer.chat import prompt_ids
-from zerolm.tokenizer.train import train_tokenizer
 
 TEXT = [
     "请帮我写一首诗",
@@ -43,16 +42,10 @@ def broken(prompt, reply):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, tiny_model, tiny_tokenizer):
     root = tmp_path_factory.mktemp("ppo")
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), TEXT, progress=False
-    )
-    model = build_model(
-        ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=64),
-        vocab_size=tok.vocab_size,
-        seed=0,
-    )
+    tok = tiny_tokenizer("bpe", TEXT)
+    model = tiny_model("llama", tok.vocab_size, d_model=48)
     save_model(model, root / "sft" / "model", tok)
     rows = [{"prompt": f"问题{i}：写一首诗"} for i in range(24)]
     (root / "prompts.jsonl").write_text(
@@ -205,19 +198,12 @@ def test_reward_spec_errors(base, reward, match):
         load_reward(reward, root / "sft" / "model")
 
 
-def test_reward_model_or_reference_with_another_tokenizer_is_a_clear_error(base, tmp_path):
+def test_reward_model_or_reference_with_another_tokenizer_is_a_clear_error(
+    base, tmp_path, tiny_model, tiny_tokenizer
+):
     root, _, _ = base
-    other = train_tokenizer(
-        TokenizerConfig(kind="char", vocab_size=300, min_frequency=1), TEXT, progress=False
-    )
-    save_model(
-        build_model(
-            ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=64),
-            vocab_size=other.vocab_size,
-        ),
-        tmp_path / "other",
-        other,
-    )
+    other = tiny_tokenizer("char", TEXT)
+    save_model(tiny_model("llama", other.vocab_size, d_model=48), tmp_path / "other", other)
     (tmp_path / "other" / "reward_head.safetensors").write_bytes(b"")
     with pytest.raises(
         ValueError, match="the reward model .* has a different tokenizer than the policy"

@@ -9,18 +9,17 @@ from zerolm.align.reward import (
     reward_eval,
     reward_loss,
 )
-from zerolm.config import ModelConfig, TokenizerConfig, TrainConfig
+from zerolm.config import TrainConfig
 from zerolm.data.loader import Shuffled
 from zerolm.data.prefs import Preference
 from zerolm.model import build_model
-from zerolm.tokenizer.train import train_tokenizer
 from zerolm.train.trainer import Trainer
 
 POLITE, RUDE = "谢谢，很高兴帮你。", "走开，别烦我。"
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny_model, tiny_tokenizer):
     text = [
         "请帮我写一首诗",
         "Please help me",
@@ -29,14 +28,8 @@ def setup():
         "今天天气很好",
         "Thank you very much",
     ] * 20
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), text, progress=False
-    )
-    body = build_model(
-        ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=48),
-        vocab_size=tok.vocab_size,
-        seed=0,
-    )
+    tok = tiny_tokenizer("bpe", text)
+    body = tiny_model("llama", tok.vocab_size, d_model=48, max_seq_len=48)
     prompts = [
         f"问题{i}：{w}"
         for i, w in enumerate(["写诗", "天气", "help", "thanks", "你好", "再见"] * 4)

@@ -3,11 +3,10 @@ import json
 import pytest
 
 from zerolm.align.reward import RewardModel, train_reward
-from zerolm.config import ModelConfig, TokenizerConfig, load_config
-from zerolm.model import build_model, save_model
+from zerolm.config import load_config
+from zerolm.model import save_model
 from zerolm.tasks.poems.pairs import poem_pairs
 from zerolm.tasks.poems.requests import poem_instructions
-from zerolm.tokenizer.train import train_tokenizer
 
 DOCS = [
     {
@@ -29,21 +28,15 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, tiny_model, tiny_tokenizer):
     root = tmp_path_factory.mktemp("rm")
     text = [d["text"] for d in DOCS] * 10 + [
         "谢谢，很高兴帮你。",
         "走开，别烦我。",
         "Please help me. Thank you!",
     ] * 10
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=400, min_frequency=1), text, progress=False
-    )
-    model = build_model(
-        ModelConfig(preset="llama", d_model=48, n_layers=2, n_heads=4, max_seq_len=128),
-        vocab_size=tok.vocab_size,
-        seed=0,
-    )
+    tok = tiny_tokenizer("bpe", text, vocab_size=400)
+    model = tiny_model("llama", tok.vocab_size, d_model=48, max_seq_len=128)
     save_model(model, root / "sft" / "model", tok)
     (root / "docs").mkdir()
     for split in ("train", "val"):

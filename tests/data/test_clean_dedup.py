@@ -69,7 +69,8 @@ def test_short_and_chinese_documents():
 
 def test_clean_text_is_linear_on_long_runs_of_spaces():
     # The old trailing-space regex rescanned a run of spaces from every start position: 80k spaces
-    # took seconds, 400k minutes. A linear cleanup does 400k in milliseconds; 5 s is a generous guard.
+    # took seconds, 400k minutes. A linear cleanup does 400k in milliseconds; 5 s is a generous
+    # guard.
     import time
 
     run = " " * 400_000

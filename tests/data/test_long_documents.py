@@ -1,4 +1,5 @@
-"""One huge document (a single-line .txt of many MB): same tokens as a whole encode, bounded memory."""
+"""One huge document (a single-line .txt of many MB): same tokens as a whole encode, bounded
+memory."""
 
 import json
 import os
@@ -9,16 +10,15 @@ import sys
 import numpy as np
 import pytest
 
-from zerolm.config import TokenizerConfig
 from zerolm.data.dedup import NearDedup, shingle_hashes
-from zerolm.tokenizer.train import train_tokenizer
 
 _rng = random.Random(0)
 _WORDS = ["".join(_rng.choice("abcdefghij") for _ in range(_rng.randint(1, 7))) for _ in range(300)]
 
 
 def _long_text(n_words: int) -> str:
-    """Words, punctuation, digits, Han characters, line breaks, runs of spaces and special-token spellings."""
+    """Words, punctuation, digits, Han characters, line breaks, runs of spaces and special-token
+    spellings."""
     extras = [",", ".", " 2024", "\n", "\n\n", "   ", "床前明月光，", "<|eos|>", "it's", "\t"]
     rng = random.Random(n_words)  # the same text whatever the test order
     return " ".join(
@@ -28,11 +28,11 @@ def _long_text(n_words: int) -> str:
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece", "char"])
-def test_a_long_document_is_encoded_in_pieces_to_exactly_the_whole_documents_ids(kind):
+def test_a_long_document_is_encoded_in_pieces_to_exactly_the_whole_documents_ids(
+    kind, tiny_tokenizer
+):
     text = _long_text(120_000)  # ~600k characters: many pieces and several batches
-    tok = train_tokenizer(
-        TokenizerConfig(kind=kind, vocab_size=400, min_frequency=1), [text[:50_000]], progress=False
-    )
+    tok = tiny_tokenizer(kind, [text[:50_000]], vocab_size=400)
     short = ["床前明月光", "a b", "x" * 10]
     got = list(tok.encode_stream([short[0], text, *short[1:]], max_chars=1 << 14))
     assert [t for t, _ in got] == [short[0], text, *short[1:]]
@@ -63,7 +63,8 @@ import json, resource, sys
 from zerolm.config import load_config
 from zerolm.data.prepare import prepare
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-cfg = load_config(None, {"out_dir": sys.argv[2], "data": {"inputs": [sys.argv[1]], "val_fraction": 0.0},
+cfg = load_config(None, {"out_dir": sys.argv[2],
+                         "data": {"inputs": [sys.argv[1]], "val_fraction": 0.0},
                          "tokenizer": {"vocab_size": 300}})
 summary = prepare(cfg, progress=False)
 grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
@@ -95,10 +96,8 @@ def test_preparing_a_single_line_file_keeps_memory_bounded(tmp_path):
     assert out["grown_kb"] * 1024 < 40 * src.stat().st_size, out
 
 
-def test_a_huge_run_without_a_pretoken_start_is_cut_and_still_round_trips():
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), ["a b  c   d"], progress=False
-    )
+def test_a_huge_run_without_a_pretoken_start_is_cut_and_still_round_trips(tiny_tokenizer):
+    tok = tiny_tokenizer("bpe", ["a b  c   d"])
     text = "a" + " " * 300_000 + "b"
     ((_, ids),) = tok.encode_stream(
         [text], max_chars=1 << 14

@@ -174,20 +174,13 @@ def test_fixed_batches_and_errors():
         make_pairs(corpus, 4, np.random.default_rng(0))
 
 
-def test_sentence_corpus_from_texts_with_a_wordpiece_tokenizer():
-    from zerolm.config import TokenizerConfig
-    from zerolm.tokenizer.train import train_tokenizer
-
+def test_sentence_corpus_from_texts_with_a_wordpiece_tokenizer(tiny_tokenizer):
     texts = [
         "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
         "白日依山尽。",
         "<|pad|>[MASK] 春眠不觉晓！处处闻啼鸟。",
     ]
-    tok = train_tokenizer(
-        TokenizerConfig(kind="wordpiece", vocab_size=200, min_frequency=1),
-        iter(texts),
-        progress=False,
-    )
+    tok = tiny_tokenizer("wordpiece", texts, vocab_size=200)
     corpus = SentenceCorpus.from_texts(texts, tok)
     assert corpus.n_docs == 3 and [len(corpus.doc(d)) for d in range(3)] == [2, 1, 2]
     assert tok.decode(corpus.doc(0)[1].tolist()).replace(" ", "") == "举头望明月，低头思故乡。"

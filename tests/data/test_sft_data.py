@@ -4,10 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerolm.config import ModelConfig, TokenizerConfig
 from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_conversations
-from zerolm.model import build_model
-from zerolm.tokenizer.train import train_tokenizer
 
 TEXT = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -16,10 +13,8 @@ TEXT = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=400, min_frequency=1), TEXT, progress=False
-    )
+def tok(tiny_tokenizer):
+    return tiny_tokenizer("bpe", TEXT, vocab_size=400)
 
 
 def conv(*turns):
@@ -71,12 +66,8 @@ def test_too_long_is_cut_at_a_turn_boundary_or_skipped(tok):
 
 
 @pytest.mark.parametrize("preset", ["llama", "gpt2", "simple"])
-def test_packed_rows_give_each_conversation_its_own_loss(tok, preset):
-    model = build_model(
-        ModelConfig(preset=preset, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, dropout=0.0),
-        vocab_size=tok.vocab_size,
-        seed=0,
-    ).eval()
+def test_packed_rows_give_each_conversation_its_own_loss(tok, preset, tiny_model):
+    model = tiny_model(preset, tok.vocab_size, dropout=0.0).eval()
     examples, _ = encode_conversations(tok, CONVS, 64)
     rows = pack(examples, range(len(examples)), 64, packing=True)
     assert len(rows) < len(examples)  # several conversations share a row

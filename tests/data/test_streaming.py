@@ -25,7 +25,8 @@ def _peak_rss_mb(tmp_path, name, n_docs, doc_words):
         import resource
         from zerolm.config import load_config
         from zerolm.data.prepare import prepare
-        cfg = load_config(None, {{"out_dir": {str(tmp_path / name)!r}, "data": {{"inputs": [{str(src)!r}], "dedup": "exact"}},
+        cfg = load_config(None, {{"out_dir": {str(tmp_path / name)!r},
+                                  "data": {{"inputs": [{str(src)!r}], "dedup": "exact"}},
                                   "tokenizer": {{"vocab_size": 1000}}}})
         prepare(cfg, progress=False)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerolm.config import ModelConfig, TokenizerConfig, load_config
+from zerolm.config import load_config
 from zerolm.eval.baselines import CharFeatures, bag_of_chars_baseline, fit_logreg, majority_baseline
 from zerolm.finetune.classify import (
     Row,
@@ -19,8 +19,7 @@ from zerolm.finetune.classify import (
     read_rows,
     tang_authors,
 )
-from zerolm.model import build_model, save_model
-from zerolm.tokenizer.train import train_tokenizer
+from zerolm.model import save_model
 
 SEA, HILL = "海浪潮波鱼舟帆沙", "山峰岭石松云崖径"
 
@@ -49,19 +48,11 @@ def _write(path, rows):
 
 
 @pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
+def bert_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
     """A tiny (untrained) bert with a wordpiece tokenizer over the toy characters."""
     root = tmp_path_factory.mktemp("cls")
-    tok = train_tokenizer(
-        TokenizerConfig(kind="wordpiece", vocab_size=100, min_frequency=1),
-        iter([SEA + HILL + "之而其天地人"]),
-        progress=False,
-    )
-    model = build_model(
-        ModelConfig(arch="bert", d_model=32, n_layers=2, n_heads=2, max_seq_len=24, dropout=0.0),
-        tok.vocab_size,
-        seed=0,
-    )
+    tok = tiny_tokenizer("wordpiece", [SEA + HILL + "之而其天地人"], vocab_size=100)
+    model = tiny_model("bert", tok.vocab_size, n_heads=2, max_seq_len=24, dropout=0.0)
     save_model(model, root / "bert", tok)
     _write(root / "train.jsonl", _toy(300, 0))
     _write(root / "val.jsonl", _toy(100, 1))
@@ -166,12 +157,8 @@ def test_logistic_regression_gradient_and_fit_match_autograd():
     assert torch.allclose(norms, torch.ones(5))
 
 
-def test_encode_truncation_policies():
-    tok = train_tokenizer(
-        TokenizerConfig(kind="wordpiece", vocab_size=100, min_frequency=1),
-        iter([SEA + HILL]),
-        progress=False,
-    )
+def test_encode_truncation_policies(tiny_tokenizer):
+    tok = tiny_tokenizer("wordpiece", [SEA + HILL], vocab_size=100)
     rows = [Row("海" * 20, "山" * 5, where="f:1"), Row("海浪", where="f:2")]
     enc, cut = encode(tok, rows, 16)
     assert (
@@ -193,7 +180,7 @@ def test_encode_truncation_policies():
         ("bad_json", "not valid JSON"),
     ],
 )
-def test_bad_inputs_are_clear_errors(bert_dir, tmp_path, case, message):
+def test_bad_inputs_are_clear_errors(bert_dir, tmp_path, case, message, tiny_model):
     cfg = {}
     if case == "no_label":
         cfg["data"] = [str(_write(tmp_path / "t.jsonl", [{"text": "海"}, {"text": "山"}]))]
@@ -215,9 +202,7 @@ def test_bad_inputs_are_clear_errors(bert_dir, tmp_path, case, message):
         from zerolm.tokenizer import Tokenizer
 
         save_model(
-            build_model(
-                ModelConfig(preset="llama", d_model=16, n_layers=1, n_heads=2, max_seq_len=8), 100
-            ),
+            tiny_model("llama", 100, d_model=16, n_layers=1, n_heads=2, max_seq_len=8),
             tmp_path / "llama",
             Tokenizer.load(bert_dir / "bert"),
         )

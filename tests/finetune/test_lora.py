@@ -26,9 +26,14 @@ V = 50
 IDS = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def make(preset="llama", seed=0, **over):
-    kw = dict(preset=preset, d_model=32, n_layers=2, n_heads=4, max_seq_len=16) | over
-    return build_model(ModelConfig(**kw), vocab_size=V, seed=seed).eval()
+@pytest.fixture
+def make(tiny_model):
+    """make(preset="llama", seed=0, **over): a fresh tiny model per call (vocab V, window 16)."""
+
+    def build(preset="llama", seed=0, **over):
+        return tiny_model(preset, V, seed=seed, **({"max_seq_len": 16} | over)).eval()
+
+    return build
 
 
 def randomize_b(model, seed=1):
@@ -48,7 +53,7 @@ def logits(model, ids=IDS):
 ALL = ("q", "k", "v", "o", "up", "gate", "down", "lm_head")
 
 
-def test_zero_b_leaves_logits_unchanged_and_only_adapters_train():
+def test_zero_b_leaves_logits_unchanged_and_only_adapters_train(make):
     model = make()
     ref = logits(model)
     apply_lora(model, LoRAConfig(rank=8, targets=ALL))
@@ -63,7 +68,7 @@ def test_zero_b_leaves_logits_unchanged_and_only_adapters_train():
 
 
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])
-def test_merge_equals_unmerged_and_saves_like_any_model(preset, tmp_path):
+def test_merge_equals_unmerged_and_saves_like_any_model(preset, tmp_path, make):
     model = make(preset)
     targets = ("q", "k", "v", "o", "up", "down") + (
         ("gate", "lm_head") if preset == "llama" else ()
@@ -84,7 +89,7 @@ def test_merge_equals_unmerged_and_saves_like_any_model(preset, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
-def test_adamw_on_adapters_reduces_loss_and_leaves_base_untouched():
+def test_adamw_on_adapters_reduces_loss_and_leaves_base_untouched(make):
     model = make().train()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     apply_lora(model, LoRAConfig(rank=4, targets=("q", "v", "up")))
@@ -101,7 +106,7 @@ def test_adamw_on_adapters_reduces_loss_and_leaves_base_untouched():
     assert all(torch.equal(after[k], v) for k, v in base.items())
 
 
-def test_save_load_reproduces_logits_and_refuses_other_bases(tmp_path):
+def test_save_load_reproduces_logits_and_refuses_other_bases(tmp_path, make):
     model = randomize_b(apply_lora(make(), LoRAConfig(rank=4, alpha=8, targets=("q", "o", "down"))))
     path = save_adapters(model, tmp_path / "a.safetensors")
     assert not list(tmp_path.glob(".*tmp"))
@@ -122,11 +127,17 @@ def test_save_load_reproduces_logits_and_refuses_other_bases(tmp_path):
         load_adapters(apply_lora(make(), LoRAConfig(rank=2)), path)
 
 
-def test_bad_targets_and_configs():
-    msg = r"LoRA target 'qkv' matches no module; linear modules here: q, k, v, o, up, gate, down, lm_head$"
+def test_bad_targets_and_configs(make):
+    msg = (
+        r"LoRA target 'qkv' matches no module; linear modules here: "
+        r"q, k, v, o, up, gate, down, lm_head$"
+    )
     with pytest.raises(ValueError, match=msg):
         apply_lora(make(), LoRAConfig(rank=8, targets=("q", "qkv")))
-    msg = r"targets 'gate', 'lm_head' match no module; .*: q, k, v, o, up, down \(lm_head is tied to tok_emb"
+    msg = (
+        r"targets 'gate', 'lm_head' match no module; .*: q, k, v, o, up, down "
+        r"\(lm_head is tied to tok_emb"
+    )
     with pytest.raises(ValueError, match=msg):
         apply_lora(make("gpt2"), LoRAConfig(rank=8, targets=("gate", "lm_head")))
     for bad in [dict(rank=0), dict(alpha=0.0), dict(dropout=1.0), dict(targets=())]:
@@ -137,7 +148,7 @@ def test_bad_targets_and_configs():
         apply_lora(model, LoRAConfig(rank=8))
 
 
-def test_adapters_disabled_gives_exactly_the_base():
+def test_adapters_disabled_gives_exactly_the_base(make):
     model = make()
     ref = logits(model)
     randomize_b(apply_lora(model, LoRAConfig(rank=8, targets=ALL)))
@@ -149,7 +160,7 @@ def test_adapters_disabled_gives_exactly_the_base():
     assert torch.equal(logits(model), ref)
 
 
-def test_kv_cache_greedy_generation_equals_full_recomputation():
+def test_kv_cache_greedy_generation_equals_full_recomputation(make):
     model = randomize_b(
         apply_lora(make(n_kv_heads=2), LoRAConfig(rank=8, targets=ALL, dropout=0.1))
     )
@@ -167,7 +178,7 @@ def test_kv_cache_greedy_generation_equals_full_recomputation():
         assert got == seq[len(prompt) :]
 
 
-def test_bf16_autocast_forward_and_backward():
+def test_bf16_autocast_forward_and_backward(make):
     model = randomize_b(apply_lora(make(), LoRAConfig(rank=8, targets=ALL)))
     with torch.autocast("cpu", torch.bfloat16):
         out = model(IDS)
@@ -191,7 +202,7 @@ def test_adapter_file_size_and_report(tmp_path):
     assert size == report["adapter_file_bytes"] and 200_000 < size < 400_000
 
 
-def test_adapter_gradients_are_the_chain_rule_of_the_merged_weight_gradient():
+def test_adapter_gradients_are_the_chain_rule_of_the_merged_weight_gradient(make):
     model = randomize_b(apply_lora(make(), LoRAConfig(rank=4, alpha=4.0, targets=("q", "down"))))
     dense = merge_lora(
         randomize_b(apply_lora(make(), LoRAConfig(rank=4, alpha=4.0, targets=("q", "down"))))

@@ -4,13 +4,12 @@ import sys
 
 import pytest
 
-from zerolm.config import ModelConfig, TokenizerConfig, load_config
+from zerolm.config import load_config
 from zerolm.finetune.sft import sft
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
-from zerolm.model import build_model, load_model, save_model
+from zerolm.model import load_model, save_model
 from zerolm.tokenizer import Tokenizer
-from zerolm.tokenizer.train import train_tokenizer
 
 CONVS = [
     [
@@ -32,17 +31,11 @@ CONVS = [
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, tiny_model, tiny_tokenizer):
     root = tmp_path_factory.mktemp("sft")
     text = [m["content"] for c in CONVS for m in c] * 10
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), text, progress=False
-    )
-    model = build_model(
-        ModelConfig(preset="llama", d_model=64, n_layers=2, n_heads=4, max_seq_len=64),
-        vocab_size=tok.vocab_size,
-        seed=0,
-    )
+    tok = tiny_tokenizer("bpe", text)
+    model = tiny_model("llama", tok.vocab_size, d_model=64)
     save_model(model, root / "base", tok)
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in CONVS))
@@ -133,7 +126,10 @@ def test_chat_cli_one_shot_and_repl(full):
     )
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip() == CONVS[0][1]["content"]
-    script = "/temperature 0\n/top_p 2\nHello there!\n/history\n/reset\n/system Be brief.\n举头\n低头\n/quit\n"
+    script = (
+        "/temperature 0\n/top_p 2\nHello there!\n/history\n/reset\n"
+        "/system Be brief.\n举头\n低头\n/quit\n"
+    )
     repl = subprocess.run(
         [sys.executable, "-m", "zerolm", "chat", model],
         input=script,
@@ -151,7 +147,7 @@ def test_chat_cli_one_shot_and_repl(full):
     assert "[user] Hello there!" in repl.stderr and "(conversation cleared)" in repl.stderr
 
 
-def test_pretraining_mix_adds_lambda_times_the_lm_loss(tiny_corpus):
+def test_pretraining_mix_adds_lambda_times_the_lm_loss(tiny_corpus, tiny_model):
     import torch
 
     from zerolm.data.loader import TokenBatches
@@ -160,11 +156,7 @@ def test_pretraining_mix_adds_lambda_times_the_lm_loss(tiny_corpus):
     from zerolm.train.losses import lm_loss
 
     tok = Tokenizer.load(tiny_corpus / "run" / "tokenizer")
-    model = build_model(
-        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
-        vocab_size=tok.vocab_size,
-        seed=0,
-    )
+    model = tiny_model("llama", tok.vocab_size, max_seq_len=32)
     examples, _ = encode_conversations(
         tok,
         [[{"role": "user", "content": "abc"}, {"role": "assistant", "content": "dead beef"}]] * 6,

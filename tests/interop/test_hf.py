@@ -86,7 +86,8 @@ def test_import_matches_hf_logits(kind, tmp_path):
 
 
 def test_import_sharded_and_headless(tmp_path):
-    """A sharded llama (model.safetensors.index.json) and a headless GPT2Model (no `transformer.` prefix)."""
+    """A sharded llama (model.safetensors.index.json) and a headless GPT2Model (no `transformer.`
+    prefix)."""
     llama = _hf_model("llama")
     llama.save_pretrained(tmp_path / "llama", safe_serialization=True, max_shard_size="50KB")
     assert (tmp_path / "llama" / "model.safetensors.index.json").is_file()
@@ -161,14 +162,9 @@ def test_export_loads_in_hf_and_round_trips(preset, kw, tmp_path):
     assert diff <= TOL
 
 
-def test_export_writes_tokenizer_ids_and_rope_theta(tmp_path):
-    from zerolm.config import TokenizerConfig
-    from zerolm.tokenizer.train import train_tokenizer
-
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=V, min_frequency=1),
-        ["the quick brown fox jumps over the lazy dog. " * 20],
-        progress=False,
+def test_export_writes_tokenizer_ids_and_rope_theta(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer(
+        "bpe", ["the quick brown fox jumps over the lazy dog. " * 20], vocab_size=V
     )
     model = _zerolm_model("llama", rope_theta=5000.0)
     export_hf(model, tmp_path, tokenizer=tok)

@@ -1,5 +1,6 @@
-"""HF transformers BERT as the reference: imported / exported encoders give the same hidden states and
-head logits; imported BERT tokenizers work; all-MiniLM-L6-v2 (when installed) embeds like transformers."""
+"""HF transformers BERT as the reference: imported / exported encoders give the same hidden states
+and head logits; imported BERT tokenizers work; all-MiniLM-L6-v2 (when installed) embeds like
+transformers."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def test_import_pretraining_matches_hf(act, tied, tmp_path):
             _diff(model.nsp_logits(h), ref.seq_relationship_logits),
         )
     print(
-        f"import bert {act} tied={tied}: max |diff| hidden {diffs[0]:.1e} mlm {diffs[1]:.1e} nsp {diffs[2]:.1e}"
+        f"import bert {act} tied={tied}: max |diff| hidden {diffs[0]:.1e} "
+        f"mlm {diffs[1]:.1e} nsp {diffs[2]:.1e}"
     )
     assert max(diffs) <= TOL
 
@@ -222,7 +224,7 @@ def _bert_tokenizer(path):
     return path
 
 
-def test_foreign_bert_tokenizer(tmp_path):
+def test_foreign_bert_tokenizer(tmp_path, tiny_model):
     tok = Tokenizer.load(_bert_tokenizer(tmp_path / "tokenizer.json"))
     assert tok.foreign and tok.kind == "wordpiece"
     assert [tok.token_id(t) for t in (PAD, UNK, CLS, SEP, MASK)] == [0, 5, 6, 7, 8]
@@ -242,10 +244,7 @@ def test_foreign_bert_tokenizer(tmp_path):
     with pytest.raises(ValueError, match=r"does not reserve '<\|pad\|>' at id 0"):
         Tokenizer.load(tmp_path / "tokenizer.json", strict=True)
     # export writes BERT's special names; transformers reads them back
-    model = build_model(
-        ModelConfig(preset="bert", d_model=32, n_layers=1, n_heads=4, max_seq_len=T_MAX),
-        vocab_size=tok.vocab_size,
-    )
+    model = tiny_model("bert", tok.vocab_size, n_layers=1, max_seq_len=T_MAX)
     export_hf(model, tmp_path / "hf", tokenizer=tok)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["pad_token_id"] == 0
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -288,7 +287,7 @@ def test_unsupported_hf_configs_are_refused(over, message, tmp_path):
         import_hf(src)
 
 
-def test_refusals(tmp_path):
+def test_refusals(tmp_path, tiny_model):
     src = _write_config(tmp_path / "pickled")
     (src / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="only pickled weights"):
@@ -300,17 +299,8 @@ def test_refusals(tmp_path):
     save_file({**state, "encoder.rel_pos.weight": torch.zeros(2)}, str(src / "model.safetensors"))
     with pytest.raises(ValueError, match="cannot place: .*encoder.rel_pos.weight"):
         import_hf(src)
-    model = build_model(
-        ModelConfig(
-            preset="bert",
-            d_model=32,
-            n_layers=1,
-            n_heads=4,
-            max_seq_len=16,
-            position="rope",
-            norm_placement="pre",
-        ),
-        vocab_size=50,
+    model = tiny_model(
+        "bert", 50, n_layers=1, max_seq_len=16, position="rope", norm_placement="pre"
     )
     with pytest.raises(ValueError, match="cannot export .*norm_placement='pre'.*position='rope'"):
         export_hf(model, tmp_path / "out")

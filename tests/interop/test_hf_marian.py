@@ -1,5 +1,5 @@
-"""HF MarianMTModel as the reference for the encoder-decoder: imported / exported weights give the same
-logits, and greedy and beam search give the same tokens as transformers' generate()."""
+"""HF MarianMTModel as the reference for the encoder-decoder: imported / exported weights give the
+same logits, and greedy and beam search give the same tokens as transformers' generate()."""
 
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def _padded():
 
 
 def _hf_generate(model, sources, **kw) -> list[list[int]]:
-    """transformers' generate on right-padded sources, as zerolm returns it: new ids, eos last if produced."""
+    """transformers' generate on right-padded sources, as zerolm returns it: new ids, eos last if
+    produced."""
     width = max(map(len, sources))
     src = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
@@ -113,15 +114,16 @@ def test_import_matches_hf_logits_with_padded_sources(act, scale, tie, tmp_path)
         diff = (model(src, tgt, mask) - ref.logits).abs().max().item()
         enc = ((memory - ref.encoder_last_hidden_state) * mask[..., None]).abs().max().item()
     print(
-        f"import marian {act} scale={scale} tie={tie}: max |logit diff| {diff:.2e}, encoder {enc:.2e}"
+        f"import marian {act} scale={scale} tie={tie}: max |logit diff| {diff:.2e}, "
+        f"encoder {enc:.2e}"
     )
     assert diff <= TOL and enc <= TOL
 
 
 @pytest.fixture(scope="module")
 def translator():
-    """A zerolm transformer-preset encdec trained 100 steps to reverse 1-7 tokens: unsure enough that
-    beam search and greedy disagree, and rows stop at different lengths."""
+    """A zerolm transformer-preset encdec trained 100 steps to reverse 1-7 tokens: unsure enough
+    that beam search and greedy disagree, and rows stop at different lengths."""
     torch.manual_seed(0)
     model = build_model(
         ModelConfig(

@@ -1,6 +1,6 @@
-"""tasks/poems/instruct.py: form adherence is the share of requests whose greedy answer the form judge
-accepts, the same whether answered in batches or one by one; compare_models measures each model
-on the same requests, with KL to a reference (0 to itself)."""
+"""tasks/poems/instruct.py: form adherence is the share of requests whose greedy answer the form
+judge accepts, the same whether answered in batches or one by one; compare_models measures each
+model on the same requests, with KL to a reference (0 to itself)."""
 
 import pytest
 import torch

@@ -177,7 +177,8 @@ def test_corpus_form_shares():
             assert r["ok"] == r["punct_ok"]
     share = {k: v / len(docs) for k, v in shares.items()}
     print({k: round(v, 3) for k, v in sorted(share.items())})
-    # the whole corpus: 五律 25 %, 七绝 18 %, 七律 14 %, 五绝 7 %, other regular 20 %, irregular 16 %
+    # the whole corpus: 五律 25 %, 七绝 18 %, 七律 14 %, 五绝 7 %, other regular 20 %,
+    # irregular 16 %
     assert 0.18 < share["五言律诗"] < 0.33
     assert 0.12 < share["七言绝句"] < 0.25
     assert 0.08 < share["七言律诗"] < 0.20

@@ -1,9 +1,7 @@
 import pytest
 
-from zerolm.config import TokenizerConfig
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import prompt_ids, render
-from zerolm.tokenizer.train import train_tokenizer
 
 TRAIN = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -27,10 +25,8 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module", params=["bpe", "char"])
-def tok(request, tmp_path_factory):
-    tok = train_tokenizer(
-        TokenizerConfig(kind=request.param, vocab_size=400, min_frequency=1), TRAIN, progress=False
-    )
+def tok(request, tmp_path_factory, tiny_tokenizer):
+    tok = tiny_tokenizer(request.param, TRAIN, vocab_size=400)
     path = tmp_path_factory.mktemp("chat")
     tok.save(path)
     return Tokenizer.load(path), path

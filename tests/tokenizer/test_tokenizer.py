@@ -15,23 +15,16 @@ TRAIN = [
 
 
 @pytest.fixture(scope="module", params=["bpe", "char", "wordpiece"])
-def trained(request, tmp_path_factory):
-    tok = train_tokenizer(
-        TokenizerConfig(kind=request.param, vocab_size=600, min_frequency=1), TRAIN, progress=False
-    )
+def trained(request, tmp_path_factory, tiny_tokenizer):
+    tok = tiny_tokenizer(request.param, TRAIN, vocab_size=600)
     path = tmp_path_factory.mktemp(request.param)
     tok.save(path)
     return request.param, tok, path
 
 
 @pytest.fixture(scope="module")
-def roundtrip_tokenizers(tmp_path_factory):
-    return {
-        k: train_tokenizer(
-            TokenizerConfig(kind=k, vocab_size=600, min_frequency=1), TRAIN, progress=False
-        )
-        for k in ("bpe", "char")
-    }
+def roundtrip_tokenizers(tiny_tokenizer):
+    return {k: tiny_tokenizer(k, TRAIN, vocab_size=600) for k in ("bpe", "char")}
 
 
 def test_special_tokens_reserved_first(trained):
@@ -96,10 +89,8 @@ def test_bpe_pretokenizer_splits_han_and_digits():
     ]
 
 
-def test_bpe_learns_whole_characters_and_words():
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=600, min_frequency=1), TRAIN, progress=False
-    )
+def test_bpe_learns_whole_characters_and_words(tiny_tokenizer):
+    tok = tiny_tokenizer("bpe", TRAIN, vocab_size=600)
     assert len(tok.encode("明月")) == 2  # one token per (frequent) Han character, not 6 bytes
     assert len(tok.encode(" question")) == 1
 
@@ -154,12 +145,10 @@ def test_load_errors(tmp_path):
         Tokenizer.load(tmp_path)
 
 
-def test_compression_report_by_language():
+def test_compression_report_by_language(tiny_tokenizer):
     from zerolm.tokenizer.report import compression_report
 
-    tok = train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=600, min_frequency=1), TRAIN, progress=False
-    )
+    tok = tiny_tokenizer("bpe", TRAIN, vocab_size=600)
     rep = compression_report(tok, TRAIN[:4])
     assert set(rep) == {"zh", "en"}
     zh = rep["zh"]
@@ -199,10 +188,8 @@ def test_stream_decoder_emits_whole_characters_that_add_up_to_the_text(
 
 
 @pytest.fixture(scope="module")
-def trained_wordpiece():
-    return train_tokenizer(
-        TokenizerConfig(kind="wordpiece", vocab_size=600, min_frequency=1), TRAIN, progress=False
-    )
+def trained_wordpiece(tiny_tokenizer):
+    return tiny_tokenizer("wordpiece", TRAIN, vocab_size=600)
 
 
 def test_completion_ids_start_a_new_document(roundtrip_tokenizers):

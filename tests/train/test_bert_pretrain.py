@@ -11,20 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerolm.config import ModelConfig
 from zerolm.data.mlm import IGNORE, N_SPECIAL, collate_pairs
-from zerolm.model import build_model
 from zerolm.train.mlm import evaluate_mlm, mlm_nsp_loss
 
 V = 60
 
 
-def _model(seed=0):
-    return build_model(
-        ModelConfig(arch="bert", d_model=32, n_layers=2, n_heads=2, max_seq_len=32, dropout=0.0),
-        vocab_size=V,
-        seed=seed,
-    )
+@pytest.fixture
+def new_model(tiny_model):
+    """A fresh untrained bert per call (vocab V, 2 heads, window 32, no dropout)."""
+    return lambda: tiny_model("bert", V, n_heads=2, max_seq_len=32, dropout=0.0)
 
 
 def _batch(seed=0, prob=0.15):
@@ -43,7 +39,8 @@ def _batch(seed=0, prob=0.15):
 
 
 class Spy(torch.nn.Module):
-    """The model with its final hidden states kept (and optionally perturbed at chosen positions)."""
+    """The model with its final hidden states kept (and optionally perturbed at chosen
+    positions)."""
 
     def __init__(self, model, perturb=None):
         super().__init__()
@@ -64,8 +61,8 @@ class Spy(torch.nn.Module):
         return self.model.nsp_logits(h)
 
 
-def test_loss_equals_the_full_reference_and_counts_selected_tokens():
-    model, batch = _model(), _batch()
+def test_loss_equals_the_full_reference_and_counts_selected_tokens(new_model):
+    model, batch = new_model(), _batch()
     ids, seg, att, labels, nsp = batch
     out = mlm_nsp_loss(model, batch)
     loss, n, stats = out.loss, out.n, out.stats
@@ -87,16 +84,16 @@ def test_loss_equals_the_full_reference_and_counts_selected_tokens():
     )
 
 
-def test_unselected_positions_change_nothing_and_get_no_gradient():
+def test_unselected_positions_change_nothing_and_get_no_gradient(new_model):
     batch = _batch(seed=1)
     selected = batch[3] != IGNORE
-    spy = Spy(_model())
+    spy = Spy(new_model())
     loss = mlm_nsp_loss(spy, batch, nsp=False).loss
     loss.backward()
     g = spy.h.grad.abs().sum(-1)  # (B, T): gradient reaching each final hidden state
     assert (g[selected] > 0).all() and (g[~selected] == 0).all()
     # NSP reads the [CLS] state only: with it, position 0 gets gradient too, and nothing else new
-    spy = Spy(_model())
+    spy = Spy(new_model())
     mlm_nsp_loss(spy, batch).loss.backward()
     g = spy.h.grad.abs().sum(-1)
     rest = ~selected
@@ -106,17 +103,17 @@ def test_unselected_positions_change_nothing_and_get_no_gradient():
     torch.manual_seed(0)
     perturb = (~selected).float()
     perturb[:, 0] = 0
-    base = mlm_nsp_loss(Spy(_model()), batch).loss
-    noisy = mlm_nsp_loss(Spy(_model(), perturb), batch).loss
+    base = mlm_nsp_loss(Spy(new_model()), batch).loss
+    noisy = mlm_nsp_loss(Spy(new_model(), perturb), batch).loss
     assert torch.allclose(base, noisy, atol=1e-6)
     # and the labels of unselected positions are not read: any value there gives the same loss
     ids, seg, att, labels, nsp = batch
     other = torch.where(selected, labels, IGNORE)
-    assert torch.equal(mlm_nsp_loss(_model(), (ids, seg, att, other, nsp)).loss, base)
+    assert torch.equal(mlm_nsp_loss(new_model(), (ids, seg, att, other, nsp)).loss, base)
 
 
-def test_evaluate_mlm_figures():
-    model = _model()
+def test_evaluate_mlm_figures(new_model):
+    model = new_model()
     batches = [_batch(seed=s) for s in range(3)]
     out = evaluate_mlm(model, batches)
     assert set(out) == {"val_mlm_loss", "val_mlm_acc", "val_nsp_loss", "val_nsp_acc"}

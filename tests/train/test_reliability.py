@@ -14,20 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zerolm.config import ModelConfig, TrainConfig, load_config
-from zerolm.model import build_model
+from zerolm.config import TrainConfig, load_config
 from zerolm.train import checkpoint
 from zerolm.train.checkpoint import NonFiniteError, list_checkpoints, save_checkpoint
 from zerolm.train.losses import LossResult, lm_loss
 from zerolm.train.trainer import Stream, Trainer
 
 
-def _model():
-    return build_model(
-        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=16, dropout=0.0),
-        vocab_size=50,
-        seed=3,
-    )
+@pytest.fixture
+def new_model(tiny_model):
+    """A fresh model per call (the tests train it): llama, vocab 50, window 16, seed 3."""
+    return lambda: tiny_model("llama", 50, seed=3, max_seq_len=16)
 
 
 def _batches(n, seed=0):
@@ -36,7 +33,8 @@ def _batches(n, seed=0):
 
 
 def _poisoned(bad_calls):
-    """lm_loss, made NaN at the given (1-based) calls: fault injection standing in for an overflow."""
+    """lm_loss, made NaN at the given (1-based) calls: fault injection standing in for an
+    overflow."""
     calls = [0]
 
     def loss(model, batch):
@@ -76,9 +74,9 @@ def _cfg(**kw):
     )
 
 
-def test_nan_once_is_skipped_and_every_checkpoint_stays_finite(tmp_path):
+def test_nan_once_is_skipped_and_every_checkpoint_stays_finite(tmp_path, new_model):
     trainer = Trainer(
-        _model(),
+        new_model(),
         _cfg(),
         tmp_path,
         batches=Stream(_batches(30)),
@@ -98,9 +96,10 @@ def test_nan_once_is_skipped_and_every_checkpoint_stays_finite(tmp_path):
     ] and _all_finite(tmp_path)
 
 
-def test_skipped_step_under_grad_accumulation_changes_nothing(tmp_path):
-    """The check runs once the micro-batches are accumulated: one bad micro-batch skips the whole update."""
-    model = _model()
+def test_skipped_step_under_grad_accumulation_changes_nothing(tmp_path, new_model):
+    """The check runs once the micro-batches are accumulated: one bad micro-batch skips the whole
+    update."""
+    model = new_model()
     trainer = Trainer(
         model,
         _cfg(grad_accum=2),
@@ -119,9 +118,11 @@ def test_skipped_step_under_grad_accumulation_changes_nothing(tmp_path):
     )  # the next batches are fine: trained on
 
 
-def test_nan_that_persists_stops_within_the_limit_naming_the_last_good_checkpoint(tmp_path):
+def test_nan_that_persists_stops_within_the_limit_naming_the_last_good_checkpoint(
+    tmp_path, new_model
+):
     trainer = Trainer(
-        _model(),
+        new_model(),
         _cfg(nonfinite_limit=5),
         tmp_path,
         batches=Stream(_batches(30)),
@@ -136,15 +137,16 @@ def test_nan_that_persists_stops_within_the_limit_naming_the_last_good_checkpoin
         "5 consecutive steps (steps 8-12" in msg
         and str(tmp_path / "checkpoints" / "step-0000005") in msg
     )
-    # step 10's checkpoint was due inside the streak: not written, so the last good one is the last finite step's
+    # step 10's checkpoint was due inside the streak: not written, so the last good one is the last
+    # finite step's
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005"] and _all_finite(
         tmp_path
     )
 
 
-def test_nonfinite_stop_policy_stops_at_the_first_bad_step(tmp_path):
+def test_nonfinite_stop_policy_stops_at_the_first_bad_step(tmp_path, new_model):
     trainer = Trainer(
-        _model(),
+        new_model(),
         _cfg(nonfinite="stop"),
         tmp_path,
         batches=Stream(_batches(30)),
@@ -157,10 +159,10 @@ def test_nonfinite_stop_policy_stops_at_the_first_bad_step(tmp_path):
         trainer.fit()
 
 
-def test_rollback_reloads_the_last_checkpoint_at_a_lower_lr(tmp_path):
+def test_rollback_reloads_the_last_checkpoint_at_a_lower_lr(tmp_path, new_model):
     cfg = _cfg(nonfinite="rollback", steps=12, schedule="constant", lr=1e-3)
     trainer = Trainer(
-        _model(),
+        new_model(),
         cfg,
         tmp_path,
         batches=Stream(_batches(20)),
@@ -176,8 +178,8 @@ def test_rollback_reloads_the_last_checkpoint_at_a_lower_lr(tmp_path):
     assert state["lr_scale"] == 0.5 and state["rollbacks"] == 1  # a resume keeps the lowered lr
 
 
-def test_nonfinite_weights_are_never_saved_and_good_checkpoints_are_kept(tmp_path):
-    model, good = _model(), _model()
+def test_nonfinite_weights_are_never_saved_and_good_checkpoints_are_kept(tmp_path, new_model):
+    model, good = new_model(), new_model()
     opt = torch.optim.AdamW(model.parameters())
     for step in (1, 2):
         save_checkpoint(tmp_path, step, good, opt, {}, keep=2)
@@ -197,7 +199,7 @@ def test_nonfinite_weights_are_never_saved_and_good_checkpoints_are_kept(tmp_pat
 
 
 def test_disk_full_at_a_checkpoint_is_one_clear_line_and_leaves_nothing_partial(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, new_model
 ):
     real, calls = checkpoint.save_file, [0]
 
@@ -213,7 +215,7 @@ def test_disk_full_at_a_checkpoint_is_one_clear_line_and_leaves_nothing_partial(
 
     monkeypatch.setattr(checkpoint, "save_file", disk_fills)
     trainer = Trainer(
-        _model(),
+        new_model(),
         _cfg(steps=6, ckpt_every=2),
         tmp_path,
         batches=Stream(_batches(6)),
@@ -232,14 +234,14 @@ def test_disk_full_at_a_checkpoint_is_one_clear_line_and_leaves_nothing_partial(
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
 
 
-def test_a_partial_save_left_by_kill_9_is_removed_at_the_next_start(tmp_path):
+def test_a_partial_save_left_by_kill_9_is_removed_at_the_next_start(tmp_path, new_model):
     root = tmp_path / "checkpoints"
     for name in (".step-0000004.k3j2x1.tmp", ".step-0000002.old-4242"):
         (root / name).mkdir(parents=True)
         (root / name / "model.safetensors").write_bytes(b"\0" * 10)
     (root / "notes").mkdir()  # not ours: left alone
     trainer = Trainer(
-        _model(),
+        new_model(),
         _cfg(steps=2, ckpt_every=2),
         tmp_path,
         batches=Stream(_batches(2)),
@@ -266,9 +268,9 @@ class _SignalsDuringSave(Stream):
         return {"saves": self.saves}
 
 
-def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, caplog):
+def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, caplog, new_model):
     trainer = Trainer(
-        _model(),
+        new_model(),
         _cfg(steps=10, ckpt_every=2),
         tmp_path,
         batches=_SignalsDuringSave(_batches(10), 2),
@@ -436,20 +438,23 @@ def test_resume_changed_flag_sets_the_config_keys(command):
 
 
 def test_a_stages_own_data_files_are_part_of_its_fingerprint(tmp_path):
-    """sft/dpo/reward/classify/seq2seq read files named in their own section: a resume compares them too."""
+    """sft/dpo/reward/classify/seq2seq read files named in their own section: a resume compares them
+    too."""
     from zerolm.config import load_config
     from zerolm.train.fingerprint import changes, stage_fingerprint
 
     data = tmp_path / "chats.jsonl"
     data.write_text(
-        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, '
+        '{"role": "assistant", "content": "hello"}]}\n'
     )
     cfg = load_config(None, {"sft": {"data": [str(data)]}})
     before = stage_fingerprint(cfg, None, ("sft", "lora"))
     assert changes(before, stage_fingerprint(cfg, None, ("sft", "lora"))) == []
     with open(data, "a") as f:
         f.write(
-            '{"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]}\n'
+            '{"messages": [{"role": "user", "content": "bye"}, '
+            '{"role": "assistant", "content": "ok"}]}\n'
         )
     found = changes(before, stage_fingerprint(cfg, None, ("sft", "lora")))
     assert len(found) == 1 and found[0].startswith("sft.data.files changed '1 file(s), 93 bytes, ")

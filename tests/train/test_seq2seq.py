@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from zerolm.cli import main
-from zerolm.config import ModelConfig
 from zerolm.eval.translation import score
-from zerolm.model import build_model, load_model
+from zerolm.model import load_model
 from zerolm.train.seq2seq import IGNORE, collate, encode_pairs, seq2seq_loss
 
 IDS = dict(pad=0, bos=1, eos=2)
@@ -27,12 +26,9 @@ def test_collate_shifts_targets_and_masks_padding():
     assert tgt_out.tolist() == [[30, 2, IGNORE, IGNORE], [31, 32, 33, 2]]
 
 
-def test_loss_is_label_smoothed_cross_entropy_over_real_target_tokens():
+def test_loss_is_label_smoothed_cross_entropy_over_real_target_tokens(tiny_model):
     torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(arch="encdec", d_model=32, n_layers=1, n_heads=2, max_seq_len=16, dropout=0.0),
-        40,
-    )
+    model = tiny_model("transformer", 40, n_layers=1, n_heads=2, max_seq_len=16, dropout=0.0)
     batch = collate([([20, 21, 2], [30]), ([22, 2], [31, 32, 33])], **IDS)
     out = seq2seq_loss(model, batch, label_smoothing=0.1)
     loss, n = out.loss, out.n
@@ -65,15 +61,10 @@ def test_too_long_pairs_are_an_error_or_dropped(tok):
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from zerolm.config import TokenizerConfig
-    from zerolm.tokenizer.train import train_tokenizer
-
+def tok(tiny_tokenizer):
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     texts = [" ".join(random.Random(i).choices(words, k=6)) for i in range(200)]
-    return train_tokenizer(
-        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), texts, progress=False
-    )
+    return tiny_tokenizer("bpe", texts)
 
 
 def test_tiny_translation_run_learns_and_beats_copying(tmp_path, capsys):
@@ -162,15 +153,10 @@ def test_tiny_translation_run_learns_and_beats_copying(tmp_path, capsys):
     assert "--beam 1" in capsys.readouterr().err
 
 
-def test_inspect_accounts_both_stacks_and_cross_attention():
+def test_inspect_accounts_both_stacks_and_cross_attention(tiny_model):
     from zerolm.inspect.accounting import account
 
-    model = build_model(
-        ModelConfig(
-            arch="encdec", d_model=64, n_layers=2, n_decoder_layers=3, n_heads=4, max_seq_len=32
-        ),
-        100,
-    )
+    model = tiny_model("transformer", 100, d_model=64, n_decoder_layers=3, max_seq_len=32)
     a = account(model)
     cross = sum(p.numel() for n, p in model.named_parameters() if ".cross_attn." in n)
     assert cross == 3 * (4 * 64 * 64 + 4 * 64) and a["parameters"]["attention"] == (2 + 3 + 3) * (

@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-from zerolm.config import ModelConfig, TrainConfig
-from zerolm.model import build_model
+from zerolm.config import TrainConfig
 from zerolm.train.losses import lm_loss
 from zerolm.train.optim import lr_at, param_groups
 from zerolm.train.trainer import Stream, Trainer
@@ -29,10 +28,8 @@ def test_schedules_by_hand():
     assert lr_at(50, TrainConfig(schedule="constant", lr=0.3, warmup_steps=5)) == 0.3
 
 
-def test_weight_decay_only_on_matrices():
-    model = build_model(
-        ModelConfig(preset="gpt2", d_model=16, n_layers=1, n_heads=2, max_seq_len=8), vocab_size=20
-    )
+def test_weight_decay_only_on_matrices(tiny_model):
+    model = tiny_model("gpt2", 20, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
     decay, no_decay = param_groups(model, 0.1)
     assert all(p.dim() == 2 for p in decay["params"]) and all(
         p.dim() == 1 for p in no_decay["params"]
@@ -40,21 +37,19 @@ def test_weight_decay_only_on_matrices():
     assert no_decay["weight_decay"] == 0.0
 
 
-def _model():
-    return build_model(
-        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=16, dropout=0.0),
-        vocab_size=50,
-        seed=3,
-    )
+@pytest.fixture
+def new_model(tiny_model):
+    """A fresh model per call (the tests train it): llama, vocab 50, window 16, seed 3."""
+    return lambda: tiny_model("llama", 50, seed=3, max_seq_len=16)
 
 
-def test_grad_accumulation_equals_big_batch(tmp_path):
+def test_grad_accumulation_equals_big_batch(tmp_path, new_model):
     data = torch.randint(0, 50, (8, 17), generator=torch.Generator().manual_seed(0))
     big = [(data[:, :-1], data[:, 1:])]
     small = [(data[:4, :-1], data[:4, 1:]), (data[4:, :-1], data[4:, 1:])]
     results = []
     for batches, accum in ((big, 1), (small, 2)):
-        model = _model()
+        model = new_model()
         cfg = TrainConfig(
             steps=1, grad_accum=accum, batch_size=8 // accum, precision="fp32", warmup_steps=1
         )
@@ -73,14 +68,14 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path, precision):
+def test_compiled_training_matches_eager(tmp_path, precision, new_model):
     """train.compile compiles the whole loss function: same losses and updates as eager mode."""
     data = torch.randint(0, 50, (3, 4, 17), generator=torch.Generator().manual_seed(0))
     batches = [(d[:, :-1], d[:, 1:]) for d in data]
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = _model()
+        model = new_model()
         cfg = TrainConfig(steps=3, precision=precision, warmup_steps=1, compile=compiled)
         trainer = Trainer(
             model,
@@ -98,35 +93,32 @@ def test_compiled_training_matches_eager(tmp_path, precision):
 
 
 @pytest.mark.slow
-def test_failed_compile_falls_back_to_eager(tmp_path, caplog):
+def test_failed_compile_falls_back_to_eager(tmp_path, caplog, new_model):
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
     data = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(steps=1, precision="fp32", warmup_steps=1, compile=True)
     trainer = Trainer(
-        _model(),
+        new_model(),
         cfg,
         tmp_path,
         batches=Stream([(data[:, :-1], data[:, 1:])] * 2),
         loss_fn=lm_loss,
         progress=False,
     )
-    # config.patch restores both settings as they were (monkeypatch's undo deleted the cache key: issue 18)
+    # config.patch restores both settings as they were (monkeypatch's undo deleted the cache key:
+    # issue 18)
     with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": ("no-such-c++-compiler",)}):
         assert math.isfinite(trainer.train_step()["loss"])
     assert trainer.train_loss is lm_loss and "training continues in eager mode" in caplog.text
     torch._dynamo.reset()  # no graph compiled under the broken compiler setting outlives the test
 
 
-def test_loss_decreases(tiny_corpus):
+def test_loss_decreases(tiny_corpus, tiny_model):
     from zerolm.data.loader import TokenBatches
 
-    model = build_model(
-        ModelConfig(preset="gpt2", d_model=32, n_layers=2, n_heads=4, max_seq_len=32),
-        vocab_size=300,
-        seed=0,
-    )
+    model = tiny_model("gpt2", 300, max_seq_len=32)
     batches = TokenBatches(tiny_corpus / "run" / "shards", batch_size=8, seq_len=32)
     cfg = TrainConfig(
         steps=60,
@@ -249,14 +241,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_corpus, uninterrupted
     assert _losses(out) == uninterrupted  # bit-identical, step by step
 
 
-def test_every_zero_means_only_at_the_last_step(tmp_path):
+def test_every_zero_means_only_at_the_last_step(tmp_path, new_model):
     data = torch.randint(0, 50, (5, 4, 17), generator=torch.Generator().manual_seed(0))
     evals = []
     cfg = TrainConfig(
         steps=5, precision="fp32", warmup_steps=1, eval_every=0, ckpt_every=0, log_every=0
     )
     trainer = Trainer(
-        _model(),
+        new_model(),
         cfg,
         tmp_path,
         batches=Stream([(d[:, :-1], d[:, 1:]) for d in data]),
