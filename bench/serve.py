@@ -19,8 +19,8 @@ Each mode is its own server (eager first): `runs` and `ratio_16_vs_1` are eager'
 --max-batch slots in one compiled step each time (compiled into a fresh ZEROLM_CACHE at start-up;
 `ready_s` is each server's start-up time, compiling included).
 
-    .venv/bin/python bench/serve.py [--model DIR] [--clients 1,4,16] [--requests 4] [--max-tokens 64]
-        [--modes eager,compiled] [--quick]
+    .venv/bin/python bench/serve.py [--model DIR] [--clients 1,4,16] [--requests 4]
+        [--max-tokens 64] [--modes eager,compiled] [--quick]
 
 Prints progress to stderr and, as its last line, one JSON object.
 """

@@ -1,6 +1,7 @@
-"""The compiled-decode cache trusts only what it wrote: a program is loaded only from a folder no one
-else can write, and only if its manifest names this model's key and its file's sha256. Compiling takes
-20-60 s, so the tests share one compiled program (copied around) and compile as little as possible."""
+"""The compiled-decode cache trusts only what it wrote: a program is loaded only from a folder no
+one else can write, and only if its manifest names this model's key and its file's sha256. Compiling
+takes 20-60 s, so the tests share one compiled program (copied around) and compile as little as
+possible."""
 
 import json
 import logging
@@ -33,7 +34,8 @@ def key_of(model):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Model A and a private cache folder holding its compiled program (the one compile most tests share)."""
+    """Model A and a private cache folder holding its compiled program (the one compile most tests
+    share)."""
     folder = tmp_path_factory.mktemp("cache")
     folder.chmod(0o700)
     a = tiny(1)
@@ -85,7 +87,8 @@ def test_a_cache_folder_others_can_write_is_not_loaded_from(saved, tmp_path, cap
     else:
         shared.chmod(0o770 if how == "group-writable" else 0o707)
     engine = Engine(a, compile=True, program_dir=str(shared))
-    torch._inductor.cpu_vec_isa.pick_vec_isa()  # probed with the real compiler (cached for the process)
+    # probed with the real compiler (cached for the process)
+    torch._inductor.cpu_vec_isa.pick_vec_isa()
     # with no C++ compiler the refusal costs no compile: not loading leaves eager decoding
     with (
         torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}),

@@ -1,4 +1,5 @@
-"""`zerolm embed` on a tiny random bert with a BERT-layout tokenizer: order, batching, truncation, errors."""
+"""`zerolm embed` on a tiny random bert with a BERT-layout tokenizer: order, batching, truncation,
+errors."""
 
 import json
 import logging

@@ -112,7 +112,8 @@ def test_context_policy(caplog):
 )
 def test_cache_slots_join_and_leave_like_continuous_batching(preset, over):
     """Sequences enter free slots at different times, decode together at different lengths, and a
-    finished slot is reused: every step's logits equal a full recomputation of that sequence alone."""
+    finished slot is reused: every step's logits equal a full recomputation of that sequence
+    alone."""
     from zerolm.infer.kv_cache import KVCache
 
     model = make(preset, **over)
@@ -210,7 +211,8 @@ def test_compiled_engine_without_a_cpp_compiler_warns_and_decodes_eagerly(caplog
     model = make("llama")
     req = GenerateRequest(max_new_tokens=8, sampling=GREEDY)
     engine = Engine(model, compile=True, program_dir=str(tmp_path))
-    torch._inductor.cpu_vec_isa.pick_vec_isa()  # probed (and cached for the process) with the real compiler first
+    # probed (and cached for the process) with the real compiler first
+    torch._inductor.cpu_vec_isa.pick_vec_isa()
     with (
         torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}),
         caplog.at_level(logging.WARNING),

@@ -1,5 +1,6 @@
 """The encoder-decoder against naive recomputation: padding, causality, cached == full decoding,
-batched == one at a time, beam search vs greedy and vs exhaustive search, and a small learning check."""
+batched == one at a time, beam search vs greedy and vs exhaustive search, and a small learning
+check."""
 
 import itertools
 
@@ -62,7 +63,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def reverser():
-    """A ~50k-parameter transformer-preset model trained (300 Adam steps) to reverse 5 tokens of 3..19."""
+    """A ~50k-parameter transformer-preset model trained (300 Adam steps) to reverse 5 tokens of
+    3..19."""
     torch.manual_seed(0)
     model = build_model(
         ModelConfig(
@@ -225,8 +227,8 @@ def test_beam_search_width_1_is_greedy_and_width_k_scores_at_least_greedy(name, 
 
 
 def test_beam_search_equals_exhaustive_search_on_a_tiny_vocabulary():
-    """Vocabulary 5 (eos = 2), 3 new tokens, no length normalisation: a beam of 36 prunes nothing, so
-    it must find the best of all 1 + 4 + 16 eos-ended and 64 full-length hypotheses, where greedy
+    """Vocabulary 5 (eos = 2), 3 new tokens, no length normalisation: a beam of 36 prunes nothing,
+    so it must find the best of all 1 + 4 + 16 eos-ended and 64 full-length hypotheses, where greedy
     and a beam of 2 can miss it."""
     model = build_model(
         ModelConfig(arch="encdec", preset="gpt2", d_model=16, n_layers=1, n_heads=2, max_seq_len=8),

@@ -23,7 +23,8 @@ API_KEY = "sk-test-123"
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    """A tiny random llama with a real BPE tokenizer (Chinese + English), saved as a model directory."""
+    """A tiny random llama with a real BPE tokenizer (Chinese + English), saved as a model
+    directory."""
     root = tmp_path_factory.mktemp("serve")
     tok = train_tokenizer(
         TokenizerConfig(kind="bpe", vocab_size=320, min_frequency=1), TEXT, progress=False
@@ -76,8 +77,8 @@ def start(model_dir, api_key=None, limits=LIMITS, **kw):
 
 @pytest.fixture
 def launch(model_dir):
-    """Start more servers on the tiny model: launch(api_key=None, limits=LIMITS, **Server kwargs); stopped
-    after the test."""
+    """Start more servers on the tiny model: launch(api_key=None, limits=LIMITS, **Server kwargs);
+    stopped after the test."""
     started = []
 
     def go(api_key=None, **kw):
@@ -112,7 +113,8 @@ def program_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live_compiled(model_dir, program_cache):
-    """The real server as `zerolm serve --compile` runs it: decode steps over all 8 slots compiled."""
+    """The real server as `zerolm serve --compile` runs it: decode steps over all 8 slots
+    compiled."""
     srv = start(model_dir, API_KEY, max_batch=8, max_queue=64, compile=True)
     assert srv.server.scheduler.engine.compiled  # the step compiled (not fallen back to eager)
     yield srv

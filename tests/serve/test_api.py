@@ -277,7 +277,8 @@ def test_attention_of_generated_tokens_lines_up_with_the_reply(live, client, mod
 
 @pytest.mark.slow
 def test_zerolm_serve_command(model_dir):
-    """`zerolm serve` as a user runs it: a process on 127.0.0.1 that answers, and stops on SIGTERM."""
+    """`zerolm serve` as a user runs it: a process on 127.0.0.1 that answers, and stops on
+    SIGTERM."""
     import socket
     import subprocess
     import sys

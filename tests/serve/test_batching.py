@@ -21,7 +21,8 @@ API_KEY = "sk-test-123"  # as in conftest.py
 
 
 def requests(n=32):
-    """Mixed requests: different prompts and lengths, greedy and seeded sampling, chat and completion."""
+    """Mixed requests: different prompts and lengths, greedy and seeded sampling, chat and
+    completion."""
     out = []
     for i in range(n):
         kw = {
@@ -112,7 +113,8 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(launch):
     conn.sock.shutdown(
         socket.SHUT_RDWR
     )  # the client goes away mid-stream (close() alone leaves the
-    conn.sock.close()  # connection open while the response's file object still refers to the socket)
+    # connection open while the response's file object still refers to the socket)
+    conn.sock.close()
     t0 = time.perf_counter()
     while srv.server.scheduler.load()["running"]:
         assert time.perf_counter() - t0 < 2.0, (

@@ -1,4 +1,5 @@
-"""The web UI in a real headless Chromium (Debian's), driven by Playwright, against the real server."""
+"""The web UI in a real headless Chromium (Debian's), driven by Playwright, against the real
+server."""
 
 import re
 import shutil

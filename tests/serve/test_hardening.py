@@ -48,7 +48,8 @@ def post(port, path, body, key=None, timeout=60):
 
 
 def stream(port, body, path="/v1/completions", key=None, times=None):
-    """(status, SSE events: parsed JSON or "[DONE]") of one streamed request; times gets each event's time."""
+    """(status, SSE events: parsed JSON or "[DONE]") of one streamed request; times gets each
+    event's time."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request(
         "POST",
@@ -211,7 +212,8 @@ def test_inspector_is_bounded_and_leaves_the_loop_free(launch):
     )  # ~1000 of 1024 tokens
     body = json.dumps({"prompt": long_prompt, "layer": 1}).encode()
 
-    def call():  # the ~7 MB answer is parsed later: json.loads here would hold this process's GIL (and loop)
+    # the ~7 MB answer is parsed later: json.loads here would hold this process's GIL (and loop)
+    def call():
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
         conn.request(
             "POST", "/v1/inspect/attention", body=body, headers={"Content-Type": "application/json"}
@@ -236,8 +238,9 @@ def test_inspector_is_bounded_and_leaves_the_loop_free(launch):
         ok["weights"][-1]
     ) == pytest.approx(1, abs=1e-3)
     during = [b - a for a, b in zip(times, times[1:]) if a >= t0 - 0.05 and b <= t1 + 0.05]
-    # the stream flowed while the inspector worked (~1 s of CPU; on the event loop it was one ~1 s gap);
-    # generous for a loaded 2-core machine, where the scheduler thread itself waits for a core
+    # the stream flowed while the inspector worked (~1 s of CPU; on the event loop it was one
+    # ~1 s gap); generous for a loaded 2-core machine, where the scheduler thread itself waits
+    # for a core
     assert during and max(during) < 0.5, max(during)
 
 
@@ -352,7 +355,8 @@ def test_harmless_fields_are_accepted(live):
 
 
 def test_parameters_the_scheduler_refuses_are_a_400_not_a_500(live):
-    """The scheduler's own check (SamplingParams.validate) backs the schema's: its ValueError is the request's 400."""
+    """The scheduler's own check (SamplingParams.validate) backs the schema's: its ValueError is the
+    request's 400."""
     from zerolm.infer.sampling import SamplingParams
     from zerolm.serve.server import ApiError
 
@@ -370,7 +374,8 @@ def test_max_prompt_tokens_over_the_window_is_refused_at_start(model_dir):
 
 
 def raw_exchange(port, data: bytes, pause=None) -> bytes:
-    """Send raw bytes (a list: chunks with `pause` s between them); return all the server sends back."""
+    """Send raw bytes (a list: chunks with `pause` s between them); return all the server sends
+    back."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         for part in data if isinstance(data, list) else [data]:
@@ -393,7 +398,8 @@ def test_a_chunked_body_over_the_limit_is_413(live):
     head = (
         b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
         + API_KEY.encode()
-        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        + b"Connection: close\r\n\r\n"
     )
     part = b'{"prompt": "' + b"x" * 8000
     chunks = (
@@ -467,8 +473,8 @@ def test_a_flood_of_identical_errors_logs_one_line_per_interval():
 
 @pytest.mark.slow
 def test_serve_process_at_its_fd_limit_answers_and_sigterm_ends_it_in_time(model_dir):
-    """`zerolm serve` with 256 file descriptors: 300 idle sockets leave it answering, with a short log;
-    a client that never reads its stream does not keep it alive past --shutdown-timeout."""
+    """`zerolm serve` with 256 file descriptors: 300 idle sockets leave it answering, with a short
+    log; a client that never reads its stream does not keep it alive past --shutdown-timeout."""
     import resource
     import signal
 

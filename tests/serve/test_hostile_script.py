@@ -1,5 +1,5 @@
-"""bench/hostile.py --quick against a real `zerolm serve` subprocess on 127.0.0.1 (issue 18's acceptance):
-one run of the script, then each section's verdict from its JSON line."""
+"""bench/hostile.py --quick against a real `zerolm serve` subprocess on 127.0.0.1 (issue 18's
+acceptance): one run of the script, then each section's verdict from its JSON line."""
 
 import json
 import os
@@ -84,8 +84,9 @@ def test_concurrent_streams_equal_their_solo_runs(report):
 def test_a_1mib_prompt_does_not_stall_other_streams(report):
     b = report["big_prompt"]
     assert b["big_status"] is not None and 400 <= b["big_status"] < 500, brief(b)
-    # the acceptance figure (< 50 ms, the bench's "ok") is for an idle machine; the suite shares 2 busy cores, so
-    # the test's bound only guards against the old stall (1.2 s: the prompt tokenized on the event loop)
+    # the acceptance figure (< 50 ms, the bench's "ok") is for an idle machine; the suite shares 2
+    # busy cores, so the test's bound only guards against the old stall (1.2 s: the prompt
+    # tokenized on the event loop)
     assert b["max_gap_ms"] < 300, brief(b)
 
 

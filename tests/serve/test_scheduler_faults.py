@@ -197,7 +197,8 @@ def test_a_failed_model_pass_fails_its_rows_and_the_scheduler_carries_on(sched):
         job.prompt = [1, 10**6]
     assert bad.finished.wait(30) and bad.end[0] == "error" and "prefill" in bad.end[1]
     assert finish(recs) == want  # a slot moved wrongly would have changed their tokens
-    # a failing decode pass (e.g. out of memory) ends the rows in it; the next requests are unaffected
+    # a failing decode pass (e.g. out of memory) ends the rows in it; the next requests are
+    # unaffected
     decode, calls = sched.engine.decode, []
 
     def fails_once(*a, **kw):
@@ -288,7 +289,8 @@ def test_a_nan_row_leaves_nothing_in_its_cache_slot_and_nan_weights_are_unhealth
         )  # into slot 3
         assert bad.finished.wait(30) and bad.end[0] == "error" and "non-finite logits" in bad.end[1]
         assert finish(recs) == want[:3]
-        # slot 3 again, with a shorter prompt beside a longer one: the NaN keys and values left there
+        # slot 3 again, with a shorter prompt beside a longer one: the NaN keys and values left
+        # there
         # sit in its masked positions, which must not leak in
         assert finish(start(sched, [longer, *SHORT[1:], SHORT[0]])) == [
             want[3],

@@ -1,4 +1,5 @@
-"""decode_layout: fused modules with the split model's values, logits, state_dict and checkpoints."""
+"""decode_layout: fused modules with the split model's values, logits, state_dict and
+checkpoints."""
 
 import pytest
 import torch
