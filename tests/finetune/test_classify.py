@@ -10,15 +10,10 @@ import torch.nn.functional as F
 
 from zerolm.config import ModelConfig, TokenizerConfig, load_config
 from zerolm.eval.baselines import CharFeatures, bag_of_chars_baseline, fit_logreg, majority_baseline
-from zerolm.finetune.classify import (
-    Row,
-    classifier_from,
-    classify_file,
-    encode,
-    finetune_classify,
-    read_rows,
-    tang_authors,
-)
+from zerolm.finetune.classify import finetune_classify
+from zerolm.finetune.classify_data import Row, encode, read_rows, tang_authors
+from zerolm.finetune.classify_model import classifier_from
+from zerolm.finetune.classify_predict import classify_file
 from zerolm.model import build_model, save_model
 from zerolm.tokenizer.train import train_tokenizer
 
