@@ -4,8 +4,9 @@ import torch
 from zerolm.config import ModelConfig, TrainConfig
 from zerolm.eval.mode import eval_mode
 from zerolm.model import build_model
+from zerolm.train.batches import Stream
 from zerolm.train.losses import lm_loss
-from zerolm.train.trainer import Stream, Trainer
+from zerolm.train.trainer import Trainer
 
 
 def _model():
@@ -28,7 +29,7 @@ def test_eval_mode_restores_the_mode_it_found_even_on_an_error():
 def test_the_trainer_takes_batches_with_a_state_and_says_how_to_wrap_an_iterator(tmp_path):
     data = torch.randint(0, 50, (2, 9))
     batches = [(data[:, :-1], data[:, 1:])]
-    with pytest.raises(TypeError, match="wrap a plain iterator in zerolm.train.trainer.Stream"):
+    with pytest.raises(TypeError, match="wrap a plain iterator in zerolm.train.batches.Stream"):
         Trainer(_model(), TrainConfig(steps=1), tmp_path, batches=iter(batches), loss_fn=lm_loss)
     stream = Stream(batches)
     assert stream.state_dict() == {} and next(stream) is batches[0]

@@ -50,8 +50,8 @@ from zerolm.tokenizer import Tokenizer, check_tokenizers
 from zerolm.tokenizer.chat import prompt_ids, render
 from zerolm.train.fingerprint import stage_fingerprint
 from zerolm.train.losses import LossResult
+from zerolm.train.precision import autocast
 from zerolm.train.run import Stage, StageResult, load_trainable, open_out, run, save_trainable
-from zerolm.train.trainer import autocast
 
 log = logging.getLogger(__name__)
 MAX_FAILED_ROLLOUTS = 10
