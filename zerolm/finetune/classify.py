@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from zerolm.config import Config
-from zerolm.data.mlm import LengthBatches
+from zerolm.data.mlm_batches import LengthBatches
 from zerolm.eval.baselines import bag_of_chars_baseline, majority_baseline
 from zerolm.files import atomic_write_text
 from zerolm.finetune.classify_data import Row, collate, encode, label_ids, load_rows
