@@ -45,7 +45,7 @@ from zerolm.interop.hf import export_hf
 from zerolm.model import build_model
 from zerolm.train.losses import lm_loss
 from zerolm.train.optim import build_optimizer
-from zerolm.train.trainer import autocast, measure_peak_flops
+from zerolm.train.precision import autocast, measure_peak_flops
 
 PRESETS = ("simple", "gpt2", "llama")
 SIZES = {

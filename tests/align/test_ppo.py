@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from zerolm.align.ppo import PolicyValue, load_reward, train_ppo
+from zerolm.align.ppo import PolicyValue, train_ppo
+from zerolm.align.ppo_rewards import load_reward
 from zerolm.align.stage import reference_logits
 from zerolm.config import LoRAConfig, load_config
 from zerolm.eval.replies import sample_replies

@@ -11,15 +11,12 @@ from zerolm.data.mlm import (
     N_SPECIAL,
     PAD_ID,
     SEP_ID,
-    PairBatches,
-    SentenceCorpus,
     collate_pairs,
-    fixed_batches,
-    make_pairs,
     mask_tokens,
     pair_ids,
-    split_sentences,
 )
+from zerolm.data.mlm_batches import PairBatches, fixed_batches
+from zerolm.data.nsp import SentenceCorpus, make_pairs, split_sentences
 
 V = 1000
 
@@ -190,7 +187,7 @@ def test_sentence_corpus_from_texts_with_a_wordpiece_tokenizer(tiny_tokenizer):
 
 
 def test_length_batches_cover_each_epoch_with_little_padding_and_resume():
-    from zerolm.data.mlm import LengthBatches
+    from zerolm.data.mlm_batches import LengthBatches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 100, 1000)

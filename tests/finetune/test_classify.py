@@ -10,15 +10,10 @@ import torch.nn.functional as F
 
 from zerolm.config import load_config
 from zerolm.eval.baselines import CharFeatures, bag_of_chars_baseline, fit_logreg, majority_baseline
-from zerolm.finetune.classify import (
-    Row,
-    classifier_from,
-    classify_file,
-    encode,
-    finetune_classify,
-    read_rows,
-    tang_authors,
-)
+from zerolm.finetune.classify import finetune_classify
+from zerolm.finetune.classify_data import Row, encode, read_rows, tang_authors
+from zerolm.finetune.classify_model import classifier_from
+from zerolm.finetune.classify_predict import classify_file
 from zerolm.model import save_model
 
 SEA, HILL = "海浪潮波鱼舟帆沙", "山峰岭石松云崖径"

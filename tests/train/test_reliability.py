@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from zerolm.config import TrainConfig, load_config
 from zerolm.train import checkpoint
+from zerolm.train.batches import Stream
 from zerolm.train.checkpoint import NonFiniteError, list_checkpoints, save_checkpoint
 from zerolm.train.losses import LossResult, lm_loss
-from zerolm.train.trainer import Stream, Trainer
+from zerolm.train.trainer import Trainer
 
 
 @pytest.fixture

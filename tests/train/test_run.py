@@ -3,8 +3,9 @@ import torch
 
 from zerolm.config import TrainConfig
 from zerolm.eval.mode import eval_mode
+from zerolm.train.batches import Stream
 from zerolm.train.losses import lm_loss
-from zerolm.train.trainer import Stream, Trainer
+from zerolm.train.trainer import Trainer
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def test_the_trainer_takes_batches_with_a_state_and_says_how_to_wrap_an_iterator
 ):
     data = torch.randint(0, 50, (2, 9))
     batches = [(data[:, :-1], data[:, 1:])]
-    with pytest.raises(TypeError, match="wrap a plain iterator in zerolm.train.trainer.Stream"):
+    with pytest.raises(TypeError, match="wrap a plain iterator in zerolm.train.batches.Stream"):
         Trainer(new_model(), TrainConfig(steps=1), tmp_path, batches=iter(batches), loss_fn=lm_loss)
     stream = Stream(batches)
     assert stream.state_dict() == {} and next(stream) is batches[0]

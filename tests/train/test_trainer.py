@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from zerolm.config import TrainConfig
+from zerolm.train.batches import Stream
 from zerolm.train.losses import lm_loss
 from zerolm.train.optim import lr_at, param_groups
-from zerolm.train.trainer import Stream, Trainer
+from zerolm.train.trainer import Trainer
 
 
 def test_schedules_by_hand():

@@ -7,7 +7,7 @@ import sys
 
 
 def cmd_classify(args, extra) -> None:
-    from zerolm.finetune.classify import classify_file
+    from zerolm.finetune.classify_predict import classify_file
 
     r = classify_file(
         args.model,

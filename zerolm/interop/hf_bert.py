@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from zerolm.config import ModelConfig
-from zerolm.interop.hf import _read_weights, _refuse, build_imported, write_hf_dir
+from zerolm.interop.hf_checkpoint import _read_weights, _refuse, build_imported, write_hf_dir
 from zerolm.model import build_model, resolve
 from zerolm.model.bert import Bert
 from zerolm.tokenizer import PAD

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from zerolm.config import ModelConfig
-from zerolm.interop.hf import _read_weights, _refuse, build_imported, write_hf_dir
+from zerolm.interop.hf_checkpoint import _read_weights, _refuse, build_imported, write_hf_dir
 from zerolm.model import resolve
 from zerolm.model.encdec import EncoderDecoder
 from zerolm.model.layers import sinusoidal_table

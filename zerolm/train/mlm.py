@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from zerolm.config import Config
 from zerolm.data.collate import IGNORE
-from zerolm.data.mlm import MASK_ID, PairBatches, SentenceCorpus, fixed_batches, pair_ids
+from zerolm.data.mlm import MASK_ID, pair_ids
+from zerolm.data.mlm_batches import PairBatches, fixed_batches
+from zerolm.data.nsp import SentenceCorpus
 from zerolm.data.prepare import prepare, read_docs
 from zerolm.eval.mode import eval_mode
 from zerolm.inspect.accounting import account

@@ -23,10 +23,11 @@ from zerolm.model import Transformer, build_model, load_model, save_model
 from zerolm.model.bert import Bert
 from zerolm.model.encdec import EncoderDecoder
 from zerolm.tokenizer import Tokenizer
+from zerolm.train.batches import Batches
 from zerolm.train.checkpoint import list_checkpoints
 from zerolm.train.fingerprint import check_resume
 from zerolm.train.losses import LossResult
-from zerolm.train.trainer import Batches, Trainer
+from zerolm.train.trainer import Trainer
 from zerolm.transforms.lora import (
     apply_lora,
     lora_config_of,

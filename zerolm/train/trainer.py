@@ -7,16 +7,13 @@ rolled back from: train.nonfinite).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +21,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from zerolm.config import TrainConfig
+from zerolm.train.batches import Batches
 from zerolm.train.checkpoint import (
     NonFiniteError,
     last_good,
@@ -35,75 +33,13 @@ from zerolm.train.checkpoint import (
 from zerolm.train.fingerprint import check_resume, trainer_fingerprint
 from zerolm.train.losses import LossResult
 from zerolm.train.optim import build_optimizer, lr_at
+from zerolm.train.precision import autocast, measure_peak_flops
+from zerolm.train.signals import Abort, Signals
 
 log = logging.getLogger(__name__)
 
 # (model, batch) -> LossResult; the model is the stage's own class (train/run.py's Stage types it)
 LossFn = Callable[[Any, Any], LossResult]
-
-
-@runtime_checkable
-class Batches(Protocol):
-    """A stage's batch iterator: next(batches) is one micro-batch; its state_dict is saved in each
-    checkpoint and loaded on resume and rollback, so the data continues where it was."""
-
-    def __next__(self): ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-class Stream:
-    """Batches without a position to resume from (a plain iterator, e.g. a list in a test): its
-    state is empty, and a resume or rollback does not rewind it."""
-
-    def __init__(self, batches: Iterable):
-        self.it = iter(batches)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self.it)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def measure_peak_flops(
-    precision: str, device: torch.device, n: int = 1024, trials: int = 5
-) -> float:
-    """Measured matmul FLOP/s of this device in this precision (the MFU denominator): the best of
-    a few short trials, so a momentarily busy machine does not deflate it."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)  # not the global RNG: resume is exact
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    a @ b
-    best = 0.0
-    for _ in range(trials):
-        reps, t0 = 0, time.perf_counter()
-        while reps < 2 or time.perf_counter() - t0 < 0.05:
-            a @ b
-            reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return best
-
-
-class _Abort(KeyboardInterrupt):
-    """A second interrupt before the checkpoint save began: stop at once, saving nothing."""
 
 
 def _json_row(row: dict) -> str:
@@ -112,49 +48,6 @@ def _json_row(row: dict) -> str:
         k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
     }
     return json.dumps(clean, allow_nan=False)
-
-
-class _Signals:
-    """SIGINT and SIGTERM alike: the first finishes the step, saves a checkpoint and stops. A second
-    one before the save aborts at once, saving nothing (resume takes the previous checkpoint, so it
-    stays exact); during a save every signal waits until the checkpoint is written."""
-
-    def __init__(self):
-        self.requested: str = ""
-        self.saving = False
-        self._old: dict = {}
-
-    def _handler(self, signum, frame):
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        if self.saving:
-            self.requested = self.requested or name
-            log.warning("%s: a checkpoint is being saved; stopping once it is written", name)
-            return
-        if self.requested:
-            raise _Abort
-        self.requested = name
-        log.warning(
-            "%s: finishing this step and saving a checkpoint (press again to abort at once)", name
-        )
-
-    @contextlib.contextmanager
-    def hold(self):
-        self.saving = True
-        try:
-            yield
-        finally:
-            self.saving = False
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = {
-                sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)
-            }
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class Trainer:
@@ -177,7 +70,7 @@ class Trainer:
         if not isinstance(batches, Batches):
             raise TypeError(
                 f"batches must be Batches (next, state_dict, load_state_dict), not "
-                f"{type(batches).__name__}: wrap a plain iterator in zerolm.train.trainer.Stream"
+                f"{type(batches).__name__}: wrap a plain iterator in zerolm.train.batches.Stream"
             )
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
         self.batches, self.loss_fn = batches, loss_fn
@@ -196,7 +89,7 @@ class Trainer:
         self.changed: list[str] = []  # resumes that train.resume_changed let through, as recorded
         self._saved_step = -1
         self._note: dict[str, object] = {}  # fields for the next log row
-        self._signals = _Signals()
+        self._signals = Signals()
 
     # ---------------------------------------------------------------- one optimizer step
     def _loss(self, batch):
@@ -435,7 +328,7 @@ class Trainer:
                     row = self._logged_step(log_file, bar)
                 if stop.requested and self.step < cfg.steps:
                     self._stop_requested(stop.requested)
-            except _Abort:
+            except Abort:
                 log.warning(f"aborted at step {self.step}, nothing saved: {last_good(self.out)}")
                 raise
             finally:
