@@ -214,13 +214,15 @@ def rate_limit_logs(interval: float = 10.0) -> None:
 
 def socket_budget(wanted: int) -> tuple[int, int]:
     """(max open connections, accept backlog) that stay below this process's RLIMIT_NOFILE. asyncio
-    accepts up to `backlog` sockets in a burst before any is seen (and capped), so the cap leaves room
-    for one burst, plus 64 descriptors for the model, logs, pipes and threads."""
+    accepts up to `backlog` sockets per loop iteration before any is seen (and capped), and a shed
+    socket's descriptor is freed an iteration or two later, so the cap leaves room for three bursts,
+    plus 64 descriptors for the model, logs, pipes and threads. (One burst of room failed under load:
+    at 256 descriptors, 300 connects in a row overran it and accept() hit EMFILE.)"""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted, 2048
-    backlog = min(2048, max(16, soft // 4))
-    return max(8, min(wanted, soft - backlog - 64)), backlog
+    backlog = min(2048, max(16, soft // 8))
+    return max(8, min(wanted, soft - 3 * backlog - 64)), backlog
 
 
 def uvicorn_config(app, limits, *, host: str, port: int, log_level: str = "info"):
