@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerolm.config import ModelConfig
 from zerolm.model.layers import make_norm, position_buffers
+from zerolm.model.presets import ResolvedModelConfig
 from zerolm.model.transformer import Block
 
 # the MLM head's activation for each FFN kind (SwiGLU has no single-matrix form: exact GELU, as BERT)
@@ -30,7 +30,7 @@ ACTIVATIONS = {
 class MLMHead(nn.Module):
     """dense -> activation -> norm -> decoder (the token embedding when tied) + a bias per token."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ResolvedModelConfig):
         super().__init__()
         self.act = ACTIVATIONS[cfg.ffn]
         self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -47,7 +47,12 @@ class MLMHead(nn.Module):
 
 
 class Bert(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    # the non-learned position tables position_buffers registers (per cfg.position)
+    pos_table: torch.Tensor  # (max_seq_len, D), sinusoidal
+    rope_cos: torch.Tensor  # (max_seq_len, Dh), rope; likewise rope_sin
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: ResolvedModelConfig):
         """`cfg` must be resolved (zerolm.model.presets.resolve) with arch bert."""
         super().__init__()
         self.cfg = cfg

@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerolm.config import ModelConfig
 from zerolm.model.attention import Attention
 from zerolm.model.layers import make_norm, position_buffers
+from zerolm.model.presets import ResolvedModelConfig
 from zerolm.model.transformer import Block
 
 
 class DecoderBlock(Block):
     """Block with cross-attention to the encoder memory between self-attention and the FFN."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ResolvedModelConfig):
         super().__init__(cfg)
         self.norm_cross = make_norm(
             cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre
@@ -49,7 +49,7 @@ class DecoderBlock(Block):
 class Stack(nn.Module):
     """One side's own parts: learned positions, embedding norm, blocks, final norm (pre-norm)."""
 
-    def __init__(self, cfg: ModelConfig, n_blocks: int, block: type[Block]):
+    def __init__(self, cfg: ResolvedModelConfig, n_blocks: int, block: type[Block]):
         super().__init__()
         self.pos_emb = (
             nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
@@ -65,7 +65,13 @@ class Stack(nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    final_logits_bias: torch.Tensor  # (V,) buffer
+    # the non-learned position tables position_buffers registers (per cfg.position)
+    pos_table: torch.Tensor  # (max_seq_len, D), sinusoidal
+    rope_cos: torch.Tensor  # (max_seq_len, Dh), rope; likewise rope_sin
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: ResolvedModelConfig):
         """`cfg` must be resolved (zerolm.model.presets.resolve) with arch encdec."""
         super().__init__()
         self.cfg = cfg

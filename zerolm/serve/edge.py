@@ -22,6 +22,7 @@ import logging
 import resource
 import secrets
 import time
+from collections.abc import Mapping
 
 import h11
 from fastapi.responses import JSONResponse
@@ -36,7 +37,7 @@ def error_response(
     kind: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
-    headers: dict | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body = P.ErrorResponse(error=P.ErrorDetail(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -137,7 +138,7 @@ class GuardedH11(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._head_timer = None
+        self._head_timer: asyncio.TimerHandle | None = None
         self._arm()
         open_ = [
             c for c in self.connections if not c.transport.is_closing()
@@ -187,7 +188,8 @@ class RateLimit(logging.Filter):
 
     def __init__(self, interval: float = 10.0):
         super().__init__()
-        self.interval, self.seen = interval, {}  # key -> (last time let through, dropped since)
+        self.interval = interval
+        self.seen: dict[tuple, tuple[float, int]] = {}  # key -> (last let through, dropped since)
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.levelno, str(record.msg), record.exc_info and record.exc_info[0])

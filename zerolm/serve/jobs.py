@@ -73,6 +73,12 @@ class Job:
         self.sampling.validate()
 
     @property
+    def running_row(self) -> Row:
+        """Its decode state, which every job has from its admission on."""
+        assert self.row is not None, "the job has not been admitted"
+        return self.row
+
+    @property
     def generated(self) -> int:
         """Tokens generated so far."""
         return 0 if self.row is None else self.row.generated

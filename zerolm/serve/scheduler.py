@@ -33,14 +33,15 @@ import torch
 from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.engine import Engine
 from zerolm.infer.kv_cache import KVCache
+from zerolm.model.protocol import LanguageModel
 from zerolm.serve.jobs import Job, QueueFull, Stats, Token
 
 log = logging.getLogger(__name__)
 
 
 NONFINITE = (
-    "the model produced non-finite logits (NaN or inf) for this request: its weights are not finite "
-    "or this input overflows them"
+    "the model produced non-finite logits (NaN or inf) for this request: its weights are not "
+    "finite or this input overflows them"
 )
 
 
@@ -51,7 +52,7 @@ class Scheduler:
 
     def __init__(
         self,
-        model,
+        model: LanguageModel,
         *,
         max_batch: int = 16,
         max_queue: int = 64,
@@ -184,7 +185,8 @@ class Scheduler:
         for s in [s for s in self.running if s.cancelled]:
             self._remove(s)
             _emit(s, "done", "cancelled")
-        admitted, budget = [], self.prefill_budget
+        admitted: list[Job] = []
+        budget = self.prefill_budget
         while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting[0]
             if s.cancelled:
@@ -246,7 +248,8 @@ class Scheduler:
         if self.running:  # every running sequence has its last token: one step for all
             seqs = list(self.running)
             try:  # a failed step leaves the cache lengths as they were (they advance at its end)
-                logits = self.engine.decode_first([s.row.last for s in seqs], self.cache)  # (B, V)
+                last = [s.running_row.last for s in seqs]
+                logits = self.engine.decode_first(last, self.cache)  # (B, V)
             except Exception as e:
                 self._fail(
                     seqs,
@@ -264,7 +267,7 @@ class Scheduler:
             ok = torch.isfinite(logits).all(-1).tolist()
             nonfinite = [s for s, good in zip(seqs, ok) if not good]
             seqs, logits = [s for s, good in zip(seqs, ok) if good], logits[torch.tensor(ok)]
-        chosen = advance([s.row for s in seqs], logits, errors="return")
+        chosen = advance([s.running_row for s in seqs], logits, errors="return")
         want_lps = any(s.logprobs is not None for s in seqs)
         lps = torch.log_softmax(logits.float(), -1) if want_lps else None  # (B, V)
         for j, (s, tid) in enumerate(zip(seqs, chosen)):
@@ -276,8 +279,8 @@ class Scheduler:
                 log.exception("a sequence failed while sampling")
                 failed.append((s, f"generation failed: {type(e).__name__}: {e}"))
                 continue
-            if s.row.finish:
-                finished.append((s, s.row.finish))
+            if finish := s.running_row.finish:
+                finished.append((s, finish))
         self.stats.tokens += len(seqs) - len(failed)
         self.stats.recent.append((now, len(seqs) - len(failed)))
         with self._cv:
@@ -297,11 +300,12 @@ class Scheduler:
         """The Token event of s's new token `tid` (row j of the step's log-probabilities)."""
         tok = Token(tid)
         if s.logprobs is not None:
+            assert lps is not None  # computed when any row wants logprobs
             tok.logprob = float(lps[j, tid])
             if s.logprobs:
                 vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
                 tok.top = list(zip(ids.tolist(), vals.tolist()))
-        if s.row.generated == 1:
+        if s.running_row.generated == 1:
             self.stats.record_ttft(now - s.submitted)
         return tok
 

@@ -119,7 +119,7 @@ class _Signals:
     one before the save aborts at once, saving nothing (resume takes the previous checkpoint, so it
     stays exact); during a save every signal waits until the checkpoint is written."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requested: str = ""
         self.saving = False
         self._old: dict = {}
