@@ -17,6 +17,7 @@ import torch
 
 from zerolm.data.sources import decode_lines, jsonl_rows
 from zerolm.files import atomic_write_text
+from zerolm.model.bert import Bert
 from zerolm.tokenizer import CLS, PAD, SEP, Tokenizer
 
 log = logging.getLogger("zerolm")
@@ -59,7 +60,7 @@ def encode_texts(tok: Tokenizer, texts: list[str], max_tokens: int) -> list[list
 
 @torch.inference_mode()
 def embed_ids(
-    model, ids: list[list[int]], pad_id: int, batch_size: int = 32, progress: bool = False
+    model: Bert, ids: list[list[int]], pad_id: int, batch_size: int = 32, progress: bool = False
 ) -> np.ndarray:
     """(N, D) float32 normalised mean-pooled embeddings of token-id rows, in input order."""
     from tqdm import tqdm
@@ -87,7 +88,7 @@ def embed_ids(
 
 
 def embed_texts(
-    model,
+    model: Bert,
     tok: Tokenizer,
     texts: list[str],
     batch_size: int = 32,
