@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from zerolm.eval.mode import eval_mode
 from zerolm.eval.replies import reply_kl, response_batch, sample_replies, token_logprobs
 from zerolm.inspect.accounting import account
 from zerolm.model import load_model, read_model_config
+from zerolm.model.protocol import LanguageModel
 from zerolm.tasks import REWARDS, TASKS
 from zerolm.tokenizer import Tokenizer, check_tokenizers
 from zerolm.tokenizer.chat import prompt_ids, render
@@ -63,7 +65,7 @@ class PolicyValue(nn.Module):
     the speedrun model a shared body let the value loss drift the policy: KL to the reference grew
     with no gain in reward). The head starts at zero, so the first values are 0."""
 
-    def __init__(self, body):
+    def __init__(self, body: LanguageModel):
         super().__init__()
         self.body, self.cfg = body, body.cfg
         self.value_head = nn.Linear(body.cfg.d_model, 1)
@@ -420,7 +422,7 @@ def train_ppo(cfg, progress: bool = True) -> StageResult:
     train_p, val_p, counts = load_prompts(cfg, tok, read_model_config(base).max_seq_len)
     log.info("prompts: %s; train %d, val %d", counts, len(train_p), len(val_p))
     body, lora = load_trainable(cfg, base)
-    policy = PolicyValue(body)
+    policy = PolicyValue(cast(LanguageModel, body))  # the policy: a decoder
     ref_model = (
         load_model(ref_dir).requires_grad_(False) if ref_dir != base or lora is None else None
     )

@@ -9,9 +9,19 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from zerolm.config import ModelConfig
 from zerolm.model.presets import ResolvedModelConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), each (B|1, 1, T, Dh); None: no RoPE
+
+
+class SavableModel(Protocol):
+    """Any zerolm model (decoder, bert, encdec; as built, loaded or transformed) as a model
+    directory holds it: its config and its tensors."""
+
+    @property
+    def cfg(self) -> ModelConfig: ...
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
 
 
 @runtime_checkable
