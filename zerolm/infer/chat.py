@@ -85,8 +85,10 @@ def fit_history(tok: Tokenizer, messages: list[dict], max_prompt_tokens: int) ->
     return system + turns
 
 
-CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system message; \
-/system alone clears it), /temperature X, /top_p X, /top_k N, /max_tokens N, /history, /help, /quit"""
+CHAT_HELP = (
+    "commands: /reset (forget the conversation), /system TEXT (set the system message; /system\n"
+    "alone clears it), /temperature X, /top_p X, /top_k N, /max_tokens N, /history, /help, /quit"
+)
 
 
 class ChatSession:

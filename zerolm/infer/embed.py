@@ -24,7 +24,8 @@ log = logging.getLogger("zerolm")
 
 
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
-    """Texts of a .txt file (one per line) or a .jsonl file (`field` of each row); blank lines skipped."""
+    """Texts of a .txt file (one per line) or a .jsonl file (`field` of each row); blank lines
+    skipped."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--input {str(path)!r} does not exist")
@@ -95,7 +96,8 @@ def embed_texts(
     max_tokens: int = 0,
     progress: bool = False,
 ) -> np.ndarray:
-    """(N, D) float32 embeddings of `texts`; max_tokens: the truncation length (0: the model window)."""
+    """(N, D) float32 embeddings of `texts`; max_tokens: the truncation length (0: the model
+    window)."""
     if model.cfg.arch != "bert":
         raise ValueError(f"embeddings need a bert model, not a {model.cfg.arch} model")
     window = model.cfg.max_seq_len
@@ -132,8 +134,8 @@ def embed_file(
     max_tokens: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
-    """`zerolm embed`: embed every text of input_path with the bert model in model_dir, write them to
-    output (.jsonl or .npy; None: JSONL on stdout) and return them."""
+    """`zerolm embed`: embed every text of input_path with the bert model in model_dir, write them
+    to output (.jsonl or .npy; None: JSONL on stdout) and return them."""
     from zerolm.model import load_model, read_model_config
 
     if output is not None and Path(output).suffix not in (".jsonl", ".npy"):

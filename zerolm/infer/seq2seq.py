@@ -47,8 +47,8 @@ class Seq2SeqCache:
         cfg = model.cfg
         if max_len > cfg.max_seq_len:
             raise ValueError(
-                f"a target of {max_len} positions exceeds the model's max_seq_len={cfg.max_seq_len}: "
-                "lower max_new_tokens"
+                f"a target of {max_len} positions exceeds the model's "
+                f"max_seq_len={cfg.max_seq_len}: lower max_new_tokens"
             )
         param = next(model.parameters())
         return cls(
@@ -72,8 +72,8 @@ class Seq2SeqCache:
             self.cross_mask = self.cross_mask[idx]
 
     def reorder(self, idx: torch.Tensor, n: int) -> None:
-        """Row r continues row idx[r] (beam search; beams of one source share its cross keys/values):
-        the n filled positions of the self-attention cache are gathered, in place."""
+        """Row r continues row idx[r] (beam search; beams of one source share its cross
+        keys/values): the n filled positions of the self-attention cache are gathered, in place."""
         self.self_attn.reorder(idx, n)
 
 
@@ -100,7 +100,8 @@ def _check(
             raise ValueError(f"source {i} is empty: give at least one token (e.g. eos)")
         if len(s) > cfg.max_seq_len:
             raise ValueError(
-                f"source {i} has {len(s)} tokens; the model reads at most max_seq_len={cfg.max_seq_len}"
+                f"source {i} has {len(s)} tokens; the model reads at most "
+                f"max_seq_len={cfg.max_seq_len}"
             )
     for name, tok in (("bos", bos), ("eos", eos)):
         if not 0 <= tok < cfg.vocab_size:
@@ -218,7 +219,8 @@ def generate(
     """New token ids for each source (eos included as the last id when produced).
 
     bos: the decoder start token; beam >= 2: beam search (deterministic: sampling must be None or
-    temperature 0), scored sum logprob / len**length_penalty; sampling None or temperature 0: greedy."""
+    temperature 0), scored sum logprob / len**length_penalty; sampling None or temperature 0:
+    greedy."""
     _check(model, sources, max_new_tokens, bos, eos, sampling)
     if beam < 1:
         raise ValueError(f"beam must be >= 1 (1: no beam search), got {beam}")

@@ -6,8 +6,10 @@ Legend: B batch, S source positions, T target tokens in this call, D d_model, V 
 Sources are padded on the right; `src_mask` (B, S) is 1/True for real tokens (None: all real).
 Internal parameter names (HF Marian names live in interop/hf_marian.py):
   tok_emb (shared by encoder, decoder and a tied output head), lm_head (untied only),
-  encoder.{pos_emb,emb_norm,norm_f}, encoder.blocks.{i}.{norm1,attn.{q,k,v,o},norm2,ffn.{up,gate,down}},
-  decoder.{pos_emb,emb_norm,norm_f}, decoder.blocks.{i}.{norm1,attn,norm_cross,cross_attn,norm2,ffn},
+  encoder.{pos_emb,emb_norm,norm_f},
+  encoder.blocks.{i}.{norm1,attn.{q,k,v,o},norm2,ffn.{up,gate,down}},
+  decoder.{pos_emb,emb_norm,norm_f},
+  decoder.blocks.{i}.{norm1,attn,norm_cross,cross_attn,norm2,ffn},
   final_logits_bias (a (V,) buffer, zeros unless imported: Marian checkpoints carry one)
 pos_emb exists for learned positions, emb_norm with embed_norm, norm_f with pre-norm.
 """
@@ -123,7 +125,8 @@ class EncoderDecoder(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     def _embed(self, ids, side: Stack, positions):
-        """ids (B, T), positions (T,) or (B, T) -> (B, T, D): tokens (x sqrt(d)) + positions, norm, dropout."""
+        """ids (B, T), positions (T,) or (B, T) -> (B, T, D): tokens (x sqrt(d)) + positions, norm,
+        dropout."""
         x = self.tok_emb(ids)  # (B, T, D)
         if self.cfg.embed_scale:
             x = x * math.sqrt(self.cfg.d_model)
@@ -187,7 +190,8 @@ class EncoderDecoder(nn.Module):
 
         Without cache: the whole target at once (teacher forcing), causal. With cache (an
         infer.seq2seq.Seq2SeqCache): tgt continues the cached rows; the first call projects the
-        memory into cross-attention keys/values and keeps them (later calls may pass memory=None)."""
+        memory into cross-attention keys/values and keeps them (later calls may pass
+        memory=None)."""
         T = tgt.shape[1]
         if cache is None:
             self._check_len(T, "target")
@@ -237,5 +241,6 @@ class EncoderDecoder(nn.Module):
         return F.linear(hidden, self.head_weight, self.final_logits_bias)  # one fused matmul + bias
 
     def forward(self, src, tgt, src_mask=None):
-        """Teacher forcing: src (B, S), tgt (B, T) starting with the decoder start token -> logits (B, T, V)."""
+        """Teacher forcing: src (B, S), tgt (B, T) starting with the decoder start token -> logits
+        (B, T, V)."""
         return self.logits(self.decode(tgt, self.encode(src, src_mask), src_mask))

@@ -23,7 +23,8 @@ from zerolm.model.protocol import SavableModel
 
 
 def save_model(model: SavableModel, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) into out_dir, atomically per file."""
+    """Write config.json + model.safetensors (+ tokenizer files) into out_dir, atomically per
+    file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -82,8 +82,8 @@ PRESETS: dict[str, dict] = {
         norm_eps=1e-12,
         embed_norm=True,
     ),
-    # the original Transformer (Vaswani et al. 2017): post-LN, ReLU, sinusoidal positions, embeddings
-    # scaled by sqrt(d_model) and shared between encoder, decoder and output layer
+    # the original Transformer (Vaswani et al. 2017): post-LN, ReLU, sinusoidal positions,
+    # embeddings scaled by sqrt(d_model) and shared between encoder, decoder and output layer
     "transformer": dict(
         norm="layernorm",
         norm_placement="post",

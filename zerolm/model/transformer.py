@@ -120,7 +120,8 @@ class Transformer(nn.Module):
         rows: torch.Tensor | slice | None = None,
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ids (B, T) -> the final hidden states (B, T, D) that the LM head (or a reward head) reads.
+        """ids (B, T) -> the final hidden states (B, T, D) that the LM head (or a reward head)
+        reads.
 
         positions: (B, T) or (T,) position of each token (default: arange(T), or each row's cache
         length onwards); cache: a KVCache filled in place, rows: (B,) its slots that ids continue

@@ -44,7 +44,8 @@ def error_response(
 
 
 class Edge:
-    """ASGI middleware: key check, then the whole body within its size and time limits, then the app."""
+    """ASGI middleware: key check, then the whole body within its size and time limits, then the
+    app."""
 
     def __init__(self, app, server, api_key: str | None):
         self.app, self.server, self.api_key = app, server, api_key
@@ -216,8 +217,8 @@ def rate_limit_logs(interval: float = 10.0) -> None:
 
 def socket_budget(wanted: int) -> tuple[int, int]:
     """(max open connections, accept backlog) that stay below this process's RLIMIT_NOFILE. asyncio
-    accepts up to `backlog` sockets in a burst before any is seen (and capped), so the cap leaves room
-    for one burst, plus 64 descriptors for the model, logs, pipes and threads."""
+    accepts up to `backlog` sockets in a burst before any is seen (and capped), so the cap leaves
+    room for one burst, plus 64 descriptors for the model, logs, pipes and threads."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted, 2048

@@ -46,9 +46,10 @@ NONFINITE = (
 
 
 class Scheduler:
-    """compile=True: decode steps run the compiled step over all max_batch slots (infer/compiled.py),
-    empty slots masked; it is compiled (or loaded) here, before the first request. Prefill stays
-    eager; if compiling fails, decoding is eager, with a warning (infer/engine.py)."""
+    """compile=True: decode steps run the compiled step over all max_batch slots
+    (infer/compiled.py), empty slots masked; it is compiled (or loaded) here, before the first
+    request. Prefill stays eager; if compiling fails, decoding is eager, with a warning
+    (infer/engine.py)."""
 
     def __init__(
         self,
@@ -74,7 +75,8 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # running[i].slot == i
         self.stats = Stats()
-        # the weights never change while serving: one look at load tells /health about a NaN checkpoint
+        # the weights never change while serving: one look at load tells /health about a NaN
+        # checkpoint
         with torch.no_grad():
             self._bad_weights = next(
                 (n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None
@@ -86,8 +88,9 @@ class Scheduler:
 
     # -- called from any thread ------------------------------------------------------------
     def submit(self, seqs: Sequence[Job]) -> None:
-        """Queue the sequences (all of them or, raising QueueFull, none). A job that could fail once
-        running (bad ids, seed, sampling, or no room in the window and cache) is a ValueError here."""
+        """Queue the sequences (all of them or, raising QueueFull, none). A job that could fail
+        once running (bad ids, seed, sampling, or no room in the window and cache) is a
+        ValueError here."""
         room = min(self.model.cfg.max_seq_len, self.cache.max_len)
         for s in seqs:
             s.check(room, self.vocab)
@@ -106,7 +109,8 @@ class Scheduler:
             self._cv.notify()
 
     def health(self) -> dict:
-        """{"ok", "reason" (None when ok), "nonfinite_logits", "failed_rows", "failed_passes", "last_error"}.
+        """{"ok", "reason" (None when ok), "nonfinite_logits", "failed_rows", "failed_passes",
+        "last_error"}.
         Not ok: the scheduler is not running, the weights are not finite, or the model produced
         non-finite logits (its weights do not change, so that stays). Failed rows and passes are
         counted, and last_error kept, without making the model unhealthy."""
