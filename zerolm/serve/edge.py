@@ -1,4 +1,4 @@
-"""The connection guards of `zerolm serve`, in front of the endpoints (zerolm/serve/app.py).
+"""The connection guards of `zerolm serve`, in front of the endpoints (zerolm/serve/routes.py).
 
 - `Edge` (ASGI middleware): the API key is checked on /v1 before any body is read (401), and the
   body is read whole before the app sees it, within `max_body_bytes` (413, declared or chunked)
