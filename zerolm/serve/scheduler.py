@@ -110,10 +110,9 @@ class Scheduler:
 
     def health(self) -> dict:
         """{"ok", "reason" (None when ok), "nonfinite_logits", "failed_rows", "failed_passes",
-        "last_error"}.
-        Not ok: the scheduler is not running, the weights are not finite, or the model produced
-        non-finite logits (its weights do not change, so that stays). Failed rows and passes are
-        counted, and last_error kept, without making the model unhealthy."""
+        "last_error"}. Not ok: the scheduler is not running, the weights are not finite, or the
+        model produced non-finite logits (its weights do not change, so that stays). Failed rows and
+        passes are counted, and last_error kept, without making the model unhealthy."""
         with self._cv:
             st = self.stats
             if self._closed or not self._thread.is_alive():
