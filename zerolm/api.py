@@ -25,6 +25,7 @@ from zerolm.infer.embed import embed_texts
 from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.infer.stop import find_stop
+from zerolm.infer.text import encode_prompts
 from zerolm.model import load_model
 from zerolm.tokenizer import EOS, Tokenizer
 
@@ -93,14 +94,7 @@ class Model:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         tok = self.tokenizer
         eos = tok.token_id(EOS)
-        ids = tok.completion_ids(prompts)  # eos first: the model starts a document
-        unknown = tok.unknown_ids()
-        for p, text in zip(ids, prompts):
-            if len(p) > 1 and set(p[1:]) <= unknown:
-                raise ValueError(
-                    f"prompt {text[:40]!r} has only characters the model never saw in training; "
-                    "write the prompt in the language of its training text"
-                )
+        ids = encode_prompts(tok, prompts)  # eos first: the model starts a document
         req = GenerateRequest(
             max_new_tokens=max_new_tokens,
             sampling=_sampling({"temperature": 0.8}, sampling),

@@ -8,7 +8,10 @@ import torch
 
 from zerolm.config import ModelConfig, TokenizerConfig
 from zerolm.model import build_model, save_model
-from zerolm.serve.app import Limits, create_app, load_server, uvicorn_config
+from zerolm.serve.app import create_app
+from zerolm.serve.edge import uvicorn_config
+from zerolm.serve.limits import Limits
+from zerolm.serve.server import load_server
 from zerolm.tokenizer.train import train_tokenizer
 
 TEXT = [

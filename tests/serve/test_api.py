@@ -6,7 +6,7 @@ import json
 import pytest
 from openai import OpenAI
 
-from zerolm.serve.app import Limits
+from zerolm.serve.limits import Limits
 
 API_KEY = "sk-test-123"  # as in conftest.py
 LIMITS = Limits(max_tokens=48, max_n=4, max_messages=8, max_body_bytes=20_000)

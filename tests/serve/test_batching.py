@@ -13,8 +13,8 @@ from openai import AsyncOpenAI
 from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model import load_model
-from zerolm.serve.app import Limits
 from zerolm.serve.jobs import Job
+from zerolm.serve.limits import Limits
 from zerolm.serve.scheduler import Scheduler
 
 API_KEY = "sk-test-123"  # as in conftest.py

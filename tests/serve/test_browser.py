@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from zerolm.serve.app import Limits
+from zerolm.serve.limits import Limits
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -16,8 +16,9 @@ import time
 import pytest
 import torch
 
-from zerolm.serve.app import Limits, load_server
 from zerolm.serve.edge import RateLimit
+from zerolm.serve.limits import Limits
+from zerolm.serve.server import load_server
 
 API_KEY = "sk-test-123"  # as in conftest.py
 LONG = Limits(
@@ -358,7 +359,7 @@ def test_parameters_the_scheduler_refuses_are_a_400_not_a_500(live):
     """The scheduler's own check (SamplingParams.validate) backs the schema's: its ValueError is the
     request's 400."""
     from zerolm.infer.sampling import SamplingParams
-    from zerolm.serve.server import ApiError
+    from zerolm.serve.errors import ApiError
 
     async def submit():
         live.server.start([2, 50, 60], 1, 4, SamplingParams(top_p=0.0), [], (2,), None, None)

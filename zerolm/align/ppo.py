@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import cast
 
 from torch import nn
 
@@ -33,6 +34,7 @@ from zerolm.align.stage import reference_dir, reference_logits, start_stage
 from zerolm.eval.replies import reply_kl, sample_replies
 from zerolm.inspect.accounting import account
 from zerolm.model import load_model, read_model_config
+from zerolm.model.protocol import LanguageModel
 from zerolm.tokenizer import Tokenizer
 from zerolm.train.fingerprint import stage_fingerprint
 from zerolm.train.run import Stage, StageResult, load_trainable, open_out, run, save_trainable
@@ -46,7 +48,7 @@ class PolicyValue(nn.Module):
     the speedrun model a shared body let the value loss drift the policy: KL to the reference grew
     with no gain in reward). The head starts at zero, so the first values are 0."""
 
-    def __init__(self, body):
+    def __init__(self, body: LanguageModel):
         super().__init__()
         self.body, self.cfg = body, body.cfg
         self.value_head = nn.Linear(body.cfg.d_model, 1)
@@ -94,7 +96,7 @@ def train_ppo(cfg, progress: bool = True) -> StageResult:
     train_p, val_p, counts = load_prompts(cfg, tok, read_model_config(base).max_seq_len)
     log.info("prompts: %s; train %d, val %d", counts, len(train_p), len(val_p))
     body, lora = load_trainable(cfg, base)
-    policy = PolicyValue(body)
+    policy = PolicyValue(cast(LanguageModel, body))  # the policy: a decoder
     ref_model = (
         load_model(ref_dir).requires_grad_(False) if ref_dir != base or lora is None else None
     )

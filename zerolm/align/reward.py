@@ -26,6 +26,7 @@ from zerolm.eval.mode import eval_mode
 from zerolm.files import atomic_write_bytes
 from zerolm.inspect.accounting import account
 from zerolm.model import load_model, save_model
+from zerolm.model.protocol import LanguageModel
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import render
 from zerolm.train.fingerprint import stage_fingerprint
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class RewardModel(nn.Module):
-    def __init__(self, body):
+    def __init__(self, body: LanguageModel):
         super().__init__()
         self.body = body
         self.cfg = body.cfg

@@ -24,16 +24,18 @@ from zerolm.data.prefs import (
 from zerolm.data.split import split_by_hash
 from zerolm.eval.mode import eval_mode
 from zerolm.model import load_model
+from zerolm.model.protocol import LanguageModel
 from zerolm.tasks import TASKS
 from zerolm.tokenizer import Tokenizer, check_tokenizers
 from zerolm.train.run import begin
+from zerolm.transforms.layout import decode_layout
 from zerolm.transforms.lora import adapters_disabled, lora_config_of
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- data
-def load_pairs(cfg, model: nn.Module, tok) -> tuple[list[Preference], list[Preference], dict]:
+def load_pairs(cfg, model: LanguageModel, tok) -> tuple[list[Preference], list[Preference], dict]:
     """(train, val) pairs from align.data files, align.builtin sets and counts per source.
     Files and hhh are split by a hash of the pair; poem pairs are sampled from `model` on
     requests from the training documents (train) and the held-out ones (val)."""
@@ -82,8 +84,6 @@ def encoded_pairs(
 ) -> tuple[dict[str, list], dict]:
     """{"train": [...], "val": [...]} of encode(tok, pair, window) for every pair that fits the
     window (None: it does not), and a summary of where the pairs came from."""
-    from zerolm.transforms.layout import decode_layout
-
     sampler = decode_layout(
         load_model(base)
     )  # samples the poem answers; the stage trains its own copy

@@ -11,7 +11,8 @@ LOCAL = ("127.0.0.1", "localhost", "::1")
 
 
 def main(args, extra) -> None:
-    from zerolm.serve.app import Limits, serve
+    from zerolm.serve.app import serve
+    from zerolm.serve.limits import Limits
 
     s = resolve_config(args, extra).serve
     api_key = s.api_key or os.environ.get("ZEROLM_API_KEY") or None

@@ -302,7 +302,7 @@ class SampleConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
-    """`zerolm serve`: where it listens and the limits that protect it (serve/server.py Limits)."""
+    """`zerolm serve`: where it listens and the limits that protect it (serve/limits.py Limits)."""
 
     host: str = "127.0.0.1"  # this machine only
     port: int = 8000

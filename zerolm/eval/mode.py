@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any, Protocol, TypeVar
 
-from torch import nn
+
+class _HasModes(Protocol):
+    """What eval_mode needs: an nn.Module, or a LanguageModel (zerolm/model/protocol.py)."""
+
+    training: bool
+
+    def train(self, mode: bool = True) -> Any: ...
+    def eval(self) -> Any: ...
+
+
+M = TypeVar("M", bound=_HasModes)
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: M) -> Iterator[M]:
     """model.eval() inside the block; on leaving it (also by an exception), the mode it had."""
     was = model.training
     model.eval()

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 from zerolm.data.loader import eval_batches
 from zerolm.eval.mode import eval_mode
+from zerolm.model.protocol import LanguageModel
 
 
 @torch.no_grad()
 def evaluate_lm(
-    model,
+    model: LanguageModel,
     shard_dir: str | Path,
     token_bytes: np.ndarray,
     *,

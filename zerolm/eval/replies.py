@@ -6,7 +6,7 @@ Legend: B sequences, T tokens (shifted by one: position t predicts token t + 1),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -14,6 +14,7 @@ from zerolm.data.collate import pad_right
 from zerolm.infer.chat import chat_request
 from zerolm.infer.engine import Engine
 from zerolm.infer.sampling import SamplingParams
+from zerolm.model.protocol import LanguageModel
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import prompt_ids
 
@@ -44,7 +45,7 @@ def response_batch(
 
 
 def sample_replies(
-    model,
+    model: LanguageModel,
     tok: Tokenizer,
     conversations: Sequence[Sequence[dict]],
     *,
@@ -77,7 +78,13 @@ def sample_replies(
 
 
 @torch.no_grad()
-def reply_kl(model, ref, seqs: list[list[int]], lens: list[int], batch_size: int = 32) -> dict:
+def reply_kl(
+    model: LanguageModel,
+    ref: Callable[[torch.Tensor], torch.Tensor],
+    seqs: list[list[int]],
+    lens: list[int],
+    batch_size: int = 32,
+) -> dict:
     """KL(model || ref) per reply, in nats, of replies sampled from `model` (sample_replies):
     the sum over their tokens of log p_model - log p_ref, averaged over the replies. `ref` is a
     model or any x -> logits (e.g. zerolm.align.stage.reference_logits)."""
@@ -91,8 +98,8 @@ def reply_kl(model, ref, seqs: list[list[int]], lens: list[int], batch_size: int
 
 
 def kl_to_reference(
-    model,
-    ref,
+    model: LanguageModel,
+    ref: Callable[[torch.Tensor], torch.Tensor],
     tok: Tokenizer,
     conversations: Sequence[Sequence[dict]],
     *,

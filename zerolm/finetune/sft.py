@@ -25,6 +25,7 @@ from zerolm.eval.mode import eval_mode
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
+from zerolm.model.protocol import LanguageModel
 from zerolm.tasks import TASKS
 from zerolm.tokenizer import Tokenizer
 from zerolm.train.fingerprint import stage_fingerprint
@@ -85,7 +86,7 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
 
 
 @torch.no_grad()
-def sft_eval(model, examples, batch_size: int = 16) -> dict:
+def sft_eval(model: LanguageModel, examples, batch_size: int = 16) -> dict:
     """Mean loss over assistant tokens of held-out conversations (packed, in order)."""
     rows = pack(examples, range(len(examples)), model.cfg.max_seq_len, packing=True)
     nats, n = 0.0, 0

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import Any
 
 from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
+from zerolm.model.protocol import LanguageModel
 from zerolm.tokenizer import END, EOS, Tokenizer
 from zerolm.tokenizer.chat import prompt_ids
 from zerolm.tokenizer.stream import StreamDecoder
@@ -35,7 +37,10 @@ def chat_request(
 
 
 def replies(
-    model, tok: Tokenizer, conversations: Sequence[Sequence[dict]], req: GenerateRequest
+    model: LanguageModel,
+    tok: Tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    req: GenerateRequest,
 ) -> list[str]:
     """One assistant reply per conversation, generated as one batch; max_new_tokens is lowered to
     the room the longest prompt leaves in the window (prompts are not cut to make room, unless
@@ -45,9 +50,8 @@ def replies(
     room = model.cfg.max_seq_len - max(map(len, prompts))
     if 1 <= room < req.max_new_tokens:
         req = dataclasses.replace(req, max_new_tokens=room)
-    elif (
-        room < 1
-    ):  # a prompt fills the window: req.context decides (truncate keeps its end), a quarter left to reply
+    elif room < 1:  # a prompt fills the window: req.context decides (truncate keeps its end)
+        # and a quarter of the window is left to reply
         req = dataclasses.replace(
             req, max_new_tokens=max(1, min(req.max_new_tokens, model.cfg.max_seq_len // 4))
         )
@@ -81,12 +85,74 @@ def fit_history(tok: Tokenizer, messages: list[dict], max_prompt_tokens: int) ->
     return system + turns
 
 
-CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system message; /system
-alone clears it), /temperature X, /top_p X, /top_k N, /max_tokens N, /history, /help, /quit"""
+CHAT_HELP = (
+    "commands: /reset (forget the conversation), /system TEXT (set the system message; /system\n"
+    "alone clears it), /temperature X, /top_p X, /top_k N, /max_tokens N, /history, /help, /quit"
+)
+
+
+class ChatSession:
+    """One `zerolm chat` conversation: the settings the slash commands change, the system
+    message and the history, kept within the model's window."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tok: Tokenizer,
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        system: str,
+        seed: int | None,
+    ):
+        self.engine, self.tok, self.sampling, self.seed = engine, tok, sampling, seed
+        self.window = engine.model.cfg.max_seq_len
+        # at most half the window: room for the conversation
+        self.max_new = max(1, min(max_new_tokens, self.window // 2))
+        self.sys_msgs = [{"role": "system", "content": system}] if system else []
+        self.history: list[dict] = []
+
+    def answer(self, text: str) -> None:
+        """Stream the reply to `text` to stdout and keep both turns."""
+        self.sampling.validate()
+        history = self.history + [{"role": "user", "content": text}]
+        kept = fit_history(self.tok, self.sys_msgs + history, self.window - self.max_new)
+        self.history = kept[len(self.sys_msgs) :]
+        req = chat_request(self.tok, self.max_new, self.sampling, self.seed)
+        reply = ""
+        for piece in stream_reply(self.engine, self.tok, self.sys_msgs + self.history, req):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            reply += piece
+        sys.stdout.write("\n")
+        self.history.append({"role": "assistant", "content": reply})
+
+    def command(self, cmd: str, arg: str, say: Callable[..., None]) -> None:
+        """Run a slash command other than /quit (CHAT_HELP); a bad value raises ValueError."""
+        if cmd == "/reset":
+            self.history = []
+            say("(conversation cleared)")
+        elif cmd == "/system":
+            self.sys_msgs = [{"role": "system", "content": arg}] if arg else []
+            say(f"(system message {'set' if arg else 'cleared'})")
+        elif cmd in ("/temperature", "/top_p", "/top_k"):
+            field, value = cmd[1:], (int if cmd == "/top_k" else float)(arg)
+            change: dict[str, Any] = {field: value}
+            new = dataclasses.replace(self.sampling, **change)
+            new.validate()  # a bad value is reported and the old one kept
+            self.sampling = new
+            say(f"({field} = {value})")
+        elif cmd == "/max_tokens":
+            self.max_new = max(1, min(int(arg), self.window - 1))
+            say(f"(max_tokens = {self.max_new})")
+        elif cmd == "/history":
+            for m in self.sys_msgs + self.history:
+                say(f"[{m['role']}] {m['content']}")
+        else:
+            say(CHAT_HELP)
 
 
 def repl(
-    model,
+    model: LanguageModel,
     tok: Tokenizer,
     sampling: SamplingParams,
     *,
@@ -100,32 +166,9 @@ def repl(
     """`zerolm chat`: read messages from stdin, stream replies to stdout, keep the conversation
     within the window; slash commands change the session (CHAT_HELP). prompt: answer once, exit."""
     engine = Engine(model, compile=compile)
-    max_new = max(
-        1, min(max_new_tokens, model.cfg.max_seq_len // 2)
-    )  # at most half the window: room for the conversation
-    sys_msgs = [{"role": "system", "content": system}] if system else []
-    history: list[dict] = []
-
-    def answer(text: str) -> None:
-        nonlocal history
-        sampling.validate()
-        history = fit_history(
-            tok,
-            sys_msgs + history + [{"role": "user", "content": text}],
-            model.cfg.max_seq_len - max_new,
-        )[len(sys_msgs) :]
-        reply = ""
-        for piece in stream_reply(
-            engine, tok, sys_msgs + history, chat_request(tok, max_new, sampling, seed)
-        ):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            reply += piece
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
-
+    session = ChatSession(engine, tok, sampling, max_new_tokens, system, seed)
     if prompt is not None:
-        return answer(prompt)
+        return session.answer(prompt)
     say = partial(print, file=sys.stderr)
     say(
         f"zerolm chat: {name} ({model.cfg.preset}, window {model.cfg.max_seq_len} tokens). "
@@ -138,31 +181,12 @@ def repl(
             return say()
         if not line.startswith("/"):
             if line:
-                answer(line)
+                session.answer(line)
             continue
         cmd, _, arg = line.partition(" ")
+        if cmd in ("/quit", "/exit"):
+            return
         try:
-            if cmd in ("/quit", "/exit"):
-                return
-            if cmd == "/reset":
-                history = []
-                say("(conversation cleared)")
-            elif cmd == "/system":
-                sys_msgs = [{"role": "system", "content": arg}] if arg else []
-                say(f"(system message {'set' if arg else 'cleared'})")
-            elif cmd in ("/temperature", "/top_p", "/top_k"):
-                field, value = cmd[1:], (int if cmd == "/top_k" else float)(arg)
-                new = dataclasses.replace(sampling, **{field: value})
-                new.validate()  # a bad value is reported and the old one kept
-                sampling = new
-                say(f"({field} = {value})")
-            elif cmd == "/max_tokens":
-                max_new = max(1, min(int(arg), model.cfg.max_seq_len - 1))
-                say(f"(max_tokens = {max_new})")
-            elif cmd == "/history":
-                for m in sys_msgs + history:
-                    say(f"[{m['role']}] {m['content']}")
-            else:
-                say(CHAT_HELP)
+            session.command(cmd, arg, say)
         except ValueError as e:
             say(f"(error: {e})")

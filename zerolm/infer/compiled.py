@@ -17,11 +17,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
+from torch.export import ExportedProgram
 
 from zerolm.files import atomic_write_text
 from zerolm.infer.kv_cache import KVCache, decode_mask
+from zerolm.model.protocol import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ COMPILE_OPTIONS = {
 class _StepCache:
     """The cache interface model.hidden uses (begin/update/end), for one decode token per row over
     all slots of a KVCache's tensors, with the row positions (B,) a tensor and the attended span S
-    the length of `span`: both stay symbolic in the exported graph, so one graph serves every length."""
+    the length of `span`: both stay symbolic in the exported graph, so one graph serves every
+    length."""
 
     def __init__(self, k, v, pos, span):
         self.k, self.v, self.pos, self.span = k, v, pos, span
@@ -62,7 +66,7 @@ class _StepCache:
 
 
 class _DecodeStep(torch.nn.Module):
-    def __init__(self, model):
+    def __init__(self, model: LanguageModel):
         super().__init__()
         self.model = model
 
@@ -83,7 +87,7 @@ PROGRAMS_KEPT = 4  # the most recently used programs kept on disk (each holds it
 COMPILING = ".compiling-"  # the prefix of a program's temporary folder while it compiles
 
 
-def program_key(model, batch: int, cache: KVCache) -> str:
+def program_key(model: LanguageModel, batch: int, cache: KVCache) -> str:
     """What a compiled step depends on: the model's code, config and weights, the batch and cache
     shape, the thread count and vector ISA its kernels were built for, torch and the settings."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
@@ -116,9 +120,8 @@ def program_key(model, batch: int, cache: KVCache) -> str:
     return h.hexdigest()[:32]
 
 
-_MEMORY: dict[
-    tuple[str, str], object
-] = {}  # (path, key) -> a program that could not be kept on disk
+Program = Callable[..., torch.Tensor]  # a loaded step: (ids, pos, span, k, v) -> (B, V) logits
+_MEMORY: dict[tuple[str, str], Program] = {}  # (path, key) -> a program not kept on disk
 _WARNED: set[str] = set()
 
 
@@ -158,12 +161,16 @@ def saved_program_problem(path: str, key: str) -> str | None:
 
 def untrusted_cache(folder: str) -> str | None:
     """Why programs must not be loaded from `folder` (None: they may): a loaded program runs as
-    native code, so the folder must be the user's own and writable by no one else. Creates it (0700)."""
+    native code, so the folder must be the user's own and writable by no one else. Creates it
+    (0700)."""
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         st = os.stat(folder)
     except OSError as e:
-        return f"the compiled-decode cache {folder} cannot be created ({e.strerror}): set ZEROLM_CACHE=DIR to a folder of your own"
+        return (
+            f"the compiled-decode cache {folder} cannot be created ({e.strerror}): set "
+            "ZEROLM_CACHE=DIR to a folder of your own"
+        )
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
         return (
             f"the compiled-decode cache {folder} belongs to another user, so it is not used: "
@@ -177,12 +184,15 @@ def untrusted_cache(folder: str) -> str | None:
     return None
 
 
-def load_or_compile(model, ids: torch.Tensor, cache: KVCache, folder: str | None = None):
+def load_or_compile(
+    model: LanguageModel, ids: torch.Tensor, cache: KVCache, folder: str | None = None
+) -> Program:
     """The compiled step of `model` for next tokens `ids` (B, 1) over all of `cache`'s slots: loaded
     from `folder` (default program_dir()) if a previous run saved it there and it verifies (its
-    manifest names this key and the file's sha256), else compiled and saved there with its manifest.
-    Where nothing can be kept (an untrusted or read-only folder, an entry that cannot be replaced) that
-    is warned about once, and the program is compiled once per process and kept in memory."""
+    manifest names this key and the file's sha256), else compiled and saved there with its
+    manifest. Where nothing can be kept (an untrusted or read-only folder, an entry that cannot be
+    replaced) that is warned about once, and the program is compiled once per process and kept in
+    memory."""
     folder = folder or program_dir()
     key = program_key(model, ids.shape[0], cache)
     path = os.path.join(folder, key + ".pt2")
@@ -190,49 +200,74 @@ def load_or_compile(model, ids: torch.Tensor, cache: KVCache, folder: str | None
         return _MEMORY[path, key]
     problem = untrusted_cache(folder)
     if problem is None and os.path.isfile(path):
-        bad = saved_program_problem(path, key)
-        try:
-            if bad is None:
-                program = torch._inductor.aoti_load_package(path)
-                with contextlib.suppress(OSError):
-                    os.utime(path)  # recently used: kept
-                log.info(
-                    "loaded the compiled decode step for batch size %d from %s", ids.shape[0], path
-                )
-                return program
-        except Exception as e:  # a damaged file: compile afresh over it
-            bad = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("could not load %s: %s; compiling again", path, bad)
-    blocked = [p for p in (path, _manifest(path)) if os.path.lexists(p) and not os.path.isfile(p)]
-    if (
-        problem is None and blocked
-    ):  # e.g. a directory there: os.replace cannot put a file in its place
-        problem = f"the compiled-decode cache entry {blocked[0]} is not a file and cannot be replaced: remove it"
-    elif problem is None and not os.access(folder, os.W_OK):
-        problem = (
-            f"the compiled-decode cache {folder} is not writable, so compiled steps are not kept for later "
-            "runs: set ZEROLM_CACHE=DIR to a writable folder"
-        )
+        program = _load_saved(path, key, ids.shape[0])
+        if program is not None:
+            return program
+    problem = problem or _unwritable(folder, path)
     if problem is not None:
         _warn_once(problem + " (meanwhile the decode step is compiled once per process)")
     log.info(
         "compiling the decode step for batch size %d (20-60 s; a C++ compiler is needed)",
         ids.shape[0],
     )
+    return _compile(_export(model, ids, cache), folder, path, key, problem)
+
+
+def _load_saved(path: str, key: str, batch: int) -> Program | None:
+    """The program saved at `path` if it verifies and loads; None (with a warning) if not."""
+    bad = saved_program_problem(path, key)
+    try:
+        if bad is None:
+            program = torch._inductor.aoti_load_package(path)
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: kept
+            log.info("loaded the compiled decode step for batch size %d from %s", batch, path)
+            return program
+    except Exception as e:  # a damaged file: compile afresh over it
+        bad = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    log.warning("could not load %s: %s; compiling again", path, bad)
+    return None
+
+
+def _unwritable(folder: str, path: str) -> str | None:
+    """Why a program compiled now cannot be kept at `path` in `folder` (None: it can)."""
+    blocked = [p for p in (path, _manifest(path)) if os.path.lexists(p) and not os.path.isfile(p)]
+    if blocked:  # e.g. a directory there: os.replace cannot put a file in its place
+        return (
+            f"the compiled-decode cache entry {blocked[0]} is not a file and cannot be replaced: "
+            "remove it"
+        )
+    if not os.access(folder, os.W_OK):
+        return (
+            f"the compiled-decode cache {folder} is not writable, so compiled steps are not kept "
+            "for later runs: set ZEROLM_CACHE=DIR to a writable folder"
+        )
+    return None
+
+
+def _export(model: LanguageModel, ids: torch.Tensor, cache: KVCache) -> ExportedProgram:
+    """The decode step over all of `cache`'s slots as an exported graph, its span symbolic."""
     k, v = [torch.zeros_like(t) for t in cache.k], [torch.zeros_like(t) for t in cache.v]
     S = torch.export.Dim("S", min=2, max=cache.max_len - 1)
     pos, span = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device), torch.empty(2)
     with torch.no_grad():
-        exported = torch.export.export(
+        return torch.export.export(
             _DecodeStep(model),
             (ids, pos, span, k, v),
             dynamic_shapes=({}, {}, {0: S}, [{}] * len(k), [{}] * len(v)),
         )
-    with tempfile.TemporaryDirectory(
-        prefix=COMPILING, dir=None if problem else folder
-    ) as tmp:  # private (0700)
+
+
+def _compile(
+    exported: ExportedProgram, folder: str, path: str, key: str, problem: str | None
+) -> Program:
+    """Compile the step with AOTInductor; saved at `path` with its manifest when nothing stands
+    in the way (`problem` None), else kept in memory for this process."""
+    # a private (0700) folder, in the cache's when the result is kept there
+    with tempfile.TemporaryDirectory(prefix=COMPILING, dir=None if problem else folder) as tmp:
         step = os.path.join(tmp, "step.pt2")
-        # a copy of the options: AOTInductor adds its own keys to the dict it is given (and so to the key)
+        # a copy of the options: AOTInductor adds its own keys to the dict it is given (and so to
+        # the key)
         torch._inductor.aoti_compile_and_package(
             exported, package_path=step, inductor_configs=dict(COMPILE_OPTIONS)
         )
@@ -246,8 +281,8 @@ def load_or_compile(model, ids: torch.Tensor, cache: KVCache, folder: str | None
                 return torch._inductor.aoti_load_package(path)
             except OSError as e:
                 _warn_once(
-                    f"the compiled-decode cache entry {path} cannot be written ({e.strerror}): remove it "
-                    "(meanwhile the decode step is compiled once per process)"
+                    f"the compiled-decode cache entry {path} cannot be written ({e.strerror}): "
+                    "remove it (meanwhile the decode step is compiled once per process)"
                 )
         _MEMORY[path, key] = program = torch._inductor.aoti_load_package(
             step if os.path.exists(step) else path

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 
@@ -34,7 +34,7 @@ def penalised(sampling: SamplingParams) -> bool:
     ) != off
 
 
-def seeded_generator(seed: int | None, device=None) -> torch.Generator:
+def seeded_generator(seed: int | None, device: torch.device | str | None = None) -> torch.Generator:
     """A generator seeded with `seed`, or from fresh entropy when it is None."""
     gen = torch.Generator(device=device)
     if seed is not None:
@@ -68,7 +68,7 @@ class Row:
         generator: torch.Generator | None,
         prompt: Sequence[int] = (),
         stop_ids: Sequence[int] = (),
-        device=None,
+        device: torch.device | str | None = None,
     ) -> Row:
         """A row about to draw its first token; `prompt` is what the penalties count as seen."""
         counts = None
@@ -93,7 +93,9 @@ def _draw(rows: Sequence[Row], logits: torch.Tensor, js: list[int]) -> list[int]
     """Tokens of rows `js` (which share parameters, and a generator unless greedy) in one call."""
     row = rows[js[0]]
     sub = logits if len(js) == logits.shape[0] else logits[js]  # (G, V)
-    counts = torch.stack([rows[j].counts for j in js]) if row.counts is not None else None
+    counts = None
+    if row.counts is not None:  # then every row of the group keeps counts (choose groups by it)
+        counts = torch.stack([c for j in js if (c := rows[j].counts) is not None])
     gen = None if row.sampling.greedy else row.generator
     return sample(sub, row.sampling, gen, counts).tolist()
 
@@ -125,9 +127,17 @@ def _alone(rows: Sequence[Row], logits: torch.Tensor, j: int) -> int | Exception
         return e
 
 
+@overload
+def advance(
+    rows: Sequence[Row], logits: torch.Tensor, errors: Literal["raise"] = "raise"
+) -> list[int]: ...
+@overload
+def advance(
+    rows: Sequence[Row], logits: torch.Tensor, errors: Literal["return"]
+) -> list[int | Exception]: ...
 def advance(
     rows: Sequence[Row], logits: torch.Tensor, errors: Literal["raise", "return"] = "raise"
-) -> list[int | Exception]:
+) -> list[int] | list[int | Exception]:
     """Choose every row's next token from its (B, V) logits and record it on the rows not yet
     finished. A row whose sampling raised records nothing: errors="raise" raises the first such
     exception (one request's rows), "return" puts it in that row's place (the server's rows)."""

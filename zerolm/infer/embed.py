@@ -17,13 +17,15 @@ import torch
 
 from zerolm.data.sources import decode_lines, jsonl_rows
 from zerolm.files import atomic_write_text
+from zerolm.model.bert import Bert
 from zerolm.tokenizer import CLS, PAD, SEP, Tokenizer
 
 log = logging.getLogger("zerolm")
 
 
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
-    """Texts of a .txt file (one per line) or a .jsonl file (`field` of each row); blank lines skipped."""
+    """Texts of a .txt file (one per line) or a .jsonl file (`field` of each row); blank lines
+    skipped."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--input {str(path)!r} does not exist")
@@ -59,7 +61,7 @@ def encode_texts(tok: Tokenizer, texts: list[str], max_tokens: int) -> list[list
 
 @torch.inference_mode()
 def embed_ids(
-    model, ids: list[list[int]], pad_id: int, batch_size: int = 32, progress: bool = False
+    model: Bert, ids: list[list[int]], pad_id: int, batch_size: int = 32, progress: bool = False
 ) -> np.ndarray:
     """(N, D) float32 normalised mean-pooled embeddings of token-id rows, in input order."""
     from tqdm import tqdm
@@ -87,14 +89,15 @@ def embed_ids(
 
 
 def embed_texts(
-    model,
+    model: Bert,
     tok: Tokenizer,
     texts: list[str],
     batch_size: int = 32,
     max_tokens: int = 0,
     progress: bool = False,
 ) -> np.ndarray:
-    """(N, D) float32 embeddings of `texts`; max_tokens: the truncation length (0: the model window)."""
+    """(N, D) float32 embeddings of `texts`; max_tokens: the truncation length (0: the model
+    window)."""
     if model.cfg.arch != "bert":
         raise ValueError(f"embeddings need a bert model, not a {model.cfg.arch} model")
     window = model.cfg.max_seq_len
@@ -131,8 +134,8 @@ def embed_file(
     max_tokens: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
-    """`zerolm embed`: embed every text of input_path with the bert model in model_dir, write them to
-    output (.jsonl or .npy; None: JSONL on stdout) and return them."""
+    """`zerolm embed`: embed every text of input_path with the bert model in model_dir, write them
+    to output (.jsonl or .npy; None: JSONL on stdout) and return them."""
     from zerolm.model import load_model, read_model_config
 
     if output is not None and Path(output).suffix not in (".jsonl", ".npy"):

@@ -11,7 +11,7 @@ the left (keeping its end) with a warning, or rejected (`context="error"`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +20,7 @@ from zerolm.infer.compiled import load_or_compile
 from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.kv_cache import KVCache
 from zerolm.infer.sampling import SamplingParams
+from zerolm.model.protocol import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def fit_prompts(
         raise ValueError("no prompts given")
     if not 1 <= max_new_tokens < max_seq_len:
         raise ValueError(
-            f"max_new_tokens must be in [1, {max_seq_len - 1}] for a model with max_seq_len={max_seq_len}"
+            f"max_new_tokens must be in [1, {max_seq_len - 1}] for a model with "
+            f"max_seq_len={max_seq_len}"
         )
     room = max_seq_len - max_new_tokens
     out = []
@@ -51,11 +53,12 @@ def fit_prompts(
         if len(p) > room:
             if context == "error":
                 raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} only {room} "
-                    f"fit in max_seq_len={max_seq_len}: shorten it or lower max_new_tokens"
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} only "
+                    f"{room} fit in max_seq_len={max_seq_len}: shorten it or lower max_new_tokens"
                 )
             log.warning(
-                "prompt %d: %d tokens; keeping the last %d to fit max_seq_len=%d with %d new tokens",
+                "prompt %d: %d tokens; keeping the last %d to fit max_seq_len=%d with %d new "
+                "tokens",
                 i,
                 len(p),
                 room,
@@ -76,31 +79,33 @@ class Engine:
     model, weights and settings (infer/compiled.py); the weights must not change afterwards.
     Prefill, and decoding a subset of slots (`rows`), stay eager."""
 
-    def __init__(self, model, compile: bool = False, program_dir: str | None = None):
-        self.model = model.eval()
+    def __init__(self, model: LanguageModel, compile: bool = False, program_dir: str | None = None):
+        self.model: LanguageModel = model.eval()
         self.device = next(model.parameters()).device
         self.compiled = compile
         self.program_dir = program_dir
-        self._programs: dict[
-            tuple, object
-        ] = {}  # (batch size, cache shape, dtype) -> compiled step
+        # (batch size, cache shape, dtype) -> compiled step
+        self._programs: dict[tuple, Callable[..., torch.Tensor]] = {}
 
-    def _last_logits(self, ids, cache, rows):
-        """Eager: (B, T) tokens into cache slots `rows` -> (B, V) logits of the last position only."""
+    def _last_logits(
+        self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor | slice | None
+    ) -> torch.Tensor:
+        """Eager: (B, T) tokens into cache slots `rows` -> (B, V) logits of the last position."""
         return self.model.logits(self.model.hidden(ids, cache=cache, rows=rows)[:, -1:])[:, 0]
 
-    def _program(self, ids: torch.Tensor, cache: KVCache):
-        """The compiled step for this batch size and cache: loaded from disk or compiled on first use;
-        None (and eager decoding from then on, with a warning naming the cause) if compiling fails."""
+    def _program(self, ids: torch.Tensor, cache: KVCache) -> Callable[..., torch.Tensor] | None:
+        """The compiled step for this batch size and cache: loaded from disk or compiled on first
+        use; None (and eager decoding from then on, with a warning naming the cause) if compiling
+        fails."""
         key = (ids.shape[0], tuple(cache.k[0].shape), cache.k[0].dtype)
         if key not in self._programs:
             try:
                 self._programs[key] = load_or_compile(self.model, ids, cache, self.program_dir)
             except Exception as e:  # any failure leaves eager decoding, which is always right
                 log.warning(
-                    "compiling the decode step failed, decoding eagerly instead (same tokens, about half "
-                    "the speed): %s: %s. Compiling needs a C++ compiler (g++ or clang++; CXX=... "
-                    "names one); without --compile this message goes away.",
+                    "compiling the decode step failed, decoding eagerly instead (same tokens, "
+                    "about half the speed): %s: %s. Compiling needs a C++ compiler (g++ or "
+                    "clang++; CXX=... names one); without --compile this message goes away.",
                     type(e).__name__,
                     str(e).strip().splitlines()[0] if str(e).strip() else "",
                 )
@@ -109,7 +114,8 @@ class Engine:
         return self._programs[key]
 
     def decode(self, ids: torch.Tensor, cache: KVCache, rows: slice | None = None) -> torch.Tensor:
-        """One step: (B, 1) next tokens of cache slots `rows` (default all) -> their (B, V) logits."""
+        """One step: (B, 1) next tokens of cache slots `rows` (default all) -> their (B, V)
+        logits."""
         lens = cache.lengths
         # eager: without compile, for some of the slots, and for a step that attends to the whole
         # cache (the exported span stops one short of it; `stream` never gets there)
@@ -178,7 +184,7 @@ class Engine:
 
     def prefill(
         self, prompts: Sequence[Sequence[int]], cache: KVCache, slots: Sequence[int] | None = None
-    ):
+    ) -> torch.Tensor:
         """Run each prompt into its cache slot (default: slot i for prompt i), prompts of equal
         length in one call; return the (len(prompts), V) logits of their last tokens."""
         slots = list(range(len(prompts))) if slots is None else list(slots)
@@ -193,6 +199,7 @@ class Engine:
             if out is None:
                 out = logits.new_empty(len(prompts), logits.shape[-1])
             out[group] = logits
+        assert out is not None  # fit_prompts refuses an empty batch
         return out
 
     def generate(

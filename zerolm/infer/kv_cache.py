@@ -1,22 +1,26 @@
 """Preallocated key/value cache of `slots` sequences, each with its own length.
 
-Buffers are one (slots, K, max_len, Dh) tensor per layer for keys and for values; `lengths[s]` (a Python
-int: lengths live on the host, so planning a call never waits on a tensor) positions of slot s
-are filled. A forward call writes T new tokens for some slots (`rows`, default all): with T == 1
-every row writes at its own length (a decode step of sequences of different lengths, the case
-of continuous batching); with T > 1 the rows must all be at the same length (a prefill or a
-chunk of one). Attention then spans the first max(lengths) + T slots, with each row's unwritten
-slots masked out. A freed slot is reused after `reset(slot)`; nothing needs clearing. Rows given
-as a slice are read as views; rows given as a tensor of slot ids are gathered (a copy per layer),
-so a caller decoding many steps keeps its live sequences in slots 0..n-1 (`move`).
+Buffers are one (slots, K, max_len, Dh) tensor per layer for keys and for values; `lengths[s]` (a
+Python int: lengths live on the host, so planning a call never waits on a tensor) positions of slot
+s are filled. A forward call writes T new tokens for some slots (`rows`, default all): with T == 1
+every row writes at its own length (a decode step of sequences of different lengths, the case of
+continuous batching); with T > 1 the rows must all be at the same length (a prefill or a chunk of
+one). Attention then spans the first max(lengths) + T slots, with each row's unwritten slots masked
+out. A freed slot is reused after `reset(slot)`; nothing needs clearing. Rows given as a slice are
+read as views; rows given as a tensor of slot ids are gathered (a copy per layer), so a caller
+decoding many steps keeps its live sequences in slots 0..n-1 (`move`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from zerolm.model.protocol import LanguageModel
 
-def decode_mask(positions: torch.Tensor, span, window: int = 0) -> torch.Tensor:
+
+def decode_mask(positions: torch.Tensor, span: int, window: int = 0) -> torch.Tensor:
     """(B, 1, 1, S) allowed keys of one new token per row at `positions` (B, 1): keys 0..position,
     the last `window` of them with a sliding window."""
     k = torch.arange(span, device=positions.device)[None, :]  # (1, S) key slots
@@ -24,6 +28,17 @@ def decode_mask(positions: torch.Tensor, span, window: int = 0) -> torch.Tensor:
     if window:
         allowed = allowed & (positions - k < window)
     return allowed[:, None, None, :]
+
+
+class _Plan(NamedTuple):
+    """What begin() planned for the forward call under way; update() and end() carry it out."""
+
+    rows: torch.Tensor | slice  # the slots written: (B,) ids or a slice
+    slots: list[int]  # the same, as a list
+    start: torch.Tensor | None  # (B,) each row's length when they differ; None: all at `first`
+    first: int  # the shortest row's length
+    T: int  # new tokens per row
+    span: int  # S: keys attended
 
 
 class KVCache:
@@ -34,27 +49,25 @@ class KVCache:
         n_kv_heads: int,
         max_len: int,
         head_dim: int,
-        dtype=torch.float32,
-        device=None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ):
-        shape = (
-            slots,
-            n_kv_heads,
-            max_len,
-            head_dim,
-        )  # a tensor per layer: the inputs a compiled step
-        self.k = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)
-        ]  # writes in place
-        self.v = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)
-        ]  # (infer/compiled.py)
+        # a tensor per layer, written in place: the inputs a compiled step (infer/compiled.py) takes
+        shape = (slots, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = [0] * slots
         self.slots, self.max_len = slots, max_len
-        self._call = None
+        self._call: _Plan | None = None
 
     @classmethod
-    def for_model(cls, model, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
+    def for_model(
+        cls,
+        model: LanguageModel,
+        slots: int,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
         cfg = model.cfg
         if max_len is not None and max_len > cfg.max_seq_len:
             raise ValueError(
@@ -74,7 +87,9 @@ class KVCache:
     def _slots(self, rows: torch.Tensor | slice) -> list[int]:
         return list(range(self.slots)[rows]) if isinstance(rows, slice) else rows.tolist()
 
-    def begin(self, rows: torch.Tensor | slice | None, T: int, window: int = 0):
+    def begin(
+        self, rows: torch.Tensor | slice | None, T: int, window: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Plan a call writing T tokens for slots `rows` ((B,) long slot ids, a slice, None = all).
         Returns (positions (B, T) of the new tokens, attention mask (B|1, 1, T, S) or None)."""
         rows = slice(None) if rows is None else rows
@@ -91,15 +106,14 @@ class KVCache:
             raise ValueError(f"KV cache full: {span} positions needed, {self.max_len} allocated")
         dev = self.k[0].device
         start = None if first == last else torch.tensor(lens, device=dev)  # (B,) when rows differ
-        self._call = (rows, slots, start, first, T, span)
+        self._call = _Plan(rows, slots, start, first, T, span)
         new = torch.arange(T, device=dev)
         positions = (
             (first + new).expand(len(slots), T) if start is None else start[:, None] + new
         )  # (B, T)
         if T == 1:  # row b sees its own keys 0..start[b]
-            return positions, None if start is None and not window else decode_mask(
-                positions, span, window
-            )
+            plain = start is None and not window
+            return positions, None if plain else decode_mask(positions, span, window)
         if first == 0 and not window:
             return positions, None  # plain causal
         k = torch.arange(span, device=dev)  # key slots
@@ -109,8 +123,12 @@ class KVCache:
             allowed = allowed & (q[:, None] - k[None, :] < window)
         return positions, allowed[None, None]
 
-    def update(self, layer: int, k, v):
-        """Write (B, K, T, Dh) new keys/values as planned by begin; return the (B, K, S, Dh) keys/values to attend."""
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, K, T, Dh) new keys/values as planned by begin; return the (B, K, S, Dh)
+        keys/values to attend."""
+        assert self._call is not None, "update() outside a begin() ... end() call"
         rows, _, start, first, T, span = self._call
         kc, vc = self.k[layer], self.v[layer]  # (slots, K, max_len, Dh)
         if isinstance(rows, slice) and rows != slice(None):
@@ -125,6 +143,7 @@ class KVCache:
         return kc[rows, :, :span], vc[rows, :, :span]
 
     def end(self) -> None:
+        assert self._call is not None, "end() without begin()"
         _, slots, _, _, T, _ = self._call
         for s in slots:
             self.lengths[s] += T
@@ -137,7 +156,8 @@ class KVCache:
         self.slots = len(self.lengths)
 
     def reorder(self, idx: torch.Tensor, n: int) -> None:
-        """Slot r continues slot idx[r] (beam search): the first n positions are gathered in place."""
+        """Slot r continues slot idx[r] (beam search): the first n positions are gathered in
+        place."""
         for k, v in zip(self.k, self.v):
             k[:, :, :n], v[:, :, :n] = k[idx, :, :n], v[idx, :, :n]
         self.lengths = [self.lengths[i] for i in idx.tolist()]

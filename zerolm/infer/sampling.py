@@ -106,7 +106,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Keep tokens whose probability is >= min_p * (the row's max probability); min_p <= 0: no-op."""
+    """Keep tokens whose probability is >= min_p * (the row's max probability); min_p <= 0:
+    no-op."""
     if min_p <= 0.0:
         return logits.clone()
     # p_i >= min_p * p_max  <=>  logit_i >= max_logit + log(min_p); no softmax needed
@@ -116,7 +117,8 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How to pick the next token. temperature == 0 (or below GREEDY_BELOW) means greedy (argmax)."""
+    """How to pick the next token. temperature == 0 (or below GREEDY_BELOW) means greedy
+    (argmax)."""
 
     temperature: float = 1.0
     top_k: int = 0

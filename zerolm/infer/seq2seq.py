@@ -17,12 +17,14 @@ beams are finished as they are. Outputs are new token ids, with eos last when it
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.kv_cache import KVCache
 from zerolm.infer.sampling import SamplingParams
+from zerolm.model.encdec import EncoderDecoder
 
 
 class Seq2SeqCache:
@@ -39,12 +41,14 @@ class Seq2SeqCache:
         )
 
     @classmethod
-    def for_model(cls, model, rows: int, max_len: int, dtype=None) -> Seq2SeqCache:
+    def for_model(
+        cls, model: EncoderDecoder, rows: int, max_len: int, dtype: torch.dtype | None = None
+    ) -> Seq2SeqCache:
         cfg = model.cfg
         if max_len > cfg.max_seq_len:
             raise ValueError(
-                f"a target of {max_len} positions exceeds the model's max_seq_len={cfg.max_seq_len}: "
-                "lower max_new_tokens"
+                f"a target of {max_len} positions exceeds the model's "
+                f"max_seq_len={cfg.max_seq_len}: lower max_new_tokens"
             )
         param = next(model.parameters())
         return cls(
@@ -68,13 +72,13 @@ class Seq2SeqCache:
             self.cross_mask = self.cross_mask[idx]
 
     def reorder(self, idx: torch.Tensor, n: int) -> None:
-        """Row r continues row idx[r] (beam search; beams of one source share its cross keys/values):
-        the n filled positions of the self-attention cache are gathered, in place."""
+        """Row r continues row idx[r] (beam search; beams of one source share its cross
+        keys/values): the n filled positions of the self-attention cache are gathered, in place."""
         self.self_attn.reorder(idx, n)
 
 
 def _check(
-    model,
+    model: EncoderDecoder,
     sources: Sequence[Sequence[int]],
     max_new_tokens: int,
     bos: int,
@@ -96,7 +100,8 @@ def _check(
             raise ValueError(f"source {i} is empty: give at least one token (e.g. eos)")
         if len(s) > cfg.max_seq_len:
             raise ValueError(
-                f"source {i} has {len(s)} tokens; the model reads at most max_seq_len={cfg.max_seq_len}"
+                f"source {i} has {len(s)} tokens; the model reads at most "
+                f"max_seq_len={cfg.max_seq_len}"
             )
     for name, tok in (("bos", bos), ("eos", eos)):
         if not 0 <= tok < cfg.vocab_size:
@@ -119,7 +124,9 @@ def pad_sources(sources: Sequence[Sequence[int]], device=None, pad: int = 0):
     return ids.to(device), mask.to(device)
 
 
-def _encode(model, sources, k: int = 1):
+def _encode(
+    model: EncoderDecoder, sources: Sequence[Sequence[int]], k: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     dev = next(model.parameters()).device
     src, mask = pad_sources(sources, dev)
     if int(src.max()) >= model.cfg.vocab_size or int(src.min()) < 0:
@@ -131,8 +138,8 @@ def _encode(model, sources, k: int = 1):
 
 
 def _steps(
-    model,
-    sources,
+    model: EncoderDecoder,
+    sources: Sequence[Sequence[int]],
     bos: int,
     eos: int,
     max_new_tokens: int,
@@ -141,6 +148,7 @@ def _steps(
 ) -> Iterator[tuple[list[int], list[int]]]:
     """Greedy / sampled decoding: yield (source index, token) lists per step for the rows still
     generating; a row that ends (eos, or its max_new_tokens-th token) leaves the batch."""
+    memory: torch.Tensor | None  # None once the cache holds the cross-attention keys/values
     memory, mask = _encode(model, sources)
     dev = memory.device
     cache = Seq2SeqCache.for_model(model, len(sources), max_new_tokens)
@@ -168,7 +176,7 @@ def _steps(
 
 
 def stream(
-    model,
+    model: EncoderDecoder,
     sources: Sequence[Sequence[int]],
     *,
     bos: int,
@@ -197,7 +205,7 @@ def stream(
 
 @torch.inference_mode()
 def generate(
-    model,
+    model: EncoderDecoder,
     sources: Sequence[Sequence[int]],
     *,
     bos: int,
@@ -211,7 +219,8 @@ def generate(
     """New token ids for each source (eos included as the last id when produced).
 
     bos: the decoder start token; beam >= 2: beam search (deterministic: sampling must be None or
-    temperature 0), scored sum logprob / len**length_penalty; sampling None or temperature 0: greedy."""
+    temperature 0), scored sum logprob / len**length_penalty; sampling None or temperature 0:
+    greedy."""
     _check(model, sources, max_new_tokens, bos, eos, sampling)
     if beam < 1:
         raise ValueError(f"beam must be >= 1 (1: no beam search), got {beam}")
@@ -233,20 +242,75 @@ def generate(
         model.train(was_training)
 
 
+@dataclass
+class _Beams:
+    """The searches of the B sources still open: k running beams and k finished hypotheses each."""
+
+    run_seq: torch.Tensor  # (B, k, max_new) running beams' tokens
+    run_score: torch.Tensor  # (B, k) their summed log-probabilities
+    fin_seq: torch.Tensor  # (B, k, max_new) finished hypotheses
+    fin_score: torch.Tensor  # (B, k) their normalised scores; -1e9: an empty slot
+    fin_len: torch.Tensor  # (B, k) their lengths
+    fin_done: torch.Tensor  # (B, k) the slot holds a finished hypothesis
+
+    @classmethod
+    def start(cls, B: int, k: int, max_new: int, dev: torch.device) -> _Beams:
+        run_score = torch.zeros(B, k, device=dev)
+        run_score[:, 1:] = -1e9  # all beams start identical: expand only the first
+        return cls(
+            run_seq=torch.zeros(B, k, max_new, dtype=torch.long, device=dev),
+            run_score=run_score,
+            fin_seq=torch.zeros(B, k, max_new, dtype=torch.long, device=dev),
+            fin_score=torch.full((B, k), -1e9, device=dev),
+            fin_len=torch.zeros(B, k, dtype=torch.long, device=dev),
+            fin_done=torch.zeros(B, k, dtype=torch.bool, device=dev),
+        )
+
+    def finish(
+        self, seq: torch.Tensor, top: torch.Tensor, ends: torch.Tensor, t: int, lp: float
+    ) -> None:
+        """Merge the candidates that end at step t (`ends` (B, 2k) of seq (B, 2k, max_new), summed
+        log-probabilities `top`), length-normalised, with the best finished so far."""
+        k, max_new = self.fin_score.shape[1], seq.shape[2]
+        score = torch.cat([self.fin_score, top / (t + 1) ** lp - 1e9 * (~ends).float()], 1)
+        best = score.topk(k, dim=1).indices  # (B, k) of the 3k
+        self.fin_score = score.gather(1, best)
+        self.fin_seq = torch.cat([self.fin_seq, seq], 1).gather(
+            1, best[:, :, None].expand(-1, -1, max_new)
+        )
+        lengths = torch.full_like(ends, t + 1, dtype=torch.long)
+        self.fin_len = torch.cat([self.fin_len, lengths], 1).gather(1, best)
+        self.fin_done = torch.cat([self.fin_done, ends], 1).gather(1, best)
+
+    def open(self, t: int, lp: float) -> torch.Tensor:
+        """(B,) whether a source's best running beam, at its current length, beats its worst
+        finished hypothesis."""
+        empty = torch.full_like(self.fin_score, -1e9)
+        worst = torch.where(self.fin_done, self.fin_score, empty).min(1).values  # (B,)
+        return self.run_score[:, 0] / (t + 1) ** lp > worst
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep the searches of sources idx (the others are closed)."""
+        self.run_seq, self.run_score = self.run_seq[idx], self.run_score[idx]
+        self.fin_seq, self.fin_score = self.fin_seq[idx], self.fin_score[idx]
+        self.fin_len, self.fin_done = self.fin_len[idx], self.fin_done[idx]
+
+
 def _beam_search(
-    model, sources, bos: int, eos: int, max_new: int, k: int, lp: float
+    model: EncoderDecoder,
+    sources: Sequence[Sequence[int]],
+    bos: int,
+    eos: int,
+    max_new: int,
+    k: int,
+    lp: float,
 ) -> list[list[int]]:
+    memory: torch.Tensor | None  # None once the cache holds the cross-attention keys/values
     memory, mask = _encode(model, sources, k)
     B, dev, V = len(sources), memory.device, model.cfg.vocab_size
     cache = Seq2SeqCache.for_model(model, B * k, max_new)
-    ids = torch.arange(B, device=dev)  # (B,) source of each live search
-    run_seq = torch.zeros(B, k, max_new, dtype=torch.long, device=dev)  # running beams' tokens
-    run_score = torch.zeros(B, k, device=dev)  # summed log-probabilities
-    run_score[:, 1:] = -1e9  # all beams start identical: expand only the first
-    fin_seq = torch.zeros(B, k, max_new, dtype=torch.long, device=dev)  # finished hypotheses
-    fin_score = torch.full((B, k), -1e9, device=dev)  # normalised scores; -1e9: empty slot
-    fin_len = torch.zeros(B, k, dtype=torch.long, device=dev)
-    fin_done = torch.zeros(B, k, dtype=torch.bool, device=dev)  # slot holds a finished hypothesis
+    ids = torch.arange(B, device=dev)  # (B,) source of each open search
+    beams = _Beams.start(B, k, max_new, dev)
     out_seq = torch.zeros(B, max_new, dtype=torch.long, device=dev)
     out_len = torch.zeros(B, dtype=torch.long, device=dev)
     first_k = torch.arange(2 * k, device=dev) < k  # (2k,) only these candidates may finish
@@ -254,60 +318,37 @@ def _beam_search(
     for t in range(max_new):
         logits = model.logits(model.decode(tok, memory, mask, cache=cache)[:, -1])  # (N, V)
         memory = None
-        logp = (
-            torch.log_softmax(logits.float(), dim=-1).view(-1, k, V) + run_score[:, :, None]
-        )  # (B, k, V)
+        logp = torch.log_softmax(logits.float(), dim=-1).view(-1, k, V)
+        logp = logp + beams.run_score[:, :, None]  # (B, k, V)
         top, index = logp.view(-1, k * V).topk(2 * k, dim=1)  # (B, 2k)
         origin, token = index // V, index % V  # (B, 2k) beam continued, token appended
-        seq = run_seq.gather(1, origin[:, :, None].expand(-1, -1, max_new))  # (B, 2k, max_new)
+        seq = beams.run_seq.gather(1, origin[:, :, None].expand(-1, -1, max_new))  # (B, 2k, .)
         seq[:, :, t] = token
         hits = (token == eos) | (t == max_new - 1)  # (B, 2k) candidates that end here
-        # finished: the first k candidates that end, length-normalised, merged with the best so far
-        ends = hits & first_k  # (B, 2k)
+        ends = hits & first_k  # (B, 2k) the first k candidates that end are finished
         if bool(ends.any()):  # most steps finish nothing
-            score = torch.cat(
-                [fin_score, top / (t + 1) ** lp - 1e9 * (~ends).float()], 1
-            )  # (B, 3k)
-            best = score.topk(k, dim=1).indices  # (B, k)
-            fin_score = score.gather(1, best)
-            fin_seq = torch.cat([fin_seq, seq], 1).gather(
-                1, best[:, :, None].expand(-1, -1, max_new)
-            )
-            fin_len = torch.cat([fin_len, torch.full_like(token, t + 1)], 1).gather(1, best)
-            fin_done = torch.cat([fin_done, ends], 1).gather(1, best)
+            beams.finish(seq, top, ends, t, lp)
         if t == max_new - 1:
             break
         # running: the best k candidates that do not end
         live = (top - 1e9 * hits.float()).topk(k, dim=1)  # (B, k)
-        run_score, pick = live.values, live.indices
-        run_seq = seq.gather(1, pick[:, :, None].expand(-1, -1, max_new))
-        parent = (
-            origin.gather(1, pick) + torch.arange(ids.shape[0], device=dev)[:, None] * k
-        )  # (B, k) rows
-        cache.reorder(parent.view(-1), t + 1)
+        beams.run_score, pick = live.values, live.indices
+        beams.run_seq = seq.gather(1, pick[:, :, None].expand(-1, -1, max_new))
+        parent = origin.gather(1, pick) + torch.arange(ids.shape[0], device=dev)[:, None] * k
+        cache.reorder(parent.view(-1), t + 1)  # (B * k,) rows continued
         tok = token.gather(1, pick).view(-1, 1)
-        # a source stays open while a running beam, at its current length, beats its worst finished one
-        worst = (
-            torch.where(fin_done, fin_score, torch.full_like(fin_score, -1e9)).min(1).values
-        )  # (B,)
-        open_ = run_score[:, 0] / (t + 1) ** lp > worst
+        open_ = beams.open(t, lp)
         if not bool(open_.all()):  # drop closed sources: their best hypotheses are final
             done = (~open_).nonzero().squeeze(1)
-            out_seq[ids[done]], out_len[ids[done]] = fin_seq[done, 0], fin_len[done, 0]
+            out_seq[ids[done]], out_len[ids[done]] = beams.fin_seq[done, 0], beams.fin_len[done, 0]
             keep = open_.nonzero().squeeze(1)
             if keep.numel() == 0:
                 return _rows(out_seq, out_len)
             rows = (keep[:, None] * k + torch.arange(k, device=dev)).view(-1)  # (N',)
             cache.select(rows)
-            mask, tok = mask[rows], tok[rows]
-            ids, run_seq, run_score = ids[keep], run_seq[keep], run_score[keep]
-            fin_seq, fin_score, fin_len, fin_done = (
-                fin_seq[keep],
-                fin_score[keep],
-                fin_len[keep],
-                fin_done[keep],
-            )
-    out_seq[ids], out_len[ids] = fin_seq[:, 0], fin_len[:, 0]
+            mask, tok, ids = mask[rows], tok[rows], ids[keep]
+            beams.keep(keep)
+    out_seq[ids], out_len[ids] = beams.fin_seq[:, 0], beams.fin_len[:, 0]
     return _rows(out_seq, out_len)
 
 

@@ -34,8 +34,7 @@ def sampling_params(cfg: SampleConfig) -> SamplingParams:
 
 def encode_prompts(tok: Tokenizer, prompts: list[str]) -> list[list[int]]:
     """EOS + the prompt's ids; a prompt made only of characters unseen in training is an error."""
-    eos = tok.token_id(EOS)
-    ids = [[eos, *tok.encode(p)] for p in prompts]
+    ids = tok.completion_ids(prompts)
     unknown = tok.unknown_ids()
     for p, text in zip(ids, prompts):
         if len(p) > 1 and set(p[1:]) <= unknown:

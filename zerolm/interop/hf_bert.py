@@ -21,6 +21,7 @@ from zerolm.config import ModelConfig
 from zerolm.interop.hf_checkpoint import _read_weights, _refuse, build_imported, write_hf_dir
 from zerolm.model import build_model, resolve
 from zerolm.model.bert import Bert
+from zerolm.model.presets import ResolvedModelConfig
 from zerolm.tokenizer import PAD
 
 log = logging.getLogger("zerolm")
@@ -202,7 +203,7 @@ def _from_hf_state(hf_state: dict, cfg: ModelConfig) -> dict:
     return state
 
 
-def _fill_missing_heads(state: dict, cfg: ModelConfig, src: Path) -> dict:
+def _fill_missing_heads(state: dict, cfg: ResolvedModelConfig, src: Path) -> dict:
     """Heads absent from the checkpoint (a BertModel has no MLM/NSP head), freshly initialised."""
     with torch.device("meta"):
         expected = Bert(cfg).state_dict()

@@ -99,8 +99,9 @@ class Attention(nn.Module):
         return q, k, v
 
     def project_kv(self, memory):
-        """Cross-attention keys and values (B, H, S, Dh) of an encoder memory (B, S, D): computed once
-        per source and passed to every call as `kv` (already repeated to H heads, contiguous)."""
+        """Cross-attention keys and values (B, H, S, Dh) of an encoder memory (B, S, D): computed
+        once per source and passed to every call as `kv` (already repeated to H heads,
+        contiguous)."""
         k, v = self.project_kv_heads(memory)  # (B, K, S, Dh)
         if self.kv != self.h:
             k, v = (

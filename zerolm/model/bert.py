@@ -3,7 +3,8 @@
 Legend: B batch, T tokens, D d_model, V vocabulary, C classes (n_labels), Dh head size.
 Internal parameter names (HF names live in interop/hf_bert.py):
   tok_emb, pos_emb, seg_emb, emb_norm, blocks.{i}.{attn.{q,k,v,o},norm1,ffn.{up,down},norm2},
-  norm_f (pre-norm only), mlm.{dense,norm,bias,out (untied only)}, pooler, nsp, classifier (n_labels > 0)
+  norm_f (pre-norm only), mlm.{dense,norm,bias,out (untied only)}, pooler, nsp,
+  classifier (n_labels > 0)
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerolm.config import ModelConfig
 from zerolm.model.layers import make_norm, position_buffers
+from zerolm.model.presets import ResolvedModelConfig
 from zerolm.model.transformer import Block
 
-# the MLM head's activation for each FFN kind (SwiGLU has no single-matrix form: exact GELU, as BERT)
+# the MLM head's activation for each FFN kind (SwiGLU has no single-matrix form: exact GELU, as
+# BERT)
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": lambda x: F.gelu(x, approximate="tanh"),
@@ -30,7 +32,7 @@ ACTIVATIONS = {
 class MLMHead(nn.Module):
     """dense -> activation -> norm -> decoder (the token embedding when tied) + a bias per token."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ResolvedModelConfig):
         super().__init__()
         self.act = ACTIVATIONS[cfg.ffn]
         self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -47,7 +49,12 @@ class MLMHead(nn.Module):
 
 
 class Bert(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    # the non-learned position tables position_buffers registers (per cfg.position)
+    pos_table: torch.Tensor  # (max_seq_len, D), sinusoidal
+    rope_cos: torch.Tensor  # (max_seq_len, Dh), rope; likewise rope_sin
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: ResolvedModelConfig):
         """`cfg` must be resolved (zerolm.model.presets.resolve) with arch bert."""
         super().__init__()
         self.cfg = cfg
@@ -82,15 +89,15 @@ class Bert(nn.Module):
 
     # ------------------------------------------------------------------ encoder
     def hidden(self, ids, segments=None, attention_mask=None):
-        """ids (B, T) -> final hidden states (B, T, D). segments: (B, T) sentence A/B ids (default 0);
-        attention_mask: (B, T), 1/True for real tokens, 0/False for padding (default: all real).
+        """ids (B, T) -> final hidden states (B, T, D). segments: (B, T) sentence A/B ids (default
+        0); attention_mask: (B, T), 1/True for real tokens, 0/False for padding (default: all real).
         Padding never changes the real tokens' states: no token attends to a padded key."""
         cfg = self.cfg
         T = ids.shape[1]
         if ids.shape[1] > cfg.max_seq_len:
             raise ValueError(
-                f"sequence of {T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}: truncate "
-                f"inputs to {cfg.max_seq_len} tokens (including [CLS] and [SEP])"
+                f"sequence of {T} tokens exceeds the model's max_seq_len={cfg.max_seq_len}: "
+                f"truncate inputs to {cfg.max_seq_len} tokens (including [CLS] and [SEP])"
             )
         if attention_mask is None:
             keep = torch.ones(1, T, dtype=torch.bool, device=ids.device)
@@ -124,11 +131,13 @@ class Bert(nn.Module):
 
     # ------------------------------------------------------------------ heads
     def mlm_logits(self, hidden):
-        """Hidden states (..., D) -> masked-LM logits (..., V); pass only the masked positions to save work."""
+        """Hidden states (..., D) -> masked-LM logits (..., V); pass only the masked positions to
+        save work."""
         return self.mlm(hidden, self.tok_emb.weight)
 
     def pooled(self, hidden):
-        """(B, T, D) -> (B, D): tanh(dense(h_[CLS])), the input of the NSP and classification heads."""
+        """(B, T, D) -> (B, D): tanh(dense(h_[CLS])), the input of the NSP and classification
+        heads."""
         return torch.tanh(self.pooler(hidden[:, 0]))
 
     def nsp_logits(self, hidden):
@@ -136,10 +145,12 @@ class Bert(nn.Module):
         return self.nsp(self.pooled(hidden))
 
     def classify_logits(self, hidden):
-        """(B, T, D) -> (B, C) sequence-classification logits (dropout on the pooled output in training)."""
+        """(B, T, D) -> (B, C) sequence-classification logits (dropout on the pooled output in
+        training)."""
         if self.classifier is None:
             raise ValueError(
-                "this bert model has no classification head: build it with --model.n_labels=C (C classes)"
+                "this bert model has no classification head: build it with --model.n_labels=C "
+                "(C classes)"
             )
         return self.classifier(self.drop(self.pooled(hidden)))
 

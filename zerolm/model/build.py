@@ -11,7 +11,7 @@ from zerolm.model.presets import resolve
 from zerolm.model.transformer import Transformer
 
 
-def model_class(cfg: ModelConfig):
+def model_class(cfg: ModelConfig) -> type[Transformer] | type[Bert] | type[EncoderDecoder]:
     """The module class of a resolved config's arch: Transformer (decoder), Bert, EncoderDecoder."""
     if cfg.arch == "bert":
         return Bert

@@ -6,8 +6,10 @@ Legend: B batch, S source positions, T target tokens in this call, D d_model, V 
 Sources are padded on the right; `src_mask` (B, S) is 1/True for real tokens (None: all real).
 Internal parameter names (HF Marian names live in interop/hf_marian.py):
   tok_emb (shared by encoder, decoder and a tied output head), lm_head (untied only),
-  encoder.{pos_emb,emb_norm,norm_f}, encoder.blocks.{i}.{norm1,attn.{q,k,v,o},norm2,ffn.{up,gate,down}},
-  decoder.{pos_emb,emb_norm,norm_f}, decoder.blocks.{i}.{norm1,attn,norm_cross,cross_attn,norm2,ffn},
+  encoder.{pos_emb,emb_norm,norm_f},
+  encoder.blocks.{i}.{norm1,attn.{q,k,v,o},norm2,ffn.{up,gate,down}},
+  decoder.{pos_emb,emb_norm,norm_f},
+  decoder.blocks.{i}.{norm1,attn,norm_cross,cross_attn,norm2,ffn},
   final_logits_bias (a (V,) buffer, zeros unless imported: Marian checkpoints carry one)
 pos_emb exists for learned positions, emb_norm with embed_norm, norm_f with pre-norm.
 """
@@ -20,16 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerolm.config import ModelConfig
 from zerolm.model.attention import Attention
 from zerolm.model.layers import make_norm, position_buffers
+from zerolm.model.presets import ResolvedModelConfig
 from zerolm.model.transformer import Block
 
 
 class DecoderBlock(Block):
     """Block with cross-attention to the encoder memory between self-attention and the FFN."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ResolvedModelConfig):
         super().__init__(cfg)
         self.norm_cross = make_norm(
             cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre
@@ -49,7 +51,7 @@ class DecoderBlock(Block):
 class Stack(nn.Module):
     """One side's own parts: learned positions, embedding norm, blocks, final norm (pre-norm)."""
 
-    def __init__(self, cfg: ModelConfig, n_blocks: int, block: type[Block]):
+    def __init__(self, cfg: ResolvedModelConfig, n_blocks: int, block: type[Block]):
         super().__init__()
         self.pos_emb = (
             nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
@@ -65,7 +67,13 @@ class Stack(nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    final_logits_bias: torch.Tensor  # (V,) buffer
+    # the non-learned position tables position_buffers registers (per cfg.position)
+    pos_table: torch.Tensor  # (max_seq_len, D), sinusoidal
+    rope_cos: torch.Tensor  # (max_seq_len, Dh), rope; likewise rope_sin
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: ResolvedModelConfig):
         """`cfg` must be resolved (zerolm.model.presets.resolve) with arch encdec."""
         super().__init__()
         self.cfg = cfg
@@ -117,7 +125,8 @@ class EncoderDecoder(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     def _embed(self, ids, side: Stack, positions):
-        """ids (B, T), positions (T,) or (B, T) -> (B, T, D): tokens (x sqrt(d)) + positions, norm, dropout."""
+        """ids (B, T), positions (T,) or (B, T) -> (B, T, D): tokens (x sqrt(d)) + positions, norm,
+        dropout."""
         x = self.tok_emb(ids)  # (B, T, D)
         if self.cfg.embed_scale:
             x = x * math.sqrt(self.cfg.d_model)
@@ -181,7 +190,8 @@ class EncoderDecoder(nn.Module):
 
         Without cache: the whole target at once (teacher forcing), causal. With cache (an
         infer.seq2seq.Seq2SeqCache): tgt continues the cached rows; the first call projects the
-        memory into cross-attention keys/values and keeps them (later calls may pass memory=None)."""
+        memory into cross-attention keys/values and keeps them (later calls may pass
+        memory=None)."""
         T = tgt.shape[1]
         if cache is None:
             self._check_len(T, "target")
@@ -231,5 +241,6 @@ class EncoderDecoder(nn.Module):
         return F.linear(hidden, self.head_weight, self.final_logits_bias)  # one fused matmul + bias
 
     def forward(self, src, tgt, src_mask=None):
-        """Teacher forcing: src (B, S), tgt (B, T) starting with the decoder start token -> logits (B, T, V)."""
+        """Teacher forcing: src (B, S), tgt (B, T) starting with the decoder start token -> logits
+        (B, T, V)."""
         return self.logits(self.decode(tgt, self.encode(src, src_mask), src_mask))

@@ -13,15 +13,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from zerolm.config import ModelConfig
 from zerolm.files import atomic_save_tensors, atomic_write_text
 from zerolm.model.build import model_class
-from zerolm.model.presets import resolve
+from zerolm.model.presets import ResolvedModelConfig, resolve
+from zerolm.model.protocol import SavableModel
 
 
-def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) into out_dir, atomically per file."""
+def save_model(model: SavableModel, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files) into out_dir, atomically per
+    file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -33,7 +36,7 @@ def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
     return out
 
 
-def read_model_config(model_dir: str | Path) -> ModelConfig:
+def read_model_config(model_dir: str | Path) -> ResolvedModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ValueError(
@@ -50,7 +53,9 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     return resolve(ModelConfig(**{k: v for k, v in raw["zerolm_model"].items() if k in fields}))
 
 
-def load_state(model, state: dict, source: str = "checkpoint", assign: bool = True) -> None:
+def load_state(
+    model: nn.Module, state: dict, source: str = "checkpoint", assign: bool = True
+) -> None:
     """load_state_dict with an error that names mismatched tensors. assign=True adopts the given
     tensors (loading onto the meta device); assign=False copies into existing parameters (which
     keeps an optimizer's references valid)."""

@@ -168,8 +168,8 @@ def apply_rope(x, cos, sin):
 
 
 def position_buffers(module: nn.Module, cfg) -> None:
-    """Register a model's non-learned position tables (not saved: recomputed on load): RoPE's cos/sin
-    (max_seq_len, Dh) or the sinusoidal table (max_seq_len, D)."""
+    """Register a model's non-learned position tables (not saved: recomputed on load): RoPE's
+    cos/sin (max_seq_len, Dh) or the sinusoidal table (max_seq_len, D)."""
     if cfg.position == "rope":
         cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         module.register_buffer("rope_cos", cos, persistent=False)

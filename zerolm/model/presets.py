@@ -9,8 +9,32 @@ Presets and archs combine freely (an encoder-decoder with gpt2's pre-LN GELU blo
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Literal, cast
 
 from zerolm.config import ModelConfig
+
+if TYPE_CHECKING:
+
+    class ResolvedModelConfig(ModelConfig):
+        """A ModelConfig as resolve() returns it: every preset-dependent field concrete. For the
+        type checker only: at run time it is ModelConfig itself, so configs compare, print and save
+        exactly as before."""
+
+        arch: Literal["decoder", "bert", "encdec"]
+        preset: Literal["simple", "gpt2", "llama", "bert", "transformer"]
+        norm: Literal["layernorm", "rmsnorm"]
+        norm_placement: Literal["pre", "post"]
+        position: Literal["learned", "sinusoidal", "rope"]
+        ffn: Literal["relu", "gelu", "gelu_erf", "swiglu"]
+        bias: bool
+        tie_embeddings: bool
+        dropout: float
+        norm_eps: float
+        embed_norm: bool
+        embed_scale: bool
+
+else:
+    ResolvedModelConfig = ModelConfig
 
 PRESETS: dict[str, dict] = {
     # the classic teaching GPT: learned positions, post-LN norm(x + f(x)), ReLU FFN, dropout
@@ -58,8 +82,8 @@ PRESETS: dict[str, dict] = {
         norm_eps=1e-12,
         embed_norm=True,
     ),
-    # the original Transformer (Vaswani et al. 2017): post-LN, ReLU, sinusoidal positions, embeddings
-    # scaled by sqrt(d_model) and shared between encoder, decoder and output layer
+    # the original Transformer (Vaswani et al. 2017): post-LN, ReLU, sinusoidal positions,
+    # embeddings scaled by sqrt(d_model) and shared between encoder, decoder and output layer
     "transformer": dict(
         norm="layernorm",
         norm_placement="post",
@@ -87,7 +111,7 @@ def default_d_ff(d_model: int, ffn: str) -> int:
     return 4 * d_model
 
 
-def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
+def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ResolvedModelConfig:
     """A ModelConfig with every preset-dependent field concrete; raises ValueError on bad shapes."""
     arch = arch_of(cfg)
     name = cfg.preset or DEFAULT_PRESET[arch]
@@ -103,12 +127,12 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
     values["d_ff"] = values["d_ff"] or default_d_ff(values["d_model"], values["ffn"])
     if arch == "encdec":
         values["n_decoder_layers"] = values["n_decoder_layers"] or values["n_layers"]
-    out = ModelConfig(**values)
+    out = cast(ResolvedModelConfig, ModelConfig(**values))  # every field above is concrete now
     check(out)
     return out
 
 
-def check(cfg: ModelConfig) -> None:
+def check(cfg: ResolvedModelConfig) -> None:
     d, h, kv = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
     problems = [
         (

@@ -10,8 +10,18 @@ import torch
 from torch import nn
 
 from zerolm.config import ModelConfig
+from zerolm.model.presets import ResolvedModelConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), each (B|1, 1, T, Dh); None: no RoPE
+
+
+class SavableModel(Protocol):
+    """Any zerolm model (decoder, bert, encdec; as built, loaded or transformed) as a model
+    directory holds it: its config and its tensors."""
+
+    @property
+    def cfg(self) -> ModelConfig: ...
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
 
 
 @runtime_checkable
@@ -19,7 +29,7 @@ class LanguageModel(Protocol):
     """A decoder-only LM over token ids: logits = logits(hidden(ids)). Legend: B batch, T tokens
     in the call, D d_model, V vocabulary. Transforms (LoRA, decode_layout) keep this surface."""
 
-    cfg: ModelConfig  # resolved (model.presets.resolve)
+    cfg: ResolvedModelConfig  # resolved (model.presets.resolve)
     training: bool
     blocks: nn.ModuleList  # the layers, in order; each maps (B, T, D) -> (B, T, D)
 
@@ -33,7 +43,7 @@ class LanguageModel(Protocol):
         *,
         positions: torch.Tensor | None = None,
         cache: Any = None,
-        rows: torch.Tensor | None = None,
+        rows: torch.Tensor | slice | None = None,
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids (B, T) -> final hidden states (B, T, D); cache: a KVCache filled in place."""

@@ -8,20 +8,21 @@ Internal parameter names (the only names zerolm uses; HF names live in interop/h
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from zerolm.config import ModelConfig
 from zerolm.model.attention import Attention, attention_mask
 from zerolm.model.layers import FFN, make_norm, position_buffers
+from zerolm.model.presets import ResolvedModelConfig
 from zerolm.model.protocol import Rope
 
 
 class Block(nn.Module):
     """Pre-norm: x + f(norm(x)). Post-norm (the original Transformer): norm(x + f(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ResolvedModelConfig):
         super().__init__()
         self.pre = cfg.norm_placement == "pre"
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre)
@@ -29,7 +30,7 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre)
         self.ffn = FFN(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.bias, cfg.dropout)
 
-    def forward(self, x, **attn_kw):  # (B, T, D)
+    def forward(self, x: torch.Tensor, **attn_kw: Any) -> torch.Tensor:  # (B, T, D)
         if self.pre:
             x = x + self.attn(self.norm1(x), **attn_kw)
             return x + self.ffn(self.norm2(x))
@@ -38,7 +39,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    # the non-learned position tables position_buffers registers (per cfg.position)
+    pos_table: torch.Tensor  # (max_seq_len, D), sinusoidal
+    rope_cos: torch.Tensor  # (max_seq_len, Dh), rope; likewise rope_sin
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: ResolvedModelConfig):
         """`cfg` must be resolved (zerolm.model.presets.resolve)."""
         super().__init__()
         self.cfg = cfg
@@ -63,7 +69,7 @@ class Transformer(nn.Module):
         position_buffers(self, self.cfg)
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None):
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
         """GPT-2 initialisation: N(0, 0.02), output projections of residual branches scaled by
         1/sqrt(2·n_layers), zero biases, unit norms."""
         std = 0.02
@@ -92,7 +98,7 @@ class Transformer(nn.Module):
         (cos, sin) tables the blocks take (None without RoPE)."""
         cfg = self.cfg
         x = self.tok_emb(ids)  # (B, T, D)
-        if cfg.position == "learned":
+        if self.pos_emb is not None:  # learned positions
             x = x + self.pos_emb(positions)
         elif cfg.position == "sinusoidal":
             x = x + self.pos_table[positions]
@@ -111,10 +117,11 @@ class Transformer(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         cache=None,
-        rows: torch.Tensor | None = None,
+        rows: torch.Tensor | slice | None = None,
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ids (B, T) -> the final hidden states (B, T, D) that the LM head (or a reward head) reads.
+        """ids (B, T) -> the final hidden states (B, T, D) that the LM head (or a reward head)
+        reads.
 
         positions: (B, T) or (T,) position of each token (default: arange(T), or each row's cache
         length onwards); cache: a KVCache filled in place, rows: (B,) its slots that ids continue

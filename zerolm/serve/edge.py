@@ -1,4 +1,4 @@
-"""The connection guards of `zerolm serve`, in front of the endpoints (zerolm/serve/app.py).
+"""The connection guards of `zerolm serve`, in front of the endpoints (zerolm/serve/routes.py).
 
 - `Edge` (ASGI middleware): the API key is checked on /v1 before any body is read (401), and the
   body is read whole before the app sees it, within `max_body_bytes` (413, declared or chunked)
@@ -22,6 +22,7 @@ import logging
 import resource
 import secrets
 import time
+from collections.abc import Mapping
 
 import h11
 from fastapi.responses import JSONResponse
@@ -36,14 +37,15 @@ def error_response(
     kind: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
-    headers: dict | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body = P.ErrorResponse(error=P.ErrorDetail(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 class Edge:
-    """ASGI middleware: key check, then the whole body within its size and time limits, then the app."""
+    """ASGI middleware: key check, then the whole body within its size and time limits, then the
+    app."""
 
     def __init__(self, app, server, api_key: str | None):
         self.app, self.server, self.api_key = app, server, api_key
@@ -137,7 +139,7 @@ class GuardedH11(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._head_timer = None
+        self._head_timer: asyncio.TimerHandle | None = None
         self._arm()
         open_ = [
             c for c in self.connections if not c.transport.is_closing()
@@ -187,7 +189,8 @@ class RateLimit(logging.Filter):
 
     def __init__(self, interval: float = 10.0):
         super().__init__()
-        self.interval, self.seen = interval, {}  # key -> (last time let through, dropped since)
+        self.interval = interval
+        self.seen: dict[tuple, tuple[float, int]] = {}  # key -> (last let through, dropped since)
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.levelno, str(record.msg), record.exc_info and record.exc_info[0])
@@ -216,8 +219,8 @@ def socket_budget(wanted: int) -> tuple[int, int]:
     """(max open connections, accept backlog) that stay below this process's RLIMIT_NOFILE. asyncio
     accepts up to `backlog` sockets per loop iteration before any is seen (and capped), and a shed
     socket's descriptor is freed an iteration or two later, so the cap leaves room for three bursts,
-    plus 64 descriptors for the model, logs, pipes and threads. (One burst of room failed under load:
-    at 256 descriptors, 300 connects in a row overran it and accept() hit EMFILE.)"""
+    plus 64 descriptors for the model, logs, pipes and threads. (One burst of room failed under
+    load: at 256 descriptors, 300 connects in a row overran it and accept() hit EMFILE.)"""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted, 2048

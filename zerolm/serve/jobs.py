@@ -55,8 +55,9 @@ class Job:
             raise ValueError("the prompt is empty: give at least one token id (e.g. the bos token)")
         if len(self.prompt) + self.max_new_tokens > room:
             raise ValueError(
-                f"prompt of {len(self.prompt)} tokens + max_new_tokens={self.max_new_tokens} must fit in "
-                f"the model's window of {room} tokens: shorten the prompt or lower max_new_tokens"
+                f"prompt of {len(self.prompt)} tokens + max_new_tokens={self.max_new_tokens} must "
+                f"fit in the model's window of {room} tokens: shorten the prompt or lower "
+                "max_new_tokens"
             )
         bad = next(
             (j for j, t in enumerate(self.prompt) if not _is_int(t) or not 0 <= t < vocab), None
@@ -71,6 +72,12 @@ class Job:
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
         self.sampling.validate()
+
+    @property
+    def running_row(self) -> Row:
+        """Its decode state, which every job has from its admission on."""
+        assert self.row is not None, "the job has not been admitted"
+        return self.row
 
     @property
     def generated(self) -> int:

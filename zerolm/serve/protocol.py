@@ -209,8 +209,9 @@ class ModelList(BaseModel):
 
 
 class AttentionRequest(BaseModel):
-    """Text to look into: a conversation (rendered with the chat template) or a completion prompt,
-    optionally followed by generated tokens given exactly, as the `bytes` of their logprobs entries."""
+    """Text to look into: a conversation (rendered with the chat template) or a completion
+    prompt, optionally followed by generated tokens given exactly, as the `bytes` of their
+    logprobs entries."""
 
     messages: list[ChatMessage] | None = None
     prompt: str | None = None

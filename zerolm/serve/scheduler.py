@@ -33,25 +33,27 @@ import torch
 from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.engine import Engine
 from zerolm.infer.kv_cache import KVCache
+from zerolm.model.protocol import LanguageModel
 from zerolm.serve.jobs import Job, QueueFull, Stats, Token
 
 log = logging.getLogger(__name__)
 
 
 NONFINITE = (
-    "the model produced non-finite logits (NaN or inf) for this request: its weights are not finite "
-    "or this input overflows them"
+    "the model produced non-finite logits (NaN or inf) for this request: its weights are not "
+    "finite or this input overflows them"
 )
 
 
 class Scheduler:
-    """compile=True: decode steps run the compiled step over all max_batch slots (infer/compiled.py),
-    empty slots masked; it is compiled (or loaded) here, before the first request. Prefill stays
-    eager; if compiling fails, decoding is eager, with a warning (infer/engine.py)."""
+    """compile=True: decode steps run the compiled step over all max_batch slots
+    (infer/compiled.py), empty slots masked; it is compiled (or loaded) here, before the first
+    request. Prefill stays eager; if compiling fails, decoding is eager, with a warning
+    (infer/engine.py)."""
 
     def __init__(
         self,
-        model,
+        model: LanguageModel,
         *,
         max_batch: int = 16,
         max_queue: int = 64,
@@ -73,7 +75,8 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # running[i].slot == i
         self.stats = Stats()
-        # the weights never change while serving: one look at load tells /health about a NaN checkpoint
+        # the weights never change while serving: one look at load tells /health about a NaN
+        # checkpoint
         with torch.no_grad():
             self._bad_weights = next(
                 (n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None
@@ -85,8 +88,9 @@ class Scheduler:
 
     # -- called from any thread ------------------------------------------------------------
     def submit(self, seqs: Sequence[Job]) -> None:
-        """Queue the sequences (all of them or, raising QueueFull, none). A job that could fail once
-        running (bad ids, seed, sampling, or no room in the window and cache) is a ValueError here."""
+        """Queue the sequences (all of them or, raising QueueFull, none). A job that could fail
+        once running (bad ids, seed, sampling, or no room in the window and cache) is a
+        ValueError here."""
         room = min(self.model.cfg.max_seq_len, self.cache.max_len)
         for s in seqs:
             s.check(room, self.vocab)
@@ -105,10 +109,10 @@ class Scheduler:
             self._cv.notify()
 
     def health(self) -> dict:
-        """{"ok", "reason" (None when ok), "nonfinite_logits", "failed_rows", "failed_passes", "last_error"}.
-        Not ok: the scheduler is not running, the weights are not finite, or the model produced
-        non-finite logits (its weights do not change, so that stays). Failed rows and passes are
-        counted, and last_error kept, without making the model unhealthy."""
+        """{"ok", "reason" (None when ok), "nonfinite_logits", "failed_rows", "failed_passes",
+        "last_error"}. Not ok: the scheduler is not running, the weights are not finite, or the
+        model produced non-finite logits (its weights do not change, so that stays). Failed rows and
+        passes are counted, and last_error kept, without making the model unhealthy."""
         with self._cv:
             st = self.stats
             if self._closed or not self._thread.is_alive():
@@ -184,7 +188,8 @@ class Scheduler:
         for s in [s for s in self.running if s.cancelled]:
             self._remove(s)
             _emit(s, "done", "cancelled")
-        admitted, budget = [], self.prefill_budget
+        admitted: list[Job] = []
+        budget = self.prefill_budget
         while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting[0]
             if s.cancelled:
@@ -246,7 +251,8 @@ class Scheduler:
         if self.running:  # every running sequence has its last token: one step for all
             seqs = list(self.running)
             try:  # a failed step leaves the cache lengths as they were (they advance at its end)
-                logits = self.engine.decode_first([s.row.last for s in seqs], self.cache)  # (B, V)
+                last = [s.running_row.last for s in seqs]
+                logits = self.engine.decode_first(last, self.cache)  # (B, V)
             except Exception as e:
                 self._fail(
                     seqs,
@@ -264,7 +270,7 @@ class Scheduler:
             ok = torch.isfinite(logits).all(-1).tolist()
             nonfinite = [s for s, good in zip(seqs, ok) if not good]
             seqs, logits = [s for s, good in zip(seqs, ok) if good], logits[torch.tensor(ok)]
-        chosen = advance([s.row for s in seqs], logits, errors="return")
+        chosen = advance([s.running_row for s in seqs], logits, errors="return")
         want_lps = any(s.logprobs is not None for s in seqs)
         lps = torch.log_softmax(logits.float(), -1) if want_lps else None  # (B, V)
         for j, (s, tid) in enumerate(zip(seqs, chosen)):
@@ -276,8 +282,8 @@ class Scheduler:
                 log.exception("a sequence failed while sampling")
                 failed.append((s, f"generation failed: {type(e).__name__}: {e}"))
                 continue
-            if s.row.finish:
-                finished.append((s, s.row.finish))
+            if finish := s.running_row.finish:
+                finished.append((s, finish))
         self.stats.tokens += len(seqs) - len(failed)
         self.stats.recent.append((now, len(seqs) - len(failed)))
         with self._cv:
@@ -297,11 +303,12 @@ class Scheduler:
         """The Token event of s's new token `tid` (row j of the step's log-probabilities)."""
         tok = Token(tid)
         if s.logprobs is not None:
+            assert lps is not None  # computed when any row wants logprobs
             tok.logprob = float(lps[j, tid])
             if s.logprobs:
                 vals, ids = lps[j].topk(min(s.logprobs, self.vocab))
                 tok.top = list(zip(ids.tolist(), vals.tolist()))
-        if s.row.generated == 1:
+        if s.running_row.generated == 1:
             self.stats.record_ttft(now - s.submitted)
         return tok
 

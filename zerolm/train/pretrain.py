@@ -15,6 +15,7 @@ from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
 from zerolm.model import save_model
 from zerolm.model.presets import arch_of
+from zerolm.model.protocol import LanguageModel
 from zerolm.tokenizer import EOS, Tokenizer
 from zerolm.train.fingerprint import pretrain_data_fingerprint
 from zerolm.train.losses import lm_loss
@@ -26,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def sample_texts(
-    model, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 48, seed: int = 0
+    model: LanguageModel,
+    tok: Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 48,
+    seed: int = 0,
 ) -> list[str]:
     """Continue each prompt (after an eos, i.e. at a document start) and decode up to the next
     eos."""

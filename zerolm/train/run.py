@@ -129,7 +129,7 @@ def load_trainable(cfg: Config, base: Path) -> tuple[AnyModel, dict | None]:
     return model, report
 
 
-def save_trainable(model: nn.Module, model_dir: Path, tok: Tokenizer) -> Path:
+def save_trainable(model: AnyModel, model_dir: Path, tok: Tokenizer) -> Path:
     """model_dir as a plain model (LoRA adapters saved next to it as adapters.safetensors, then
     merged into the weights)."""
     if lora_config_of(model) is not None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
 from zerolm.config import Config, PoemsConfig
 from zerolm.data.prefs import Preference
 from zerolm.data.prepare import read_docs
+from zerolm.model.protocol import LanguageModel
 from zerolm.tasks.poems.form import score
 from zerolm.tasks.poems.pairs import poem_pairs
 from zerolm.tasks.poems.requests import eval_requests, poem_instructions
@@ -59,7 +58,7 @@ def requests(cfg: Config, split: str) -> list[dict]:
 
 
 def preference_pairs(
-    cfg: Config, model: nn.Module, tok, split: str
+    cfg: Config, model: LanguageModel, tok, split: str
 ) -> tuple[list[Preference], dict]:
     """(pairs, counts) sampled from `model` on the requests of `split` and judged (pairs.py)."""
     return poem_pairs(model, tok, requests(cfg, split), samples=cfg.poems.samples, seed=cfg.seed)

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from torch import nn
-
 from zerolm.eval.perplexity import evaluate_lm
 from zerolm.eval.replies import kl_to_reference
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model import load_model
+from zerolm.model.protocol import LanguageModel
 from zerolm.tasks.poems.form import judge
 from zerolm.tokenizer import Tokenizer, check_tokenizers
 
 
 def form_adherence(
-    model: nn.Module,
+    model: LanguageModel,
     tok,
     requests: list[dict],
     *,

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-from torch import nn
-
 from zerolm.data.prefs import Preference
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
+from zerolm.model.protocol import LanguageModel
 from zerolm.tasks.poems.form import judge, score
 
 
 def poem_pairs(
-    model: nn.Module,
+    model: LanguageModel,
     tok,
     items: list[dict],
     *,
