@@ -112,7 +112,7 @@ async def send(
         return Reply(None, error=f"{type(e).__name__}: {e}")
 
 
-async def _exchange(port: int, raw: bytes, started: asyncio.Event | None) -> Reply:
+async def _exchange(port: int, raw: bytes, started: asyncio.Event | None) -> Reply:  # noqa: C901 (one raw HTTP exchange with its error cases)
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
 
     async def pump():

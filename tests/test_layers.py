@@ -104,7 +104,7 @@ def upward(all_edges) -> list[str]:
     ]
 
 
-def cycles(all_edges) -> list[list[str]]:
+def cycles(all_edges) -> list[list[str]]:  # noqa: C901 (Tarjan's algorithm, kept in one piece)
     """The strongly connected components of more than one unit (Tarjan's algorithm)."""
     graph = defaultdict(set)
     for _, src, dst in all_edges:

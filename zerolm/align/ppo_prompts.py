@@ -15,7 +15,7 @@ def _conversation(row: dict) -> str:
     return str(row["messages"])
 
 
-def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dict], dict]:
+def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dict], dict]:  # noqa: C901 (one branch per prompt source)
     """(train, val) prompts: poem requests (align.builtin=poems: the run's training / held-out
     documents), the conversations of the other bundled pair sets, and align.data rows (split by
     a hash, as the pairs are). Prompts leaving under 8 tokens of room to reply are dropped."""

@@ -235,7 +235,7 @@ def _qkv_sizes(cfg: ModelConfig) -> list[int]:
     return [cfg.n_heads * dh, cfg.n_kv_heads * dh, cfg.n_kv_heads * dh]
 
 
-def _from_hf_state(arch: str, hf_state: dict, cfg: ModelConfig) -> dict:
+def _from_hf_state(arch: str, hf_state: dict, cfg: ModelConfig) -> dict:  # noqa: C901 (one branch per HF layout difference)
     inverse = {h: z for z, h in _names(arch, cfg.n_layers).items()}
     state, unknown = {}, []
     for name, t in hf_state.items():
