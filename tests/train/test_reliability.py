@@ -270,6 +270,9 @@ class _SignalsDuringSave(Stream):
 
 
 def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, caplog, new_model):
+    # what fit() must restore: default_int_handler, or SIG_IGN when pytest was started in the
+    # background of a non-interactive shell (which starts Python with SIGINT ignored)
+    before = signal.getsignal(signal.SIGINT)
     trainer = Trainer(
         new_model(),
         _cfg(steps=10, ckpt_every=2),
@@ -286,7 +289,7 @@ def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, caplog, new_mode
     ]
     assert "a checkpoint is being saved" in caplog.text
     assert torch.load(list_checkpoints(tmp_path)[-1] / "state.pt", weights_only=True)["step"] == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 # ---------------------------------------------------------------- through pretrain() and the CLI
