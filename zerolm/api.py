@@ -27,7 +27,7 @@ from zerolm.infer.sampling import SamplingParams
 from zerolm.infer.stop import find_stop
 from zerolm.infer.text import encode_prompts
 from zerolm.model import load_model
-from zerolm.tokenizer import EOS, Tokenizer
+from zerolm.tokenizer import Tokenizer
 
 # command name -> (module, entry function, the config section whose base_model `model=` sets)
 STAGES = {
@@ -93,18 +93,17 @@ class Model:
         engine = self._decoder_engine("generate")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         tok = self.tokenizer
-        eos = tok.token_id(EOS)
         ids = encode_prompts(tok, prompts)  # eos first: the model starts a document
         req = GenerateRequest(
             max_new_tokens=max_new_tokens,
             sampling=_sampling({"temperature": 0.8}, sampling),
-            stop_token_ids=(eos,),
+            stop_token_ids=tok.eos_ids,
             seed=seed,
             context=context,
         )
         texts = []
         for out in engine.generate(ids, req):
-            text = tok.decode([t for t in out if t != eos])
+            text = tok.decode([t for t in out if t not in tok.eos_ids])
             cut = find_stop(text, list(stop)) if stop else None
             texts.append(text if cut is None else text[:cut])
         return texts[0] if isinstance(prompt, str) else texts

@@ -30,7 +30,7 @@ from zerolm.data.shards import META, ShardWriter, token_dtype, write_meta
 from zerolm.data.sources import corpus_path, iter_docs, list_files
 from zerolm.data.split import split_key
 from zerolm.files import atomic_dir, atomic_write_text, writing_into
-from zerolm.tokenizer import EOS, Tokenizer
+from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.report import compression_report
 from zerolm.tokenizer.train import check_config, train_tokenizer
 
@@ -271,7 +271,7 @@ def build_shards(
     t0 = time.time()
     with atomic_dir(out / "shards") as tmp:
         for split in SPLITS:
-            writer = ShardWriter(tmp, split, dtype, tok.token_id(EOS), cfg.shard_tokens)
+            writer = ShardWriter(tmp, split, dtype, tok.eos_id, cfg.shard_tokens)
             total = docs_info["splits"][split]["documents"]
             bar = tqdm(
                 total=total, desc=f"shards {split}", unit=" doc", disable=not progress or not total
@@ -294,7 +294,7 @@ def build_shards(
             "version": VERSION,
             "dtype": dtype.name,
             "vocab_size": tok.vocab_size,
-            "eos_id": tok.token_id(EOS),
+            "eos_id": tok.eos_id,
             "tokenizer_sha256": tok.sha256,
             "documents_end_with": "eos",
             "splits": splits,

@@ -16,14 +16,14 @@ from tqdm import tqdm
 from zerolm.eval.mode import eval_mode
 from zerolm.infer.seq2seq import generate
 from zerolm.model.encdec import EncoderDecoder
-from zerolm.tokenizer import BOS, EOS, Tokenizer
+from zerolm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def encode_source(tok: Tokenizer, text: str) -> list[int]:
     """A source sentence as the encoder reads it: its tokens and an end-of-sequence token."""
-    return [*tok.encode(text), tok.token_id(EOS)]
+    return [*tok.encode(text), tok.eos_id]
 
 
 @torch.no_grad()
@@ -60,13 +60,15 @@ def translate_texts(
                 len(ids),
                 window,
             )
-            ids = [*ids[: window - 1], tok.token_id(EOS)]
+            ids = [*ids[: window - 1], tok.eos_id]
         sources.append(ids)
     room = window - 1  # the decoder's positions: the start token, then the output
     max_new = min(max_new_tokens or room, room)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     out: list[str] = [""] * len(sources)
-    bos, eos = tok.token_id(BOS), tok.token_id(EOS)
+    bos, eos = tok.bos_id, tok.eos_id
+    if bos is None:
+        raise ValueError("translation needs a tokenizer with a bos token (the decoder's start)")
     bar = tqdm(total=len(order), desc="translate", unit="text", disable=not progress)
     with eval_mode(model), bar:
         for start in range(0, len(order), batch_size):

@@ -15,7 +15,7 @@ from typing import Any
 from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model.protocol import LanguageModel
-from zerolm.tokenizer import END, EOS, Tokenizer
+from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import prompt_ids
 from zerolm.tokenizer.stream import StreamDecoder
 
@@ -30,7 +30,7 @@ def chat_request(
     return GenerateRequest(
         max_new_tokens=max_new_tokens,
         sampling=sampling or SamplingParams(),
-        stop_token_ids=(tok.token_id(END), tok.token_id(EOS)),
+        stop_token_ids=tok.stop_ids,
         seed=seed,
         context=context,
     )

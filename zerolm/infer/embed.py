@@ -18,7 +18,7 @@ import torch
 from zerolm.data.sources import decode_lines, jsonl_rows
 from zerolm.files import atomic_write_text
 from zerolm.model.bert import Bert
-from zerolm.tokenizer import CLS, PAD, SEP, Tokenizer
+from zerolm.tokenizer import CLS, SEP, Tokenizer
 
 log = logging.getLogger("zerolm")
 
@@ -106,7 +106,7 @@ def embed_texts(
             f"--max-tokens must be in 3..{window} (the model window), got {max_tokens}"
         )
     ids = encode_texts(tok, texts, max_tokens or window)
-    return embed_ids(model, ids, tok.token_id(PAD), batch_size, progress)
+    return embed_ids(model, ids, tok.pad_id, batch_size, progress)
 
 
 def write_embeddings(path: str | Path | None, texts: list[str], vectors: np.ndarray) -> None:

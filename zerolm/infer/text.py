@@ -14,7 +14,7 @@ from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.infer.stop import StopStrings, find_stop
 from zerolm.model import load_model
-from zerolm.tokenizer import EOS, Tokenizer
+from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.stream import StreamDecoder
 from zerolm.transforms.layout import decode_layout
 
@@ -52,14 +52,14 @@ class TextGenerator:
         self.model = decode_layout(load_model(model_dir))
         self.tok = Tokenizer.load(model_dir)
         self.cfg = cfg
-        self.eos = self.tok.token_id(EOS)
+        self.eos = self.tok.eos_ids
 
     def _run(self, prompts: list[str]) -> tuple[Engine, list[list[int]], GenerateRequest]:
         ids = encode_prompts(self.tok, prompts)
         req = GenerateRequest(
             max_new_tokens=self.cfg.max_new_tokens,
             sampling=sampling_params(self.cfg),
-            stop_token_ids=(self.eos,),
+            stop_token_ids=self.eos,
             seed=self.cfg.seed,
             context=self.cfg.context,
         )
@@ -70,7 +70,7 @@ class TextGenerator:
         engine, ids, req = self._run(prompts)
         texts = []
         for prompt, out in zip(prompts, engine.generate(ids, req)):
-            text = self.tok.decode([t for t in out if t != self.eos])
+            text = self.tok.decode([t for t in out if t not in self.eos])
             cut = find_stop(text, list(self.cfg.stop)) if self.cfg.stop else None
             texts.append(prompt + (text if cut is None else text[:cut]))
         return texts
@@ -78,7 +78,7 @@ class TextGenerator:
     def stream(self, prompt: str) -> Iterator[str]:
         """The continuation of one prompt, piece by piece as tokens complete characters."""
         engine, ids, req = self._run([prompt])
-        stops, dec = StopStrings(list(self.cfg.stop)), StreamDecoder(self.tok, skip_ids=(self.eos,))
+        stops, dec = StopStrings(list(self.cfg.stop)), StreamDecoder(self.tok, skip_ids=self.eos)
         for step in engine.stream(ids, req):
             text, stopped = stops.feed(dec.push(step[0]))
             yield text

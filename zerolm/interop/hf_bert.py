@@ -22,7 +22,6 @@ from zerolm.interop.hf_checkpoint import _read_weights, _refuse, build_imported,
 from zerolm.model import build_model, resolve
 from zerolm.model.bert import Bert
 from zerolm.model.presets import ResolvedModelConfig
-from zerolm.tokenizer import PAD
 
 log = logging.getLogger("zerolm")
 
@@ -270,5 +269,5 @@ def export_hf(model: Bert, out_dir, tokenizer=None) -> Path:
         )
     state = {names[k]: t.contiguous().cpu() for k, t in state.items()}
     state[DECODER_BIAS] = state[BARE["mlm.bias"]].clone()  # read by HF when the head is untied
-    pad_id = tokenizer.token_id(PAD) if tokenizer is not None else 0  # [PAD] for a BERT vocabulary
+    pad_id = tokenizer.pad_id if tokenizer is not None else 0  # [PAD] for a BERT vocabulary
     return write_hf_dir(out_dir, state, _to_hf(cfg, pad_id), tokenizer)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from zerolm.config import ModelConfig
 from zerolm.files import atomic_save_tensors, atomic_write_bytes, atomic_write_text
 from zerolm.model import load_state, save_model
+from zerolm.tokenizer.hf_files import FILES as TOKENIZER_FILES
 
 
 def _refuse(arch: str, problems: list[tuple[bool, str]]) -> None:
@@ -55,7 +56,7 @@ def build_imported(
     model.eval()
     if out_dir is not None:
         save_model(model, out_dir)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in TOKENIZER_FILES:  # the model's own tokenizer, roles and chat template
             if (Path(src) / name).is_file():
                 atomic_write_bytes(Path(out_dir) / name, (Path(src) / name).read_bytes())
     return model

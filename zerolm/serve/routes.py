@@ -25,7 +25,6 @@ from zerolm.serve.responses import (
     guarded,
 )
 from zerolm.serve.server import Server
-from zerolm.tokenizer import EOS
 
 STATIC = Path(__file__).parent / "static"
 
@@ -114,7 +113,7 @@ async def completions(req: P.CompletionRequest, request: Request, server: Server
         req.prompt = req.prompt[0]
     prompt = await asyncio.to_thread(server.completion_prompt, req.prompt)
     max_new, sampling, stops = server.prepare(req, prompt, "prompt")
-    eos = (server.tok.token_id(EOS),)
+    eos = server.tok.eos_ids
     gen = server.start(prompt, req.n, max_new, sampling, stops, eos, req.seed, req.logprobs)
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if req.stream:

@@ -28,7 +28,7 @@ from zerolm.serve.limits import (
     sampling_params,
 )
 from zerolm.serve.scheduler import Scheduler
-from zerolm.tokenizer import END, EOS, SPECIAL_TOKENS, Tokenizer
+from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import prompt_ids, render
 from zerolm.transforms.layout import decode_layout
 
@@ -62,7 +62,7 @@ class Server:
         self.max_text_bytes = (limits.max_prompt_tokens or self.window - 1) * longest * slack
         self.scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, compile=compile)
         self.created = int(time.time())
-        self.chat_stops = (tok.token_id(END), tok.token_id(EOS))
+        self.chat_stops = tok.stop_ids
         # bytes -> id (the inspector's input)
         self.token_ids = {b: i for i, b in enumerate(tok.token_bytes) if b}
         self.http_errors = 0
@@ -77,11 +77,7 @@ class Server:
 
     # -- text <-> tokens ---------------------------------------------------------------------
     def token_str(self, i: int) -> str:
-        return (
-            SPECIAL_TOKENS[i]
-            if i < len(SPECIAL_TOKENS)
-            else self.tok.token_bytes[i].decode("utf-8", "backslashreplace")
-        )
+        return self.tok.token_str(i)
 
     def prepare(
         self, req: P.SamplingRequest, prompt: list[int], param: str
@@ -97,9 +93,9 @@ class Server:
         if not text:
             raise ApiError(400, "prompt must not be empty", "prompt")
         check_text([text], "prompt", self.max_text_bytes)
-        # encode_batch releases the GIL (encode does not), so other streams run meanwhile; eos
-        # first: a new document starts
-        return [self.tok.token_id(EOS), *self.tok.encode_batch([text])[0]]
+        # encode_batch releases the GIL (encode does not), so other streams run meanwhile; the
+        # ids a document starts with come first
+        return self.tok.completion_ids([text])[0]
 
     def chat_prompt(self, messages: list[dict], generation: bool = True) -> list[int]:
         """Ids of a conversation (+ the assistant turn's start), ApiError for a bad one (call it

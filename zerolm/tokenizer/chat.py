@@ -62,9 +62,18 @@ def check_messages(messages: Sequence[dict], where: str = "conversation") -> Non
 def render(
     tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False
 ) -> tuple[list[int], list[int], list[int]]:
-    """(ids, loss_mask, ends): token ids, 1 on assistant content + its <|end|>, and the length of
-    the rendering after each message (so a caller can cut a conversation at a turn boundary)."""
+    """(ids, loss_mask, ends): token ids, 1 on the tokens the model learns to produce (assistant
+    content and its end of turn), and the length of the rendering after each message (so a caller
+    can cut a conversation at a turn boundary; -1 where a foreign template's prefix is not one).
+    A foreign tokenizer renders with its model's own template (tokenizer/template.py)."""
     check_messages(messages)
+    if tok.template is not None:
+        return tok.template.render(messages, add_generation_prompt)
+    if tok.layout != "zerolm":
+        raise ValueError(
+            'this tokenizer has no chat template: add a chat_template.jinja (or "chat_template" in '
+            "tokenizer_config.json) to the model directory, or fine-tune a chat model first"
+        )
     end = tok.token_id(END)
     ids, mask, ends = [tok.token_id(BOS)], [0], []
     contents = tok.encode_batch([m["content"] for m in messages], split_special=False)

@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
-from zerolm.files import atomic_write_text
+from zerolm.files import atomic_write_bytes, atomic_write_text
 from zerolm.tokenizer.chat import CHAT_TEMPLATE
+from zerolm.tokenizer.hf_files import Roles, read_files, read_roles, read_template
 from zerolm.tokenizer.specials import (
     BERT_SPECIALS,
     BOS,
     BYTE_TOKENS,
     CLS,
+    END,
     EOS,
     MASK,
     PAD,
@@ -34,6 +36,7 @@ from zerolm.tokenizer.specials import (
     SPECIAL_TOKENS,
     UNK,
 )
+from zerolm.tokenizer.template import ChatTemplate
 
 # Places where BPE_PATTERN (tokenizer/train.py) always starts a new pre-token: after a line break
 # before a non-space, before a single space that begins " word", between a non-space and a Han one.
@@ -56,30 +59,47 @@ def chunks(text: str, size: int = 1 << 13) -> Iterator[str]:
 
 
 class Tokenizer:
-    """A trained tokenizer: text <-> ids. Wraps a `tokenizers.Tokenizer`."""
+    """A trained tokenizer: text <-> ids. Wraps a `tokenizers.Tokenizer`.
 
-    def __init__(self, hf: _HFTokenizer, strict: bool = True):
-        """strict: zerolm's own layout (SPECIAL_TOKENS at ids 0..15). strict=False: a foreign BERT
-        WordPiece tokenizer, whose BERT_SPECIALS are looked up by name; its file's own truncation
-        and padding are switched off, so encode() returns exactly the text's ids as for zerolm's
-        own."""
-        self.hf = hf
-        self.aliases: dict[str, str] = {}  # zerolm special -> its name in a foreign vocabulary
-        if not strict:
+    Its layout is one of: "zerolm" (SPECIAL_TOKENS at ids 0..15, zerolm's chat template), "bert"
+    (a foreign WordPiece vocabulary, BERT_SPECIALS found by name) or "hf" (a foreign decoder's
+    tokenizer directory: special tokens by role from its config files, its own Jinja chat
+    template). Code outside this package asks for ids by role (bos_id, eos_id, stop_ids, ...),
+    never by number or by zerolm's token strings."""
+
+    def __init__(self, hf: _HFTokenizer, layout: str = "zerolm", source: Path | None = None):
+        """layout: see the class docstring; "hf" reads its roles and template from the directory
+        `source`. A foreign file's own truncation and padding are switched off, so encode()
+        returns exactly the text's ids as for zerolm's own."""
+        self.hf, self.layout = hf, layout
+        self.aliases: dict[str, str] = {}  # zerolm special -> its name in a BERT vocabulary
+        self.files: dict[str, bytes] = {}  # "hf": the source's tokenizer files, saved unchanged
+        self.template: ChatTemplate | None = None  # "hf": the model's own chat template
+        if layout == "zerolm":
+            for i, tok in enumerate(SPECIAL_TOKENS):
+                if hf.token_to_id(tok) != i:
+                    raise ValueError(
+                        f"tokenizer does not reserve {tok!r} at id {i}; train it with `zerolm "
+                        "tokenizer train`"
+                    )
+            self.roles = Roles(bos=1, eos=(2,), pad=0, unk=3)  # SPECIAL_TOKENS' order
+            return
+        hf.no_truncation()
+        hf.no_padding()
+        if layout == "bert":
             if missing := [t for t in BERT_SPECIALS.values() if hf.token_to_id(t) is None]:
                 raise ValueError(
                     f"not a BERT tokenizer: {', '.join(missing)} missing from its vocabulary"
                 )
             self.aliases = {k: v for k, v in BERT_SPECIALS.items() if k != v}
-            hf.no_truncation()
-            hf.no_padding()
+            self.roles = Roles(bos=None, eos=(), pad=self.token_id(PAD), unk=self.token_id(UNK))
             return
-        for i, tok in enumerate(SPECIAL_TOKENS):
-            if hf.token_to_id(tok) != i:
-                raise ValueError(
-                    f"tokenizer does not reserve {tok!r} at id {i}; train it with `zerolm "
-                    "tokenizer train`"
-                )
+        if layout != "hf" or source is None:
+            raise ValueError(f"unknown tokenizer layout {layout!r} (or no source directory)")
+        self.roles = read_roles(hf, source)
+        self.files = read_files(source)
+        text = read_template(source)
+        self.template = None if text is None else ChatTemplate(text, self, str(source))
 
     # -------------------------------------------------------------- encode / decode
     def encode(self, text: str) -> list[int]:
@@ -93,9 +113,12 @@ class Tokenizer:
         return [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
 
     def completion_ids(self, texts: list[str]) -> list[list[int]]:
-        """Ids of completion prompts: eos first (the model starts a new document), then the text."""
-        eos = self.token_id(EOS)
-        return [[eos, *ids] for ids in self.encode_batch(texts)]
+        """Ids of completion prompts, as a document starts in training: zerolm's own put eos first
+        (documents are separated by eos); a foreign one adds what its post-processor adds
+        (bos, for most), as transformers' `tokenizer(text)` does."""
+        if self.layout == "zerolm":
+            return [[self.eos_id, *ids] for ids in self.encode_batch(texts)]
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=True)]
 
     @cached_property
     def _plain(self) -> _HFTokenizer:
@@ -154,8 +177,72 @@ class Tokenizer:
 
     @property
     def foreign(self) -> bool:
-        """A foreign BERT tokenizer (strict=False) rather than one zerolm trained."""
-        return bool(self.aliases)
+        """A foreign tokenizer (BERT's or an HF decoder's) rather than one zerolm trained."""
+        return self.layout != "zerolm"
+
+    # -------------------------------------------------------------- special tokens by role
+    @property
+    def bos_id(self) -> int | None:
+        return self.roles.bos
+
+    @property
+    def eos_id(self) -> int:
+        """The token that ends a document (and starts the next one in a token stream)."""
+        if not self.roles.eos:
+            raise ValueError("this tokenizer has no eos token (a BERT vocabulary)")
+        return self.roles.eos[0]
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generation (an HF generation_config may list several)."""
+        return self.roles.eos
+
+    @property
+    def pad_id(self) -> int:
+        """The id padding positions hold (never attended or learned): the pad token, else eos."""
+        return self.roles.pad if self.roles.pad is not None else self.eos_id
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.roles.unk
+
+    @property
+    def turn_end(self) -> int | None:
+        """The chat template's end-of-turn token: zerolm's <|end|>, a foreign template's own."""
+        if self.layout == "zerolm":
+            return SPECIAL_TOKENS.index(END)
+        return None if self.template is None else self.template.turn_end
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Where a chat reply ends: the template's end-of-turn token, then every eos."""
+        turn = () if self.turn_end is None else (self.turn_end,)
+        return tuple(dict.fromkeys((*turn, *self.roles.eos)))
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens: never text, never split from text, b"" in token_bytes."""
+        if self.layout == "zerolm":
+            return frozenset(range(len(SPECIAL_TOKENS)))
+        if self.layout == "bert":
+            return frozenset(self.token_id(t) for t in BERT_SPECIALS)
+        added = self.hf.get_added_tokens_decoder()
+        return frozenset(i for i, t in added.items() if t.special)
+
+    def special_tokens(self, turn_end: bool = True) -> dict[str, str]:
+        """Role -> token string: bos, eos, pad, unk (and turn_end) where the tokenizer has them."""
+        r = self.roles
+        ids = {"bos": r.bos, "eos": r.eos[0] if r.eos else None, "pad": r.pad, "unk": r.unk}
+        if turn_end:
+            ids["turn_end"] = self.turn_end
+        return {role: str(self.hf.id_to_token(i)) for role, i in ids.items() if i is not None}
+
+    def token_str(self, i: int) -> str:
+        """How a token id reads in a view of tokens: a special token's own name, else its text
+        (bytes that are not UTF-8 on their own escaped)."""
+        if i in self.special_ids:
+            return str(self.hf.id_to_token(i))
+        return self.token_bytes[i].decode("utf-8", "backslashreplace")
 
     def token_id(self, token: str) -> int:
         i = self.hf.token_to_id(self.aliases.get(token, token))
@@ -170,12 +257,8 @@ class Tokenizer:
         kind, byte_tokens = self.kind, {t: i for i, t in enumerate(BYTE_TOKENS)}
         unicode_to_byte = {c: b for b, c in _byte_level_alphabet().items()}
         out = [b""] * self.vocab_size
-        specials = (
-            {self.token_id(t) for t in BERT_SPECIALS}
-            if self.foreign
-            else range(len(SPECIAL_TOKENS))
-        )
-        for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
+        specials = self.special_ids
+        for tok, i in self.hf.get_vocab(with_added_tokens=True).items():
             if i in specials:
                 continue
             if kind == "bpe":  # byte-level alphabet: one character per byte
@@ -192,8 +275,9 @@ class Tokenizer:
         return np.array([len(b) for b in self.token_bytes], dtype=np.int64)
 
     def unknown_ids(self) -> set[int]:
-        """Ids that stand for text unseen in training: <|unk|>, and byte fallbacks of `char`."""
-        out = {self.token_id(UNK)}
+        """Ids that stand for text unseen in training: the unk token, and byte fallbacks of
+        `char`."""
+        out = set() if self.unk_id is None else {self.unk_id}
         if self.kind == "char":
             out |= {self.token_id(t) for t in BYTE_TOKENS}
         return out
@@ -211,8 +295,13 @@ class Tokenizer:
 
     # -------------------------------------------------------------- files
     def save(self, out_dir: str | Path) -> Path:
-        """Write tokenizer.json + tokenizer_config.json (the transformers layout) into out_dir."""
+        """Write tokenizer.json + tokenizer_config.json (the transformers layout) into out_dir; a
+        foreign decoder's tokenizer writes its source files back unchanged."""
         out = Path(out_dir)
+        if self.layout == "hf":
+            for name, data in self.files.items():
+                atomic_write_bytes(out / name, data)
+            return out / "tokenizer.json"
         atomic_write_text(out / "tokenizer.json", self.hf.to_str(pretty=True))
         specials = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
         if self.kind == "wordpiece":
@@ -225,7 +314,7 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
         }
-        if self.foreign:  # a BERT vocabulary: its own special names, no chat roles
+        if self.layout == "bert":  # a BERT vocabulary: its own special names, no chat roles
             names = zip(
                 ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"),
                 BERT_SPECIALS.values(),
@@ -242,9 +331,10 @@ class Tokenizer:
         return out / "tokenizer.json"
 
     @classmethod
-    def load(cls, path: str | Path, strict: bool | None = None) -> Tokenizer:
-        """Load from a tokenizer.json file or a directory holding one. strict=None: zerolm's own
-        layout, or a foreign BERT tokenizer if that is what the file holds (see __init__)."""
+    def load(cls, path: str | Path, layout: str | None = None) -> Tokenizer:
+        """Load from a tokenizer.json file or a directory holding one. layout=None: zerolm's own
+        if the file reserves its specials, a BERT vocabulary if it holds BERT's, else a foreign
+        decoder's tokenizer directory (see __init__)."""
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
@@ -256,11 +346,15 @@ class Tokenizer:
             hf = _HFTokenizer.from_file(str(p))
         except Exception as e:  # the Rust side raises plain Exception on malformed files
             raise ValueError(f"{p}: not a valid tokenizer.json ({e})") from None
-        if strict is None:
-            strict = hf.token_to_id(SPECIAL_TOKENS[0]) == 0 or any(
-                hf.token_to_id(t) is None for t in BERT_SPECIALS.values()
+        if layout is None:
+            layout = (
+                "zerolm"
+                if hf.token_to_id(SPECIAL_TOKENS[0]) == 0
+                else "bert"
+                if all(hf.token_to_id(t) is not None for t in BERT_SPECIALS.values())
+                else "hf"
             )
-        return cls(hf, strict)
+        return cls(hf, layout, p.parent)
 
 
 def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -> None:

@@ -16,7 +16,7 @@ from zerolm.inspect.accounting import account
 from zerolm.model import save_model
 from zerolm.model.presets import arch_of
 from zerolm.model.protocol import LanguageModel
-from zerolm.tokenizer import EOS, Tokenizer
+from zerolm.tokenizer import Tokenizer
 from zerolm.train.fingerprint import pretrain_data_fingerprint
 from zerolm.train.losses import lm_loss
 from zerolm.train.mlm import pretrain_bert
@@ -35,17 +35,16 @@ def sample_texts(
 ) -> list[str]:
     """Continue each prompt (after an eos, i.e. at a document start) and decode up to the next
     eos."""
-    eos = tok.token_id(EOS)
     req = GenerateRequest(
         max_new_tokens=min(max_new_tokens, model.cfg.max_seq_len - 16),
         sampling=SamplingParams(temperature=0.8, top_k=50),
-        stop_token_ids=(eos,),
+        stop_token_ids=tok.eos_ids,
         seed=seed,
     )
     ids = tok.completion_ids(prompts)
     with eval_mode(model):
         outs = Engine(model).generate(ids, req)
-    return [p + tok.decode([t for t in o if t != eos]) for p, o in zip(prompts, outs)]
+    return [p + tok.decode([t for t in o if t not in tok.eos_ids]) for p, o in zip(prompts, outs)]
 
 
 def pretrain(cfg: Config, progress: bool = True) -> StageResult:

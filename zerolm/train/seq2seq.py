@@ -33,7 +33,7 @@ from zerolm.eval.translation import encode_source, evaluate_translation, transla
 from zerolm.files import atomic_write_text
 from zerolm.model import save_model
 from zerolm.model.encdec import EncoderDecoder
-from zerolm.tokenizer import BOS, EOS, PAD, Tokenizer
+from zerolm.tokenizer import Tokenizer
 from zerolm.train.fingerprint import stage_fingerprint
 from zerolm.train.losses import LossResult, linear_cross_entropy
 from zerolm.train.run import Stage, StageResult, begin, new_model, open_out, run
@@ -52,7 +52,7 @@ def encode_pairs(
     the window is an error naming it, or is dropped (too_long="drop"). Returns (items, dropped)."""
     src = tok.encode_batch([s for s, _ in pairs], split_special=False)
     tgt = tok.encode_batch([t for _, t in pairs], split_special=False)
-    eos, items, dropped = tok.token_id(EOS), [], 0
+    eos, items, dropped = tok.eos_id, [], 0
     for i, (s, t) in enumerate(zip(src, tgt)):
         if len(s) + 1 > window or len(t) + 1 > window:
             if too_long == "error":
@@ -163,7 +163,7 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> StageResult:
         model.cfg.max_seq_len,
     )
     enc = _encode_splits(tok, pairs, model.cfg.max_seq_len, cfg.seq2seq.too_long)
-    ids: dict[str, Any] = dict(pad=tok.token_id(PAD), bos=tok.token_id(BOS), eos=tok.token_id(EOS))
+    ids: dict[str, Any] = dict(pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id)
     held, bs = enc["val"], cfg.train.batch_size
     shown = random.Random(cfg.seed).sample(pairs["val"], min(2, len(pairs["val"])))
 
