@@ -257,7 +257,7 @@ def test_foreign_bert_tokenizer(tmp_path, tiny_model):
     HFTokenizer(models.WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]")).save(
         str(tmp_path / "other.json")
     )
-    with pytest.raises(ValueError, match="has no eos token: set \"eos_token\""):
+    with pytest.raises(ValueError, match='has no eos token: set "eos_token"'):
         Tokenizer.load(tmp_path / "other.json")
     with pytest.raises(ValueError, match=r"not a BERT tokenizer: \[PAD\]"):
         Tokenizer.load(tmp_path / "other.json", layout="bert")
