@@ -4,6 +4,7 @@ GPT-2's config conversions (the LLaMA family's are in hf_llama_family.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
@@ -146,8 +147,14 @@ def _gpt2_to_hf(cfg: ModelConfig) -> dict:
     )
 
 
-FROM_HF = {"gpt2": _gpt2_from_hf, **{t: partial(llama_family_from_hf, t) for t in FAMILY}}
-TO_HF = {"gpt2": _gpt2_to_hf, **{t: partial(llama_family_to_hf, model_type=t) for t in FAMILY}}
+FROM_HF: dict[str, Callable[[dict], ModelConfig]] = {
+    "gpt2": _gpt2_from_hf,
+    **{t: partial(llama_family_from_hf, t) for t in FAMILY},
+}
+TO_HF: dict[str, Callable[[ModelConfig], dict]] = {
+    "gpt2": _gpt2_to_hf,
+    **{t: partial(llama_family_to_hf, model_type=t) for t in FAMILY},
+}
 KEY_FAMILY = {"gpt2": "gpt2", **dict.fromkeys(FAMILY, "llama")}  # model_type -> key map
 
 
@@ -192,6 +199,16 @@ def _fit_biases(state: dict, n_layers: int, wanted: tuple[str, ...], where: str)
                 )
 
 
+def _split_qkv(state: dict, cfg: ModelConfig) -> None:
+    """GPT-2's fused c_attn (attn.qkv) -> zerolm's attn.q, attn.k, attn.v, in place."""
+    for i in range(cfg.n_layers):
+        for s in ("weight", "bias"):
+            fused = state.pop(f"blocks.{i}.attn.qkv.{s}", None)
+            if fused is not None:
+                q, k, v = fused.split(_qkv_sizes(cfg), dim=0)
+                state.update({f"blocks.{i}.attn.{p}.{s}": t for p, t in zip("qkv", (q, k, v))})
+
+
 def _from_hf_state(arch: str, hf_state: dict, cfg: ModelConfig) -> dict:
     family = KEY_FAMILY[arch]
     inverse = {h: z for z, h in _names(family, cfg.n_layers).items()}
@@ -210,12 +227,7 @@ def _from_hf_state(arch: str, hf_state: dict, cfg: ModelConfig) -> dict:
         raise ValueError(f"HF {arch} checkpoint has tensors zerolm cannot place: {unknown[:6]}")
     if cfg.tie_embeddings:  # a tied head is the embedding; some files store it anyway
         state.pop("lm_head.weight", None)
-    for i in range(cfg.n_layers):
-        for s in ("weight", "bias"):
-            fused = state.pop(f"blocks.{i}.attn.qkv.{s}", None)
-            if fused is not None:
-                q, k, v = fused.split(_qkv_sizes(cfg), dim=0)
-                state.update({f"blocks.{i}.attn.{p}.{s}": t for p, t in zip("qkv", (q, k, v))})
+    _split_qkv(state, cfg)
     if family == "llama":  # e.g. attention_bias without mlp_bias: zerolm's other biases are zeros
         own = (QKV if cfg.qkv_bias else ()) + (("attn.o", *FFN) if cfg.bias else ())
         _fit_biases(state, cfg.n_layers, own, "zerolm")
@@ -240,6 +252,5 @@ def _to_hf_state(arch: str, model: Transformer, hf_config: dict) -> dict:
             "merge adapters / dequantize it before exporting"
         )
     return {
-        names[k]: (t.T if _conv1d(family, k, t) else t).contiguous().cpu()
-        for k, t in state.items()
+        names[k]: (t.T if _conv1d(family, k, t) else t).contiguous().cpu() for k, t in state.items()
     }

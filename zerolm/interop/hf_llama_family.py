@@ -63,7 +63,7 @@ ROPE_KEYS = {
         "truncate",
     },
 }
-QKV, O = ("attn.q", "attn.k", "attn.v"), ("attn.o",)
+QKV, OUT = ("attn.q", "attn.k", "attn.v"), ("attn.o",)
 FFN = ("ffn.gate", "ffn.up", "ffn.down")
 
 
@@ -74,7 +74,7 @@ def hf_biases(model_type: str, c: dict) -> tuple[str, ...]:
     if model_type == "mistral":
         return ()
     mlp = FFN if model_type == "llama" and c.get("mlp_bias") else ()
-    return (QKV + O if c.get("attention_bias") else ()) + mlp
+    return (QKV + OUT if c.get("attention_bias") else ()) + mlp
 
 
 # ------------------------------------------------------------------ rope
@@ -117,9 +117,14 @@ def rope_from_hf(c: dict) -> dict:
     if kind == "default":
         return out
     max_pos = c["max_position_embeddings"]
-    orig = int(c.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos)
+    orig = int(
+        c.get("original_max_position_embeddings")
+        or rope.get("original_max_position_embeddings")
+        or max_pos
+    )
     factor = rope.get("factor")
-    factor = float(max_pos / orig if factor is None and kind == "yarn" else factor)
+    _refuse("rope", [(factor is not None or kind == "yarn", f"rope_type={kind!r} has no factor")])
+    factor = float(max_pos / orig if factor is None else factor)  # yarn's default
     out.update(rope_scaling=kind, rope_factor=factor)
     if kind == "llama3":
         out.update(
@@ -197,7 +202,10 @@ def llama_family_from_hf(model_type: str, raw: dict) -> ModelConfig:
         model_type,
         [
             (c["hidden_act"] == "silu", f"hidden_act={c['hidden_act']!r} (supported: 'silu')"),
-            (own_bias or not raw.get("attention_bias"), "attention_bias (not read by transformers)"),
+            (
+                own_bias or not raw.get("attention_bias"),
+                "attention_bias (not read by transformers)",
+            ),
             (model_type == "llama" or not raw.get("mlp_bias"), "mlp_bias (supported: llama only)"),
         ],
     )
@@ -214,7 +222,7 @@ def llama_family_from_hf(model_type: str, raw: dict) -> ModelConfig:
         max_seq_len=c["max_position_embeddings"],
         norm_eps=float(c["rms_norm_eps"]),
         tie_embeddings=bool(c["tie_word_embeddings"]),
-        bias=any(p in biases for p in O + FFN),  # zerolm fills the biases HF lacks with zeros
+        bias=any(p in biases for p in OUT + FFN),  # zerolm fills the biases HF lacks with zeros
         qkv_bias=QKV[0] in biases,
         qk_norm=model_type == "qwen3",
         sliding_window=_sliding_window(model_type, raw),
@@ -262,9 +270,7 @@ def llama_family_to_hf(cfg: ModelConfig, model_type: str) -> dict:
             use_sliding_window=bool(cfg.sliding_window),
             sliding_window=cfg.sliding_window or None,
             max_window_layers=0 if cfg.sliding_window else cfg.n_layers,
-            layer_types=[
-                "sliding_attention" if cfg.sliding_window else "full_attention"
-            ]
+            layer_types=["sliding_attention" if cfg.sliding_window else "full_attention"]
             * cfg.n_layers,
         )
     return out
