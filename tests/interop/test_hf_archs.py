@@ -66,7 +66,7 @@ CASES = {
     "qwen2": ("Qwen2Config", {}, "Qwen2ForCausalLM"),
     "qwen2-window": (
         "Qwen2Config",
-        dict(use_sliding_window=True, sliding_window=5, max_window_layers=0),
+        dict(use_sliding_window=True, sliding_window=5, max_window_layers=0, head_dim=24),
         "Qwen2ForCausalLM",
     ),
     "qwen3": ("Qwen3Config", dict(head_dim=32), "Qwen3ForCausalLM"),
@@ -87,7 +87,13 @@ def _hf_config(kind: str):
     cls, kw, _ = CASES[kind]
     if cls == "GPT2Config":
         return transformers.GPT2Config(
-            vocab_size=V, n_embd=D, n_layer=L, n_head=H, n_positions=T_MAX, bos_token_id=None
+            vocab_size=V,
+            n_embd=D,
+            n_layer=L,
+            n_head=H,
+            n_positions=T_MAX,
+            bos_token_id=None,
+            eos_token_id=None,
         )
     return getattr(transformers, cls)(
         vocab_size=V,

@@ -63,6 +63,7 @@ ROPE_KEYS = {
         "truncate",
     },
 }
+ROPE_NEEDS = {"linear": {"factor"}, "llama3": {"factor", "low_freq_factor", "high_freq_factor"}}
 QKV, OUT = ("attn.q", "attn.k", "attn.v"), ("attn.o",)
 FFN = ("ffn.gate", "ffn.up", "ffn.down")
 
@@ -100,6 +101,7 @@ def rope_from_hf(c: dict) -> dict:
     theta = float(rope.pop("rope_theta", c["rope_theta"]))
     nested = any(isinstance(v, dict) for v in rope.values())
     stray = sorted(set(rope) - ROPE_KEYS.get(kind, set()) - {"partial_rotary_factor"})
+    missing = sorted(ROPE_NEEDS.get(kind, set()) - set(rope))
     partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor")) or 1.0
     _refuse(
         "rope",
@@ -111,6 +113,7 @@ def rope_from_hf(c: dict) -> dict:
             (not nested, "rope parameters per layer type (supported: one set for all layers)"),
             (not stray or kind not in ROPE_KEYS, f"rope keys {stray} for rope_type={kind!r}"),
             (partial == 1.0, f"partial_rotary_factor={partial} (supported: 1.0)"),
+            (not missing, f"rope_type={kind!r} without {missing}"),
         ],
     )
     out: dict = {"rope_theta": theta}
@@ -122,9 +125,7 @@ def rope_from_hf(c: dict) -> dict:
         or rope.get("original_max_position_embeddings")
         or max_pos
     )
-    factor = rope.get("factor")
-    _refuse("rope", [(factor is not None or kind == "yarn", f"rope_type={kind!r} has no factor")])
-    factor = float(max_pos / orig if factor is None else factor)  # yarn's default
+    factor = float(rope.get("factor") or max_pos / orig)  # yarn's default; the others need one
     out.update(rope_scaling=kind, rope_factor=factor)
     if kind == "llama3":
         out.update(
@@ -197,19 +198,15 @@ def _sliding_window(model_type: str, raw: dict) -> int:
 def llama_family_from_hf(model_type: str, raw: dict) -> ModelConfig:
     c = {**DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None}}
     d, h = c["hidden_size"], c["num_attention_heads"]
-    own_bias = model_type in ("llama", "qwen3")  # the others ignore attention_bias / mlp_bias
     _refuse(
         model_type,
         [
             (c["hidden_act"] == "silu", f"hidden_act={c['hidden_act']!r} (supported: 'silu')"),
-            (
-                own_bias or not raw.get("attention_bias"),
-                "attention_bias (not read by transformers)",
-            ),
+            # transformers would ignore it and build no FFN biases: surely not what was meant
             (model_type == "llama" or not raw.get("mlp_bias"), "mlp_bias (supported: llama only)"),
         ],
     )
-    biases = hf_biases(model_type, c)
+    biases = hf_biases(model_type, c)  # as transformers builds them: mistral/qwen2 ignore the keys
     return ModelConfig(
         preset="llama",
         vocab_size=c["vocab_size"],
