@@ -199,7 +199,7 @@ def test_greedy_generate_matches_hf(kind, tmp_path):
 
 def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(ValueError, match=r"'t5'.*gpt2, llama, bert"):
+    with pytest.raises(ValueError, match=r"'t5'.*gpt2, llama, mistral, qwen2, qwen3, bert"):
         import_hf(tmp_path)
 
 

@@ -71,6 +71,21 @@ class ModelConfig:
     dropout: float | None = None
     norm_eps: float | None = None
     rope_theta: float = 10000.0
+    head_dim: int = 0  # size of one attention head; 0: d_model / n_heads (Qwen3 uses 128 != d/h)
+    qkv_bias: bool | None = None  # biases on the q, k, v projections only; None: as `bias` (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3, OLMo 2)
+    # RoPE frequency scaling for a context beyond pretraining (formulas of transformers'
+    # modeling_rope_utils): linear divides every frequency by rope_factor; llama3 (Llama 3.1)
+    # divides the low ones, smoothly between the two wavelength bounds; yarn interpolates by dim
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    rope_factor: float = 1.0  # context extension factor (linear, llama3, yarn)
+    rope_original_max_len: int = 0  # llama3/yarn: pretraining context; 0: max_seq_len
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original/low are divided
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original/high are kept
+    rope_beta_fast: float = 32.0  # yarn: rotations bounding the extrapolated dims
+    rope_beta_slow: float = 1.0  # yarn: rotations bounding the interpolated dims
+    rope_attention_factor: float = 0.0  # yarn: cos/sin multiplier; 0: 0.1 ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: floor/ceil the correction range (transformers' default)
     sliding_window: int = 0  # 0: full causal attention; w: each token sees the last w positions
     embed_norm: bool | None = None  # a norm right after the embeddings (BERT)
     embed_scale: bool | None = (

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from zerolm.model.presets import head_size
 from zerolm.model.protocol import LanguageModel
 
 
@@ -79,7 +80,7 @@ class KVCache:
             slots,
             cfg.n_kv_heads,
             max_len or cfg.max_seq_len,
-            cfg.d_model // cfg.n_heads,
+            head_size(cfg),
             dtype or param.dtype,
             param.device,
         )

@@ -25,6 +25,7 @@ from zerolm.infer.decode import Row, advance, seeded_generator
 from zerolm.infer.kv_cache import KVCache
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model.encdec import EncoderDecoder
+from zerolm.model.presets import head_size
 
 
 class Seq2SeqCache:
@@ -57,7 +58,7 @@ class Seq2SeqCache:
                 rows,
                 cfg.n_kv_heads,
                 max_len,
-                cfg.d_model // cfg.n_heads,
+                head_size(cfg),
                 dtype or param.dtype,
                 param.device,
             )

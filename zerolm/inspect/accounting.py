@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from zerolm.model.presets import head_size
+
 
 def component(name: str) -> str:
     if name.startswith("tok_emb"):
@@ -47,11 +49,11 @@ def account(
     # encdec (a source as long as the target): per target token, the encoder's share, the decoder's
     # self-attention and its cross-attention over the source each cost one attention pass
     dec = cfg.n_decoder_layers if cfg.arch == "encdec" else 0
-    attn_flops = (
-        4 * (cfg.n_layers + 2 * dec) * cfg.d_model * context
-    )  # QK^T and AV, forward (PaLM, appendix B)
+    # QK^T and AV, forward (PaLM, appendix B), over the H·Dh query width (d_model unless head_dim
+    # says otherwise)
+    head_dim = head_size(cfg)
+    attn_flops = 4 * (cfg.n_layers + 2 * dec) * cfg.n_heads * head_dim * context
     bpp = bytes_per_param or next(model.parameters()).element_size()
-    head_dim = cfg.d_model // cfg.n_heads
     # keys and values per cached layer; encdec caches its decoder's self-attention and
     # cross-attention
     kv_layers = 2 * dec if cfg.arch == "encdec" else cfg.n_layers

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerolm.model.layers import apply_rope, split_keys
+from zerolm.model.layers import RMSNorm, apply_rope, split_keys
 
 
 def attention_mask(T: int, device=None, window: int = 0, segments=None):
@@ -64,13 +64,31 @@ def attend(q, k, v, mask=None, dropout_p: float = 0.0):
 
 class Attention(nn.Module):
     """Self- or cross-attention with q, k, v as three linears: the layout training and LoRA use.
-    FusedQKVAttention (transforms.layout.decode_layout) is the same math stored as one matrix."""
+    FusedQKVAttention (transforms.layout.decode_layout) is the same math stored as one matrix.
 
-    def __init__(self, d: int, n_heads: int, n_kv_heads: int, bias: bool, dropout: float):
+    head_dim: Dh (0: d / n_heads); bias: on `o` (and on q, k, v unless qkv_bias says otherwise,
+    as Qwen2's); qk_norm_eps: an RMSNorm with this eps over each head of q and of k, before RoPE
+    (Qwen3's q_norm / k_norm), None for none."""
+
+    def __init__(
+        self,
+        d: int,
+        n_heads: int,
+        n_kv_heads: int,
+        bias: bool,
+        dropout: float,
+        *,
+        head_dim: int = 0,
+        qkv_bias: bool | None = None,
+        qk_norm_eps: float | None = None,
+    ):
         super().__init__()
-        self.h, self.kv, self.dh = n_heads, n_kv_heads, d // n_heads
-        self.init_projections(d, bias)  # registered before `o`: init_weights draws in this order
+        self.h, self.kv, self.dh = n_heads, n_kv_heads, head_dim or d // n_heads
+        # registered before `o`: init_weights draws in this order
+        self.init_projections(d, bias if qkv_bias is None else qkv_bias)
         self.o = nn.Linear(n_heads * self.dh, d, bias=bias)
+        self.q_norm = None if qk_norm_eps is None else RMSNorm(self.dh, qk_norm_eps)
+        self.k_norm = None if qk_norm_eps is None else RMSNorm(self.dh, qk_norm_eps)
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
 
@@ -82,14 +100,15 @@ class Attention(nn.Module):
     def project_q(self, x):
         """Queries (B, H, T, Dh) of x (B, T, D), not rotated."""
         B, T, _ = x.shape
-        return self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)
+        q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)
+        return q if self.q_norm is None else self.q_norm(q)
 
     def project_kv_heads(self, x):
         """Keys and values (B, K, T, Dh) of x (B, T, D), not rotated."""
         B, T, _ = x.shape
         k = self.k(x).view(B, T, self.kv, self.dh).transpose(1, 2)
         v = self.v(x).view(B, T, self.kv, self.dh).transpose(1, 2)
-        return k, v
+        return k if self.k_norm is None else self.k_norm(k), v
 
     def project(self, x, rope=None):
         """Self-attention q (B, H, T, Dh), k, v (B, K, T, Dh) of x (B, T, D), q and k rotated."""
@@ -150,19 +169,23 @@ class FusedQKVAttention(Attention):
     def project_q(self, x):
         B, T, _ = x.shape
         q = F.linear(x, *self._rows(0, self.h * self.dh))
-        return q.view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+        q = q.view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+        return q if self.q_norm is None else self.q_norm(q)
 
     def project_kv_heads(self, x):
         B, T, _ = x.shape
         kv = F.linear(x, *self._rows(self.h * self.dh))
         kv = kv.view(B, T, 2 * self.kv, self.dh).transpose(1, 2)  # (B, 2K, T, Dh)
-        return kv[:, : self.kv], kv[:, self.kv :]
+        k = kv[:, : self.kv]
+        return k if self.k_norm is None else self.k_norm(k), kv[:, self.kv :]
 
     def project(self, x, rope=None):
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.h + 2 * self.kv, self.dh).transpose(1, 2)
         n = self.h + self.kv
         qk, v = qkv[:, :n], qkv[:, n:]  # (B, H+K, T, Dh), (B, K, T, Dh)
+        if self.q_norm is not None and self.k_norm is not None:  # per head, before RoPE
+            qk = torch.cat([self.q_norm(qk[:, : self.h]), self.k_norm(qk[:, self.h :])], dim=1)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
         return qk[:, : self.h], qk[:, self.h :], v

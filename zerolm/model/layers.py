@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerolm.model.rope import rope_tables
+
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the next matmul computes in: autocast's, if it is on for x's device, else x's."""
@@ -152,14 +154,6 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
     return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)
 
 
-def rope_tables(n: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (n, Dh) in the half-split layout used by LLaMA checkpoints."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    ang = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # (n, Dh/2)
-    ang = torch.cat([ang, ang], dim=-1)  # (n, Dh)
-    return ang.cos(), ang.sin()
-
-
 def apply_rope(x, cos, sin):
     """Rotate (B, H, T, Dh) queries/keys by position; cos/sin are (B or 1, 1, T, Dh)."""
     half = x.shape[-1] // 2
@@ -171,7 +165,7 @@ def position_buffers(module: nn.Module, cfg) -> None:
     """Register a model's non-learned position tables (not saved: recomputed on load): RoPE's
     cos/sin (max_seq_len, Dh) or the sinusoidal table (max_seq_len, D)."""
     if cfg.position == "rope":
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         module.register_buffer("rope_cos", cos, persistent=False)
         module.register_buffer("rope_sin", sin, persistent=False)
     elif cfg.position == "sinusoidal":

@@ -12,6 +12,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Literal, cast
 
 from zerolm.config import ModelConfig
+from zerolm.model.rope import check_rope, yarn_attention_factor
 
 if TYPE_CHECKING:
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
         position: Literal["learned", "sinusoidal", "rope"]
         ffn: Literal["relu", "gelu", "gelu_erf", "swiglu"]
         bias: bool
+        qkv_bias: bool
         tie_embeddings: bool
         dropout: float
         norm_eps: float
@@ -125,6 +127,14 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ResolvedModelCon
         values["vocab_size"] = vocab_size
     values["n_kv_heads"] = values["n_kv_heads"] or values["n_heads"]
     values["d_ff"] = values["d_ff"] or default_d_ff(values["d_model"], values["ffn"])
+    d, h = values["d_model"], values["n_heads"]
+    values["head_dim"] = values["head_dim"] or (d // h if h > 0 and d % h == 0 else 0)
+    if values["qkv_bias"] is None:
+        values["qkv_bias"] = values["bias"]
+    if values["rope_scaling"] in ("llama3", "yarn") and not values["rope_original_max_len"]:
+        values["rope_original_max_len"] = values["max_seq_len"]
+    if values["rope_scaling"] == "yarn" and not values["rope_attention_factor"]:
+        values["rope_attention_factor"] = yarn_attention_factor(values["rope_factor"])
     if arch == "encdec":
         values["n_decoder_layers"] = values["n_decoder_layers"] or values["n_layers"]
     out = cast(ResolvedModelConfig, ModelConfig(**values))  # every field above is concrete now
@@ -132,8 +142,13 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ResolvedModelCon
     return out
 
 
+def head_size(cfg: ModelConfig) -> int:
+    """Dh, the size of one attention head: model.head_dim, or d_model / n_heads when it is 0."""
+    return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
 def check(cfg: ResolvedModelConfig) -> None:
-    d, h, kv = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
+    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     problems = [
         (
             cfg.vocab_size > 0,
@@ -141,17 +156,29 @@ def check(cfg: ResolvedModelConfig) -> None:
         ),
         (min(d, cfg.n_layers, h, cfg.max_seq_len, cfg.d_ff) > 0, "model sizes must be positive"),
         (
-            d % h == 0,
+            dh > 0,
             f"model.n_heads={h} does not divide model.d_model={d}; pick n_heads from "
-            f"{[x for x in range(1, min(d, 64) + 1) if d % x == 0]}",
+            f"{[x for x in range(1, min(d, 64) + 1) if d % x == 0]} or set model.head_dim",
         ),
         (
             h % kv == 0,
             f"model.n_kv_heads={kv} must divide model.n_heads={h} (grouped-query attention)",
         ),
         (
-            cfg.position != "rope" or (d // h) % 2 == 0,
-            f"rope needs an even head size; d_model/n_heads = {d // h}",
+            cfg.position != "rope" or dh % 2 == 0,
+            f"rope needs an even head size; got model.head_dim (or d_model/n_heads) = {dh}",
+        ),
+        *check_rope(cfg),
+        (
+            cfg.arch == "decoder"
+            or (
+                dh * h == d
+                and cfg.qkv_bias == cfg.bias
+                and not cfg.qk_norm
+                and cfg.rope_scaling == "none"
+            ),
+            "model.head_dim, model.qkv_bias, model.qk_norm and model.rope_scaling apply to "
+            f"decoders, not {cfg.arch}: leave them at their defaults",
         ),
         (cfg.position != "sinusoidal" or d % 2 == 0, "sinusoidal positions need an even d_model"),
         (0.0 <= cfg.dropout < 1.0, f"model.dropout must be in [0, 1), got {cfg.dropout}"),

@@ -26,7 +26,16 @@ class Block(nn.Module):
         super().__init__()
         self.pre = cfg.norm_placement == "pre"
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.bias, cfg.dropout)
+        self.attn = Attention(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.bias,
+            cfg.dropout,
+            head_dim=cfg.head_dim,
+            qkv_bias=cfg.qkv_bias,
+            qk_norm_eps=cfg.norm_eps if cfg.qk_norm else None,
+        )
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, feeds_matmul=self.pre)
         self.ffn = FFN(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.bias, cfg.dropout)
 

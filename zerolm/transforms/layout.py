@@ -22,8 +22,19 @@ def _twin(mod: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
 
     with torch.device("meta"):
         if type(mod) is Attention and plain("q", "k", "v"):
-            d, bias = mod.q.in_features, mod.q.bias is not None
-            return FusedQKVAttention(d, mod.h, mod.kv, bias, mod.dropout), ("q", "k", "v")
+            d, bias, o_bias = mod.q.in_features, mod.q.bias is not None, mod.o.bias is not None
+            eps = None if mod.q_norm is None else mod.q_norm.eps
+            twin = FusedQKVAttention(
+                d,
+                mod.h,
+                mod.kv,
+                o_bias,
+                mod.dropout,
+                head_dim=mod.dh,
+                qkv_bias=bias,
+                qk_norm_eps=eps,
+            )
+            return twin, ("q", "k", "v")
         if type(mod) is FFN and mod.kind == "swiglu" and plain("gate", "up"):
             d, bias = mod.up.in_features, mod.up.bias is not None
             return FusedGateUpFFN(d, mod.d_ff, mod.kind, bias, mod.drop.p), ("gate", "up")
