@@ -384,7 +384,11 @@ class Tokenizer:
 
 
 def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -> None:
-    """A reference or reward model must read the same token ids as the policy."""
+    """A reference or reward model must read the same token ids as the policy: the same
+    tokenizer.json (vocabulary, merges, added tokens, normalizer...; sha256 of its canonical
+    form). An "hf" layout's roles and chat template are not part of it: the policy renders every
+    conversation with its own template and roles and the other model only scores those ids, so
+    a model with the same vocabulary and another template is fine."""
     a, b = Tokenizer.load(policy_dir), Tokenizer.load(other_dir)
     if a.sha256 != b.sha256:
         raise ValueError(
