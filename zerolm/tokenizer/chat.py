@@ -88,6 +88,18 @@ def render(
     return ids, mask, ends
 
 
+def conversation_ids(
+    tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False
+) -> list[int]:
+    """The ids of `render` without its loss mask: for scoring or prompting a conversation. A
+    foreign template's turns need not be prefix-stable here (Qwen3, DeepSeek-R1 rewrite earlier
+    turns: no mask can be found for them, but their ids can)."""
+    if tok.template is not None:
+        check_messages(messages)
+        return tok.template.ids(messages, add_generation_prompt)
+    return render(tok, messages, add_generation_prompt)[0]
+
+
 def prompt_ids(tok: Tokenizer, messages: Sequence[dict]) -> list[int]:
     """Ids that ask the model for the next assistant turn."""
-    return render(tok, messages, add_generation_prompt=True)[0]
+    return conversation_ids(tok, messages, add_generation_prompt=True)

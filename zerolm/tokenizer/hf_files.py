@@ -65,18 +65,45 @@ def _ids(value) -> list[int]:
     return []
 
 
-def read_roles(hf: _HFTokenizer, directory: Path) -> Roles:
-    """The roles of a foreign tokenizer in `directory`; ValueError if it has no eos token."""
+NAMED = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' named special tokens
+
+
+def read_names(directory: Path) -> dict[str, str]:
+    """{"bos_token": "<s>", ...}: the named special tokens as transformers' AutoTokenizer reads
+    them (and passes to a chat template). special_tokens_map.json is read only by a config
+    without "added_tokens_decoder" (older checkpoints), and then its entries win."""
     config = _read_json(directory / "tokenizer_config.json")
-    names = {**_read_json(directory / "special_tokens_map.json"), **config}
+    if "added_tokens_decoder" not in config:
+        config = {**config, **_read_json(directory / "special_tokens_map.json")}
+    names = {f"{r}_token": _content(config.get(f"{r}_token")) for r in NAMED}
+    return {k: v for k, v in names.items() if v is not None}
+
+
+def read_control_tokens(directory: Path) -> list[str] | None:
+    """tokenizer_config.json's "chat_control_tokens" (see tokenizer/sanitize.py), if it sets it."""
+    listed = _read_json(directory / "tokenizer_config.json").get("chat_control_tokens")
+    return [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else None
+
+
+def read_roles(hf: _HFTokenizer, directory: Path) -> Roles:
+    """The roles of a foreign tokenizer in `directory`: by name from its tokenizer files, else by
+    id from generation_config.json, else config.json. ValueError if it has no eos token."""
+    names = read_names(directory)
     gen = {
         **_read_json(directory / "config.json"),
         **_read_json(directory / "generation_config.json"),
     }
 
     def by_name(role: str) -> int | None:
-        token = _content(names.get(f"{role}_token"))
-        return None if token is None else hf.token_to_id(token)
+        token = names.get(f"{role}_token")
+        if token is None:
+            return None
+        if (i := hf.token_to_id(token)) is None:
+            raise ValueError(
+                f"the {role}_token {token!r} of the tokenizer in {directory} is not in its "
+                "vocabulary: fix tokenizer_config.json (or special_tokens_map.json)"
+            )
+        return i
 
     def by_id(role: str) -> list[int]:
         return [i for i in _ids(gen.get(f"{role}_token_id")) if hf.id_to_token(i) is not None]
@@ -87,8 +114,7 @@ def read_roles(hf: _HFTokenizer, directory: Path) -> Roles:
             f'the tokenizer in {directory} has no eos token: set "eos_token" in its '
             'tokenizer_config.json (or "eos_token_id" in generation_config.json)'
         )
-    bos = by_name("bos")
-    pad = by_name("pad")
+    bos, pad = by_name("bos"), by_name("pad")
     return Roles(
         bos=bos if bos is not None else next(iter(by_id("bos")), None),
         eos=tuple(eos),

@@ -2,16 +2,18 @@
 renders it: the same sandboxed environment (ImmutableSandboxedEnvironment with trim_blocks and
 lstrip_blocks, loop controls, `{% generation %}` blocks), globals (raise_exception,
 strftime_now, namespace, dict) and `tojson` filter, and the same variables (messages,
-add_generation_prompt, bos_token, eos_token, pad_token, unk_token, tools, documents).
+add_generation_prompt, the named special tokens its files give, tools, documents).
 
-The rendered text is encoded with add_special_tokens=False, as apply_chat_template(tokenize=True)
-does. The loss mask (1 on the tokens of assistant turns) comes from the template's
-`{% generation %}` blocks where it has them, otherwise from rendering each prefix of the
-conversation and checking that every assistant turn is a prefix-stable token range.
+The rendered text is encoded as `apply_chat_template(..., sanitize_control_tokens=True)` encodes
+it (tokenizer/sanitize.py): a control token typed into a message stays text. The loss mask (1 on
+the tokens of assistant turns) comes from the template's `{% generation %}` blocks where it has
+them, otherwise from rendering each prefix of the conversation and checking that every assistant
+turn is a prefix-stable token range; where neither works it is a ValueError naming the template.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Sequence
@@ -24,6 +26,8 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from zerolm.tokenizer import sanitize
 
 if TYPE_CHECKING:
     from zerolm.tokenizer.tokenizer import Tokenizer
@@ -106,105 +110,108 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 class ChatTemplate:
     """A chat template string bound to the tokenizer it renders for. `name` says where it came
-    from, for errors."""
+    from, for errors; `control` lists the tokenizer's "chat_control_tokens" if it sets them."""
 
-    def __init__(self, source: str, tok: Tokenizer, name: str):
+    def __init__(
+        self, source: str, tok: Tokenizer, name: str, control: Sequence[str] | None = None
+    ):
         self.source, self.tok, self.name = source, tok, name
+        env = _environment()
         try:
-            self.compiled = _environment().from_string(source)
+            self.compiled = env.from_string(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ValueError(f"the chat template of {name} is not valid Jinja: {e}") from None
         self.has_generation = re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
+        tokens = sanitize.control_tokens(tok.hf, env, source, control)
+        self._control_re = sanitize.patterns(tokens)[0]
 
     def variables(self, messages: Sequence[dict], add_generation_prompt: bool) -> dict[str, Any]:
-        names = self.tok.special_tokens(turn_end=False)
+        """What transformers passes: the tokenizer's named special tokens (bos_token, eos_token,
+        ... as its files name them), tools and documents (None), the messages without None values
+        and with reasoning aliased ("reasoning_content" <-> "thinking")."""
         return dict(
-            messages=[dict(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
+            self.tok.token_names,
+            messages=_messages(messages),
             tools=None,
             documents=None,
-            **{f"{role}_token": names.get(role, "") for role in ("bos", "eos", "pad", "unk")},
+            add_generation_prompt=add_generation_prompt,
         )
 
-    def text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        """The rendered conversation; ValueError naming the template if it refuses it."""
+    def _generate(self, messages: Sequence[dict], add_generation_prompt: bool, spans: list | None):
+        """The rendered text, from messages with their control tokens marked if `spans` is not
+        None (recording the {% generation %} spans into it); ValueError naming the template if it
+        refuses the conversation."""
+        if spans is not None:
+            messages = sanitize.mark(list(messages), self._control_re)
+        blocks: list[str] = []
+        token = _SPANS.set(None if spans is None else (blocks, spans))
         try:
-            return self.compiled.render(**self.variables(messages, add_generation_prompt))
-        except jinja2.exceptions.TemplateError as e:
-            roles = ", ".join(m.get("role", "?") for m in messages)
+            for block in self.compiled.generate(**self.variables(messages, add_generation_prompt)):
+                blocks.append(block)
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError) as e:
+            roles = ", ".join(str(m.get("role", "?")) for m in messages)
+            why = " ".join(str(e).split())
             raise ValueError(
                 f"the chat template of {self.name} cannot render this conversation (roles: "
-                f"{roles}): {e}; change the conversation to what the template accepts"
-            ) from None
-
-    def _spans(self, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-        blocks: list[str] = []
-        spans: list[tuple[int, int]] = []
-        token = _SPANS.set((blocks, spans))
-        try:
-            for block in self.compiled.generate(**self.variables(messages, False)):
-                blocks.append(block)
-        except jinja2.exceptions.TemplateError as e:
-            raise ValueError(
-                f"the chat template of {self.name} cannot render this conversation: {e}"
+                f"{roles}): {why}; change the conversation to what the template accepts"
             ) from None
         finally:
             _SPANS.reset(token)
-        return "".join(blocks), spans
+        return "".join(blocks)
+
+    def text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The rendered conversation, as apply_chat_template(tokenize=False) gives it."""
+        return self._generate(messages, add_generation_prompt, None)
+
+    def _encode(self, messages, add_generation_prompt: bool):
+        """(ids, offsets, generation spans) of the sanitized rendering (tokenizer/sanitize.py)."""
+        spans: list[tuple[int, int]] = []
+        chat = self._generate(messages, add_generation_prompt, spans)
+        ids, offsets = sanitize.encode_marked(self.tok.hf, chat)
+        return ids, offsets, spans
 
     def ids(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
-        return self.tok.encode(self.text(messages, add_generation_prompt))
+        """The conversation's ids: apply_chat_template(..., sanitize_control_tokens=True)."""
+        return self._encode(messages, add_generation_prompt)[0]
 
     def render(
         self, messages: Sequence[dict], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[int], list[int]]:
         """(ids, loss_mask, ends) as zerolm's own renderer returns them (tokenizer/chat.py): the
-        mask is 1 on each assistant turn's tokens, ends the length after each message."""
-        ids = self.ids(messages, add_generation_prompt)
-        ends = self._ends(messages, ids)
+        mask is 1 on each assistant turn's tokens, ends the length after each message.
+
+        With {% generation %} blocks the mask is transformers' return_assistant_tokens_mask: every
+        token overlapping a block, as the template author drew it. Without them each assistant
+        turn is found by rendering prefixes: from the end of the generation prompt up to and
+        including the turn's first stop token (its end of turn or eos: the model learns to stop),
+        not what the template writes after it (ChatML's "\n")."""
+        ids, offsets, spans = self._encode(messages, add_generation_prompt)
+        n = len(messages)
+        parts = [self.ids(messages[:i]) for i in range(1, n)]
+        parts.append(self.ids(messages) if add_generation_prompt else ids)
+        ends = [len(p) if ids[: len(p)] == p else -1 for p in parts]
         if self.has_generation:
-            mask = self._generation_mask(messages, ids)
-        else:
-            mask = self._prefix_mask(messages, ids, ends)
-        if add_generation_prompt:
-            mask += [0] * (len(ids) - len(mask))
-        return ids, mask[: len(ids)], ends
+            return ids, _span_mask(offsets, spans), ends
+        return ids, self._prefix_mask(messages, ids, parts), ends
 
-    def _ends(self, messages: Sequence[dict], ids: list[int]) -> list[int]:
-        """Length of the rendering after each message, where that rendering is a token prefix of
-        the whole (-1 where it is not: a template that rewrites earlier turns later)."""
-        out = []
-        for i in range(1, len(messages) + 1):
-            part = self.ids(messages[:i]) if i < len(messages) else ids
-            out.append(len(part) if ids[: len(part)] == part else -1)
-        return out
-
-    def _generation_mask(self, messages: Sequence[dict], ids: list[int]) -> list[int]:
-        text, spans = self._spans(messages)
-        enc = self.tok.hf.encode(text, add_special_tokens=False)
-        mask = [0] * len(enc.ids)
-        for start, end in spans:
-            for t, (a, b) in enumerate(enc.offsets):
-                if a < end and b > start and b > a:
-                    mask[t] = 1
-        return mask
-
-    def _prefix_mask(self, messages: Sequence[dict], ids: list[int], ends: list[int]) -> list[int]:
-        mask = [0] * len(ids)
+    def _prefix_mask(self, messages: Sequence[dict], ids: list[int], parts: list) -> list[int]:
+        """Assistant turn i spans from the end of the generation prompt after messages[:i] to
+        its first stop token in the rendering of messages[:i+1] (else that rendering's end); both
+        must be token prefixes of the whole (what a template appends after a turn's stop token
+        only at the very end, like Phi-3's eos, does not matter)."""
+        mask, stops = [0] * len(ids), set(self.tok.stop_ids)
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(self.ids(messages[:i], add_generation_prompt=True))
-            prompt = self.ids(messages[:i], add_generation_prompt=True)
-            if ends[i] < 0 or ids[:start] != prompt:
+            prompt = self.ids(messages[:i], add_generation_prompt=True) if i else []
+            part, start = parts[i], len(prompt)
+            last = next((t for t in range(start, len(part)) if part[t] in stops), len(part) - 1)
+            if last < start or ids[:start] != prompt or ids[: last + 1] != part[: last + 1]:
                 raise ValueError(
                     f"cannot find assistant turn {i} in the chat template of {self.name}: its "
                     "rendering is not a token prefix of the whole conversation and the template "
                     "has no {% generation %} blocks; add them around the assistant content"
                 )
-            end = ends[i]
-            stops = set(self.tok.stop_ids)
-            last = max((t for t in range(start, end) if ids[t] in stops), default=end - 1)
             mask[start : last + 1] = [1] * (last + 1 - start)
         return mask
 
@@ -220,3 +227,32 @@ class ChatTemplate:
             return None
         special = self.tok.special_ids
         return next((i for i in ids[start:] if i in special), None)
+
+
+_REASONING = ("reasoning_content", "thinking", "reasoning")  # transformers' names, standard first
+
+
+def _messages(messages: Sequence[dict]) -> list[dict]:
+    """Fresh copies as transformers hands them to a template: None values dropped (OpenAI's
+    content=None), a message's reasoning under "reasoning_content" and "thinking" both."""
+    out = []
+    for m in messages:
+        m = copy.deepcopy({k: v for k, v in m.items() if v is not None})
+        reasoning = next((m[k] for k in _REASONING if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 on every token overlapping a {% generation %} span (transformers' single pass)."""
+    mask, k = [0] * len(offsets), 0
+    for t, (a, b) in enumerate(offsets):
+        while k < len(spans) and a >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if b > spans[k][0]:
+            mask[t] = 1
+    return mask

@@ -22,7 +22,14 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from zerolm.files import atomic_write_bytes, atomic_write_text
 from zerolm.tokenizer.chat import CHAT_TEMPLATE
-from zerolm.tokenizer.hf_files import Roles, read_files, read_roles, read_template
+from zerolm.tokenizer.hf_files import (
+    Roles,
+    read_control_tokens,
+    read_files,
+    read_names,
+    read_roles,
+    read_template,
+)
 from zerolm.tokenizer.specials import (
     BERT_SPECIALS,
     BOS,
@@ -75,6 +82,7 @@ class Tokenizer:
         self.aliases: dict[str, str] = {}  # zerolm special -> its name in a BERT vocabulary
         self.files: dict[str, bytes] = {}  # "hf": the source's tokenizer files, saved unchanged
         self.template: ChatTemplate | None = None  # "hf": the model's own chat template
+        self.token_names: dict[str, str] = {}  # "hf": {"bos_token": ...} as its files say
         if layout == "zerolm":
             for i, tok in enumerate(SPECIAL_TOKENS):
                 if hf.token_to_id(tok) != i:
@@ -97,9 +105,11 @@ class Tokenizer:
         if layout != "hf" or source is None:
             raise ValueError(f"unknown tokenizer layout {layout!r} (or no source directory)")
         self.roles = read_roles(hf, source)
+        self.token_names = read_names(source)
         self.files = read_files(source)
-        text = read_template(source)
-        self.template = None if text is None else ChatTemplate(text, self, str(source))
+        if (text := read_template(source)) is not None:
+            control = read_control_tokens(source)
+            self.template = ChatTemplate(text, self, str(source), control)
 
     # -------------------------------------------------------------- encode / decode
     def encode(self, text: str) -> list[int]:
@@ -253,20 +263,27 @@ class Tokenizer:
     @cached_property
     def token_bytes(self) -> list[bytes]:
         """The UTF-8 bytes each token id stands for (b"" for special tokens): a token may be part
-        of a character (byte-level BPE, byte fallback), so bytes, not text, are exact."""
+        of a character (byte-level BPE, byte fallback), so bytes, not text, are exact. An added
+        non-special token ("<think>", a word added by `tokenizer extend`) is its own text."""
         kind, byte_tokens = self.kind, {t: i for i, t in enumerate(BYTE_TOKENS)}
         unicode_to_byte = {c: b for b, c in _byte_level_alphabet().items()}
         out = [b""] * self.vocab_size
-        specials = self.special_ids
+        specials, added = self.special_ids, self.hf.get_added_tokens_decoder()
         for tok, i in self.hf.get_vocab(with_added_tokens=True).items():
             if i in specials:
                 continue
-            if kind == "bpe":  # byte-level alphabet: one character per byte
+            if i in added:
+                out[i] = added[i].content.encode("utf-8")
+            elif kind == "bpe":  # byte-level alphabet: one character per byte
                 out[i] = bytes(unicode_to_byte[c] for c in tok)
-            elif kind == "char":
-                out[i] = bytes([byte_tokens[tok]]) if tok in byte_tokens else tok.encode("utf-8")
-            else:  # wordpiece: continuation pieces carry a '##' prefix
+            elif tok in byte_tokens and kind in ("char", "spm"):  # byte fallback <0xNN>
+                out[i] = bytes([byte_tokens[tok]])
+            elif kind == "spm":  # SentencePiece: "▁" is a space
+                out[i] = tok.replace("\u2581", " ").encode("utf-8")
+            elif kind == "wordpiece":  # continuation pieces carry a '##' prefix
                 out[i] = tok.removeprefix("##").encode("utf-8")
+            else:
+                out[i] = tok.encode("utf-8")
         return out
 
     def token_byte_lengths(self):
@@ -278,16 +295,25 @@ class Tokenizer:
         """Ids that stand for text unseen in training: the unk token, and byte fallbacks of
         `char`."""
         out = set() if self.unk_id is None else {self.unk_id}
-        if self.kind == "char":
-            out |= {self.token_id(t) for t in BYTE_TOKENS}
+        if self.kind in ("char", "spm"):
+            out |= {i for t in BYTE_TOKENS if (i := self.hf.token_to_id(t)) is not None}
         return out
 
     @cached_property  # the wrapped tokenizer never changes: serialise it once, not per call
     def kind(self) -> str:
-        model = json.loads(self.hf.to_str())["model"]
-        if model["type"] == "WordPiece":
+        """wordpiece; bpe (byte-level: GPT-2's byte alphabet); spm (SentencePiece style: "▁" for
+        space, <0xNN> byte fallback, BPE or Unigram: Llama 2, Mistral v1, Phi-3); char (zerolm's
+        byte-fallback BPE over characters, no "▁"; any other vocabulary of plain text pieces)."""
+        spec = json.loads(self.hf.to_str())
+        if spec["model"]["type"] == "WordPiece":
             return "wordpiece"
-        return "char" if model.get("byte_fallback") else "bpe"
+        parts = [spec.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")]
+        types = {t for p in parts for t in _types(p)}
+        if "ByteLevel" in types:
+            return "bpe"
+        if "Metaspace" in types or "\u2581" in json.dumps(parts, ensure_ascii=False):
+            return "spm"
+        return "char"
 
     @cached_property
     def sha256(self) -> str:
@@ -358,7 +384,11 @@ class Tokenizer:
 
 
 def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -> None:
-    """A reference or reward model must read the same token ids as the policy."""
+    """A reference or reward model must read the same token ids as the policy: the same
+    tokenizer.json (vocabulary, merges, added tokens, normalizer...; sha256 of its canonical
+    form). An "hf" layout's roles and chat template are not part of it: the policy renders every
+    conversation with its own template and roles and the other model only scores those ids, so
+    a model with the same vocabulary and another template is fine."""
     a, b = Tokenizer.load(policy_dir), Tokenizer.load(other_dir)
     if a.sha256 != b.sha256:
         raise ValueError(
@@ -366,6 +396,19 @@ def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -
             f"(vocab {b.vocab_size} vs {a.vocab_size}; sha256 {b.sha256[:12]} vs {a.sha256[:12]}): "
             f"use a {role} fine-tuned from the same base model"
         )
+
+
+def _types(part) -> Iterator[str]:
+    """Every component "type" in a tokenizer.json part (normalizer, pre_tokenizer, decoder),
+    through Sequence nesting."""
+    if isinstance(part, dict):
+        if isinstance(part.get("type"), str):
+            yield part["type"]
+        for value in part.values():
+            yield from _types(value)
+    elif isinstance(part, list):
+        for value in part:
+            yield from _types(value)
 
 
 def _byte_level_alphabet() -> dict[int, str]:
