@@ -86,11 +86,12 @@ def cmd_tok_extend(args, extra):
     check_extendable(base)
     out = args.out or f"{args.model.rstrip('/')}-extended"
     if args.add:
-        tokens, held = _read_tokens(args.add), split_corpus("tang")[1]
+        tokens, held = _read_tokens(args.add), None
     else:
         train, held = split_corpus(args.from_corpus)
         tokens = choose_tokens(base, *han_counts(train), args.count)
     ext = extend_model(args.model, out, tokens)
+    held = split_corpus("tang")[1] if held is None else held  # --add: the bundled Tang poems
     rows = compare(base, ext.tokenizer, held + split_corpus("shakespeare")[1])
     print(
         f"added {len(ext.added):,} tokens (+{len(ext.intermediate):,} byte-pair tokens they are "

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from zerolm.config import DataConfig
 from zerolm.data.sources import CORPORA, iter_docs
 from zerolm.data.split import split_key
-from zerolm.config import DataConfig
 from zerolm.files import atomic_dir, writing_into
 from zerolm.model import load_model, save_model
 from zerolm.tokenizer.report import compression_report
@@ -42,7 +42,8 @@ HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003
 @dataclass(frozen=True)
 class Extension:
     """An extended tokenizer: `added` (the requested tokens, in merge order) and `intermediate`
-    (the byte-pair tokens they are built from that the base lacked, as bytes: part of a character)."""
+    (the byte-pair tokens they are built from that the base lacked, as bytes: part of a
+    character)."""
 
     tokenizer: Tokenizer
     added: tuple[str, ...]
@@ -148,7 +149,8 @@ def extend_tokenizer(tok: Tokenizer, tokens: list[str], source: str | Path) -> E
     from (a foreign tokenizer reads its roles and chat template there)."""
     check_extendable(tok)
     _check_tokens(tok, tokens)
-    data = json.loads(tok.hf.to_str())
+    raw = tok.files.get("tokenizer.json")  # a foreign file as written (its padding settings too)
+    data = json.loads(raw if raw is not None else tok.hf.to_str())
     vocab: dict[str, int] = data["model"]["vocab"]
     merges: list = data["model"]["merges"]
     as_str = bool(merges) and isinstance(merges[0], str)  # older files: "a b" strings
@@ -157,7 +159,9 @@ def extend_tokenizer(tok: Tokenizer, tokens: list[str], source: str | Path) -> E
     ranks: dict[tuple[str, str], int] = {}
     ordered = sorted(tokens, key=len)  # characters before the words made of them
     for text in ordered:
-        parts = _apply(ranks, [str(t) for t in tok.hf.encode(text, add_special_tokens=False).tokens])
+        parts = _apply(
+            ranks, [str(t) for t in tok.hf.encode(text, add_special_tokens=False).tokens]
+        )
         cur = parts[0]
         for piece in parts[1:]:
             if (cur, piece) not in known:
@@ -181,7 +185,9 @@ def extend_tokenizer(tok: Tokenizer, tokens: list[str], source: str | Path) -> E
     else:
         new = Tokenizer(hf, tok.layout)
     added = {vocab[_byte_level(t)] for t in ordered}
-    inter = tuple(new.token_bytes[i] for i in range(tok.vocab_size, new.vocab_size) if i not in added)
+    inter = tuple(
+        new.token_bytes[i] for i in range(tok.vocab_size, new.vocab_size) if i not in added
+    )
     return Extension(new, tuple(ordered), inter)
 
 
@@ -207,7 +213,9 @@ def extend_model(model_dir: str | Path, out_dir: str | Path, tokens: list[str]) 
     mean row). Every check runs before anything is written."""
     src, out = Path(model_dir), Path(out_dir)
     if out.exists() and (out.resolve() == src.resolve() or any(out.iterdir())):
-        raise ValueError(f"--out {out} already exists: choose a new directory for the extended model")
+        raise ValueError(
+            f"--out {out} already exists: choose a new directory for the extended model"
+        )
     tok = Tokenizer.load(src)
     ext = extend_tokenizer(tok, tokens, src)
     model = load_model(src)
