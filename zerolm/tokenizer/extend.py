@@ -1,4 +1,4 @@
-"""Vocabulary extension of a byte-level BPE tokenizer (e.g. Chinese on an English base).
+"""Vocabulary extension of a byte-level BPE tokenizer, such as Chinese on an English base.
 
 New tokens become real BPE vocabulary entries, each with the merges that build it appended after
 the base's (a 3-byte Han character the base splits into 3 tokens needs an intermediate byte-pair
