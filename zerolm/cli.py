@@ -28,7 +28,7 @@ COMMANDS = (
     "encoders",  # classify, embed
     "interop",  # import
     "inspect",
-    "tokenizer",  # tokenizer train | encode | decode
+    "tokenizer",  # tokenizer train | encode | decode | extend
 )
 
 
