@@ -84,8 +84,15 @@ def _hf_generate(model, sources, **kw) -> list[list[int]]:
     src = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
     with torch.no_grad():
-        out = model.generate(
-            input_ids=src, attention_mask=mask, do_sample=False, early_stopping=False, **kw
+        out = model.generate(  # the ids: an export without a tokenizer names none
+            input_ids=src,
+            attention_mask=mask,
+            do_sample=False,
+            early_stopping=False,
+            decoder_start_token_id=BOS,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            **kw,
         )
     rows = [row[1:] for row in out.tolist()]  # drop the decoder start token
     return [row[: row.index(EOS) + 1] if EOS in row else row for row in rows]
