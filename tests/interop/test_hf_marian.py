@@ -14,6 +14,7 @@ from zerolm.config import ModelConfig  # noqa: E402
 from zerolm.infer.seq2seq import generate  # noqa: E402
 from zerolm.interop.hf import export_hf, import_hf  # noqa: E402
 from zerolm.model import build_model, load_model  # noqa: E402
+from zerolm.tokenizer import Tokenizer  # noqa: E402
 
 V, D, PAD, BOS, EOS = 48, 32, 0, 1, 2
 TOL = 1e-4
@@ -77,6 +78,23 @@ def _padded():
     return src, mask, tgt
 
 
+def _tokenizer(path) -> Tokenizer:
+    """A V-token foreign tokenizer with pad, bos and eos at PAD, BOS and EOS (an export writes
+    its roles into config.json)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    names = {PAD: "<pad>", BOS: "<s>", EOS: "</s>"}
+    vocab = [names.get(i, f"t{i}") for i in range(V)]
+    hf = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<pad>"))
+    hf.add_special_tokens(list(names.values()))
+    path.mkdir()
+    hf.save(str(path / "tokenizer.json"))
+    roles = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    (path / "tokenizer_config.json").write_text(json.dumps(roles))
+    return Tokenizer.load(path)
+
+
 def _hf_generate(model, sources, **kw) -> list[list[int]]:
     """transformers' generate on right-padded sources, as zerolm returns it: new ids, eos last if
     produced."""
@@ -84,15 +102,8 @@ def _hf_generate(model, sources, **kw) -> list[list[int]]:
     src = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
     with torch.no_grad():
-        out = model.generate(  # the ids: an export without a tokenizer names none
-            input_ids=src,
-            attention_mask=mask,
-            do_sample=False,
-            early_stopping=False,
-            decoder_start_token_id=BOS,
-            pad_token_id=PAD,
-            eos_token_id=EOS,
-            **kw,
+        out = model.generate(
+            input_ids=src, attention_mask=mask, do_sample=False, early_stopping=False, **kw
         )
     rows = [row[1:] for row in out.tolist()]  # drop the decoder start token
     return [row[: row.index(EOS) + 1] if EOS in row else row for row in rows]
@@ -162,7 +173,7 @@ def translator():
 
 
 def test_export_loads_in_transformers_and_generates_the_same_tokens(translator, tmp_path):
-    export_hf(translator, tmp_path / "hf")
+    export_hf(translator, tmp_path / "hf", _tokenizer(tmp_path / "tok"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "marian" and config["scale_embedding"] is True
     hf = transformers.MarianMTModel.from_pretrained(
@@ -213,7 +224,7 @@ def test_export_round_trip_of_activations_and_untied_head(ffn, tie, tmp_path):
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
         model.final_logits_bias.normal_()
-    export_hf(model, tmp_path / "hf")
+    export_hf(model, tmp_path / "hf", _tokenizer(tmp_path / "tok"))
     hf = transformers.MarianMTModel.from_pretrained(
         tmp_path / "hf", attn_implementation="eager"
     ).eval()
