@@ -1,24 +1,25 @@
 """BERT pretraining data: masking statistics, sentence splitting, NSP pairs, resumable batches."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from zerolm.data.mlm import (
-    CLS_ID,
-    IGNORE,
-    MASK_ID,
-    N_SPECIAL,
-    PAD_ID,
-    SEP_ID,
-    collate_pairs,
-    mask_tokens,
-    pair_ids,
-)
+from zerolm.data.mlm import IGNORE, BertIds, collate_pairs, mask_tokens, pair_ids
 from zerolm.data.mlm_batches import PairBatches, fixed_batches
 from zerolm.data.nsp import SentenceCorpus, make_pairs, split_sentences
 
 V = 1000
+# zerolm's own layout (test_bert_ids_by_role checks it against a tokenizer): 16 specials first
+IDS = BertIds(pad=0, cls=8, sep=9, mask=10, special=frozenset(range(16)), vocab_size=V)
+N_SPECIAL = len(IDS.special)
+PAD_ID, CLS_ID, SEP_ID, MASK_ID = IDS.pad, IDS.cls, IDS.sep, IDS.mask
+# a BERT vocabulary's: specials where bert-base puts them ([PAD] 0, [UNK] 100, [CLS] 101, ...)
+# and one far up
+FOREIGN = BertIds(
+    pad=0, cls=101, sep=102, mask=103, special=frozenset({0, 100, 101, 102, 103, 700}), vocab_size=V
+)
 
 
 def test_masking_statistics_on_a_large_sample():
@@ -27,9 +28,7 @@ def test_masking_statistics_on_a_large_sample():
     ids[:, 0], ids[:, 250] = CLS_ID, SEP_ID  # specials inside the rows
     ids[:, 450:] = PAD_ID  # padding
     maskable = (ids >= N_SPECIAL) & (ids != PAD_ID)
-    inputs, labels = mask_tokens(
-        ids, maskable, vocab_size=V, generator=torch.Generator().manual_seed(1)
-    )
+    inputs, labels = mask_tokens(ids, maskable, IDS, generator=torch.Generator().manual_seed(1))
     selected = labels != IGNORE
     assert not selected[~maskable].any()  # specials and padding are never selected ...
     assert torch.equal(inputs[~maskable], ids[~maskable])  # ... nor changed
@@ -47,7 +46,7 @@ def test_masking_statistics_on_a_large_sample():
         randoms.min() >= N_SPECIAL and randoms.max() < V
     )  # random replacements are never special tokens
     assert len(randoms.unique()) > 0.9 * (V - N_SPECIAL)  # and spread over the vocabulary
-    again = mask_tokens(ids, maskable, vocab_size=V, generator=torch.Generator().manual_seed(1))
+    again = mask_tokens(ids, maskable, IDS, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again[0], inputs) and torch.equal(
         again[1], labels
     )  # the generator decides everything
@@ -116,11 +115,11 @@ def test_nsp_pairs_real_next_random_other_and_lengths():
 
 
 def test_pair_layout_segments_and_padding():
-    ids, seg = pair_ids([20, 21, 22], [30, 31])
+    ids, seg = pair_ids([20, 21, 22], [30, 31], IDS)
     assert ids == [CLS_ID, 20, 21, 22, SEP_ID, 30, 31, SEP_ID] and seg == [0, 0, 0, 0, 0, 1, 1, 1]
     pairs = [(np.array([20, 21, 22]), np.array([30, 31]), 0), (np.array([40]), np.array([50]), 1)]
     inputs, segments, att, labels, nsp = collate_pairs(
-        pairs, vocab_size=V, generator=torch.Generator().manual_seed(0), prob=0.5
+        pairs, IDS, generator=torch.Generator().manual_seed(0), prob=0.5
     )
     assert inputs.shape == (2, 8) and nsp.tolist() == [0, 1]
     assert att.tolist() == [[1] * 8, [1] * 5 + [0] * 3]
@@ -138,7 +137,7 @@ def test_batches_deterministic_and_resume_exact_across_epochs():
     corpus = _corpus(_docs(60, seed=1))
 
     def make(seed=7):
-        return PairBatches(corpus, batch_size=8, max_seq_len=32, vocab_size=V, seed=seed)
+        return PairBatches(corpus, batch_size=8, max_seq_len=32, bert_ids=IDS, seed=seed)
 
     it = make()
     n_pairs, per_epoch = it.epoch_size()
@@ -160,11 +159,11 @@ def test_batches_deterministic_and_resume_exact_across_epochs():
 
 def test_fixed_batches_and_errors():
     corpus = _corpus(_docs(50, seed=2))
-    a = fixed_batches(corpus, batch_size=4, max_seq_len=32, vocab_size=V, seed=3)
-    b = fixed_batches(corpus, batch_size=4, max_seq_len=32, vocab_size=V, seed=3, limit=2)
+    a = fixed_batches(corpus, batch_size=4, max_seq_len=32, bert_ids=IDS, seed=3)
+    b = fixed_batches(corpus, batch_size=4, max_seq_len=32, bert_ids=IDS, seed=3, limit=2)
     assert len(b) == 2 and all(_equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="documents need at least two sentences"):
-        PairBatches(_corpus([[5]] * 30), batch_size=4, max_seq_len=32, vocab_size=V)
+        PairBatches(_corpus([[5]] * 30), batch_size=4, max_seq_len=32, bert_ids=IDS)
     with pytest.raises(ValueError, match="at least 2 documents"):
         make_pairs(_corpus([[5, 5]]), 32, np.random.default_rng(0))
     with pytest.raises(ValueError, match="no room for a sentence pair"):
@@ -203,3 +202,42 @@ def test_length_batches_cover_each_epoch_with_little_padding_and_resume():
     assert [next(again) for _ in range(30)] == rest and rest[0] != epoch[0]
     with pytest.raises(ValueError, match="fewer than one batch"):
         LengthBatches([1, 2], [1, 1], batch_size=4)
+
+
+def test_bert_ids_by_role(tiny_tokenizer, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from zerolm.tokenizer import Tokenizer
+
+    tok = tiny_tokenizer("wordpiece")  # zerolm's own: the reserved ids
+    assert BertIds.of(tok) == dataclasses.replace(IDS, vocab_size=tok.vocab_size)
+    vocab = ["a", "b", "[UNK]", "c", "[MASK]", "[PAD]", "d", "[SEP]", "[CLS]", "e"]
+    hf = HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    foreign = BertIds.of(Tokenizer.load(tmp_path))  # a BERT vocabulary: found by name
+    assert (foreign.pad, foreign.cls, foreign.sep, foreign.mask) == (5, 8, 7, 4)
+    assert foreign.special == {2, 4, 5, 7, 8} and foreign.normal.tolist() == [0, 1, 3, 6, 9]
+
+
+def test_masking_a_foreign_layout_never_touches_or_draws_its_specials():
+    gen = np.random.default_rng(0)
+    normal = FOREIGN.normal.numpy()
+    assert len(normal) == V - 6 and not set(normal.tolist()) & FOREIGN.special
+    text = [np.concatenate([gen.choice(normal, 60), [100, 700]]) for _ in range(1000)]  # [UNK] too
+    pairs = [(a, b, 0) for a, b in zip(text[::2], text[1::2])]
+    inputs, _, att, labels, _ = collate_pairs(
+        pairs, FOREIGN, generator=torch.Generator().manual_seed(0), prob=1.0
+    )
+    ids, _ = pair_ids(pairs[0][0], pairs[0][1], FOREIGN)
+    assert ids[0] == 101 and ids[63] == 102 and ids[-1] == 102
+    special, first = torch.isin(torch.tensor(ids), FOREIGN.special_tensor), labels[0, : len(ids)]
+    assert (first[special] == IGNORE).all() and (first[~special] != IGNORE).all()
+    assert (labels[att == 0] == IGNORE).all()  # padding (id 0, [PAD]) is never selected
+    selected = labels != IGNORE
+    randoms = inputs[selected & (inputs != FOREIGN.mask) & (inputs != labels)]
+    assert not set(randoms.tolist()) & FOREIGN.special  # replacements are never special tokens
+    assert len(randoms.unique()) > 0.95 * len(normal)  # and drawn across the normal ids
+    assert abs(float((inputs[selected] == 103).float().mean()) - 0.8) < 0.03

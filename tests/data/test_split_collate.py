@@ -28,6 +28,6 @@ def test_pad_right_and_length_mask():
     ids = pad_right(seqs, value=IGNORE)
     assert ids.dtype == torch.long
     assert ids.tolist() == [[5, 6, 7], [8, IGNORE, IGNORE], [IGNORE] * 3]
-    assert pad_right(seqs, length=5).tolist()[1] == [8, 0, 0, 0, 0]
+    assert pad_right(seqs, 4, length=5).tolist()[1] == [8, 4, 4, 4, 4]
     assert length_mask(seqs).tolist() == [[True] * 3, [True, False, False], [False] * 3]
     assert length_mask(seqs, 4).shape == (3, 4)

@@ -14,6 +14,7 @@ from zerolm.config import ModelConfig  # noqa: E402
 from zerolm.infer.seq2seq import generate  # noqa: E402
 from zerolm.interop.hf import export_hf, import_hf  # noqa: E402
 from zerolm.model import build_model, load_model  # noqa: E402
+from zerolm.tokenizer import Tokenizer  # noqa: E402
 
 V, D, PAD, BOS, EOS = 48, 32, 0, 1, 2
 TOL = 1e-4
@@ -75,6 +76,23 @@ def _padded():
     tgt = torch.randint(3, V, (3, 7), generator=torch.Generator().manual_seed(2))
     tgt[:, 0] = BOS
     return src, mask, tgt
+
+
+def _tokenizer(path) -> Tokenizer:
+    """A V-token foreign tokenizer with pad, bos and eos at PAD, BOS and EOS (an export writes
+    its roles into config.json)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    names = {PAD: "<pad>", BOS: "<s>", EOS: "</s>"}
+    vocab = [names.get(i, f"t{i}") for i in range(V)]
+    hf = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<pad>"))
+    hf.add_special_tokens(list(names.values()))
+    path.mkdir()
+    hf.save(str(path / "tokenizer.json"))
+    roles = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    (path / "tokenizer_config.json").write_text(json.dumps(roles))
+    return Tokenizer.load(path)
 
 
 def _hf_generate(model, sources, **kw) -> list[list[int]]:
@@ -155,7 +173,7 @@ def translator():
 
 
 def test_export_loads_in_transformers_and_generates_the_same_tokens(translator, tmp_path):
-    export_hf(translator, tmp_path / "hf")
+    export_hf(translator, tmp_path / "hf", _tokenizer(tmp_path / "tok"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "marian" and config["scale_embedding"] is True
     hf = transformers.MarianMTModel.from_pretrained(
@@ -206,7 +224,7 @@ def test_export_round_trip_of_activations_and_untied_head(ffn, tie, tmp_path):
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
         model.final_logits_bias.normal_()
-    export_hf(model, tmp_path / "hf")
+    export_hf(model, tmp_path / "hf", _tokenizer(tmp_path / "tok"))
     hf = transformers.MarianMTModel.from_pretrained(
         tmp_path / "hf", attn_implementation="eager"
     ).eval()

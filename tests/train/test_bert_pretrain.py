@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerolm.data.mlm import IGNORE, N_SPECIAL, collate_pairs
+from zerolm.data.mlm import IGNORE, BertIds, collate_pairs
 from zerolm.train.mlm import evaluate_mlm, mlm_nsp_loss
 
 V = 60
+IDS = BertIds(pad=0, cls=8, sep=9, mask=10, special=frozenset(range(16)), vocab_size=V)  # zerolm's
 
 
 @pytest.fixture
@@ -27,15 +28,13 @@ def _batch(seed=0, prob=0.15):
     rng = np.random.default_rng(seed)
     pairs = [
         (
-            rng.integers(N_SPECIAL, V, rng.integers(2, 12)),
-            rng.integers(N_SPECIAL, V, rng.integers(1, 12)),
+            rng.integers(len(IDS.special), V, rng.integers(2, 12)),
+            rng.integers(len(IDS.special), V, rng.integers(1, 12)),
             i % 2,
         )
         for i in range(8)
     ]
-    return collate_pairs(
-        pairs, vocab_size=V, generator=torch.Generator().manual_seed(seed), prob=prob
-    )
+    return collate_pairs(pairs, IDS, generator=torch.Generator().manual_seed(seed), prob=prob)
 
 
 class Spy(torch.nn.Module):

@@ -9,10 +9,9 @@ import torch
 IGNORE = -100  # label of positions that are not predicted (F.cross_entropy's ignore_index)
 
 
-def pad_right(
-    seqs: Sequence[Sequence[int]], value: int = 0, length: int | None = None
-) -> torch.Tensor:
-    """(B, T) long: each row's ids, then `value`; T is `length`, else the longest row."""
+def pad_right(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
+    """(B, T) long: each row's ids, then `value`; T is `length`, else the longest row. No default:
+    token ids pad with the tokenizer's pad_id, labels with IGNORE."""
     T = max(map(len, seqs)) if length is None else length
     out = torch.full((len(seqs), T), value, dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -17,85 +17,115 @@ Legend: B sequences, T tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from zerolm.data.collate import IGNORE, length_mask, pad_right
 from zerolm.data.nsp import SentencePair
-from zerolm.tokenizer import CLS, MASK, PAD, SEP, SPECIAL_TOKENS
+from zerolm.tokenizer import Tokenizer
 
-N_SPECIAL = len(SPECIAL_TOKENS)  # ids below this are special tokens in every zerolm tokenizer
-PAD_ID, CLS_ID, SEP_ID, MASK_ID = (SPECIAL_TOKENS.index(t) for t in (PAD, CLS, SEP, MASK))
+
+@dataclass(frozen=True)
+class BertIds:
+    """The ids BERT inputs are made of, asked of the tokenizer by role (a BERT vocabulary puts its
+    specials anywhere): [PAD] [CLS] [SEP] [MASK], every special id (never masked, never a random
+    replacement) and the vocabulary size."""
+
+    pad: int
+    cls: int
+    sep: int
+    mask: int
+    special: frozenset[int]
+    vocab_size: int
+
+    @classmethod
+    def of(cls, tok: Tokenizer) -> BertIds:
+        return cls(tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.special_ids, tok.vocab_size)
+
+    @cached_property
+    def normal(self) -> torch.Tensor:
+        """(N,) long: the ids that are not special, ascending: what a random replacement draws."""
+        keep = torch.ones(self.vocab_size, dtype=torch.bool)
+        keep[sorted(self.special)] = False
+        return keep.nonzero().squeeze(1)
+
+    @cached_property
+    def special_tensor(self) -> torch.Tensor:
+        return torch.tensor(sorted(self.special), dtype=torch.long)
 
 
 # ---------------------------------------------------------------- masking
 def mask_tokens(
     ids: torch.Tensor,
     maskable: torch.Tensor,
+    bert_ids: BertIds,
     *,
-    vocab_size: int,
-    mask_id: int = MASK_ID,
     generator: torch.Generator,
     prob: float = 0.15,
-    first_normal: int = N_SPECIAL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's corruption. ids (B, T), maskable (B, T) bool (real, non-special tokens) ->
     (inputs (B, T), labels (B, T)): each maskable position is selected with probability `prob`;
-    a selected one becomes `mask_id` (80 %), a uniformly random non-special token (ids
-    first_normal..vocab_size-1; 10 %) or stays (10 %), and its label is the original id.
-    Unselected positions have label -100."""
+    a selected one becomes [MASK] (80 %), a uniformly random non-special token (bert_ids.normal;
+    10 %) or stays (10 %), and its label is the original id. Unselected positions have label
+    -100."""
     u = torch.rand(ids.shape, generator=generator)
     how = torch.rand(ids.shape, generator=generator)
-    rand_ids = torch.randint(first_normal, vocab_size, ids.shape, generator=generator)
+    normal = bert_ids.normal
+    rand_ids = normal[torch.randint(len(normal), ids.shape, generator=generator)]
     selected = maskable & (u < prob)
     labels = torch.where(selected, ids, IGNORE)
-    inputs = torch.where(selected & (how < 0.8), mask_id, ids)
+    inputs = torch.where(selected & (how < 0.8), bert_ids.mask, ids)
     inputs = torch.where(selected & (how >= 0.8) & (how < 0.9), rand_ids, inputs)
     return inputs, labels
 
 
 # ---------------------------------------------------------------- [CLS] A [SEP] B [SEP] rows
 def pair_ids(
-    a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray
+    a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray, bert_ids: BertIds
 ) -> tuple[list[int], list[int]]:
     """`[CLS] a [SEP] b [SEP]` (or `[CLS] a [SEP]` when b is empty) and its segment ids."""
-    ids = [CLS_ID, *a, SEP_ID]
+    ids = [bert_ids.cls, *a, bert_ids.sep]
     segments = [0] * len(ids)
     if len(b):
-        ids += [*b, SEP_ID]
+        ids += [*b, bert_ids.sep]
         segments += [1] * (len(b) + 1)
     return ids, segments
 
 
 def pad_rows(
     rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
     multiple: int = 8,
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[(ids, segments)] -> (ids, segments, attention_mask), each (B, T) long, right-padded to the
-    longest row rounded up to `multiple` (fewer distinct shapes), at most max_len."""
+    """[(ids, segments)] -> (ids, segments, attention_mask), each (B, T) long, right-padded (ids
+    with pad_id) to the longest row rounded up to `multiple` (fewer distinct shapes), at most
+    max_len."""
     T = max(len(r[0]) for r in rows)
     T = -(-T // multiple) * multiple
     if max_len:
         T = min(T, max_len)
     ids, seg = [r[0] for r in rows], [r[1] for r in rows]
-    return pad_right(ids, PAD_ID, T), pad_right(seg, 0, T), length_mask(ids, T).long()
+    # segment ids are not token ids: padding takes segment 0 (masked out by attention_mask)
+    return pad_right(ids, pad_id, T), pad_right(seg, 0, T), length_mask(ids, T).long()
 
 
 def collate_pairs(
     pairs: Sequence[SentencePair],
+    bert_ids: BertIds,
     *,
-    vocab_size: int,
     generator: torch.Generator,
     prob: float = 0.15,
     max_len: int | None = None,
 ) -> tuple:
     """Pairs -> (ids, segments, attention_mask, labels) each (B, T), nsp_labels (B,): padded and
     masked."""
-    ids, seg, att = pad_rows([pair_ids(a, b) for a, b, _ in pairs], max_len=max_len)
-    maskable = (att == 1) & (ids >= N_SPECIAL)  # never [CLS], [SEP], padding or <|unk|>
-    inputs, labels = mask_tokens(
-        ids, maskable, vocab_size=vocab_size, generator=generator, prob=prob
-    )
+    rows = [pair_ids(a, b, bert_ids) for a, b, _ in pairs]
+    ids, seg, att = pad_rows(rows, bert_ids.pad, max_len=max_len)
+    # never [CLS], [SEP], padding, [UNK] or any other special token
+    maskable = (att == 1) & ~torch.isin(ids, bert_ids.special_tensor)
+    inputs, labels = mask_tokens(ids, maskable, bert_ids, generator=generator, prob=prob)
     return inputs, seg, att, labels, torch.tensor([p[2] for p in pairs], dtype=torch.long)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from zerolm.data.mlm import collate_pairs
+from zerolm.data.mlm import BertIds, collate_pairs
 from zerolm.data.nsp import SentenceCorpus, make_pairs
 
 
@@ -98,7 +98,7 @@ class PairBatches:
         *,
         batch_size: int,
         max_seq_len: int,
-        vocab_size: int,
+        bert_ids: BertIds,
         seed: int = 0,
         mask_prob: float = 0.15,
         nsp: bool = True,
@@ -106,7 +106,7 @@ class PairBatches:
         bucket: int = 64,
     ):
         self.corpus, self.batch_size, self.max_seq_len = corpus, batch_size, max_seq_len
-        self.vocab_size, self.seed, self.mask_prob = vocab_size, seed, mask_prob
+        self.bert_ids, self.seed, self.mask_prob = bert_ids, seed, mask_prob
         self.nsp, self.short_seq_prob, self.bucket = nsp, short_seq_prob, max(1, bucket)
         self.epoch, self.pos, self.served = 0, 0, 0
         self._cached: tuple[int, list, list] | None = None
@@ -144,7 +144,7 @@ class PairBatches:
         self.pos += 1
         batch = collate_pairs(
             picked,
-            vocab_size=self.vocab_size,
+            self.bert_ids,
             generator=_seeded(self.seed, self.served),
             prob=self.mask_prob,
         )
@@ -168,7 +168,7 @@ def fixed_batches(
     *,
     batch_size: int,
     max_seq_len: int,
-    vocab_size: int,
+    bert_ids: BertIds,
     seed: int = 0,
     mask_prob: float = 0.15,
     nsp: bool = True,
@@ -182,8 +182,6 @@ def fixed_batches(
     n = len(pairs) if not limit else min(len(pairs), limit * batch_size)
     gen = _seeded(seed, 1 << 30)
     return [
-        collate_pairs(
-            pairs[i : i + batch_size], vocab_size=vocab_size, generator=gen, prob=mask_prob
-        )
+        collate_pairs(pairs[i : i + batch_size], bert_ids, generator=gen, prob=mask_prob)
         for i in range(0, n, batch_size)
     ]

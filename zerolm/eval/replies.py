@@ -26,11 +26,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def response_batch(
-    seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int = 0
+    seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Whole conversations (prompt + response) -> (x, y, mask), each (B, T = longest - 1), right
     padded: x[t] predicts y[t] = seq[t + 1], and mask is 1 where y is a response token (the
-    tokens from prompt_lens[i] on)."""
+    tokens from prompt_lens[i] on). Padding holds pad_id (the tokenizer's), else a filler."""
     T = max(map(len, seqs)) - 1
     mask = torch.zeros(len(seqs), T)
     for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
@@ -39,8 +39,11 @@ def response_batch(
                 f"sequence {i}: prompt of {p} tokens leaves no response in {len(s)} tokens"
             )
         mask[i, p - 1 : len(s) - 1] = 1
-    x = pad_right([s[:-1] for s in seqs], pad_id, T)
-    y = pad_right([s[1:] for s in seqs], pad_id, T)
+    # padding is never read: right of every real token (causal) and masked out; the filler 0 is an
+    # id of every vocabulary
+    fill = 0 if pad_id is None else pad_id
+    x = pad_right([s[:-1] for s in seqs], fill, T)
+    y = pad_right([s[1:] for s in seqs], fill, T)
     return x, y, mask
 
 

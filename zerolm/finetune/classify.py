@@ -73,9 +73,15 @@ def finetune_classify(cfg: Config, progress: bool = True) -> StageResult:
     t0 = time.perf_counter()
     lengths = [len(x[0]) for x in d.train_x]
     batches = LengthBatches(
-        list(zip(d.train_x, d.train_y)), lengths, cfg.train.batch_size, cfg.seed, collate=collate
+        list(zip(d.train_x, d.train_y)),
+        lengths,
+        cfg.train.batch_size,
+        cfg.seed,
+        collate=partial(collate, pad_id=d.tok.pad_id),
     )
-    evaluate_fn = partial(evaluate, encoded=d.val_x, y=d.val_y) if d.val_y else None
+    evaluate_fn = (
+        partial(evaluate, encoded=d.val_x, y=d.val_y, pad_id=d.tok.pad_id) if d.val_y else None
+    )
     stage = Stage(
         model,
         batches,

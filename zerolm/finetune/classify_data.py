@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from zerolm.config import Config
-from zerolm.data.mlm import pad_rows, pair_ids
+from zerolm.data.mlm import BertIds, pad_rows, pair_ids
 from zerolm.data.prepare import read_docs
 from zerolm.data.sources import decode_lines
 from zerolm.data.split import split_by_hash
@@ -163,7 +163,7 @@ def encode(
     """([CLS] text [SEP] (pair [SEP]) ids and segment ids per row, number of rows truncated)."""
     texts = tok.encode_batch([r.text for r in rows], split_special=False)
     pairs = tok.encode_batch([r.pair or "" for r in rows], split_special=False)
-    out, cut = [], 0
+    bert_ids, out, cut = BertIds.of(tok), [], 0
     for r, a, b in zip(rows, texts, pairs):
         room = window - (3 if r.pair is not None else 2)
         if len(a) + len(b) > room:
@@ -176,10 +176,13 @@ def encode(
             cut += 1
             while len(a) + len(b) > room:  # longest first, from the end
                 a, b = (a[:-1], b) if len(a) >= len(b) else (a, b[:-1])
-        out.append(pair_ids(a, b) if r.pair is not None else pair_ids(a, []))
+        out.append(pair_ids(a, b if r.pair is not None else [], bert_ids))
     return out, cut
 
 
-def collate(items: list[tuple[tuple[list[int], list[int]], int]]) -> tuple[torch.Tensor, ...]:
-    """[((ids, segments), class)] -> ids, segments, attention_mask (B, T), labels (B,)."""
-    return (*pad_rows([x for x, _ in items]), torch.tensor([y for _, y in items]))
+def collate(
+    items: list[tuple[tuple[list[int], list[int]], int]], pad_id: int
+) -> tuple[torch.Tensor, ...]:
+    """[((ids, segments), class)] -> ids, segments, attention_mask (B, T), labels (B,); ids padded
+    with the tokenizer's pad_id."""
+    return (*pad_rows([x for x, _ in items], pad_id), torch.tensor([y for _, y in items]))

@@ -71,15 +71,16 @@ def classify_loss(model: Bert, batch) -> LossResult:
 
 
 @torch.no_grad()
-def predict(model: Bert, encoded: list, batch_size: int = 64) -> torch.Tensor:
-    """(N, C) class probabilities, rows batched by length (little padding), in input order."""
+def predict(model: Bert, encoded: list, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """(N, C) class probabilities of encoded rows (padded with the tokenizer's pad_id), batched
+    by length (little padding), in input order."""
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     probs = torch.zeros(len(encoded), model.cfg.n_labels)
     with eval_mode(model):
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            ids, seg, att = (t.to(device) for t in pad_rows([encoded[j] for j in idx]))
+            ids, seg, att = (t.to(device) for t in pad_rows([encoded[j] for j in idx], pad_id))
             logits = model.classify_logits(model.hidden(ids, seg, att))
             probs[idx] = logits.float().softmax(-1).cpu()
     return probs
@@ -100,5 +101,5 @@ def scores(probs: torch.Tensor, y: list[int]) -> dict:
     }
 
 
-def evaluate(model: Bert, encoded: list, y: list[int], batch_size: int = 64) -> dict:
-    return scores(predict(model, encoded, batch_size), y)
+def evaluate(model: Bert, encoded: list, y: list[int], pad_id: int, batch_size: int = 64) -> dict:
+    return scores(predict(model, encoded, pad_id, batch_size), y)

@@ -63,7 +63,7 @@ def classify_file(
             len(rows),
             model.cfg.max_seq_len,
         )
-    probs = predict(model, enc, batch_size) if rows else torch.zeros(0, len(labels))
+    probs = predict(model, enc, tok.pad_id, batch_size) if rows else torch.zeros(0, len(labels))
     out = {
         "predictions": [labels[i] for i in probs.argmax(-1).tolist()],
         "probs": probs.max(-1).values.tolist(),

@@ -18,7 +18,7 @@ import torch
 from zerolm.data.sources import decode_lines, jsonl_rows
 from zerolm.files import atomic_write_text
 from zerolm.model.bert import Bert
-from zerolm.tokenizer import CLS, SEP, Tokenizer
+from zerolm.tokenizer import Tokenizer
 
 log = logging.getLogger("zerolm")
 
@@ -47,7 +47,7 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
 
 def encode_texts(tok: Tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
     """[CLS] ids [SEP] per text, each cut to at most max_tokens (a warning counts the cut ones)."""
-    cls, sep, room = tok.token_id(CLS), tok.token_id(SEP), max_tokens - 2
+    cls, sep, room = tok.cls_id, tok.sep_id, max_tokens - 2
     ids = tok.encode_batch(texts)
     if cut := sum(len(x) > room for x in ids):
         log.warning(

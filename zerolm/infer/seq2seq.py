@@ -115,10 +115,11 @@ def _check(
         )
 
 
-def pad_sources(sources: Sequence[Sequence[int]], device=None, pad: int = 0):
+def pad_sources(sources: Sequence[Sequence[int]], device=None):
     """Right-padded (B, S) ids and the (B, S) real-token mask."""
     lengths = torch.tensor([len(s) for s in sources])
-    ids = torch.full((len(sources), int(lengths.max())), pad, dtype=torch.long)
+    # padding is a filler the mask hides from the encoder (id 0 is in every vocabulary)
+    ids = torch.zeros((len(sources), int(lengths.max())), dtype=torch.long)
     for i, s in enumerate(sources):  # once per call, not per step
         ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
     mask = torch.arange(ids.shape[1])[None] < lengths[:, None]

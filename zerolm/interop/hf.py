@@ -94,7 +94,11 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     config = TO_HF[arch](cfg)
     state = _to_hf_state(arch, model, config)
     ids = (
-        dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        dict(
+            pad_token_id=tokenizer.pad_id,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+        )
         if tokenizer is not None
         else dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
     )

@@ -130,7 +130,7 @@ def _from_hf(raw: dict, n_labels: int) -> ModelConfig:
     )
 
 
-def _to_hf(cfg: ModelConfig, pad_id: int) -> dict:
+def _to_hf(cfg: ModelConfig, pad_id: int | None) -> dict:
     to_hf: dict[str, str] = {v: k for k, v in reversed(ACT.items())}
     act = to_hf[cfg.ffn]  # gelu_erf -> gelu, gelu -> gelu_new  # gelu_erf -> gelu, gelu -> gelu_new
     out = dict(
@@ -269,5 +269,5 @@ def export_hf(model: Bert, out_dir, tokenizer=None) -> Path:
         )
     state = {names[k]: t.contiguous().cpu() for k, t in state.items()}
     state[DECODER_BIAS] = state[BARE["mlm.bias"]].clone()  # read by HF when the head is untied
-    pad_id = tokenizer.pad_id if tokenizer is not None else 0  # [PAD] for a BERT vocabulary
+    pad_id = tokenizer.pad_id if tokenizer is not None else None  # no tokenizer: ids unknown
     return write_hf_dir(out_dir, state, _to_hf(cfg, pad_id), tokenizer)

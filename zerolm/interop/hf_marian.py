@@ -93,9 +93,6 @@ REQUIRED = dict(
     embed_norm=(False,),
     norm_eps=(1e-5,),
 )
-SPECIALS = dict(
-    pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1
-)  # zerolm's tokenizer
 
 
 # ------------------------------------------------------------------ configs
@@ -181,7 +178,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         attention_dropout=0.0,
         activation_dropout=0.0,
         forced_eos_token_id=None,
-        **SPECIALS,
     )
 
 
@@ -274,7 +270,8 @@ def import_hf(src: Path, raw: dict, out_dir=None, dtype: torch.dtype | None = to
 
 def export_hf(model: EncoderDecoder, out_dir, tokenizer=None) -> Path:
     """Write an encdec `model` as an HF MarianMTModel directory (config.json + model.safetensors
-    [+ tokenizer]); ids follow zerolm's tokenizer: pad 0, bos 1 (also the decoder start), eos 2.
+    + tokenizer); its special ids are the tokenizer's roles (bos is also the decoder start, as in
+    zerolm's seq2seq), so the tokenizer is required.
     Choices Marian cannot express (pre-LN, learned or rotary positions, RMSNorm, SwiGLU, ...) raise
     ValueError."""
     cfg = model.cfg
@@ -292,5 +289,17 @@ def export_hf(model: EncoderDecoder, out_dir, tokenizer=None) -> Path:
         raise ValueError(
             f"cannot export this encdec {cfg.preset!r} model as HF Marian: {'; '.join(bad)}"
         )
+    t = tokenizer
+    if t is None or t.bos_id is None:
+        raise ValueError(
+            "HF Marian's config names the decoder's start token: export an encdec model with its "
+            "tokenizer (tokenizer=Tokenizer.load(MODEL_DIR)), one that has a bos token"
+        )
     state = _to_hf_state(model)
-    return write_hf_dir(out_dir, state, config_to_hf(cfg), tokenizer)
+    ids = dict(
+        pad_token_id=t.pad_id,
+        bos_token_id=t.bos_id,
+        eos_token_id=t.eos_id,
+        decoder_start_token_id=t.bos_id,
+    )
+    return write_hf_dir(out_dir, state, {**config_to_hf(cfg), **ids}, tokenizer)

@@ -229,6 +229,19 @@ class Tokenizer:
         turn = () if self.turn_end is None else (self.turn_end,)
         return tuple(dict.fromkeys((*turn, *self.roles.eos)))
 
+    # BERT's input roles, by name: zerolm's own reserve them, a BERT vocabulary has its own ids
+    @property
+    def cls_id(self) -> int:
+        return self.token_id(CLS)
+
+    @property
+    def sep_id(self) -> int:
+        return self.token_id(SEP)
+
+    @property
+    def mask_id(self) -> int:
+        return self.token_id(MASK)
+
     @cached_property
     def special_ids(self) -> frozenset[int]:
         """Ids of the special tokens: never text, never split from text, b"" in token_bytes."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from zerolm.config import Config
 from zerolm.data.collate import IGNORE
-from zerolm.data.mlm import MASK_ID, pair_ids
+from zerolm.data.mlm import BertIds, pair_ids
 from zerolm.data.mlm_batches import PairBatches, fixed_batches
 from zerolm.data.nsp import SentenceCorpus
 from zerolm.data.prepare import prepare, read_docs
@@ -92,10 +92,10 @@ def fill_mask(model: Bert, tok: Tokenizer, texts: list[str], every: int = 5) -> 
 def _fill_one(model: Bert, tok: Tokenizer, text: str, every: int) -> str:
     device = next(model.parameters()).device
     ids = tok.encode(text)[: model.cfg.max_seq_len - 2]
-    x = torch.tensor([pair_ids(ids, [])[0]], device=device)  # [CLS] text [SEP]
+    x = torch.tensor([pair_ids(ids, [], BertIds.of(tok))[0]], device=device)  # [CLS] text [SEP]
     where = torch.arange(1, x.shape[1] - 1, every, device=device)  # text tokens 0, every, ...
     x_masked = x.clone()
-    x_masked[0, where] = MASK_ID
+    x_masked[0, where] = tok.mask_id
     guess = model.mlm_logits(model.hidden(x_masked)[0, where]).argmax(-1).tolist()
     shown = [tok.decode([t]) for t in ids]
     for w, g in zip(where.tolist(), guess):
@@ -168,7 +168,7 @@ def _pair_batches(cfg: Config, out: Path, tok: Tokenizer, seq_len: int) -> tuple
     common: dict[str, Any] = dict(  # the keyword arguments both batchings take
         batch_size=cfg.train.batch_size,
         max_seq_len=seq_len,
-        vocab_size=tok.vocab_size,
+        bert_ids=BertIds.of(tok),
         seed=cfg.seed,
         mask_prob=m.mask_prob,
         nsp=nsp,
