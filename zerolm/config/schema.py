@@ -117,6 +117,9 @@ class TrainConfig:
         5  # skip: consecutive bad steps before stopping; rollback: rollbacks before stopping
     )
     nonfinite_lr_factor: float = 0.5  # rollback: lr multiplier per rollback
+    # pretrain: a model directory to continue from (its weights, architecture and tokenizer, which
+    # then prepares the data); model.max_seq_len caps the training window. "": a new model
+    init: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

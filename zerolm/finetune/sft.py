@@ -19,12 +19,13 @@ from torch import nn
 from zerolm.config import Config
 from zerolm.data.chat_corpora import read_chat_corpus
 from zerolm.data.loader import TokenBatches
-from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_conversations
+from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_located
 from zerolm.data.split import split_by_hash
 from zerolm.eval.mode import eval_mode
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
+from zerolm.model import read_model_config
 from zerolm.model.protocol import LanguageModel
 from zerolm.tasks import TASKS
 from zerolm.tokenizer import Tokenizer
@@ -45,9 +46,9 @@ log = logging.getLogger(__name__)
 BUILTIN = ("poems", "chitchat", "chatterbot-en", "chatterbot-zh")
 
 
-def _split(conversations, val_fraction: float) -> tuple[list, list]:
+def _split(located: list, val_fraction: float) -> tuple[list, list]:
     """By a hash of the conversation: deterministic and independent of order."""
-    return split_by_hash(conversations, lambda c: json.dumps(c, ensure_ascii=False), val_fraction)
+    return split_by_hash(located, lambda c: json.dumps(c[1], ensure_ascii=False), val_fraction)
 
 
 def _cap(items: list, n: int, seed: int) -> list:
@@ -57,8 +58,13 @@ def _cap(items: list, n: int, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def load_sources(cfg: Config) -> tuple[list, list, dict]:
-    """(train, val) conversations from the data files and builtin sets, and counts per source."""
+def _labelled(name: str, conversations: list) -> list[tuple[str, list[dict]]]:
+    return [(f"{name} conversation {i}", c) for i, c in enumerate(conversations)]
+
+
+def located_sources(cfg: Config) -> tuple[list, list, dict]:
+    """(train, val) ("file:line" or "set conversation i", conversation) pairs from the data files
+    and builtin sets, and counts per source."""
     s = cfg.sft
     train, val, counts = [], [], {}
     sources = [(str(f), None) for f in s.data] + [(name, name) for name in s.builtin]
@@ -68,11 +74,12 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
         )
     for label, builtin in sources:
         if builtin is None:
-            tr, va = _split(read_conversations(label), s.val_fraction)
+            tr, va = _split(read_located(label), s.val_fraction)
         elif builtin in TASKS:
-            tr, va = TASKS[builtin].sft_conversations(cfg)
+            tr, va = (_labelled(builtin, c) for c in TASKS[builtin].sft_conversations(cfg))
         elif builtin in BUILTIN:
-            tr, va = _split([row["messages"] for row in read_chat_corpus(builtin)], s.val_fraction)
+            rows = [row["messages"] for row in read_chat_corpus(builtin)]
+            tr, va = _split(_labelled(builtin, rows), s.val_fraction)
         else:
             raise ValueError(
                 f"unknown builtin SFT set {builtin!r}; choose from {', '.join(BUILTIN)}"
@@ -83,6 +90,12 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
         train += tr
         val += va
     return train, val, counts
+
+
+def load_sources(cfg: Config) -> tuple[list, list, dict]:
+    """(train, val) conversations from the data files and builtin sets, and counts per source."""
+    train, val, counts = located_sources(cfg)
+    return [c for _, c in train], [c for _, c in val], counts
 
 
 @torch.no_grad()
@@ -133,11 +146,12 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
         raise ValueError("no base model: give --sft.base_model=DIR (e.g. runs/speedrun/model)")
     base, tok = Path(cfg.sft.base_model), Tokenizer.load(cfg.sft.base_model)
     begin(cfg)
-    train_c, val_c, counts = load_sources(cfg)  # bad data or LoRA targets fail before any write
+    train_c, val_c, counts = located_sources(cfg)
+    seq_len = read_model_config(base).max_seq_len
+    # bad data, a conversation its template refuses, or bad LoRA targets fail before any write
+    train_ex, val_ex = _encode(tok, train_c, val_c, seq_len, counts)
     model, lora = load_trainable(cfg, base)
     open_out(cfg)
-    seq_len = model.cfg.max_seq_len
-    train_ex, val_ex = _encode(tok, train_c, val_c, seq_len, counts)
     batches, loss_fn = _batches_and_loss(cfg, base, train_ex, seq_len)
     bs = cfg.train.batch_size
     stage = Stage(
@@ -147,7 +161,7 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
         save=partial(save_trainable, model, tok=tok),
         evaluate=partial(sft_eval, examples=val_ex, batch_size=bs) if val_ex else None,
         final=partial(sft_eval, examples=val_ex) if val_ex else None,
-        samples=_sampler(tok, val_c, cfg.seed),
+        samples=_sampler(tok, [c for _, c in val_c], cfg.seed),
         flops_per_token=account(model)["train_flops_per_token"],
         fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora", "poems")),
         info={"lora": lora, "data": counts},
@@ -158,9 +172,11 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
 
 
 def _encode(tok: Tokenizer, train_c: list, val_c: list, seq_len: int, counts: dict):
-    """(train, val) examples of the conversations, with what the window cut logged."""
-    train_ex, stats = encode_conversations(tok, train_c, seq_len)
-    val_ex, _ = encode_conversations(tok, val_c, seq_len)
+    """(train, val) examples of the located conversations, with what the window cut logged."""
+    train_ex, stats = encode_conversations(
+        tok, [c for _, c in train_c], seq_len, [w for w, _ in train_c]
+    )
+    val_ex, _ = encode_conversations(tok, [c for _, c in val_c], seq_len, [w for w, _ in val_c])
     log.info(
         "sft data: %s; train %d conversations (%d cut after their last assistant turn that fits "
         "%d tokens, %d skipped: first answer too long), val %d",
