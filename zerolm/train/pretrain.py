@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import cast
@@ -100,6 +101,21 @@ def init_config(cfg: Config) -> Config:
     )
 
 
+def _before(cfg: Config, model, evaluate: Callable, seq_len: int) -> dict:
+    """{"init": train.init's validation figures before any step}, logged; {} for a new model."""
+    if not cfg.train.init:
+        return {}
+    before = evaluate(cast(LanguageModel, model))
+    log.info(
+        "validation before training (step 0, %s, %d-token windows): loss %.4f | bits/byte %.4f",
+        cfg.train.init,
+        seq_len,
+        before["val_loss"],
+        before["val_bpb"],
+    )
+    return {"init": {"model": cfg.train.init, "seq_len": seq_len, **before}}
+
+
 def pretrain(cfg: Config, progress: bool = True) -> StageResult:
     """Prepare data if needed, train, save OUT/model; returns the final metrics. A bert model
     pretrains with masked-LM + next-sentence prediction, an encdec model on parallel pairs;
@@ -125,17 +141,7 @@ def pretrain(cfg: Config, progress: bool = True) -> StageResult:
     evaluate = partial(
         evaluate_lm, shard_dir=shards, token_bytes=token_bytes, batch_size=bs, seq_len=seq_len
     )
-    info = {"lora": lora} if lora else {}
-    if cfg.train.init:
-        before = evaluate(cast(LanguageModel, model))
-        info["init"] = {"model": cfg.train.init, "seq_len": seq_len, **before}
-        log.info(
-            "validation before training (step 0, %s, %d-token windows): loss %.4f | bits/byte %.4f",
-            cfg.train.init,
-            seq_len,
-            info["init"]["val_loss"],
-            info["init"]["val_bpb"],
-        )
+    info = _before(cfg, model, evaluate, seq_len) | ({"lora": lora} if lora else {})
     first_val = next(read_docs(out / "docs" / "val.jsonl"), None)
     # unconditional, and a held-out opening
     prompts = ["", first_val["text"][:2]] if first_val else [""]
