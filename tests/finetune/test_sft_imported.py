@@ -210,3 +210,14 @@ def test_sft_lowers_held_out_loss_and_the_merged_model_loads_in_transformers(
     with torch.no_grad():
         diff = (hf(ids).logits - tuned(ids)).abs().max().item()
     assert diff < 1e-4, diff
+
+
+def test_pretraining_shards_of_another_tokenizer_are_refused(
+    model_dir, tiny_corpus, tmp_path, capsys
+):
+    data, out = _data(tmp_path / "my.jsonl", n=6), tmp_path / "out"
+    mix = ["--sft.pt_weight=0.1", f"--sft.pt_shards={tiny_corpus / 'run' / 'shards'}"]
+    args = ["sft", "--model", str(model_dir), "--sft.data", str(data), "--out", str(out), *mix]
+    assert main(args) == 2
+    assert "hold another tokenizer's ids than the base model" in capsys.readouterr().err
+    assert not out.exists()

@@ -20,6 +20,7 @@ from zerolm.config import Config
 from zerolm.data.chat_corpora import read_chat_corpus
 from zerolm.data.loader import TokenBatches
 from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_located
+from zerolm.data.shards import load_meta
 from zerolm.data.split import split_by_hash
 from zerolm.eval.mode import eval_mode
 from zerolm.infer.chat import chat_request, replies
@@ -150,9 +151,9 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
     seq_len = read_model_config(base).max_seq_len
     # bad data, a conversation its template refuses, or bad LoRA targets fail before any write
     train_ex, val_ex = _encode(tok, train_c, val_c, seq_len, counts)
+    batches, loss_fn = _batches_and_loss(cfg, base, tok, train_ex, seq_len)
     model, lora = load_trainable(cfg, base)
     open_out(cfg)
-    batches, loss_fn = _batches_and_loss(cfg, base, train_ex, seq_len)
     bs = cfg.train.batch_size
     stage = Stage(
         model,
@@ -195,9 +196,9 @@ def _encode(tok: Tokenizer, train_c: list, val_c: list, seq_len: int, counts: di
     return train_ex, val_ex
 
 
-def _batches_and_loss(cfg: Config, base: Path, train_ex: list, seq_len: int):
+def _batches_and_loss(cfg: Config, base: Path, tok: Tokenizer, train_ex: list, seq_len: int):
     """SFT batches and lm_loss, or (sft.pt_weight > 0) mixed with the base model's pretraining
-    shards."""
+    shards (which must hold its tokenizer's ids)."""
     bs = cfg.train.batch_size
     batches = SFTBatches(
         train_ex, batch_size=bs, seq_len=seq_len, seed=cfg.seed, packing=cfg.sft.packing
@@ -205,6 +206,12 @@ def _batches_and_loss(cfg: Config, base: Path, train_ex: list, seq_len: int):
     if cfg.sft.pt_weight <= 0:
         return batches, lm_loss
     shards = Path(cfg.sft.pt_shards) if cfg.sft.pt_shards else base.parent / "shards"
+    if load_meta(shards).get("tokenizer_sha256", tok.sha256) != tok.sha256:
+        raise ValueError(
+            f"the pretraining shards {shards} hold another tokenizer's ids than the base model "
+            f"{base}: give --sft.pt_shards prepared with its tokenizer (zerolm pretrain --init "
+            "prepares them), or --sft.pt_weight=0"
+        )
     pt = TokenBatches(shards, "train", batch_size=bs, seq_len=seq_len, seed=cfg.seed)
     return MixedBatches(batches, pt), partial(mixed_loss, pt_weight=cfg.sft.pt_weight)
 
