@@ -187,17 +187,18 @@ def test_sft_lowers_held_out_loss_and_the_merged_model_loads_in_transformers(
     keys = dict(steps=16, batch_size=2, lr=3e-3 if rank == 0 else 2e-2, warmup_steps=0)
     keys |= dict(eval_every=0, precision="fp32", log_every=4, ckpt_every=0)
     args += [f"--train.{k}={v}" for k, v in keys.items()]
-    args += ["--sft.val_fraction=0.2", f"--lora.rank={rank}", "--lora.alpha=16"]
+    args += ["--sft.val_fraction=0.2", "--sft.max_seq_len=128", f"--lora.rank={rank}"]
     assert main(args) == 0, capsys.readouterr().err
     cfg = load_config(
         None, {"sft": {"base_model": str(model_dir), "data": [str(data)], "val_fraction": 0.2}}
     )
     tok = Tokenizer.load(model_dir)
     _, val, _ = located_sources(cfg)
-    val_ex, _ = encode_conversations(tok, [c for _, c in val], 256)
-    before = sft_eval(load_model(model_dir), val_ex)["val_loss"]
+    val_ex, _ = encode_conversations(tok, [c for _, c in val], 128)
+    before = sft_eval(load_model(model_dir), val_ex, seq_len=128)["val_loss"]
     tuned = load_model(out / "model")
-    after = sft_eval(tuned, val_ex)["val_loss"]
+    after = sft_eval(tuned, val_ex, seq_len=128)["val_loss"]
+    assert tuned.cfg.max_seq_len == 256  # the packed rows were 128 long; the model keeps its own
     print(f"rank {rank}: held-out SFT loss {before:.4f} -> {after:.4f}")
     assert after < before - 0.3
     assert (out / "adapters.safetensors").is_file() == (rank > 0)

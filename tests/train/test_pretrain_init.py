@@ -13,7 +13,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.processors import TemplateProcessing
 
 from zerolm.cli import main
-from zerolm.data.prepare import document_start
+from zerolm.config import load_config
+from zerolm.data.prepare import document_start, prepare
 from zerolm.interop.hf import import_hf
 from zerolm.model import load_model
 from zerolm.tokenizer import Tokenizer
@@ -130,3 +131,11 @@ def test_documents_start_as_the_tokenizer_starts_a_prompt(model_dir, tmp_path):
     )
     hf.save(str(with_bos / "tokenizer.json"))
     assert document_start(Tokenizer.load(with_bos)) == [tok.bos_id]  # as Llama's adds <s>
+    text = text_file(tmp_path / "text.txt", 20)
+    overrides = {"out_dir": str(tmp_path / "run"), "tokenizer": {"path": str(with_bos)}}
+    overrides["data"] = {"inputs": [str(text)], "txt_unit": "line"}
+    prepare(load_config(None, overrides), progress=False)
+    first = json.loads((tmp_path / "run/docs/train.jsonl").read_text().splitlines()[0])["text"]
+    stream = np.fromfile(tmp_path / "run/shards/train-00000.bin", dtype=np.uint16)
+    want = [tok.bos_id, *tok.encode(first), tok.eos_id]
+    assert stream[: len(want)].tolist() == want

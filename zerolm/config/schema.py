@@ -136,6 +136,7 @@ class SFTConfig:
     packing: bool = True  # several conversations per row (attention kept within each)
     pt_weight: float = 0.0  # lambda in L = L_sft + lambda * L_pretrain (0: off)
     pt_shards: str = ""  # token shards for L_pretrain; "": next to base_model
+    max_seq_len: int = 0  # tokens per packed row (at most the model's window); 0: the window
 
 
 @dataclass(frozen=True, kw_only=True)

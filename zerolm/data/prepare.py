@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from zerolm.config import Config, DataConfig, save_config
@@ -290,7 +291,7 @@ def build_shards(
             )
             texts = (d["text"] for d in read_docs(out / "docs" / f"{split}.jsonl"))
             for _, ids in tok.encode_stream(texts):  # parallel across cores, bounded batches
-                writer.add(lead + ids if lead else ids)
+                writer.add(np.concatenate([lead, ids]) if lead else ids)
                 bar.update()
             bar.close()
             files = writer.finish()

@@ -100,9 +100,12 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
 
 
 @torch.no_grad()
-def sft_eval(model: LanguageModel, examples, batch_size: int = 16) -> dict:
-    """Mean loss over assistant tokens of held-out conversations (packed, in order)."""
-    rows = pack(examples, range(len(examples)), model.cfg.max_seq_len, packing=True)
+def sft_eval(
+    model: LanguageModel, examples, batch_size: int = 16, seq_len: int | None = None
+) -> dict:
+    """Mean loss over assistant tokens of held-out conversations (packed, in order, in rows of
+    seq_len positions: the model's window unless given)."""
+    rows = pack(examples, range(len(examples)), seq_len or model.cfg.max_seq_len, packing=True)
     nats, n = 0.0, 0
     device = next(model.parameters()).device
     with eval_mode(model):
@@ -148,7 +151,10 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
     base, tok = Path(cfg.sft.base_model), Tokenizer.load(cfg.sft.base_model)
     begin(cfg)
     train_c, val_c, counts = located_sources(cfg)
-    seq_len = read_model_config(base).max_seq_len
+    window = read_model_config(base).max_seq_len
+    if cfg.sft.max_seq_len < 0:
+        raise ValueError(f"sft.max_seq_len must be >= 0 (0: the model's window {window})")
+    seq_len = min(cfg.sft.max_seq_len or window, window)
     # bad data, a conversation its template refuses, or bad LoRA targets fail before any write
     train_ex, val_ex = _encode(tok, train_c, val_c, seq_len, counts)
     batches, loss_fn = _batches_and_loss(cfg, base, tok, train_ex, seq_len)
@@ -160,8 +166,10 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
         batches,
         loss_fn,
         save=partial(save_trainable, model, tok=tok),
-        evaluate=partial(sft_eval, examples=val_ex, batch_size=bs) if val_ex else None,
-        final=partial(sft_eval, examples=val_ex) if val_ex else None,
+        evaluate=partial(sft_eval, examples=val_ex, batch_size=bs, seq_len=seq_len)
+        if val_ex
+        else None,
+        final=partial(sft_eval, examples=val_ex, seq_len=seq_len) if val_ex else None,
         samples=_sampler(tok, [c for _, c in val_c], cfg.seed),
         flops_per_token=account(model)["train_flops_per_token"],
         fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora", "poems")),
