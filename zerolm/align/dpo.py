@@ -2,7 +2,8 @@
 model or sampling, as a stage on the one Trainer.
 
 The loss (zerolm/align/losses.py dpo_loss) compares the policy's summed log-probabilities of the
-chosen and rejected replies (response tokens only, with their <|end|>) with a frozen reference's.
+chosen and rejected replies (response tokens only, with their end of turn) with a frozen
+reference's.
 The reference log-probs are either
 - `cached` (default): computed once before training, two floats per pair. The reference is the
   base model, which is also where the policy starts, so no second copy of the weights is kept;
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from zerolm.align.losses import dpo_loss, sequence_logprobs
-from zerolm.align.reward import encode_pair
+from zerolm.align.reward import encode_replies
 from zerolm.align.stage import encoded_pairs, reference_dir, reference_logits, start_stage
 from zerolm.data.loader import Shuffled
 from zerolm.data.prefs import Preference
@@ -31,7 +32,6 @@ from zerolm.eval.replies import response_batch
 from zerolm.inspect.accounting import account
 from zerolm.model import load_model
 from zerolm.tokenizer import Tokenizer
-from zerolm.tokenizer.chat import prompt_ids
 from zerolm.train.fingerprint import stage_fingerprint
 from zerolm.train.losses import LossResult
 from zerolm.train.run import Stage, StageResult, load_trainable, open_out, run, save_trainable
@@ -42,10 +42,18 @@ log = logging.getLogger(__name__)
 def encode_dpo_pair(
     tok: Tokenizer, pair: Preference, window: int
 ) -> tuple[list[int], list[int], int] | None:
-    """(chosen conversation ids, rejected conversation ids, prompt length) or None when either
-    does not fit in the window."""
-    enc = encode_pair(tok, pair, window)
-    return None if enc is None else (*enc, len(prompt_ids(tok, pair.messages)))
+    """(chosen conversation ids, rejected conversation ids, prompt length: where the replies
+    start) or None when either does not fit in the window."""
+    enc = encode_replies(tok, pair, window)
+    if enc is None:
+        return None
+    (chosen, start), (rejected, start_r) = enc
+    if start != start_r:
+        raise ValueError(
+            "the chat template renders the prompt differently before the chosen and the rejected "
+            "reply: DPO needs one prompt; fix the template"
+        )
+    return chosen, rejected, start
 
 
 def dpo_collate(picked: list[tuple]) -> tuple:

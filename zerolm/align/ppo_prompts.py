@@ -59,7 +59,10 @@ def load_prompts(cfg, tok: Tokenizer, window: int) -> tuple[list[dict], list[dic
         counts[str(path)] = len(rows)
 
     def fits(p):
-        return len(prompt_ids(tok, p["messages"])) <= window - 8
+        try:
+            return len(prompt_ids(tok, p["messages"])) <= window - 8
+        except ValueError as e:  # e.g. a role its chat template refuses: name the row
+            raise ValueError(f"{p.get('where', 'a prompt')}: {e}") from None
 
     n = len(train) + len(val)
     train, val = [p for p in train if fits(p)], [p for p in val if fits(p)]

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from zerolm.align.reward import RewardModel, pad_batch
+from zerolm.align.reward import RewardModel, pad_batch, reply_ids
 from zerolm.tasks import REWARDS
 from zerolm.tokenizer import Tokenizer, check_tokenizers
-from zerolm.tokenizer.chat import render
 
 
 class ModelReward:
@@ -32,8 +31,7 @@ class ModelReward:
     def __call__(self, prompts: list[dict], replies: list[str]) -> list[float]:
         window = self.rm.cfg.max_seq_len
         seqs = [
-            render(self.tok, [*p["messages"], {"role": "assistant", "content": r}])[0][-window:]
-            for p, r in zip(prompts, replies)
+            reply_ids(self.tok, p["messages"], r)[0][-window:] for p, r in zip(prompts, replies)
         ]
         return self.rm(*pad_batch(seqs)).tolist()
 

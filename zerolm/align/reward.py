@@ -1,6 +1,7 @@
 """Reward model: a zerolm decoder (initialised from an SFT model) with a scalar head that scores a
-whole conversation at its last token; trained on preference pairs with the pairwise loss
--log sigmoid(r_chosen - r_rejected) (zerolm/align/losses.py).
+whole conversation at its last token (the reply's end of turn, whatever the chat template);
+trained on preference pairs with the pairwise loss -log sigmoid(r_chosen - r_rejected)
+(zerolm/align/losses.py).
 
 A model directory holds the decoder as usual (config.json, model.safetensors, tokenizer.json)
 plus `reward_head.safetensors` (the (1, D) weight and bias of the head).
@@ -78,18 +79,40 @@ class RewardModel(nn.Module):
         return rm.eval()
 
 
+def reply_ids(tok: Tokenizer, messages: Sequence[dict], reply: str) -> tuple[list[int], int]:
+    """(ids of the conversation ending in `reply`, index of the reply's first token). The reply is
+    the last run of assistant (loss-mask) tokens of the model's chat template, and the ids end
+    with its last token, the end of turn: a foreign template's text after it (ChatML's newline)
+    is left out, so a reward head reads the end of turn, as on zerolm's own template."""
+    ids, mask, _ = render(tok, [*messages, {"role": "assistant", "content": reply}])
+    end = next((i + 1 for i in range(len(mask) - 1, -1, -1) if mask[i]), 0)
+    if not end:
+        raise ValueError(
+            "the chat template marks no token of the reply as the assistant's: check its "
+            "{% generation %} blocks"
+        )
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return ids[:end], start
+
+
+def encode_replies(
+    tok: Tokenizer, pair: Preference, max_len: int
+) -> list[tuple[list[int], int]] | None:
+    """reply_ids of the chosen and of the rejected reply; None when either does not fit in
+    max_len tokens."""
+    out = [reply_ids(tok, pair.messages, reply) for reply in (pair.chosen, pair.rejected)]
+    return None if any(len(ids) > max_len for ids, _ in out) else out
+
+
 def encode_pair(
     tok: Tokenizer, pair: Preference, max_len: int
 ) -> tuple[list[int], list[int]] | None:
     """Token ids of the conversation ending in the chosen reply and in the rejected one (each
-    with its <|end|>); None when either does not fit in max_len tokens."""
-    out = []
-    for reply in (pair.chosen, pair.rejected):
-        ids = render(tok, [*pair.messages, {"role": "assistant", "content": reply}])[0]
-        if len(ids) > max_len:
-            return None
-        out.append(ids)
-    return out[0], out[1]
+    up to its end of turn); None when either does not fit in max_len tokens."""
+    out = encode_replies(tok, pair, max_len)
+    return None if out is None else (out[0][0], out[1][0])
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

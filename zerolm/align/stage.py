@@ -90,8 +90,15 @@ def encoded_pairs(
     train_p, val_p, counts = load_pairs(cfg, sampler, tok)
     window = sampler.cfg.max_seq_len
     del sampler
+
+    def located(p: Preference):
+        try:
+            return encode(tok, p, window)
+        except ValueError as e:  # e.g. a role its chat template refuses: name the row
+            raise ValueError(f"{p.where or 'a preference pair'}: {e}") from None
+
     enc = {
-        name: [e for p in ps if (e := encode(tok, p, window)) is not None]
+        name: [e for p in ps if (e := located(p)) is not None]
         for name, ps in (("train", train_p), ("val", val_p))
     }
     too_long = len(train_p) + len(val_p) - len(enc["train"]) - len(enc["val"])

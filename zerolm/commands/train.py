@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 
-from zerolm.commands.common import resolve_config, resume_changed_arg, stage_parser
+from zerolm.commands.common import alias, resolve_config, resume_changed_arg, stage_parser
 from zerolm.config import Config, merge_dicts, recipe_path
 
 
@@ -20,6 +20,12 @@ def cmd_pretrain(args, extra, **defaults):
     if getattr(args, "resume", False):
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
     result = pretrain(cfg, progress=not args.quiet)
+    if init := result.info.get("init"):
+        print(
+            f"validation bits per byte: {init['val_bpb']:.4f} before (step 0, {init['model']}) "
+            f"-> {result.final['val_bpb']:.4f} after {result.last.get('step', '?')} steps; model "
+            f"saved to {result.model_dir}"
+        )
     return cfg, result
 
 
@@ -178,6 +184,13 @@ def _setup_pretrain(sub) -> None:
     )
     sp.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    alias(
+        sp,
+        "--init",
+        key="train.init",
+        help="continue pretraining this model directory (zerolm's or `zerolm import`ed) on your "
+        "text, prepared with its own tokenizer",
     )
     resume_changed_arg(sp)
 

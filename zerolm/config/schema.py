@@ -132,6 +132,9 @@ class TrainConfig:
         5  # skip: consecutive bad steps before stopping; rollback: rollbacks before stopping
     )
     nonfinite_lr_factor: float = 0.5  # rollback: lr multiplier per rollback
+    # pretrain: a model directory to continue from (its weights, architecture and tokenizer, which
+    # then prepares the data); model.max_seq_len caps the training window. "": a new model
+    init: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +151,7 @@ class SFTConfig:
     packing: bool = True  # several conversations per row (attention kept within each)
     pt_weight: float = 0.0  # lambda in L = L_sft + lambda * L_pretrain (0: off)
     pt_shards: str = ""  # token shards for L_pretrain; "": next to base_model
+    max_seq_len: int = 0  # tokens per packed row (at most the model's window); 0: the window
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,7 @@ Three stages, each written atomically into the run directory and skipped when it
 unchanged (a fingerprint of config, input files and upstream stages is kept in stage.json):
 
     OUT/docs/{train,val}.jsonl     cleaned documents (+ metadata such as title/author)
-    OUT/tokenizer/tokenizer.json   trained (or copied from tokenizer.path)
+    OUT/tokenizer/tokenizer.json   trained (or copied from tokenizer.path: e.g. a model's own)
     OUT/shards/meta.json + *.bin   token ids, memory-mappable
 """
 
@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from zerolm.config import Config, DataConfig, save_config
@@ -259,6 +260,17 @@ def build_tokenizer(
 # ---------------------------------------------------------------- stage 3: shards
 
 
+def document_start(tok: Tokenizer) -> list[int]:
+    """The ids a foreign tokenizer puts before a text (e.g. Llama's bos), so that documents start
+    in training as prompts start in generation (Tokenizer.completion_ids); none for zerolm's own,
+    whose documents start after the previous one's eos."""
+    if not tok.foreign:
+        return []
+    plain, full = tok.encode("a"), tok.completion_ids(["a"])[0]
+    at = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), 0)
+    return full[:at]
+
+
 def build_shards(
     cfg: DataConfig, out: Path, tok: Tokenizer, docs_info: dict, progress: bool = True
 ) -> dict:
@@ -267,6 +279,7 @@ def build_shards(
         log.info("shards: up to date (%s)", out / "shards")
         return info
     dtype = token_dtype(tok.vocab_size)
+    lead = document_start(tok)
     splits = {}
     t0 = time.time()
     with atomic_dir(out / "shards") as tmp:
@@ -278,7 +291,7 @@ def build_shards(
             )
             texts = (d["text"] for d in read_docs(out / "docs" / f"{split}.jsonl"))
             for _, ids in tok.encode_stream(texts):  # parallel across cores, bounded batches
-                writer.add(ids)
+                writer.add(np.concatenate([lead, ids]) if lead else ids)
                 bar.update()
             bar.close()
             files = writer.finish()
@@ -297,6 +310,7 @@ def build_shards(
             "eos_id": tok.eos_id,
             "tokenizer_sha256": tok.sha256,
             "documents_end_with": "eos",
+            **({"documents_start_with": lead} if lead else {}),
             "splits": splits,
             "seconds": round(time.time() - t0, 2),
         }

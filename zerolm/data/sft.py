@@ -6,7 +6,8 @@ Files are JSON Lines in either form (one conversation per line):
 
 Too long for the window: a conversation is cut after its last assistant turn that fits (later
 turns dropped, counted as `truncated`); one whose first assistant turn does not fit is skipped
-(counted as `skipped_too_long`). Never cut inside a turn.
+(counted as `skipped_too_long`). Never cut inside a turn: only where the rendering after an
+assistant turn is a token prefix of the whole (a foreign template's `ends`; -1 where not).
 
 Packing: conversations are laid end to end in rows of seq_len positions; each keeps its own
 positions (from 0) and attention segment, so a packed row computes exactly what each
@@ -16,7 +17,7 @@ conversation computes alone. Legend: B rows, T = seq_len.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,29 +56,45 @@ def to_messages(row, where: str) -> list[dict]:
     return messages
 
 
-def read_conversations(path: str | Path) -> list[list[dict]]:
-    """All conversations of a JSONL file; a malformed line is a ValueError naming file and line."""
+def read_located(path: str | Path) -> list[tuple[str, list[dict]]]:
+    """("file:line", conversation) for each row of a JSONL file; a malformed line is a ValueError
+    naming file and line."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"SFT data file {str(path)!r} does not exist")
-    out = [to_messages(row, where) for where, row in jsonl_rows(p)]
+    out = [(where, to_messages(row, where)) for where, row in jsonl_rows(p)]
     if not out:
         raise ValueError(f"{p}: no conversations")
     return out
 
 
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """All conversations of a JSONL file (read_located without the locations)."""
+    return [messages for _, messages in read_located(path)]
+
+
 def encode_conversations(
-    tok: Tokenizer, conversations: Iterable[list[dict]], seq_len: int
+    tok: Tokenizer,
+    conversations: Iterable[list[dict]],
+    seq_len: int,
+    wheres: Sequence[str] | None = None,
 ) -> tuple[list[tuple[list[int], list[int]]], dict]:
-    """(ids, loss_mask) per conversation, at most seq_len + 1 tokens (seq_len training positions),
-    and counts of what the length rule did."""
+    """(ids, loss_mask) per conversation through the model's chat template, at most seq_len + 1
+    tokens (seq_len training positions), and counts of what the length rule did. `wheres` names
+    each conversation ("file:line") in the error when its template refuses it."""
     examples, stats = [], {"conversations": 0, "truncated": 0, "skipped_too_long": 0}
-    for messages in conversations:
+    for i, messages in enumerate(conversations):
         stats["conversations"] += 1
-        ids, mask, ends = render(tok, messages)
+        try:
+            ids, mask, ends = render(tok, messages)
+        except ValueError as e:
+            raise ValueError(f"{wheres[i] if wheres else f'conversation {i}'}: {e}") from None
         if len(ids) > seq_len + 1:
+            # a turn boundary that is a token prefix (a foreign template may have none: -1)
             fits = [
-                e for m, e in zip(messages, ends) if m["role"] == "assistant" and e <= seq_len + 1
+                e
+                for m, e in zip(messages, ends)
+                if m["role"] == "assistant" and 0 < e <= seq_len + 1
             ]
             if not fits:
                 stats["skipped_too_long"] += 1
@@ -117,8 +134,8 @@ def pack(
     examples: list[tuple[list[int], list[int]]], order, seq_len: int, packing: bool
 ) -> list[torch.Tensor]:
     """Rows of (5, T) int64: x, y, loss mask, positions, segment (rows as assign_rows lays them
-    out; an example of len(ids) tokens gives len(ids) - 1 positions). Padding is token 0
-    (<|pad|>), masked out of the loss, in a segment (-1) of its own."""
+    out; an example of len(ids) tokens gives len(ids) - 1 positions). Padding is id 0
+    (any vocabulary's: it is masked out of the loss, in a segment (-1) of its own)."""
     out = []
     for members in assign_rows([len(ids) - 1 for ids, _ in examples], order, seq_len, packing):
         row = torch.zeros(5, seq_len, dtype=torch.long)

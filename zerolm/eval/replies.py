@@ -58,8 +58,9 @@ def sample_replies(
     batch_size: int = 32,
 ) -> tuple[list[list[int]], list[int], list[str]]:
     """One sampled reply per conversation, through the engine (batched, KV-cached, seeded):
-    (prompt + reply ids, including the <|end|> when the model stopped; prompt lengths; reply
-    texts). max_new_tokens is lowered to the room the longest prompt of a batch leaves."""
+    (prompt ids from the model's chat template + reply ids, including the stop token (its end
+    of turn) when the model stopped; prompt lengths; reply texts). max_new_tokens is lowered to
+    the room the longest prompt of a batch leaves."""
     window, seqs, lens, texts = model.cfg.max_seq_len, [], [], []
     for i in range(0, len(conversations), batch_size):
         prompts = [prompt_ids(tok, c) for c in conversations[i : i + batch_size]]

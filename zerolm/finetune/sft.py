@@ -19,12 +19,14 @@ from torch import nn
 from zerolm.config import Config
 from zerolm.data.chat_corpora import read_chat_corpus
 from zerolm.data.loader import TokenBatches
-from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_conversations
+from zerolm.data.sft import SFTBatches, encode_conversations, fill_rate, pack, read_located
+from zerolm.data.shards import load_meta
 from zerolm.data.split import split_by_hash
 from zerolm.eval.mode import eval_mode
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
+from zerolm.model import read_model_config
 from zerolm.model.protocol import LanguageModel
 from zerolm.tasks import TASKS
 from zerolm.tokenizer import Tokenizer
@@ -45,9 +47,9 @@ log = logging.getLogger(__name__)
 BUILTIN = ("poems", "chitchat", "chatterbot-en", "chatterbot-zh")
 
 
-def _split(conversations, val_fraction: float) -> tuple[list, list]:
+def _split(located: list, val_fraction: float) -> tuple[list, list]:
     """By a hash of the conversation: deterministic and independent of order."""
-    return split_by_hash(conversations, lambda c: json.dumps(c, ensure_ascii=False), val_fraction)
+    return split_by_hash(located, lambda c: json.dumps(c[1], ensure_ascii=False), val_fraction)
 
 
 def _cap(items: list, n: int, seed: int) -> list:
@@ -57,8 +59,13 @@ def _cap(items: list, n: int, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def load_sources(cfg: Config) -> tuple[list, list, dict]:
-    """(train, val) conversations from the data files and builtin sets, and counts per source."""
+def _labelled(name: str, conversations: list) -> list[tuple[str, list[dict]]]:
+    return [(f"{name} conversation {i}", c) for i, c in enumerate(conversations)]
+
+
+def located_sources(cfg: Config) -> tuple[list, list, dict]:
+    """(train, val) ("file:line" or "set conversation i", conversation) pairs from the data files
+    and builtin sets, and counts per source."""
     s = cfg.sft
     train, val, counts = [], [], {}
     sources = [(str(f), None) for f in s.data] + [(name, name) for name in s.builtin]
@@ -68,11 +75,12 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
         )
     for label, builtin in sources:
         if builtin is None:
-            tr, va = _split(read_conversations(label), s.val_fraction)
+            tr, va = _split(read_located(label), s.val_fraction)
         elif builtin in TASKS:
-            tr, va = TASKS[builtin].sft_conversations(cfg)
+            tr, va = (_labelled(builtin, c) for c in TASKS[builtin].sft_conversations(cfg))
         elif builtin in BUILTIN:
-            tr, va = _split([row["messages"] for row in read_chat_corpus(builtin)], s.val_fraction)
+            rows = [row["messages"] for row in read_chat_corpus(builtin)]
+            tr, va = _split(_labelled(builtin, rows), s.val_fraction)
         else:
             raise ValueError(
                 f"unknown builtin SFT set {builtin!r}; choose from {', '.join(BUILTIN)}"
@@ -85,10 +93,19 @@ def load_sources(cfg: Config) -> tuple[list, list, dict]:
     return train, val, counts
 
 
+def load_sources(cfg: Config) -> tuple[list, list, dict]:
+    """(train, val) conversations from the data files and builtin sets, and counts per source."""
+    train, val, counts = located_sources(cfg)
+    return [c for _, c in train], [c for _, c in val], counts
+
+
 @torch.no_grad()
-def sft_eval(model: LanguageModel, examples, batch_size: int = 16) -> dict:
-    """Mean loss over assistant tokens of held-out conversations (packed, in order)."""
-    rows = pack(examples, range(len(examples)), model.cfg.max_seq_len, packing=True)
+def sft_eval(
+    model: LanguageModel, examples, batch_size: int = 16, seq_len: int | None = None
+) -> dict:
+    """Mean loss over assistant tokens of held-out conversations (packed, in order, in rows of
+    seq_len positions: the model's window unless given)."""
+    rows = pack(examples, range(len(examples)), seq_len or model.cfg.max_seq_len, packing=True)
     nats, n = 0.0, 0
     device = next(model.parameters()).device
     with eval_mode(model):
@@ -133,21 +150,27 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
         raise ValueError("no base model: give --sft.base_model=DIR (e.g. runs/speedrun/model)")
     base, tok = Path(cfg.sft.base_model), Tokenizer.load(cfg.sft.base_model)
     begin(cfg)
-    train_c, val_c, counts = load_sources(cfg)  # bad data or LoRA targets fail before any write
+    train_c, val_c, counts = located_sources(cfg)
+    window = read_model_config(base).max_seq_len
+    if cfg.sft.max_seq_len < 0:
+        raise ValueError(f"sft.max_seq_len must be >= 0 (0: the model's window {window})")
+    seq_len = min(cfg.sft.max_seq_len or window, window)
+    # bad data, a conversation its template refuses, or bad LoRA targets fail before any write
+    train_ex, val_ex = _encode(tok, train_c, val_c, seq_len, counts)
+    batches, loss_fn = _batches_and_loss(cfg, base, tok, train_ex, seq_len)
     model, lora = load_trainable(cfg, base)
     open_out(cfg)
-    seq_len = model.cfg.max_seq_len
-    train_ex, val_ex = _encode(tok, train_c, val_c, seq_len, counts)
-    batches, loss_fn = _batches_and_loss(cfg, base, train_ex, seq_len)
     bs = cfg.train.batch_size
     stage = Stage(
         model,
         batches,
         loss_fn,
         save=partial(save_trainable, model, tok=tok),
-        evaluate=partial(sft_eval, examples=val_ex, batch_size=bs) if val_ex else None,
-        final=partial(sft_eval, examples=val_ex) if val_ex else None,
-        samples=_sampler(tok, val_c, cfg.seed),
+        evaluate=partial(sft_eval, examples=val_ex, batch_size=bs, seq_len=seq_len)
+        if val_ex
+        else None,
+        final=partial(sft_eval, examples=val_ex, seq_len=seq_len) if val_ex else None,
+        samples=_sampler(tok, [c for _, c in val_c], cfg.seed),
         flops_per_token=account(model)["train_flops_per_token"],
         fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora", "poems")),
         info={"lora": lora, "data": counts},
@@ -158,9 +181,11 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
 
 
 def _encode(tok: Tokenizer, train_c: list, val_c: list, seq_len: int, counts: dict):
-    """(train, val) examples of the conversations, with what the window cut logged."""
-    train_ex, stats = encode_conversations(tok, train_c, seq_len)
-    val_ex, _ = encode_conversations(tok, val_c, seq_len)
+    """(train, val) examples of the located conversations, with what the window cut logged."""
+    train_ex, stats = encode_conversations(
+        tok, [c for _, c in train_c], seq_len, [w for w, _ in train_c]
+    )
+    val_ex, _ = encode_conversations(tok, [c for _, c in val_c], seq_len, [w for w, _ in val_c])
     log.info(
         "sft data: %s; train %d conversations (%d cut after their last assistant turn that fits "
         "%d tokens, %d skipped: first answer too long), val %d",
@@ -179,9 +204,9 @@ def _encode(tok: Tokenizer, train_c: list, val_c: list, seq_len: int, counts: di
     return train_ex, val_ex
 
 
-def _batches_and_loss(cfg: Config, base: Path, train_ex: list, seq_len: int):
+def _batches_and_loss(cfg: Config, base: Path, tok: Tokenizer, train_ex: list, seq_len: int):
     """SFT batches and lm_loss, or (sft.pt_weight > 0) mixed with the base model's pretraining
-    shards."""
+    shards (which must hold its tokenizer's ids)."""
     bs = cfg.train.batch_size
     batches = SFTBatches(
         train_ex, batch_size=bs, seq_len=seq_len, seed=cfg.seed, packing=cfg.sft.packing
@@ -189,6 +214,12 @@ def _batches_and_loss(cfg: Config, base: Path, train_ex: list, seq_len: int):
     if cfg.sft.pt_weight <= 0:
         return batches, lm_loss
     shards = Path(cfg.sft.pt_shards) if cfg.sft.pt_shards else base.parent / "shards"
+    if load_meta(shards).get("tokenizer_sha256", tok.sha256) != tok.sha256:
+        raise ValueError(
+            f"the pretraining shards {shards} hold another tokenizer's ids than the base model "
+            f"{base}: give --sft.pt_shards prepared with its tokenizer (zerolm pretrain --init "
+            "prepares them), or --sft.pt_weight=0"
+        )
     pt = TokenBatches(shards, "train", batch_size=bs, seq_len=seq_len, seed=cfg.seed)
     return MixedBatches(batches, pt), partial(mixed_loss, pt_weight=cfg.sft.pt_weight)
 

@@ -2,8 +2,8 @@
 dpo, ppo) does around the one Trainer, written once. A stage builds a `Stage` (its model, batches,
 loss, evaluation, samples, FLOPs per token, save) and calls `run`, which trains, evaluates and
 saves, and returns a `StageResult`. Before that, `begin` guards the output directory and
-`open_out` writes its config; `new_model` / `load_trainable` give the model (LoRA or not), and
-`save_trainable` writes it back as a plain model directory.
+`open_out` writes its config; `new_model` / `load_trainable` / `start_model` give the model (LoRA or
+not), and `save_trainable` writes it back as a plain model directory.
 """
 
 from __future__ import annotations
@@ -129,11 +129,20 @@ def load_trainable(cfg: Config, base: Path) -> tuple[AnyModel, dict | None]:
     return model, report
 
 
+def start_model(cfg: Config, vocab_size: int) -> tuple[AnyModel, dict | None]:
+    """The model a pretraining run trains: train.init's (all of it, or LoRA adapters on it), on
+    the GPU when there is one, else a new model of cfg.model; (model, the LoRA report or None)."""
+    if not cfg.train.init:
+        return new_model(cfg, cfg.model, vocab_size), None
+    model, lora = load_trainable(cfg, Path(cfg.train.init))
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), lora
+
+
 def save_trainable(model: AnyModel, model_dir: Path, tok: Tokenizer) -> Path:
     """model_dir as a plain model (LoRA adapters saved next to it as adapters.safetensors, then
     merged into the weights)."""
     if lora_config_of(model) is not None:
-        save_adapters(model, model_dir.parent / "adapters.safetensors")
+        save_adapters(model, model_dir.parent / "adapters.safetensors", tok.sha256)
         merge_lora(model)
     return save_model(model, model_dir, tok)
 

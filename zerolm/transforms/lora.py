@@ -160,7 +160,7 @@ def _base_config(model: nn.Module) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _file_bytes(model: nn.Module, sha: str) -> bytes:
+def _file_bytes(model: nn.Module, sha: str, tokenizer_sha256: str = "") -> bytes:
     state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     meta = {
         "format": "pt",
@@ -168,24 +168,33 @@ def _file_bytes(model: nn.Module, sha: str) -> bytes:
         "base_model": json.dumps(_base_config(model)),
         "base_sha256": sha,
     }
+    if tokenizer_sha256:
+        meta["tokenizer_sha256"] = tokenizer_sha256
     return save(state, meta)
 
 
-def save_adapters(model: nn.Module, path: str | Path) -> Path:
-    """Write the adapters (+ LoRA config, base config and base fingerprint) as one safetensors
-    file."""
-    atomic_write_bytes(path, _file_bytes(model, base_fingerprint(model)))
+def save_adapters(model: nn.Module, path: str | Path, tokenizer_sha256: str = "") -> Path:
+    """Write the adapters (+ LoRA config, base config, base fingerprint and the sha256 of the
+    tokenizer they were trained with) as one safetensors file."""
+    atomic_write_bytes(path, _file_bytes(model, base_fingerprint(model), tokenizer_sha256))
     return Path(path)
 
 
-def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
+def load_adapters(model: nn.Module, path: str | Path, tokenizer_sha256: str = "") -> nn.Module:
     """Apply LoRA from the file's config (unless already applied with that config) and load the
-    adapters; the model must be the base they were trained on (same config and weights)."""
+    adapters; the model must be the base they were trained on (same config and weights) and,
+    given its tokenizer's sha256, read the same token ids."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     if "zerolm_lora" not in meta:
         raise ValueError(f"{path} is not a zerolm LoRA adapter file (no zerolm_lora metadata)")
+    theirs_tok = meta.get("tokenizer_sha256", "")
+    if tokenizer_sha256 and theirs_tok and theirs_tok != tokenizer_sha256:
+        raise ValueError(
+            f"{path}: the adapters were trained with another tokenizer (sha256 {theirs_tok[:12]} "
+            f"vs this model's {tokenizer_sha256[:12]}): load them on the base they were trained on"
+        )
     raw = json.loads(meta["zerolm_lora"])
     cfg = LoRAConfig(**{**raw, "targets": tuple(raw["targets"])})
     theirs, ours = (
