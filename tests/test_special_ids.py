@@ -48,9 +48,7 @@ FIX = {
     "id-literal": "use the role's id from the tokenizer, not a number",
 }
 # Findings in files other helpers own, each to be removed once fixed there (a stale entry fails).
-KNOWN = {
-    ("zerolm/align/reward.py", "role-literal", "pad_id: int = 0"): "align: pass tok.pad_id",
-}
+KNOWN = {}
 
 
 @dataclass(frozen=True)

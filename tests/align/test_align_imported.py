@@ -20,7 +20,7 @@ from zerolm.model import load_model
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import prompt_ids
 
-ARCHS = ("llama",)  # + "qwen2" once its import lands
+ARCHS = ("llama", "qwen2")
 NAMES, COLOURS = ["Ann", "Bob", "Cai", "Dee", "Eve", "Fay"], ["red", "blue", "green", "gold"]
 
 REWARD = '''

@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 
@@ -50,7 +52,7 @@ def test_reward_is_read_at_the_last_real_token_and_padding_changes_nothing(setup
     rm = RewardModel(body).eval()
     torch.nn.init.normal_(rm.head.weight, generator=torch.Generator().manual_seed(0))
     c, r = encode_pair(tok, pairs[0], 48)
-    ids, lengths = pad_batch([c, r])
+    ids, lengths = pad_batch([c, r], tok.pad_id)
     with torch.no_grad():
         both = rm(ids, lengths)
         alone = [rm(torch.tensor([s]), torch.tensor([len(s)])).item() for s in (c, r)]
@@ -65,7 +67,7 @@ def test_training_separates_chosen_from_rejected_on_held_out_pairs(setup, tmp_pa
     enc = [encode_pair(tok, p, 48) for p in pairs]
     train, val = enc[:18], enc[18:]
     rm = RewardModel(build_model(body.cfg, vocab_size=tok.vocab_size, seed=1))
-    before = reward_eval(rm, val)
+    before = reward_eval(rm, val, tok.pad_id)
     assert before["val_loss"] == pytest.approx(
         0.6931, abs=1e-3
     )  # zero head: every reward 0, loss log 2
@@ -83,15 +85,15 @@ def test_training_separates_chosen_from_rejected_on_held_out_pairs(setup, tmp_pa
         rm,
         cfg,
         tmp_path / "run",
-        batches=Shuffled(train, 6, collate=pair_collate),
+        batches=Shuffled(train, 6, collate=partial(pair_collate, pad_id=tok.pad_id)),
         loss_fn=reward_loss,
         progress=False,
     ).fit()
-    after = reward_eval(rm, val)
+    after = reward_eval(rm, val, tok.pad_id)
     assert after["val_accuracy"] == 1.0 and after["val_loss"] < 0.1, after
     rm.save(tmp_path / "rm", tok)
     again = RewardModel.load(tmp_path / "rm")
-    ids, lengths = pad_batch(val[0])
+    ids, lengths = pad_batch(val[0], tok.pad_id)
     with torch.no_grad():
         assert torch.allclose(again(ids, lengths), rm.eval()(ids, lengths), atol=1e-6)
     with pytest.raises(ValueError, match="not a reward model"):

@@ -20,7 +20,7 @@ from zerolm.model import load_model
 from zerolm.tokenizer import Tokenizer
 from zerolm.transforms.lora import load_adapters
 
-ARCHS = ("llama",)  # + "qwen2" once its import lands
+ARCHS = ("llama", "qwen2")
 
 
 def msgs(*turns, system=None):

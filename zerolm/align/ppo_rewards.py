@@ -33,7 +33,7 @@ class ModelReward:
         seqs = [
             reply_ids(self.tok, p["messages"], r)[0][-window:] for p, r in zip(prompts, replies)
         ]
-        return self.rm(*pad_batch(seqs)).tolist()
+        return self.rm(*pad_batch(seqs, self.tok.pad_id)).tolist()
 
 
 def per_reply(fn: Callable) -> Callable:

@@ -115,15 +115,18 @@ def encode_pair(
     return None if out is None else (out[0][0], out[1][0])
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (B, T) right-padded, lengths (B,))."""
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T) right-padded with pad_id, lengths (B,)): the head reads each row's last real
+    token, so what fills the rest is never seen."""
     return pad_right(seqs, pad_id), torch.tensor([len(s) for s in seqs])
 
 
-def pair_collate(picked: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_collate(
+    picked: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoded pairs -> (ids, lengths) with the B chosen conversations first, the B rejected
     after."""
-    return pad_batch([c for c, _ in picked] + [r for _, r in picked])
+    return pad_batch([c for c, _ in picked] + [r for _, r in picked], pad_id)
 
 
 def _pair_rewards(model: RewardModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,14 +145,14 @@ def reward_loss(model: RewardModel, batch) -> LossResult:
 
 @torch.no_grad()
 def reward_eval(
-    model: RewardModel, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16
+    model: RewardModel, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16
 ) -> dict:
     """Held-out pairwise loss and accuracy (share of pairs where the chosen reply scores higher)."""
     loss_sum, acc_sum = 0.0, 0.0
     with eval_mode(model):
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i : i + batch_size]
-            loss, acc = pairwise_loss(*_pair_rewards(model, pair_collate(chunk)))
+            loss, acc = pairwise_loss(*_pair_rewards(model, pair_collate(chunk, pad_id)))
             loss_sum += loss.item() * len(chunk)
             acc_sum += acc.item() * len(chunk)
     return {"val_loss": loss_sum / len(pairs), "val_accuracy": acc_sum / len(pairs)}
@@ -165,11 +168,11 @@ def train_reward(cfg, progress: bool = True) -> StageResult:
     val, bs = enc["val"], cfg.train.batch_size
     stage = Stage(
         rm,
-        Shuffled(enc["train"], bs, cfg.seed, collate=pair_collate),
+        Shuffled(enc["train"], bs, cfg.seed, collate=partial(pair_collate, pad_id=tok.pad_id)),
         reward_loss,
         save=partial(rm.save, tok=tok),
-        evaluate=partial(reward_eval, pairs=val, batch_size=bs) if val else None,
-        final=partial(reward_eval, pairs=val) if val else None,
+        evaluate=partial(reward_eval, pairs=val, pad_id=tok.pad_id, batch_size=bs) if val else None,
+        final=partial(reward_eval, pairs=val, pad_id=tok.pad_id) if val else None,
         flops_per_token=account(rm.body)["train_flops_per_token"],
         fingerprint=stage_fingerprint(cfg, tok, ("align", "poems")),
         info=summary,
