@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-from zerolm.interop.hf_checkpoint import _read_weights, build_imported, write_hf_dir
+from zerolm.interop.hf_checkpoint import (
+    _read_weights,
+    build_imported,
+    generation_config,
+    role_ids,
+    write_hf_dir,
+)
 from zerolm.interop.hf_decoder import FROM_HF, REQUIRED, TO_HF, _from_hf_state, _to_hf_state
 from zerolm.model import Transformer, resolve
 
@@ -80,9 +86,5 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     if bad:
         raise ValueError(f"cannot export this {cfg.preset!r} model as HF {arch}: {'; '.join(bad)}")
     state = _to_hf_state(arch, model)
-    ids = (
-        dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        if tokenizer is not None
-        else dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    )
-    return write_hf_dir(out_dir, state, {**TO_HF[arch](cfg), **ids}, tokenizer)
+    ids, gen = role_ids(tokenizer), generation_config(tokenizer)  # the tokenizer's roles
+    return write_hf_dir(out_dir, state, {**TO_HF[arch](cfg), **ids}, tokenizer, gen)
