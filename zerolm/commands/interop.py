@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from zerolm.commands.inspect import tokenizer_line
+from zerolm.inspect.accounting import head_size
+
 
 def summary(model, tok, out: str, seconds: float) -> str:
     """One line: parameters, architecture, the tokenizer's roles and its chat template."""
@@ -13,17 +16,12 @@ def summary(model, tok, out: str, seconds: float) -> str:
     heads = f"{c.n_heads} heads" + (f" / {c.n_kv_heads} kv" if c.n_kv_heads != c.n_heads else "")
     shape = (
         f"{c.preset} {c.arch}: {c.n_layers} layers, d {c.d_model}, {heads}, head_dim "
-        f"{getattr(c, 'head_dim', 0) or c.d_model // c.n_heads}, vocab {c.vocab_size:,}, window {c.max_seq_len:,}"
+        f"{head_size(c)}, vocab {c.vocab_size:,}, window {c.max_seq_len:,}"
         + (", tied head" if getattr(c, "tie_embeddings", False) else "")
     )
-    if tok is None:
-        words = "no tokenizer (add tokenizer.json to the directory)"
-    else:
-        roles = " ".join(f"{k} {v}" for k, v in tok.special_tokens().items())
-        template = "the model's own" if tok.template is not None else "none"
-        if tok.layout == "zerolm":
-            template = "zerolm's"
-        words = f"tokenizer {tok.layout} ({tok.vocab_size:,}; {roles}); chat template: {template}"
+    words = (
+        "no tokenizer (add tokenizer.json to the directory)" if tok is None else tokenizer_line(tok)
+    )
     return f"imported {n:,} parameters ({shape}) to {out} in {seconds:.1f} s; {words}"
 
 

@@ -19,6 +19,11 @@ def component(name: str) -> str:
     return "norms"
 
 
+def head_size(cfg) -> int:
+    """Channels per attention head: the config's head_dim where it sets one, else d_model/heads."""
+    return getattr(cfg, "head_dim", 0) or cfg.d_model // cfg.n_heads
+
+
 def account(
     model, context: int | None = None, batch: int = 1, bytes_per_param: int | None = None
 ) -> dict:
@@ -47,11 +52,11 @@ def account(
     # encdec (a source as long as the target): per target token, the encoder's share, the decoder's
     # self-attention and its cross-attention over the source each cost one attention pass
     dec = cfg.n_decoder_layers if cfg.arch == "encdec" else 0
+    head_dim = head_size(cfg)
     attn_flops = (
-        4 * (cfg.n_layers + 2 * dec) * cfg.d_model * context
+        4 * (cfg.n_layers + 2 * dec) * cfg.n_heads * head_dim * context
     )  # QK^T and AV, forward (PaLM, appendix B)
     bpp = bytes_per_param or next(model.parameters()).element_size()
-    head_dim = cfg.d_model // cfg.n_heads
     # keys and values per cached layer; encdec caches its decoder's self-attention and
     # cross-attention
     kv_layers = 2 * dec if cfg.arch == "encdec" else cfg.n_layers
@@ -70,6 +75,7 @@ def account(
         "kv_cache_bytes": kv_bytes,
         "context": context,
         "batch": batch,
+        "head_dim": head_dim,
     }
 
 
@@ -78,8 +84,9 @@ def format_account(a: dict, cfg) -> str:
     arch = "" if cfg.arch in ("", "decoder") else f"{cfg.arch} "
     lines = [
         f"{arch}preset {cfg.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} "
-        f"n_heads={cfg.n_heads} n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff} vocab={cfg.vocab_size} "
-        f"max_seq_len={cfg.max_seq_len}"
+        f"n_heads={cfg.n_heads} n_kv_heads={cfg.n_kv_heads} head_dim={a['head_dim']} "
+        f"d_ff={cfg.d_ff} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len} "
+        f"tie_embeddings={cfg.tie_embeddings}"
         + (f" n_decoder_layers={cfg.n_decoder_layers}" if cfg.arch == "encdec" else ""),
         "parameters by component:",
     ]
