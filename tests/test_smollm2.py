@@ -183,3 +183,19 @@ def test_serve_answers_the_openai_client_through_the_template(imported):
             model="smollm2", prompt="The capital of France is", max_tokens=3, temperature=0
         )
         assert c.choices[0].text.startswith(" Paris")
+
+
+def test_export_gives_transformers_the_original_back(imported, hf_tok, hf_model, tmp_path):
+    r = zerolm("export", imported[0], "--format", "hf", "--out", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok_back = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = _template_ids(tok_back, CONVERSATIONS[2])
+    assert prompt == _template_ids(hf_tok, CONVERSATIONS[2])
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, hf_model(x).logits)
+        # generate with each directory's own generation config: the same reply, ended alike
+        ours = back.generate(x, max_new_tokens=24, do_sample=False)
+        theirs = hf_model.generate(x, max_new_tokens=24, do_sample=False)
+    assert ours.tolist() == theirs.tolist()
