@@ -105,6 +105,16 @@ def test_completions_are_raw_text_with_the_tokenizer_s_own_specials(launch, mode
     assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
 
 
+@pytest.mark.slow
+def test_compiled_decode_of_the_imported_model_gives_the_eager_reply(launch, program_cache):
+    kw = dict(model="tiny", messages=CHAT, max_tokens=10, temperature=0)
+    eager = _client(launch(api_key=KEY, max_batch=2)).chat.completions.create(**kw)
+    srv = launch(api_key=KEY, max_batch=2, compile=True)
+    assert srv.server.scheduler.engine.compiled  # AOTInductor's step, not the eager fallback
+    compiled = _client(srv).chat.completions.create(**kw)
+    assert compiled.choices[0].message.content == eager.choices[0].message.content
+
+
 @pytest.fixture(scope="module")
 def says_im_end(source, tmp_path_factory):
     """The imported model changed to always predict <|im_end|>: every block adds nothing, every
