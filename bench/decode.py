@@ -1,5 +1,7 @@
 """Decode benchmark: batch-1 greedy generation tokens/s of llama models (≈10 M non-embedding,
-vocab 8192; ≈58 M in total, vocab 32000; max_seq_len 512), fp32, under torch.inference_mode.
+vocab 8192; ≈58 M in total, vocab 32000; max_seq_len 512; 135M: SmolLM2-135M's shape, random
+weights), fp32, under torch.inference_mode; and of any model directory given with --model-dir
+(e.g. an imported SmolLM2: `zerolm import --from hf DIR --out OUT`), on its own weights.
 
 Measured in one run on the same weights, for each thread count in --threads:
   zerolm_cached    zerolm Engine with its KV cache (temperature 0 = greedy)
@@ -12,6 +14,7 @@ Measured in one run on the same weights, for each thread count in --threads:
   hf_cached        HF transformers generate(do_sample=False, use_cache=True) on the model loaded
                    with from_pretrained from `export_hf` of the very same zerolm model
   hf_nocache       the same with use_cache=False
+`--methods` runs a subset (their figures only; the others' are null).
 tokens/s = new tokens ÷ wall time of the whole call (prefill of the prompt included); median over
 --repeats, methods interleaved within each repeat; one untimed warm-up call of each first.
 `ratio` = zerolm_cached ÷ hf_cached, `ratio_compiled` = zerolm_compiled ÷ hf_cached.
@@ -35,7 +38,7 @@ its matrix-vector products (overhead of everything else), and those products vs 
 fast the fp32 matrix-vector kernel streams weights on this CPU).
 
     .venv/bin/python bench/decode.py [--new 128] [--prompt 16] [--repeats 3] [--threads 1,2]
-        [--quick]
+        [--sizes 10M,60M,135M] [--model-dir OUT ...] [--methods zerolm_cached,...] [--quick]
 
 On a busy machine run with OMP_WAIT_POLICY=PASSIVE (see DESIGN §4); it is recorded either way.
 Prints progress to stderr and, as its last line, one JSON object.
@@ -63,7 +66,7 @@ from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.inspect.accounting import account
 from zerolm.interop.hf import export_hf
-from zerolm.model import build_model
+from zerolm.model import build_model, load_model
 from zerolm.model.attention import Attention, FusedQKVAttention
 from zerolm.model.layers import FFN, FusedGateUpFFN
 from zerolm.transforms.layout import decode_layout
@@ -71,6 +74,17 @@ from zerolm.transforms.layout import decode_layout
 SIZES = {
     "10M": dict(d_model=384, n_layers=6, n_heads=6, vocab_size=8192),
     "60M": dict(d_model=512, n_layers=8, n_heads=8, vocab_size=32000),
+    # SmolLM2-135M's shape (GQA 9/3, tied head, 30 layers): next to the imported model itself
+    "135M": dict(
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_ff=1536,
+        vocab_size=49152,
+        rope_theta=1e5,
+        tie_embeddings=True,
+    ),
 }
 METHODS = ("zerolm_cached", "zerolm_compiled", "zerolm_nocache", "hf_cached", "hf_nocache")
 
@@ -161,7 +175,12 @@ def matvec_seconds(model, repeats: int = 20) -> tuple[float, int]:
 
 def bench_size(size, args) -> dict:
     cfg = ModelConfig(preset="llama", max_seq_len=512, **SIZES[size])
-    model = build_model(cfg, seed=0).eval()
+    return bench_model(f"llama-{size}", build_model(cfg, seed=0).eval(), args)
+
+
+def bench_model(name, model, args) -> dict:
+    """The methods' tokens/s on `model` (a llama-preset decoder), for each thread count."""
+    cfg = model.cfg
     acc = account(model)
     wbytes = weight_bytes_per_token(model)
     gen = torch.Generator().manual_seed(1)
@@ -186,7 +205,7 @@ def bench_size(size, args) -> dict:
         "threads": {},
     }
     print(
-        f"llama-{size}: {acc['total']:,} parameters ({acc['non_embedding']:,} non-embedding)",
+        f"{name}: {acc['total']:,} parameters ({acc['non_embedding']:,} non-embedding)",
         file=sys.stderr,
     )
     with tempfile.TemporaryDirectory() as tmp:  # alive while HF may still map its weights from it
@@ -205,50 +224,70 @@ def bench_size(size, args) -> dict:
                 "hf_cached": partial(hf_generate, hf, use_cache=True),
                 "hf_nocache": partial(hf_generate, hf, use_cache=False),
             }
-            t0 = time.perf_counter()
-            fns["zerolm_compiled"](prompt, min(args.new, 16))  # warm-up, compiling
-            compile_s = time.perf_counter() - t0
-            for fn in fns.values():
-                fn(prompt, min(args.new, 16))  # warm-up
-            times, outs, bws = {m: [] for m in METHODS}, {}, []
-            for _ in range(args.repeats):
-                bws.append(
-                    bandwidth(args.copy_mb)
-                )  # within the repeats: it drifts with the machine's load
-                for m, fn in fns.items():
-                    t0 = time.perf_counter()
-                    outs[m] = fn(prompt, args.new)
-                    times[m].append(time.perf_counter() - t0)
-            assert all(len(o) == args.new for o in outs.values()), {
-                m: len(o) for m, o in outs.items()
-            }
-            tps = {m: round(args.new / statistics.median(t), 1) for m, t in times.items()}
-            copy_gbs, read_gbs = (statistics.median(b) for b in zip(*bws))
-            bound = copy_gbs * 1e9 / wbytes
-            mv_s, mv_bytes = matvec_seconds(model)
-            r = {
-                "threads": torch.get_num_threads(),
-                "tok_per_s": tps,
-                "ratio": round(tps["zerolm_cached"] / tps["hf_cached"], 3),
-                "ratio_compiled": round(tps["zerolm_compiled"] / tps["hf_cached"], 3),
-                "ratio_nocache": round(tps["zerolm_nocache"] / tps["hf_nocache"], 3),
-                "tokens_match": outs["zerolm_cached"] == outs["hf_cached"],
-                "compiled_tokens_match": outs["zerolm_compiled"] == outs["hf_cached"],
-                "compile_s": round(compile_s, 1),
-                "nocache_tokens_match": outs["zerolm_nocache"] == outs["zerolm_cached"],
-                "copy_gb_s": round(copy_gbs, 2),
-                "read_gb_s": round(read_gbs, 2),
-                "bound_tok_per_s": round(bound, 1),
-                "fraction_of_bound": round(tps["zerolm_cached"] / bound, 3),
-                "fraction_of_bound_compiled": round(tps["zerolm_compiled"] / bound, 3),
-                "bound_tok_per_s_read": round(read_gbs * 1e9 / wbytes, 1),
-                "matvec_tok_per_s": round(1 / mv_s, 1),
-                "matvec_gb_s": round(mv_bytes / mv_s / 1e9, 2),
-                "fraction_of_matvec": round(tps["zerolm_cached"] * mv_s, 3),
-            }
+            r = time_methods({m: f for m, f in fns.items() if m in args.methods}, prompt, args)
+            r = figures(r, model, wbytes)
             row["threads"][str(n)] = r
             print(f"  threads {n}: {json.dumps(r)}", file=sys.stderr)
     return row
+
+
+def time_methods(fns: dict, prompt: list[int], args) -> dict:
+    """Warm up, then time each method `args.repeats` times, interleaved, with a bandwidth figure
+    per repeat; the raw figures `figures` turns into the row."""
+    t0 = time.perf_counter()
+    if "zerolm_compiled" in fns:
+        fns["zerolm_compiled"](prompt, min(args.new, 16))  # warm-up, compiling
+    compile_s = time.perf_counter() - t0
+    for fn in fns.values():
+        fn(prompt, min(args.new, 16))  # warm-up
+    times, outs, bws = {m: [] for m in fns}, {}, []
+    for _ in range(args.repeats):
+        bws.append(bandwidth(args.copy_mb))  # within the repeats: it drifts with the machine's load
+        for m, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[m] = fn(prompt, args.new)
+            times[m].append(time.perf_counter() - t0)
+    assert all(len(o) == args.new for o in outs.values()), {m: len(o) for m, o in outs.items()}
+    tps = {m: round(args.new / statistics.median(t), 1) for m, t in times.items()}
+    copy_gbs, read_gbs = (statistics.median(b) for b in zip(*bws))
+    return dict(tps=tps, outs=outs, compile_s=compile_s, copy_gbs=copy_gbs, read_gbs=read_gbs)
+
+
+def figures(raw: dict, model, wbytes: int) -> dict:
+    """The reported row of one thread count; a figure of a method not run is None."""
+    tps, outs = raw["tps"], raw["outs"]
+    bound = raw["copy_gbs"] * 1e9 / wbytes
+    mv_s, mv_bytes = matvec_seconds(model)
+
+    def ratio(a, b, scale=1.0):  # tps[a] / tps[b] (b None: tps[a]), times scale
+        if a not in tps or (b is not None and b not in tps):
+            return None
+        return round(tps[a] * scale / (1.0 if b is None else tps[b]), 3)
+
+    def same(a, b):
+        return outs[a] == outs[b] if a in outs and b in outs else None
+
+    return {
+        "threads": torch.get_num_threads(),
+        "tok_per_s": tps,
+        "ratio": ratio("zerolm_cached", "hf_cached"),
+        "ratio_compiled": ratio("zerolm_compiled", "hf_cached"),
+        "ratio_nocache": ratio("zerolm_nocache", "hf_nocache"),
+        "tokens_match": same("zerolm_cached", "hf_cached"),
+        "compiled_tokens_match": same("zerolm_compiled", "hf_cached"),
+        "compiled_matches_eager": same("zerolm_compiled", "zerolm_cached"),
+        "compile_s": round(raw["compile_s"], 1),
+        "nocache_tokens_match": same("zerolm_nocache", "zerolm_cached"),
+        "copy_gb_s": round(raw["copy_gbs"], 2),
+        "read_gb_s": round(raw["read_gbs"], 2),
+        "bound_tok_per_s": round(bound, 1),
+        "fraction_of_bound": ratio("zerolm_cached", None, 1 / bound),
+        "fraction_of_bound_compiled": ratio("zerolm_compiled", None, 1 / bound),
+        "bound_tok_per_s_read": round(raw["read_gbs"] * 1e9 / wbytes, 1),
+        "matvec_tok_per_s": round(1 / mv_s, 1),
+        "matvec_gb_s": round(mv_bytes / mv_s / 1e9, 2),
+        "fraction_of_matvec": ratio("zerolm_cached", None, mv_s),
+    }
 
 
 def main():
@@ -257,7 +296,14 @@ def main():
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to run")
-    ap.add_argument("--sizes", default=",".join(SIZES))
+    ap.add_argument("--sizes", default=",".join(SIZES), help="presets to bench ('' for none)")
+    ap.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        help="also bench this zerolm model directory (repeatable), e.g. an imported SmolLM2",
+    )
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     ap.add_argument(
         "--copy-mb", type=int, default=256, help="buffer size of the bandwidth measurement"
     )
@@ -268,6 +314,9 @@ def main():
     if args.quick:
         args.new, args.repeats, args.copy_mb = 8, 1, 64
     args.threads = [int(t) for t in args.threads.split(",")]
+    args.methods = args.methods.split(",")
+    if unknown := set(args.methods) - set(METHODS):
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -292,8 +341,10 @@ def main():
         "read_gb_s = bytes / time of src.sum()",
         "models": {},
     }
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         result["models"][f"llama-{size}"] = bench_size(size, args)
+    for d in args.model_dir:  # its own weights, loaded as `zerolm generate` loads them
+        result["models"][d] = bench_model(d, load_model(d), args)
     result["machine"]["loadavg_end"] = os.getloadavg()
     print(json.dumps(result))
 

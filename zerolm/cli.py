@@ -27,6 +27,7 @@ COMMANDS = (
     "translate",
     "encoders",  # classify, embed
     "interop",  # import
+    "export",
     "inspect",
     "tokenizer",  # tokenizer train | encode | decode | extend
 )

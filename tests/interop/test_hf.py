@@ -99,14 +99,16 @@ def test_import_sharded_and_headless(tmp_path):
         assert _max_diff(import_hf(tmp_path / "gpt2")(ids), _hf_logits(gpt2, ids)) <= TOL
 
 
-def test_import_writes_zerolm_dir_with_tokenizer(tmp_path):
+def test_import_writes_zerolm_dir_with_tokenizer(tmp_path, tiny_tokenizer):
     from zerolm.model import load_model
 
     hf = _hf_model("llama")
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    tiny_tokenizer().save(tmp_path / "hf")  # checked on import: it must load
     model = import_hf(tmp_path / "hf", out_dir=tmp_path / "z")
-    assert (tmp_path / "z" / "tokenizer.json").read_text() == "{}"
+    assert (tmp_path / "z" / "tokenizer.json").read_bytes() == (
+        tmp_path / "hf" / "tokenizer.json"
+    ).read_bytes()
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "z")(ids), model(ids))

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from zerolm.commands.common import add_recipe_args, compile_arg, resolve_config, sampling_args
+from zerolm.commands.common import (
+    add_recipe_args,
+    compile_arg,
+    model_arg,
+    model_dir,
+    resolve_config,
+    sampling_args,
+)
 
 
 def main(args, extra) -> None:
@@ -12,18 +19,20 @@ def main(args, extra) -> None:
     from zerolm.tokenizer import Tokenizer
     from zerolm.transforms.layout import decode_layout
 
+    path = model_dir(args)
     sample = resolve_config(args, extra, sample={"temperature": 0.7, "max_new_tokens": 96}).sample
-    model = decode_layout(load_model(args.model))
+    model = decode_layout(load_model(path))
     repl(
         model,
-        Tokenizer.load(args.model),
+        Tokenizer.load(path),
         sampling_params(sample),
         max_new_tokens=sample.max_new_tokens,
         system=args.system,
         seed=sample.seed,
         prompt=args.prompt,
-        name=args.model,
+        name=path,
         compile=sample.compile,
+        show_prompt=args.show_prompt,
     )
 
 
@@ -35,9 +44,15 @@ def setup_arg_parser(sub) -> None:
         "conversation kept within the model window. Type /help in it for its commands. "
         "Sampling: the [sample] config keys (defaults here: temperature 0.7, 96 tokens).",
     )
-    c.add_argument("model", help="model directory (e.g. runs/speedrun/sft/model)")
+    model_arg(c, "model directory (e.g. runs/speedrun/sft/model)")
     c.add_argument("--prompt", help="one message: print the reply and exit")
     c.add_argument("--system", default="", help="system message")
+    c.add_argument(
+        "--show-prompt",
+        action="store_true",
+        help="print each prompt the chat template renders (what the model reads, its special "
+        "tokens by name) to stderr, as a JSON string",
+    )
     add_recipe_args(c)
     sampling_args(c)
     compile_arg(c)

@@ -117,3 +117,17 @@ def resolve_config(args: argparse.Namespace, extra: list[str], **defaults) -> Co
             short = merge_dicts(short, _nest(dest[len(KEY) :], value))
     overrides = merge_dicts(short, parse_overrides(extra))
     return load_config(getattr(args, "config", None), overrides, base=defaults)
+
+
+def model_arg(p: argparse.ArgumentParser, help: str = "model directory") -> None:
+    """The model directory, as a positional or as --model (the spelling `generate` takes)."""
+    p.add_argument("model", nargs="?", help=help)
+    p.add_argument("--model", dest="model_flag", metavar="DIR", help=f"{help} (or positional)")
+
+
+def model_dir(args: argparse.Namespace) -> str:
+    """The directory model_arg read; ValueError if neither or two different ones were given."""
+    given = {m for m in (args.model, args.model_flag) if m}
+    if len(given) != 1:
+        raise ValueError("give one model directory: `--model DIR` (or DIR as the first argument)")
+    return given.pop()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 import sys
 
-from zerolm.commands.common import add_recipe_args, alias, flag, resolve_config
+from zerolm.commands.common import (
+    add_recipe_args,
+    alias,
+    flag,
+    model_arg,
+    model_dir,
+    resolve_config,
+)
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
 
@@ -36,7 +43,7 @@ def main(args, extra) -> None:
         max_connections=s.max_connections,
     )
     serve(
-        args.model,
+        model_dir(args),
         host=s.host,
         port=s.port,
         api_key=api_key,
@@ -78,7 +85,7 @@ def setup_arg_parser(sub) -> None:
         description="serve a model: the OpenAI API at /v1 (chat/completions, completions, models), "
         "a web chat UI with an inspector at /, /health and /metrics.",
     )
-    sv.add_argument("model", help="model directory (e.g. runs/speedrun/sft/model)")
+    model_arg(sv, "model directory (e.g. runs/speedrun/sft/model, or an imported one)")
     add_recipe_args(sv)
     for name, tp, help in _FLAGS:
         alias(sv, name, key="serve." + name[2:].replace("-", "_"), type=tp, help=help)

@@ -1,12 +1,14 @@
 """Chat on top of the engine: messages in, assistant text out (the text edge of generation).
 
-The prompt is the chat template's generation prompt (zerolm/tokenizer/chat.py); a reply ends at
-the model's <|end|> (or <|eos|>), which is not part of the returned text.
+The prompt is the chat template's generation prompt (zerolm/tokenizer/chat.py): zerolm's own, or
+an imported model's Jinja template; a reply ends at the tokenizer's stop ids (the template's end
+of turn, every eos), which are not part of the returned text.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -103,8 +105,10 @@ class ChatSession:
         max_new_tokens: int,
         system: str,
         seed: int | None,
+        show_prompt: bool = False,
     ):
         self.engine, self.tok, self.sampling, self.seed = engine, tok, sampling, seed
+        self.show_prompt = show_prompt
         self.window = engine.model.cfg.max_seq_len
         # at most half the window: room for the conversation
         self.max_new = max(1, min(max_new_tokens, self.window // 2))
@@ -118,6 +122,10 @@ class ChatSession:
         kept = fit_history(self.tok, self.sys_msgs + history, self.window - self.max_new)
         self.history = kept[len(self.sys_msgs) :]
         req = chat_request(self.tok, self.max_new, self.sampling, self.seed)
+        if self.show_prompt:
+            ids = prompt_ids(self.tok, self.sys_msgs + self.history)
+            text = json.dumps(self.tok.decode(ids), ensure_ascii=False)
+            print(f"prompt ({len(ids)} tokens): {text}", file=sys.stderr)
         reply = ""
         for piece in stream_reply(self.engine, self.tok, self.sys_msgs + self.history, req):
             sys.stdout.write(piece)
@@ -162,11 +170,12 @@ def repl(
     prompt: str | None = None,
     name: str = "model",
     compile: bool = False,
+    show_prompt: bool = False,
 ) -> None:
     """`zerolm chat`: read messages from stdin, stream replies to stdout, keep the conversation
     within the window; slash commands change the session (CHAT_HELP). prompt: answer once, exit."""
     engine = Engine(model, compile=compile)
-    session = ChatSession(engine, tok, sampling, max_new_tokens, system, seed)
+    session = ChatSession(engine, tok, sampling, max_new_tokens, system, seed, show_prompt)
     if prompt is not None:
         return session.answer(prompt)
     say = partial(print, file=sys.stderr)

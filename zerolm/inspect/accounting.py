@@ -72,6 +72,7 @@ def account(
         "kv_cache_bytes": kv_bytes,
         "context": context,
         "batch": batch,
+        "head_dim": head_dim,
     }
 
 
@@ -80,8 +81,9 @@ def format_account(a: dict, cfg) -> str:
     arch = "" if cfg.arch in ("", "decoder") else f"{cfg.arch} "
     lines = [
         f"{arch}preset {cfg.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} "
-        f"n_heads={cfg.n_heads} n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff} vocab={cfg.vocab_size} "
-        f"max_seq_len={cfg.max_seq_len}"
+        f"n_heads={cfg.n_heads} n_kv_heads={cfg.n_kv_heads} head_dim={a['head_dim']} "
+        f"d_ff={cfg.d_ff} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len} "
+        f"tie_embeddings={cfg.tie_embeddings}"
         + (f" n_decoder_layers={cfg.n_decoder_layers}" if cfg.arch == "encdec" else ""),
         "parameters by component:",
     ]

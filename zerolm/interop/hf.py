@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from zerolm.interop.hf_checkpoint import _read_weights, build_imported, write_hf_dir
+from zerolm.interop.hf_checkpoint import (
+    _read_weights,
+    build_imported,
+    generation_config,
+    role_ids,
+    write_hf_dir,
+)
 from zerolm.interop.hf_decoder import (
     FROM_HF,
     KEY_FAMILY,
@@ -93,13 +99,5 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
         raise ValueError(f"cannot export this {cfg.preset!r} model as HF {arch}: {'; '.join(bad)}")
     config = TO_HF[arch](cfg)
     state = _to_hf_state(arch, model, config)
-    ids = (
-        dict(
-            pad_token_id=tokenizer.pad_id,
-            bos_token_id=tokenizer.bos_id,
-            eos_token_id=tokenizer.eos_id,
-        )
-        if tokenizer is not None
-        else dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    )
-    return write_hf_dir(out_dir, state, {**config, **ids}, tokenizer)
+    ids, gen = role_ids(tokenizer), generation_config(tokenizer)  # the tokenizer's roles
+    return write_hf_dir(out_dir, state, {**config, **ids}, tokenizer, gen)

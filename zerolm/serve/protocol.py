@@ -201,6 +201,19 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "zerolm"
     max_model_len: int
+    special_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="zerolm extension: the tokenizer's special tokens by role (bos, eos, pad, unk, "
+        "turn_end), as the model spells them",
+    )
+    stop_tokens: list[str] = Field(
+        default_factory=list, description="zerolm extension: the tokens that end a chat reply"
+    )
+    chat_template: Literal["model", "zerolm"] | None = Field(
+        None,
+        description="zerolm extension: the chat template chat completions render with: the "
+        "model's own (an imported model's Jinja template), zerolm's, or none",
+    )
 
 
 class ModelList(BaseModel):

@@ -67,7 +67,15 @@ async def metrics(server: ServerDep):  # no return annotation: it would become a
 
 @router.get("/v1/models", response_model=P.ModelList)
 async def models(server: ServerDep) -> P.ModelList:
-    card = P.ModelCard(id=server.name, created=server.created, max_model_len=server.window)
+    tok = server.tok
+    card = P.ModelCard(
+        id=server.name,
+        created=server.created,
+        max_model_len=server.window,
+        special_tokens=tok.special_tokens(),
+        stop_tokens=[tok.token_str(i) for i in server.chat_stops],
+        chat_template="zerolm" if tok.layout == "zerolm" else "model" if tok.template else None,
+    )
     return P.ModelList(data=[card])
 
 

@@ -29,7 +29,7 @@ from zerolm.serve.limits import (
 )
 from zerolm.serve.scheduler import Scheduler
 from zerolm.tokenizer import Tokenizer
-from zerolm.tokenizer.chat import prompt_ids, render
+from zerolm.tokenizer.chat import conversation_ids
 from zerolm.transforms.layout import decode_layout
 
 
@@ -108,7 +108,7 @@ class Server:
             )
         check_text([m["content"] for m in messages], "messages", self.max_text_bytes)
         try:
-            return prompt_ids(self.tok, messages) if generation else render(self.tok, messages)[0]
+            return conversation_ids(self.tok, messages, add_generation_prompt=generation)
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from e
 
