@@ -18,9 +18,8 @@ from zerolm.tokenizer.extend import (
     choose_tokens,
     extend_tokenizer,
     han_counts,
-    split_corpus,
 )
-from zerolm.transforms.resize import resize_vocab
+from zerolm.transforms.resize import resize_vocab, split_corpus
 
 transformers = pytest.importorskip("transformers")
 
@@ -212,7 +211,7 @@ def test_cli_extend_bad_input_leaves_nothing(
 
 @pytest.mark.slow
 def test_real_smollm2_extended_keeps_english_logits(smollm2_hf, tang, english, tmp_path):
-    from zerolm.tokenizer.extend import extend_model
+    from zerolm.transforms.resize import extend_model
 
     base_dir, out = tmp_path / "smol", tmp_path / "smol-zh"
     base_model = import_hf(smollm2_hf, base_dir)

@@ -72,14 +72,8 @@ def cmd_tok_extend(args, extra):
     import time
 
     from zerolm.tokenizer import Tokenizer
-    from zerolm.tokenizer.extend import (
-        check_extendable,
-        choose_tokens,
-        compare,
-        extend_model,
-        han_counts,
-        split_corpus,
-    )
+    from zerolm.tokenizer.extend import check_extendable, choose_tokens, compare, han_counts
+    from zerolm.transforms.resize import extend_model, split_corpus
 
     start = time.perf_counter()
     base = Tokenizer.load(args.model)

@@ -24,16 +24,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from zerolm.config import DataConfig
-from zerolm.data.sources import CORPORA, iter_docs
-from zerolm.data.split import split_key
-from zerolm.files import atomic_dir, writing_into
-from zerolm.model import load_model, save_model
 from zerolm.tokenizer.report import compression_report
 from zerolm.tokenizer.tokenizer import Tokenizer, _byte_level_alphabet
-from zerolm.transforms.resize import resize_vocab
-
-VAL_FRACTION = 0.05  # held out by document hash, as `zerolm prepare` holds out by default
 
 # Runs of Han characters: CJK Unified Ideographs, Extension A, compatibility, Extensions B-H.
 HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+")
@@ -194,35 +186,6 @@ def extend_tokenizer(tok: Tokenizer, tokens: list[str], source: str | Path) -> E
 def _byte_level(text: str) -> str:
     table = _byte_level_alphabet()
     return "".join(table[b] for b in text.encode("utf-8"))
-
-
-def split_corpus(path: str) -> tuple[list[str], list[str]]:
-    """(train, held-out) texts of a bundled corpus name or a file/directory, split by document
-    hash as `zerolm prepare` splits (its validation documents are never counted here)."""
-    cfg = DataConfig(corpus=(path,)) if path in CORPORA else DataConfig(inputs=(path,))
-    train: list[str] = []
-    held: list[str] = []
-    for doc in iter_docs(cfg):
-        (held if split_key(doc.text) < VAL_FRACTION else train).append(doc.text)
-    return train, held
-
-
-def extend_model(model_dir: str | Path, out_dir: str | Path, tokens: list[str]) -> Extension:
-    """Write `model_dir` extended by `tokens` to `out_dir` (a new directory, written atomically):
-    the extended tokenizer's files, and the model with tok_emb / lm_head resized (new rows at the
-    mean row). Every check runs before anything is written."""
-    src, out = Path(model_dir), Path(out_dir)
-    if out.exists() and (out.resolve() == src.resolve() or any(out.iterdir())):
-        raise ValueError(
-            f"--out {out} already exists: choose a new directory for the extended model"
-        )
-    tok = Tokenizer.load(src)
-    ext = extend_tokenizer(tok, tokens, src)
-    model = load_model(src)
-    resize_vocab(model, max(ext.tokenizer.vocab_size, model.cfg.vocab_size), start=tok.vocab_size)
-    with writing_into(out.parent, "the extended model"), atomic_dir(out) as tmp:
-        save_model(model, tmp, ext.tokenizer)
-    return ext
 
 
 def compare(before: Tokenizer, after: Tokenizer, docs: list[str]) -> dict:

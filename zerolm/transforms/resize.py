@@ -1,6 +1,8 @@
 """Growing a decoder's vocabulary (after `zerolm tokenizer extend`): the token embedding and an
 untied LM head get new rows at the mean of the existing ones, so old tokens' logits are unchanged
 on text without new tokens, and a new token starts as an "average" token rather than noise.
+`extend_model` extends a model directory's tokenizer (zerolm/tokenizer/extend.py) and resizes its
+model together.
 
 Legend: V old vocabulary, N new vocabulary, D d_model.
 """
@@ -8,11 +10,20 @@ Legend: V old vocabulary, N new vocabulary, D d_model.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from zerolm.model import Transformer
+from zerolm.config import DataConfig
+from zerolm.data.sources import CORPORA, iter_docs
+from zerolm.data.split import split_key
+from zerolm.files import atomic_dir, writing_into
+from zerolm.model import Transformer, load_model, save_model
+from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer.extend import Extension, extend_tokenizer
+
+VAL_FRACTION = 0.05  # held out by document hash, as `zerolm prepare` holds out by default
 
 
 def _grown(weight: torch.Tensor, new_size: int, start: int) -> torch.Tensor:  # (V, D) -> (N, D)
@@ -55,3 +66,32 @@ def resize_vocab(model: Transformer, new_size: int, start: int | None = None) ->
             model.lm_head = head
     model.cfg = dataclasses.replace(model.cfg, vocab_size=new_size)
     return model
+
+
+def split_corpus(path: str) -> tuple[list[str], list[str]]:
+    """(train, held-out) texts of a bundled corpus name or a file/directory, split by document
+    hash as `zerolm prepare` splits (its validation documents are never counted here)."""
+    cfg = DataConfig(corpus=(path,)) if path in CORPORA else DataConfig(inputs=(path,))
+    train: list[str] = []
+    held: list[str] = []
+    for doc in iter_docs(cfg):
+        (held if split_key(doc.text) < VAL_FRACTION else train).append(doc.text)
+    return train, held
+
+
+def extend_model(model_dir: str | Path, out_dir: str | Path, tokens: list[str]) -> Extension:
+    """Write `model_dir` extended by `tokens` to `out_dir` (a new directory, written atomically):
+    the extended tokenizer's files, and the model with tok_emb / lm_head resized (new rows at the
+    mean row). Every check runs before anything is written."""
+    src, out = Path(model_dir), Path(out_dir)
+    if out.exists() and (out.resolve() == src.resolve() or any(out.iterdir())):
+        raise ValueError(
+            f"--out {out} already exists: choose a new directory for the extended model"
+        )
+    tok = Tokenizer.load(src)
+    ext = extend_tokenizer(tok, tokens, src)
+    model = load_model(src)
+    resize_vocab(model, max(ext.tokenizer.vocab_size, model.cfg.vocab_size), start=tok.vocab_size)
+    with writing_into(out.parent, "the extended model"), atomic_dir(out) as tmp:
+        save_model(model, tmp, ext.tokenizer)
+    return ext
