@@ -10,6 +10,7 @@ import json
 import logging
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -161,6 +162,9 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
     model, lora = load_trainable(cfg, base)
     open_out(cfg)
     bs = cfg.train.batch_size
+    before = sft_eval(cast(LanguageModel, model), val_ex, bs, seq_len) if val_ex else {}
+    if before:  # the base model on the same held-out turns: what the fine-tuning is measured by
+        log.info("held-out SFT loss (assistant tokens) before training: %.4f", before["val_loss"])
     stage = Stage(
         model,
         batches,
@@ -173,10 +177,15 @@ def sft(cfg: Config, progress: bool = True) -> StageResult:
         samples=_sampler(tok, [c for _, c in val_c], cfg.seed),
         flops_per_token=account(model)["train_flops_per_token"],
         fingerprint=stage_fingerprint(cfg, tok, ("sft", "lora", "poems")),
-        info={"lora": lora, "data": counts},
+        info={"lora": lora, "data": counts, "before": before},
     )
     result = run(cfg, stage, progress)
-    log.info("final held-out SFT loss (assistant tokens): %s", result.final.get("val_loss"))
+    after = result.final.get("val_loss")
+    log.info(
+        "final held-out SFT loss (assistant tokens): %s (before training: %s)",
+        after,
+        before.get("val_loss"),
+    )
     return result
 
 

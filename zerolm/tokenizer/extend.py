@@ -24,8 +24,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from zerolm.tokenizer.pieces import byte_level_alphabet
 from zerolm.tokenizer.report import compression_report
-from zerolm.tokenizer.tokenizer import Tokenizer, _byte_level_alphabet
+from zerolm.tokenizer.tokenizer import Tokenizer
 
 # Runs of Han characters: CJK Unified Ideographs, Extension A, compatibility, Extensions B-H.
 HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+")
@@ -184,7 +185,7 @@ def extend_tokenizer(tok: Tokenizer, tokens: list[str], source: str | Path) -> E
 
 
 def _byte_level(text: str) -> str:
-    table = _byte_level_alphabet()
+    table = byte_level_alphabet()
     return "".join(table[b] for b in text.encode("utf-8"))
 
 

@@ -30,6 +30,7 @@ from zerolm.tokenizer.hf_files import (
     read_roles,
     read_template,
 )
+from zerolm.tokenizer.pieces import kind_of, token_bytes_of
 from zerolm.tokenizer.specials import (
     BERT_SPECIALS,
     BOS,
@@ -278,26 +279,7 @@ class Tokenizer:
         """The UTF-8 bytes each token id stands for (b"" for special tokens): a token may be part
         of a character (byte-level BPE, byte fallback), so bytes, not text, are exact. An added
         non-special token ("<think>", a word added by `tokenizer extend`) is its own text."""
-        kind, byte_tokens = self.kind, {t: i for i, t in enumerate(BYTE_TOKENS)}
-        unicode_to_byte = {c: b for b, c in _byte_level_alphabet().items()}
-        out = [b""] * self.vocab_size
-        specials, added = self.special_ids, self.hf.get_added_tokens_decoder()
-        for tok, i in self.hf.get_vocab(with_added_tokens=True).items():
-            if i in specials:
-                continue
-            if i in added:
-                out[i] = added[i].content.encode("utf-8")
-            elif kind == "bpe":  # byte-level alphabet: one character per byte
-                out[i] = bytes(unicode_to_byte[c] for c in tok)
-            elif tok in byte_tokens and kind in ("char", "spm"):  # byte fallback <0xNN>
-                out[i] = bytes([byte_tokens[tok]])
-            elif kind == "spm":  # SentencePiece: "▁" is a space
-                out[i] = tok.replace("\u2581", " ").encode("utf-8")
-            elif kind == "wordpiece":  # continuation pieces carry a '##' prefix
-                out[i] = tok.removeprefix("##").encode("utf-8")
-            else:
-                out[i] = tok.encode("utf-8")
-        return out
+        return token_bytes_of(self.hf, self.kind, self.special_ids)
 
     def token_byte_lengths(self):
         """(V,) int64 numpy array: UTF-8 bytes each token stands for (0 for special tokens), so
@@ -317,16 +299,7 @@ class Tokenizer:
         """wordpiece; bpe (byte-level: GPT-2's byte alphabet); spm (SentencePiece style: "▁" for
         space, <0xNN> byte fallback, BPE or Unigram: Llama 2, Mistral v1, Phi-3); char (zerolm's
         byte-fallback BPE over characters, no "▁"; any other vocabulary of plain text pieces)."""
-        spec = json.loads(self.hf.to_str())
-        if spec["model"]["type"] == "WordPiece":
-            return "wordpiece"
-        parts = [spec.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")]
-        types = {t for p in parts for t in _types(p)}
-        if "ByteLevel" in types:
-            return "bpe"
-        if "Metaspace" in types or "\u2581" in json.dumps(parts, ensure_ascii=False):
-            return "spm"
-        return "char"
+        return kind_of(json.loads(self.hf.to_str()))
 
     @cached_property
     def sha256(self) -> str:
@@ -409,32 +382,3 @@ def check_tokenizers(policy_dir: str | Path, other_dir: str | Path, role: str) -
             f"(vocab {b.vocab_size} vs {a.vocab_size}; sha256 {b.sha256[:12]} vs {a.sha256[:12]}): "
             f"use a {role} fine-tuned from the same base model"
         )
-
-
-def _types(part) -> Iterator[str]:
-    """Every component "type" in a tokenizer.json part (normalizer, pre_tokenizer, decoder),
-    through Sequence nesting."""
-    if isinstance(part, dict):
-        if isinstance(part.get("type"), str):
-            yield part["type"]
-        for value in part.values():
-            yield from _types(value)
-    elif isinstance(part, list):
-        for value in part:
-            yield from _types(value)
-
-
-def _byte_level_alphabet() -> dict[int, str]:
-    """byte -> character of the byte-level BPE alphabet (GPT-2's): printable Latin-1 bytes map to
-    themselves, the other 68 to code points from 256 on, in byte order."""
-    keep = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
