@@ -1,6 +1,6 @@
-"""`zerolm serve` on an imported open model (a tiny random-init transformers LLaMA with SmolLM2's
-byte-level BPE tokenizer and ChatML template): chat through the model's own template, raw
-completions, streaming, the model's stop ids, and the web UI showing its special tokens."""
+"""`zerolm serve` on an imported open model (a tiny random-init transformers LLaMA or Qwen2 with
+SmolLM2's byte-level BPE tokenizer and ChatML template): chat through the model's own template,
+raw completions, streaming, the model's stop ids, and the web UI showing its special tokens."""
 
 import shutil
 
@@ -26,9 +26,9 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def source(hf_decoder):
-    return hf_decoder("llama")
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def source(hf_decoder, request):
+    return hf_decoder(request.param)
 
 
 @pytest.fixture(scope="module")
