@@ -120,6 +120,7 @@ def test_a_failed_import_leaves_no_output(hf_decoder, tmp_path, capsys):
     hf_config = json.loads((src / "config.json").read_text())
     hf_config.pop("eos_token_id", None)
     (src / "config.json").write_text(json.dumps(hf_config))
+    capsys.readouterr()  # what building the fixture printed (transformers' progress bars)
     assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no eos token" in err

@@ -26,9 +26,15 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module")
 def source(hf_decoder, request):
     return hf_decoder(request.param)
+
+
+# the HTTP, template and stop paths per architecture; the compiled and browser paths are the
+# same code whatever the architecture, so they run on llama only (each costs ~20 s)
+BOTH = pytest.mark.parametrize("source", ["llama", "qwen2"], indirect=True)
+LLAMA = pytest.mark.parametrize("source", ["llama"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +62,7 @@ def _greedy(model_dir, ids: list[int], n: int, stops=()) -> list[int]:
     return Engine(load_model(model_dir)).generate([ids], req)[0]
 
 
+@BOTH
 def test_models_card_lists_the_model_s_own_special_tokens(launch, model_dir):
     card = _client(launch(api_key=KEY)).models.list().data[0]
     extra = card.model_extra or {}
@@ -70,6 +77,7 @@ def test_models_card_lists_the_model_s_own_special_tokens(launch, model_dir):
     assert card.max_model_len == 256  # the HF config's max_position_embeddings
 
 
+@BOTH
 def test_chat_renders_the_model_s_template_and_streams_the_same_text(launch, model_dir, hf_tok):
     srv = launch(api_key=KEY)
     tok = Tokenizer.load(model_dir)
@@ -89,6 +97,7 @@ def test_chat_renders_the_model_s_template_and_streams_the_same_text(launch, mod
     assert streamed == full.choices[0].message.content  # whole characters, byte-level BPE
 
 
+@BOTH
 def test_completions_are_raw_text_with_the_tokenizer_s_own_specials(launch, model_dir, hf_tok):
     srv = launch(api_key=KEY)
     tok = Tokenizer.load(model_dir)
@@ -105,6 +114,7 @@ def test_completions_are_raw_text_with_the_tokenizer_s_own_specials(launch, mode
     assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
 
 
+@LLAMA
 @pytest.mark.slow
 def test_compiled_decode_of_the_imported_model_gives_the_eager_reply(launch, program_cache):
     kw = dict(model="tiny", messages=CHAT, max_tokens=10, temperature=0)
@@ -133,6 +143,7 @@ def says_im_end(source, tmp_path_factory):
     return out
 
 
+@LLAMA
 class TestStopIds:
     @pytest.fixture
     def model_dir(self, says_im_end):  # `launch` serves this one in the class
@@ -149,6 +160,7 @@ class TestStopIds:
         assert c.choices[0].finish_reason == "stop" and c.choices[0].text == ""
 
 
+@LLAMA
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium: bash scripts/setup.sh test installs it")
