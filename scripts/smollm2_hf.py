@@ -34,7 +34,12 @@ def build(out_dir: str | Path) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise SystemExit(f"{e.name} is not installed: run `bash scripts/setup.sh test`") from None
 
     out, src = Path(out_dir), gguf_dir()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
