@@ -109,7 +109,7 @@ def llama_cpp_models():
     return models
 
 
-# llama.cpp built from that sdist by scripts/build_llama_cpp.sh (tests using `llama_cpp` get its mark)
+# llama.cpp built by scripts/build_llama_cpp.sh (a test using `llama_cpp` gets its mark)
 LLAMA_CPP_BIN = Path(os.environ.get("LLAMA_CPP_BIN") or TEST_CACHE / "llama.cpp-0.3.36" / "bin")
 
 
