@@ -226,21 +226,24 @@ def test_smollm2_chatml(smollm2_hf):
     found = assert_ollama_renders_the_chat_template(tok)
     assert found["SYSTEM"] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert found["TEMPLATE"].count("<|im_start|>") == 5  # default system, 3 roles, generation
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "ollama.md").read_text(encoding="utf-8")
+    assert f"```\n{modelfile(tok, 'model.gguf')}```" in docs  # the page shows the real output
 
 
 # the fixtures modelfile() writes, and the ones it refuses with why (docs/ollama.md lists them)
 EXPRESSED = [
     "Qwen-Qwen2.5-7B-Instruct",
-    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
-    "deepseek-ai-DeepSeek-V3.1",
     "ibm-granite-granite-4.0",
     "microsoft-Phi-3.5-mini-instruct",
 ]
+NOT_THE_SUM = "is not the sum of its messages' parts"
 REFUSED = {
-    "HuggingFaceTB-SmolLM3-3B": "(system, user) is not the sum of its messages' parts",
+    "HuggingFaceTB-SmolLM3-3B": f"(system, user) {NOT_THE_SUM}",  # rewrites the system message
     "Mistral-Small-3.2-24B-Instruct-2506": "today's date",
-    "Qwen-QwQ-32B": "is not the sum of its messages' parts",
-    "Qwen-Qwen3-0.6B": "(user, assistant, user) is not the sum",
+    "Qwen-QwQ-32B": NOT_THE_SUM,  # lstrips replies, cuts out their reasoning
+    "Qwen-Qwen3-0.6B": f"(user, assistant, user) {NOT_THE_SUM}",
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": f"(user, assistant, user, assistant) {NOT_THE_SUM}",
+    "deepseek-ai-DeepSeek-V3.1": f"(user, assistant, user, assistant) {NOT_THE_SUM}",
     "ibm-granite-granite-3.3-2B-Instruct": "today's date",
     "mistralai-Mistral-Nemo-Instruct-2407": "a user turn is written differently",
 }

@@ -32,9 +32,15 @@ DOCS = "https://github.com/ollama/ollama/blob/main/docs/template.md"
 ROLES = ("system", "user", "assistant")
 Render = Callable[[Sequence[dict], bool], str]
 
-# what the decomposition is checked on: edge whitespace and newlines catch `| trim`, CJK catches
-# byte-level surprises; every role in first, middle and last position
-_TEXTS = [" Hi there,\n  friend. ", "写一首诗", "\nSure:\n\n1. one\n2. two\n", "ok", "\tWhy? "]
+# what the decomposition is checked on: edge whitespace and newlines catch `| trim`, a reply's
+# <think> catches templates that cut reasoning out; every role first, in the middle and last
+_TEXTS = [
+    " Hi there,\n  friend. ",
+    "写一首诗",
+    "\nSure:\n\n1. one\n2. two\n",
+    "<think>\nA plan.\n</think>\n\nok",  # a reply with its reasoning, as Ollama sends it back
+    "\tWhy? ",
+]
 _SHAPES = ["u", "su", "ua", "uau", "sua", "suauau", "uaua"]
 
 
@@ -197,7 +203,10 @@ def template_parts(tok: Tokenizer) -> Parts:
             messages = _conversation(shape, _TEXTS)
             if parts.render(messages) != render(messages, messages[-1]["role"] != "assistant"):
                 roles = ", ".join(m["role"] for m in messages)
-                raise _Mismatch(f"the conversation ({roles}) is not the sum of its messages' parts")
+                raise _Mismatch(
+                    f"the conversation ({roles}) is not the sum of its messages' parts (the "
+                    "template trims, moves or rewrites content, or writes a turn by its position)"
+                )
     except _Mismatch as e:
         raise refuse(str(e)) from None
     except (ValueError, jinja2.TemplateError) as e:
