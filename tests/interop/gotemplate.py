@@ -150,18 +150,22 @@ def _parse_range(items, k: int, tokens):
         _no_args(rest, "else")
         other, (_, rest, k) = _parse_list(items, k, ("end",))
     _no_args(rest, "end")
-    names: list[str] = []
-    if any(t[1] == ":=" for t in tokens):
-        while tokens[0][0] == "var" and "." not in tokens[0][1]:
-            names.append(tokens[0][1])
-            if tokens[1][1] == ",":
-                tokens = tokens[2:]
-                continue
-            if tokens[1][1] != ":=" or len(names) > 2:
-                raise GoTemplateError("range takes $v := or $i, $v :=")
-            tokens = tokens[2:]
-            break
+    names, tokens = _range_variables(tokens)
     return ("range", names, _condition(tokens, "range"), body, other), k
+
+
+def _range_variables(tokens) -> tuple[list[str], list]:
+    """($v or $i, $v names, the pipeline's tokens) of `range [$i, ]$v := pipeline`."""
+    at = next((i for i, t in enumerate(tokens) if t[1] == ":="), None)
+    if at is None:
+        return [], tokens
+    head = tokens[:at]
+    names = [t[1] for t in head[::2]]
+    if len(head) not in (1, 3) or any(t[1] != "," for t in head[1::2]):
+        raise GoTemplateError("range declares $v := or $i, $v :=")
+    if any(t[0] != "var" or "." in t[1] for t in head[::2]):
+        raise GoTemplateError(f"range cannot declare {' '.join(t[1] for t in head)}")
+    return names, tokens[at + 1 :]
 
 
 def _condition(tokens, word: str):

@@ -14,6 +14,8 @@ import pytest
 
 # tests/interop is on sys.path (pytest's default "prepend" import mode, no __init__.py here)
 from gotemplate import GoTemplateError, render
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.processors import TemplateProcessing
 
 from zerolm.interop.ollama import DOCS, added_prefix, chat_renderer, modelfile
 from zerolm.tokenizer import Tokenizer
@@ -201,9 +203,10 @@ def assert_ollama_renders_the_chat_template(tok: Tokenizer) -> dict:
         tok.token_str(i) for i in tok.stop_ids
     ]
     jinja, _ = chat_renderer(tok)
+    added = added_prefix(tok)  # llama.cpp and Ollama put it before the TEMPLATE's text
     for messages in CONVERSATIONS.values():
         generation = messages[-1]["role"] != "assistant"
-        want = jinja(messages, generation)
+        want = jinja(messages, generation).removeprefix(added)
         for system in (None, found.get("SYSTEM")):
             assert render(found["TEMPLATE"], ollama_data(messages, system)) == want
     return found
@@ -275,13 +278,16 @@ CHATML = (
 )
 
 
+PLAIN_CHATML = CHATML.replace("CONTENT", "m['content']")
+
+
 def test_a_template_that_trims_content_is_refused(smollm2_hf, tmp_path):
     tok = tokenizer_with(
         smollm2_hf, tmp_path / "t", CHATML.replace("CONTENT", "m['content'] | trim")
     )
     with pytest.raises(ValueError, match="renders differently|not the sum"):
         modelfile(tok, "model.gguf")
-    plain = tokenizer_with(smollm2_hf, tmp_path / "p", CHATML.replace("CONTENT", "m['content']"))
+    plain = tokenizer_with(smollm2_hf, tmp_path / "p", PLAIN_CHATML)
     assert_ollama_renders_the_chat_template(plain)
 
 
@@ -305,3 +311,19 @@ def test_bad_inputs_are_one_line_errors(smollm2_hf, tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="has no chat template") as e:
         modelfile(Tokenizer.load(out), "model.gguf")
     assert "\n" not in str(e.value)
+
+
+def test_a_bos_the_tokenizer_adds_itself_is_left_to_ollama(smollm2_hf, tmp_path):
+    """A tokenizer that puts bos before every text makes llama.cpp (and so Ollama) add it to
+    every prompt: the TEMPLATE must not write it again, though the chat template does."""
+    tok = tokenizer_with(smollm2_hf, tmp_path / "bos", "{{ bos_token }}" + PLAIN_CHATML)
+    bos = tok.token_names["bos_token"]
+    hf = HFTokenizer.from_file(str(tmp_path / "bos" / "tokenizer.json"))
+    hf.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.bos_id)])
+    hf.save(str(tmp_path / "bos" / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path / "bos")
+    assert added_prefix(tok) == bos
+    found = assert_ollama_renders_the_chat_template(tok)
+    messages = CONVERSATIONS["user only"]
+    assert chat_renderer(tok)[0](messages, True).startswith(bos + "<|im_start|>user")
+    assert render(found["TEMPLATE"], ollama_data(messages)).startswith("<|im_start|>user")

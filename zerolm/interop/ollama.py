@@ -131,7 +131,7 @@ def modelfile(tok: Tokenizer, gguf_name: str) -> str:
         raise ValueError(f"{gguf_name!r} is not a file name: give the GGUF's name, like model.gguf")
     parts = template_parts(tok)
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{parts.go()}"""']
-    if parts.system is not None and _modelfile_safe(parts.system):
+    if parts.system and _modelfile_safe(parts.system):
         lines.append(f'SYSTEM """{parts.system}"""')
     for i in tok.stop_ids:
         stop = tok.token_str(i)
