@@ -1,0 +1,178 @@
+"""`import_gguf` against transformers' GGUF loader on the same files: the real SmolLM2 Q4_1 file,
+tiny random llama / qwen2 / qwen3 / gpt2 models converted by llama.cpp's own convert_hf_to_gguf.py
+(the reference for llama's Q/K permutation), every tensor type the `gguf` package can quantize, and
+the K-quants made by llama-quantize."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+from zerolm.interop.gguf_import import import_gguf
+from zerolm.interop.hf import import_hf
+from zerolm.interop.hf_decoder import TO_HF, _to_hf_state
+
+pytestmark = pytest.mark.slow  # transformers loads, converter subprocesses
+transformers = pytest.importorskip("transformers")
+TEST_CACHE = Path(os.environ.get("ZEROLM_TEST_CACHE", Path.home() / ".cache" / "zerolm-test"))
+LLAMA_CPP_SRC = TEST_CACHE / "llama.cpp-0.3.36" / "src"  # next to bin/ (scripts/build_llama_cpp.sh)
+TEXTS = ["The capital of France is", "床前明月光，疑是地上霜。", "def f(x):\n    return x * 2"]
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2")
+
+
+def hf_gguf(path: Path):
+    """transformers' own GGUF reader on the file: the independent reference."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+
+
+def max_logit_diff(model, ref, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(ids) - ref(ids).logits).abs().max())
+
+
+def random_ids(vocab: int, n: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+# Runs llama.cpp's converter on a tiny HF model with SmolLM2's tokenizer. Two things it needs that
+# are beside the point here: the sentencepiece module (imported even for BPE vocabularies) and a
+# known hash of the tokenizer (ours is transformers' rebuild of SmolLM2's): it is told "smollm".
+DRIVER = """import runpy, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "smollm"
+script, sys.argv = sys.argv[1] + "/convert_hf_to_gguf.py", sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def convert(tmp_path_factory):
+    """convert(hf_dir, name) -> llama.cpp's convert_hf_to_gguf.py output (f32) for hf_dir."""
+    if not (LLAMA_CPP_SRC / "convert_hf_to_gguf.py").is_file():
+        pytest.skip(f"no llama.cpp source at {LLAMA_CPP_SRC}: `bash scripts/build_llama_cpp.sh`")
+    stub = tmp_path_factory.mktemp("stub")
+    (stub / "sentencepiece.py").write_text("class SentencePieceProcessor: ...\n")
+    (stub / "driver.py").write_text(DRIVER)
+    made: dict = {}
+
+    def run(hf_dir: Path, name: str) -> Path:
+        if name not in made:
+            out = tmp_path_factory.mktemp("gguf") / f"{name}.gguf"
+            env = {**os.environ, "PYTHONPATH": str(stub)}
+            cmd = [sys.executable, stub / "driver.py", LLAMA_CPP_SRC, hf_dir, "--outtype", "f32"]
+            cmd += ["--outfile", out]
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-2000:]
+            made[name] = out
+        return made[name]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(hf_decoder, convert):
+    """A tiny random HF llama (rows of 256: every block size fits) and its converted GGUF."""
+    hf_dir = hf_decoder("llama", hidden_size=256, intermediate_size=512, tie_word_embeddings=False)
+    return hf_dir, convert(hf_dir, "llama")
+
+
+def requantize(src: Path, dst: Path, qtype: Q) -> Path:
+    """src's metadata and tensors, its matrices quantized to qtype by the gguf package."""
+    reader = GGUFReader(src)
+    meta = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    writer = GGUFWriter(dst, arch=meta.pop("general.architecture").contents())
+    for key, f in meta.items():
+        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub)
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+        if w.ndim == 2 and qtype != Q.F32:
+            writer.add_tensor(t.name, quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def assert_matches_transformers(path: Path, arch: str, tol: float = 1e-4) -> float:
+    """zerolm's import equals transformers' dequantised weights, and its logits are within tol."""
+    model, ref = import_gguf(path), hf_gguf(path)
+    cfg = model.cfg
+    mine = _to_hf_state(arch, model, TO_HF[arch](cfg))
+    theirs = {k: v for k, v in ref.state_dict().items() if k in mine}
+    assert set(mine) - {"lm_head.weight"} <= set(theirs)
+    for k, v in theirs.items():
+        assert torch.equal(mine[k], v), k
+    diff = max_logit_diff(model, ref, random_ids(cfg.vocab_size))
+    print(f"{path.name}: max |logit diff| vs transformers {diff:.2e}")
+    assert diff < tol
+    return diff
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_converted_models_match_transformers_and_the_hf_source(arch, hf_decoder, convert):
+    """llama.cpp's converter writes the file (llama: Q/K rows permuted); the import gives the HF
+    source's own logits back, and transformers' GGUF reader's."""
+    # gpt2: the converter reads n_ctx; transformers' GGUF reader sizes wpe by its default 1024
+    hf_dir = hf_decoder(arch, **(dict(n_ctx=1024, n_positions=1024) if arch == "gpt2" else {}))
+    path = convert(hf_dir, arch)
+    assert_matches_transformers(path, arch)
+    ids = random_ids(import_hf(hf_dir).cfg.vocab_size, seed=1)
+    source = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    diff = max_logit_diff(import_gguf(path), source.eval(), ids)
+    assert diff < 1e-4, diff
+
+
+@pytest.mark.parametrize(
+    "qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name
+)
+def test_every_tensor_type_the_package_quantizes(qtype, tiny_llama, tmp_path):
+    path = requantize(tiny_llama[1], tmp_path / f"llama-{qtype.name}.gguf", qtype)
+    assert {t.tensor_type for t in GGUFReader(path).tensors if len(t.shape) == 2} == {qtype}
+    assert_matches_transformers(path, "llama")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K"])
+def test_k_quants_from_llama_quantize(qtype, tiny_llama, llama_cpp, tmp_path):
+    """llama.cpp's own quantizer makes the K-quant file (the gguf package cannot)."""
+    out = tmp_path / f"llama-{qtype}.gguf"
+    cmd = [llama_cpp / "llama-quantize", "--pure", tiny_llama[1], out, qtype]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    types = {t.tensor_type.name for t in GGUFReader(out).tensors if len(t.shape) == 2}
+    assert types == {qtype}, types
+    assert_matches_transformers(out, "llama")
+
+
+# ------------------------------------------------------------------ the real SmolLM2 file
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    return import_gguf(smollm2_gguf), hf_gguf(smollm2_gguf)
+
+
+def test_smollm2_logits_match_transformers_gguf_loader(smol, smollm2_hf):
+    from zerolm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(smollm2_hf)  # the same vocabulary: transformers built it from this file
+    model, ref = smol
+    worst = 0.0
+    for text in TEXTS:
+        ids = torch.tensor([tok.encode(text)])
+        worst = max(worst, max_logit_diff(model, ref, ids))
+    print(f"SmolLM2 Q4_1: max |logit diff| vs transformers {worst:.2e}")
+    assert worst < 1e-4
