@@ -29,15 +29,17 @@ def summary(model, tok, out: str, seconds: float) -> str:
 def main(args, extra) -> None:
     from zerolm.tokenizer import Tokenizer
 
-    if args.source == "gguf":
-        from zerolm.interop.gguf_import import import_gguf as load
-    else:
-        from zerolm.interop.hf import import_hf as load
-
     start = time.perf_counter()
     src = Path(args.src).resolve()
     out = args.out or f"runs/imported/{src.stem if args.source == 'gguf' else src.name}"
-    model = load(args.src, out)  # all or nothing: a failure leaves no `out`
+    if args.source == "gguf":  # all or nothing: a failure leaves no `out`
+        from zerolm.interop.gguf_import import import_gguf
+
+        model = import_gguf(args.src, out)
+    else:
+        from zerolm.interop.hf import import_hf
+
+        model = import_hf(args.src, out)
     seconds = time.perf_counter() - start
     tok = Tokenizer.load(out) if (Path(out) / "tokenizer.json").is_file() else None
     print(summary(model, tok, out, seconds))

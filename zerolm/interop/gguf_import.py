@@ -22,7 +22,7 @@ from zerolm.interop.hf_decoder import FROM_HF, _from_hf_state
 from zerolm.model import Transformer, resolve, save_model
 from zerolm.tokenizer import Tokenizer
 
-TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1)
+TYPES: tuple[Q, ...] = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1)
 TYPES += (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # the tensor types import reads
 ARCHS = ("llama", "qwen2", "qwen3", "gpt2")  # general.architecture (also the HF model_type)
 TOP = {
@@ -123,8 +123,8 @@ def hf_name(arch: str, name: str) -> str:
 
 def _weight(arch: str, name: str, t, hf: dict) -> torch.Tensor:
     """One tensor, dequantised to float32 in HF's layout (numpy's dims are GGUF's reversed)."""
-    w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
-    w = torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
+    values = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+    w = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
     if arch == "llama" and re.search(r"\.attn_[qk]\.", name):  # undo convert's LlamaModel.permute
         heads = hf["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
         w = w.reshape(heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
