@@ -82,12 +82,13 @@ def convert(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_llama(hf_decoder, convert):
     """A tiny random HF llama (rows of 256: every block size fits) and its converted GGUF."""
-    hf_dir = hf_decoder("llama", hidden_size=256, intermediate_size=512, tie_word_embeddings=False)
+    hf_dir = hf_decoder("llama", hidden_size=256, intermediate_size=512, tie_word_embeddings=True)
     return hf_dir, convert(hf_dir, "llama")
 
 
 def requantize(src: Path, dst: Path, qtype: Q) -> Path:
-    """src's metadata and tensors, its matrices quantized to qtype by the gguf package."""
+    """src's metadata and tensors, its block matrices quantized to qtype by the gguf package (the
+    49k-row embedding stays F32: quantizing it in numpy is slow; SmolLM2's file has a Q8_0 one)."""
     reader = GGUFReader(src)
     meta = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     writer = GGUFWriter(dst, arch=meta.pop("general.architecture").contents())
@@ -96,7 +97,7 @@ def requantize(src: Path, dst: Path, qtype: Q) -> Path:
         writer.add_key_value(key, f.contents(), f.types[0], sub)
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
-        if w.ndim == 2 and qtype != Q.F32:
+        if t.name.startswith("blk.") and w.ndim == 2 and qtype != Q.F32:
             writer.add_tensor(t.name, quantize(w, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(t.name, np.ascontiguousarray(w, np.float32))
@@ -141,7 +142,8 @@ def test_converted_models_match_transformers_and_the_hf_source(arch, hf_decoder,
 )
 def test_every_tensor_type_the_package_quantizes(qtype, tiny_llama, tmp_path):
     path = requantize(tiny_llama[1], tmp_path / f"llama-{qtype.name}.gguf", qtype)
-    assert {t.tensor_type for t in GGUFReader(path).tensors if len(t.shape) == 2} == {qtype}
+    blocks = {t.tensor_type for t in GGUFReader(path).tensors if t.name.endswith("_up.weight")}
+    assert blocks == {qtype}
     assert_matches_transformers(path, "llama")
 
 
@@ -149,6 +151,8 @@ def test_every_tensor_type_the_package_quantizes(qtype, tiny_llama, tmp_path):
 def test_k_quants_from_llama_quantize(qtype, tiny_llama, llama_cpp, tmp_path):
     """llama.cpp's own quantizer makes the K-quant file (the gguf package cannot)."""
     out = tmp_path / f"llama-{qtype}.gguf"
+    if not (llama_cpp / "llama-quantize").is_file():
+        pytest.skip(f"{llama_cpp} has no llama-quantize: rerun `bash scripts/build_llama_cpp.sh`")
     cmd = [llama_cpp / "llama-quantize", "--pure", tiny_llama[1], out, qtype]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
