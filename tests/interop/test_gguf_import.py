@@ -3,7 +3,9 @@ tiny random llama / qwen2 / qwen3 / gpt2 models converted by llama.cpp's own con
 (the reference for llama's Q/K permutation), every tensor type the `gguf` package can quantize, and
 the K-quants made by llama-quantize."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,8 @@ from gguf.quants import dequantize, quantize
 from zerolm.interop.gguf_import import import_gguf
 from zerolm.interop.hf import import_hf
 from zerolm.interop.hf_decoder import TO_HF, _to_hf_state
+from zerolm.model import load_model
+from zerolm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow  # transformers loads, converter subprocesses
 transformers = pytest.importorskip("transformers")
@@ -164,19 +168,69 @@ def test_k_quants_from_llama_quantize(qtype, tiny_llama, llama_cpp, tmp_path):
 # ------------------------------------------------------------------ the real SmolLM2 file
 
 
+def zerolm(*args):
+    cmd = [sys.executable, "-m", "zerolm", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf):
-    return import_gguf(smollm2_gguf), hf_gguf(smollm2_gguf)
+def imported(smollm2_gguf, tmp_path_factory):
+    """(the zerolm model directory `zerolm import --from gguf` made, its stdout)."""
+    out = tmp_path_factory.mktemp("smollm2-gguf") / "model"
+    r = zerolm("import", "--from", "gguf", smollm2_gguf, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
 
 
-def test_smollm2_logits_match_transformers_gguf_loader(smol, smollm2_hf):
-    from zerolm.tokenizer import Tokenizer
+@pytest.fixture(scope="module")
+def hf_tok(smollm2_gguf):
+    return transformers.AutoTokenizer.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name
+    )
 
-    tok = Tokenizer.load(smollm2_hf)  # the same vocabulary: transformers built it from this file
-    model, ref = smol
+
+def test_smollm2_import_is_fast_and_says_what_it_imported(imported):
+    line = imported[1]
+    assert line.count("\n") == 1 and "134,515,008 parameters" in line and "tied head" in line
+    assert "9 heads / 3 kv, head_dim 64" in line and "chat template: the model's own" in line
+    seconds = float(re.search(r" in ([\d.]+) s;", line).group(1))
+    print(f"SmolLM2 Q4_1 GGUF import: {seconds:.1f} s")
+    assert seconds < 30
+
+
+def test_smollm2_logits_match_transformers_gguf_loader(imported, smollm2_gguf):
+    tok = Tokenizer.load(imported[0])
+    model, ref = load_model(imported[0]), hf_gguf(smollm2_gguf)
     worst = 0.0
     for text in TEXTS:
-        ids = torch.tensor([tok.encode(text)])
-        worst = max(worst, max_logit_diff(model, ref, ids))
+        worst = max(worst, max_logit_diff(model, ref, torch.tensor([tok.encode(text)])))
     print(f"SmolLM2 Q4_1: max |logit diff| vs transformers {worst:.2e}")
     assert worst < 1e-4
+
+
+def test_smollm2_token_ids_are_transformers_gguf_tokenizer_ids(imported, hf_tok):
+    tok = Tokenizer.load(imported[0])
+    for text in [*TEXTS, "<|im_start|>user\nHi there!<|im_end|>\n", "  spaces\t\ttabs 12345"]:
+        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+
+
+def test_smollm2_generate_continues_the_capital_of_france_with_paris(imported):
+    r = zerolm(
+        "generate", "--model", imported[0], "--temperature", "0", "--max-new-tokens", "4",
+        "The capital of France is",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is Paris"), r.stdout
+
+
+def test_smollm2_chat_uses_the_gguf_chat_template(imported, hf_tok):
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    r = zerolm(
+        "chat", "--model", imported[0], "--prompt", question[0]["content"], "--temperature", "0",
+        "--show-prompt",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    shown = re.search(r"^prompt \((\d+) tokens\): (.*)$", r.stderr, re.M)
+    want = hf_tok.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    assert shown is not None and json.loads(shown.group(2)) == want
+    assert "<|im_start|>assistant\n" in want and "Paris" in r.stdout, r.stdout
