@@ -91,10 +91,11 @@ def tiny_llama(hf_decoder, convert):
 
 
 def requantize(src: Path, dst: Path, qtype: Q) -> Path:
-    """src's metadata and tensors, its block matrices quantized to qtype by the gguf package (the
-    49k-row embedding stays F32: quantizing it in numpy is slow; SmolLM2's file has a Q8_0 one)."""
+    """src's model metadata and tensors, its block matrices quantized to qtype by the gguf package
+    (the 49k-row embedding stays F32 and the tokenizer is left out, both slow to read and write
+    and beside the point; SmolLM2's file has a Q8_0 embedding)."""
     reader = GGUFReader(src)
-    meta = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    meta = {k: f for k, f in reader.fields.items() if not k.startswith(("GGUF.", "tokenizer."))}
     writer = GGUFWriter(dst, arch=meta.pop("general.architecture").contents())
     for key, f in meta.items():
         sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
