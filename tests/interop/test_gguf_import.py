@@ -6,6 +6,7 @@ the K-quants made by llama-quantize."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,24 @@ def test_converted_models_match_transformers_and_the_hf_source(arch, hf_decoder,
     source = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     diff = max_logit_diff(import_gguf(path), source.eval(), ids)
     assert diff < 1e-4, diff
+
+
+def test_llama3_rope_scaling_comes_back_from_rope_freqs(hf_decoder, convert, tmp_path):
+    """The converter turns Llama 3's rope_scaling into a rope_freqs tensor (transformers' GGUF
+    reader ignores it): the import reads it back, with the HF source's logits."""
+    rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    rope |= dict(original_max_position_embeddings=8192, rope_type="llama3", rope_theta=500000.0)
+    hf_dir = Path(shutil.copytree(hf_decoder("llama"), tmp_path / "llama3"))
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config |= dict(rope_parameters=rope, rope_theta=rope["rope_theta"])
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    model = import_gguf(convert(hf_dir, "llama3"))
+    cfg = model.cfg
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_len) == ("llama3", 8.0, 8192)
+    source = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    diff = max_logit_diff(model, source.eval(), random_ids(cfg.vocab_size, n=256))
+    assert diff < 2e-5, diff  # without the scaling: 3e-4 (the low frequencies barely turn)
 
 
 @pytest.mark.parametrize(
