@@ -221,11 +221,14 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_itemcollected(item):
+    """`pytest -m llama_cpp` selects every test that runs llama.cpp's tools (before -m filters)."""
+    if "llama_cpp" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.llama_cpp)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    for item in items:  # `pytest -m llama_cpp` selects every test that runs llama.cpp's tools
-        if "llama_cpp" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.llama_cpp)
     if config.getoption("--reverse"):
         items.reverse()
 
