@@ -5,6 +5,7 @@ their mean KL to the f32 export printed). Bad input is a one-line error that lea
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -185,3 +186,107 @@ def test_cli_ollama_writes_gguf_and_modelfile(trained, tmp_path, capsys):
     assert "Modelfile" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
     assert (out / "Modelfile").read_text().startswith("FROM ./model.gguf")
+
+
+# ------------------------------------------------------------------ llama.cpp
+
+
+HELD_OUT = (  # other orders and mixes of the training text's words: not a training document
+    "疑是地上霜，举头望明月。低头思故乡，床前明月光。更上一层楼，欲穷千里目。"
+    "How are you? The lazy dog jumps over the quick brown fox. Thank you, I am fine today! "
+) * 6
+
+
+@torch.no_grad()
+def _safe_steps(model, tok: Tokenizer, prompt: str, n: int) -> int:
+    """How many greedy steps (up to n, or to the first stop token) have a top-1 lead of at least
+    MARGIN logits: there no engine's rounding can change the choice."""
+    ids = tok.completion_ids([prompt])[0]
+    for step in range(n):
+        top = model(torch.tensor([ids]))[0, -1].topk(2)
+        if (top.values[0] - top.values[1]).item() < MARGIN:
+            return step
+        ids.append(int(top.indices[0]))
+        if ids[-1] in tok.stop_ids:
+            return step + 1
+    return n
+
+
+def _llama_simple(bin_dir: Path, gguf: Path, prompt: str, n: int) -> str:
+    """llama.cpp's greedy continuation: its simple example (greedy sampler, no warm-up, no chat),
+    stdout = the prompt's tokens (special ones included) and the generated text."""
+    cmd = [str(bin_dir / "llama-simple"), "-m", str(gguf), "-n", str(n), prompt]
+    r = subprocess.run(cmd, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-1500:]
+    return r.stdout.decode("utf-8").removesuffix("\n")
+
+
+def _zerolm_generate(model_dir: Path, prompt: str, n: int, capsys) -> str:
+    argv = ["generate", "--model", str(model_dir), "--temperature", "0"]
+    assert main([*argv, "--max-new-tokens", str(n), prompt]) == 0
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+def _same_greedy(llama_cpp, model_dir: Path, gguf: Path, prompts, n: int, capsys) -> int:
+    model, tok = load_model(model_dir), Tokenizer.load(model_dir)
+    compared = 0
+    for prompt in prompts:
+        steps = _safe_steps(model, tok, prompt, n)
+        if steps == 0:
+            continue
+        ours = _zerolm_generate(model_dir, prompt, steps, capsys)
+        theirs = _llama_simple(llama_cpp, gguf, prompt, steps)
+        bos = theirs[: len(theirs) - len(ours)]  # llama.cpp prints the prompt's special prefix
+        assert theirs.endswith(ours) and bos in ("", tok.token_str(tok.completion_ids([""])[0][0]))
+        compared += steps
+    return compared
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+def test_llama_cpp_continues_trained_models_as_zerolm_does(llama_cpp, trained, preset, capsys):
+    path = trained(preset)
+    gguf = export_gguf(
+        load_model(path), path.parent / f"{preset}.gguf", Tokenizer.load(path), "f32"
+    )
+    compared = _same_greedy(llama_cpp, path, gguf, PROMPTS, 16, capsys)
+    assert compared >= 25  # the margins hold for (nearly) the whole continuations
+
+
+@pytest.mark.slow
+def test_llama_cpp_continues_smollm2_as_zerolm_does(llama_cpp, smollm2_hf, tmp_path, capsys):
+    prompts = ["The capital of France is", "中国的首都是", "Water boils at", "一年有", "Once upon"]
+    model = import_hf(smollm2_hf, tmp_path / "z")
+    gguf = export_gguf(model, tmp_path / "smol.gguf", Tokenizer.load(tmp_path / "z"), "f32")
+    compared = _same_greedy(llama_cpp, tmp_path / "z", gguf, prompts, 8, capsys)
+    print(f"SmolLM2: {compared} greedy tokens compared (steps with a lead >= {MARGIN})")
+    assert compared >= 10
+
+
+def _mean_kl(bin_dir: Path, base: Path, gguf: Path) -> float:
+    cmd = [str(bin_dir / "llama-perplexity"), "-m", str(gguf), "--kl-divergence-base", str(base)]
+    r = subprocess.run([*cmd, "--kl-divergence"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    line = next(x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Mean    KLD:"))
+    return float(line.split()[2])
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_q8_0_and_q4_0_exports(llama_cpp, trained, tmp_path):
+    path = trained("llama")
+    model, tok = load_model(path), Tokenizer.load(path)
+    files = {
+        d: export_gguf(model, tmp_path / f"m-{d}.gguf", tok, d) for d in ("f32", "q8_0", "q4_0")
+    }
+    (tmp_path / "held_out.txt").write_text(HELD_OUT, encoding="utf-8")
+    base = tmp_path / "f32.kld"
+    cmd = [str(llama_cpp / "llama-perplexity"), "-m", str(files["f32"]), "-c", "64"]
+    cmd += ["-f", str(tmp_path / "held_out.txt"), "--kl-divergence-base", str(base)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    kl = {d: _mean_kl(llama_cpp, base, files[d]) for d in ("q8_0", "q4_0")}
+    sizes = {d: f.stat().st_size for d, f in files.items()}
+    print(f"mean KL to the f32 export on held-out text: {kl}; bytes: {sizes}")
+    assert all(0 <= v < float("inf") for v in kl.values()) and kl["q8_0"] < kl["q4_0"]
+    for d in ("q8_0", "q4_0"):  # they decode: the prompt comes back with a continuation
+        assert len(_llama_simple(llama_cpp, files[d], PROMPTS[0], 8)) > len(PROMPTS[0])
