@@ -30,13 +30,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_info
+HERE = Path(__file__).resolve().parent
+# this file is named gguf.py: its folder goes last on the path, so `import gguf` is the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+from common import cpu_info  # noqa: E402
 
-from zerolm.data.sources import read_corpus
-from zerolm.interop.gguf_export import DTYPES, export_gguf
-from zerolm.interop.hf import import_hf
-from zerolm.tokenizer import Tokenizer
+from zerolm.data.sources import read_corpus  # noqa: E402
+from zerolm.interop.gguf_export import DTYPES, export_gguf  # noqa: E402
+from zerolm.interop.hf import import_hf  # noqa: E402
+from zerolm.tokenizer import Tokenizer  # noqa: E402
 
 CACHE = Path(os.environ.get("ZEROLM_TEST_CACHE", Path.home() / ".cache" / "zerolm-test"))
 HF_DIRS = (CACHE / "smollm2-135m-instruct-hf", Path("/work/cache/zt/smollm2-135m-instruct-hf"))
