@@ -4,7 +4,8 @@ from hypothesis import strategies as st
 
 from zerolm.config import TokenizerConfig
 from zerolm.tokenizer import SPECIAL_TOKENS, Tokenizer
-from zerolm.tokenizer.train import BPE_PATTERN, train_tokenizer
+from zerolm.tokenizer.pretok import ZEROLM_HAN
+from zerolm.tokenizer.train import train_tokenizer
 
 TRAIN = [
     "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
@@ -63,10 +64,10 @@ def test_cjk_round_trips_and_unseen_chars_fall_back_to_bytes(roundtrip_tokenizer
     assert len(ids) <= 3 * len(text)  # at most 3 UTF-8 byte tokens per unseen character
 
 
-def test_bpe_pretokenizer_splits_han_and_digits():
+def test_zerolm_han_pretokenizer_splits_han_and_digits():
     from tokenizers import Regex, pre_tokenizers
 
-    split = pre_tokenizers.Split(Regex(BPE_PATTERN), "isolated")
+    split = pre_tokenizers.Split(Regex(ZEROLM_HAN), "isolated")
     pieces = [p for p, _ in split.pre_tokenize_str("床前明月光，疑是地上霜 in 1623")]
     assert pieces == [
         "床",
@@ -91,7 +92,7 @@ def test_bpe_pretokenizer_splits_han_and_digits():
 
 def test_bpe_learns_whole_characters_and_words(tiny_tokenizer):
     tok = tiny_tokenizer("bpe", TRAIN, vocab_size=600)
-    assert len(tok.encode("明月")) == 2  # one token per (frequent) Han character, not 6 bytes
+    assert len(tok.encode("明月")) <= 2  # whole (frequent) Han characters or the word, not 6 bytes
     assert len(tok.encode(" question")) == 1
 
 
@@ -155,21 +156,6 @@ def test_compression_report_by_language(tiny_tokenizer):
     assert zh["documents"] == 2 and zh["chars"] == len(TRAIN[0]) + len(TRAIN[1])
     assert zh["tokens"] == len(tok.encode(TRAIN[0])) + len(tok.encode(TRAIN[1]))
     assert zh["bytes_per_token"] == round(zh["bytes"] / zh["tokens"], 3)
-
-
-@settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet="ab  \n\n\t明月，。12 x'sé", max_size=300), size=st.integers(1, 40))
-def test_training_chunks_never_cut_a_pretoken(text, size):
-    from tokenizers import Regex, pre_tokenizers
-
-    from zerolm.tokenizer.tokenizer import chunks
-
-    split = pre_tokenizers.Split(Regex(BPE_PATTERN), "isolated")
-    pieces = list(chunks(text, size))
-    assert "".join(pieces) == text
-    assert [p for c in pieces for p, _ in split.pre_tokenize_str(c)] == [
-        p for p, _ in split.pre_tokenize_str(text)
-    ]
 
 
 @settings(max_examples=200, deadline=None)

@@ -36,6 +36,8 @@ class TokenizerConfig:
     vocab_size: int = 8192
     min_frequency: int = 2
     lowercase: bool = False  # wordpiece only (uncased BERT)
+    # bpe only: the pre-tokenizer (tokenizer/pretok.py); llama.cpp's names export to GGUF
+    pre: Literal["qwen2", "deepseek-llm", "zerolm-han"] = "qwen2"
     path: str = ""  # an existing tokenizer.json (or its directory): skip training
 
 

@@ -46,9 +46,9 @@ from zerolm.tokenizer.specials import (
 )
 from zerolm.tokenizer.template import ChatTemplate
 
-# Places where BPE_PATTERN (tokenizer/train.py) always starts a new pre-token: after a line break
-# before a non-space, before a single space that begins " word", between a non-space and a Han one.
-_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)|(?<=\S)(?=[\u3400-\u9fff])")
+# Places where every TRAIN_PRE pattern (tokenizer/pretok.py) starts a new pre-token: after a line
+# break before a non-space, before a single space that begins " word".
+_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)")
 
 
 def chunks(text: str, size: int = 1 << 13) -> Iterator[str]:

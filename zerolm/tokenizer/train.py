@@ -1,8 +1,8 @@
 """Training the three tokenizer kinds from an iterator of documents.
 
-- bpe: byte-level BPE (GPT-2/LLaMA style). The pre-tokenizer isolates every Han character
-  (so Chinese never collapses into one pre-token per line), every digit, and word/punctuation
-  runs; byte-level coding makes any Unicode string round-trip exactly.
+- bpe: byte-level BPE (GPT-2/LLaMA style). The pre-tokenizer is `cfg.pre` (tokenizer/pretok.py:
+  llama.cpp's qwen2 or deepseek-llm, so a GGUF export tokenizes identically, or zerolm's older
+  Han-isolating one); byte-level coding makes any Unicode string round-trip exactly.
 - wordpiece: BERT-style, with BERT normalisation (optionally lowercased) and single digits.
 - char: one token per character seen in training, most frequent first, with byte fallback
   (<0x00>..<0xFF>) for unseen characters, so it too round-trips any string.
@@ -13,18 +13,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from zerolm.config import TokenizerConfig
+from zerolm.tokenizer.pretok import TRAIN_PRE, pre_tokenizer
 from zerolm.tokenizer.specials import BYTE_TOKENS, CLS, SEP, SPECIAL_TOKENS, UNK
 from zerolm.tokenizer.tokenizer import Tokenizer, chunks
-
-# GPT-2's pattern, with Han characters split out one by one and digits one by one.
-BPE_PATTERN = (
-    r"'(?i:[sdmt]|ll|ve|re)|\p{Han}| ?[\p{L}\p{M}&&[^\p{Han}]]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 
 def min_vocab_size(kind: str) -> int:
@@ -56,12 +51,7 @@ def train_tokenizer(
 
 def _train_bpe(cfg, docs: Iterator[str], length, progress) -> _HFTokenizer:
     tok = _HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(BPE_PATTERN), "isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    tok.pre_tokenizer = pre_tokenizer(TRAIN_PRE[cfg.pre])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
