@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from zerolm.files import file_mode, writing_into
+from zerolm.interop.gguf_tokenizer import write_tokenizer
 from zerolm.interop.hf_decoder import _fit_biases
 from zerolm.interop.hf_llama_family import FFN, OUT, QKV
 from zerolm.model import Transformer
@@ -235,6 +236,12 @@ def export_gguf(
         raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     cfg, out = model.cfg, Path(path)
     arch = gguf_arch(cfg)
+    if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(
+            f"the model has {cfg.vocab_size} token embeddings but its tokenizer "
+            f"{tokenizer.vocab_size} tokens: llama.cpp needs one token per row; export a model "
+            "sized to its tokenizer"
+        )
     state = _state(model, arch)
     plan = {k: (t, _qtype(k, t, dtype)) for k, t in state.items()}
     for k, (t, q) in plan.items():
@@ -247,8 +254,6 @@ def export_gguf(
     writer = gguf.GGUFWriter(None, arch)
     _metadata(writer, cfg, arch, dtype, name or out.stem)
     if tokenizer is not None:
-        from zerolm.interop.gguf_tokenizer import write_tokenizer
-
         write_tokenizer(writer, tokenizer)
     for k, (t, q) in plan.items():
         writer.add_tensor(k, _data(t, q), raw_dtype=q)
