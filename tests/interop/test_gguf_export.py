@@ -115,13 +115,14 @@ def test_trained_models_round_trip_through_transformers(trained, preset, tmp_pat
 @pytest.mark.parametrize("arch,config", [("qwen2", {}), ("qwen3", dict(head_dim=128))])
 def test_imported_qwen_models_round_trip(hf_decoder, arch, config, tmp_path):
     """Qwen2 (q/k/v biases, NEOX rope) and Qwen3 (q/k norms; transformers' reader assumes
-    head_dim 128, so that is what this one has: key_length != d_model/n_heads is exercised)."""
+    head_dim 128, so that is what this one has: key_length != d_model/n_heads is exercised).
+    Tensors only: the tokenizer's part is the trained models' and SmolLM2's."""
     model = import_hf(hf_decoder(arch, **config), tmp_path / "z")
     with torch.no_grad():  # transformers initialises norms to ones, biases to zeros: perturb them
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    _check(_round_trip(model, Tokenizer.load(tmp_path / "z"), tmp_path))
+    _check(_round_trip(model, None, tmp_path))  # tensors only: SmolLM2's vocabulary is slow to read
 
 
 @pytest.mark.slow
