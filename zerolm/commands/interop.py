@@ -1,4 +1,5 @@
-"""`zerolm import`: a local Hugging Face checkpoint becomes a zerolm model directory."""
+"""`zerolm import`: a local Hugging Face checkpoint or a llama.cpp GGUF file becomes a zerolm model
+directory."""
 
 from __future__ import annotations
 
@@ -26,12 +27,19 @@ def summary(model, tok, out: str, seconds: float) -> str:
 
 
 def main(args, extra) -> None:
-    from zerolm.interop.hf import import_hf
     from zerolm.tokenizer import Tokenizer
 
     start = time.perf_counter()
-    out = args.out or f"runs/imported/{Path(args.src).resolve().name}"
-    model = import_hf(args.src, out)  # all or nothing: a failure leaves no `out`
+    src = Path(args.src).resolve()
+    out = args.out or f"runs/imported/{src.stem if args.source == 'gguf' else src.name}"
+    if args.source == "gguf":  # all or nothing: a failure leaves no `out`
+        from zerolm.interop.gguf_import import import_gguf
+
+        model = import_gguf(args.src, out)
+    else:
+        from zerolm.interop.hf import import_hf
+
+        model = import_hf(args.src, out)
     seconds = time.perf_counter() - start
     tok = Tokenizer.load(out) if (Path(out) / "tokenizer.json").is_file() else None
     print(summary(model, tok, out, seconds))
@@ -40,13 +48,17 @@ def main(args, extra) -> None:
 def setup_arg_parser(sub) -> None:
     p = sub.add_parser(
         "import",
-        help="make a local HF checkpoint (decoder, BERT, Marian) a zerolm model directory",
-        description="make a local HF checkpoint a zerolm model directory, with its tokenizer, "
-        "special tokens and chat template; prints one line saying what was imported",
+        help="make a local HF checkpoint (decoder, BERT, Marian) or GGUF file a zerolm model "
+        "directory",
+        description="make a local HF checkpoint or llama.cpp GGUF file (llama, mistral, qwen2, "
+        "qwen3, gpt2) a zerolm model directory, with its tokenizer, special tokens and chat "
+        "template; prints one line saying what was imported",
     )
     p.add_argument(
-        "src", help="directory with config.json + model.safetensors (transformers layout)"
+        "src",
+        help="directory with config.json + model.safetensors (transformers layout), or with "
+        "--from gguf a .gguf file",
     )
-    p.add_argument("--from", dest="source", choices=["hf"], default="hf")
+    p.add_argument("--from", dest="source", choices=["hf", "gguf"], default="hf")
     p.add_argument("--out", help="output model directory (default: runs/imported/NAME)")
     p.set_defaults(run=main)
