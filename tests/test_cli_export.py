@@ -75,21 +75,6 @@ def test_a_zerolm_model_exports_with_zerolm_s_template_and_ids(
     assert model.config.vocab_size == tok.vocab_size
 
 
-def test_other_formats_wait_for_the_gguf_work_and_write_nothing(
-    tiny_model, tiny_tokenizer, tmp_path, capsys
-):
-    tok = tiny_tokenizer()
-    save_model(tiny_model("llama", vocab_size=tok.vocab_size), tmp_path / "z", tok)
-    for fmt in ("gguf", "ollama"):
-        assert (
-            main(["export", str(tmp_path / "z"), "--format", fmt, "--out", str(tmp_path / fmt)])
-            == 2
-        )
-        err = capsys.readouterr().err
-        assert f"--format {fmt} is not available yet" in err and "GGUF work" in err
-        assert not (tmp_path / fmt).exists()
-
-
 def test_a_failed_export_leaves_no_directory_and_never_replaces_user_files(
     tiny_model, tiny_tokenizer, tmp_path, capsys
 ):
