@@ -18,7 +18,7 @@ from typing import Any
 from zerolm.files import atomic_write_text
 from zerolm.tokenizer.chat import CHAT_TEMPLATE
 from zerolm.tokenizer.pieces import byte_level_alphabet
-from zerolm.tokenizer.pretok import PRE, TRAIN_PRE, normalise, pre_name_of
+from zerolm.tokenizer.pretok import NOT_EXACT, PRE, TRAIN_PRE, normalise, pre_name_of
 from zerolm.tokenizer.tokenizer import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama_token_type
@@ -144,14 +144,15 @@ def _bpe_model(vocab: dict, merges: list, **kw) -> dict:
 
 
 def _byte_level_json(meta: dict, tokens: list[str], types: list[int], pre: str) -> dict:
-    """tokenizer.json of a byte-level BPE: an added token written as plain text ("<think>" with
-    a space in it) is spelled in the byte alphabet in the vocabulary, as transformers does."""
+    """tokenizer.json of a byte-level BPE: a normal token written as plain text (command-r's
+    "\u200d") is spelled in the byte alphabet, as transformers' GGUF reader does."""
     spelling = byte_level_alphabet()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        key = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
-        vocab.setdefault(key, i)
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        # an added token keeps its text as key (HF finds its id there); a later token wins a clash
+        plain = set(t) <= alphabet or ty in (CONTROL, USER_DEFINED)
+        vocab[t if plain else "".join(spelling[b] for b in t.encode("utf-8"))] = i
     merges = [_merge(m) for m in meta.get("tokenizer.ggml.merges") or []]
     family = PRE[pre]
     return {
@@ -237,6 +238,11 @@ def write_tokenizer(writer, tok: Tokenizer) -> None:
             "byte-level BPE tokenizers only (tokenizer.ggml.model gpt2)"
         )
     pre = _export_pre(spec)
+    if tok.layout == "zerolm" and pre in NOT_EXACT:
+        raise ValueError(
+            f"cannot export to GGUF: llama.cpp's {pre} pre-tokenizer is not exact "
+            f"({NOT_EXACT[pre]}); retrain the tokenizer with --tokenizer.pre=qwen2"
+        )
     tokens, types = _tokens(tok)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -275,8 +281,7 @@ def _export_pre(spec: dict) -> str:
         raise ValueError(
             f"cannot export to GGUF: llama.cpp implements no pre-tokenizer that splits text as "
             f"{what} does, so it would tokenize differently; retrain the tokenizer with "
-            f"--tokenizer.pre={next(iter(TRAIN_PRE))} (or another of "
-            f"{', '.join(n for n in TRAIN_PRE if n in PRE)})"
+            "--tokenizer.pre=qwen2"
         )
     family, model = PRE[pre], spec["model"]
     if spec.get("normalizer") not in (None, family.normalizer):
