@@ -5,6 +5,7 @@ llama.cpp tokenizes (src/llama-vocab.cpp).
   (zerolm/tokenizer/pretok.py holds what each name's HF tokenizer.json has).
 - "llama" (SentencePiece BPE): merges recovered from the scores as transformers' GGUF reader does,
   byte fallback, "▁" for space and a "▁" prefix per tokenizer.ggml.add_space_prefix.
+- "bert" (WordPiece): the GGUF's "▁x" / "x" pieces back to HF's "x" / "##x", BERT normalisation.
 - token types 3 (CONTROL) and 4 (USER_DEFINED) are added tokens, special for control: llama.cpp
   matches them in the text before splitting (control ones only when it parses special tokens).
 """
@@ -22,19 +23,22 @@ from zerolm.tokenizer.pretok import NOT_EXACT, PRE, TRAIN_PRE, normalise, pre_na
 from zerolm.tokenizer.tokenizer import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama_token_type
-MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values this module reads
+MODELS = ("gpt2", "llama", "bert")  # tokenizer.ggml.model values this module reads
 ROLE_KEYS = {
     "bos_token": "tokenizer.ggml.bos_token_id",
     "eos_token": "tokenizer.ggml.eos_token_id",
     "unk_token": "tokenizer.ggml.unknown_token_id",
     "pad_token": "tokenizer.ggml.padding_token_id",
+    "sep_token": "tokenizer.ggml.seperator_token_id",  # sic: llama.cpp's key
+    "cls_token": "tokenizer.ggml.cls_token_id",
+    "mask_token": "tokenizer.ggml.mask_token_id",
 }
 # llama.cpp adds bos by default (no tokenizer.ggml.add_bos_token) for these pre names and "llama"
 _BOS_BY_DEFAULT = {"llama3", "llama-v3", "llama-bpe", "tekken", "chameleon"}
 
 
 def _supported() -> str:
-    return f"tokenizer.ggml.model {' or '.join(MODELS)}; pre {', '.join(PRE)}"
+    return f"tokenizer.ggml.model {', '.join(MODELS)}; pre (for gpt2) {', '.join(PRE)}"
 
 
 def tokenizer_files_from_gguf(meta: dict[str, Any], out_dir: Path) -> None:
@@ -58,6 +62,8 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], out_dir: Path) -> None:
     elif model == "llama":
         spec = _sentencepiece_json(meta, tokens, types)
         add_bos = meta.get("tokenizer.ggml.add_bos_token", True)
+    elif model == "bert":
+        spec, add_bos = _wordpiece_json(meta, tokens), False  # [CLS] .. [SEP]: its post-processor
     else:
         raise ValueError(
             f"unsupported GGUF tokenizer tokenizer.ggml.model={model!r}: zerolm reads "
@@ -78,7 +84,8 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], out_dir: Path) -> None:
         for i, (t, ty) in enumerate(zip(tokens, types))
         if ty in (CONTROL, USER_DEFINED)
     ]
-    spec["post_processor"] = _post_processor(roles, tokens, meta, bool(add_bos), add_eos)
+    if model != "bert":
+        spec["post_processor"] = _post_processor(roles, tokens, meta, bool(add_bos), add_eos)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **roles,
@@ -168,6 +175,47 @@ def _byte_level_json(meta: dict, tokens: list[str], types: list[int], pre: str) 
             "use_regex": True,
         },
         "model": _bpe_model(vocab, merges, ignore_merges=family.ignore_merges),
+    }
+
+
+def _wordpiece_json(meta: dict, tokens: list[str]) -> dict:
+    """tokenizer.json of a BERT WordPiece: the GGUF writes a word-start piece "▁x" (HF "x") and a
+    continuation as "x" (HF "##x"); [CLS]-style names stay."""
+    vocab = {
+        t[1:] if t.startswith("\u2581") else t if t[:1] + t[-1:] == "[]" else "##" + t: i
+        for i, t in enumerate(tokens)
+    }
+    lower = bool(meta.get("tokenizer.ggml.normalizer.lowercase", True))
+    cls, sep = (tokens[meta[k]] for k in (ROLE_KEYS["cls_token"], ROLE_KEYS["sep_token"]))
+    ids = {t: vocab[t] for t in (cls, sep)}
+    single = [{"SpecialToken": {"id": cls, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    single.append({"SpecialToken": {"id": sep, "type_id": 0}})
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "normalizer": {
+            "type": "BertNormalizer",
+            "clean_text": True,
+            "handle_chinese_chars": True,
+            "strip_accents": None,
+            "lowercase": lower,
+        },
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": single,
+            "pair": single,
+            "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in ids.items()},
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
+        "model": {
+            "type": "WordPiece",
+            "unk_token": tokens[meta[ROLE_KEYS["unk_token"]]],
+            "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100,
+            "vocab": vocab,
+        },
     }
 
 
@@ -273,9 +321,11 @@ def write_tokenizer(writer, tok: Tokenizer) -> None:
 
 
 def _export_pre(spec: dict) -> str:
-    """The llama.cpp pre name that splits as `spec` does, or ValueError why there is none."""
-    pre = pre_name_of(spec.get("pre_tokenizer"))
-    if pre is None:
+    """The llama.cpp pre name that splits as `spec` does, or ValueError why there is none. Of
+    names with the same splitting, the one whose family has `spec`'s normalizer (llama.cpp itself
+    applies none: a foreign NFC tokenizer is written as llama.cpp's converter writes it)."""
+    first = pre_name_of(spec.get("pre_tokenizer"))
+    if first is None:
         old = normalise(spec.get("pre_tokenizer")) == normalise(TRAIN_PRE["zerolm-han"])
         what = "zerolm's older Han-isolating pre-tokenizer" if old else "this pre-tokenizer"
         raise ValueError(
@@ -283,12 +333,15 @@ def _export_pre(spec: dict) -> str:
             f"{what} does, so it would tokenize differently; retrain the tokenizer with "
             "--tokenizer.pre=qwen2"
         )
-    family, model = PRE[pre], spec["model"]
-    if spec.get("normalizer") not in (None, family.normalizer):
+    norm, split = spec.get("normalizer"), normalise(PRE[first].pre_tokenizer)
+    same = [n for n, p in PRE.items() if normalise(p.pre_tokenizer) == split]
+    pre = next((n for n in same if PRE[n].normalizer == norm), first if norm is None else None)
+    if pre is None:
         raise ValueError(
-            f"cannot export to GGUF: the tokenizer normalises text ({spec['normalizer']}), which "
-            f"llama.cpp's {pre} pre-tokenizer does not; use a tokenizer without a normalizer"
+            f"cannot export to GGUF: the tokenizer normalises text ({norm}), which llama.cpp's "
+            f"{first} pre-tokenizer does not; use a tokenizer without a normalizer"
         )
+    family, model = PRE[pre], spec["model"]
     if bool(model.get("ignore_merges")) != family.ignore_merges or model.get("byte_fallback"):
         raise ValueError(
             f"cannot export to GGUF: the BPE model's ignore_merges/byte_fallback differ from what "
