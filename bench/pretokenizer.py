@@ -73,6 +73,7 @@ def pretrain_bpb(pre: str, steps: int, out: str) -> dict:
 
     t0 = time.perf_counter()
     over = {"train.steps": steps, "train.eval_every": steps, "train.ckpt_every": steps}
+    over |= {"train.compile": False, "train.resume": False}  # eager: no compile time in the figure
     over |= {"train.warmup_steps": min(50, steps // 4), "tokenizer.pre": pre, "out_dir": out}
     result = fit("zerolm/recipes/speedrun.toml", progress=False, **over)
     return {
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--corpora", nargs="*", default=["tang", "shakespeare"])
     ap.add_argument("--pretrain-steps", type=int, default=0, help="0: no pretraining comparison")
+    ap.add_argument("--pretrain-pre", nargs="*", default=list(TRAIN_PRE))
     ap.add_argument("--out", default="runs/bench-pretokenizer")
     args = ap.parse_args()
     machine = {
@@ -116,7 +118,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     pretrain = [
         pretrain_bpb(pre, args.pretrain_steps, f"{args.out}/{pre}")
-        for pre in TRAIN_PRE
+        for pre in args.pretrain_pre
         if args.pretrain_steps
     ]
     for row in pretrain:

@@ -44,31 +44,12 @@ def _supported() -> str:
 def tokenizer_files_from_gguf(meta: dict[str, Any], out_dir: Path) -> None:
     """Write tokenizer.json + tokenizer_config.json (+ generation_config.json) into out_dir, so
     `Tokenizer.load(out_dir)` is the GGUF's tokenizer. meta: gguf_file.fields(open_gguf(path)).
-    ValueError naming an unsupported tokenizer model or pre-tokenizer."""
-    model = meta.get("tokenizer.ggml.model")
+    ValueError naming an unsupported tokenizer model or pre-tokenizer (before writing anything)."""
     tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
     if not tokens:
         raise ValueError("the GGUF has no tokenizer.ggml.tokens: it carries no tokenizer")
     types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-    if model == "gpt2":
-        pre = meta.get("tokenizer.ggml.pre")
-        if pre not in PRE:
-            raise ValueError(
-                f"unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r}: zerolm reads "
-                f"{_supported()}"
-            )
-        spec = _byte_level_json(meta, tokens, types, pre)
-        add_bos = meta.get("tokenizer.ggml.add_bos_token", pre in _BOS_BY_DEFAULT)
-    elif model == "llama":
-        spec = _sentencepiece_json(meta, tokens, types)
-        add_bos = meta.get("tokenizer.ggml.add_bos_token", True)
-    elif model == "bert":
-        spec, add_bos = _wordpiece_json(meta, tokens), False  # [CLS] .. [SEP]: its post-processor
-    else:
-        raise ValueError(
-            f"unsupported GGUF tokenizer tokenizer.ggml.model={model!r}: zerolm reads "
-            f"{_supported()}"
-        )
+    spec, add_bos = _model_json(meta, tokens, types)
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     roles = {r: tokens[i] for r, k in ROLE_KEYS.items() if (i := meta.get(k)) is not None}
     spec["added_tokens"] = [
@@ -84,12 +65,11 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], out_dir: Path) -> None:
         for i, (t, ty) in enumerate(zip(tokens, types))
         if ty in (CONTROL, USER_DEFINED)
     ]
-    if model != "bert":
-        spec["post_processor"] = _post_processor(roles, tokens, meta, bool(add_bos), add_eos)
+    spec.setdefault("post_processor", _post_processor(roles, tokens, meta, add_bos, add_eos))
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **roles,
-        "add_bos_token": bool(add_bos),
+        "add_bos_token": add_bos,
         "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
@@ -102,11 +82,32 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], out_dir: Path) -> None:
     atomic_write_text(out / "tokenizer_config.json", json.dumps(config, ensure_ascii=False))
     gen = {k[len("tokenizer.ggml.") :]: meta[k] for k in _GEN_KEYS if k in meta}
     if "eot_token_id" in gen:  # llama.cpp ends a generation at eot as at eos
-        gen["eos_token_id"] = list(
-            dict.fromkeys([gen.get("eos_token_id"), gen.pop("eot_token_id")])
-        )
+        ends = [gen.get("eos_token_id"), gen.pop("eot_token_id")]
+        gen["eos_token_id"] = list(dict.fromkeys(i for i in ends if i is not None))
     if gen:
         atomic_write_text(out / "generation_config.json", json.dumps(gen))
+
+
+def _model_json(meta: dict, tokens: list[str], types: list[int]) -> tuple[dict, bool]:
+    """(tokenizer.json without added tokens, whether llama.cpp adds bos) by tokenizer model."""
+    model = meta.get("tokenizer.ggml.model")
+    if model == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre")
+        if pre not in PRE:
+            raise ValueError(
+                f"unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r}: zerolm reads "
+                f"{_supported()}"
+            )
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", pre in _BOS_BY_DEFAULT)
+        return _byte_level_json(meta, tokens, types, pre), bool(add_bos)
+    if model == "llama":
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", True)
+        return _sentencepiece_json(meta, tokens), bool(add_bos)
+    if model == "bert":  # [CLS] .. [SEP]: its own post-processor
+        return _wordpiece_json(meta, tokens), False
+    raise ValueError(
+        f"unsupported GGUF tokenizer tokenizer.ggml.model={model!r}: zerolm reads {_supported()}"
+    )
 
 
 _GEN_KEYS = (
@@ -224,7 +225,7 @@ def _merge(m: str) -> list[str]:
     return [m[:at], m[at + 1 :]]
 
 
-def _sentencepiece_json(meta: dict, tokens: list[str], types: list[int]) -> dict:
+def _sentencepiece_json(meta: dict, tokens: list[str]) -> dict:
     """tokenizer.json of a SentencePiece BPE (Llama 2, Phi-3): "▁" for space, a "▁" prefix on
     every text run (llama.cpp: at the start and after each special token), <0xNN> fallback."""
     scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))

@@ -1,8 +1,9 @@
-"""Pre-tokenizers by llama.cpp name (`tokenizer.ggml.pre`): what the HF tokenizer.json of each
-family holds, so a GGUF's tokenizer can be rebuilt and a tokenizer exported under the name whose
-splitting llama.cpp implements (src/llama-vocab.cpp: `regex_exprs` per LLAMA_VOCAB_PRE_TYPE; a
-list of regexes applied one after another = a Sequence of isolating Splits).
+"""Pre-tokenizers by llama.cpp name (`tokenizer.ggml.pre`) as each family's HF tokenizer.json has
+them, and the patterns a new zerolm BPE tokenizer trains with.
 
+The table is built from llama.cpp's src/llama-vocab.cpp (`regex_exprs` per LLAMA_VOCAB_PRE_TYPE:
+a list of regexes applied one after another = a Sequence of isolating Splits), so a GGUF's
+tokenizer can be rebuilt and a tokenizer exported under the name llama.cpp splits it by.
 `PRE[name]` holds the pre_tokenizer (and normalizer) JSON; `pre_name(tok)` finds a tokenizer's
 name by comparing normalised JSON. `TRAIN_PRE` are the patterns a new zerolm BPE tokenizer can
 train with (TokenizerConfig.pre): llama.cpp ones, and zerolm's older Han-isolating one.
