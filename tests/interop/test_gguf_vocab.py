@@ -208,6 +208,23 @@ def test_llama_cpp_tokenizes_a_zerolm_tokenizer_as_zerolm(llama_cpp, poems_token
 
 
 @pytest.mark.slow
+def test_llama_cpp_tokenizes_an_extended_tokenizer_as_zerolm(llama_cpp, poems_tokenizer, tmp_path):
+    """`zerolm tokenizer extend` appends merges: the pre name still comes from the JSON."""
+    from zerolm.tokenizer.extend import extend_tokenizer
+
+    words = [
+        w for w in ("明月光", "思故乡", "地上霜", "举头望") if len(poems_tokenizer.encode(w)) > 1
+    ]
+    tok = extend_tokenizer(poems_tokenizer, words, tmp_path).tokenizer
+    assert tok.vocab_size > poems_tokenizer.vocab_size
+    write_vocab_gguf(tmp_path / "ext.gguf", tok)
+    assert fields(open_gguf(tmp_path / "ext.gguf"))["tokenizer.ggml.pre"] == pre_name(tok)
+    check_llama_cpp_agrees(
+        llama_cpp, tmp_path / "ext.gguf", tok, tok.token_id("<|reserved_0|>"), tmp_path
+    )
+
+
+@pytest.mark.slow
 def test_llama_cpp_tokenizes_smollm2_as_zerolm(llama_cpp, smollm2_gguf, tmp_path):
     """The real SmolLM2 file, its import, and the import exported again: the same ids."""
     meta = fields(open_gguf(smollm2_gguf))
