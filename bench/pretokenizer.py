@@ -2,7 +2,7 @@
 (TokenizerConfig.pre: llama.cpp's qwen2 and deepseek-llm, zerolm's older Han-isolating one),
 each trained on the bundled Tang and Shakespeare corpora (5 % of paragraphs held out by key).
 
-Per candidate and corpus: bytes per token on the held-out documents, training seconds (median of
+Per candidate and corpus: bytes per token on the held-out paragraphs, training seconds (median of
 --repeats), and the text one training step covers at the speedrun's 32 x 128 tokens per step
 (bytes/token x tokens/step). `ratio` in the summary = candidate / zerolm-han (bytes per token).
 --pretrain-steps N adds a short same-seed speedrun pretraining (Tang) per candidate: validation
@@ -106,7 +106,8 @@ def main() -> None:
         train, val = split_docs(name)
         mb = sum(len(d.encode()) for d in train) / 1e6
         print(
-            f"{name}: {len(train)} train / {len(val)} held-out docs, {mb:.1f} MB", file=sys.stderr
+            f"{name}: {len(train)} train / {len(val)} held-out paragraphs, {mb:.1f} MB",
+            file=sys.stderr,
         )
         for pre in TRAIN_PRE:
             row = {
