@@ -155,6 +155,8 @@ def test_write_then_read_gives_the_same_ids(poems_tokenizer, tmp_path):
     assert (
         meta["tokenizer.ggml.bos_token_id"] == poems_tokenizer.eos_id
     )  # what a document starts with
+    # the template names zerolm's bos itself: llama.cpp's bos_token is the eos above
+    assert "bos_token" not in meta["tokenizer.chat_template"]
     tokenizer_files_from_gguf(meta, tmp_path / "tok")
     back = Tokenizer.load(tmp_path / "tok")
     texts = mixed_strings(300)

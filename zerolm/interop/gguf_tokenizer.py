@@ -304,7 +304,8 @@ def write_tokenizer(writer, tok: Tokenizer) -> None:
         # names <|bos|> itself, so rendering in llama.cpp still gives zerolm's prompt.
         bos: int | None = tok.eos_id
         add_bos, add_eos = True, False
-        template: str | None = CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ '<|bos|>' }}")
+        spelled = "{{ " + repr(tok.special_tokens()["bos"]) + " }}"
+        template: str | None = CHAT_TEMPLATE.replace("{{ bos_token }}", spelled)
     else:
         bos, add_bos, add_eos = _added_specials(tok)
         template = None if tok.template is None else tok.template.source
