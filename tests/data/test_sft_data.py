@@ -87,7 +87,7 @@ def test_packed_rows_give_each_conversation_its_own_loss(tok, preset, tiny_model
 
 
 def test_batches_cover_every_conversation_and_resume_exactly(tok):
-    examples, _ = encode_conversations(tok, CONVS * 5, 32)
+    examples, _ = encode_conversations(tok, CONVS * 8, 32)  # more than 4 full batches of rows
     it = SFTBatches(examples, batch_size=3, seq_len=32, seed=1)
     first = [next(it) for _ in range(4)]
     state = it.state_dict()

@@ -52,7 +52,7 @@ def test_default_pre_is_a_llama_cpp_one():
 
 @settings(max_examples=300, deadline=None)
 @given(
-    text=st.text(alphabet="ab  \n\n\t明月，。12 x'sé😀\r", max_size=300),
+    text=st.text(alphabet="ab  \n\n\t明月，。12 x'sé😀\r\u3000\u9fff!", max_size=300),
     size=st.integers(1, 40),
     name=st.sampled_from(sorted(TRAIN_PRE)),
 )

@@ -5,6 +5,7 @@ llama.cpp tokenizes (src/llama-vocab.cpp).
   (zerolm/tokenizer/pretok.py holds what each name's HF tokenizer.json has).
 - "llama" (SentencePiece BPE): merges recovered from the scores as transformers' GGUF reader does,
   byte fallback, "▁" for space and a "▁" prefix per tokenizer.ggml.add_space_prefix.
+- "bert" (WordPiece): the GGUF's "▁x" / "x" pieces back to HF's "x" / "##x", BERT normalisation.
 - token types 3 (CONTROL) and 4 (USER_DEFINED) are added tokens, special for control: llama.cpp
   matches them in the text before splitting (control ones only when it parses special tokens).
 """
@@ -18,51 +19,37 @@ from typing import Any
 from zerolm.files import atomic_write_text
 from zerolm.tokenizer.chat import CHAT_TEMPLATE
 from zerolm.tokenizer.pieces import byte_level_alphabet
-from zerolm.tokenizer.pretok import PRE, TRAIN_PRE, normalise, pre_name_of
+from zerolm.tokenizer.pretok import NOT_EXACT, PRE, TRAIN_PRE, normalise, pre_name_of
 from zerolm.tokenizer.tokenizer import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama_token_type
-MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values this module reads
+MODELS = ("gpt2", "llama", "bert")  # tokenizer.ggml.model values this module reads
 ROLE_KEYS = {
     "bos_token": "tokenizer.ggml.bos_token_id",
     "eos_token": "tokenizer.ggml.eos_token_id",
     "unk_token": "tokenizer.ggml.unknown_token_id",
     "pad_token": "tokenizer.ggml.padding_token_id",
+    "sep_token": "tokenizer.ggml.seperator_token_id",  # sic: llama.cpp's key
+    "cls_token": "tokenizer.ggml.cls_token_id",
+    "mask_token": "tokenizer.ggml.mask_token_id",
 }
 # llama.cpp adds bos by default (no tokenizer.ggml.add_bos_token) for these pre names and "llama"
 _BOS_BY_DEFAULT = {"llama3", "llama-v3", "llama-bpe", "tekken", "chameleon"}
 
 
 def _supported() -> str:
-    return f"tokenizer.ggml.model {' or '.join(MODELS)}; pre {', '.join(PRE)}"
+    return f"tokenizer.ggml.model {', '.join(MODELS)}; pre (for gpt2) {', '.join(PRE)}"
 
 
 def tokenizer_files_from_gguf(meta: dict[str, Any], out_dir: Path) -> None:
     """Write tokenizer.json + tokenizer_config.json (+ generation_config.json) into out_dir, so
     `Tokenizer.load(out_dir)` is the GGUF's tokenizer. meta: gguf_file.fields(open_gguf(path)).
-    ValueError naming an unsupported tokenizer model or pre-tokenizer."""
-    model = meta.get("tokenizer.ggml.model")
+    ValueError naming an unsupported tokenizer model or pre-tokenizer (before writing anything)."""
     tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
     if not tokens:
         raise ValueError("the GGUF has no tokenizer.ggml.tokens: it carries no tokenizer")
     types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-    if model == "gpt2":
-        pre = meta.get("tokenizer.ggml.pre")
-        if pre not in PRE:
-            raise ValueError(
-                f"unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r}: zerolm reads "
-                f"{_supported()}"
-            )
-        spec = _byte_level_json(meta, tokens, types, pre)
-        add_bos = meta.get("tokenizer.ggml.add_bos_token", pre in _BOS_BY_DEFAULT)
-    elif model == "llama":
-        spec = _sentencepiece_json(meta, tokens, types)
-        add_bos = meta.get("tokenizer.ggml.add_bos_token", True)
-    else:
-        raise ValueError(
-            f"unsupported GGUF tokenizer tokenizer.ggml.model={model!r}: zerolm reads "
-            f"{_supported()}"
-        )
+    spec, add_bos = _model_json(meta, tokens, types)
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     roles = {r: tokens[i] for r, k in ROLE_KEYS.items() if (i := meta.get(k)) is not None}
     spec["added_tokens"] = [
@@ -78,11 +65,11 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], out_dir: Path) -> None:
         for i, (t, ty) in enumerate(zip(tokens, types))
         if ty in (CONTROL, USER_DEFINED)
     ]
-    spec["post_processor"] = _post_processor(roles, tokens, meta, bool(add_bos), add_eos)
+    spec.setdefault("post_processor", _post_processor(roles, tokens, meta, add_bos, add_eos))
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **roles,
-        "add_bos_token": bool(add_bos),
+        "add_bos_token": add_bos,
         "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
@@ -95,11 +82,32 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], out_dir: Path) -> None:
     atomic_write_text(out / "tokenizer_config.json", json.dumps(config, ensure_ascii=False))
     gen = {k[len("tokenizer.ggml.") :]: meta[k] for k in _GEN_KEYS if k in meta}
     if "eot_token_id" in gen:  # llama.cpp ends a generation at eot as at eos
-        gen["eos_token_id"] = list(
-            dict.fromkeys([gen.get("eos_token_id"), gen.pop("eot_token_id")])
-        )
+        ends = [gen.get("eos_token_id"), gen.pop("eot_token_id")]
+        gen["eos_token_id"] = list(dict.fromkeys(i for i in ends if i is not None))
     if gen:
         atomic_write_text(out / "generation_config.json", json.dumps(gen))
+
+
+def _model_json(meta: dict, tokens: list[str], types: list[int]) -> tuple[dict, bool]:
+    """(tokenizer.json without added tokens, whether llama.cpp adds bos) by tokenizer model."""
+    model = meta.get("tokenizer.ggml.model")
+    if model == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre")
+        if pre not in PRE:
+            raise ValueError(
+                f"unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r}: zerolm reads "
+                f"{_supported()}"
+            )
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", pre in _BOS_BY_DEFAULT)
+        return _byte_level_json(meta, tokens, types, pre), bool(add_bos)
+    if model == "llama":
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", True)
+        return _sentencepiece_json(meta, tokens), bool(add_bos)
+    if model == "bert":  # [CLS] .. [SEP]: its own post-processor
+        return _wordpiece_json(meta, tokens), False
+    raise ValueError(
+        f"unsupported GGUF tokenizer tokenizer.ggml.model={model!r}: zerolm reads {_supported()}"
+    )
 
 
 _GEN_KEYS = (
@@ -144,14 +152,15 @@ def _bpe_model(vocab: dict, merges: list, **kw) -> dict:
 
 
 def _byte_level_json(meta: dict, tokens: list[str], types: list[int], pre: str) -> dict:
-    """tokenizer.json of a byte-level BPE: an added token written as plain text ("<think>" with
-    a space in it) is spelled in the byte alphabet in the vocabulary, as transformers does."""
+    """tokenizer.json of a byte-level BPE: a normal token written as plain text (command-r's
+    "\u200d") is spelled in the byte alphabet, as transformers' GGUF reader does."""
     spelling = byte_level_alphabet()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        key = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
-        vocab.setdefault(key, i)
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        # an added token keeps its text as key (HF finds its id there); a later token wins a clash
+        plain = set(t) <= alphabet or ty in (CONTROL, USER_DEFINED)
+        vocab[t if plain else "".join(spelling[b] for b in t.encode("utf-8"))] = i
     merges = [_merge(m) for m in meta.get("tokenizer.ggml.merges") or []]
     family = PRE[pre]
     return {
@@ -170,12 +179,53 @@ def _byte_level_json(meta: dict, tokens: list[str], types: list[int], pre: str) 
     }
 
 
+def _wordpiece_json(meta: dict, tokens: list[str]) -> dict:
+    """tokenizer.json of a BERT WordPiece: the GGUF writes a word-start piece "▁x" (HF "x") and a
+    continuation as "x" (HF "##x"); [CLS]-style names stay."""
+    vocab = {
+        t[1:] if t.startswith("\u2581") else t if t[:1] + t[-1:] == "[]" else "##" + t: i
+        for i, t in enumerate(tokens)
+    }
+    lower = bool(meta.get("tokenizer.ggml.normalizer.lowercase", True))
+    cls, sep = (tokens[meta[k]] for k in (ROLE_KEYS["cls_token"], ROLE_KEYS["sep_token"]))
+    ids = {t: vocab[t] for t in (cls, sep)}
+    single = [{"SpecialToken": {"id": cls, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    single.append({"SpecialToken": {"id": sep, "type_id": 0}})
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "normalizer": {
+            "type": "BertNormalizer",
+            "clean_text": True,
+            "handle_chinese_chars": True,
+            "strip_accents": None,
+            "lowercase": lower,
+        },
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": single,
+            "pair": single,
+            "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in ids.items()},
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
+        "model": {
+            "type": "WordPiece",
+            "unk_token": tokens[meta[ROLE_KEYS["unk_token"]]],
+            "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100,
+            "vocab": vocab,
+        },
+    }
+
+
 def _merge(m: str) -> list[str]:
     at = m.find(" ", 1)  # as llama.cpp splits "a b": at the first space after the first char
     return [m[:at], m[at + 1 :]]
 
 
-def _sentencepiece_json(meta: dict, tokens: list[str], types: list[int]) -> dict:
+def _sentencepiece_json(meta: dict, tokens: list[str]) -> dict:
     """tokenizer.json of a SentencePiece BPE (Llama 2, Phi-3): "▁" for space, a "▁" prefix on
     every text run (llama.cpp: at the start and after each special token), <0xNN> fallback."""
     scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
@@ -237,6 +287,11 @@ def write_tokenizer(writer, tok: Tokenizer) -> None:
             "byte-level BPE tokenizers only (tokenizer.ggml.model gpt2)"
         )
     pre = _export_pre(spec)
+    if tok.layout == "zerolm" and pre in NOT_EXACT:
+        raise ValueError(
+            f"cannot export to GGUF: llama.cpp's {pre} pre-tokenizer is not exact "
+            f"({NOT_EXACT[pre]}); retrain the tokenizer with --tokenizer.pre=qwen2"
+        )
     tokens, types = _tokens(tok)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -249,7 +304,8 @@ def write_tokenizer(writer, tok: Tokenizer) -> None:
         # names <|bos|> itself, so rendering in llama.cpp still gives zerolm's prompt.
         bos: int | None = tok.eos_id
         add_bos, add_eos = True, False
-        template: str | None = CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ '<|bos|>' }}")
+        spelled = "{{ " + repr(tok.special_tokens()["bos"]) + " }}"
+        template: str | None = CHAT_TEMPLATE.replace("{{ bos_token }}", spelled)
     else:
         bos, add_bos, add_eos = _added_specials(tok)
         template = None if tok.template is None else tok.template.source
@@ -267,23 +323,27 @@ def write_tokenizer(writer, tok: Tokenizer) -> None:
 
 
 def _export_pre(spec: dict) -> str:
-    """The llama.cpp pre name that splits as `spec` does, or ValueError why there is none."""
-    pre = pre_name_of(spec.get("pre_tokenizer"))
-    if pre is None:
+    """The llama.cpp pre name that splits as `spec` does, or ValueError why there is none. Of
+    names with the same splitting, the one whose family has `spec`'s normalizer (llama.cpp itself
+    applies none: a foreign NFC tokenizer is written as llama.cpp's converter writes it)."""
+    first = pre_name_of(spec.get("pre_tokenizer"))
+    if first is None:
         old = normalise(spec.get("pre_tokenizer")) == normalise(TRAIN_PRE["zerolm-han"])
         what = "zerolm's older Han-isolating pre-tokenizer" if old else "this pre-tokenizer"
         raise ValueError(
             f"cannot export to GGUF: llama.cpp implements no pre-tokenizer that splits text as "
             f"{what} does, so it would tokenize differently; retrain the tokenizer with "
-            f"--tokenizer.pre={next(iter(TRAIN_PRE))} (or another of "
-            f"{', '.join(n for n in TRAIN_PRE if n in PRE)})"
+            "--tokenizer.pre=qwen2"
+        )
+    norm, split = spec.get("normalizer"), normalise(PRE[first].pre_tokenizer)
+    same = [n for n, p in PRE.items() if normalise(p.pre_tokenizer) == split]
+    pre = next((n for n in same if PRE[n].normalizer == norm), first if norm is None else None)
+    if pre is None:
+        raise ValueError(
+            f"cannot export to GGUF: the tokenizer normalises text ({norm}), which llama.cpp's "
+            f"{first} pre-tokenizer does not; use a tokenizer without a normalizer"
         )
     family, model = PRE[pre], spec["model"]
-    if spec.get("normalizer") not in (None, family.normalizer):
-        raise ValueError(
-            f"cannot export to GGUF: the tokenizer normalises text ({spec['normalizer']}), which "
-            f"llama.cpp's {pre} pre-tokenizer does not; use a tokenizer without a normalizer"
-        )
     if bool(model.get("ignore_merges")) != family.ignore_merges or model.get("byte_fallback"):
         raise ValueError(
             f"cannot export to GGUF: the BPE model's ignore_merges/byte_fallback differ from what "

@@ -47,8 +47,9 @@ from zerolm.tokenizer.specials import (
 from zerolm.tokenizer.template import ChatTemplate
 
 # Places where every TRAIN_PRE pattern (tokenizer/pretok.py) starts a new pre-token: after a line
-# break before a non-space, before a single space that begins " word".
-_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)")
+# break before a non-space, before a single space that begins " word" after a letter, digit or Han
+# character (deepseek-llm leaves a space after what none of its regexes match, e.g. an emoji).
+_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=[A-Za-z0-9\u4e00-\u9fa5])(?= \S)")
 
 
 def chunks(text: str, size: int = 1 << 13) -> Iterator[str]:
