@@ -74,9 +74,14 @@ def kl(files: dict, work: Path, threads: int, rows: list) -> None:
     run([ppl, "-m", str(files["f32"]), "-f", str(work / "held_out.txt"), *common])
     found = {}
     for d in ("q8_0", "q4_0"):
-        r = run([ppl, "-m", str(files[d]), *common, "--kl-divergence"])
-        line = next(x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Mean    KLD:"))
-        found[d] = float(line.split()[2])
+        for _ in range(5):  # its logger can drop the last lines at exit (llama.cpp issue 22142)
+            r = run([ppl, "-m", str(files[d]), *common, "--kl-divergence"])
+            lines = [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Mean    KLD:")]
+            if lines:
+                found[d] = float(lines[0].split()[2])
+                break
+        else:
+            raise RuntimeError(f"llama-perplexity printed no mean KL for {d} in 5 runs")
     emit({"what": "kl", "mean_kl": found, "ratio": found["q8_0"] / found["q4_0"]}, rows)
 
 

@@ -11,8 +11,13 @@ import subprocess
 import pytest
 
 from zerolm.interop.gguf_file import fields, open_gguf
-from zerolm.interop.gguf_tokenizer import tokenizer_files_from_gguf, write_tokenizer
+from zerolm.interop.gguf_tokenizer import (
+    llama_cpp_adds,
+    tokenizer_files_from_gguf,
+    write_tokenizer,
+)
 from zerolm.tokenizer import Tokenizer
+from zerolm.tokenizer.chat import CHAT_TEMPLATE
 from zerolm.tokenizer.pretok import NOT_EXACT, PRE, TRAIN_PRE, pre_name
 
 SEP = "\n__ggml_vocab_test__\n"
@@ -152,11 +157,11 @@ def test_write_then_read_gives_the_same_ids(poems_tokenizer, tmp_path):
     write_vocab_gguf(tmp_path / "v.gguf", poems_tokenizer)
     meta = fields(open_gguf(tmp_path / "v.gguf"))
     assert meta["tokenizer.ggml.pre"] == pre_name(poems_tokenizer) in EXPORTABLE
-    assert (
-        meta["tokenizer.ggml.bos_token_id"] == poems_tokenizer.eos_id
-    )  # what a document starts with
-    # the template names zerolm's bos itself: llama.cpp's bos_token is the eos above
-    assert "bos_token" not in meta["tokenizer.chat_template"]
+    # llama.cpp adds nothing; its bos_token is <|bos|>, which zerolm's chat template starts with
+    assert meta["tokenizer.ggml.bos_token_id"] == poems_tokenizer.bos_id
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+    assert meta["tokenizer.ggml.eot_token_id"] == poems_tokenizer.turn_end
+    assert meta["tokenizer.chat_template"] == CHAT_TEMPLATE
     tokenizer_files_from_gguf(meta, tmp_path / "tok")
     back = Tokenizer.load(tmp_path / "tok")
     texts = mixed_strings(300)
@@ -196,7 +201,8 @@ def check_llama_cpp_agrees(llama_cpp, gguf_path, tok, sep: int, tmp_path) -> Non
     texts = mixed_strings(1000, seed=1)
     assert all(tok.hf.id_to_token(sep) not in t for t in texts)
     got = llama_cpp_ids(llama_cpp, gguf_path, texts, sep, tok, tmp_path)
-    want = [tok.completion_ids(texts[:1])[0], *tok.encode_batch(texts[1:])]
+    bos, add_bos, _ = llama_cpp_adds(tok)  # what the GGUF has llama.cpp put before a text
+    want = [[bos] * add_bos + tok.encode(texts[0]), *tok.encode_batch(texts[1:])]
     assert len(got) == len(want)
     bad = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
     assert not bad, f"{len(bad)} of {len(texts)} differ, e.g. {bad[0]}"

@@ -298,20 +298,13 @@ def write_tokenizer(writer, tok: Tokenizer) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
-    if tok.layout == "zerolm":
-        # llama.cpp prefixes bos when it adds specials; zerolm starts a document with eos
-        # (completion_ids), so the "bos" llama.cpp adds is zerolm's eos id. The chat template
-        # names <|bos|> itself, so rendering in llama.cpp still gives zerolm's prompt.
-        bos: int | None = tok.eos_id
-        add_bos, add_eos = True, False
-        spelled = "{{ " + repr(tok.special_tokens()["bos"]) + " }}"
-        template: str | None = CHAT_TEMPLATE.replace("{{ bos_token }}", spelled)
-    else:
-        bos, add_bos, add_eos = _added_specials(tok)
-        template = None if tok.template is None else tok.template.source
+    bos, add_bos, add_eos = llama_cpp_adds(tok)
+    template = CHAT_TEMPLATE if tok.layout == "zerolm" else getattr(tok.template, "source", None)
     if bos is not None:
         writer.add_bos_token_id(bos)
     writer.add_eos_token_id(tok.eos_id)
+    if tok.turn_end is not None and tok.turn_end != tok.eos_id:
+        writer.add_eot_token_id(tok.turn_end)  # llama.cpp's chat stops at end-of-generation ids
     if tok.unk_id is not None:
         writer.add_unk_token_id(tok.unk_id)
     if tok.roles.pad is not None:
@@ -320,6 +313,19 @@ def write_tokenizer(writer, tok: Tokenizer) -> None:
     writer.add_add_eos_token(add_eos)
     if template:
         writer.add_chat_template(template)
+
+
+def llama_cpp_adds(tok: Tokenizer) -> tuple[int | None, bool, bool]:
+    """(bos id, add_bos, add_eos) as the exported GGUF says: what llama.cpp (and Ollama) put
+    around every text they tokenize with specials, chat prompts included.
+
+    A zerolm tokenizer starts a document with eos (completion_ids) but a conversation with
+    <|bos|> (its chat template). llama.cpp can add only one fixed bos to both, so it adds none:
+    its bos is <|bos|>, which the chat template writes, so llama-cli's and Ollama's chat prompts
+    are zerolm's exactly; to continue a text as `zerolm generate` does, start it with <|eos|>."""
+    if tok.layout == "zerolm":
+        return tok.bos_id, False, False
+    return _added_specials(tok)
 
 
 def _export_pre(spec: dict) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import jinja2
 
+from zerolm.interop.gguf_tokenizer import llama_cpp_adds
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import CHAT_TEMPLATE
 from zerolm.tokenizer.specials import BOS
@@ -169,12 +170,10 @@ def chat_renderer(tok: Tokenizer) -> tuple[Render, ChatTemplate]:
 
 
 def added_prefix(tok: Tokenizer) -> str:
-    """The special tokens the tokenizer puts before a text by itself (bos, for most): llama.cpp
-    and Ollama add them to the prompt, so the TEMPLATE must not write them again."""
-    ids, plain = tok.completion_ids(["a"])[0], tok.encode("a")
-    if not plain or ids[len(ids) - len(plain) :] != plain:
-        return ""
-    return "".join(tok.token_str(i) for i in ids[: len(ids) - len(plain)])
+    """The special token llama.cpp and Ollama put before every prompt of the exported GGUF (its
+    bos, when it has add_bos_token): the TEMPLATE must not write it again."""
+    bos, add_bos, _ = llama_cpp_adds(tok)
+    return tok.token_str(bos) if add_bos and bos is not None else ""
 
 
 def template_parts(tok: Tokenizer) -> Parts:
