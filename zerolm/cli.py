@@ -82,6 +82,7 @@ def _disk_full(e: OSError) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
     parser = build_parser()
     args, extra = parser.parse_known_args(
         _join_overrides(sys.argv[1:] if argv is None else list(argv))

@@ -126,7 +126,11 @@ def _check(diffs: dict[str, float]) -> None:
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])
 def test_trained_models_round_trip_through_transformers(trained, preset, tmp_path):
     path = trained(preset)
-    _check(_round_trip(load_model(path), Tokenizer.load(path), tmp_path))
+    diffs = _round_trip(load_model(path), Tokenizer.load(path), tmp_path)
+    _check(diffs)
+    # for these small models the f16 file is within 2e-2 of the f32 model itself, too (SmolLM2's
+    # 30 layers of f16 rounding move its logits by ~0.14: there only the stored weights compare)
+    assert diffs["f16 vs f32 weights"] <= TOL["f16"], diffs
 
 
 @pytest.mark.slow
