@@ -88,7 +88,7 @@ def convert(tmp_path_factory):
 def tiny_llama(hf_decoder, convert):
     """A tiny random HF llama (rows of 256: every block size fits) and its converted GGUF."""
     hf_dir = hf_decoder("llama", hidden_size=256, intermediate_size=512, tie_word_embeddings=True)
-    return hf_dir, convert(hf_dir, "llama")
+    return hf_dir, convert(hf_dir, "tiny-llama")  # its own name: convert() caches by name
 
 
 def requantize(src: Path, dst: Path, qtype: Q) -> Path:

@@ -164,8 +164,14 @@ def test_bad_requests_are_4xx_with_an_openai_error_and_the_server_keeps_serving(
     ).choices  # still answers
 
 
-def test_context_errors_name_the_fix(live):
-    status, _, err = raw(live, "POST", "/v1/completions", {"prompt": "月" * 1000, "max_tokens": 40})
+def test_context_errors_name_the_fix(live, model_dir):
+    from zerolm.tokenizer import Tokenizer
+
+    # a prompt that fits the 1,023-token limit but not with 40 new tokens after it
+    tok = Tokenizer.load(model_dir)
+    k = next(k for k in range(1, 4000) if len(tok.completion_ids(["月" * k])[0]) > 1023 - 40)
+    assert len(tok.completion_ids(["月" * k])[0]) <= 1023
+    status, _, err = raw(live, "POST", "/v1/completions", {"prompt": "月" * k, "max_tokens": 40})
     assert status == 400 and err["error"]["code"] == "context_length_exceeded"
     assert "lower max_tokens" in err["error"]["message"]
     status, _, err = raw(live, "POST", "/v1/completions", {"prompt": ""})

@@ -26,7 +26,6 @@ import jinja2
 from zerolm.interop.gguf_tokenizer import llama_cpp_adds
 from zerolm.tokenizer import Tokenizer
 from zerolm.tokenizer.chat import CHAT_TEMPLATE
-from zerolm.tokenizer.specials import BOS
 from zerolm.tokenizer.template import ChatTemplate
 
 DOCS = "https://github.com/ollama/ollama/blob/main/docs/template.md"
@@ -164,7 +163,7 @@ def chat_renderer(tok: Tokenizer) -> tuple[Render, ChatTemplate]:
 
     def render(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         variables = zerolm.variables(messages, add_generation_prompt)
-        return zerolm.compiled.render(**variables, bos_token=BOS)
+        return zerolm.compiled.render(**variables, bos_token=tok.special_tokens()["bos"])
 
     return render, zerolm
 
@@ -195,7 +194,8 @@ def template_parts(tok: Tokenizer) -> Parts:
     if re.search(r"\bstrftime_now\b", chat.source):
         raise refuse("it writes today's date (strftime_now), which a TEMPLATE would freeze")
     specials = [t.content for t in tok.hf.get_added_tokens_decoder().values()]
-    bos = tok.token_names.get("bos_token", BOS if tok.layout == "zerolm" else None)
+    zerolm_bos = tok.special_tokens()["bos"] if tok.layout == "zerolm" else None
+    bos = tok.token_names.get("bos_token", zerolm_bos)
     try:
         parts = _probe(render, specials, bos if "bos_token" in chat.source else None)
         for shape in _SHAPES:
