@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "config": 1,
     "tokenizer": 2,
     "model": 2,
+    "quant": 2,  # quantized layers and kernels: model/io.py loads a quantized model
     "transforms": 3,
     "data": 3,
     "infer": 3,

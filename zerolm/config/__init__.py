@@ -11,6 +11,7 @@ from zerolm.config.load import RECIPES, load_config, merge_dicts, parse_override
 from zerolm.config.save import save_config, to_toml
 from zerolm.config.schema import (
     AlignConfig,
+    CalibConfig,
     ClassifyConfig,
     Config,
     DataConfig,
@@ -19,6 +20,8 @@ from zerolm.config.schema import (
     MLMConfig,
     ModelConfig,
     PoemsConfig,
+    PruneConfig,
+    QuantConfig,
     SampleConfig,
     Seq2SeqConfig,
     ServeConfig,
@@ -32,6 +35,7 @@ from zerolm.config.validate import validate
 __all__ = [
     "RECIPES",
     "AlignConfig",
+    "CalibConfig",
     "ClassifyConfig",
     "Config",
     "DataConfig",
@@ -40,6 +44,8 @@ __all__ = [
     "MLMConfig",
     "ModelConfig",
     "PoemsConfig",
+    "PruneConfig",
+    "QuantConfig",
     "SFTConfig",
     "SampleConfig",
     "Seq2SeqConfig",

@@ -365,6 +365,42 @@ class TranslateConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CalibConfig:
+    """Calibration text for gptq / awq / wanda / structured pruning: `seqs` windows of `seq_len`
+    tokens drawn with `seed` from held-out text (the model's validation shards or given files)."""
+
+    data: tuple[str, ...] = ()  # .txt/.jsonl files; (): bundled `corpus`
+    corpus: tuple[str, ...] = ("tang", "shakespeare")  # bundled corpora's held-out split
+    seqs: int = 64
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """`zerolm quantize`: weight quantization of every linear layer (transforms/quantize.py)."""
+
+    method: Literal["int8", "int4", "gptq", "awq"] = "int8"  # gptq / awq: calibrated int4
+    group: int = 32  # weights per scale along a row (32: llama.cpp's blocks); 0: one per row
+    scheme: Literal["sym", "asym"] = "sym"  # int4: sym = Q4_0's code, asym = Q4_1's
+    head: Literal["auto", "int8", "int4", "float"] = "auto"  # output head (and a tied embedding)
+    gptq_damp: float = 0.01  # gptq: Hessian damping, as a share of its mean diagonal
+    awq_grid: int = 20  # awq: scale exponents tried per layer
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """`zerolm prune`: weight pruning (transforms/prune.py)."""
+
+    method: Literal["magnitude", "wanda", "structured"] = "magnitude"
+    sparsity: float = 0.5  # unstructured: share of each layer's weights set to zero
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    ffn_fraction: float = 0.25  # structured: share of FFN channels removed per block
+    heads_fraction: float = 0.0  # structured: share of attention heads (kv groups) removed
+    recover_steps: int = 0  # structured: recovery fine-tune steps on the one Trainer
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The stages' sections (data ... classify) and the commands' (sample ... translate)."""
 
@@ -385,3 +421,6 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     translate: TranslateConfig = field(default_factory=TranslateConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)

@@ -20,6 +20,7 @@ from zerolm.files import atomic_save_tensors, atomic_write_text
 from zerolm.model.build import model_class
 from zerolm.model.presets import ResolvedModelConfig, resolve
 from zerolm.model.protocol import SavableModel
+from zerolm.quant.linear import apply_quant_layout
 
 
 def save_model(model: SavableModel, out_dir: str | Path, tokenizer=None) -> Path:
@@ -30,6 +31,9 @@ def save_model(model: SavableModel, out_dir: str | Path, tokenizer=None) -> Path
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_save_tensors(out / "model.safetensors", state, metadata={"format": "pt"})
     config = {"zerolm_model": dataclasses.asdict(model.cfg)}
+    quant = getattr(model, "zerolm_quant", None)
+    if quant is not None:  # which layers are stored quantized, and how (zerolm/quant)
+        config["zerolm_quant"] = quant
     atomic_write_text(out / "config.json", json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save(out)
@@ -51,6 +55,12 @@ def read_model_config(model_dir: str | Path) -> ResolvedModelConfig:
         )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     return resolve(ModelConfig(**{k: v for k, v in raw["zerolm_model"].items() if k in fields}))
+
+
+def read_quant_meta(model_dir: str | Path) -> dict | None:
+    """The quantization record of a model directory (zerolm/quant/linear.py), or None."""
+    raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return raw.get("zerolm_quant")
 
 
 def load_state(
@@ -86,13 +96,17 @@ def load_state(
 
 
 def load_model(model_dir: str | Path, device="cpu", dtype=None):
-    """Load a zerolm model directory (any arch)."""
+    """Load a zerolm model directory (any arch; quantized layers as saved). `dtype` casts the
+    float tensors only: a quantized layer's codes and scales stay as stored."""
     cfg = read_model_config(model_dir)
+    quant = read_quant_meta(model_dir)
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
+    if quant is not None:
+        apply_quant_layout(model, quant)
     state = load_file(str(Path(model_dir) / "model.safetensors"), device=str(device))
     if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_state(model, state, f"{model_dir}/model.safetensors")
     model.reset_buffers()
     return model.to(device).eval()

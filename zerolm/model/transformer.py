@@ -99,8 +99,12 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, T, D) -> logits (B, T, V)."""
-        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ head.T
+        head: nn.Module = self.tok_emb if self.lm_head is None else self.lm_head
+        project = getattr(head, "project", None)  # a quantized head runs its own kernel (quant/)
+        if project is not None:
+            return project(hidden)
+        weight: torch.Tensor = head.weight  # type: ignore[assignment]
+        return hidden @ weight.T
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Rope]:
         """ids (B, T) at positions (B, T) or (T,) -> the first block's input (B, T, D) and the RoPE
