@@ -54,23 +54,37 @@ def kernels_for(ws: list[torch.Tensor]) -> dict[str, tuple[Callable[[], object],
     xs = {k: torch.randn(1, k) for k in (D, FFN)}
     xb = {k: v.bfloat16() for k, v in xs.items()}
     out: dict[str, tuple[Callable[[], object], int]] = {}
-    out["fp32 F.linear"] = (lambda: [F.linear(xs[w.shape[1]], w) for w in ws], 4 * sum(w.numel() for w in ws))
+    out["fp32 F.linear"] = (
+        lambda: [F.linear(xs[w.shape[1]], w) for w in ws],
+        4 * sum(w.numel() for w in ws),
+    )
     for name, bits in (("op int8 g32", 8), ("op int4 sym g32", 4)):
         qs = [formats.quantize(w, bits, 32) for w in ws]
         nbytes = sum(q.qweight.numel() + 2 * q.scales.numel() for q in qs)
         if kernels.kernel_available():
-            out[name] = (lambda qs=qs, b=bits: [kernels.linear(xs[q.scales.shape[1] * 32], *q, b) for q in qs], nbytes)
+            out[name] = (
+                lambda qs=qs, b=bits: [
+                    kernels.linear(xs[q.scales.shape[1] * 32], *q, b) for q in qs
+                ],
+                nbytes,
+            )
     i8 = [(w / w.abs().amax(1, keepdim=True) * 127).round().to(torch.int8) for w in ws]
     sc = [w.abs().amax(1) / 127 for w in ws]
     mm8 = torch.ops.aten._weight_int8pack_mm
     nb8 = sum(q.numel() + 4 * s.numel() for q, s in zip(i8, sc))
     out["aten int8pack fp32 x"] = (lambda: [mm8(xs[q.shape[1]], q, s) for q, s in zip(i8, sc)], nb8)
     scb = [s.bfloat16() for s in sc]
-    out["aten int8pack bf16 x"] = (lambda: [mm8(xb[q.shape[1]], q, s) for q, s in zip(i8, scb)], nb8)
+    out["aten int8pack bf16 x"] = (
+        lambda: [mm8(xb[q.shape[1]], q, s) for q, s in zip(i8, scb)],
+        nb8,
+    )
     p4 = [_int4pack(w, 32) for w in ws]
     mm4 = torch.ops.aten._weight_int4pack_mm_for_cpu
     nb4 = sum(p.numel() + 2 * s.numel() for p, s in p4)
-    out["aten int4pack bf16 x g32"] = (lambda: [mm4(xb[w.shape[1]], p, 32, s) for w, (p, s) in zip(ws, p4)], nb4)
+    out["aten int4pack bf16 x g32"] = (
+        lambda: [mm4(xb[w.shape[1]], p, 32, s) for w, (p, s) in zip(ws, p4)],
+        nb4,
+    )
     return out
 
 
@@ -88,7 +102,11 @@ def main() -> None:
             row: dict = {"threads": threads, "load": os.getloadavg()[0], **cpu_info()}
             for name, (step, nbytes) in runs.items():
                 s = _time(step, args.reps)
-                row[name] = {"ms": round(s * 1e3, 2), "tok_s": round(1 / s, 1), "GB_s": round(nbytes / s / 1e9, 1)}
+                row[name] = {
+                    "ms": round(s * 1e3, 2),
+                    "tok_s": round(1 / s, 1),
+                    "GB_s": round(nbytes / s / 1e9, 1),
+                }
             print(json.dumps(row))
 
 

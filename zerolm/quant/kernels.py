@@ -65,7 +65,9 @@ def path(which: KernelPath) -> Iterator[None]:
     """Force a path for the products run inside the block: "op" raises if the op is not loaded."""
     global _forced
     if which == "op" and not load():
-        raise ValueError("the quantized C++ kernel is not built; run `python -m zerolm.quant.build`")
+        raise ValueError(
+            "the quantized C++ kernel is not built; run `python -m zerolm.quant.build`"
+        )
     before, _forced = _forced, which
     try:
         yield
@@ -103,7 +105,9 @@ def linear(
     group = check_group(k, k // scales.shape[1])
     which = _choose(x)
     if which == "op":
-        y = torch.ops.zerolm.qlinear(x, qweight, scales, mins, bits, 0 if group == k else group, bias)
+        y = torch.ops.zerolm.qlinear(
+            x, qweight, scales, mins, bits, 0 if group == k else group, bias
+        )
         return y.to(x.dtype)
     w = dequantize(Quantized(qweight, scales, mins), bits, torch.float32)
     if which == "float":
