@@ -80,4 +80,7 @@ if [ "$extra" = test ]; then
     rm -rf "$tmp"
   fi
 fi
+# the quantized CPU kernel, compiled by this machine's g++ into ~/.cache/zerolm (optional: without it
+# quantized models run the pure-torch path)
+"$vpy" -m zerolm.quant.build >/dev/null || echo "setup: warning: quantized kernel not built (above); quantized models will use the slower pure-torch path" >&2
 echo "$want" > "$stamp"
