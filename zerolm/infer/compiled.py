@@ -25,6 +25,9 @@ from torch.export import ExportedProgram
 from zerolm.files import atomic_write_text
 from zerolm.infer.kv_cache import KVCache, decode_mask
 from zerolm.model.protocol import LanguageModel
+from zerolm.quant import kernels
+from zerolm.quant.build import library_path
+from zerolm.quant.linear import quant_layers
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,19 @@ PROGRAMS_KEPT = 4  # the most recently used programs kept on disk (each holds it
 COMPILING = ".compiling-"  # the prefix of a program's temporary folder while it compiles
 
 
+def kernel_library(model: LanguageModel) -> str | None:
+    """The quantized kernel library a step of `model` calls, loaded now (a program exported with
+    the op inside needs it at export and at load): its path, which names its build's key; None
+    for a float model or where the op is not built (the pure-torch path is then compiled in)."""
+    if not quant_layers(model) or not kernels.load():
+        return None
+    return str(library_path())
+
+
 def program_key(model: LanguageModel, batch: int, cache: KVCache) -> str:
-    """What a compiled step depends on: the model's code, config and weights, the batch and cache
-    shape, the thread count and vector ISA its kernels were built for, torch and the settings."""
+    """What a compiled step depends on: the model's code, config and weights (and quantization
+    record and kernel library), the batch and cache shape, the thread count and vector ISA its
+    kernels were built for, torch and the settings."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     h = hashlib.sha256(
@@ -104,11 +117,16 @@ def program_key(model: LanguageModel, batch: int, cache: KVCache) -> str:
                 torch.get_num_threads(),
                 str(pick_vec_isa()),
                 model.cfg,
+                getattr(model, "zerolm_quant", None),
+                kernel_library(model),
             )
         ).encode()
     )
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # zerolm/
-    for src in sorted(glob.glob(os.path.join(here, "model", "*.py"))) + [
+    code = glob.glob(os.path.join(here, "model", "*.py")) + glob.glob(
+        os.path.join(here, "quant", "*.py")
+    )
+    for src in sorted(code) + [
         __file__,
         os.path.join(here, "infer", "kv_cache.py"),
     ]:

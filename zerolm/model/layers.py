@@ -109,6 +109,10 @@ class FusedGateUpFFN(FFN):
         return F.silu(g) * u
 
 
+# the tensors of a linear that split_keys splits by rows: a float one's, a quantized one's (quant/)
+FUSED_KINDS = ("weight", "bias", "qweight", "scales", "mins")
+
+
 def split_keys(
     module: nn.Module, fused: str, parts: dict[str, int], order: tuple[str, ...] | None = None
 ) -> None:
@@ -121,7 +125,7 @@ def split_keys(
 
     def save(mod, state, prefix, _meta):
         own = {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
-        for kind in ("weight", "bias"):
+        for kind in FUSED_KINDS:
             t = own.pop(f"{fused}.{kind}", None)
             if t is not None:
                 own.update({f"{n}.{kind}": s for n, s in zip(names, t.split(sizes))})
@@ -135,7 +139,7 @@ def split_keys(
             state[prefix + k] = own[k]
 
     def load(mod, state, prefix, *_):
-        for kind in ("weight", "bias"):
+        for kind in FUSED_KINDS:
             keys = [f"{prefix}{n}.{kind}" for n in names]
             if all(k in state for k in keys):
                 state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])

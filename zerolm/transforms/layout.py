@@ -10,18 +10,50 @@ from torch import nn
 from zerolm.model.attention import Attention, FusedQKVAttention
 from zerolm.model.layers import FFN, FusedGateUpFFN, FusedRMSNorm, RMSNorm
 from zerolm.model.protocol import LanguageModel
+from zerolm.quant.linear import QuantLinear
+
+
+def _quantized(mod: nn.Module, names: tuple[str, ...]) -> QuantLinear | None:
+    """The first of `mod`'s parts `names` if all are QuantLinear of one spec, input width and bias
+    presence (their codes, scales and mins then concatenate by rows exactly: groups run along the
+    inputs), else None."""
+    parts = [getattr(mod, n) for n in names]
+    first = parts[0]
+    if all(type(p) is QuantLinear for p in parts) and all(
+        (p.spec, p.in_features, p.bias is None)
+        == (first.spec, first.in_features, first.bias is None)
+        for p in parts
+    ):
+        return first
+    return None
+
+
+def _quantize_fused(twin: nn.Module, attr: str, like: QuantLinear | None) -> nn.Module:
+    """`twin` with its fused linear `attr` made a QuantLinear of `like`'s spec (meta), if any."""
+    if like is not None:
+        old = getattr(twin, attr)
+        setattr(
+            twin,
+            attr,
+            QuantLinear(old.in_features, old.out_features, like.spec, like.bias is not None),
+        )
+    return twin
 
 
 def _twin(mod: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
     """The fused module of the same math as `mod`, built on the meta device, and the names of
     `mod`'s parts it fuses; None to keep `mod`. Exact types only: a module already fused, or whose
-    parts are LoRA-wrapped, stays as it is."""
+    parts are LoRA-wrapped, stays as it is. Quantized parts of one spec fuse into a quantized
+    linear (split_keys keeps their split keys in the state_dict)."""
 
     def plain(*names: str) -> bool:
         return all(type(getattr(mod, n)) is nn.Linear for n in names)
 
+    def fusable(*names: str) -> bool:
+        return plain(*names) or _quantized(mod, names) is not None
+
     with torch.device("meta"):
-        if type(mod) is Attention and plain("q", "k", "v"):
+        if type(mod) is Attention and fusable("q", "k", "v"):
             d, bias, o_bias = mod.q.in_features, mod.q.bias is not None, mod.o.bias is not None
             eps = None if mod.q_norm is None else mod.q_norm.eps
             twin = FusedQKVAttention(
@@ -34,10 +66,11 @@ def _twin(mod: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
                 qkv_bias=bias,
                 qk_norm_eps=eps,
             )
-            return twin, ("q", "k", "v")
-        if type(mod) is FFN and mod.kind == "swiglu" and plain("gate", "up"):
+            return _quantize_fused(twin, "wqkv", _quantized(mod, ("q", "k", "v"))), ("q", "k", "v")
+        if type(mod) is FFN and mod.kind == "swiglu" and fusable("gate", "up"):
             d, bias = mod.up.in_features, mod.up.bias is not None
-            return FusedGateUpFFN(d, mod.d_ff, mod.kind, bias, mod.drop.p), ("gate", "up")
+            twin = FusedGateUpFFN(d, mod.d_ff, mod.kind, bias, mod.drop.p)
+            return _quantize_fused(twin, "gate_up", _quantized(mod, ("gate", "up"))), ("gate", "up")
         if type(mod) is RMSNorm:
             return FusedRMSNorm(mod.weight.shape[0], mod.eps, mod.feeds_matmul), ("weight",)
     return None
@@ -53,8 +86,9 @@ def _swap(model: LanguageModel, name: str, mod: nn.Module, twin: nn.Module, fuse
     state = {k: v for k, v in mod.state_dict().items() if k.split(".")[0] in fused}
     twin.load_state_dict(state, strict=False, assign=True)
     grads = {n: p.requires_grad for n, p in mod.named_parameters()}
+    parts = [g for n, g in grads.items() if n.split(".")[0] in fused]
     for n, p in twin.named_parameters():  # a fused weight is trainable if any of its parts was
-        p.requires_grad_(grads.get(n, any(grads.values())))
+        p.requires_grad_(grads.get(n, any(parts)))
     assert not any(t.is_meta for t in twin.state_dict().values()), name
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, twin.train(mod.training))
