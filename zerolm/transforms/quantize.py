@@ -19,6 +19,7 @@ from zerolm.config import QuantConfig
 from zerolm.model.transformer import Transformer
 from zerolm.quant.formats import Quantized, check_group, quantize
 from zerolm.quant.linear import QuantSpec, quant_layers, replace_layer
+from zerolm.transforms.calibrate import calibrated_codes
 
 BITS = {"int8": 8, "int4": 4, "gptq": 4, "awq": 4}
 
@@ -68,14 +69,12 @@ def quantize_model(
     model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None
 ) -> nn.Module:
     """Quantize `model` in place and return it. calib: (N, T) token ids of held-out text, needed by
-    gptq and awq (zerolm/quant/calibrate.py draws them)."""
+    gptq and awq (transforms/calibrate.py's calibration_ids draws them)."""
     check_quantizable(model, cfg)
     targets = quant_targets(model, cfg)
     if cfg.method in ("gptq", "awq"):
         if calib is None:
             raise ValueError(f"{cfg.method} needs calibration text (token ids); see [calib]")
-        from zerolm.quant.calibrate import calibrated_codes
-
         codes = calibrated_codes(model, targets, cfg, calib)
     else:
         codes = {}
