@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from zerolm.cli import main
-from zerolm.config import PruneConfig, TrainConfig
 from zerolm.commands.prune import recover
+from zerolm.config import PruneConfig, TrainConfig
 from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model import load_model, read_model_config, save_model
