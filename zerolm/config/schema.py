@@ -169,6 +169,9 @@ class LoRAConfig:
         "v",
         "o",
     )  # module names: q k v o (attention), up gate down (FFN), lm_head
+    # QLoRA: quantize a float base before adding adapters (transforms/quantize.py's int8 / int4 RTN
+    # at group 32, head int8); a base saved quantized (`zerolm quantize`) needs none of this
+    base_quant: Literal["none", "int8", "int4"] = "none"
 
 
 @dataclass(frozen=True, kw_only=True)

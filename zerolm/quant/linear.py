@@ -15,6 +15,7 @@ from torch import nn
 
 from zerolm.quant import kernels
 from zerolm.quant.formats import Quantized, Scheme, check_group, dequantize, quantized_bytes
+from zerolm.quant.frozen import frozen_linear
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         q = self.quantized()
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.requires_grad and torch.is_grad_enabled():  # training over a frozen base (QLoRA)
+            return frozen_linear(x, q, self.spec.bits, bias)
         return kernels.linear(x, q.qweight, q.scales, q.mins, self.spec.bits, bias)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from zerolm.config import Config, ModelConfig, save_config
 from zerolm.model import Transformer, build_model, load_model, save_model
 from zerolm.model.bert import Bert
 from zerolm.model.encdec import EncoderDecoder
+from zerolm.quant.linear import quant_layers
 from zerolm.tokenizer import Tokenizer
 from zerolm.train.batches import Batches
 from zerolm.train.checkpoint import list_checkpoints
@@ -122,6 +123,11 @@ def load_trainable(cfg: Config, base: Path) -> tuple[AnyModel, dict | None]:
     torch.manual_seed(cfg.seed)
     model = load_model(base)
     if not cfg.lora.rank:
+        if quant_layers(model) or cfg.lora.base_quant != "none":
+            raise ValueError(
+                f"{base}: a quantized base trains only through adapters (QLoRA), its codes stay "
+                "frozen: give --lora.rank=8 (say), or fine-tune its float source model"
+            )
         return model, None
     apply_lora(model, cfg.lora, seed=cfg.seed)
     report = trainable_report(model)

@@ -1,6 +1,15 @@
 """LoRA (Hu et al., 2021) as a transform on a built model: wrap chosen nn.Linear layers, train only
 the low-rank adapters, save them alone (with a fingerprint of their base), or merge them back.
 
+QLoRA (Dettmers et al., 2023): the same over a quantized base (zerolm/quant: a model saved by
+`zerolm quantize`, or quantized here with LoRAConfig.base_quant). The base's codes stay frozen
+buffers, its forward the quantized kernel (backward dequantizes block by block, quant/frozen.py);
+the float32 adapters are the only trainable tensors. merge_lora folds them into the dequantized
+weight and keeps that layer float: the merged model then equals the adapted one up to float
+rounding, where re-quantizing (requantize=True) would round away every update smaller than half a
+quantization step. So a QLoRA model directory holds the quantized base with its adapted layers in
+float32; the adapters alone are saved too (adapters.safetensors).
+
 Legend: N any leading dims, I in_features, O out_features, r rank.
 """
 
@@ -18,8 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from zerolm.config import LoRAConfig, ModelConfig
+from zerolm.config import LoRAConfig, ModelConfig, QuantConfig
 from zerolm.files import atomic_write_bytes
+from zerolm.quant.formats import quantize
+from zerolm.quant.linear import QuantEmbedding, QuantLinear, quant_layers
+from zerolm.transforms.quantize import quantize_model
 
 ADAPTER_KEYS = ("lora_A", "lora_B")
 
@@ -31,7 +43,7 @@ class LoRALinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Linear | QuantLinear,
         rank: int,
         alpha: float,
         dropout: float = 0.0,
@@ -43,7 +55,7 @@ class LoRALinear(nn.Module):
         self.base, self.rank, self.scale, self.enabled = base, rank, alpha / rank, True
         self.config = config or LoRAConfig(rank=rank, alpha=alpha, dropout=dropout)
         self.frozen_before = frozen_before  # the model's frozen parameters before apply_lora
-        dtype, device = base.weight.dtype, base.weight.device  # A (r, I), B (O, r)
+        dtype, device = _float_of(base)  # A (r, I), B (O, r)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # U(±1/sqrt(I))
@@ -72,6 +84,24 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, scale={self.scale:g}, enabled={self.enabled}"
 
 
+class QuantLoRALinear(LoRALinear):
+    """LoRA around a frozen QuantLinear (QLoRA). `weight` dequantizes the whole base (for code that
+    reads weights); as the output head, project() keeps the logits on the quantized kernel."""
+
+    base: QuantLinear
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self(hidden)
+
+
+def _float_of(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The adapters' dtype and device: the base weight's, float32 over a quantized base."""
+    if isinstance(base, QuantLinear):
+        return torch.float32, base.qweight.device
+    assert isinstance(base, nn.Linear), f"LoRA wraps linear layers, not {type(base).__name__}"
+    return base.weight.dtype, base.weight.device
+
+
 def _last(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
@@ -86,11 +116,10 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
-    """Replace every nn.Linear whose last name component is in cfg.targets by a LoRALinear (A drawn
-    from a generator seeded with `seed`), freeze all other parameters; in place, returns `model`."""
-    cfg = LoRAConfig(
-        rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=tuple(cfg.targets)
-    )
+    """Replace every nn.Linear (or QuantLinear) whose last name component is in cfg.targets by a
+    LoRALinear (A drawn from a generator seeded with `seed`), freeze all other parameters; with
+    cfg.base_quant, quantize the float model first (QLoRA). In place, returns `model`."""
+    cfg = dataclasses.replace(cfg, targets=tuple(cfg.targets))
     if cfg.rank < 1 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1 or not cfg.targets:
         raise ValueError(
             f"invalid LoRA config {cfg}: needs rank >= 1, alpha > 0, 0 <= dropout < 1, some targets"
@@ -99,7 +128,13 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
         raise ValueError(
             "LoRA is already applied to this model (merge_lora it, or start from a fresh base)"
         )
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    _quantize_base(model, cfg)
+    return _apply(model, cfg, seed)
+
+
+def _apply(model: nn.Module, cfg: LoRAConfig, seed: int) -> nn.Module:
+    """Wrap cfg.targets of a model without adapters (its base quantized already if need be)."""
+    linears = [(n, m) for n, m in model.named_modules() if _is_linear(m)]
     chosen = [(n, m) for n, m in linears if _last(n) in cfg.targets]
     unmatched = [t for t in cfg.targets if t not in {_last(n) for n, _ in chosen}]
     if unmatched:
@@ -114,11 +149,33 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
         raise ValueError(f"LoRA {what} no module; linear modules here: {names}{tied}")
     frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
     model.requires_grad_(False)
-    gen = torch.Generator(device=chosen[0][1].weight.device).manual_seed(seed)
+    gen = torch.Generator(device=_float_of(chosen[0][1])[1]).manual_seed(seed)
     for name, lin in chosen:
-        m = LoRALinear(lin, cfg.rank, cfg.alpha, cfg.dropout, gen, config=cfg, frozen_before=frozen)
+        kind = QuantLoRALinear if isinstance(lin, QuantLinear) else LoRALinear
+        m = kind(lin, cfg.rank, cfg.alpha, cfg.dropout, gen, config=cfg, frozen_before=frozen)
         _replace(model, name, m.train(lin.training))
     return model
+
+
+def _is_linear(m: nn.Module) -> bool:
+    """A layer LoRA can wrap: nn.Linear or a quantized one (not the quantized token embedding,
+    which an nn.Embedding would not be either)."""
+    return isinstance(m, nn.Linear) or (
+        isinstance(m, QuantLinear) and not isinstance(m, QuantEmbedding)
+    )
+
+
+def _quantize_base(model: nn.Module, cfg: LoRAConfig) -> None:
+    """QLoRA from a float base: quantize it as `zerolm quantize --method cfg.base_quant` would."""
+    if cfg.base_quant == "none":
+        return
+    if quant_layers(model):
+        method = getattr(model, "zerolm_quant", {}).get("method", "quantized")
+        raise ValueError(
+            f"lora.base_quant={cfg.base_quant} quantizes a float base, but this model is already "
+            f"quantized ({method}): drop --lora.base_quant, QLoRA trains over it as it is"
+        )
+    quantize_model(model, QuantConfig(method=cfg.base_quant))
 
 
 def lora_config_of(model: nn.Module) -> LoRAConfig | None:
@@ -135,12 +192,14 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 over the name, shape and bf16-rounded value of every base (non-adapter) tensor, so an
-    fp32 base and its bf16 copy match. ~1.6 GB/s on the 2-core CPU: 18 ms for 7 M parameters, 0.33 s
-    for 134 M (hashing only the targeted layers would miss a different embedding or FFN)."""
+    fp32 base and its bf16 copy match (a quantized layer's codes and scales: their bytes as
+    stored). ~1.6 GB/s on the 2-core CPU: 18 ms for 7 M parameters, 0.33 s for 134 M (hashing only
+    the targeted layers would miss a different embedding or FFN)."""
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         if _last(k) not in ADAPTER_KEYS:
-            v = v.detach().to("cpu", torch.bfloat16).contiguous()
+            v = v.detach().to("cpu", torch.bfloat16 if v.is_floating_point() else None)
+            v = v.contiguous()
             h.update(f"{k.replace('.base.', '.')}{tuple(v.shape)};".encode())
             h.update(v.view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
@@ -167,6 +226,7 @@ def _file_bytes(model: nn.Module, sha: str, tokenizer_sha256: str = "") -> bytes
         "zerolm_lora": json.dumps(dataclasses.asdict(_config(model))),
         "base_model": json.dumps(_base_config(model)),
         "base_sha256": sha,
+        "base_quant": json.dumps(getattr(model, "zerolm_quant", None)),
     }
     if tokenizer_sha256:
         meta["tokenizer_sha256"] = tokenizer_sha256
@@ -210,6 +270,7 @@ def load_adapters(model: nn.Module, path: str | Path, tokenizer_sha256: str = ""
         raise ValueError(
             f"{path}: the adapters were trained on another base model (theirs vs this one: {diff})"
         )
+    _match_quant(model, cfg, json.loads(meta.get("base_quant", "null")), path)
     sha, want = base_fingerprint(model), meta.get("base_sha256", "?")
     if want != sha:
         raise ValueError(
@@ -219,7 +280,7 @@ def load_adapters(model: nn.Module, path: str | Path, tokenizer_sha256: str = ""
         )
     have = lora_config_of(model)
     if have is None:
-        apply_lora(model, cfg)
+        _apply(model, cfg, 0)  # the base quantized already, if cfg.base_quant asks (_match_quant)
     elif have != cfg:
         raise ValueError(f"{path} holds adapters for {cfg}, but this model already has {have}")
     params = {k: p for k, p in model.named_parameters() if _last(k) in ADAPTER_KEYS}
@@ -234,23 +295,78 @@ def load_adapters(model: nn.Module, path: str | Path, tokenizer_sha256: str = ""
     return model
 
 
+def _match_quant(model: nn.Module, cfg: LoRAConfig, theirs: dict | None, path) -> None:
+    """Adapters trained over a quantized base need that base: quantize a float model as they were
+    (cfg.base_quant, round-to-nearest gives the same codes), or name the mismatch."""
+    if cfg.base_quant != "none" and not quant_layers(model):
+        quantize_model(model, QuantConfig(method=cfg.base_quant))
+    ours = getattr(model, "zerolm_quant", None)
+    if (theirs or {}).get("layers") != (ours or {}).get("layers"):
+        raise ValueError(
+            f"{path}: the adapters were trained over a {_kind(theirs)} base, this model is "
+            f"{_kind(ours)} (or quantized in other layers or groups): load them on the base they "
+            "were trained on"
+        )
+
+
+def _kind(quant: dict | None) -> str:
+    return "float" if quant is None else f"{quant['method']}-quantized"
+
+
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Fold scale·B·A into each base weight (in float32, rounded once to the weight's dtype;
     whether or not adapters are enabled), put the plain nn.Linear back and restore every parameter's
     requires_grad to what it was before apply_lora (all trainable for a fresh model). The result has
-    the plain model's state_dict: save_model, load_model and export_hf treat it like any other."""
+    the plain model's state_dict: save_model, load_model and export_hf treat it like any other.
+    Over a quantized base the merged layer is a float32 nn.Linear (dequantized base + update;
+    model.zerolm_quant no longer lists it), or with `requantize` the layer's own format again."""
     _config(model)
     mods = _lora_modules(model)
     frozen = mods[0][1].frozen_before
+    floated = set()
     for name, m in mods:
+        if isinstance(m, QuantLoRALinear):
+            merged = _merge_quantized(m, requantize)
+            _replace(model, name, merged)
+            if isinstance(merged, nn.Linear):
+                floated.add(name)
+            continue
         w = m.base.weight  # (O, I), written in place: keeps its layout (decode_layout) and identity
         with torch.autocast(w.device.type, enabled=False):
             w.copy_((w.float() + m.scale * (m.lora_B.float() @ m.lora_A.float())).to(w.dtype))
         _replace(model, name, m.base)
+    _drop_quant_layers(model, floated)
     for n, p in model.named_parameters():
-        p.requires_grad_(n not in frozen)
+        p.requires_grad_(n not in frozen or n.rpartition(".")[0] in floated)
     return model
+
+
+def _merge_quantized(m: QuantLoRALinear, requantize: bool) -> nn.Module:
+    base, spec = m.base, m.base.spec
+    w = base.weight + m.scale * (m.lora_B.float() @ m.lora_A.float())  # (O, I) float32
+    if requantize:
+        base.set_quantized(quantize(w, spec.bits, spec.group, spec.scheme))
+        return base
+    with torch.device("meta"):
+        lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+    lin.weight = nn.Parameter(w)
+    if base.bias is not None:
+        lin.bias = nn.Parameter(base.bias.detach().float().clone())
+    return lin.train(m.training)
+
+
+def _drop_quant_layers(model: nn.Module, names: set[str]) -> None:
+    """Take layers merged into float out of the model's quantization record (save_model writes it;
+    load_model builds those layers quantized)."""
+    meta = getattr(model, "zerolm_quant", None)
+    if not names or meta is None:
+        return
+    layers = {k: v for k, v in meta["layers"].items() if k not in names}
+    if layers:
+        model.zerolm_quant = {**meta, "layers": layers}  # type: ignore[assignment]
+    else:
+        del model.zerolm_quant
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
