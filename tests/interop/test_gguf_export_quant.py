@@ -13,8 +13,9 @@ import gguf
 import gguf.quants as gq
 import numpy as np
 import pytest
+import test_gguf_export as float_export
 import torch
-from test_gguf_export import MARGIN, PROMPTS, SHAPES, _same_greedy, trained  # noqa: F401
+from test_gguf_export import MARGIN, PROMPTS, SHAPES, _same_greedy
 
 from zerolm.cli import main
 from zerolm.config import QuantConfig
@@ -26,6 +27,7 @@ from zerolm.tokenizer import Tokenizer
 from zerolm.transforms.quantize import quantize_model
 
 transformers = pytest.importorskip("transformers")
+trained = float_export.trained  # its fixture: tiny models trained to wide greedy margins
 T = gguf.GGMLQuantizationType
 KINDS = {  # QuantConfig (method, scheme) -> the GGUF type of the body's matrices
     ("int8", "sym"): T.Q8_0,
@@ -35,7 +37,9 @@ KINDS = {  # QuantConfig (method, scheme) -> the GGUF type of the body's matrice
 
 
 def _quantized(model, method: str, scheme: str, **kw):
-    return quantize_model(copy.deepcopy(model).eval(), QuantConfig(method=method, scheme=scheme, **kw))
+    return quantize_model(
+        copy.deepcopy(model).eval(), QuantConfig(method=method, scheme=scheme, **kw)
+    )
 
 
 def _read(path) -> dict[str, gguf.ReaderTensor]:
@@ -57,7 +61,9 @@ def _our_blocks(model) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_blocks_equal_our_codes_and_the_gguf_packages_quantisation(tiny_model, preset, kind, tmp_path):
+def test_blocks_equal_our_codes_and_the_gguf_packages_quantisation(
+    tiny_model, preset, kind, tmp_path
+):
     model = tiny_model(preset, d_model=64, vocab_size=96).eval()
     q = _quantized(model, *kind)
     path = export_gguf(q, tmp_path / "q.gguf")
@@ -98,3 +104,56 @@ def test_transformers_reads_the_dequantized_model(
         moved = (q(ids) - model(ids)).abs().max().item()
     print(f"{preset} {kind}: transformers vs zerolm {diff:.2e} (quantization moved {moved:.2e})")
     assert diff <= 1e-4 and moved > 1e-3  # the quantized model is compared, not the float one
+
+
+def test_other_groups_need_an_explicit_dtype_and_are_re_encoded(tiny_model, tmp_path, capsys):
+    model = tiny_model("llama", d_model=64, vocab_size=96).eval()
+    q = _quantized(model, "int4", "sym", group=64)
+    with pytest.raises(ValueError, match=r"groups of 64.*pass --dtype") as e:
+        export_gguf(q, tmp_path / "refused.gguf")
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+    path = export_gguf(q, tmp_path / "q.gguf", dtype="q8_0")  # dequantized, then Q8_0
+    dequantized, _ = _state(q, "llama", "f32")
+    for name, t in _read(path).items():
+        if t.tensor_type != T.F32:
+            assert t.tensor_type == T.Q8_0
+            want = gq.quantize(dequantized[name].numpy(), T.Q8_0)
+            assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), name
+    # the CLI: the same one-line refusal naming the fix, and no file
+    save_model(q, tmp_path / "g64")
+    argv = ["export", str(tmp_path / "g64"), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--group 32" in err and not (tmp_path / "x.gguf").exists()
+
+
+def test_an_explicit_dtype_of_the_stored_type_copies(tiny_model, tmp_path):
+    """--dtype q4_0 on an int4-sym model copies its Q4_0 body (no second rounding) and re-encodes
+    its int8 head as Q4_0 from the dequantized values; --dtype f16 writes every matrix as f16."""
+    q = _quantized(tiny_model("llama", d_model=64, vocab_size=96).eval(), "int4", "sym")
+    tensors, ours = _read(export_gguf(q, tmp_path / "q4.gguf", dtype="q4_0")), _our_blocks(q)
+    assert np.array_equal(
+        np.asarray(tensors["blk.0.ffn_down.weight"].data), ours["blk.0.ffn_down.weight"]
+    )
+    assert tensors["output.weight"].tensor_type == T.Q4_0
+    f16 = _read(export_gguf(q, tmp_path / "f16.gguf", dtype="f16"))
+    assert {t.tensor_type for t in f16.values()} == {T.F16, T.F32}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_llama_cpp_continues_the_quantized_model_as_zerolm_does(
+    llama_cpp, trained, kind, tmp_path, capsys
+):
+    """The trained tiny llama, quantized; zerolm generates from the quantized directory, llama.cpp
+    from its GGUF (llama.cpp also rounds the activations to 8 bits: only steps where zerolm's top
+    logit leads by MARGIN are compared)."""
+    path = trained("llama")
+    tok = Tokenizer.load(path)
+    q = _quantized(load_model(path), *kind)
+    save_model(q, tmp_path / "q", tok)
+    gguf_path = export_gguf(load_model(tmp_path / "q"), tmp_path / "q.gguf", tok)
+    compared = _same_greedy(
+        llama_cpp, tmp_path / "q", gguf_path, PROMPTS, 16, MARGIN["tiny"], capsys
+    )
+    assert compared >= 25

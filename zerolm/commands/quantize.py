@@ -25,7 +25,9 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the input model: write the quantized model elsewhere")
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists: choose a new --out directory, or pass --force to replace it")
+        raise ValueError(
+            f"{out} exists: choose a new --out directory, or pass --force to replace it"
+        )
 
 
 def state_bytes(model) -> int:

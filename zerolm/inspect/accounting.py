@@ -26,7 +26,9 @@ def tensors(model) -> dict[str, tuple[int, int, int]]:
     """Weight name -> (parameters, bytes as stored, dims): a quantized layer (zerolm/quant) is its
     N·K weights, stored as codes + scales (+ mins), under `NAME.weight`."""
     quant = quant_layers(model)
-    out = {n: (p.numel(), p.numel() * p.element_size(), p.dim()) for n, p in model.named_parameters()}
+    out = {
+        n: (p.numel(), p.numel() * p.element_size(), p.dim()) for n, p in model.named_parameters()
+    }
     for name, layer in quant.items():
         bias = 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
         out[f"{name}.weight"] = (layer.in_features * layer.out_features, layer.nbytes() - bias, 2)

@@ -157,7 +157,9 @@ def _gguf_name(key: str) -> str | None:
     return f"{gguf.TENSOR_NAMES[TENSORS[part]].format(bid=i)}.{suffix}"
 
 
-def _state(model: Transformer, arch: str, dtype: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+def _state(
+    model: Transformer, arch: str, dtype: str | None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The model's tensors under llama.cpp's names, in its layout (float32, or a quantized layer's
     copied blocks), and the GGUF type of each copied one."""
     cfg = model.cfg
@@ -256,7 +258,9 @@ def export_gguf(
             "sized to its tokenizer"
         )
     state, copied = _state(model, arch, dtype)
-    plan = {k: (t, copied[k] if k in copied else _qtype(k, t, dtype or "f32")) for k, t in state.items()}
+    plan = {
+        k: (t, copied[k] if k in copied else _qtype(k, t, dtype or "f32")) for k, t in state.items()
+    }
     for k, (t, q) in plan.items():
         block = gguf.GGML_QUANT_SIZES[q][0]
         if k not in copied and t.shape[-1] % block:
