@@ -28,6 +28,7 @@ COMMANDS = (
     "encoders",  # classify, embed
     "interop",  # import
     "export",
+    "quantize",
     "prune",
     "inspect",
     "tokenizer",  # tokenizer train | encode | decode | extend

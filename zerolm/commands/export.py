@@ -4,6 +4,7 @@ directory, a GGUF file for llama.cpp, or an Ollama directory (the GGUF plus a Mo
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from zerolm.commands.common import model_arg, model_dir
@@ -23,15 +24,48 @@ def main(args, extra) -> None:
     if args.format == "hf":
         _hf(model, tok, args.out)
     else:
-        _gguf(model, tok, args.out, args.dtype or "f16", args.format, Path(path).name)
+        _gguf(model, tok, args.out, args.dtype, args.format, Path(path).name)
+
+
+def _parameters(model) -> int:
+    from zerolm.inspect.accounting import tensors
+
+    return sum(n for n, _, _ in tensors(model).values())  # a quantized layer counts its N·K
+
+
+def _dequantized(model):
+    """transformers has no reader for zerolm's quantized layers: each becomes the nn.Linear (or
+    nn.Embedding) of its dequantized float32 weights, in place."""
+    import torch
+    from torch import nn
+
+    from zerolm.quant.linear import QuantEmbedding, quant_layers
+
+    for name, q in quant_layers(model).items():
+        with torch.device("meta"):
+            new = (
+                nn.Embedding(q.out_features, q.in_features)
+                if isinstance(q, QuantEmbedding)
+                else nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+            )
+        new.weight = nn.Parameter(q.weight.detach(), requires_grad=False)
+        if q.bias is not None:
+            new.bias = nn.Parameter(q.bias.detach().float(), requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    del model.zerolm_quant
+    return model
 
 
 def _hf(model, tok, out_dir) -> None:
     from zerolm.interop.hf import export_hf
 
+    method = (getattr(model, "zerolm_quant", None) or {}).get("method")
+    if method:
+        model = _dequantized(model)
     out = export_hf(model, out_dir, tok)  # all or nothing: a failure leaves no `out`
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    n = sum(p.numel() for p in model.parameters())
+    n = _parameters(model)
     ids = ", ".join(f"{k.removesuffix('_token_id')} {config.get(k)}" for k in _ID_KEYS)
     what = "no tokenizer" if tok is None else f"its tokenizer ({ids})"
     template = tok is not None and (tok.layout == "zerolm" or tok.template is not None)
@@ -39,13 +73,22 @@ def _hf(model, tok, out_dir) -> None:
         f"exported {n:,} parameters as {config['architectures'][0]} to {out} with {what}"
         + ("; chat template included" if template else "")
     )
+    if method:
+        print(
+            f"zerolm export: note: the {method} weights were written dequantized, as float32 "
+            "(transformers reads no zerolm quantized layers; their rounding stays in the values); "
+            "--format gguf keeps them quantized",
+            file=sys.stderr,
+        )
 
 
-def _gguf(model, tok, out: str, dtype: str, fmt: str, name: str) -> None:
+def _gguf(model, tok, out: str, dtype: str | None, fmt: str, name: str) -> None:
     from zerolm.files import atomic_dir
+    from zerolm.interop.gguf_blocks import stored_types
     from zerolm.interop.gguf_export import DTYPES, export_gguf, gguf_arch
 
-    if dtype not in DTYPES:
+    quantized = getattr(model, "zerolm_quant", None) is not None
+    if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     arch = gguf_arch(model.cfg)  # refuse before any directory is made
     if fmt == "gguf":
@@ -63,7 +106,9 @@ def _gguf(model, tok, out: str, dtype: str, fmt: str, name: str) -> None:
             (tmp / "Modelfile").write_text(text, encoding="utf-8")
         written = Path(out) / "model.gguf"
         extra = f" and {Path(out) / 'Modelfile'} (`ollama create NAME -f {out}/Modelfile`)"
-    n = sum(p.numel() for p in model.parameters())
+    n = _parameters(model)
+    if dtype is None:
+        dtype = f"{stored_types(model)} blocks copied as stored" if quantized else "f16"
     template = tok is not None and (tok.layout == "zerolm" or tok.template is not None)
     what = "no tokenizer" if tok is None else "its tokenizer"
     what += "; chat template included" if template else ""
@@ -105,8 +150,10 @@ def setup_arg_parser(sub) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        help="gguf/ollama: the matrices' type, f32, f16 (default), bf16, q8_0 or q4_0 (q8_0 and "
-        "q4_0 quantise every matrix, embedding and output included; norms and biases stay f32)",
+        help="gguf/ollama: the matrices' type, f32, f16 (default), bf16, q8_0, q4_0 or q4_1 (the "
+        "q types quantise every matrix, embedding and output included; norms and biases stay "
+        "f32). A quantized model is written as stored by default (its group-32 blocks copied); "
+        "a --dtype re-encodes its dequantized weights",
     )
     p.add_argument(
         "--out",

@@ -6,8 +6,9 @@ Preset llama becomes llama.cpp's `qwen3` (q/k norms), `qwen2` (biases on q/k/v o
 does: zerolm rotates halves, as HF does); preset gpt2 becomes `gpt2` (fused attn_qkv). Metadata keys
 and tensor names come from gguf's own tables. Matrices take the chosen dtype; 1-D norms and biases
 stay F32, as in llama.cpp's files; q8_0/q4_0 quantise every 2-D matrix, embedding and output
-included (like `llama-quantize --pure`). Everything is checked before a byte is written, and the
-file appears whole or not at all.
+included (like `llama-quantize --pure`). A quantized model's layers with groups of 32 are copied
+as its Q8_0 / Q4_0 / Q4_1 blocks (gguf_blocks.py). Everything is checked before a byte is written,
+and the file appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from zerolm.files import file_mode, writing_into
+from zerolm.interop.gguf_blocks import export_state, file_type
 from zerolm.interop.gguf_tokenizer import write_tokenizer
 from zerolm.interop.hf_decoder import _fit_biases
 from zerolm.interop.hf_llama_family import FFN, OUT, QKV
@@ -36,6 +38,7 @@ DTYPES = {  # --dtype -> (type of the matrices, general.file_type)
     "bf16": (Q.BF16, F.MOSTLY_BF16),
     "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
     "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0),
+    "q4_1": (Q.Q4_1, F.MOSTLY_Q4_1),
 }
 T = gguf.MODEL_TENSOR
 TENSORS = {  # zerolm module (in blocks.{i}. for the block parts) -> llama.cpp tensor
@@ -154,11 +157,16 @@ def _gguf_name(key: str) -> str | None:
     return f"{gguf.TENSOR_NAMES[TENSORS[part]].format(bid=i)}.{suffix}"
 
 
-def _state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
-    """The model's tensors under llama.cpp's names, in its layout (float32)."""
+def _state(
+    model: Transformer, arch: str, dtype: str | None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The model's tensors under llama.cpp's names, in its layout (float32, or a quantized layer's
+    copied blocks), and the GGUF type of each copied one."""
     cfg = model.cfg
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    state, copied = export_state(model, dtype)
     _layout(state, cfg, arch)
+    # gpt2's fused attn.qkv is q, k and v's rows, stored alike
+    types = {k: copied.get(k, copied.get(k.replace(".qkv.", ".q."))) for k in state}
     names = {k: _gguf_name(k) for k in state}
     if stray := [k for k, n in names.items() if n is None]:
         raise ValueError(
@@ -166,12 +174,13 @@ def _state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
             "adapters (merge_lora) or export the unquantised model"
         )
     out = {str(names[k]): t for k, t in state.items()}
+    types = {str(names[k]): q for k, q in types.items() if q is not None}
     if cfg.rope_scaling == "llama3":  # frequency divisors, as convert_hf_to_gguf makes them
         plain = dataclasses.replace(cfg, rope_scaling="none", rope_factor=1.0)
         out[gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight"] = (
             inv_frequencies(plain)[0] / inv_frequencies(cfg)[0]
         )
-    return out
+    return out, types
 
 
 def _qtype(name: str, t: torch.Tensor, dtype: str) -> Q:
@@ -179,12 +188,14 @@ def _qtype(name: str, t: torch.Tensor, dtype: str) -> Q:
     if t.dim() < 2:
         return Q.F32
     q = DTYPES[dtype][0]
-    if q in (Q.Q8_0, Q.Q4_0) and name.startswith(gguf.TENSOR_NAMES[T.POS_EMBD]):
+    if q in (Q.Q8_0, Q.Q4_0, Q.Q4_1) and name.startswith(gguf.TENSOR_NAMES[T.POS_EMBD]):
         return Q.F32
     return q
 
 
 def _data(t: torch.Tensor, q: Q) -> np.ndarray:
+    if t.dtype == torch.uint8:  # a quantized layer's blocks, copied
+        return t.numpy()
     if q == Q.F32:
         return t.numpy()
     if q == Q.F16:
@@ -194,11 +205,11 @@ def _data(t: torch.Tensor, q: Q) -> np.ndarray:
     return gguf.quants.quantize(t.numpy(), q)
 
 
-def _metadata(w: gguf.GGUFWriter, cfg, arch: str, dtype: str, name: str) -> None:
+def _metadata(w: gguf.GGUFWriter, cfg, arch: str, ftype: F, name: str) -> None:
     """The keys convert_hf_to_gguf.py writes for this architecture (what llama-model.cpp reads)."""
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
-    w.add_file_type(DTYPES[dtype][1])
+    w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(cfg.vocab_size)
     w.add_context_length(cfg.max_seq_len)
@@ -225,14 +236,18 @@ def export_gguf(
     model: Transformer,
     path: str | Path,
     tokenizer=None,
-    dtype: str = "f16",
+    dtype: str | None = None,
     name: str | None = None,
 ) -> Path:
     """Write `model` (with `tokenizer`'s vocabulary, special ids and chat template, if given) as
-    the GGUF file `path`, matrices in `dtype` (f32, f16, bf16, q8_0, q4_0). Options llama.cpp
-    cannot express, and shapes the dtype's blocks cannot take, are a ValueError before anything is
-    written; the file is written to a temporary sibling and renamed, so a failure leaves none."""
-    if dtype not in DTYPES:
+    the GGUF file `path`, matrices in `dtype` (f32, f16, bf16, q8_0, q4_0, q4_1; None: f16, or for
+    a quantized model as stored: its group-32 layers' blocks copied, float matrices f32; a given
+    dtype re-encodes the dequantized layers of other types). Options llama.cpp cannot express,
+    and shapes the dtype's blocks cannot take, are a ValueError before anything is written; the
+    file is written to a temporary sibling and renamed, so a failure leaves none."""
+    if dtype is None and not getattr(model, "zerolm_quant", None):
+        dtype = "f16"
+    if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     cfg, out = model.cfg, Path(path)
     arch = gguf_arch(cfg)
@@ -242,17 +257,20 @@ def export_gguf(
             f"{tokenizer.vocab_size} tokens: llama.cpp needs one token per row; export a model "
             "sized to its tokenizer"
         )
-    state = _state(model, arch)
-    plan = {k: (t, _qtype(k, t, dtype)) for k, t in state.items()}
+    state, copied = _state(model, arch, dtype)
+    plan = {
+        k: (t, copied[k] if k in copied else _qtype(k, t, dtype or "f32")) for k, t in state.items()
+    }
     for k, (t, q) in plan.items():
         block = gguf.GGML_QUANT_SIZES[q][0]
-        if t.shape[-1] % block:
+        if k not in copied and t.shape[-1] % block:
             raise ValueError(
                 f"--dtype {dtype} quantises rows in blocks of {block}, but {k} has rows of "
                 f"{t.shape[-1]}: choose f32, f16 or bf16 (or a model whose sizes divide by {block})"
             )
     writer = gguf.GGUFWriter(None, arch)
-    _metadata(writer, cfg, arch, dtype, name or out.stem)
+    ftype = DTYPES[dtype][1] if dtype is not None else file_type(copied)
+    _metadata(writer, cfg, arch, ftype, name or out.stem)
     if tokenizer is not None:
         write_tokenizer(writer, tokenizer)
     for k, (t, q) in plan.items():
