@@ -50,7 +50,6 @@ def _int4pack(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def kernels_for(ws: list[torch.Tensor]) -> dict[str, tuple[Callable[[], object], int]]:
     """name -> (one token's 121 products, weight bytes read)."""
-    x32 = torch.randn(1, D)
     xs = {k: torch.randn(1, k) for k in (D, FFN)}
     xb = {k: v.bfloat16() for k, v in xs.items()}
     out: dict[str, tuple[Callable[[], object], int]] = {}

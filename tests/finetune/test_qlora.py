@@ -10,7 +10,7 @@ from zerolm.config import LoRAConfig, QuantConfig, load_config
 from zerolm.finetune.sft import sft
 from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.model import load_model, save_model
-from zerolm.quant import frozen
+from zerolm.quant import frozen, kernels
 from zerolm.quant.formats import dequantize, quantize
 from zerolm.quant.linear import QuantLinear, quant_layers
 from zerolm.transforms.lora import (
@@ -51,7 +51,9 @@ def randomize_b(model, seed=1, size=0.1):
 
 
 def logits(model, ids=IDS):
-    with torch.no_grad():
+    """On the float path: the dequantized base on float x (the op also rounds x to int8 blocks, a
+    separate bounded error that tests/quant/test_kernels.py checks)."""
+    with torch.no_grad(), kernels.path("float"):
         return model(ids)
 
 

@@ -22,6 +22,7 @@ from zerolm.config import QuantConfig
 from zerolm.interop.gguf_blocks import as_blocks
 from zerolm.interop.gguf_export import _gguf_name, _state, export_gguf, gguf_arch, permute
 from zerolm.model import load_model, save_model
+from zerolm.quant import kernels
 from zerolm.quant.linear import quant_layers
 from zerolm.tokenizer import Tokenizer
 from zerolm.transforms.quantize import quantize_model
@@ -99,7 +100,7 @@ def test_transformers_reads_the_dequantized_model(
         tmp_path, gguf_file=path.name, dtype=torch.float32
     ).eval()
     ids = torch.randint(0, tok.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    with torch.no_grad(), kernels.path("float"):  # the dequantized weights on float x, as HF
         diff = (hf(ids).logits - q(ids)).abs().max().item()
         moved = (q(ids) - model(ids)).abs().max().item()
     print(f"{preset} {kind}: transformers vs zerolm {diff:.2e} (quantization moved {moved:.2e})")

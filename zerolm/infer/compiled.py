@@ -18,8 +18,10 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from typing import cast
 
 import torch
+from torch import nn
 from torch.export import ExportedProgram
 
 from zerolm.files import atomic_write_text
@@ -94,7 +96,7 @@ def kernel_library(model: LanguageModel) -> str | None:
     """The quantized kernel library a step of `model` calls, loaded now (a program exported with
     the op inside needs it at export and at load): its path, which names its build's key; None
     for a float model or where the op is not built (the pure-torch path is then compiled in)."""
-    if not quant_layers(model) or not kernels.load():
+    if not quant_layers(cast(nn.Module, model)) or not kernels.load():
         return None
     return str(library_path())
 

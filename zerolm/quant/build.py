@@ -108,7 +108,8 @@ def _self_check() -> str:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 256, generator=g), torch.randn(37, 256, generator=g)
     worst = 0.0
-    for bits, scheme in ((8, "sym"), (4, "sym"), (4, "asym")):
+    schemes: tuple[tuple[int, formats.Scheme], ...] = ((8, "sym"), (4, "sym"), (4, "asym"))
+    for bits, scheme in schemes:
         q = formats.quantize(w, bits, 32, scheme)
         with kernels.path("op"):
             got = kernels.linear(x, *q, bits)

@@ -77,8 +77,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         q = self.quantized()
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.requires_grad and torch.is_grad_enabled():  # training over a frozen base (QLoRA)
-            return frozen_linear(x, q, self.spec.bits, bias)
+        if torch.is_grad_enabled():  # training over a frozen base (QLoRA): the float product,
+            return frozen_linear(x, q, self.spec.bits, bias)  # the same in every layer
         return kernels.linear(x, q.qweight, q.scales, q.mins, self.spec.bits, bias)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -69,8 +69,8 @@ def _twin(mod: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
             return _quantize_fused(twin, "wqkv", _quantized(mod, ("q", "k", "v"))), ("q", "k", "v")
         if type(mod) is FFN and mod.kind == "swiglu" and fusable("gate", "up"):
             d, bias = mod.up.in_features, mod.up.bias is not None
-            twin = FusedGateUpFFN(d, mod.d_ff, mod.kind, bias, mod.drop.p)
-            return _quantize_fused(twin, "gate_up", _quantized(mod, ("gate", "up"))), ("gate", "up")
+            ffn = FusedGateUpFFN(d, mod.d_ff, mod.kind, bias, mod.drop.p)
+            return _quantize_fused(ffn, "gate_up", _quantized(mod, ("gate", "up"))), ("gate", "up")
         if type(mod) is RMSNorm:
             return FusedRMSNorm(mod.weight.shape[0], mod.eps, mod.feeds_matmul), ("weight",)
     return None

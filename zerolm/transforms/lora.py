@@ -3,7 +3,8 @@ the low-rank adapters, save them alone (with a fingerprint of their base), or me
 
 QLoRA (Dettmers et al., 2023): the same over a quantized base (zerolm/quant: a model saved by
 `zerolm quantize`, or quantized here with LoRAConfig.base_quant). The base's codes stay frozen
-buffers, its forward the quantized kernel (backward dequantizes block by block, quant/frozen.py);
+buffers; in training its forward is x @ dequantize(W).T, dequantized block by block in both passes
+(quant/frozen.py), and without a gradient it is the quantized kernel;
 the float32 adapters are the only trainable tensors. merge_lora folds them into the dequantized
 weight and keeps that layer float: the merged model then equals the adapted one up to float
 rounding, where re-quantizing (requantize=True) would round away every update smaller than half a
