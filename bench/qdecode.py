@@ -35,18 +35,22 @@ import time
 from pathlib import Path
 
 import torch
-from common import cpu_info
-from decode import bandwidth, zerolm_cached
 
-from zerolm.config import QuantConfig
-from zerolm.infer.engine import Engine
-from zerolm.interop.gguf_export import export_gguf
-from zerolm.model import load_model
-from zerolm.quant import kernels
-from zerolm.quant.linear import QuantLinear
-from zerolm.tokenizer import Tokenizer
-from zerolm.transforms.layout import decode_layout
-from zerolm.transforms.quantize import quantize_model
+HERE = Path(__file__).resolve().parent
+# bench/gguf.py would shadow the gguf package: this folder goes last on the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+from common import cpu_info  # noqa: E402
+from decode import bandwidth, zerolm_cached  # noqa: E402
+
+from zerolm.config import QuantConfig  # noqa: E402
+from zerolm.infer.engine import Engine  # noqa: E402
+from zerolm.interop.gguf_export import export_gguf  # noqa: E402
+from zerolm.model import load_model  # noqa: E402
+from zerolm.quant import kernels  # noqa: E402
+from zerolm.quant.linear import QuantLinear  # noqa: E402
+from zerolm.tokenizer import Tokenizer  # noqa: E402
+from zerolm.transforms.layout import decode_layout  # noqa: E402
+from zerolm.transforms.quantize import quantize_model  # noqa: E402
 
 CACHE = Path(os.environ.get("ZEROLM_TEST_CACHE", Path.home() / ".cache" / "zerolm-test"))
 LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN") or CACHE / "llama.cpp-0.3.36" / "bin")
@@ -60,13 +64,13 @@ def step_bytes(model) -> int:
     total = 0
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
-            total += mod.nbytes
+            total += mod.nbytes()
         else:
             total += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
     emb = model.tok_emb
     if model.lm_head is not None:  # untied: the lookup reads one row of the input table
         if isinstance(emb, QuantLinear):
-            size, rows = emb.nbytes, emb.out_features
+            size, rows = emb.nbytes(), emb.out_features
         else:
             size, rows = emb.weight.numel() * emb.weight.element_size(), emb.weight.shape[0]
         total -= size - size // rows
@@ -116,7 +120,8 @@ def main() -> None:
             m = copy.deepcopy(base)
             if VARIANTS[name]:
                 m = quantize_model(m, QuantConfig(method=VARIANTS[name], group=32))
-            files[name] = export_gguf(m, Path(tmp) / f"{name}.gguf", tok, GGUF_TYPE[name])
+            dtype = None if VARIANTS[name] else "f32"  # quantized: its blocks copied as stored
+            files[name] = export_gguf(m, Path(tmp) / f"{name}.gguf", tok, dtype)
             decode_layout(m)
             row: dict = {"weight_bytes_per_token": step_bytes(m), "zerolm": {}, "compile_s": {}}
             outs = {}

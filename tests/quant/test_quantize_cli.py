@@ -89,10 +89,23 @@ def test_bad_input_is_one_line(float_dir, tiny_model, tmp_path, capsys):
     assert read_quant_meta(out)["method"] == "int4"
 
 
-def test_calibrated_methods_need_their_module_or_say_so(float_dir, tmp_path, capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("zerolm.quant.calibrate") is not None:
-        pytest.skip("this build has calibrated quantization (tests/quant/test_gptq_awq.py)")
-    argv = ["quantize", str(float_dir), "--method", "gptq", "--out", str(tmp_path / "g")]
-    _refused(argv, "not available in this build", capsys)
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_read_the_calibration_text(float_dir, tmp_path, capsys, method):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"第{i}首：白日依山尽，黄河入海流。" * 3 for i in range(400)))
+    argv = ["quantize", str(float_dir), "--method", method, "--calib-data", str(text)]
+    argv += ["--calib-seqs", "8", "--calib-seq-len", "32", "--out", str(tmp_path / method)]
+    assert main(argv) == 0
+    assert f"to {method} (group 32, sym" in capsys.readouterr().out
+    meta = read_quant_meta(tmp_path / method)
+    assert meta["method"] == method and meta["layers"]["blocks.0.attn.q"]["bits"] == 4
+    # the draw is the seed's: the same flags give the same file
+    again = [*argv[:-1], str(tmp_path / "again")]
+    assert main(again) == 0
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        tmp_path / method / "model.safetensors"
+    ).read_bytes()
+    short = ["quantize", str(float_dir), "--method", method, "--calib-data", str(text)]
+    short += ["--calib-seqs", "100000", "--out", str(tmp_path / "short")]
+    _refused(short, "calibration text too short", capsys)
+    assert not (tmp_path / "short").exists()

@@ -9,18 +9,6 @@ from pathlib import Path
 from zerolm.commands.common import add_recipe_args, alias, model_arg, model_dir, resolve_config
 
 
-def calibration_ids(tokenizer, calib):
-    """(N, T) token ids of held-out text for gptq / awq, drawn as [calib] says."""
-    try:
-        from zerolm.quant.calibrate import calibration_ids as draw
-    except ImportError:
-        raise ValueError(
-            "calibrated quantization (gptq, awq) is not available in this build "
-            "(zerolm.quant.calibrate is missing); use --method int8 or int4"
-        ) from None
-    return draw(tokenizer, calib)
-
-
 def _check_out(src: Path, out: Path, force: bool) -> None:
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the input model: write the quantized model elsewhere")
@@ -39,6 +27,7 @@ def main(args, extra) -> None:
     from zerolm.files import atomic_dir
     from zerolm.model import load_model, save_model
     from zerolm.tokenizer import Tokenizer
+    from zerolm.transforms.calibrate import calibration_ids
     from zerolm.transforms.quantize import check_quantizable, quantize_model
 
     src, out = Path(model_dir(args)), Path(args.out)
@@ -52,7 +41,7 @@ def main(args, extra) -> None:
     if q.method in ("gptq", "awq"):
         if tok is None:
             raise ValueError(f"--method {q.method} reads calibration text: {src} has no tokenizer")
-        calib = calibration_ids(tok, cfg.calib)
+        calib = calibration_ids(tok, cfg.calib, model.cfg.max_seq_len)
     before = state_bytes(model)
     start = time.perf_counter()
     quantize_model(model, q, calib)
