@@ -50,6 +50,7 @@ from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model import load_model
 from zerolm.tokenizer import Tokenizer
+from zerolm.transforms.layout import decode_layout
 
 # variant name -> the command and flags that make it from the float model
 VARIANTS = {
@@ -63,6 +64,9 @@ VARIANTS = {
     "wanda-50": ["prune", "--method", "wanda", "--sparsity", "0.5"],
     "wanda-2:4": ["prune", "--method", "wanda", "--pattern", "2:4"],
     "structured-25": ["prune", "--method", "structured", "--ffn-fraction", "0.25"],
+    "structured-25-rec": [
+        *("prune", "--method", "structured", "--ffn-fraction", "0.25", "--recover-steps", "50"),
+    ],
 }
 CALIBRATED = ("gptq", "awq", "wanda", "structured")
 
@@ -172,6 +176,10 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def _fig(row: dict, key: str, digits: int = 1) -> str:
+    return f"{row[key]:.{digits}f}" if key in row else "–"  # not timed
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "| variant | weight MB | bpb (Δ %) | ppl | KL | greedy agree | decode b1 | decode b8 "
@@ -180,8 +188,8 @@ def table(rows: list[dict]) -> str:
     body = "".join(
         f"| {r['variant']} | {r['weight_bytes'] / 1e6:.1f} "
         f"| {r['bpb']:.4f} ({r['d_bpb_pct']:+.2f}) | {r['ppl']:.2f} | {r.get('kl', 0):.4f} "
-        f"| {r.get('agree', 1) * 100:.1f} % | {r.get('decode_b1', 0):.1f} "
-        f"| {r.get('decode_b8', 0):.1f} | {r.get('prefill_512', 0):.0f} |\n"
+        f"| {r.get('agree', 1) * 100:.1f} % | {_fig(r, 'decode_b1')} "
+        f"| {_fig(r, 'decode_b8')} | {_fig(r, 'prefill_512', 0)} |\n"
         for r in rows
     )
     return head + body
@@ -199,6 +207,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-speed", action="store_true", help="quality figures only")
+    ap.add_argument("--speed-variants", default="", help="time only these ('': every variant)")
     args = ap.parse_args()
     names = ["fp32"] + [n for n in args.variants.split(",") if n != "fp32"]  # fp32: the reference
     unknown = [n for n in names if n not in VARIANTS]
@@ -224,8 +233,17 @@ def main() -> None:
                 ref, base_bpb = logp, q["bpb"]
             row = {"variant": name, "weight_bytes": weight_bytes(model), **q}
             row["d_bpb_pct"] = 100 * (q["bpb"] / base_bpb - 1)
-            if not args.no_speed:
+            timed = not args.speed_variants or name in args.speed_variants.split(",")
+            if not args.no_speed and timed:
+                decode_layout(model)  # as `zerolm generate` runs it: fused q/k/v and gate/up
                 row.update(speed(model, prompts, args.new, threads, args.repeats))
+            if name == "fp32":
+                base_row = row
+            row["ratio"] = {  # to fp32: bits per byte, and the speed-ups
+                k: round(row[k] / base_row[k], 4)
+                for k in ("bpb", "decode_b1", "decode_b8", "prefill_512")
+                if k in row and k in base_row
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
     summary = {

@@ -64,6 +64,18 @@ def test_another_models_program_at_the_key_is_not_loaded_but_compiled_afresh(
     assert saved_program_problem(str(tmp_path / f"{kb}.pt2"), kb) is None
 
 
+def test_the_window_cache_is_reused_and_a_shorter_request_after_a_longer_gives_its_own(saved):
+    a, folder = saved
+    engine = Engine(a, compile=True, program_dir=str(folder))  # loads the program: no compile
+    long, short = [9, 3, 7, 1, 4, 2, 8], [5]
+    want = [Engine(a).generate([p], REQ) for p in (long, short, PROMPT)]
+    assert [engine.generate([p], REQ) for p in (long, short, PROMPT)] == want
+    cache = engine._spare[1]
+    assert cache.max_len == a.cfg.max_seq_len and cache.lengths == [len(PROMPT) + 5]
+    engine.generate([short], REQ)
+    assert engine._spare[1] is cache  # the same tensors, not a new window per request
+
+
 def test_a_changed_or_unlisted_program_fails_verification(tmp_path):
     path, key = tmp_path / "k.pt2", "k"
     path.write_bytes(b"a program")
