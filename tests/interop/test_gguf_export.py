@@ -296,13 +296,13 @@ def _mean_kl(bin_dir: Path, base: Path, gguf: Path) -> float:
     """llama-perplexity's mean KL to `base`. Its logger can drop its last lines at exit (a
     worker thread, never joined: llama.cpp issue 22142), so a run without them is repeated."""
     cmd = [str(bin_dir / "llama-perplexity"), "-m", str(gguf), "--kl-divergence-base", str(base)]
-    for _ in range(5):
+    for _ in range(10):  # a loaded machine drops them more often: 5 were seen to fail
         r = subprocess.run([*cmd, "--kl-divergence"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-1500:]
         lines = [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Mean    KLD:")]
         if lines:
             return float(lines[0].split()[2])
-    raise AssertionError(f"no 'Mean KLD' line in 5 runs: {(r.stdout + r.stderr)[-1500:]}")
+    raise AssertionError(f"no 'Mean KLD' line in 10 runs: {(r.stdout + r.stderr)[-1500:]}")
 
 
 @pytest.mark.slow
