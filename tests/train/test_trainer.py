@@ -223,7 +223,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_corpus, uninterrupted
         proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if how != "kill":  # SIGTERM is handled like Ctrl-C: the step finishes and a checkpoint is saved
-        assert proc.returncode == 130 and "saving a checkpoint" in err, err
+        # (a second Ctrl-C 3 ms later can land inside the first one's handler, before its message
+        # is written: then it aborts at once, which the checks below cover as well)
+        said = "saving a checkpoint" in err or (how == "double-ctrl-c" and "aborted at step" in err)
+        assert proc.returncode == 130 and said, err
     steps = sorted(
         int(p.name[5:]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")
     )
