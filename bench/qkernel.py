@@ -60,7 +60,7 @@ def kernels_for(ws: list[torch.Tensor]) -> dict[str, tuple[Callable[[], object],
     for name, bits in (("op int8 g32", 8), ("op int4 sym g32", 4)):
         qs = [formats.quantize(w, bits, 32) for w in ws]
         nbytes = sum(q.qweight.numel() + 2 * q.scales.numel() for q in qs)
-        if kernels.kernel_available():
+        if kernels.load():
             out[name] = (
                 lambda qs=qs, b=bits: [
                     kernels.linear(xs[q.scales.shape[1] * 32], *q, b) for q in qs

@@ -10,8 +10,8 @@ so a large layer (the head: V rows) never holds more than ~4 MB of float weights
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from zerolm.quant import kernels
 from zerolm.quant.formats import Quantized, dequantize
 
 BLOCK_ELEMENTS = 1 << 20  # float weights per block of rows (4 MB in float32)
@@ -27,10 +27,6 @@ def _blocks(q: Quantized, k: int) -> list[tuple[int, Quantized]]:
     ]
 
 
-def _n_rows(b: Quantized) -> int:
-    return b.qweight.shape[0]
-
-
 def _rows(t: torch.Tensor | None, start: int, rows: int) -> torch.Tensor | None:
     return None if t is None else t[start : start + rows]
 
@@ -40,8 +36,8 @@ class _FrozenLinear(torch.autograd.Function):
     def forward(ctx, x, qweight, scales, mins, bits: int, bias):
         k, out = x.shape[-1], None
         for s, b in _blocks(Quantized(qweight, scales, mins), k):
-            with kernels.path("float"):  # x @ dequantize(W).T exactly: the backward's function
-                y = kernels.linear(x, b.qweight, b.scales, b.mins, bits, _rows(bias, s, _n_rows(b)))
+            w = dequantize(b, bits).to(x.dtype)  # x @ dequantize(W).T exactly: backward's function
+            y = F.linear(x, w, _rows(bias, s, len(w)))
             if out is None:  # the dtype autocast chose, known from the first block
                 n = qweight.shape[0]
                 out = y if y.shape[-1] == n else y.new_empty(*x.shape[:-1], n)

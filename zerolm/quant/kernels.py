@@ -55,11 +55,6 @@ def _try_load() -> bool:
     return True
 
 
-def kernel_available() -> bool:
-    """Whether torch.ops.zerolm.qlinear is loaded (building nothing)."""
-    return load()
-
-
 @contextmanager
 def path(which: KernelPath) -> Iterator[None]:
     """Force a path for the products run inside the block: "op" raises if the op is not loaded."""
