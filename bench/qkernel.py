@@ -67,6 +67,14 @@ def kernels_for(ws: list[torch.Tensor]) -> dict[str, tuple[Callable[[], object],
                 ],
                 nbytes,
             )
+            ps = [kernels.pack(q, bits) for q in qs]
+            out[name + " packed"] = (
+                lambda qs=qs, ps=ps, b=bits: [
+                    kernels.linear(xs[q.scales.shape[1] * 32], *q, b, None, p)
+                    for q, p in zip(qs, ps)
+                ],
+                nbytes,
+            )
     i8 = [(w / w.abs().amax(1, keepdim=True) * 127).round().to(torch.int8) for w in ws]
     sc = [w.abs().amax(1) / 127 for w in ws]
     mm8 = torch.ops.aten._weight_int8pack_mm

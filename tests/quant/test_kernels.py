@@ -198,3 +198,96 @@ def test_build_into_a_fresh_cache_and_self_check(tmp_path):
     assert check.startswith("self-check: ok"), check
     files = [p for p in (tmp_path / "zerolm" / "kernels").rglob("*") if p.is_file()]
     assert [p.name for p in files] == ["qlinear.so"]  # the temporary file was renamed into place
+
+
+@pytest.mark.parametrize("bits,scheme", FORMATS)
+@pytest.mark.parametrize("group", [32, 64, 0])
+@pytest.mark.parametrize("m", [1, 3, 8, 67])  # 67: 16 rows of 4 and a row of 3
+def test_packed_op_equals_the_plain_op(op, bits, scheme, group, m):
+    """The decode layout's kernel: the same Q(x) products as the plain op, up to summation order,
+    for a partial last tile (37 rows: 2 tiles of 16 and 5), every group and batches of x."""
+    g = torch.Generator().manual_seed(m + bits + group)
+    n, k = 37, 256
+    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n)
+    q = formats.quantize(w, bits, group, scheme)
+    p = kernels.pack(q, bits)
+    assert p.codes.shape == (3, k // 32, 16 * 32 * bits // 8) and p.scales.shape[::2] == (3, 16)
+    plain = op(x, *q, bits, group, bias)
+    got = torch.ops.zerolm.qlinear_packed(x, *p, bits, n, bias)
+    torch.testing.assert_close(got, plain, rtol=0, atol=2e-6 * float(plain.abs().max()))
+    with kernels.path("op"):  # kernels.linear takes it when a Packed is given
+        assert torch.equal(kernels.linear(x, *q, bits, bias, p), got)
+    with pytest.raises(RuntimeError, match="packed codes do not match 60 rows"):
+        torch.ops.zerolm.qlinear_packed(x, *p, bits, 60, None)
+
+
+def test_pack_is_the_documented_byte_permutation():
+    """Lane r of vector v of tile t's block b: int8 w[16t + r, 32b + 4v + i] + 128; int4 the
+    GGUF bytes 4v + i of row 16t + r's block b (checked on random codes, position by position)."""
+    g = torch.Generator().manual_seed(0)
+    q8 = formats.quantize(torch.randn(20, 64, generator=g), 8, 32)
+    q4 = formats.quantize(torch.randn(20, 64, generator=g), 4, 32)
+    p8, p4 = kernels.pack(q8, 8), kernels.pack(q4, 4)
+    for t, b, v, r, i in [(0, 0, 0, 0, 0), (0, 1, 7, 15, 3), (1, 1, 3, 3, 2), (1, 0, 5, 2, 1)]:
+        byte = p8.codes[t, b, 64 * v + 4 * r + i]
+        assert int(byte) == int(q8.qweight[16 * t + r, 32 * b + 4 * v + i]) + 128
+        if v < 4:
+            byte = p4.codes[t, b, 64 * v + 4 * r + i]
+            assert int(byte) == int(q4.qweight[16 * t + r, 16 * b + 4 * v + i])
+    assert int(p8.codes[1, 0, 4 * 5]) == 128  # row 21: padding, code 0
+    s = q4.scales.view(torch.int16)
+    assert torch.equal(p4.scales[1, 1, :4], s[16:20, 1]) and not p4.scales[1, :, 4:].any()
+
+
+def test_packed_copy_follows_the_codes_and_stays_out_of_the_state_dict(op):
+    q = formats.quantize(torch.randn(24, 64), 4, 32)
+    layer = QuantLinear.from_quantized(q, QuantSpec(4, 32, "sym"), 64)
+    keys = list(layer.state_dict())
+    layer.pack()
+    assert layer.packed_codes is not None and list(layer.state_dict()) == keys
+    x = torch.randn(2, 64)
+    with torch.no_grad(), kernels.path("op"):
+        packed = layer(x)
+        layer.unpack()
+        torch.testing.assert_close(packed, layer(x), rtol=0, atol=1e-5)
+        layer.pack()
+        other = formats.quantize(torch.randn(24, 64), 4, 32)
+        layer.load_state_dict(QuantLinear.from_quantized(other, layer.spec, 64).state_dict())
+        assert layer.packed_codes is None  # stale codes are dropped, never used
+        layer.pack()
+        layer.set_quantized(q)
+        assert layer.packed_codes is None
+
+
+@pytest.mark.slow
+def test_portable_build_without_vnni_gives_the_same_products(tmp_path):
+    """ZEROLM_MARCH=x86-64-v3 (AVX2, no AVX-512): the op's plain C++ loops, both layouts, against
+    the torch path, in a process of its own (one library per process)."""
+    if build.compiler() is None or os.uname().machine != "x86_64":
+        pytest.skip("needs g++ on x86-64")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": ROOT}
+    script = (
+        "import torch\n"
+        "from zerolm.quant import build, formats, kernels\n"
+        "assert '-march=x86-64-v3' in build.FLAGS; build.build(); assert kernels.load()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, w = torch.randn(5, 128, generator=g), torch.randn(21, 128, generator=g)\n"
+        "worst = 0.0\n"
+        "for bits, scheme, group in ((8, 'sym', 32), (4, 'sym', 64), (4, 'asym', 32)):\n"
+        "    q = formats.quantize(w, bits, group, scheme)\n"
+        "    with kernels.path('torch'):\n"
+        "        want = kernels.linear(x, *q, bits)\n"
+        "    with kernels.path('op'):\n"
+        "        for p in (None, kernels.pack(q, bits)):\n"
+        "            got = kernels.linear(x, *q, bits, None, p)\n"
+        "            worst = max(worst, float((got - want).abs().max() / want.abs().max()))\n"
+        "print(worst)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "ZEROLM_MARCH": "x86-64-v3"},
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.split()[-1]) < 1e-5

@@ -1,9 +1,10 @@
 """Build and load the C++ quantized-linear op (csrc/qlinear.cpp, torch.ops.zerolm.qlinear).
 
 The op is compiled once per machine by its own g++ (no ninja, no setuptools extension), with
--march=native so it uses the CPU's AVX-512 VNNI where there is one. The library goes into a user
-cache keyed by everything that changes the binary (source, torch, compiler, flags, CPU), so a new
-torch or a home directory shared with another CPU gets its own build, never a stale or illegal one:
+-march=native (or $ZEROLM_MARCH) so it uses the CPU's AVX-512 VNNI where there is one. The
+library goes into a user cache keyed by everything that changes the binary (source, torch,
+compiler, flags, CPU), so a new torch or a home directory shared with another CPU gets its own
+build, never a stale or illegal one:
   $XDG_CACHE_HOME/zerolm/kernels/<key>/qlinear.so   (XDG_CACHE_HOME defaults to ~/.cache)
 scripts/setup.sh builds it; `python -m zerolm.quant.build` (re)builds it by hand and checks it.
 """
@@ -21,7 +22,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "qlinear.cpp"
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++20", "-fopenmp"]
+# -march: the CPU it is built for; ZEROLM_MARCH=x86-64-v3 (say) builds a portable library, whose
+# kernels are the plain C++ loops where the CPU lacks AVX-512 VNNI (the tests build one this way)
+MARCH = os.environ.get("ZEROLM_MARCH", "native")
+FLAGS = ["-O3", f"-march={MARCH}", "-shared", "-fPIC", "-std=c++20", "-fopenmp"]
 
 
 def cache_root() -> Path:

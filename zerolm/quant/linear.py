@@ -3,7 +3,9 @@
 Codes are int8 / uint8 buffers; scales and mins are float16 values kept in int16 buffers, so a
 model-wide `.to(dtype)` moves them between devices but never rounds them. A layer's `weight` is the
 dequantized float matrix, for code that reads weights (exports, fused losses); its forward runs
-the quantized kernel (kernels.py) instead.
+the quantized kernel (kernels.py) instead. In the decode layout (`pack`) a layer also holds its
+codes repacked for the op's small-batch kernel: non-persistent buffers, so the state_dict is the
+same, at the cost of a second copy of the codes in memory.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class QuantLinear(nn.Module):
     qweight: torch.Tensor  # int8 (N, K) for 8 bits, uint8 (N, K/2) for 4
     scales: torch.Tensor  # int16 (N, G): float16 bits
     mins: torch.Tensor | None  # int16 (N, G): float16 bits, int4 asym only
+    packed_codes: torch.Tensor | None  # kernels.Packed's three parts, after pack()
+    packed_scales: torch.Tensor | None
+    packed_mins: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False):
         super().__init__()
@@ -49,6 +54,7 @@ class QuantLinear(nn.Module):
         asym = spec.bits == 4 and spec.scheme == "asym"
         self.register_buffer("mins", torch.empty(n, groups, dtype=torch.int16) if asym else None)
         self.bias = nn.Parameter(torch.empty(n), requires_grad=False) if bias else None
+        self.unpack()
 
     @classmethod
     def from_quantized(
@@ -60,6 +66,7 @@ class QuantLinear(nn.Module):
         return mod
 
     def set_quantized(self, qw: Quantized, bias: torch.Tensor | None = None) -> None:
+        self.unpack()
         self.qweight = qw.qweight.contiguous()
         self.scales = qw.scales.half().view(torch.int16).contiguous()
         self.mins = None if qw.mins is None else qw.mins.half().view(torch.int16).contiguous()
@@ -70,6 +77,27 @@ class QuantLinear(nn.Module):
         mins = None if self.mins is None else self.mins.view(torch.float16)
         return Quantized(self.qweight, self.scales.view(torch.float16), mins)
 
+    def pack(self) -> None:
+        """Also keep the codes in the op's decode layout (kernels.pack), which its packed
+        kernel streams front to back (decode_layout does this where the op is loaded)."""
+        p = kernels.pack(self.quantized(), self.spec.bits)
+        for name, t in zip(("packed_codes", "packed_scales", "packed_mins"), p):
+            self.register_buffer(name, t, persistent=False)
+
+    def unpack(self) -> None:
+        """Drop the packed copy (new codes make it stale)."""
+        for name in ("packed_codes", "packed_scales", "packed_mins"):
+            self.register_buffer(name, None, persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new codes: the packed copy is stale
+        self.unpack()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _packed(self) -> kernels.Packed | None:
+        if self.packed_codes is None or self.packed_scales is None:
+            return None
+        return kernels.Packed(self.packed_codes, self.packed_scales, self.packed_mins)
+
     @property
     def weight(self) -> torch.Tensor:  # (N, K) float32, dequantized
         return dequantize(self.quantized(), self.spec.bits)
@@ -79,7 +107,7 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if torch.is_grad_enabled():  # training over a frozen base (QLoRA): the float product,
             return frozen_linear(x, q, self.spec.bits, bias)  # the same in every layer
-        return kernels.linear(x, q.qweight, q.scales, q.mins, self.spec.bits, bias)
+        return kernels.linear(x, q.qweight, q.scales, q.mins, self.spec.bits, bias, self._packed())
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head's logits (B, T, V) from hidden states (B, T, D)."""

@@ -43,12 +43,13 @@ inline float h2f(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 struct QuantX {
   std::vector<int8_t> q, qp;
   std::vector<float> d, ds;
+  std::vector<int32_t> s;  // sum of each block's codes
 };
 
 QuantX quantize_x(const float* x, int64_t M, int64_t K, bool pairs) {
   const int64_t nb = K / kBlock;
   QuantX out{std::vector<int8_t>(M * K), std::vector<int8_t>(pairs ? M * K : 0),
-             std::vector<float>(M * nb), std::vector<float>(M * nb)};
+             std::vector<float>(M * nb), std::vector<float>(M * nb), std::vector<int32_t>(M * nb)};
   at::parallel_for(0, M * nb, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float* xb = x + i * kBlock;
@@ -65,6 +66,7 @@ QuantX quantize_x(const float* x, int64_t M, int64_t K, bool pairs) {
         sum += c;
       }
       out.d[i] = d;
+      out.s[i] = sum;
       out.ds[i] = d * static_cast<float>(sum);
     }
   });
@@ -295,6 +297,174 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
   return shape;
 }
 
+// The decode layout (kernels.py pack): tiles of kTile = 16 rows, each 32-block of a tile stored
+// as one run of codes with row r in 32-bit lane r of every 64-byte vector, so one VNNI dpbusd
+// multiplies 4 weights of all 16 rows by 4 broadcast x codes and the tile's 16 sums never need a
+// horizontal add. int8: 8 vectors, lane r of vector k holds w[r, 4k..4k+3] + 128 (unsigned for
+// dpbusd; the +128 comes off as -128 * sum(x)). int4: 4 vectors, lane r of vector L holds
+// GGUF bytes 4L..4L+3 of row r, whose low nibbles are weights 4L.. and high nibbles 16 + 4L..
+// (codes 0..15; sym's -8 comes off as -8 * sum(x)). Scales (and mins) are (tiles, G, 16) float16.
+// A tile streams its bytes front to back, and the scales need no per-row pass.
+constexpr int64_t kTile = 16;
+
+struct Packed {
+  const uint8_t* q;
+  const uint16_t* d;
+  const uint16_t* m;  // or null
+  int64_t K, G;
+};
+
+// R rows of x (codes xq, scales dx, code sums sx, each row `stride` apart) against tile t, into
+// out (row stride N): the tile's codes are loaded and unpacked once for all R rows.
+#ifdef ZEROLM_VNNI
+template <int Bits, bool Asym, int R>
+void packed_tile(const Packed& w, int64_t t, const int8_t* xq, const float* dx, const int32_t* sx,
+                 float* out, int64_t N, int64_t rows) {
+  const int64_t nb = w.K / kBlock, per = nb / w.G, tb = kTile * kBlock * Bits / 8;
+  const uint8_t* q = w.q + t * nb * tb;
+  const uint16_t *d = w.d + t * w.G * kTile, *m = Asym ? w.m + t * w.G * kTile : nullptr;
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0, b = 0; g < w.G; ++g) {
+    __m512 accg[R];
+    float dsg[R];
+    for (int i = 0; i < R; ++i) accg[i] = _mm512_setzero_ps(), dsg[i] = 0.f;
+    for (int64_t end = b + per; b < end; ++b, q += tb) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + 8 * tb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q + 8 * tb + 64), _MM_HINT_T0);
+      __m512i dot[R];
+      for (int i = 0; i < R; ++i) {
+        const int32_t s = sx[i * nb + b];
+        dot[i] = _mm512_set1_epi32(Bits == 8 ? -128 * s : Asym ? 0 : -8 * s);
+      }
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(xq) + 8 * b;  // 4 codes at a time
+      const int64_t xs = w.K / 4;  // int32 stride between x rows
+      if constexpr (Bits == 8) {
+        for (int k = 0; k < 8; ++k) {
+          const __m512i v = _mm512_loadu_si512(q + 64 * k);
+          for (int i = 0; i < R; ++i)
+            dot[i] = _mm512_dpbusd_epi32(dot[i], v, _mm512_set1_epi32(x4[i * xs + k]));
+        }
+      } else {
+        for (int L = 0; L < 4; ++L) {
+          const __m512i p = _mm512_loadu_si512(q + 64 * L);
+          const __m512i lo = _mm512_and_si512(p, low);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), low);
+          for (int i = 0; i < R; ++i) {
+            dot[i] = _mm512_dpbusd_epi32(dot[i], lo, _mm512_set1_epi32(x4[i * xs + L]));
+            dot[i] = _mm512_dpbusd_epi32(dot[i], hi, _mm512_set1_epi32(x4[i * xs + L + 4]));
+          }
+        }
+      }
+      for (int i = 0; i < R; ++i) {
+        const float dxb = dx[i * nb + b];
+        accg[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(dxb), accg[i]);
+        if constexpr (Asym) dsg[i] += dxb * static_cast<float>(sx[i * nb + b]);
+      }
+    }
+    const __m512 dg = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * kTile)));
+    __m512 mg = _mm512_setzero_ps();
+    if constexpr (Asym) mg = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g * kTile)));
+    for (int i = 0; i < R; ++i) {
+      acc[i] = _mm512_fmadd_ps(accg[i], dg, acc[i]);
+      if constexpr (Asym) acc[i] = _mm512_fmadd_ps(mg, _mm512_set1_ps(dsg[i]), acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(out + i * N, first(rows), acc[i]);
+}
+#else
+template <int Bits, bool Asym, int R>
+void packed_tile(const Packed& w, int64_t t, const int8_t* xq, const float* dx, const int32_t* sx,
+                 float* out, int64_t N, int64_t rows) {
+  const int64_t nb = w.K / kBlock, per = nb / w.G, tb = kTile * kBlock * Bits / 8;
+  for (int i = 0; i < R; ++i)
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = 0.f;
+      for (int64_t g = 0, b = 0; g < w.G; ++g) {
+        float accg = 0.f, dsg = 0.f;
+        for (int64_t end = b + per; b < end; ++b) {
+          const uint8_t* q = w.q + (t * nb + b) * tb;
+          const int32_t s = sx[i * nb + b];
+          int32_t dot = Bits == 8 ? -128 * s : Asym ? 0 : -8 * s;
+          for (int64_t j = 0; j < kBlock; ++j) {
+            const int64_t c = j % 16, half = j / 16;  // int4: byte c of the row's GGUF block
+            const int32_t code = Bits == 8 ? q[(j / 4) * 64 + r * 4 + j % 4]
+                                           : (q[(c / 4) * 64 + r * 4 + c % 4] >> (4 * half)) & 15;
+            dot += code * xq[i * w.K + b * kBlock + j];
+          }
+          accg += static_cast<float>(dot) * dx[i * nb + b];
+          dsg += dx[i * nb + b] * static_cast<float>(s);
+        }
+        acc += accg * h2f(w.d[(t * w.G + g) * kTile + r]);
+        if (Asym) acc += h2f(w.m[(t * w.G + g) * kTile + r]) * dsg;
+      }
+      out[i * N + r] = acc;
+    }
+}
+#endif
+
+// Every x row against every tile, 4 rows of x at a time (the tile stays in L1 across them).
+template <int Bits, bool Asym>
+void packed_mm(const Packed& w, const QuantX& qx, int64_t M, int64_t N, float* out) {
+  const int64_t nb = w.K / kBlock, tiles = (N + kTile - 1) / kTile;
+  // grain: ~64 rows of W per task for a vector, fewer as x's rows make each tile more work
+  const int64_t grain = std::max<int64_t>(1, 4 / std::max<int64_t>(1, M / 4));
+  at::parallel_for(0, tiles, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t rows = std::min(kTile, N - t * kTile);
+      for (int64_t i = 0; i < M;) {
+        const int8_t* xq = qx.q.data() + i * w.K;
+        const float* dx = qx.d.data() + i * nb;
+        const int32_t* sx = qx.s.data() + i * nb;
+        float* o = out + i * N + t * kTile;
+        switch (std::min<int64_t>(4, M - i)) {
+          case 4: packed_tile<Bits, Asym, 4>(w, t, xq, dx, sx, o, N, rows); i += 4; break;
+          case 3: packed_tile<Bits, Asym, 3>(w, t, xq, dx, sx, o, N, rows); i += 3; break;
+          case 2: packed_tile<Bits, Asym, 2>(w, t, xq, dx, sx, o, N, rows); i += 2; break;
+          default: packed_tile<Bits, Asym, 1>(w, t, xq, dx, sx, o, N, rows); i += 1;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor qlinear_packed_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& mins, int64_t bits, int64_t N,
+                              const std::optional<at::Tensor>& bias) {
+  const int64_t K = x.size(-1), tiles = (N + kTile - 1) / kTile;
+  TORCH_CHECK(bits == 8 || bits == 4, "qlinear_packed: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(K % kBlock == 0, "qlinear_packed: ", K, " inputs are not whole 32-blocks");
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+                  packed.numel() == tiles * kTile * K * bits / 8,
+              "qlinear_packed: packed codes do not match ", N, " rows of ", K, " inputs");
+  const at::Tensor d = as_half(scales).contiguous();
+  const int64_t G = d.numel() / (tiles * kTile);
+  TORCH_CHECK(d.scalar_type() == at::kHalf && G > 0 && d.numel() == tiles * kTile * G &&
+                  K % G == 0 && (K / G) % kBlock == 0,
+              "qlinear_packed: scales do not match ", N, " rows of ", K, " inputs");
+  const at::Tensor m = mins.has_value() ? as_half(*mins).contiguous() : at::Tensor();
+  TORCH_CHECK(!m.defined() || (bits == 4 && m.sizes() == d.sizes()), "qlinear_packed: mins need int4 and scales' shape");
+  const at::Tensor xc = x.to(at::kFloat).contiguous();
+  const int64_t M = xc.numel() / K;
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const QuantX qx = quantize_x(xc.data_ptr<float>(), M, K, false);
+  const Packed w{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr()),
+                 m.defined() ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr, K, G};
+  float* o = out.data_ptr<float>();
+  if (bits == 8) packed_mm<8, false>(w, qx, M, N, o);
+  else if (m.defined()) packed_mm<4, true>(w, qx, M, N, o);
+  else packed_mm<4, false>(w, qx, M, N, o);
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return out.view(out_shape(x, N));
+}
+
+at::Tensor qlinear_packed_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                               const std::optional<at::Tensor>& mins, int64_t bits, int64_t N,
+                               const std::optional<at::Tensor>& bias) {
+  return at::empty(out_shape(x, N), x.options().dtype(at::kFloat));
+}
+
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
                        const std::optional<at::Tensor>& bias) {
@@ -340,6 +510,14 @@ at::Tensor qlinear_meta(const at::Tensor& x, const at::Tensor& qweight, const at
 TORCH_LIBRARY(zerolm, m) {
   m.def("qlinear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group, "
         "Tensor? bias) -> Tensor");
+  m.def("qlinear_packed(Tensor x, Tensor packed, Tensor scales, Tensor? mins, int bits, int N, "
+        "Tensor? bias) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(zerolm, CPU, m) { m.impl("qlinear", &qlinear_cpu); }
-TORCH_LIBRARY_IMPL(zerolm, Meta, m) { m.impl("qlinear", &qlinear_meta); }
+TORCH_LIBRARY_IMPL(zerolm, CPU, m) {
+  m.impl("qlinear", &qlinear_cpu);
+  m.impl("qlinear_packed", &qlinear_packed_cpu);
+}
+TORCH_LIBRARY_IMPL(zerolm, Meta, m) {
+  m.impl("qlinear", &qlinear_meta);
+  m.impl("qlinear_packed", &qlinear_packed_meta);
+}
