@@ -306,6 +306,10 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
 // (codes 0..15; sym's -8 comes off as -8 * sum(x)). Scales (and mins) are (tiles, G, 16) float16.
 // A tile streams its bytes front to back, and the scales need no per-row pass.
 constexpr int64_t kTile = 16;
+#ifndef ZEROLM_AHEAD
+#define ZEROLM_AHEAD 4
+#endif
+constexpr int64_t kAhead = ZEROLM_AHEAD;  // blocks prefetched ahead
 
 struct Packed {
   const uint8_t* q;
@@ -331,8 +335,8 @@ void packed_tile(const Packed& w, int64_t t, const int8_t* xq, const float* dx, 
     float dsg[R];
     for (int i = 0; i < R; ++i) accg[i] = _mm512_setzero_ps(), dsg[i] = 0.f;
     for (int64_t end = b + per; b < end; ++b, q += tb) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + 8 * tb), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(q + 8 * tb + 64), _MM_HINT_T0);
+      for (int64_t c = 0; c < tb; c += 64)  // the block kAhead ahead, line by line
+        _mm_prefetch(reinterpret_cast<const char*>(q + kAhead * tb + c), _MM_HINT_T0);
       __m512i dot[R];
       for (int i = 0; i < R; ++i) {
         const int32_t s = sx[i * nb + b];
