@@ -65,8 +65,9 @@ def test_types_are_converted():
         (["--data.val_fration=0.1"], "Did you mean 'val_fraction'"),
         (
             ["--dat.val_fraction=0.1"],
-            "Valid keys here: align, calib, classify, data, dist, inspect, lora, mlm, model, out_dir, "
-            "poems, prune, quant, sample, seed, seq2seq, serve, sft, tokenizer, train, translate",
+            "Valid keys here: align, calib, classify, data, dist, inspect, lora, mlm, model, "
+            "out_dir, poems, prune, quant, sample, seed, seq2seq, serve, sft, tokenizer, train, "
+            "translate",
         ),
         (["--data.min_chars=abc"], "data.min_chars: expected int"),
         (["--tokenizer.kind=sentencepiece"], "not one of 'bpe', 'wordpiece', 'char'"),

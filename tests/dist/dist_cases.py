@@ -1,5 +1,5 @@
 """Training cases run the same way in one process (the reference, inside pytest) and under torchrun
-(`python -m torch.distributed.run ... tests/dist/cases.py OUT`: every case in one job, rank 0
+(`python -m torch.distributed.run ... tests/dist/dist_cases.py OUT`: every case in one job, rank 0
 saving the results to OUT). Tiny llama, fp32, a fixed stream of global batches."""
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ def train(
         batch_size=rows // accum,
         grad_accum=accum,
         precision="fp32",
-        lr=1e-2,
         warmup_steps=1,
     )
     data = batches(steps * accum, rows // accum, masked)
