@@ -65,14 +65,17 @@ def test_types_are_converted():
         (["--data.val_fration=0.1"], "Did you mean 'val_fraction'"),
         (
             ["--dat.val_fraction=0.1"],
-            "Valid keys here: align, calib, classify, data, inspect, lora, mlm, model, out_dir, "
-            "poems, prune, quant, sample, seed, seq2seq, serve, sft, tokenizer, train, translate",
+            "Valid keys here: align, calib, classify, data, dist, inspect, lora, mlm, model, "
+            "out_dir, poems, prune, quant, sample, seed, seq2seq, serve, sft, tokenizer, train, "
+            "translate",
         ),
         (["--data.min_chars=abc"], "data.min_chars: expected int"),
         (["--tokenizer.kind=sentencepiece"], "not one of 'bpe', 'wordpiece', 'char'"),
         (["--tokenizer.lowercase=maybe"], "expected true or false"),
         (["--data.val_fraction=1.5"], "val_fraction must be in [0, 1)"),
         (["--data=3"], "data: is a section"),
+        (["--dist.strategy=zero"], "not one of '', 'none', 'ddp', 'fsdp'"),
+        (["--dist.timeout=0"], "dist.timeout must be > 0"),
     ],
 )
 def test_bad_keys_and_values(args, message):

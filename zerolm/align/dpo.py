@@ -106,7 +106,8 @@ class DPOLoss:
         ref = ref.to(lp.device, lp.dtype)
         B = len(lp) // 2
         loss, stats = dpo_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.beta)
-        return LossResult(loss, mask.sum(), stats)  # counted: the reply tokens (tokens/s)
+        # counted: the reply tokens (tokens/s); the loss is a mean over the B pairs
+        return LossResult(loss, mask.sum(), stats, weight=B)
 
 
 @torch.no_grad()
@@ -160,6 +161,7 @@ def train_dpo(cfg, progress: bool = True) -> StageResult:
         flops_per_token=account(policy)["train_flops_per_token"],
         fingerprint=stage_fingerprint(cfg, tok, ("align", "lora", "poems")),
         info={"lora": lora, "reference": str(ref_dir), **summary},
+        row_groups=2,  # dpo_collate / pair_collate: B chosen rows, then B rejected
     )
     result = run(cfg, stage, progress)
     log.info("held-out pairs: %s", " | ".join(f"{k} {v:.4f}" for k, v in result.final.items()))

@@ -31,6 +31,7 @@ from zerolm.align.ppo_prompts import load_prompts
 from zerolm.align.ppo_rewards import load_reward
 from zerolm.align.ppo_rollouts import Rollouts
 from zerolm.align.stage import reference_dir, reference_logits, start_stage
+from zerolm.dist.group import env_world_size
 from zerolm.eval.replies import reply_kl, sample_replies
 from zerolm.inspect.accounting import account
 from zerolm.model import load_model, read_model_config
@@ -88,6 +89,11 @@ def ppo_eval(
 
 def train_ppo(cfg, progress: bool = True) -> StageResult:
     """`zerolm ppo`: the base (SFT) model trained against a reward with PPO or GRPO; OUT/model."""
+    if env_world_size() > 1:  # its rollouts are sampled by one process
+        raise ValueError(
+            f"zerolm ppo runs in one process, not under torchrun (WORLD_SIZE={env_world_size()}): "
+            "start it without torchrun"
+        )
     _, base, tok = start_stage(
         cfg, "the SFT model: the policy's start and, by default, the reference"
     )

@@ -176,6 +176,7 @@ def train_reward(cfg, progress: bool = True) -> StageResult:
         flops_per_token=account(rm.body)["train_flops_per_token"],
         fingerprint=stage_fingerprint(cfg, tok, ("align", "poems")),
         info=summary,
+        row_groups=2,  # dpo_collate / pair_collate: B chosen rows, then B rejected
     )
     result = run(cfg, stage, progress)
     log.info("held-out pairwise accuracy: %s", result.final.get("val_accuracy"))

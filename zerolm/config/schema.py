@@ -140,6 +140,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    """Training on several processes under torchrun (zerolm/dist/): `torchrun --nproc-per-node N
+    -m zerolm pretrain ...`; a plain `zerolm pretrain` is one process with no torch.distributed."""
+
+    # "": ddp under torchrun with WORLD_SIZE > 1, else none; fsdp: FSDP2, fully_shard per block
+    strategy: Literal["", "none", "ddp", "fsdp"] = ""
+    timeout: float = 1800.0  # seconds a rank waits for the others (a collective, a barrier)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SFTConfig:
     """Supervised fine-tuning (`zerolm sft`): which base model, which conversations."""
 
@@ -413,6 +423,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     align: AlignConfig = field(default_factory=AlignConfig)

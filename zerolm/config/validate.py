@@ -7,6 +7,7 @@ from zerolm.config.schema import (
     ClassifyConfig,
     Config,
     DataConfig,
+    DistConfig,
     LoRAConfig,
     MLMConfig,
     Seq2SeqConfig,
@@ -75,6 +76,10 @@ def _train_checks(tr: TrainConfig, sft: SFTConfig, lora: LoRAConfig) -> list[_Ch
     ]
 
 
+def _dist_checks(d: DistConfig) -> list[_Check]:
+    return [(d.timeout > 0, f"dist.timeout must be > 0 seconds, got {d.timeout}")]
+
+
 def _align_checks(a: AlignConfig) -> list[_Check]:
     return [
         (a.beta > 0, f"align.beta must be > 0 (typical 0.05-0.5), got {a.beta}"),
@@ -129,6 +134,7 @@ def validate(cfg: Config) -> None:
     checks = [
         *_data_checks(cfg.data, cfg.tokenizer),
         *_train_checks(cfg.train, cfg.sft, cfg.lora),
+        *_dist_checks(cfg.dist),
         *_align_checks(cfg.align),
         *_encoder_checks(cfg.seq2seq, cfg.mlm, cfg.classify),
     ]

@@ -97,12 +97,16 @@ def save_checkpoint(
     extra: dict,
     keep: int,
     run: dict | None = None,
+    states: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`. Non-finite weights
     raise NonFiniteError and write nothing; so does a full disk, as a ValueError naming the
-    directory. `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py)."""
+    directory. `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py); `states`
+    the (model, optimizer) state dicts where the caller gathered them (FSDP2 shards), else the
+    model's and optimizer's own."""
     path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    model_state, optim_state = states or (model.state_dict(), optimizer.state_dict())
+    state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     if bad := nonfinite_tensors(state):
         raise NonFiniteError(
             f"refusing to save checkpoint {path.name}: non-finite weights in {', '.join(bad[:3])}"
@@ -112,7 +116,7 @@ def save_checkpoint(
         with atomic_dir(path) as tmp:
             save_file(state, str(tmp / "model.safetensors"))
             torch.save(
-                {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra},
+                {"step": step, "optimizer": optim_state, "rng": rng_state(), **extra},
                 tmp / "state.pt",
             )
             config = {
@@ -146,12 +150,17 @@ def _is_write_error(e: RuntimeError) -> bool:
     )
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer) -> dict:
-    """Restore model + optimizer + RNG from `path`; returns the saved extras (step, loader, ...)."""
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer, put=None) -> dict:
+    """Restore model + optimizer + RNG from `path`; returns the saved extras (step, loader, ...).
+    `put(optimizer, model_state, optimizer_state)` loads the two where the caller places them
+    (into FSDP2 shards), else they go into the model and optimizer as they are."""
     path = Path(path)
     state = load_file(str(path / "model.safetensors"))
-    load_state(model, state, str(path), assign=False)
     saved = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(saved.pop("optimizer"))
+    if put is not None:
+        put(optimizer, state, saved.pop("optimizer"))
+    else:
+        load_state(model, state, str(path), assign=False)
+        optimizer.load_state_dict(saved.pop("optimizer"))
     set_rng_state(saved.pop("rng"))
     return saved

@@ -16,11 +16,14 @@ from zerolm.model.layers import matmul_dtype
 class LossResult:
     """What a stage's loss returns to the Trainer: `loss` (the mean over the batch's counted
     tokens), `n` (their number: an int, or a 0-d tensor inside a compiled graph) and `stats`
-    (0-d tensors, e.g. DPO's margin, logged as their mean over the step)."""
+    (0-d tensors, e.g. DPO's margin, logged as their mean over the step); `weight`: what `loss`
+    is a mean over where that is not n (DPO: the pairs), which weights each rank's loss under
+    distribution."""
 
     loss: torch.Tensor
     n: torch.Tensor | int
     stats: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    weight: torch.Tensor | int | None = None
 
 
 def lm_loss(model: nn.Module, batch) -> LossResult:

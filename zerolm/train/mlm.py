@@ -20,6 +20,7 @@ from zerolm.data.mlm import BertIds, pair_ids
 from zerolm.data.mlm_batches import PairBatches, fixed_batches
 from zerolm.data.nsp import SentenceCorpus
 from zerolm.data.prepare import prepare, read_docs
+from zerolm.dist.group import is_main, main_first
 from zerolm.eval.mode import eval_mode
 from zerolm.inspect.accounting import account
 from zerolm.model import save_model
@@ -118,7 +119,8 @@ def pretrain_bert(cfg: Config, progress: bool = True) -> StageResult:
     OUT/model; returns the last training row and the final held-out metrics (whole val split)."""
     data_fp = pretrain_data_fingerprint(cfg)
     out = begin(cfg, data_fp)  # before prepare rebuilds the docs and tokenizer of changed inputs
-    prepare(cfg, stages=("docs", "tokenizer"), progress=progress)
+    with main_first():  # under torchrun: rank 0 prepares, the others find it prepared
+        prepare(cfg, stages=("docs", "tokenizer"), progress=progress and is_main())
     open_out(cfg)
     tok = Tokenizer.load(out / "tokenizer")
     if tok.kind != "wordpiece":

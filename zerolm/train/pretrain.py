@@ -13,6 +13,7 @@ from typing import cast
 from zerolm.config import Config, ModelConfig
 from zerolm.data.loader import TokenBatches
 from zerolm.data.prepare import prepare, read_docs
+from zerolm.dist.group import is_main, main_first
 from zerolm.eval.mode import eval_mode
 from zerolm.eval.perplexity import evaluate_lm
 from zerolm.infer.engine import Engine, GenerateRequest
@@ -131,7 +132,8 @@ def pretrain(cfg: Config, progress: bool = True) -> StageResult:
     data_fp = pretrain_data_fingerprint(cfg)
     # before prepare, which would rebuild the run's tokenizer and shards on changed inputs
     out = begin(cfg, data_fp)
-    summary = prepare(cfg, progress=progress)
+    with main_first():  # under torchrun: rank 0 prepares, the others find it prepared
+        summary = prepare(cfg, progress=progress and is_main())
     open_out(cfg)
     tok = Tokenizer.load(out / "tokenizer")
     model, lora = start_model(cfg, tok.vocab_size)

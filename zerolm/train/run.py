@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from zerolm.config import Config, ModelConfig, save_config
+from zerolm.dist import group
 from zerolm.model import Transformer, build_model, load_model, save_model
 from zerolm.model.bert import Bert
 from zerolm.model.encdec import EncoderDecoder
@@ -60,6 +61,7 @@ class Stage(Generic[M]):
     flops_per_token: float = 0.0
     fingerprint: dict = dataclasses.field(default_factory=dict)  # what a resume must match
     info: dict = dataclasses.field(default_factory=dict)  # the stage's own summary (data, LoRA)
+    row_groups: int = 1  # 2: a batch's rows are B chosen then B rejected (zerolm.dist.parallel)
 
 
 @dataclasses.dataclass
@@ -77,7 +79,9 @@ class StageResult:
 def begin(cfg: Config, early: dict | None = None) -> Path:
     """Before a stage reads or writes anything: refuse an output directory that holds checkpoints
     unless resuming, compare `early` (what is known before data is rebuilt) with its newest
-    checkpoint, and set train.threads. Returns the output directory."""
+    checkpoint, and set train.threads. Under torchrun, join the process group first (every rank
+    with the same config). Returns the output directory."""
+    group.setup(cfg)
     out = Path(cfg.out_dir)
     found = list_checkpoints(out)
     if found and not cfg.train.resume:
@@ -93,10 +97,13 @@ def begin(cfg: Config, early: dict | None = None) -> Path:
 
 
 def open_out(cfg: Config) -> Path:
-    """The output directory, created, with the resolved config.toml written into it."""
+    """The output directory, created, with the resolved config.toml written into it (by rank
+    0)."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    with group.main_first():
+        out.mkdir(parents=True, exist_ok=True)
+        if group.is_main():
+            save_config(cfg, out)
     return out
 
 
@@ -155,7 +162,8 @@ def save_trainable(model: AnyModel, model_dir: Path, tok: Tokenizer) -> Path:
 
 def run(cfg: Config, stage: Stage[Any], progress: bool = True) -> StageResult:
     """Train `stage` on the Trainer to cfg.train.steps (resuming when asked), evaluate it once
-    more, and save it to OUT/model."""
+    more, and save it to OUT/model. Under torchrun rank 0 evaluates and saves; every rank returns
+    its figures."""
     out = Path(cfg.out_dir)
     trainer = Trainer(
         stage.model,
@@ -168,8 +176,14 @@ def run(cfg: Config, stage: Stage[Any], progress: bool = True) -> StageResult:
         flops_per_token=stage.flops_per_token,
         progress=progress,
         fingerprint=stage.fingerprint,
+        dist=cfg.dist,
+        row_groups=stage.row_groups,
     )
     last = trainer.fit()
-    final = stage.final(stage.model) if stage.final is not None else {}
-    stage.save(out / "model")
+    final: dict = {}
+    with trainer.par.full_model(keep=True) as model:  # stage.model, trained, on rank 0
+        if model is not None:
+            final = stage.final(stage.model) if stage.final is not None else {}
+            stage.save(out / "model")
+    final = group.broadcast(final)
     return StageResult(str(out / "model"), last, final, stage.info)

@@ -29,6 +29,7 @@ from zerolm.data.collate import IGNORE, pad_right
 from zerolm.data.loader import Shuffled
 from zerolm.data.pairs import load_pairs
 from zerolm.data.prepare import _fingerprint, build_tokenizer
+from zerolm.dist.group import is_main, main_first
 from zerolm.eval.translation import encode_source, evaluate_translation, translate_texts
 from zerolm.files import atomic_write_text
 from zerolm.model import save_model
@@ -149,8 +150,9 @@ def pretrain_seq2seq(cfg: Config, progress: bool = True) -> StageResult:
         "; ".join(f"{k}: {v['train']}/{v['val']}" for k, v in info["sources"].items()),
     )
     open_out(cfg)
-    docs_info = _write_docs(out, pairs, _fingerprint(dataclasses.asdict(cfg.seq2seq), info))
-    tok, _ = build_tokenizer(cfg, out, docs_info, progress=progress)
+    with main_first():  # under torchrun: rank 0 writes, the others find it written
+        docs_info = _write_docs(out, pairs, _fingerprint(dataclasses.asdict(cfg.seq2seq), info))
+        tok, _ = build_tokenizer(cfg, out, docs_info, progress=progress and is_main())
     model = new_model(cfg, dataclasses.replace(cfg.model, arch="encdec"), tok.vocab_size)
     assert isinstance(model, EncoderDecoder)
     log.info(

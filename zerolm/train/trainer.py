@@ -2,7 +2,9 @@
 loss function returning a LossResult (zerolm/train/run.py builds them into a stage); the loop owns
 precision, accumulation, clipping, schedule, logging, evaluation, checkpoints, exact resume (of the
 same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite losses (skipped, stopped on, or
-rolled back from: train.nonfinite).
+rolled back from: train.nonfinite). Under torchrun it runs the same loop on every rank through
+zerolm/dist/parallel.py (DDP or FSDP2; each rank takes its rows of every global micro-batch), and
+rank 0 alone logs and writes files.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from zerolm.config import TrainConfig
+from zerolm.config import DistConfig, TrainConfig
+from zerolm.dist import group
+from zerolm.dist.parallel import Parallel
 from zerolm.train.batches import Batches
 from zerolm.train.checkpoint import (
     NonFiniteError,
@@ -64,18 +69,26 @@ class Trainer:
         flops_per_token: float = 0.0,
         progress: bool = True,
         fingerprint: dict | None = None,
+        dist: DistConfig | None = None,
+        row_groups: int = 1,
     ):
         """`fingerprint`: the stage's part of what a resume must match (seed, tokenizer, data; see
-        fingerprint.py); the model config and the training settings are added here."""
+        fingerprint.py); the model config and the training settings are added here. `dist`: the
+        strategy when the process group is up (zerolm.dist.group.setup); `row_groups`: 2 where a
+        batch's rows are B chosen then B rejected (each rank takes its share of both)."""
         if not isinstance(batches, Batches):
             raise TypeError(
                 f"batches must be Batches (next, state_dict, load_state_dict), not "
                 f"{type(batches).__name__}: wrap a plain iterator in zerolm.train.batches.Stream"
             )
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
+        strategy = group.strategy(dist or DistConfig()) if group.active() else "none"
+        group.check_batch(cfg.batch_size, group.world_size())
+        self.par = Parallel(model, strategy, row_groups)
+        self.step_fn: nn.Module | None = None  # the loss as DDP / FSDP2 run it (_ready)
         self.batches, self.loss_fn = batches, loss_fn
         self.eval_fn, self.sample_fn = eval_fn, sample_fn
-        self.flops_per_token, self.progress = flops_per_token, progress
+        self.flops_per_token, self.progress = flops_per_token, progress and self.par.main
         self.device = next(model.parameters()).device
         self.optimizer = build_optimizer(model, cfg)
         # compile the whole loss (forward + cross-entropy), not just the module: inductor then fuses
@@ -92,11 +105,11 @@ class Trainer:
         self._signals = Signals()
 
     # ---------------------------------------------------------------- one optimizer step
-    def _loss(self, batch):
+    def _loss(self, model, batch):
         if self.train_loss is self.loss_fn or self._compiled_ok:
-            return self.train_loss(self.model, batch)
+            return self.train_loss(model, batch)
         try:  # the first compiled call compiles: if that fails, eager mode still trains
-            out = self.train_loss(self.model, batch)
+            out = self.train_loss(model, batch)
         except Exception as e:
             if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise
@@ -106,36 +119,51 @@ class Trainer:
                 str(e).strip().splitlines()[0][:300],
             )
             self.train_loss = self.loss_fn
-            return self.loss_fn(self.model, batch)
+            return self.loss_fn(model, batch)
         self._compiled_ok = True
         return out
 
-    def _micro_step(self, batch) -> tuple[float, int, dict]:
-        with autocast(self.precision, self.device):
-            out = self._loss(batch)
-        (out.loss / self.cfg.grad_accum).backward()
-        return out.loss.item(), int(out.n), {k: float(v) for k, v in out.stats.items()}
+    def _ready(self) -> nn.Module:
+        """The training module, wrapped once the precision is known (FSDP2's policy needs it)."""
+        if self.step_fn is None:
+            self.step_fn = self.par.wrap(self._loss, self.precision)
+            if self.par.trained is not self.model:  # sharded parameters: a new optimizer
+                self.optimizer = build_optimizer(self.par.trained, self.cfg)
+        return self.step_fn
+
+    def _micro_step(self, batch, inner: bool) -> tuple[float, int, dict]:
+        """Forward and backward of this rank's rows of a global micro-batch; an `inner` one (not
+        the step's last) keeps its gradients local. Returns the global loss, count and stats."""
+        step_fn = self._ready()
+        with self.par.accumulating(inner):
+            with autocast(self.precision, self.device):
+                out = step_fn(self.par.shard(batch))
+            loss, n, stats, scale = self.par.reduce(out)
+            (out.loss * scale / self.cfg.grad_accum).backward()  # scale: 1.0 in one process
+        return loss, n, stats
 
     def train_step(self) -> dict:
         """One optimizer step. A non-finite loss or gradient norm (checked once the micro-batches
         are accumulated) skips the update; the step still counts toward train.steps and the data
         moves on."""
         lr = lr_at(self.step, self.cfg) * self.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
         self.model.train()
         losses, tokens = [], 0
         stats: dict[str, float] = {}
-        for _ in range(self.cfg.grad_accum):
-            loss, n, extra = self._micro_step(next(self.batches))
+        for i in range(self.cfg.grad_accum):
+            loss, n, extra = self._micro_step(next(self.batches), i < self.cfg.grad_accum - 1)
             losses.append(loss)
             tokens += n
             for k, v in extra.items():
                 stats[k] = stats.get(k, 0.0) + v / self.cfg.grad_accum
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.par.trained.parameters() if p.grad is not None]
         gnorm = torch.nn.utils.clip_grad_norm_(
             params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         )
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: the norm of DTensor shards, made global
+            gnorm = gnorm.full_tensor()
         row = {
             "step": self.step + 1,
             "loss": sum(losses) / len(losses),
@@ -224,7 +252,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         torch.set_rng_state(rng)
         self.batches.load_state_dict(state)
-        choice = "bf16" if times["bf16"] < 0.9 * times["fp32"] else "fp32"
+        choice = group.broadcast("bf16" if times["bf16"] < 0.9 * times["fp32"] else "fp32")
         log.info(
             "precision auto: fp32 %.0f ms, bf16 %.0f ms per micro-batch -> %s",
             1e3 * times["fp32"],
@@ -235,8 +263,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        """Write a checkpoint of this step; signals wait until it is complete."""
+        """Write a checkpoint of this step (rank 0; under FSDP2 every rank gathers the shards);
+        signals wait until it is complete."""
+        self._ready()
         with self._signals.hold():
+            states = self.par.full_state(self.optimizer)
             extra = {
                 "precision": self.precision,
                 "lr_scale": self.lr_scale,
@@ -244,20 +275,26 @@ class Trainer:
                 "resume_changed": self.changed,
                 "data": self.batches.state_dict(),
             }
-            path = save_checkpoint(
-                self.out,
-                self.step,
-                self.model,
-                self.optimizer,
-                extra,
-                self.cfg.keep_checkpoints,
-                run=self.run,
-            )
+            path = self.out / "checkpoints" / f"step-{self.step:07d}"
+            if self.par.main:
+                path = save_checkpoint(
+                    self.out,
+                    self.step,
+                    self.model,
+                    self.optimizer,
+                    extra,
+                    self.cfg.keep_checkpoints,
+                    run=self.run,
+                    states=states,
+                )
+            group.barrier()  # the other ranks list checkpoints only once it is complete
         self._saved_step = self.step
         return path
 
     def _load(self, path: Path) -> None:
-        saved = load_checkpoint(path, self.model, self.optimizer)
+        self._ready()
+        put = None if self.par.strategy != "fsdp" else self.par.load_full_state
+        saved = load_checkpoint(path, self.model, self.optimizer, put=put)
         self.step, self.precision = saved["step"], saved["precision"]
         self.lr_scale, self.rollbacks = saved.get("lr_scale", 1.0), saved.get("rollbacks", 0)
         self.changed = list(saved.get("resume_changed", []))
@@ -272,6 +309,10 @@ class Trainer:
         if not found:
             return False
         changed = check_resume(found[-1], self.run, self.cfg.resume_changed)
+        # the precision first: FSDP2 shards for it (_ready) before the state is loaded
+        self.precision = torch.load(found[-1] / "state.pt", weights_only=True, mmap=True)[
+            "precision"
+        ]
         self._load(found[-1])
         if changed:
             self.changed.append(f"step {self.step}: {'; '.join(changed)}")
@@ -281,16 +322,23 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def _evaluate(self) -> dict:
+        """Evaluation and samples, on rank 0 (the others return {})."""
+        due = self.cfg.sample_every == 0 or self.step % self.cfg.sample_every == 0
+        if self.eval_fn is None and not (self.sample_fn is not None and due):
+            return {}
+        with self.par.full_model() as model:
+            return self._evaluate_on(model, due) if model is not None else {}
+
+    def _evaluate_on(self, model: nn.Module, sample: bool) -> dict:
         out = {}
         if self.eval_fn is not None:
-            self.model.eval()
+            model.eval()
             with torch.no_grad(), autocast(self.precision, self.device):
-                out = self.eval_fn(self.model)
+                out = self.eval_fn(model)
             log.info("step %d: %s", self.step, " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
-        due = self.cfg.sample_every == 0 or self.step % self.cfg.sample_every == 0
-        if self.sample_fn is not None and due:
-            self.model.eval()
-            for text in self.sample_fn(self.model):
+        if self.sample_fn is not None and sample:
+            model.eval()
+            for text in self.sample_fn(model):
                 log.info("  sample: " + text.replace("\n", "\n          "))
         return out
 
@@ -302,14 +350,24 @@ class Trainer:
         """Train until cfg.steps; returns the last logged row (with the latest eval metrics)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        remove_partial(self.out)
+        with group.main_first():
+            if self.par.main:
+                remove_partial(self.out)
         if not (cfg.resume and self.resume()):
             self.precision = self._choose_precision()
             if cfg.nonfinite == "rollback" and not list_checkpoints(self.out):
                 self.save()  # a point to roll back to before the first checkpoint is due
-        self._peak = measure_peak_flops(self.precision, self.device)
-        # line-buffered: rows survive a kill
-        log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8", buffering=1)
+        self._ready()
+        self._log_setup()
+        # the whole job's: MFU is of all the ranks together
+        self._peak = sum(group.all_sum([measure_peak_flops(self.precision, self.device)]))
+        # line-buffered: rows survive a kill; rank 0's only
+        log_file = open(
+            self.out / "train_log.jsonl" if self.par.main else os.devnull,
+            "a",
+            encoding="utf-8",
+            buffering=1,
+        )
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -324,10 +382,10 @@ class Trainer:
         with logging_redirect_tqdm(), stop:  # log lines print above the progress bar
             try:
                 # signals land between steps: consistent
-                while self.step < cfg.steps and not stop.requested:
+                while self.step < cfg.steps and not self._stopping():
                     row = self._logged_step(log_file, bar)
-                if stop.requested and self.step < cfg.steps:
-                    self._stop_requested(stop.requested)
+                if self.step < cfg.steps and self._stopping():
+                    self._stop_requested(stop.requested or "a signal on another rank")
             except Abort:
                 log.warning(f"aborted at step {self.step}, nothing saved: {last_good(self.out)}")
                 raise
@@ -335,6 +393,25 @@ class Trainer:
                 bar.close()
                 log_file.close()
         return row
+
+    def _stopping(self) -> bool:
+        """A signal arrived (on any rank: all stop at the same step)."""
+        requested = float(bool(self._signals.requested))
+        return (group.all_sum([requested])[0] if self.par.world > 1 else requested) > 0
+
+    def _log_setup(self) -> None:
+        cfg, par = self.cfg, self.par
+        if par.world > 1:
+            log.info(
+                "distributed: %s over %d processes; global batch %d sequences per step = %d per "
+                "micro-batch x %d accumulation, %d per rank per micro-batch",
+                par.strategy,
+                par.world,
+                cfg.batch_size * cfg.grad_accum,
+                cfg.batch_size,
+                cfg.grad_accum,
+                cfg.batch_size // par.world,
+            )
 
     def _logged_step(self, log_file, bar) -> dict:
         """One step with its log row, evaluation, log line and checkpoint; returns the row."""

@@ -1,0 +1,108 @@
+"""Training cases run the same way in one process (the reference, inside pytest) and under torchrun
+(`python -m torch.distributed.run ... tests/dist/dist_cases.py OUT`: every case in one job, rank 0
+saving the results to OUT). Tiny llama, fp32, a fixed stream of global batches."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from zerolm.config import DistConfig, ModelConfig, TrainConfig
+from zerolm.model import build_model
+from zerolm.train.batches import Stream
+from zerolm.train.losses import lm_loss
+from zerolm.train.trainer import Trainer
+
+VOCAB, T = 50, 16
+
+
+def batches(n: int, rows: int, masked: bool, seed: int = 0) -> list[tuple]:
+    """n global batches of `rows` rows; masked: (x, y, mask) with a mask keeping a different
+    number of targets per row (so the ranks count different numbers of tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        data = torch.randint(0, VOCAB, (rows, T + 1), generator=g)
+        x, y = data[:, :-1], data[:, 1:]
+        if masked:
+            keep = torch.randint(1, T + 1, (rows, 1), generator=g)
+            out.append((x, y, (torch.arange(T)[None] < keep).long()))
+        else:
+            out.append((x, y))
+    return out
+
+
+def train(
+    out: Path,
+    steps: int,
+    rows: int,
+    accum: int = 1,
+    masked: bool = False,
+    strategy: str = "ddp",
+) -> dict:
+    """Losses and final parameters of `steps` steps on global batches of `rows` rows each
+    (`accum` micro-batches of rows / accum per step)."""
+    model = build_model(
+        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=T),
+        vocab_size=VOCAB,
+        seed=3,
+    )
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=rows // accum,
+        grad_accum=accum,
+        precision="fp32",
+        warmup_steps=1,
+    )
+    data = batches(steps * accum, rows // accum, masked)
+    trainer = Trainer(
+        model,
+        cfg,
+        out,
+        batches=Stream(data),
+        loss_fn=lm_loss,
+        progress=False,
+        dist=DistConfig(strategy=strategy),  # type: ignore[arg-type]
+    )
+    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    with trainer.par.full_model(keep=True) as full:
+        state = None if full is None else {k: v.clone() for k, v in full.state_dict().items()}
+    return {"losses": losses, "state": state}
+
+
+CASES = {
+    "ddp_masked": dict(steps=3, rows=8, masked=True),
+    "ddp_20": dict(steps=20, rows=4),
+    "fsdp_20": dict(steps=20, rows=4, strategy="fsdp"),
+    "accum_2x2": dict(steps=3, rows=8, accum=2),
+    "fsdp_accum_2x2": dict(steps=3, rows=8, accum=2, strategy="fsdp"),
+}
+
+
+def _mismatch() -> str:
+    """setup() with a config that differs on rank 1: the error every rank raises."""
+    from zerolm.config import Config
+    from zerolm.dist import group
+
+    try:
+        group.setup(Config(seed=group.rank()))
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def main(out: Path) -> None:
+    from zerolm.dist import group
+
+    group.init(DistConfig())
+    results = {name: train(out / name, **kw) for name, kw in CASES.items()}  # type: ignore[arg-type]
+    results["mismatch"] = _mismatch()  # type: ignore[assignment]
+    if group.is_main():
+        torch.save(results, out / "results.pt")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(Path(sys.argv[1]))

@@ -1,0 +1,169 @@
+"""DDP and FSDP2 on 2 real gloo processes (torchrun, OMP_NUM_THREADS=1 each) against one process:
+the same losses and parameters (fp32), and the CLI's stages under torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_cases
+from zerolm.model import load_model
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 ARGS` on a free port of 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Every case of dist_cases.py in one 2-process job (rank 0's results)."""
+    out = tmp_path_factory.mktemp("job")
+    r = torchrun(str(ROOT / "tests" / "dist" / "dist_cases.py"), str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out / "results.pt", weights_only=False)
+
+
+def one_process(tmp_path, **kw) -> dict:
+    result = dist_cases.train(tmp_path, **kw)
+    assert not torch.distributed.is_initialized()  # a plain Trainer sets up nothing
+    return result
+
+
+def assert_same(a: dict, b: dict, tol: float) -> None:
+    assert a["losses"] == pytest.approx(b["losses"], abs=tol, rel=0)
+    for k, v in a["state"].items():
+        assert torch.allclose(v, b["state"][k], atol=tol, rtol=0), (k, (v - b["state"][k]).abs().max())
+
+
+def test_a_ddp_step_equals_one_process_on_the_concatenated_batch(job, tmp_path):
+    # masked rows count different numbers of tokens on the two ranks: the loss is weighted by them
+    ref = one_process(tmp_path, **dist_cases.CASES["ddp_masked"])
+    assert_same(job["ddp_masked"], ref, 1e-6)
+    assert ref["losses"][0] != ref["losses"][-1]  # it trained
+
+
+def test_fsdp2_gives_the_losses_of_ddp_over_20_steps(job):
+    ddp, fsdp = job["ddp_20"], job["fsdp_20"]
+    assert len(fsdp["losses"]) == 20
+    assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5, rel=0)
+    assert_same(fsdp, ddp, 1e-5)  # the gathered full weights too
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_accumulation_2_ranks_x_2_micro_steps_equals_1_rank_x_4(job, tmp_path, strategy):
+    ref = one_process(tmp_path, steps=3, rows=8, accum=4)
+    assert_same(job["accum_2x2" if strategy == "ddp" else "fsdp_accum_2x2"], ref, 1e-6)
+
+
+def test_ranks_with_different_configs_stop_at_the_start(job):
+    assert job["mismatch"].startswith("rank 1 resolved a different config from rank 0's")
+    assert "seed = 0" in job["mismatch"] and "seed = 1" in job["mismatch"]
+
+
+# ---------------------------------------------------------------- the CLI under torchrun
+
+
+def pretrain_args(docs: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "zerolm",
+        "pretrain",
+        str(docs),
+        "--out",
+        str(out),
+        "--quiet",
+        "--tokenizer.vocab_size=300",
+        "--tokenizer.min_frequency=1",
+        "--model.preset=llama",
+        "--model.d_model=32",
+        "--model.n_layers=2",
+        "--model.n_heads=4",
+        "--model.max_seq_len=32",
+        "--train.steps=10",
+        "--train.batch_size=4",
+        "--train.precision=fp32",
+        "--train.eval_every=5",
+        "--train.eval_batches=2",
+        "--train.ckpt_every=5",
+        "--train.log_every=5",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_corpus):
+    out = tiny_corpus / "dist-pretrain"
+    r = torchrun(*pretrain_args(tiny_corpus / "docs.jsonl", out, "--dist.strategy", "ddp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_torchrun_pretrain_writes_one_log_and_one_config_from_rank_0(pretrained):
+    out, r = pretrained
+    assert sorted(p.name for p in out.rglob("train_log*")) == ["train_log.jsonl"]
+    assert sorted(p.name for p in out.rglob("*.toml")) == ["config.toml"]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 11))
+    assert all(row["tokens"] == 4 * 32 for row in rows)  # the whole job's: 2 ranks x 2 rows
+    assert r.stderr.count("distributed: ddp over 2 processes") == 1  # rank 1 logs no info lines
+    assert r.stderr.count("step     10/10") == 1
+    assert load_model(out / "model").cfg.d_model == 32
+    assert [p.name for p in (out / "checkpoints").iterdir()] != []
+
+
+def test_torchrun_sft_with_fsdp_saves_an_ordinary_model(pretrained, tmp_path):
+    base = pretrained[0] / "model"
+    chats = tmp_path / "chats.jsonl"
+    turns = [("abc de", "fgh ij"), ("hi jab", "cad bee fig"), ("dab", "a b c"), ("gag", "jig")]
+    chats.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]})
+            + "\n"
+            for u, a in turns * 2
+        )
+    )
+    out = tmp_path / "sft"
+    r = torchrun(
+        *("-m", "zerolm", "sft", "--model", str(base), "--out", str(out), "--quiet"),
+        f"--sft.data={chats}",
+        "--sft.val_fraction=0",
+        "--train.steps=4",
+        "--train.batch_size=2",
+        "--train.precision=fp32",
+        "--dist.strategy=fsdp",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "distributed: fsdp over 2 processes" in r.stderr
+    assert sorted(p.name for p in (out / "model").glob("*.safetensors")) == ["model.safetensors"]
+    tuned, before = load_model(out / "model").state_dict(), load_model(base).state_dict()
+    assert tuned.keys() == before.keys()
+    assert any(not torch.equal(tuned[k], before[k]) for k in tuned)  # trained, and gathered whole
+
+
+def test_a_batch_the_world_size_does_not_divide_is_a_clear_error(tiny_corpus, tmp_path):
+    r = torchrun(*pretrain_args(tiny_corpus / "docs.jsonl", tmp_path / "x", "--train.batch_size=3"))
+    assert r.returncode != 0
+    assert (
+        "zerolm: error: train.batch_size 3 (sequences per micro-batch, all ranks together) is not "
+        "divisible by the world size 2: use --train.batch_size=4"
+    ) in r.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything was written
