@@ -1,9 +1,10 @@
 """Micro-benchmark of the quantized matrix-vector products of one SmolLM2-135M decode token: the
 121 products (30 layers of fused qkv, o, fused gate/up, down, and the 49152-row head), each
-matrix its own (so nothing stays in cache), batch 1. Prints one JSON line per thread count:
-ms per token and GB/s of weight bytes streamed for each kernel.
+matrix its own (so nothing stays in cache), batch 1 (--rows R: R rows of x, as a prefill of R
+tokens makes). Prints one JSON line per thread count: ms per token (per R tokens) and GB/s of
+weight bytes streamed for each kernel; "packed": the decode layout's kernel (qlinear_packed).
 
-    PYTHONPATH=. python bench/qkernel.py [--threads 1,2] [--reps 5]
+    PYTHONPATH=. python bench/qkernel.py [--threads 1,2] [--reps 5] [--rows 1]
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ def _int4pack(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, sz
 
 
-def kernels_for(ws: list[torch.Tensor]) -> dict[str, tuple[Callable[[], object], int]]:
+def kernels_for(
+    ws: list[torch.Tensor], rows: int = 1
+) -> dict[str, tuple[Callable[[], object], int]]:
     """name -> (one token's 121 products, weight bytes read)."""
-    xs = {k: torch.randn(1, k) for k in (D, FFN)}
+    xs = {k: torch.randn(rows, k) for k in (D, FFN)}
     xb = {k: v.bfloat16() for k, v in xs.items()}
     out: dict[str, tuple[Callable[[], object], int]] = {}
     out["fp32 F.linear"] = (
@@ -99,19 +102,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=1, help="rows of x per product (1: decode)")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(n, k, generator=g) * 0.05 for n, k in SHAPES]
-    runs = kernels_for(ws)
+    runs = kernels_for(ws, args.rows)
     with torch.no_grad():
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
-            row: dict = {"threads": threads, "load": os.getloadavg()[0], **cpu_info()}
+            row: dict = {
+                "threads": threads,
+                "rows": args.rows,
+                "load": os.getloadavg()[0],
+                **cpu_info(),
+            }
             for name, (step, nbytes) in runs.items():
                 s = _time(step, args.reps)
                 row[name] = {
                     "ms": round(s * 1e3, 2),
-                    "tok_s": round(1 / s, 1),
+                    "tok_s": round(args.rows / s, 1),
                     "GB_s": round(nbytes / s / 1e9, 1),
                 }
             print(json.dumps(row))
