@@ -98,15 +98,15 @@ def _swap(model: LanguageModel, name: str, mod: nn.Module, twin: nn.Module, fuse
 @torch.no_grad()
 def decode_layout(model: LanguageModel) -> LanguageModel:
     """Inference layout, in place, same values and state_dict (keys, shapes): q/k/v (and SwiGLU
-        gate/up) become one fused linear, so a decode step makes one matrix-vector product where it
-        made three (two), measured +10 % batch-1 tokens/s at 10 M; float32 RMSNorm runs as one kernel;
-        and every linear weight (out, in) is stored as the transpose of a contiguous (in, out) matrix,
-        so x @ W.T streams W row by row (measured ~1.3x for batch-1 fp32 decode here); a quantized
+    gate/up) become one fused linear, so a decode step makes one matrix-vector product where it
+    made three (two), measured +10 % batch-1 tokens/s at 10 M; float32 RMSNorm runs as one kernel;
+    every linear weight (out, in) is stored as the transpose of a contiguous (in, out) matrix, so
+    x @ W.T streams W row by row (measured ~1.3x for batch-1 fp32 decode here); and a quantized
     linear also keeps its codes in the C++ op's packed layout (QuantLinear.pack). For inference
-        only (generate, chat, serve, samplers): the trainer keeps the split layout, so its kernels and
-        resumed losses never change. Loading a state_dict afterwards with assign=True keeps the values
-        but not the transposed storage; apply LoRA before, not after (its targets q/k/v, gate/up are
-        fused away)."""
+    only (generate, chat, serve, samplers): the trainer keeps the split layout, so its kernels and
+    resumed losses never change. Loading a state_dict afterwards with assign=True keeps the values
+    but not the transposed storage; apply LoRA before, not after (its targets q/k/v, gate/up are
+    fused away)."""
     for name, mod in list(model.named_modules()):
         found = _twin(mod)
         if found is not None:
