@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_cases
 import pytest
 import torch
 
-import dist_cases
 from zerolm.model import load_model
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -51,7 +51,10 @@ def one_process(tmp_path, **kw) -> dict:
 def assert_same(a: dict, b: dict, tol: float) -> None:
     assert a["losses"] == pytest.approx(b["losses"], abs=tol, rel=0)
     for k, v in a["state"].items():
-        assert torch.allclose(v, b["state"][k], atol=tol, rtol=0), (k, (v - b["state"][k]).abs().max())
+        assert torch.allclose(v, b["state"][k], atol=tol, rtol=0), (
+            k,
+            (v - b["state"][k]).abs().max(),
+        )
 
 
 def test_a_ddp_step_equals_one_process_on_the_concatenated_batch(job, tmp_path):
@@ -136,7 +139,9 @@ def test_torchrun_sft_with_fsdp_saves_an_ordinary_model(pretrained, tmp_path):
     turns = [("abc de", "fgh ij"), ("hi jab", "cad bee fig"), ("dab", "a b c"), ("gag", "jig")]
     chats.write_text(
         "".join(
-            json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]})
+            json.dumps(
+                {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+            )
             + "\n"
             for u, a in turns * 2
         )

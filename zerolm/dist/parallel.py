@@ -85,7 +85,9 @@ class Parallel:
         return self.module
 
     def shard(self, batch):
-        return batch if self.world == 1 else shard_rows(batch, self.rank, self.world, self.row_groups)
+        return (
+            batch if self.world == 1 else shard_rows(batch, self.rank, self.world, self.row_groups)
+        )
 
     @contextlib.contextmanager
     def accumulating(self, inner: bool) -> Iterator[None]:
@@ -144,7 +146,7 @@ class Parallel:
         return model, optim
 
     def load_full_state(self, optimizer, model: dict, optim: dict) -> None:
-        """full_state's inverse under fsdp (every rank holds the whole dicts, read from the file)."""
+        """full_state's inverse under fsdp (every rank holds the whole dicts, read from file)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
