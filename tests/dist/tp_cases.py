@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from zerolm.config import ModelConfig
-from zerolm.infer.engine import Engine
+from zerolm.infer.engine import Engine, GenerateRequest
 from zerolm.infer.kv_cache import KVCache
+from zerolm.infer.sampling import SamplingParams
 from zerolm.model import build_model
 
 VOCAB, T, NEW = 61, 32, 8
@@ -25,13 +26,14 @@ MODELS = {
 
 @torch.no_grad()
 def model(name: str):
-    """The seeded model, its weights redrawn N(0, 0.3) so greedy tokens vary (GPT-2's init with a
-    tied head would repeat the input token)."""
+    """The seeded model, its matrices and biases redrawn N(0, 0.1): greedy tokens that vary (GPT-2's
+    init with its tied head repeats a token) and non-zero biases, which the plan must add once."""
     cfg = ModelConfig(**MODELS[name], max_seq_len=T)  # type: ignore[arg-type]
     m = build_model(cfg, vocab_size=VOCAB, seed=3).eval()
     g = torch.Generator().manual_seed(4)
-    for p in m.parameters():
-        p.normal_(0.0, 0.3, generator=g)
+    for name, p in m.named_parameters():
+        if p.dim() > 1 or name.endswith("bias"):
+            p.normal_(0.0, 0.1, generator=g)
     return m
 
 
@@ -55,13 +57,38 @@ def decode(m) -> dict:
     }
 
 
+def sample(m) -> list[list[int]]:
+    """Tokens drawn at temperature 0.8 with seed 7 (the engine's own loop)."""
+    req = GenerateRequest(max_new_tokens=NEW, sampling=SamplingParams(temperature=0.8), seed=7)
+    return Engine(m).generate(PROMPTS, req)
+
+
+def refused(tp, **overrides) -> str:
+    """The ValueError tensor_parallel raises for a model it cannot shard ("" if none)."""
+    from zerolm.config import QuantConfig
+    from zerolm.dist.tensor import tensor_parallel
+    from zerolm.transforms.quantize import quantize_model
+
+    quant = overrides.pop("quant", False)
+    m = build_model(ModelConfig(**{**MODELS["llama_gqa"], **overrides}, max_seq_len=T), VOCAB)
+    try:
+        tensor_parallel(quantize_model(m, QuantConfig()) if quant else m, tp)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def main(out: Path) -> None:
     from zerolm.dist import group
     from zerolm.dist.tensor import mesh, tensor_parallel
 
     n = group.env_world_size()
     tp = mesh(n)
-    results = {name: decode(tensor_parallel(model(name), tp)) for name in MODELS}
+    results: dict = {name: decode(tensor_parallel(model(name), tp)) for name in MODELS}
+    results["sampled"] = sample(tensor_parallel(model("llama_gqa"), tp))
+    results["odd_heads"] = refused(tp, d_model=24, n_heads=3, n_kv_heads=3)
+    results["one_kv_head"] = refused(tp, n_kv_heads=1)
+    results["quantized"] = refused(tp, quant=True)
     if group.is_main():
         torch.save(results, out / "results.pt")
 

@@ -27,6 +27,7 @@ from torch import nn
 from zerolm.model.attention import Attention
 from zerolm.model.layers import FFN
 from zerolm.model.presets import head_size
+from zerolm.model.protocol import LanguageModel
 
 
 def check_divisible(cfg: Any, n: int) -> None:
@@ -82,7 +83,7 @@ def _plain(*mods: nn.Module | None) -> bool:
     return all(m is None or type(m) is nn.Linear for m in mods)
 
 
-def tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
+def tensor_parallel(model: LanguageModel, tp_mesh) -> LanguageModel:
     """Shard `model`'s blocks over `tp_mesh` (in place; see the module docstring). ValueError for a
     degree that does not divide the heads or the FFN width, or for layers other than nn.Linear
     (quantized, LoRA-wrapped, fused)."""
@@ -94,10 +95,11 @@ def tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
     )
 
     n = tp_mesh.size()
-    cfg = model.cfg
+    m: Any = model  # a Transformer: its blocks and cfg are rewritten below
+    cfg = m.cfg
     check_divisible(cfg, n)
-    blocks: Any = getattr(model, "blocks", None)
-    if blocks is None or getattr(model, "encoder", None) is not None:
+    blocks = getattr(m, "blocks", None)
+    if blocks is None or getattr(m, "encoder", None) is not None:
         raise ValueError("--tp supports decoder-only models (gpt2, llama, simple) only")
     for i, block in enumerate(blocks):
         attn, ffn = block.attn, block.ffn
@@ -113,32 +115,32 @@ def tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         plan["ffn.down"] = row
         if ffn.gate is not None:
             plan["ffn.gate"] = col
-        parallelize_module(block, tp_mesh, plan)  # type: ignore[arg-type]
+        parallelize_module(block, tp_mesh, plan)
         attn.h, attn.kv = attn.h // n, attn.kv // n  # the heads of this rank
         ffn.d_ff //= n
-    model.cfg = dataclasses.replace(
+    m.cfg = dataclasses.replace(
         cfg,
         n_heads=cfg.n_heads // n,
         n_kv_heads=cfg.n_kv_heads // n,
         d_ff=cfg.d_ff // n,
         head_dim=head_size(cfg),  # explicit: d_model / (n_heads / N) would be wrong
     )
-    model.tp_degree = n  # type: ignore[assignment]
-    _broadcast_logits(model, tp_mesh)
+    m.tp_degree = n
+    _broadcast_logits(m, tp_mesh)
     return model
 
 
-def _broadcast_logits(model: nn.Module, tp_mesh) -> None:
+def _broadcast_logits(model: Any, tp_mesh) -> None:
     """model.logits gives rank 0's values on every rank (one broadcast per call)."""
     import torch.distributed as dist
 
     pg = tp_mesh.get_group()
     src = dist.get_global_rank(pg, 0)
-    logits = model.logits  # type: ignore[operator]
+    logits = model.logits
 
     def same_logits(hidden: torch.Tensor) -> torch.Tensor:
         out = logits(hidden).contiguous()
         dist.broadcast(out, src=src, group=pg)
         return out
 
-    model.logits = same_logits  # type: ignore[method-assign, assignment]
+    model.logits = same_logits
