@@ -15,20 +15,15 @@ from zerolm.commands.common import (
 
 
 def main(args, extra) -> None:
+    from zerolm.dist import group
+    from zerolm.dist.tensor import check_launch
     from zerolm.infer.text import TextGenerator
 
     cfg = resolve_config(args, extra)
-    if args.tp is not None:
-        from zerolm.dist.tensor import check_launch
-
-        check_launch(args.tp, cfg.sample.compile)  # before loading anything
+    check_launch(args.tp, cfg.sample.compile)  # before loading anything
     gen = TextGenerator(args.model, cfg.sample, tp=args.tp or 1)
-    if (args.tp or 1) > 1:  # every rank decodes rank 0's prompts (only rank 0 reads stdin)
-        from zerolm.dist import group
-
-        prompts = group.broadcast(args.prompts or ([sys.stdin.read()] if group.is_main() else []))
-    else:
-        prompts = args.prompts or [sys.stdin.read()]
+    # every rank decodes rank 0's prompts: only rank 0 reads stdin (one process: as they are)
+    prompts = group.broadcast(args.prompts or ([sys.stdin.read()] if group.is_main() else []))
     if args.stream and len(prompts) == 1:
         sys.stdout.write(prompts[0])
         for piece in gen.stream(prompts[0]):

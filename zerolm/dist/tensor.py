@@ -45,11 +45,19 @@ def check_divisible(cfg: Any, n: int) -> None:
         )
 
 
-def check_launch(n: int, compile: bool = False) -> None:
-    """ValueError unless this process runs under torchrun with WORLD_SIZE == n (and no --compile)."""
+def check_launch(n: int | None, compile: bool = False) -> None:
+    """ValueError unless this process runs under torchrun with WORLD_SIZE == n (and no --compile);
+    n None (no --tp given): unless it runs outside torchrun (or as its only process)."""
+    world = os.environ.get("WORLD_SIZE")
+    if n is None:
+        if world is not None and int(world) > 1:
+            raise ValueError(
+                f"under torchrun with WORLD_SIZE={world} each process would decode on its own: "
+                f"pass --tp {world} to split the model over them, or run without torchrun"
+            )
+        return
     if n < 1:
         raise ValueError(f"--tp {n}: give a tensor-parallel degree of 1 or more")
-    world = os.environ.get("WORLD_SIZE")
     if n > 1 and world is None:
         raise ValueError(
             f"--tp {n} needs one process per rank: run `torchrun --nproc-per-node {n} -m zerolm "
