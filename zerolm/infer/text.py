@@ -58,7 +58,9 @@ class TextGenerator:
             from zerolm.dist.tensor import check_launch, mesh, tensor_parallel
 
             check_launch(tp, cfg.compile)
-            self.model = tensor_parallel(load_model(model_dir), mesh(tp))
+            tp_mesh = mesh(tp)  # nccl on CUDA: each rank's weights on its own GPU
+            device = tp_mesh.device_type if tp_mesh.device_type == "cuda" else "cpu"
+            self.model = tensor_parallel(load_model(model_dir, device=device), tp_mesh)
             seed = cfg.seed if cfg.seed is not None else random.randrange(2**63)
             cfg = dataclasses.replace(cfg, seed=group.broadcast(seed))
         else:
