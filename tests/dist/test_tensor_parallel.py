@@ -4,9 +4,9 @@ the engine and through `zerolm generate --tp 2`; and the bad inputs' errors."""
 
 import pytest
 import torch
-
 import tp_cases
 from test_data_parallel import ROOT, torchrun
+
 from zerolm.cli import main as zerolm
 from zerolm.dist.tensor import check_divisible
 from zerolm.model import save_model
@@ -73,7 +73,9 @@ def test_cli_generate_tp2_under_torchrun_equals_one_process(model_dir, capfd):
     assert one.count("---") == 2 and len(one) > 40
 
 
-def test_tp_without_torchrun_or_with_another_world_size_names_the_fix(model_dir, capsys, monkeypatch):
+def test_tp_without_torchrun_or_with_another_world_size_names_the_fix(
+    model_dir, capsys, monkeypatch
+):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert zerolm(["generate", "--model", str(model_dir), "--tp", "2", "hi"]) == 2
     err = capsys.readouterr().err
@@ -85,7 +87,9 @@ def test_tp_without_torchrun_or_with_another_world_size_names_the_fix(model_dir,
     assert zerolm(["generate", "--model", str(model_dir), "--tp", "2", "--compile", "hi"]) == 2
     assert "--compile with --tp is not supported" in capsys.readouterr().err
     assert zerolm(["generate", "--model", str(model_dir), "hi"]) == 2  # torchrun without --tp
-    assert "WORLD_SIZE=2 each process would decode on its own: pass --tp 2" in capsys.readouterr().err
+    assert (
+        "WORLD_SIZE=2 each process would decode on its own: pass --tp 2" in capsys.readouterr().err
+    )
 
 
 def test_serve_tp_is_a_clear_error_for_now(model_dir, capsys):
@@ -98,5 +102,7 @@ def test_the_divisibility_error_names_both_head_counts():
 
     cfg = ModelConfig(n_heads=8, n_kv_heads=2, d_ff=64)
     check_divisible(cfg, 2)
-    with pytest.raises(ValueError, match=r"--tp 4 does not divide the model's n_kv_heads=2 \(n_heads=8"):
+    with pytest.raises(
+        ValueError, match=r"--tp 4 does not divide the model's n_kv_heads=2 \(n_heads=8"
+    ):
         check_divisible(cfg, 4)

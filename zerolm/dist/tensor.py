@@ -34,11 +34,19 @@ def check_divisible(cfg: Any, n: int) -> None:
     """ValueError unless N divides the query heads, the kv heads and the FFN width."""
     bad = [
         f"{name}={value}"
-        for name, value in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("d_ff", cfg.d_ff))
+        for name, value in (
+            ("n_heads", cfg.n_heads),
+            ("n_kv_heads", cfg.n_kv_heads),
+            ("d_ff", cfg.d_ff),
+        )
         if value % n
     ]
     if bad:
-        fits = [t for t in range(1, cfg.n_kv_heads + 1) if not (cfg.n_heads % t or cfg.n_kv_heads % t or cfg.d_ff % t)]
+        fits = [
+            t
+            for t in range(1, cfg.n_kv_heads + 1)
+            if not (cfg.n_heads % t or cfg.n_kv_heads % t or cfg.d_ff % t)
+        ]
         raise ValueError(
             f"--tp {n} does not divide the model's {', '.join(bad)} (n_heads={cfg.n_heads}, "
             f"n_kv_heads={cfg.n_kv_heads}): each rank takes whole heads; use --tp in {fits}"
