@@ -101,6 +101,17 @@ def compile_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def tp_arg(p: argparse.ArgumentParser) -> None:
+    """--tp N: tensor-parallel decoding over the N processes of `torchrun --nproc-per-node N`."""
+    p.add_argument(
+        "--tp",
+        type=int,
+        metavar="N",
+        help="tensor parallelism: split every block over N processes; run under `torchrun "
+        "--nproc-per-node N -m zerolm ...` (float models, no --compile)",
+    )
+
+
 def _nest(key: str, value) -> dict:
     *parents, leaf = key.split(".")
     node = {leaf: value}

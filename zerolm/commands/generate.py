@@ -10,15 +10,20 @@ from zerolm.commands.common import (
     compile_arg,
     resolve_config,
     sampling_args,
+    tp_arg,
 )
 
 
 def main(args, extra) -> None:
+    from zerolm.dist import group
+    from zerolm.dist.tensor import check_launch
     from zerolm.infer.text import TextGenerator
 
     cfg = resolve_config(args, extra)
-    gen = TextGenerator(args.model, cfg.sample)
-    prompts = args.prompts or [sys.stdin.read()]
+    check_launch(args.tp, cfg.sample.compile)  # before loading anything
+    gen = TextGenerator(args.model, cfg.sample, tp=args.tp or 1)
+    # every rank decodes rank 0's prompts: only rank 0 reads stdin (one process: as they are)
+    prompts = group.broadcast(args.prompts or ([sys.stdin.read()] if group.is_main() else []))
     if args.stream and len(prompts) == 1:
         sys.stdout.write(prompts[0])
         for piece in gen.stream(prompts[0]):
@@ -57,4 +62,5 @@ def setup_arg_parser(sub) -> None:
     )
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     compile_arg(g)
+    tp_arg(g)
     g.set_defaults(run=main)

@@ -12,6 +12,7 @@ from zerolm.commands.common import (
     model_arg,
     model_dir,
     resolve_config,
+    tp_arg,
 )
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
@@ -21,6 +22,12 @@ def main(args, extra) -> None:
     from zerolm.serve.app import serve
     from zerolm.serve.limits import Limits
 
+    if args.tp is not None and args.tp != 1:
+        raise ValueError(
+            f"serve --tp is not supported yet: the server runs its engine in one process (--tp "
+            f"{args.tp} given); use `torchrun --nproc-per-node {args.tp} -m zerolm generate --tp "
+            f"{args.tp} ...`, or export to HF and serve with vLLM --tensor-parallel-size {args.tp}"
+        )
     s = resolve_config(args, extra).serve
     api_key = s.api_key or os.environ.get("ZEROLM_API_KEY") or None
     if s.host not in LOCAL and not api_key:
@@ -103,4 +110,5 @@ def setup_arg_parser(sub) -> None:
         "decode through an ahead-of-time compiled step of all --max-batch slots (empty ones "
         "masked): faster with many clients, slower with one; 20-60 s compiling the first time",
     )
+    tp_arg(sv)
     sv.set_defaults(run=main)

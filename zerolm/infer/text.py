@@ -6,6 +6,8 @@ starts a new document), continuations decoded and cut at the first stop string.
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,10 +48,23 @@ def encode_prompts(tok: Tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 class TextGenerator:
-    """A model directory loaded for decoding with one [sample] section."""
+    """A model directory loaded for decoding with one [sample] section. tp > 1: this process is one
+    of the tp ranks of a torchrun job, holding its shard of every block (dist/tensor.py); all ranks
+    decode the same prompts with rank 0's seed, so they pick the same tokens."""
 
-    def __init__(self, model_dir: str | Path, cfg: SampleConfig):
-        self.model = decode_layout(load_model(model_dir))
+    def __init__(self, model_dir: str | Path, cfg: SampleConfig, tp: int = 1):
+        if tp > 1:
+            from zerolm.dist import group
+            from zerolm.dist.tensor import check_launch, mesh, tensor_parallel
+
+            check_launch(tp, cfg.compile)
+            tp_mesh = mesh(tp)  # nccl on CUDA: each rank's weights on its own GPU
+            device = tp_mesh.device_type if tp_mesh.device_type == "cuda" else "cpu"
+            self.model = tensor_parallel(load_model(model_dir, device=device), tp_mesh)
+            seed = cfg.seed if cfg.seed is not None else random.randrange(2**63)
+            cfg = dataclasses.replace(cfg, seed=group.broadcast(seed))
+        else:
+            self.model = decode_layout(load_model(model_dir))
         self.tok = Tokenizer.load(model_dir)
         self.cfg = cfg
         self.eos = self.tok.eos_ids
