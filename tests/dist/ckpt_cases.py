@@ -87,6 +87,7 @@ MODES = {
     "full": dict(),  # uninterrupted
     "fsdp": dict(strategy="fsdp"),
     "resume": dict(resume=True),
+    "resume_fsdp": dict(resume=True, strategy="fsdp"),
     "killed": dict(die_at=7),  # rank 1 dies drawing step 8's batch: after step 5's checkpoint
     "stopped": dict(die_at=7, how="stop"),  # rank 1 hangs there
 }

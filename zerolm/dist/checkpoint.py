@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,9 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer) -> dict:
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     both = {"model": model_sd, "optim": optim_sd}
-    dcp.load(both, checkpoint_id=path, no_dist=not group.active())
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one, as intended
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(both, checkpoint_id=path, no_dist=not group.active())
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     rng = path / f"rng-{group.rank()}.pt"
     if not rng.is_file():
