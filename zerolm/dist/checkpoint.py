@@ -122,7 +122,7 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer) -> dict:
     and this rank's RNG state (rank 0's where the saving job had fewer ranks); returns state.pt."""
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    both = {"model": model_sd, "optim": optim_sd}
+    both: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():  # one process: DCP warns that it assumes one, as intended
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         dcp.load(both, checkpoint_id=path, no_dist=not group.active())

@@ -356,7 +356,9 @@ class Trainer:
         try:
             return self._fit()
         except (RuntimeError, CheckpointException) as e:
-            after = f"{last_good(self.out)}; resume with --train.resume=true (on any number of ranks)"
+            after = (
+                f"{last_good(self.out)}; resume with --train.resume=true (on any number of ranks)"
+            )
             lost = group.lost_peer(e, f"training step {self.step + 1}", after)
             if lost is None:
                 raise
