@@ -80,7 +80,8 @@ def save_sharded(
             f"refusing to save checkpoint {path.name}: non-finite weights"
             f"{' in ' + ', '.join(bad[:3]) if bad else ' on another rank'}; {last_good(out_dir)}"
         )
-    assert same_on_every_rank(state["data"]), "the ranks' data positions differ"
+    same = same_on_every_rank(state["data"])  # a collective: not inside the assert (python -O)
+    assert same, "the ranks' data positions differ: they must draw the same global batches"
     if group.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
