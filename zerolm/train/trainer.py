@@ -105,6 +105,7 @@ class Trainer:
         self.lr_scale, self.bad_steps, self.rollbacks = 1.0, 0, 0  # train.nonfinite handling
         self.changed: list[str] = []  # resumes that train.resume_changed let through, as recorded
         self._saved_step = -1
+        self._saving = ""  # what a lost peer interrupted, when not a training step
         self._note: dict[str, object] = {}  # fields for the next log row
         self._signals = Signals()
 
@@ -281,9 +282,11 @@ class Trainer:
             keep = self.cfg.keep_checkpoints
             if self.par.world > 1:
                 config = {"zerolm_model": self.model.cfg.__dict__, "run": self.run}
+                self._saving = f"saving checkpoint step-{self.step:07d}"  # for a PeerError
                 path = save_sharded(
                     self.out, self.step, self.par.trained, self.optimizer, extra, config, keep
                 )
+                self._saving = ""
             else:
                 path = save_checkpoint(
                     self.out, self.step, self.model, self.optimizer, extra, keep, run=self.run
@@ -359,7 +362,8 @@ class Trainer:
             after = (
                 f"{last_good(self.out)}; resume with --train.resume=true (on any number of ranks)"
             )
-            lost = group.lost_peer(e, f"training step {self.step + 1}", after)
+            doing = self._saving or f"training step {self.step + 1}"
+            lost = group.lost_peer(e, doing, after)
             if lost is None:
                 raise
             if threading.current_thread() is threading.main_thread():
