@@ -99,8 +99,12 @@ def save_sharded(
     if group.all_sum([float(why is not None)])[0]:
         if group.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        full = why is not None and (disk_full(why) or "No space left" in str(why))
-        what = "the disk is full" if full else "a rank could not write it"
+        if why is None:
+            what = "another rank could not write its shards (its log says why)"
+        elif disk_full(why) or "No space left" in str(why):
+            what = "the disk is full"
+        else:
+            what = (str(why).strip().splitlines() or [type(why).__name__])[0][:200]
         raise ValueError(
             f"could not write checkpoint {path.name} into {path.parent}: {what}; nothing partial "
             f"was kept. Free space there (or lower --train.keep_checkpoints) and resume with "
