@@ -2,35 +2,18 @@
 the same losses and parameters (fp32), and the CLI's stages under torchrun."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import dist_cases
 import pytest
 import torch
+from launch import torchrun
 
 from zerolm.model import load_model
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 ARGS` on a free port of 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +155,23 @@ def test_a_batch_the_world_size_does_not_divide_is_a_clear_error(tiny_corpus, tm
         "divisible by the world size 2: use --train.batch_size=4"
     ) in r.stderr
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_plain_pretrain_resumes_a_torchrun_checkpoint_with_its_losses(pretrained, tmp_path):
+    # the real pretrain loader's position, in a DCP checkpoint of 2 ranks, resumed by 1 process
+    src, _ = pretrained
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "checkpoints" / "step-0000010")
+    shutil.rmtree(out / "model")
+    log = out / "train_log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 5))
+    assert (out / "checkpoints" / "step-0000005" / ".metadata").is_file()  # sharded
+    from zerolm.cli import main
+
+    assert main(pretrain_args(src.parent / "docs.jsonl", out, "--train.resume=true")[2:]) == 0
+    resumed = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in rows], abs=1e-6, rel=0)
+    assert [r["loss"] for r in rows][5] != [r["loss"] for r in rows][6]

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from zerolm.config import Config, DistConfig, to_toml
 
 log = logging.getLogger(__name__)
+_timeout = [0.0]  # the process group's, in seconds (init)
 
 
 def env_world_size() -> int:
@@ -65,6 +66,7 @@ def init(cfg: DistConfig) -> None:
     if env_world_size() == 1 or active():
         return
     strategy(cfg)  # a bad strategy fails before any rank waits for another
+    _timeout[0] = cfg.timeout
     cuda = torch.cuda.is_available()
     if cuda:  # "cuda" means this rank's own GPU from here on (new_model builds on it)
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -134,6 +136,27 @@ def setup(cfg: Config) -> None:
                 "every rank must get the same command line, recipe and files"
             )
     check_batch(cfg.train.batch_size, world_size())
+
+
+class PeerError(ValueError):
+    """A collective failed because another rank died or stopped answering; a ValueError, so the
+    CLI prints one line."""
+
+
+_LOST = ("Connection reset", "Connection closed", "Broken pipe", "timed out", "Timed out", "NCCL")
+
+
+def lost_peer(e: BaseException, doing: str, after: str) -> PeerError | None:
+    """The PeerError for `e` if it is a failed collective of this job (None otherwise): it names
+    the other rank where there is one, what this rank was `doing`, and `after` (what to do)."""
+    if not active() or not (isinstance(e, dist.DistError) or any(s in str(e) for s in _LOST)):
+        return None
+    peer = f"rank {1 - rank()}" if world_size() == 2 else "another rank"
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+    return PeerError(
+        f"rank {rank()} lost {peer} while {doing} ({cause}): {peer} died, or hung for "
+        f"--dist.timeout={_timeout[0]:g}s; its own log or torchrun's summary says why. {after}"
+    )
 
 
 def barrier() -> None:

@@ -1,6 +1,6 @@
 """Data parallelism for the one Trainer: DDP or FSDP2 around a stage's loss, each rank's share of a
 global batch, gradient accumulation without inner all-reduces, losses weighted over the whole
-global batch, and full (unsharded) state dicts for checkpoint files and the final model.
+global batch, and full (unsharded) state dicts for one-process checkpoint files and the final model.
 
 The unit that DDP wraps and FSDP2 shards is the loss, not the model (`LossModule`): a stage's loss
 may call any method of its model (hidden, encode, score, ...), and all of that then runs inside
@@ -122,31 +122,9 @@ class Parallel:
         return total[0] / weight, int(total[2]), mean, w * self.world / weight
 
     # ------------------------------------------------------------ full state dicts
-    def full_state(self, optimizer) -> tuple[dict, dict] | None:
-        """(model, optimizer) state dicts as one process has them, for a checkpoint file: None
-        where the model's and optimizer's own are already that (none, ddp); under fsdp gathered
-        from the shards (a collective: every rank calls it; rank 0 gets them, the others {})."""
-        if self.strategy != "fsdp":
-            return None
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model: dict[str, Any] = get_model_state_dict(self.trained, options=opts)
-        optim: dict[str, Any] = get_optimizer_state_dict(self.trained, optimizer, options=opts)
-        if not optim:
-            return model, {}
-        index = {name: i for i, name in enumerate(self._names(optimizer))}
-        optim["state"] = {index[k]: v for k, v in optim["state"].items()}
-        for g in optim["param_groups"]:
-            g["params"] = [index[k] for k in g["params"]]
-        return model, optim
-
     def load_full_state(self, optimizer, model: dict, optim: dict) -> None:
-        """full_state's inverse under fsdp (every rank holds the whole dicts, read from file)."""
+        """Under fsdp, the state dicts of a one-process checkpoint file (every rank holds them
+        whole, with the optimizer's parameters by index) put into the shards."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,

@@ -4,6 +4,9 @@ the temporary directory a kill -9 leaves is removed at the next start). Weights 
 inf are never written, so pruning to the newest `keep` never drops a good one for a bad one.
 
     OUT/checkpoints/step-0000200/{model.safetensors, state.pt, config.json}
+
+That is the format of one process; under torchrun each rank writes its shards instead
+(zerolm/dist/checkpoint.py: DCP's .metadata in place of model.safetensors). Both load anywhere.
 """
 
 from __future__ import annotations
@@ -64,8 +67,17 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
         for p in root.iterdir()
         if _NAME.match(p.name)
         and (p / "state.pt").is_file()
-        and (p / "model.safetensors").is_file()
+        and ((p / "model.safetensors").is_file() or (p / ".metadata").is_file())
     )
+
+
+def prune(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, each renamed first: a kill mid-delete leaves
+    a partial (removed at the next start), not a step."""
+    for old in list_checkpoints(out_dir)[:-keep]:
+        gone = old.with_name(f".{old.name}.old-{os.getpid()}")
+        os.replace(old, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
 
 # numpy's stub types np.random.get_state() as legacy=False's dict; it returns the legacy tuple
@@ -97,16 +109,12 @@ def save_checkpoint(
     extra: dict,
     keep: int,
     run: dict | None = None,
-    states: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`. Non-finite weights
     raise NonFiniteError and write nothing; so does a full disk, as a ValueError naming the
-    directory. `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py); `states`
-    the (model, optimizer) state dicts where the caller gathered them (FSDP2 shards), else the
-    model's and optimizer's own."""
+    directory. `run` is the fingerprint a resume compares (zerolm/train/fingerprint.py)."""
     path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
-    model_state, optim_state = states or (model.state_dict(), optimizer.state_dict())
-    state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if bad := nonfinite_tensors(state):
         raise NonFiniteError(
             f"refusing to save checkpoint {path.name}: non-finite weights in {', '.join(bad[:3])}"
@@ -116,7 +124,7 @@ def save_checkpoint(
         with atomic_dir(path) as tmp:
             save_file(state, str(tmp / "model.safetensors"))
             torch.save(
-                {"step": step, "optimizer": optim_state, "rng": rng_state(), **extra},
+                {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra},
                 tmp / "state.pt",
             )
             config = {
@@ -134,12 +142,7 @@ def save_checkpoint(
             f"nothing partial was kept. Free space there (or lower --train.keep_checkpoints) and "
             f"resume with --train.resume=true; {last_good(out_dir)}"
         ) from None
-    for old in list_checkpoints(out_dir)[
-        :-keep
-    ]:  # renamed first: a kill mid-delete leaves a partial, not a step
-        gone = old.with_name(f".{old.name}.old-{os.getpid()}")
-        os.replace(old, gone)
-        shutil.rmtree(gone, ignore_errors=True)
+    prune(out_dir, keep)
     return path
 
 

@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +22,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from zerolm.config import DistConfig, TrainConfig
 from zerolm.dist import group
+from zerolm.dist.checkpoint import is_sharded, load_sharded, save_sharded
 from zerolm.dist.parallel import Parallel
 from zerolm.train.batches import Batches
 from zerolm.train.checkpoint import (
@@ -101,6 +105,7 @@ class Trainer:
         self.lr_scale, self.bad_steps, self.rollbacks = 1.0, 0, 0  # train.nonfinite handling
         self.changed: list[str] = []  # resumes that train.resume_changed let through, as recorded
         self._saved_step = -1
+        self._saving = ""  # what a lost peer interrupted, when not a training step
         self._note: dict[str, object] = {}  # fields for the next log row
         self._signals = Signals()
 
@@ -263,11 +268,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        """Write a checkpoint of this step (rank 0; under FSDP2 every rank gathers the shards);
-        signals wait until it is complete."""
+        """Write a checkpoint of this step: one process's files, or under torchrun every rank's
+        shards (zerolm/dist/checkpoint.py); signals wait until it is complete."""
         self._ready()
         with self._signals.hold():
-            states = self.par.full_state(self.optimizer)
             extra = {
                 "precision": self.precision,
                 "lr_scale": self.lr_scale,
@@ -275,26 +279,29 @@ class Trainer:
                 "resume_changed": self.changed,
                 "data": self.batches.state_dict(),
             }
-            path = self.out / "checkpoints" / f"step-{self.step:07d}"
-            if self.par.main:
-                path = save_checkpoint(
-                    self.out,
-                    self.step,
-                    self.model,
-                    self.optimizer,
-                    extra,
-                    self.cfg.keep_checkpoints,
-                    run=self.run,
-                    states=states,
+            keep = self.cfg.keep_checkpoints
+            if self.par.world > 1:
+                config = {"zerolm_model": self.model.cfg.__dict__, "run": self.run}
+                self._saving = f"saving checkpoint step-{self.step:07d}"  # for a PeerError
+                path = save_sharded(
+                    self.out, self.step, self.par.trained, self.optimizer, extra, config, keep
                 )
-            group.barrier()  # the other ranks list checkpoints only once it is complete
+                self._saving = ""
+            else:
+                path = save_checkpoint(
+                    self.out, self.step, self.model, self.optimizer, extra, keep, run=self.run
+                )
         self._saved_step = self.step
         return path
 
     def _load(self, path: Path) -> None:
+        """Restore checkpoint `path`, of either format, into this world (any size)."""
         self._ready()
-        put = None if self.par.strategy != "fsdp" else self.par.load_full_state
-        saved = load_checkpoint(path, self.model, self.optimizer, put=put)
+        if is_sharded(path):
+            saved = load_sharded(path, self.par.trained, self.optimizer)
+        else:  # the one file holds the whole model: FSDP2 puts it into its shards
+            put = None if self.par.strategy != "fsdp" else self.par.load_full_state
+            saved = load_checkpoint(path, self.model, self.optimizer, put=put)
         self.step, self.precision = saved["step"], saved["precision"]
         self.lr_scale, self.rollbacks = saved.get("lr_scale", 1.0), saved.get("rollbacks", 0)
         self.changed = list(saved.get("resume_changed", []))
@@ -347,7 +354,24 @@ class Trainer:
         return (every > 0 and self.step % every == 0) or self.step == self.cfg.steps
 
     def fit(self) -> dict:
-        """Train until cfg.steps; returns the last logged row (with the latest eval metrics)."""
+        """Train until cfg.steps; returns the last logged row (with the latest eval metrics).
+        Under torchrun, a rank that dies or hangs makes every other one raise PeerError."""
+        try:
+            return self._fit()
+        except (RuntimeError, CheckpointException) as e:
+            after = (
+                f"{last_good(self.out)}; resume with --train.resume=true (on any number of ranks)"
+            )
+            doing = self._saving or f"training step {self.step + 1}"
+            lost = group.lost_peer(e, doing, after)
+            if lost is None:
+                raise
+            if threading.current_thread() is threading.main_thread():
+                # the job is over; torchrun's SIGTERM to the survivors must not cut this short
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise lost from e
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         with group.main_first():
