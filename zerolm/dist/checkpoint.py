@@ -58,6 +58,32 @@ def same_on_every_rank(obj: Any) -> bool:
     return group.all_sum([differs])[0] == 0
 
 
+def _write_error(path: Path, why: BaseException | None, out_dir: str | Path) -> ValueError:
+    """The one-line error of a save that failed on some rank (`why`: this rank's, if here)."""
+    if why is None:
+        what = "another rank could not write its shards (its log says why)"
+    elif disk_full(why) or "No space left" in str(why):
+        what = "the disk is full"
+    else:
+        what = (str(why).strip().splitlines() or [type(why).__name__])[0][:200]
+    return ValueError(
+        f"could not write checkpoint {path.name} into {path.parent}: {what}; nothing partial "
+        f"was kept. Free space there (or lower --train.keep_checkpoints) and resume with "
+        f"--train.resume=true; {last_good(out_dir)}"
+    )
+
+
+def _publish(tmp: Path, path: Path, out_dir: str | Path, keep: int) -> None:
+    """Rank 0: the complete `tmp` renamed to `path` (replacing a re-saved step), then pruning."""
+    publish_tree(tmp)
+    if path.exists():  # the same step saved again (a rollback's re-save)
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, path)
+    prune(out_dir, keep)
+
+
 def save_sharded(
     out_dir: str | Path,
     step: int,
@@ -99,25 +125,9 @@ def save_sharded(
     if group.all_sum([float(why is not None)])[0]:
         if group.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        if why is None:
-            what = "another rank could not write its shards (its log says why)"
-        elif disk_full(why) or "No space left" in str(why):
-            what = "the disk is full"
-        else:
-            what = (str(why).strip().splitlines() or [type(why).__name__])[0][:200]
-        raise ValueError(
-            f"could not write checkpoint {path.name} into {path.parent}: {what}; nothing partial "
-            f"was kept. Free space there (or lower --train.keep_checkpoints) and resume with "
-            f"--train.resume=true; {last_good(out_dir)}"
-        )
+        raise _write_error(path, why, out_dir)
     if group.is_main():
-        publish_tree(tmp)
-        if path.exists():  # the same step saved again (a rollback's re-save)
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, path)
-        prune(out_dir, keep)
+        _publish(tmp, path, out_dir, keep)
     group.barrier()  # no rank lists checkpoints before the rename
     return path
 
