@@ -50,3 +50,14 @@ def test_a_batch_the_world_size_does_not_divide_names_both_and_the_fix():
     group.check_batch(8, 2)
     with pytest.raises(ValueError, match=r"batch_size 6 .* world size 4: use --train.batch_size=8"):
         group.check_batch(6, 4)
+
+
+def test_the_speedrun_under_torchrun_points_at_its_pretraining(monkeypatch, capsys):
+    from zerolm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["speedrun", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "not under torchrun (WORLD_SIZE=2)" in err and "-m zerolm pretrain --config speedrun" in err
+    )

@@ -30,8 +30,15 @@ def cmd_pretrain(args, extra, **defaults):
 
 
 def cmd_speedrun(args, extra):
+    from zerolm.dist.group import env_world_size
     from zerolm.speedrun import check_align, speedrun_align, speedrun_samples, speedrun_sft
 
+    if env_world_size() > 1:  # its later stages (samples, PPO) are one-process work
+        raise ValueError(
+            f"zerolm speedrun runs in one process, not under torchrun (WORLD_SIZE="
+            f"{env_world_size()}): to pretrain its model on several processes run `torchrun "
+            f"--nproc-per-node N -m zerolm pretrain --config speedrun`"
+        )
     defaults = {"out_dir": "runs/speedrun", "train": {"resume": True}}
     if not args.config:  # the tuned default recipe (see its comments)
         recipe = tomllib.loads(recipe_path("speedrun").read_text(encoding="utf-8"))
