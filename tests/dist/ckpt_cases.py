@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 import torch
+from dist_cases import VOCAB, T, tiny_llama
 
-from zerolm.config import DistConfig, ModelConfig, TrainConfig
-from zerolm.model import build_model
+from zerolm.config import DistConfig, TrainConfig
 from zerolm.train.losses import lm_loss
 from zerolm.train.trainer import Trainer
 
-VOCAB, T, ROWS, STEPS = 50, 16, 4, 10
+ROWS, STEPS = 4, 10
 
 
 class Rows:
@@ -49,11 +49,7 @@ class Rows:
 def fit(out: Path, resume: bool = False, strategy: str = "ddp", **die) -> list[float]:
     """Train to STEPS (resuming from `out` when asked); the loss of every step, by the log's last
     row for it (a resumed run's own)."""
-    model = build_model(
-        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=T),
-        vocab_size=VOCAB,
-        seed=3,
-    )
+    model = tiny_llama()
     cfg = TrainConfig(
         steps=STEPS,
         batch_size=ROWS,

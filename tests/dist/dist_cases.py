@@ -34,6 +34,15 @@ def batches(n: int, rows: int, masked: bool, seed: int = 0) -> list[tuple]:
     return out
 
 
+def tiny_llama():
+    """The seeded tiny llama every dist case trains (here and in ckpt_cases.py)."""
+    return build_model(
+        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=T),
+        vocab_size=VOCAB,
+        seed=3,
+    )
+
+
 def train(
     out: Path,
     steps: int,
@@ -44,11 +53,7 @@ def train(
 ) -> dict:
     """Losses and final parameters of `steps` steps on global batches of `rows` rows each
     (`accum` micro-batches of rows / accum per step)."""
-    model = build_model(
-        ModelConfig(preset="llama", d_model=32, n_layers=2, n_heads=4, max_seq_len=T),
-        vocab_size=VOCAB,
-        seed=3,
-    )
+    model = tiny_llama()
     cfg = TrainConfig(
         steps=steps,
         batch_size=rows // accum,
