@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "transforms": 3,
     "data": 3,
     "infer": 3,
+    "dist": 3,  # the torchrun process group and tensor-parallel inference; train/ builds on it
     "interop": 3,
     "inspect": 3,
     "eval": 4,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from launch import ROOT, plain, torchrun
 
-from zerolm.dist.checkpoint import is_sharded
 from zerolm.train.checkpoint import list_checkpoints, remove_partial
+from zerolm.train.sharded import is_sharded
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 CASES = str(ROOT / "tests" / "dist" / "ckpt_cases.py")

@@ -8,7 +8,7 @@ import torch
 from zerolm.commands.common import resolve_config
 from zerolm.config import DistConfig
 from zerolm.dist import group
-from zerolm.dist.parallel import shard_rows
+from zerolm.train.parallel import shard_rows
 
 
 def test_dist_strategy_is_a_dotted_override_like_the_others():

@@ -1,2 +1,3 @@
-"""Scale-out on torch.distributed under torchrun: the process group (group.py) and data
-parallelism for the one Trainer, DDP or FSDP2 (parallel.py)."""
+"""Scale-out on torch.distributed under torchrun: the process group (group.py) and tensor
+parallelism for inference (tensor.py). The Trainer's side, DDP/FSDP2 and sharded checkpoints, is
+zerolm/train/parallel.py and zerolm/train/sharded.py."""

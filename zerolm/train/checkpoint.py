@@ -6,7 +6,7 @@ inf are never written, so pruning to the newest `keep` never drops a good one fo
     OUT/checkpoints/step-0000200/{model.safetensors, state.pt, config.json}
 
 That is the format of one process; under torchrun each rank writes its shards instead
-(zerolm/dist/checkpoint.py: DCP's .metadata in place of model.safetensors). Both load anywhere.
+(zerolm/train/sharded.py: DCP's .metadata in place of model.safetensors). Both load anywhere.
 """
 
 from __future__ import annotations

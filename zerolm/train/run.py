@@ -61,7 +61,7 @@ class Stage(Generic[M]):
     flops_per_token: float = 0.0
     fingerprint: dict = dataclasses.field(default_factory=dict)  # what a resume must match
     info: dict = dataclasses.field(default_factory=dict)  # the stage's own summary (data, LoRA)
-    row_groups: int = 1  # 2: a batch's rows are B chosen then B rejected (zerolm.dist.parallel)
+    row_groups: int = 1  # 2: a batch's rows are B chosen then B rejected (zerolm.train.parallel)
 
 
 @dataclasses.dataclass

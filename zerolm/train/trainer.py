@@ -3,7 +3,7 @@ loss function returning a LossResult (zerolm/train/run.py builds them into a sta
 precision, accumulation, clipping, schedule, logging, evaluation, checkpoints, exact resume (of the
 same run: see fingerprint.py), Ctrl-C / SIGTERM, and non-finite losses (skipped, stopped on, or
 rolled back from: train.nonfinite). Under torchrun it runs the same loop on every rank through
-zerolm/dist/parallel.py (DDP or FSDP2; each rank takes its rows of every global micro-batch), and
+zerolm/train/parallel.py (DDP or FSDP2; each rank takes its rows of every global micro-batch), and
 rank 0 alone logs and writes files.
 """
 
@@ -28,8 +28,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from zerolm.config import DistConfig, TrainConfig
 from zerolm.dist import group
-from zerolm.dist.checkpoint import is_sharded, load_sharded, save_sharded
-from zerolm.dist.parallel import Parallel
 from zerolm.train.batches import Batches
 from zerolm.train.checkpoint import (
     NonFiniteError,
@@ -42,7 +40,9 @@ from zerolm.train.checkpoint import (
 from zerolm.train.fingerprint import check_resume, trainer_fingerprint
 from zerolm.train.losses import LossResult
 from zerolm.train.optim import build_optimizer, lr_at
+from zerolm.train.parallel import Parallel
 from zerolm.train.precision import autocast, measure_peak_flops
+from zerolm.train.sharded import is_sharded, load_sharded, save_sharded
 from zerolm.train.signals import Abort, Signals
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         """Write a checkpoint of this step: one process's files, or under torchrun every rank's
-        shards (zerolm/dist/checkpoint.py); signals wait until it is complete."""
+        shards (zerolm/train/sharded.py); signals wait until it is complete."""
         self._ready()
         with self._signals.hold():
             extra = {
