@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from zerolm.config import DistConfig, ModelConfig, TrainConfig
+from zerolm.config import DistConfig, LoRAConfig, ModelConfig, TrainConfig
 from zerolm.model import build_model
 from zerolm.train.batches import Stream
 from zerolm.train.losses import lm_loss
 from zerolm.train.trainer import Trainer
+from zerolm.transforms.lora import apply_lora
 
 VOCAB, T = 50, 16
 
@@ -50,16 +51,22 @@ def train(
     accum: int = 1,
     masked: bool = False,
     strategy: str = "ddp",
+    lora: bool = False,
+    compile: bool = False,
 ) -> dict:
     """Losses and final parameters of `steps` steps on global batches of `rows` rows each
-    (`accum` micro-batches of rows / accum per step)."""
+    (`accum` micro-batches of rows / accum per step); `lora`: rank-4 adapters on q and v, the
+    rest frozen; `compile`: the compiled loss (train.compile)."""
     model = tiny_llama()
+    if lora:
+        apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("q", "v")))
     cfg = TrainConfig(
         steps=steps,
         batch_size=rows // accum,
         grad_accum=accum,
         precision="fp32",
         warmup_steps=1,
+        compile=compile,
     )
     data = batches(steps * accum, rows // accum, masked)
     trainer = Trainer(
@@ -74,7 +81,7 @@ def train(
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
     with trainer.par.full_model(keep=True) as full:
         state = None if full is None else {k: v.clone() for k, v in full.state_dict().items()}
-    return {"losses": losses, "state": state}
+    return {"losses": losses, "state": state, "compiled": trainer._compiled_ok}
 
 
 CASES = {
@@ -83,6 +90,10 @@ CASES = {
     "fsdp_20": dict(steps=20, rows=4, strategy="fsdp"),
     "accum_2x2": dict(steps=3, rows=8, accum=2),
     "fsdp_accum_2x2": dict(steps=3, rows=8, accum=2, strategy="fsdp"),
+    "ddp_lora": dict(steps=5, rows=8, lora=True),
+    "fsdp_lora": dict(steps=5, rows=8, lora=True, strategy="fsdp"),
+    "ddp_compiled": dict(steps=3, rows=8, compile=True),
+    "fsdp_compiled": dict(steps=3, rows=8, compile=True, strategy="fsdp"),
 }
 
 

@@ -60,6 +60,34 @@ def test_accumulation_2_ranks_x_2_micro_steps_equals_1_rank_x_4(job, tmp_path, s
     assert_same(job["accum_2x2" if strategy == "ddp" else "fsdp_accum_2x2"], ref, 1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_trains_only_the_adapters_under_ddp_and_fsdp2(job, tmp_path, strategy):
+    ref = one_process(tmp_path, **dist_cases.CASES["ddp_lora"])
+    run = job[f"{strategy}_lora"]
+    assert_same(run, ref, 1e-6)
+    base = dist_cases.tiny_llama().state_dict()
+    adapters = [k for k in run["state"] if "lora_" in k]
+    assert adapters and all(
+        torch.equal(v, base[k.replace(".base.", ".")])
+        for k, v in run["state"].items()
+        if k not in adapters
+    )  # every frozen weight as it was
+    assert all(run["state"][k].abs().max() > 0 for k in adapters if "lora_B" in k)  # B left zero
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_compiled_loss_trains_under_ddp_and_fsdp2(job, tmp_path, strategy):
+    run = job[f"{strategy}_compiled"]
+    assert run["compiled"]  # compiled on the ranks, not fallen back to eager
+    ref = one_process(tmp_path, **dist_cases.CASES["ddp_compiled"])
+    assert ref["compiled"]
+    assert_same(run, ref, 1e-5)
+    eager = one_process(
+        tmp_path / "eager", **{**dist_cases.CASES["ddp_compiled"], "compile": False}
+    )
+    assert_same(run, eager, 1e-5)
+
+
 def test_ranks_with_different_configs_stop_at_the_start(job):
     assert job["mismatch"].startswith("rank 1 resolved a different config from rank 0's")
     assert "seed = 0" in job["mismatch"] and "seed = 1" in job["mismatch"]
