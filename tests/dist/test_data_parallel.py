@@ -203,3 +203,21 @@ def test_plain_pretrain_resumes_a_torchrun_checkpoint_with_its_losses(pretrained
     assert [r["step"] for r in resumed] == list(range(1, 11))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in rows], abs=1e-6, rel=0)
     assert [r["loss"] for r in rows][5] != [r["loss"] for r in rows][6]
+
+
+def test_torchrun_dpo_with_lora_under_fsdp_saves_adapters_and_a_model(pretrained, tmp_path):
+    # DPO's batches are B chosen then B rejected rows: each rank takes its share of both halves
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"abc {w}", "chosen": f"de {w} fgh", "rejected": "ij"} for w in "abcdefgh"]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "dpo"
+    r = torchrun(
+        *("-m", "zerolm", "dpo", "--model", str(pretrained[0] / "model"), "--out", str(out)),
+        *("--quiet", f"--align.data={prefs}", "--align.val_fraction=0.25", "--lora.rank=4"),
+        *("--train.steps=4", "--train.batch_size=2", "--train.precision=fp32"),
+        "--dist.strategy=fsdp",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "distributed: fsdp over 2 processes" in r.stderr
+    assert (out / "adapters.safetensors").is_file()
+    assert load_model(out / "model").cfg.d_model == 32
