@@ -53,10 +53,11 @@ def train(
     strategy: str = "ddp",
     lora: bool = False,
     compile: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     """Losses and final parameters of `steps` steps on global batches of `rows` rows each
     (`accum` micro-batches of rows / accum per step); `lora`: rank-4 adapters on q and v, the
-    rest frozen; `compile`: the compiled loss (train.compile)."""
+    rest frozen; `compile`: the compiled loss (train.compile); `precision`: train.precision."""
     model = tiny_llama()
     if lora:
         apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("q", "v")))
@@ -64,7 +65,7 @@ def train(
         steps=steps,
         batch_size=rows // accum,
         grad_accum=accum,
-        precision="fp32",
+        precision=precision,  # type: ignore[arg-type]
         warmup_steps=1,
         compile=compile,
     )
@@ -81,7 +82,13 @@ def train(
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
     with trainer.par.full_model(keep=True) as full:
         state = None if full is None else {k: v.clone() for k, v in full.state_dict().items()}
-    return {"losses": losses, "state": state, "compiled": trainer._compiled_ok}
+    master = trainer.optimizer.param_groups[0]["params"][0]  # what AdamW steps (FSDP2: a shard)
+    return {
+        "losses": losses,
+        "state": state,
+        "compiled": trainer._compiled_ok,
+        "master_dtype": str(master.dtype),
+    }
 
 
 CASES = {
@@ -94,6 +101,7 @@ CASES = {
     "fsdp_lora": dict(steps=5, rows=8, lora=True, strategy="fsdp"),
     "ddp_compiled": dict(steps=3, rows=8, compile=True),
     "fsdp_compiled": dict(steps=3, rows=8, compile=True, strategy="fsdp"),
+    "fsdp_bf16": dict(steps=5, rows=8, strategy="fsdp", precision="bf16"),
 }
 
 

@@ -221,3 +221,17 @@ def test_torchrun_dpo_with_lora_under_fsdp_saves_adapters_and_a_model(pretrained
     assert "distributed: fsdp over 2 processes" in r.stderr
     assert (out / "adapters.safetensors").is_file()
     assert load_model(out / "model").cfg.d_model == 32
+
+
+def test_fsdp2_bf16_computes_in_bf16_and_keeps_fp32_master_weights(job, tmp_path):
+    # the mixed-precision policy: bf16 gathered parameters, fp32 shards for AdamW and reductions
+    run = job["fsdp_bf16"]
+    assert run["master_dtype"] == "torch.float32"
+    assert all(v.dtype == torch.float32 for v in run["state"].values())
+    case = {k: v for k, v in dist_cases.CASES["fsdp_bf16"].items() if k != "strategy"}
+    bf16 = one_process(tmp_path / "bf16", **case)
+    fp32 = one_process(tmp_path / "fp32", **{**case, "precision": "fp32"})
+    assert run["losses"] != pytest.approx(fp32["losses"], abs=1e-5, rel=0)  # bf16 was used
+    assert run["losses"] == pytest.approx(fp32["losses"], abs=1e-3, rel=0)
+    assert run["losses"] == pytest.approx(bf16["losses"], abs=1e-3, rel=0)
+    assert run["losses"][-1] < run["losses"][0]
