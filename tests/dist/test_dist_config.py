@@ -61,3 +61,14 @@ def test_the_speedrun_under_torchrun_points_at_its_pretraining(monkeypatch, caps
     assert (
         "not under torchrun (WORLD_SIZE=2)" in err and "-m zerolm pretrain --config speedrun" in err
     )
+
+
+def test_ppo_under_torchrun_is_a_clear_error(monkeypatch, capsys):
+    # PPO's rollouts are sampled by one process: the stage refuses a world before joining it
+    from zerolm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["ppo", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err
+    assert "zerolm ppo runs in one process, not under torchrun (WORLD_SIZE=2)" in err
+    assert "start it without torchrun" in err
