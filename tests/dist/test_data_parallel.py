@@ -235,3 +235,25 @@ def test_fsdp2_bf16_computes_in_bf16_and_keeps_fp32_master_weights(job, tmp_path
     assert run["losses"] == pytest.approx(fp32["losses"], abs=1e-3, rel=0)
     assert run["losses"] == pytest.approx(bf16["losses"], abs=1e-3, rel=0)
     assert run["losses"][-1] < run["losses"][0]
+
+
+def test_poem_pairs_are_sampled_half_by_each_rank_and_equal_one_process(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    import pairs_case
+
+    from zerolm.model import save_model
+
+    text = [d["text"] for d in pairs_case.DOCS] * 10
+    tok = tiny_tokenizer("bpe", text, vocab_size=300)
+    save_model(
+        tiny_model("llama", tok.vocab_size, d_model=32, max_seq_len=128), tmp_path / "m", tok
+    )
+    r = torchrun(str(ROOT / "tests" / "dist" / "pairs_case.py"), str(tmp_path / "m"), str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = torch.load(tmp_path / "pairs.pt", weights_only=False)
+    ref, counts, calls = pairs_case.sample(tmp_path / "m")
+    assert calls == 3 and run["calls"] == [(calls + 1) // 2, calls // 2]
+    assert (
+        ref and run["pairs"] == ref and run["counts"] == counts and counts["samples"] == 2 * calls
+    )

@@ -193,3 +193,12 @@ def all_sum(values: list[float]) -> list[float]:
         t = t.cuda()
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order ([obj] in one process)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 
 from zerolm.data.prefs import Preference
+from zerolm.dist import group
 from zerolm.infer.chat import chat_request, replies
 from zerolm.infer.sampling import SamplingParams
 from zerolm.model.protocol import LanguageModel
@@ -34,14 +35,18 @@ def poem_pairs(
     max_new_tokens: int = 96,
     batch_size: int = 32,
 ) -> tuple[list[Preference], dict]:
-    """(pairs, counts) for the request items (as made by requests.poem_instructions)."""
+    """(pairs, counts) for the request items (as made by requests.poem_instructions). Under
+    torchrun each rank samples every world-size-th batch and all of them get every answer: the
+    pairs of one process, in 1/N of its time (each batch is seeded on its own)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     req = chat_request(tok, max_new_tokens, SamplingParams(temperature=temperature), seed)
     asks = [it["messages"][:-1] for it in items for _ in range(samples)]
-    answers: list[str] = []
-    for i in range(0, len(asks), batch_size):
-        answers += replies(model, tok, asks[i : i + batch_size], req)
+    starts = range(0, len(asks), batch_size)
+    rank, world = group.rank(), group.world_size()
+    ours = {i: replies(model, tok, asks[i : i + batch_size], req) for i in starts[rank::world]}
+    done = {i: got for part in group.all_gather(ours) for i, got in part.items()}
+    answers = [a for i in starts for a in done[i]]
     pairs: list[Preference] = []
     counts: Counter[str] = Counter()
     for j, it in enumerate(items):

@@ -1,0 +1,69 @@
+"""Poem preference pairs sampled under torchrun (`... pairs_case.py MODEL_DIR OUT`): each rank
+samples its share of the batches; rank 0 saves the pairs and how many batches each rank sampled."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from zerolm.config import DistConfig
+from zerolm.model import load_model
+from zerolm.tasks.poems import pairs
+from zerolm.tasks.poems.requests import poem_instructions
+from zerolm.tokenizer import Tokenizer
+
+DOCS = [
+    {
+        "text": "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
+        "title": "静夜思",
+        "author": "李白",
+    },
+    {
+        "text": "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。",
+        "title": "登鹳雀楼",
+        "author": "王之涣",
+    },
+    {
+        "text": "春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。",
+        "title": "春晓",
+        "author": "孟浩然",
+    },
+]
+ARGS = dict(samples=2, max_new_tokens=12, batch_size=2, seed=7)
+
+
+def sample(model_dir: Path) -> tuple[list, dict, int]:
+    """(pairs, counts, batches this process sampled) for DOCS' requests."""
+    calls = 0
+    real = pairs.replies
+
+    def counted(*a, **kw):  # the real sampler, counted
+        nonlocal calls
+        calls += 1
+        return real(*a, **kw)
+
+    pairs.replies = counted
+    try:
+        got, counts = pairs.poem_pairs(
+            load_model(model_dir), Tokenizer.load(model_dir), list(poem_instructions(DOCS)), **ARGS
+        )
+    finally:
+        pairs.replies = real
+    return got, counts, calls
+
+
+def main(model_dir: Path, out: Path) -> None:
+    from zerolm.dist import group
+
+    group.init(DistConfig())
+    got, counts, calls = sample(model_dir)
+    each = group.all_gather(calls)
+    if group.is_main():
+        torch.save({"pairs": got, "counts": counts, "calls": each}, out / "pairs.pt")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
