@@ -92,9 +92,13 @@ def test_tp_without_torchrun_or_with_another_world_size_names_the_fix(
     )
 
 
-def test_serve_tp_is_a_clear_error_for_now(model_dir, capsys):
+def test_serve_tp_without_torchrun_names_the_fix(model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert zerolm(["serve", str(model_dir), "--tp", "2"]) == 2
-    assert "serve --tp is not supported yet" in capsys.readouterr().err
+    assert "--tp 2 needs one process per rank: run `torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two servers on one port otherwise
+    assert zerolm(["serve", str(model_dir)]) == 2
+    assert "pass --tp 2" in capsys.readouterr().err
 
 
 def test_the_divisibility_error_names_both_head_counts():

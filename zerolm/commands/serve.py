@@ -19,16 +19,12 @@ LOCAL = ("127.0.0.1", "localhost", "::1")
 
 
 def main(args, extra) -> None:
+    from zerolm.dist.tensor import check_launch
     from zerolm.serve.app import serve
-    from zerolm.serve.limits import Limits
 
-    if args.tp is not None and args.tp != 1:
-        raise ValueError(
-            f"serve --tp is not supported yet: the server runs its engine in one process (--tp "
-            f"{args.tp} given); use `torchrun --nproc-per-node {args.tp} -m zerolm generate --tp "
-            f"{args.tp} ...`, or export to HF and serve with vLLM --tensor-parallel-size {args.tp}"
-        )
-    s = resolve_config(args, extra).serve
+    cfg = resolve_config(args, extra)
+    s = cfg.serve
+    check_launch(args.tp, s.compile)  # under torchrun: --tp WORLD_SIZE, before loading anything
     api_key = s.api_key or os.environ.get("ZEROLM_API_KEY") or None
     if s.host not in LOCAL and not api_key:
         print(
@@ -36,7 +32,40 @@ def main(args, extra) -> None:
             "reach it may use it",
             file=sys.stderr,
         )
-    limits = Limits(
+    model = leader = None
+    if (args.tp or 1) > 1:  # every rank its shard; rank 0 serves, the others follow it
+        from zerolm.dist import group
+        from zerolm.serve.tp import Leader, follow, load_sharded
+
+        model = load_sharded(model_dir(args), args.tp, cfg.dist)
+        if not group.is_main():
+            print(f"zerolm serve: rank {group.rank()} of {args.tp} follows rank 0", file=sys.stderr)
+            return follow(model, s.max_batch)
+        leader = Leader(model, s.max_batch, heartbeat=min(60.0, cfg.dist.timeout / 4))
+    try:
+        serve(
+            model_dir(args),
+            host=s.host,
+            port=s.port,
+            api_key=api_key,
+            max_batch=s.max_batch,
+            max_queue=s.max_queue,
+            limits=_limits(s),
+            log_level=s.log_level,
+            name=s.name or None,
+            compile=s.compile,
+            model=model,
+            mirror=leader,
+        )
+    finally:
+        if leader is not None:  # however the server ended: the followers exit too
+            leader.close()
+
+
+def _limits(s):
+    from zerolm.serve.limits import Limits
+
+    return Limits(
         max_tokens=s.max_tokens,
         max_n=s.max_n,
         max_messages=s.max_messages,
@@ -48,18 +77,6 @@ def main(args, extra) -> None:
         keep_alive_s=s.keep_alive,
         shutdown_timeout_s=s.shutdown_timeout,
         max_connections=s.max_connections,
-    )
-    serve(
-        model_dir(args),
-        host=s.host,
-        port=s.port,
-        api_key=api_key,
-        max_batch=s.max_batch,
-        max_queue=s.max_queue,
-        limits=limits,
-        log_level=s.log_level,
-        name=s.name or None,
-        compile=s.compile,
     )
 
 

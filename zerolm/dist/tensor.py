@@ -83,15 +83,16 @@ def check_launch(n: int | None, compile: bool = False) -> None:
         )
 
 
-def mesh(n: int):
-    """Join the torchrun job (gloo on CPU, nccl on CUDA) and return its 1-D mesh of n ranks."""
+def mesh(n: int, cfg: Any = None):
+    """Join the torchrun job (gloo on CPU, nccl on CUDA; `cfg`: its DistConfig, e.g. the timeout)
+    and return its 1-D mesh of n ranks."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from zerolm.config import DistConfig
     from zerolm.dist import group
 
     check_launch(n)
-    group.init(DistConfig())
+    group.init(cfg or DistConfig())
     return init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (n,))
 
 

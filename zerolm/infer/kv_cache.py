@@ -177,6 +177,14 @@ class KVCache:
         else:
             self.lengths[slot] = 0
 
+    def scrub(self, slot: int) -> None:
+        """Zero what slot `slot` holds: a sequence that wrote NaN there would otherwise leave it to
+        the slot's next owner, whose masked positions give 0 * NaN = NaN in attention."""
+        n = self.lengths[slot]
+        for k, v in zip(self.k, self.v):
+            k[slot, :, :n] = 0
+            v[slot, :, :n] = 0
+
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from zerolm.model.protocol import LanguageModel
 from zerolm.serve import inspector, routes
 from zerolm.serve import protocol as P
 from zerolm.serve.edge import Edge, rate_limit_logs, uvicorn_config
@@ -67,9 +68,12 @@ def serve(
     log_level: str = "info",
     name: str | None = None,
     compile: bool = False,
+    model: LanguageModel | None = None,
+    mirror=None,
 ) -> None:
     """Load the model and serve it until interrupted (`zerolm serve`); SIGTERM stops it within
-    limits.shutdown_timeout_s, cancelling what still runs."""
+    limits.shutdown_timeout_s, cancelling what still runs. `model` and `mirror`: rank 0 of a
+    tensor-parallel server (serve/tp.py)."""
     import uvicorn
 
     server = load_server(
@@ -79,6 +83,8 @@ def serve(
         limits=limits or Limits(),
         name=name,
         compile=compile,
+        model=model,
+        mirror=mirror,
     )
     config = uvicorn_config(
         create_app(server, api_key), server.limits, host=host, port=port, log_level=log_level

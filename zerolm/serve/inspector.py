@@ -23,6 +23,14 @@ async def inspect_attention(req: P.AttentionRequest, server: ServerDep):
     """Attention weights of one layer and head over a text (zerolm extension, for the web UI)."""
     if (req.messages is None) == (req.prompt is None):
         raise ApiError(400, "give exactly one of 'messages' or 'prompt'", "messages")
+    if server.scheduler.mirror is not None:
+        raise ApiError(
+            400,
+            "the attention inspector is not available on a tensor-parallel server (serve --tp): "
+            "its heads are split over the ranks; serve the model in one process to inspect it",
+            None,
+            "tensor_parallel",
+        )
     lim = server.limits
     if server.inspecting >= lim.max_inspect:
         raise ApiError(

@@ -49,7 +49,9 @@ class Scheduler:
     """compile=True: decode steps run the compiled step over all max_batch slots
     (infer/compiled.py), empty slots masked; it is compiled (or loaded) here, before the first
     request. Prefill stays eager; if compiling fails, decoding is eager, with a warning
-    (infer/engine.py)."""
+    (infer/engine.py). `mirror` (a tensor-parallel server's rank 0, serve/tp.py): its engine and
+    cache are used, every model pass and cache change goes through its run(op, args), which has
+    every rank make it, and close() ends it after the scheduler thread."""
 
     def __init__(
         self,
@@ -60,11 +62,15 @@ class Scheduler:
         prefill_budget: int = 512,
         compile: bool = False,
         program_dir: str | None = None,
+        mirror=None,
     ):
-        self.model = model.eval()
-        self.engine = Engine(model, compile=compile, program_dir=program_dir)
+        self.model, self.mirror = model.eval(), mirror
+        if mirror is None:
+            self.engine = Engine(model, compile=compile, program_dir=program_dir)
+            self.cache = KVCache.for_model(model, max_batch)
+        else:
+            self.engine, self.cache = mirror.engine, mirror.cache
         self.max_batch, self.max_queue, self.prefill_budget = max_batch, max_queue, prefill_budget
-        self.cache = KVCache.for_model(model, max_batch)
         if compile:
             with torch.inference_mode():  # slots at length 1: the exported span starts at 2
                 self.cache.lengths = [1] * max_batch
@@ -156,6 +162,8 @@ class Scheduler:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        if self.mirror is not None:
+            self.mirror.close()
 
     def wake(self) -> None:
         """Prompt a step now (e.g. after a cancel, so the slot is freed at once)."""
@@ -209,7 +217,7 @@ class Scheduler:
         """Free s's slot (under the lock); the last running sequence moves into it."""
         last = self.running.pop()
         if last is not s:
-            self.cache.move(last.slot, s.slot)
+            self._op("move", last.slot, s.slot)
             last.slot = s.slot
             self.running[s.slot] = last
 
@@ -227,7 +235,7 @@ class Scheduler:
     def _step(self, admitted: list[Job]) -> None:
         if admitted:
             for s in admitted:
-                self.cache.reset(s.slot)
+                self._op("reset", s.slot)
                 s.row = Row.start(
                     s.sampling,
                     s.max_new_tokens,
@@ -237,8 +245,8 @@ class Scheduler:
                     stop_ids=s.stop_token_ids,
                 )
             try:  # writes only the admitted sequences' slots: the running ones are not involved
-                logits = self.engine.prefill(
-                    [s.prompt for s in admitted], self.cache, [s.slot for s in admitted]
+                logits = self._op(
+                    "prefill", [s.prompt for s in admitted], [s.slot for s in admitted]
                 )
             except Exception as e:
                 self._fail(
@@ -252,7 +260,7 @@ class Scheduler:
             seqs = list(self.running)
             try:  # a failed step leaves the cache lengths as they were (they advance at its end)
                 last = [s.running_row.last for s in seqs]
-                logits = self.engine.decode_first(last, self.cache)  # (B, V)
+                logits = self._op("decode", last)  # (B, V)
             except Exception as e:
                 self._fail(
                     seqs,
@@ -288,7 +296,7 @@ class Scheduler:
         self.stats.recent.append((now, len(seqs) - len(failed)))
         with self._cv:
             for s in nonfinite:  # before any removal moves a sequence (and its cache) elsewhere
-                self._scrub(s.slot)
+                self._op("scrub", s.slot)
             for s, reason in finished:
                 self._remove(s)
                 _emit(s, "done", reason)
@@ -312,13 +320,23 @@ class Scheduler:
             self.stats.record_ttft(now - s.submitted)
         return tok
 
-    def _scrub(self, slot: int) -> None:
-        """Zero a slot a non-finite sequence wrote: its next owner's masked positions would give
-        0 * NaN = NaN in the attention-weighted sum of values."""
-        n = self.cache.lengths[slot]
-        for k, v in zip(self.cache.k, self.cache.v):
-            k[slot, :, :n] = 0
-            v[slot, :, :n] = 0
+    def _op(self, op: str, *args):
+        """A model pass or KV-cache change: here, or on every rank of a tensor-parallel server."""
+        if self.mirror is not None:
+            return self.mirror.run(op, args)
+        return run_op(self.engine, self.cache, op, args)
+
+
+def run_op(engine: Engine, cache: KVCache, op: str, args: tuple):
+    """One of the scheduler's model passes or KV-cache changes, by name: everything it does to the
+    model and cache (the list a tensor-parallel follower replays, serve/tp.py)."""
+    if op == "prefill":  # (prompts, slots) -> their last tokens' logits
+        return engine.prefill(args[0], cache, args[1])
+    if op == "decode":  # (next token of slots 0..n-1,) -> (n, V) logits
+        return engine.decode_first(args[0], cache)
+    if op in ("reset", "move", "scrub"):
+        return getattr(cache, op)(*args)
+    raise ValueError(f"unknown scheduler operation {op!r}")
 
 
 def _emit(s: Job, kind: str, value) -> None:

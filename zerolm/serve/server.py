@@ -46,6 +46,7 @@ class Server:
         max_queue: int = 64,
         limits: Limits = DEFAULT_LIMITS,
         compile: bool = False,
+        mirror=None,
     ):
         self.model, self.tok, self.name, self.limits = model, tok, name, limits
         self.window = model.cfg.max_seq_len
@@ -60,7 +61,9 @@ class Server:
         longest = max(len(b) for b in tok.token_bytes)
         slack = 1 if tok.hf.normalizer is None else 4
         self.max_text_bytes = (limits.max_prompt_tokens or self.window - 1) * longest * slack
-        self.scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, compile=compile)
+        self.scheduler = Scheduler(
+            model, max_batch=max_batch, max_queue=max_queue, compile=compile, mirror=mirror
+        )
         self.created = int(time.time())
         self.chat_stops = tok.stop_ids
         # bytes -> id (the inspector's input)
@@ -163,9 +166,12 @@ def load_server(
     limits: Limits = DEFAULT_LIMITS,
     name: str | None = None,
     compile: bool = False,
+    model: LanguageModel | None = None,
+    mirror=None,
 ) -> Server:
-    """The Server of a model directory (`zerolm serve`), its model in the decode layout."""
-    model = decode_layout(load_model(model_dir))
+    """The Server of a model directory (`zerolm serve`), its model in the decode layout; or
+    `model`, this rank's shard of a tensor-parallel one, with its `mirror` (serve/tp.py)."""
+    model = model or decode_layout(load_model(model_dir))
     path = Path(model_dir).resolve()
     # runs/x/sft/model -> "sft"
     name = name or (path.parent.name if path.name == "model" else path.name)
@@ -177,4 +183,5 @@ def load_server(
         max_queue=max_queue,
         limits=limits,
         compile=compile,
+        mirror=mirror,
     )
