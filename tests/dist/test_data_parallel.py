@@ -257,3 +257,45 @@ def test_poem_pairs_are_sampled_half_by_each_rank_and_equal_one_process(
     assert (
         ref and run["pairs"] == ref and run["counts"] == counts and counts["samples"] == 2 * calls
     )
+
+
+def test_torchrun_reward_under_ddp_trains_with_its_unused_lm_head_frozen(pretrained, tmp_path):
+    # the reward reads the body's hidden states, never its (untied) LM head: frozen, as DDP needs
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"abc {w}", "chosen": f"de {w} fgh", "rejected": "ij"} for w in "abcdefgh"]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rm"
+    r = torchrun(
+        *("-m", "zerolm", "reward", "--model", str(pretrained[0] / "model"), "--out", str(out)),
+        *("--quiet", f"--align.data={prefs}", "--align.val_fraction=0.25"),
+        *("--train.steps=4", "--train.batch_size=2", "--train.precision=fp32"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "distributed: ddp over 2 processes" in r.stderr
+    before, after = load_model(pretrained[0] / "model"), load_model(out / "model")
+    assert torch.equal(before.lm_head.weight, after.lm_head.weight)
+    assert not torch.equal(before.blocks[0].attn.q.weight, after.blocks[0].attn.q.weight)
+
+
+def test_torchrun_classify_under_ddp_trains_with_the_pretraining_heads_frozen(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    # the classifier never runs bert's mlm and nsp heads: frozen, as DDP needs
+    from zerolm.model import save_model
+
+    tok = tiny_tokenizer("wordpiece", ["海浪潮波鱼舟山峰岭石松云之而其"], vocab_size=100)
+    save_model(tiny_model("bert", tok.vocab_size, n_heads=2, max_seq_len=24), tmp_path / "b", tok)
+    rows = [{"text": t * 3, "label": t} for t in "海浪潮山峰岭" * 8]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "cls"
+    r = torchrun(
+        *("-m", "zerolm", "finetune-classify", "--model", str(tmp_path / "b"), "--out", str(out)),
+        *("--quiet", f"--classify.data={data}", "--train.steps=4", "--train.batch_size=4"),
+        "--train.precision=fp32",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "distributed: ddp over 2 processes" in r.stderr
+    before, after = load_model(tmp_path / "b"), load_model(out / "model")
+    assert torch.equal(before.nsp.weight, after.nsp.weight)
+    assert not torch.equal(before.blocks[0].attn.q.weight, after.blocks[0].attn.q.weight)

@@ -44,6 +44,8 @@ class RewardModel(nn.Module):
         self.body = body
         self.cfg = body.cfg
         self.head = nn.Linear(body.cfg.d_model, 1)
+        if (lm_head := getattr(body, "lm_head", None)) is not None:  # untied: a reward never
+            lm_head.requires_grad_(False)  # reads it (and DDP needs every trained weight used)
         nn.init.zeros_(self.head.weight)  # every conversation starts at reward 0
         nn.init.zeros_(self.head.bias)
 

@@ -164,10 +164,15 @@ def _save(model: Bert, model_dir: Path, *, tok: Tokenizer, labels: list[str]) ->
 
 def _frozen(model: Bert, freeze: str):
     """classify.freeze: "embeddings" trains all but the embeddings; "encoder" is a linear probe
-    on the pooled [CLS] (pooler + head trained)."""
+    on the pooled [CLS] (pooler + head trained). The pretraining heads (mlm, nsp), which the
+    classifier never runs, are frozen either way (DDP needs every trained parameter used)."""
+    for name, p in model.named_parameters():
+        if name.startswith(("mlm.", "nsp.")):
+            p.requires_grad_(False)
     if freeze == "embeddings":
         for name, p in model.named_parameters():
-            p.requires_grad_(not name.startswith(("tok_emb.", "pos_emb.", "seg_emb.", "emb_norm.")))
+            if name.startswith(("tok_emb.", "pos_emb.", "seg_emb.", "emb_norm.")):
+                p.requires_grad_(False)
     elif freeze == "encoder":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(("classifier.", "pooler.")))
