@@ -3,39 +3,29 @@ samples its share of the batches; rank 0 saves the pairs and how many batches ea
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
 import torch
 
 from zerolm.config import DistConfig
+from zerolm.data.sources import corpus_path, xz_rows
 from zerolm.model import load_model
 from zerolm.tasks.poems import pairs
 from zerolm.tasks.poems.requests import poem_instructions
 from zerolm.tokenizer import Tokenizer
 
-DOCS = [
-    {
-        "text": "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
-        "title": "静夜思",
-        "author": "李白",
-    },
-    {
-        "text": "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。",
-        "title": "登鹳雀楼",
-        "author": "王之涣",
-    },
-    {
-        "text": "春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。",
-        "title": "春晓",
-        "author": "孟浩然",
-    },
-]
 ARGS = dict(samples=2, max_new_tokens=12, batch_size=2, seed=7)
 
 
+def requests() -> list[dict]:
+    """The poem requests of the bundled Tang corpus's first 3 poems that make one."""
+    return list(itertools.islice(poem_instructions(xz_rows(corpus_path("tang"))), 3))
+
+
 def sample(model_dir: Path) -> tuple[list, dict, int]:
-    """(pairs, counts, batches this process sampled) for DOCS' requests."""
+    """(pairs, counts, batches this process sampled) for the requests."""
     calls = 0
     real = pairs.replies
 
@@ -47,7 +37,7 @@ def sample(model_dir: Path) -> tuple[list, dict, int]:
     pairs.replies = counted
     try:
         got, counts = pairs.poem_pairs(
-            load_model(model_dir), Tokenizer.load(model_dir), list(poem_instructions(DOCS)), **ARGS
+            load_model(model_dir), Tokenizer.load(model_dir), requests(), **ARGS
         )
     finally:
         pairs.replies = real

@@ -205,18 +205,22 @@ def test_plain_pretrain_resumes_a_torchrun_checkpoint_with_its_losses(pretrained
     assert [r["loss"] for r in rows][5] != [r["loss"] for r in rows][6]
 
 
-def test_torchrun_dpo_with_lora_under_fsdp_saves_adapters_and_a_model(pretrained, tmp_path):
-    # DPO's batches are B chosen then B rejected rows: each rank takes its share of both halves
-    prefs = tmp_path / "prefs.jsonl"
+def torchrun_align(stage: str, base: Path, out: Path, *extra: str):
+    """`torchrun ... zerolm STAGE` for 4 steps on 8 toy preference pairs (a quarter held out)."""
+    prefs = out.parent / "prefs.jsonl"
     rows = [{"prompt": f"abc {w}", "chosen": f"de {w} fgh", "rejected": "ij"} for w in "abcdefgh"]
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "dpo"
-    r = torchrun(
-        *("-m", "zerolm", "dpo", "--model", str(pretrained[0] / "model"), "--out", str(out)),
-        *("--quiet", f"--align.data={prefs}", "--align.val_fraction=0.25", "--lora.rank=4"),
-        *("--train.steps=4", "--train.batch_size=2", "--train.precision=fp32"),
-        "--dist.strategy=fsdp",
+    return torchrun(
+        *("-m", "zerolm", stage, "--model", str(base), "--out", str(out), "--quiet"),
+        *(f"--align.data={prefs}", "--align.val_fraction=0.25", "--train.steps=4"),
+        *("--train.batch_size=2", "--train.precision=fp32", *extra),
     )
+
+
+def test_torchrun_dpo_with_lora_under_fsdp_saves_adapters_and_a_model(pretrained, tmp_path):
+    # DPO's batches are B chosen then B rejected rows: each rank takes its share of both halves
+    out = tmp_path / "dpo"
+    r = torchrun_align("dpo", pretrained[0] / "model", out, "--lora.rank=4", "--dist.strategy=fsdp")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "distributed: fsdp over 2 processes" in r.stderr
     assert (out / "adapters.safetensors").is_file()
@@ -244,7 +248,7 @@ def test_poem_pairs_are_sampled_half_by_each_rank_and_equal_one_process(
 
     from zerolm.model import save_model
 
-    text = [d["text"] for d in pairs_case.DOCS] * 10
+    text = [r["messages"][-1]["content"] for r in pairs_case.requests()] * 10
     tok = tiny_tokenizer("bpe", text, vocab_size=300)
     save_model(
         tiny_model("llama", tok.vocab_size, d_model=32, max_seq_len=128), tmp_path / "m", tok
@@ -261,15 +265,8 @@ def test_poem_pairs_are_sampled_half_by_each_rank_and_equal_one_process(
 
 def test_torchrun_reward_under_ddp_trains_with_its_unused_lm_head_frozen(pretrained, tmp_path):
     # the reward reads the body's hidden states, never its (untied) LM head: frozen, as DDP needs
-    prefs = tmp_path / "prefs.jsonl"
-    rows = [{"prompt": f"abc {w}", "chosen": f"de {w} fgh", "rejected": "ij"} for w in "abcdefgh"]
-    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "rm"
-    r = torchrun(
-        *("-m", "zerolm", "reward", "--model", str(pretrained[0] / "model"), "--out", str(out)),
-        *("--quiet", f"--align.data={prefs}", "--align.val_fraction=0.25"),
-        *("--train.steps=4", "--train.batch_size=2", "--train.precision=fp32"),
-    )
+    r = torchrun_align("reward", pretrained[0] / "model", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "distributed: ddp over 2 processes" in r.stderr
     before, after = load_model(pretrained[0] / "model"), load_model(out / "model")
