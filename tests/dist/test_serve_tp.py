@@ -1,9 +1,11 @@
 """`torchrun --nproc-per-node 2 -m zerolm serve --tp 2` against `zerolm serve` in one process, both
 real HTTP servers on 127.0.0.1: the same answers (greedy, seeded sampling, chat, streams, a
 concurrent burst), followers kept alive by the heartbeat past --dist.timeout, the inspector
-refused, and SIGTERM ending every rank cleanly."""
+refused, SIGTERM ending every rank cleanly, and a dead follower reported by /health."""
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +64,16 @@ def answer(url: str, body: dict) -> str:
     return choice.get("text") or choice["message"]["content"]
 
 
+def serve_args(tmp_path, tiny_tokenizer) -> list[str]:
+    """`-m zerolm serve MODEL --max-batch 4` for a tiny llama with GQA saved under tmp_path."""
+    tok = tiny_tokenizer()
+    cfg = ModelConfig(
+        preset="llama", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256
+    )
+    save_model(build_model(cfg, vocab_size=tok.vocab_size, seed=1), tmp_path / "m", tok)
+    return ["-m", "zerolm", "serve", str(tmp_path / "m"), "--max-batch", "4"]
+
+
 BODIES = [
     {"prompt": "Hello there", "max_tokens": 14, "temperature": 0},
     {"prompt": "床前明月光", "max_tokens": 9, "temperature": 0},
@@ -76,19 +88,7 @@ BODIES = [
 
 
 def test_serve_tp2_answers_as_one_process_and_every_rank_stops_on_sigterm(tmp_path, tiny_tokenizer):
-    tok = tiny_tokenizer()
-    cfg = ModelConfig(
-        preset="llama", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256
-    )
-    save_model(build_model(cfg, vocab_size=tok.vocab_size, seed=1), tmp_path / "m", tok)
-    serve = [
-        "-m",
-        "zerolm",
-        "serve",
-        str(tmp_path / "m"),
-        "--max-batch",
-        "4",
-    ]
+    serve = serve_args(tmp_path, tiny_tokenizer)
     p1, p2 = free_port(), free_port()
     logs = tmp_path / "one.log", tmp_path / "tp.log"
     one = subprocess.Popen(
@@ -136,9 +136,55 @@ def test_serve_tp2_answers_as_one_process_and_every_rank_stops_on_sigterm(tmp_pa
         tp.wait(timeout=60)
         one.wait(timeout=30)
     log = logs[1].read_text()
-    assert "rank 1 of 2 follows rank 0" in log
+    assert re.search(r"rank 1 of 2 \(pid \d+\) follows rank 0", log)
     assert "Application shutdown complete" in log and "follower is already gone" not in log
     assert "Connection closed by peer" not in log and "lost rank 0" not in log
     assert (
         log.count("Traceback") == 1 and "SignalException" in log
     )  # torchrun's own, for its signal
+
+
+def test_a_dead_follower_turns_health_red_and_fails_requests_while_rank_0_serves_on(
+    tmp_path, tiny_tokenizer
+):
+    # two plain processes (no torchrun, which would end rank 0 too): rank 1 is SIGKILLed
+    serve, port, master = serve_args(tmp_path, tiny_tokenizer), free_port(), str(free_port())
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *serve, "--port", str(port), "--tp", "2", "--dist.timeout=20"],
+            env=env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=master,
+            ),
+            cwd=ROOT,
+            stdout=logs[r].open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        healthy(url, procs[0], logs[0])
+        assert len(answer(url, BODIES[0])) > 3
+        pid = int(re.search(r"rank 1 of 2 \(pid (\d+)\)", logs[1].read_text())[1])
+        assert pid == procs[1].pid
+        os.kill(pid, signal.SIGKILL)
+        procs[1].wait(timeout=10)
+        status, text = post(url + "/v1/completions", BODIES[1])
+        assert status == 500 and json.loads(text)["error"]["type"] == "server_error", text
+        status, text = post(url + "/v1/completions", BODIES[0])  # fails at once, as it says
+        assert status == 500 and "tensor-parallel rank is gone" in text, text
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/health", timeout=10)
+        assert e.value.code == 503
+        assert "a tensor-parallel rank is gone" in json.loads(e.value.read())["reason"]
+        assert procs[0].poll() is None  # still serving
+    finally:
+        for p in procs:
+            p.terminate()
+        procs[0].wait(timeout=30)
+    assert "follower is already gone" in logs[0].read_text()

@@ -39,7 +39,8 @@ def main(args, extra) -> None:
 
         model = load_sharded(model_dir(args), args.tp, cfg.dist)
         if not group.is_main():
-            print(f"zerolm serve: rank {group.rank()} of {args.tp} follows rank 0", file=sys.stderr)
+            me = f"rank {group.rank()} of {args.tp} (pid {os.getpid()})"
+            print(f"zerolm serve: {me} follows rank 0", file=sys.stderr, flush=True)
             return follow(model, s.max_batch)
         leader = Leader(model, s.max_batch, heartbeat=min(60.0, cfg.dist.timeout / 4))
     try:

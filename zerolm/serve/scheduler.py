@@ -123,6 +123,8 @@ class Scheduler:
             st = self.stats
             if self._closed or not self._thread.is_alive():
                 reason = "the scheduler is not running (shut down or crashed): restart the server"
+            elif self.mirror is not None and self.mirror.broken:
+                reason = f"{self.mirror.broken}: restart the server"
             elif self._bad_weights is not None:
                 reason = (
                     f"the model's weights are not finite ({self._bad_weights} has NaN or inf): "

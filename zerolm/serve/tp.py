@@ -50,6 +50,7 @@ class Leader:
     def __init__(self, model: LanguageModel, max_batch: int, heartbeat: float = 60.0):
         self.engine, self.cache = Engine(model), KVCache.for_model(model, max_batch)
         self.heartbeat = heartbeat
+        self.broken = ""  # why the followers cannot be reached, once they cannot
         self._lock = threading.Lock()  # one collective at a time: an operation, or a heartbeat
         self._last = time.monotonic()
         self._closed = threading.Event()
@@ -57,9 +58,20 @@ class Leader:
 
     def run(self, op: str, args: tuple):
         with self._lock:
-            group.broadcast((op, args))
-            self._last = time.monotonic()
+            if self.broken:  # no pass can complete: fail at once
+                raise RuntimeError(f"{self.broken}: restart the server")
+            self._send(op, args)
             return run_op(self.engine, self.cache, op, args)
+
+    def _send(self, op: str, args: tuple) -> None:
+        """Broadcast an operation (under the lock); a lost follower is kept in `broken`, which
+        /health reports, and raised."""
+        try:
+            group.broadcast((op, args))
+        except Exception as e:
+            self.broken = self.broken or f"a tensor-parallel rank is gone ({str(e).strip()[:200]})"
+            raise
+        self._last = time.monotonic()
 
     def close(self) -> None:
         """Tell the followers to exit (once; a follower already gone is logged, not raised)."""
@@ -68,9 +80,11 @@ class Leader:
                 return
             self._closed.set()
             try:
-                group.broadcast(("stop", ()))
-            except Exception as e:
-                log.warning("tensor-parallel shutdown: a follower is already gone (%s)", e)
+                self._send("stop", ())
+            except Exception:
+                log.warning(
+                    "tensor-parallel shutdown: a follower is already gone (%s)", self.broken
+                )
 
     def _beat(self) -> None:
         while not self._closed.wait(self.heartbeat / 4):
@@ -78,11 +92,10 @@ class Leader:
                 if self._closed.is_set() or time.monotonic() - self._last < self.heartbeat:
                     continue
                 try:
-                    group.broadcast(("ping", ()))
-                except Exception as e:  # a follower is gone: the next request's pass says so
-                    log.error("tensor-parallel heartbeat failed: %s", e)
+                    self._send("ping", ())
+                except Exception:  # a follower is gone: /health says so
+                    log.error("tensor-parallel heartbeat failed: %s", self.broken)
                     return
-                self._last = time.monotonic()
 
 
 def follow(model: LanguageModel, max_batch: int) -> None:
