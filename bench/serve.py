@@ -1,5 +1,6 @@
 """Serving benchmark: aggregate generated tokens/s and time to first token of `zerolm serve` under
-1, 4 and 16 concurrent streaming clients, eager and `--compile`d, in one run.
+1, 4 and 16 concurrent streaming clients, eager and `--compile`d (and, with --modes ...,tp2,
+split over 2 processes by `torchrun ... serve --tp 2`), in one run.
 
 The server is the real one (`python -m zerolm.cli serve MODEL`) in its own process on 127.0.0.1,
 with `--server-threads` torch threads (default 1, leaving the other core to the clients, DESIGN §4).
@@ -13,6 +14,8 @@ so tokens are counted from `usage`.
   ttft_p50/p95   seconds from sending a request to its first streamed chunk with text
   ratio_16_vs_1  tokens_per_s at 16 clients ÷ at 1 client (target: >= 4)
   ratio          {clients: compiled tokens_per_s ÷ eager tokens_per_s}
+  tp2_ratio      {clients: tp2 tokens_per_s ÷ eager tokens_per_s} (tp2: 2 ranks of
+                 --server-threads threads each, so twice the threads of the eager server)
 
 Each mode is its own server (eager first): `runs` and `ratio_16_vs_1` are eager's,
 `compiled_runs` and `compiled_ratio_16_vs_1` those of `zerolm serve --compile`, which decodes all
@@ -20,7 +23,7 @@ Each mode is its own server (eager first): `runs` and `ratio_16_vs_1` are eager'
 `ready_s` is each server's start-up time, compiling included).
 
     .venv/bin/python bench/serve.py [--model DIR] [--clients 1,4,16] [--requests 4]
-        [--max-tokens 64] [--modes eager,compiled] [--quick]
+        [--max-tokens 64] [--modes eager,compiled,tp2] [--quick]
 
 Prints progress to stderr and, as its last line, one JSON object.
 """
@@ -153,6 +156,10 @@ def measure(model: str, mode: str, levels: list[int], args, env: dict) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "zerolm.cli", "serve", model, "--port", str(port)]
+    if mode == "tp2":  # rank 0 serves on the port, rank 1 follows it
+        run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        run += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        cmd = [*run, "-m", "zerolm.cli", *cmd[3:], "--tp", "2"]
     cmd += ["--max-batch", str(max(levels)), "--max-queue", str(4 * max(levels))]
     cmd += ["--log-level", "warning"] + (["--compile"] if mode == "compiled" else [])
     t0 = time.perf_counter()
@@ -197,16 +204,17 @@ def report(results: dict, levels: list[int], args, env: dict) -> dict:
         "requests_per_client": args.requests,
     }
     for mode, r in results.items():
-        prefix = "" if mode == "eager" else "compiled_"
+        prefix = "" if mode == "eager" else f"{mode}_"
         result[f"{prefix}ready_s"] = r["ready_s"]
         result[f"{prefix}runs"] = r["runs"]
         if "ratio_16_vs_1" in r:
             result[f"{prefix}ratio_16_vs_1"] = r["ratio_16_vs_1"]
-    if len(results) == 2:
-        eager, comp = ({x["clients"]: x for x in results[m]["runs"]} for m in ("eager", "compiled"))
-        result["ratio"] = {
-            str(c): round(comp[c]["tokens_per_s"] / eager[c]["tokens_per_s"], 2) for c in levels
-        }
+    if "eager" in results:
+        eager = {x["clients"]: x["tokens_per_s"] for x in results["eager"]["runs"]}
+        for mode, key in (("compiled", "ratio"), ("tp2", "tp2_ratio")):
+            if mode in results:
+                by = {x["clients"]: x["tokens_per_s"] for x in results[mode]["runs"]}
+                result[key] = {str(c): round(by[c] / eager[c], 2) for c in levels}
     return result
 
 
@@ -221,7 +229,9 @@ def main():
     ap.add_argument(
         "--server-threads", type=int, default=1, help="torch threads of the server process"
     )
-    ap.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    ap.add_argument(
+        "--modes", default="eager,compiled", help="comma-separated: eager, compiled, tp2"
+    )
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: 1 request per client, 8 tokens"
     )
@@ -230,8 +240,8 @@ def main():
         args.requests, args.max_tokens = 1, 8
     levels = [int(c) for c in args.clients.split(",")]
     modes = args.modes.split(",")
-    if not set(modes) <= {"eager", "compiled"}:
-        ap.error(f"--modes takes eager and/or compiled, not {args.modes!r}")
+    if not set(modes) <= {"eager", "compiled", "tp2"}:
+        ap.error(f"--modes takes eager, compiled and/or tp2, not {args.modes!r}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(random_model(Path(tmp) / "speedrun-shape"))
