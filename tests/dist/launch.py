@@ -30,8 +30,9 @@ def torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
 
 
-def plain(*args: str, **extra: str) -> list[subprocess.Popen]:
-    """`python ARGS` as ranks 0 and 1 of a 2-process job, without torchrun."""
+def plain(*args: str, logs: list[Path] | None = None, **extra: str) -> list[subprocess.Popen]:
+    """`python ARGS` as ranks 0 and 1 of a 2-process job, without torchrun; each rank's stderr a
+    pipe, or with `logs` its stdout and stderr written to logs[rank]."""
     port = str(free_port())
     return [
         subprocess.Popen(
@@ -44,8 +45,8 @@ def plain(*args: str, **extra: str) -> list[subprocess.Popen]:
                 MASTER_PORT=port,
                 **extra,
             ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL if logs is None else logs[r].open("w"),
+            stderr=subprocess.PIPE if logs is None else subprocess.STDOUT,
             text=True,
             cwd=ROOT,
         )

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from launch import ROOT, env, free_port
+from launch import ROOT, env, free_port, plain
 
 from zerolm.config import ModelConfig
 from zerolm.model import build_model, save_model
@@ -148,24 +148,10 @@ def test_a_dead_follower_turns_health_red_and_fails_requests_while_rank_0_serves
     tmp_path, tiny_tokenizer
 ):
     # two plain processes (no torchrun, which would end rank 0 too): rank 1 is SIGKILLed
-    serve, port, master = serve_args(tmp_path, tiny_tokenizer), free_port(), str(free_port())
+    serve, port = serve_args(tmp_path, tiny_tokenizer), free_port()
     logs = [tmp_path / f"rank{r}.log" for r in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, *serve, "--port", str(port), "--tp", "2", "--dist.timeout=20"],
-            env=env(
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=master,
-            ),
-            cwd=ROOT,
-            stdout=logs[r].open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
+    args = [*serve, "--port", str(port), "--tp", "2", "--dist.timeout=20"]
+    procs = plain(*args, logs=logs)
     url = f"http://127.0.0.1:{port}"
     try:
         healthy(url, procs[0], logs[0])
