@@ -113,20 +113,13 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, lin: nn.Linear, tp_mesh):
         super().__init__()
-        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+        from torch.distributed.tensor import Shard, distribute_tensor
 
         self.group = tp_mesh.get_group()
         w = distribute_tensor(lin.weight.detach(), tp_mesh, [Shard(1)]).to_local()
         self.weight = nn.Parameter(w, requires_grad=False)
-        b = lin.bias
-        self.bias = (
-            None
-            if b is None
-            else nn.Parameter(
-                distribute_tensor(b.detach(), tp_mesh, [Replicate()]).to_local(),
-                requires_grad=False,
-            )
-        )
+        b = lin.bias  # replicated: the same on every rank, as loaded
+        self.bias = None if b is None else nn.Parameter(b.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
